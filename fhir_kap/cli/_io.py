@@ -1,0 +1,34 @@
+"""Shared plumbing for command modules: open inputs ('-' is stdin), write JSON out."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+from ..errors import InputError
+
+__all__ = ["open_input", "write_json"]
+
+
+@contextmanager
+def open_input(path: str) -> Iterator[IO[bytes]]:
+    """Open a path for binary reading; '-' is stdin. Unreadable files raise InputError."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read '{path}': {exc.strerror}", rule="input:unreadable",
+                         code="not-found") from None
+    with fh:
+        yield fh
+
+
+def write_json(obj: object, *, pretty: bool = True, stream: IO[bytes] | None = None) -> None:
+    from ..jsonio import dumps
+
+    out = stream or sys.stdout.buffer
+    out.write(dumps(obj, pretty=pretty))
+    out.write(b"\n")
+    out.flush()

@@ -1,0 +1,220 @@
+"""One error root for fhir-kap; every error renders as a FHIR OperationOutcome.
+
+Each stage raises its own subclass (input, mapping, profile, consent, server, ...),
+and every issue says *where* (a JSON pointer into the source and a FHIRPath expression)
+and *why* (the rule broken, in a sentence). Messages carry ids, never patient data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
+
+__all__ = [
+    "Issue",
+    "KapError",
+    "InputError",
+    "MappingError",
+    "ProfileError",
+    "ConsentError",
+    "ConsentDenied",
+    "NotFound",
+    "Conflict",
+    "PreconditionFailed",
+    "ServerError",
+    "ConfigError",
+    "operation_outcome",
+]
+
+POINTER_EXTENSION = "http://fhir-kap.example/StructureDefinition/source-json-pointer"
+RULE_EXTENSION = "http://fhir-kap.example/StructureDefinition/rule"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found, in the shape of an OperationOutcome.issue.
+
+    >>> Issue("error", "value", "Unknown code 'bogus'", expression="Procedure.status",
+    ...       pointer="/status", rule="binding:required").expression
+    'Procedure.status'
+    """
+
+    severity: str  # fatal | error | warning | information
+    code: str  # FHIR issue-type: invalid, structure, required, value, invariant, security, ...
+    message: str  # one human sentence, no patient data
+    expression: str | None = None  # FHIRPath of the offending element
+    pointer: str | None = None  # RFC 6901 JSON pointer into the source document
+    rule: str | None = None  # id of the rule broken, e.g. "schema:enum", "kap-sr-1"
+
+    def prefixed(self, expression_prefix: str | None = None, pointer_prefix: str = "") -> "Issue":
+        """The same issue seen from a parent: both paths get the parent's prefix."""
+        expr = self.expression
+        if expression_prefix:
+            expr = f"{expression_prefix}.{expr}" if expr else expression_prefix
+        ptr = pointer_prefix + (self.pointer or "") if pointer_prefix else self.pointer
+        return replace(self, expression=expr, pointer=ptr)
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity in ("error", "fatal")
+
+    def to_fhir(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"severity": self.severity, "code": self.code,
+                               "details": {"text": self.message}}
+        ext = []
+        if self.pointer is not None:
+            ext.append({"url": POINTER_EXTENSION, "valueString": self.pointer})
+        if self.rule:
+            ext.append({"url": RULE_EXTENSION, "valueString": self.rule})
+        if ext:
+            out["extension"] = ext
+        diag = [x for x in (f"rule {self.rule}" if self.rule else None,
+                            f"at {self.pointer}" if self.pointer else None) if x]
+        if diag:
+            out["diagnostics"] = "; ".join(diag)
+        if self.expression:
+            out["expression"] = [self.expression]
+        return out
+
+
+def operation_outcome(issues: Iterable[Issue], *, id: str | None = None) -> dict[str, Any]:
+    """Render issues as a FHIR OperationOutcome (valid in R4 and R5)."""
+    rendered = [i.to_fhir() for i in issues]
+    if not rendered:
+        rendered = [{"severity": "information", "code": "informational",
+                     "details": {"text": "All OK"}}]
+    oo: dict[str, Any] = {"resourceType": "OperationOutcome"}
+    if id:
+        oo["id"] = id
+    oo["issue"] = rendered
+    return oo
+
+
+class KapError(Exception):
+    """Root of every fhir-kap error. Carries issues; renders as an OperationOutcome.
+
+    `http_status` is what the bridge answers; `exit_code` what the CLI exits with.
+    """
+
+    http_status: int = 400
+    exit_code: int = 2
+    default_code: str = "invalid"
+
+    def __init__(self, message_or_issues: str | Issue | Sequence[Issue], *,
+                 expression: str | None = None, pointer: str | None = None,
+                 rule: str | None = None, code: str | None = None) -> None:
+        if isinstance(message_or_issues, str):
+            issues: tuple[Issue, ...] = (Issue("error", code or self.default_code, message_or_issues,
+                                               expression, pointer, rule),)
+        elif isinstance(message_or_issues, Issue):
+            issues = (message_or_issues,)
+        else:
+            issues = tuple(message_or_issues)
+        self.issues: tuple[Issue, ...] = issues
+        super().__init__("; ".join(i.message for i in issues) or self.__class__.__name__)
+
+    def operation_outcome(self) -> dict[str, Any]:
+        return operation_outcome(self.issues)
+
+
+class InputError(KapError):
+    """Unreadable or invalid input: malformed JSON, a KAP record breaking its schema, ..."""
+
+    http_status = 400
+    exit_code = 2
+    default_code = "structure"
+
+
+class MappingError(KapError):
+    """A record could not be mapped (unknown local code, missing concept in a code table)."""
+
+    http_status = 422
+    exit_code = 1
+    default_code = "code-invalid"
+
+
+class ProfileError(KapError):
+    """A FHIR resource breaks base FHIR or a KAP profile rule."""
+
+    http_status = 422
+    exit_code = 1
+    default_code = "invariant"
+
+
+class ConsentError(KapError):
+    """A consent could not be read or understood (treated as deny by the gate)."""
+
+    http_status = 422
+    exit_code = 2
+    default_code = "invalid"
+
+
+class ConsentDenied(KapError):
+    """A disclosure was refused. Operators see the reasons; outsiders see NotFound."""
+
+    http_status = 403
+    exit_code = 1
+    default_code = "suppressed"
+
+
+class NotFound(KapError):
+    http_status = 404
+    exit_code = 1
+    default_code = "not-found"
+
+
+class Conflict(KapError):
+    http_status = 409
+    exit_code = 1
+    default_code = "conflict"
+
+
+class PreconditionFailed(KapError):
+    http_status = 412
+    exit_code = 1
+    default_code = "conflict"
+
+
+class ConfigError(KapError):
+    """Bad settings or a missing secret (the secret's *name* is named, never its value)."""
+
+    http_status = 500
+    exit_code = 2
+    default_code = "exception"
+
+
+class ServerError(KapError):
+    """A remote FHIR server answered with an error (or could not be reached).
+
+    `retryable` is true for connection errors, 429 and 502/503/504; never for 4xx.
+    """
+
+    http_status = 502
+    exit_code = 1
+
+    def __init__(self, summary: str, *, status: int | None = None,
+                 remote_outcome: dict[str, Any] | None = None, retryable: bool = False,
+                 url: str | None = None) -> None:
+        self.status = status
+        self.remote_outcome = remote_outcome
+        self.retryable = retryable
+        self.summary = summary
+        self.url = url
+        remote = _remote_issues(remote_outcome)
+        super().__init__([Issue("error", "exception", summary, rule="remote-server")] + remote,
+                         code="exception")
+
+
+def _remote_issues(oo: dict[str, Any] | None) -> list[Issue]:
+    if not isinstance(oo, dict) or oo.get("resourceType") != "OperationOutcome":
+        return []
+    out = []
+    for raw in oo.get("issue") or []:
+        if not isinstance(raw, dict):
+            continue
+        text = ((raw.get("details") or {}).get("text") or raw.get("diagnostics") or "")[:500]
+        expr = raw.get("expression") or []
+        out.append(Issue(str(raw.get("severity", "error")), str(raw.get("code", "exception")),
+                         f"server said: {text}" if text else "server reported an issue",
+                         expression=expr[0] if expr and isinstance(expr[0], str) else None,
+                         rule="remote-server"))
+    return out

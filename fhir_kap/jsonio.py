@@ -1,0 +1,81 @@
+"""JSON in and out: one document or NDJSON, streamed, with errors that say where.
+
+Pure helpers over byte streams (no file opening here: the CLI and the bridge do that).
+orjson does the parsing and writing: it is ~60x faster than building models.
+"""
+from __future__ import annotations
+
+from typing import IO, Any, Iterator
+
+import orjson
+
+from .errors import InputError
+
+__all__ = ["loads", "dumps", "iter_documents", "MAX_DOCUMENT_BYTES"]
+
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+
+
+def loads(data: bytes | str, *, source: str = "input") -> Any:
+    """Parse JSON, raising InputError (rule `json:syntax`) with the position on failure."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{source}: malformed JSON ({_short(exc)})", pointer="", rule="json:syntax") from None
+
+
+def dumps(obj: Any, *, pretty: bool = False) -> bytes:
+    """Serialize to UTF-8 JSON bytes (keys in insertion order; 2-space indent when pretty)."""
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 if pretty else 0)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).split("\n")[0][:200]
+
+
+def iter_documents(stream: IO[bytes], *, source: str = "input",
+                   max_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[tuple[str, Any]]:
+    """Yield (label, document) from a stream holding one JSON document or NDJSON.
+
+    NDJSON is read line by line (constant memory); a single document may span lines.
+    Labels are `source` for a single document and `source:LINE` for NDJSON lines.
+    Blank lines are skipped. Raises InputError naming the line on malformed JSON.
+    """
+    first = b""
+    first_no = 0
+    for raw in stream:
+        first_no += 1
+        if raw.strip():
+            first = raw
+            break
+    if not first:
+        raise InputError(f"{source}: no JSON document found (empty input)", pointer="", rule="json:empty")
+    try:
+        doc = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        rest = stream.read(max_bytes + 1)
+        whole = first + rest
+        if len(whole) > max_bytes:
+            raise InputError(f"{source}: document larger than {max_bytes} bytes", pointer="",
+                             rule="json:size", code="too-long") from None
+        yield source, loads(whole, source=source)
+        return
+    nxt, nxt_no = _next_nonblank(stream, first_no)
+    if nxt is None:
+        yield source, doc
+        return
+    yield f"{source}:{first_no}", doc
+    line_no = nxt_no
+    line: bytes | None = nxt
+    while line is not None:
+        yield f"{source}:{line_no}", loads(line, source=f"{source}:{line_no}")
+        line, line_no = _next_nonblank(stream, line_no)
+
+
+def _next_nonblank(stream: IO[bytes], line_no: int) -> tuple[bytes | None, int]:
+    for raw in stream:
+        line_no += 1
+        if raw.strip():
+            return raw, line_no
+    return None, line_no
+

@@ -1,0 +1,67 @@
+"""Shared fixtures: a real SEKMET FHIR R4 server per test session, PostgreSQL from .ci/run."""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from fhir_kap.testserver import SekmetServer
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def sekmet(tmp_path_factory: pytest.TempPathFactory):
+    """A SEKMET server without auth (fresh data dir for this test session)."""
+    with SekmetServer(data_dir=tmp_path_factory.mktemp("sekmet-open")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sekmet_auth(tmp_path_factory: pytest.TempPathFactory):
+    """A SEKMET server with bearer + SMART backend services auth.
+
+    Attributes added: `.token` (static bearer), `.client_id`/`.client_secret` (symmetric SMART
+    client), `.jwt_client_id`/`.private_key_pem` (private_key_jwt client, RS384).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    import jwt
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwk.update({"kid": "kap-test-1", "alg": "RS384", "use": "sig"})
+    token = secrets.token_urlsafe(24)
+    secret = secrets.token_urlsafe(24)
+    server = SekmetServer(
+        data_dir=tmp_path_factory.mktemp("sekmet-auth"),
+        tokens=[token],
+        smart_clients=[
+            {"client_id": "kap-secret-client", "client_secret": secret, "scopes": "system/*.*"},
+            {"client_id": "kap-jwt-client", "jwks": {"keys": [jwk]}, "scopes": "system/*.*"},
+        ],
+    )
+    with server:
+        server.token = token  # type: ignore[attr-defined]
+        server.client_id = "kap-secret-client"  # type: ignore[attr-defined]
+        server.client_secret = secret  # type: ignore[attr-defined]
+        server.jwt_client_id = "kap-jwt-client"  # type: ignore[attr-defined]
+        server.private_key_pem = pem  # type: ignore[attr-defined]
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """PostgreSQL URL set by .ci/run. Outside CI, tests needing it are skipped with a reason;
+    under CI (CI=true) a missing database is a failure, never a skip."""
+    url = os.environ.get("FHIR_KAP_TEST_PG_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("FHIR_KAP_TEST_PG_URL is not set under CI: .ci/run must start PostgreSQL")
+        pytest.skip("PostgreSQL not configured (run tests through .ci/run)")
+    return url
