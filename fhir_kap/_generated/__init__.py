@@ -1,0 +1,1 @@
+"""Generated code (profiles/build/gen_validators.py); do not edit."""

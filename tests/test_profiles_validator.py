@@ -1,0 +1,112 @@
+"""The FHIR validator: valid fixtures pass, every invalid-corpus case is rejected at the right place."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from fhir_kap.config import Release
+from fhir_kap.profiles import (IMPLEMENTED_CONSTRAINTS, Validator, detect_release, load_profile_rules,
+                               looks_like_transcript)
+
+ROOT = Path(__file__).resolve().parent.parent
+FHIR = Path(__file__).resolve().parent / "data" / "fhir"
+CASES = json.loads((FHIR / "invalid" / "cases.json").read_text())
+RELEASE = {"r4": Release.R4, "r5": Release.R5}
+VALID = sorted((FHIR / "valid").glob("r*/*.json")) + sorted((ROOT / "profiles" / "examples").glob("r*/*.json"))
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_valid_resource__has_no_issues(path: Path) -> None:
+    issues = Validator.load(RELEASE[path.parent.name]).validate(_load(path), models=True)
+    assert issues == []
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["file"])
+def test_invalid_resource__rejected_with_rule_and_expression(case: dict) -> None:
+    issues = Validator.load(RELEASE[case["release"]]).validate(_load(FHIR / "invalid" / case["file"]))
+    found = [(i.rule, i.expression) for i in issues]
+    assert (case["rule"], case["expression"]) in found
+    assert all(i.pointer is not None and i.message for i in issues)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["file"])
+def test_fast_path_is_at_least_as_strict_as_fhir_resources(case: dict) -> None:
+    validator = Validator.load(RELEASE[case["release"]])
+    resource = _load(FHIR / "invalid" / case["file"])
+    model_issues = [i for i in validator.validate(resource, profile=False, models=True)
+                    if i.rule and i.rule.startswith("model:")]
+    fast_issues = validator.validate(resource, profile=False)
+    if model_issues:
+        assert fast_issues
+
+
+def test_r5_element_in_r4__message_names_the_r4_element() -> None:
+    resource = _load(FHIR / "invalid" / "r4" / "procedure-r5-occurrence.json")
+    messages = [i.message for i in Validator.load(Release.R4).validate(resource)]
+    assert any("R4 uses performed[x]" in m for m in messages)
+
+
+def test_messages_do_not_quote_free_text() -> None:
+    resource = _load(FHIR / "invalid" / "r4" / "note-transcript.json")
+    for issue in Validator.load(Release.R4).validate(resource):
+        assert "colours" not in issue.message and "Freedom" not in issue.message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Client: I saw colours.\nTherapist: What did that mean?", True),
+    ("T: How are you?\nC: Floating.", True),
+    ("Pt: tired. Dr Lee: rest today.", True),
+    ("[00:12:31] long pause", True),
+    ("Integration going well. Client: stable, sleeping better.", False),
+    ("Plan: two more integration sessions. Next review 10:30 on Friday.", False),
+    ("", False),
+])
+def test_looks_like_transcript(text: str, expected: bool) -> None:
+    assert looks_like_transcript(text) is expected
+
+
+@pytest.mark.parametrize("path, expected", [
+    (FHIR / "valid" / "r4" / "Procedure-ses-004.json", Release.R4),
+    (FHIR / "valid" / "r4" / "Consent-con-001.json", Release.R4),
+    (FHIR / "valid" / "r5" / "Procedure-ses-004.json", Release.R5),
+    (FHIR / "valid" / "r5" / "Consent-con-001.json", Release.R5),
+])
+def test_detect_release__by_shape(path: Path, expected: Release) -> None:
+    assert detect_release(_load(path)) is expected
+
+
+def test_detect_release__undecidable_is_none() -> None:
+    assert detect_release({"resourceType": "Patient", "id": "p1"}) is None
+
+
+def test_bundle_entries_and_contained_are_validated_with_their_own_type() -> None:
+    bad = _load(FHIR / "invalid" / "r4" / "procedure-status-bogus.json")
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": bad}]}
+    issues = Validator.load(Release.R4).validate(bundle)
+    assert ("binding:required", "Bundle.entry[0].resource.status") in [(i.rule, i.expression) for i in issues]
+    assert any(i.pointer == "/entry/0/resource/status" for i in issues)
+
+
+def test_not_an_object__is_an_issue_not_a_crash() -> None:
+    assert [i.rule for i in Validator.load(Release.R4).validate([1, 2])] == ["schema:type"]  # type: ignore[arg-type]
+    assert [i.rule for i in Validator.load(Release.R4).validate({"resourceType": "Nope"})] == ["schema:resourceType"]
+
+
+def test_every_profile_constraint_has_an_implementation() -> None:
+    profiles, _term = load_profile_rules()
+    keys = {c["key"] for p in profiles.values() for c in p.constraints}
+    assert keys == IMPLEMENTED_CONSTRAINTS
+
+
+@pytest.mark.parametrize("module", sorted((ROOT / "fhir_kap" / "_generated").glob("r*/*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_generated_code_is_up_to_date_with_its_generator(module: Path) -> None:
+    expected = hashlib.sha256((ROOT / "profiles" / "build" / "gen_validators.py").read_bytes()).hexdigest()
+    assert f"GENERATOR_SHA256 = {expected!r}" in module.read_text()
