@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FHIR = Path(__file__).resolve().parent / "data" / "fhir"
 CASES = json.loads((FHIR / "invalid" / "cases.json").read_text())
 RELEASE = {"r4": Release.R4, "r5": Release.R5}
-VALID = sorted((FHIR / "valid").glob("r*/*.json")) + sorted((ROOT / "profiles" / "examples").glob("r*/*.json"))
+VALID = sorted((FHIR / "valid").glob("r*/*.json")) + sorted((ROOT / "profiles" / "examples").glob("r[45]/*.json"))
 
 
 def _load(path: Path) -> dict:
