@@ -193,8 +193,9 @@ class ServerError(KapError):
 
     def __init__(self, summary: str, *, status: int | None = None,
                  remote_outcome: dict[str, Any] | None = None, retryable: bool = False,
-                 url: str | None = None) -> None:
+                 url: str | None = None, retry_after: float | None = None) -> None:
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked us to wait (429/503), if any
         self.remote_outcome = remote_outcome
         self.retryable = retryable
         self.summary = summary

@@ -1,0 +1,120 @@
+"""Delivery throughput against SEKMET: single conditional POSTs vs transaction Bundles of 50,
+and the client's CPU per delivered resource, all in one run.
+
+    python bench/bench_client.py [N]      # starts its own SEKMET (log_inbound off), prints a table
+
+Targets (issue 4): batching >= 5x single-POST throughput; the adapter is not the bottleneck
+(client CPU per resource well under -- here at most half of -- the server's time per resource,
+estimated as wall time minus client CPU, since client and server share the same cores).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from fhir_kap.client import FhirClient, entry_results, identifier_query, transaction_bundle
+
+PREFER = "return=minimal"  # what a delivery worker asks for: ids and versions, no echo
+NOTE = HERE.parent / "tests" / "data" / "client" / "Communication-continuity-note.json"
+
+
+def _notes(n: int, patient_ref: str) -> list[dict[str, Any]]:
+    template = json.loads(NOTE.read_text())
+    run = uuid.uuid4().hex[:8]
+    out = []
+    for i in range(n):
+        note = json.loads(json.dumps(template))
+        note.pop("id", None)
+        note["identifier"][0]["value"] = f"bench-{run}-{i}"
+        note["subject"] = {"reference": patient_ref}
+        out.append(note)
+    return out
+
+
+def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    delivered = fn()
+    return delivered, time.perf_counter() - w0, time.process_time() - c0
+
+
+def run(server_base_url: str | None = None, n: int = 300, *, quick: bool = False,
+        batch_size: int = 50) -> list[dict[str, Any]]:
+    """Rows {"name", "value", "unit", "baseline_name", "baseline", "target"} for bench/run.py."""
+    if quick:
+        n = min(n, 100)
+    if server_base_url is None:
+        from fhir_kap.testserver import SekmetServer
+
+        with SekmetServer(log_inbound=False) as server:
+            return run(server.base_url, n, batch_size=batch_size)
+    client = FhirClient(server_base_url)
+    client.preflight(["Patient", "Communication"], transaction=True)
+    patient = json.loads((NOTE.parent / "Patient-client.json").read_text())
+    patient["identifier"][0]["value"] = f"bench-{uuid.uuid4().hex[:8]}"
+    patient_ref = f"Patient/{client.create(patient).id}"
+    for note in _notes(5, patient_ref):  # warm up connection and server caches
+        client.create(note, if_none_exist=identifier_query(note))
+
+    singles = _notes(n, patient_ref)
+
+    def single() -> int:
+        return sum(client.create(r, if_none_exist=identifier_query(r), prefer=PREFER).created
+                   for r in singles)
+
+    batched = _notes(n, patient_ref)
+
+    def transactions() -> int:
+        done = 0
+        for i in range(0, len(batched), batch_size):
+            response = client.transaction(transaction_bundle(batched[i:i + batch_size]), prefer=PREFER)
+            done += sum(r.created for r in entry_results(response))
+        return done
+
+    s_n, s_wall, s_cpu = _timed(single)
+    b_n, b_wall, b_cpu = _timed(transactions)
+    if s_n != n or b_n != n:
+        raise RuntimeError(f"expected {n} creations each, got {s_n} single and {b_n} batched")
+    s_rate, b_rate = n / s_wall, n / b_wall
+    us = 1e6 / n
+    return [
+        {"name": "single POSTs (conditional create)", "value": s_rate, "unit": "resources/s"},
+        {"name": f"transaction Bundles of {batch_size} (conditional)", "value": b_rate,
+         "unit": "resources/s", "baseline_name": "single POSTs", "baseline": s_rate,
+         "target": {"ratio_min": 5}},
+        {"name": "client CPU per resource, single POSTs", "value": s_cpu * us, "unit": "µs",
+         "baseline_name": "server time per resource (wall − client CPU)",
+         "baseline": (s_wall - s_cpu) * us, "target": {"ratio_max": 0.5}},
+        {"name": f"client CPU per resource, Bundles of {batch_size}", "value": b_cpu * us, "unit": "µs",
+         "baseline_name": "server time per resource (wall − client CPU)",
+         "baseline": (b_wall - b_cpu) * us, "target": {"ratio_max": 0.5}},
+    ]
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'figure':<44} {'value':>12} {'unit':<12} {'baseline':>12}  ratio   target"]
+    for r in rows:
+        base = r.get("baseline")
+        ratio = r["value"] / base if base else None
+        tgt = r.get("target") or {}
+        verdict = ""
+        if ratio is not None and tgt:
+            ok = ratio >= tgt.get("ratio_min", float("-inf")) and ratio <= tgt.get("ratio_max", float("inf"))
+            sign = f"≥{tgt['ratio_min']}×" if "ratio_min" in tgt else f"≤{tgt['ratio_max']}×"
+            verdict = f"{sign} {'ok' if ok else 'MISSED'}"
+        lines.append(f"{r['name']:<44} {r['value']:>12,.1f} {r['unit']:<12} "
+                     f"{'' if base is None else f'{base:,.1f}':>12}  "
+                     f"{'' if ratio is None else f'{ratio:5.2f}×':<6}  {verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    print(_table(run(None, count)))
