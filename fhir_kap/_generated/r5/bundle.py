@@ -5,7 +5,7 @@ Sources: hl7.fhir.r5.core@5.0.0 openapi/fhir.schema.json; bindings from hl7.fhir
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = '34768c0beabdc9d3737a2283f8d5f08a3588b25e65b57560ff97950d5a890f28'
+GENERATOR_SHA256 = '6281785af9bb7311240485d46ed8647b49c78cb4235d66f7cb95545f802c2f2c'
 SOURCES = 'hl7.fhir.r5.core@5.0.0 openapi/fhir.schema.json + hl7.fhir.r5.core@5.0.0'
 ROOT = 'Bundle'
 SCHEMA_JSON = '{"$ref":"#/definitions/Bundle","$schema":"http://json-schema.org/draft-06/schema#","definitions":{"Address":{"additionalProperties":false,"properties":{"_city":{"$ref":"#/definitions/Element"},"_country":{"$ref":"#/definitions/Element"},"_district":{"$ref":"#/definitions/Element"},"_line":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_postalCode":{"$ref":"#/definitions/Element"},"_state":{"$ref":"#/definitions/Element"},"_text":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"city":{"$ref":"#/definitions/string"},"country":{"$ref":"#/definitions/string"},"district":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"line":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"period":{"$ref":"#/definitions/Period"},"postalCode":{"$ref":"#/definitions/string"},"state":{"$ref":"#/definitions/string"},"text":{"$ref":"#/definitions/string"},"type":{"enum":["postal","physical","both"]},"use":{"enum":["home","work","temp","old","billing"]}},"type":"object"},"Age":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">","ad"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Annotation":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["text"]},{"required":["_text"]}]}],"properties":{"_authorString":{"$ref":"#/definitions/Element"},"_text":{"$ref":"#/definitions/Element"},"_time":{"$ref":"#/definitions/Element"},"authorReference":{"$ref":"#/definitions/Reference"},"authorString":{"pattern":"^^[\\\\s\\\\S]+$$","type":"string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"text":{"$ref":"#/definitions/markdown"},"time":{"$ref":"#/definitions/dateTime"}},"type":"object"},"Attachment":{"additionalProperties":false,"properties":{"_contentType":{"$ref":"#/definitions/Element"},"_creation":{"$ref":"#/definitions/Element"},"_data":{"$ref":"#/definitions/Element"},"_duration":{"$ref":"#/definitions/Element"},"_frames":{"$ref":"#/definitions/Element"},"_hash":{"$ref":"#/definitions/Element"},"_height":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_pages":{"$ref":"#/definitions/Element"},"_size":{"$ref":"#/definitions/Element"},"_title":{"$ref":"#/definitions/Element"},"_url":{"$ref":"#/definitions/Element"},"_width":{"$ref":"#/definitions/Element"},"contentType":{"$ref":"#/definitions/code"},"creation":{"$ref":"#/definitions/dateTime"},"data":{"$ref":"#/definitions/base64Binary"},"duration":{"$ref":"#/definitions/decimal"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"frames":{"$ref":"#/definitions/positiveInt"},"hash":{"$ref":"#/definitions/base64Binary"},"height":{"$ref":"#/definitions/positiveInt"},"id":{"$ref":"#/definitions/string"},"language":{"$ref":"#/definitions/code"},"pages":{"$ref":"#/definitions/positiveInt"},"size":{"$ref":"#/definitions/integer64"},"title":{"$ref":"#/definitions/string"},"url":{"$ref":"#/definitions/url"},"width":{"$ref":"#/definitions/positiveInt"}},"type":"object"},"Availability":{"additionalProperties":false,"properties":{"availableTime":{"items":{"$ref":"#/definitions/Availability_AvailableTime"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"notAvailableTime":{"items":{"$ref":"#/definitions/Availability_NotAvailableTime"},"minItems":1,"type":"array"}},"type":"object"},"Availability_AvailableTime":{"additionalProperties":false,"properties":{"_allDay":{"$ref":"#/definitions/Element"},"_availableEndTime":{"$ref":"#/definitions/Element"},"_availableStartTime":{"$ref":"#/definitions/Element"},"_daysOfWeek":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"allDay":{"$ref":"#/definitions/boolean"},"availableEndTime":{"$ref":"#/definitions/time"},"availableStartTime":{"$ref":"#/definitions/time"},"daysOfWeek":{"items":{"enum":["mon","tue","wed","thu","fri","sat","sun"]},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"}},"type":"object"},"Availability_NotAvailableTime":{"additionalProperties":false,"properties":{"_description":{"$ref":"#/definitions/Element"},"during":{"$ref":"#/definitions/Period"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"}},"type":"object"},"Bundle":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_implicitRules":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_timestamp":{"$ref":"#/definitions/Element"},"_total":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"entry":{"items":{"$ref":"#/definitions/Bundle_Entry"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/id"},"identifier":{"$ref":"#/definitions/Identifier"},"implicitRules":{"$ref":"#/definitions/uri"},"issues":{"$ref":"#/definitions/ResourceList"},"language":{"$ref":"#/definitions/code"},"link":{"items":{"$ref":"#/definitions/Bundle_Link"},"minItems":1,"type":"array"},"meta":{"$ref":"#/definitions/Meta"},"resourceType":{"const":"Bundle"},"signature":{"$ref":"#/definitions/Signature"},"timestamp":{"$ref":"#/definitions/instant"},"total":{"$ref":"#/definitions/unsignedInt"},"type":{"enum":["document","message","transaction","transaction-response","batch","batch-response","history","searchset","collection","subscription-notification"]}},"required":["resourceType"],"type":"object"},"Bundle_Entry":{"additionalProperties":false,"properties":{"_fullUrl":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"fullUrl":{"$ref":"#/definitions/uri"},"id":{"$ref":"#/definitions/string"},"link":{"items":{"$ref":"#/definitions/Bundle_Link"},"minItems":1,"type":"array"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"request":{"$ref":"#/definitions/Bundle_Request"},"resource":{"$ref":"#/definitions/ResourceList"},"response":{"$ref":"#/definitions/Bundle_Response"},"search":{"$ref":"#/definitions/Bundle_Search"}},"type":"object"},"Bundle_Link":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["relation"]},{"required":["_relation"]}]},{"anyOf":[{"required":["url"]},{"required":["_url"]}]}],"properties":{"_relation":{"$ref":"#/definitions/Element"},"_url":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"relation":{"enum":["about","acl","alternate","amphtml","appendix","apple-touch-icon","apple-touch-startup-image","archives","author","blocked-by","bookmark","canonical","chapter","cite-as","collection","contents","convertedFrom","copyright","create-form","current","describedby","describes","disclosure","dns-prefetch","duplicate","edit","edit-form","edit-media","enclosure","external","first","glossary","help","hosts","hub","icon","index","intervalAfter","intervalBefore","intervalContains","intervalDisjoint","intervalDuring","intervalEquals","intervalFinishedBy","intervalFinishes","intervalIn","intervalMeets","intervalMetBy","intervalOverlappedBy","intervalOverlaps","intervalStartedBy","intervalStarts","item","last","latest-version","license","linkset","lrdd","manifest","mask-icon","media-feed","memento","micropub","modulepreload","monitor","monitor-group","next","next-archive","nofollow","noopener","noreferrer","opener","openid2.local_id","openid2.provider","original","P3Pv1","payment","pingback","preconnect","predecessor-version","prefetch","preload","prerender","prev","preview","previous","prev-archive","privacy-policy","profile","publication","related","restconf","replies","ruleinput","search","section","self","service","service-desc","service-doc","service-meta","sponsored","start","status","stylesheet","subsection","successor-version","sunset","tag","terms-of-service","timegate","timemap","type","ugc","up","version-history","via","webmention","working-copy","working-copy-of"]},"url":{"$ref":"#/definitions/uri"}},"type":"object"},"Bundle_Request":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["method"]},{"required":["_method"]}]},{"anyOf":[{"required":["url"]},{"required":["_url"]}]}],"properties":{"_ifMatch":{"$ref":"#/definitions/Element"},"_ifModifiedSince":{"$ref":"#/definitions/Element"},"_ifNoneExist":{"$ref":"#/definitions/Element"},"_ifNoneMatch":{"$ref":"#/definitions/Element"},"_method":{"$ref":"#/definitions/Element"},"_url":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"ifMatch":{"$ref":"#/definitions/string"},"ifModifiedSince":{"$ref":"#/definitions/instant"},"ifNoneExist":{"$ref":"#/definitions/string"},"ifNoneMatch":{"$ref":"#/definitions/string"},"method":{"enum":["GET","HEAD","POST","PUT","DELETE","PATCH"]},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"url":{"$ref":"#/definitions/uri"}},"type":"object"},"Bundle_Response":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["status"]},{"required":["_status"]}]}],"properties":{"_etag":{"$ref":"#/definitions/Element"},"_lastModified":{"$ref":"#/definitions/Element"},"_location":{"$ref":"#/definitions/Element"},"_status":{"$ref":"#/definitions/Element"},"etag":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"lastModified":{"$ref":"#/definitions/instant"},"location":{"$ref":"#/definitions/uri"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"outcome":{"$ref":"#/definitions/ResourceList"},"status":{"$ref":"#/definitions/string"}},"type":"object"},"Bundle_Search":{"additionalProperties":false,"properties":{"_mode":{"$ref":"#/definitions/Element"},"_score":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"mode":{"enum":["match","include","outcome"]},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"score":{"$ref":"#/definitions/decimal"}},"type":"object"},"CodeableConcept":{"additionalProperties":false,"properties":{"_text":{"$ref":"#/definitions/Element"},"coding":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"text":{"$ref":"#/definitions/string"}},"type":"object"},"CodeableReference":{"additionalProperties":false,"properties":{"concept":{"$ref":"#/definitions/CodeableConcept"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"reference":{"$ref":"#/definitions/Reference"}},"type":"object"},"Coding":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_display":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_userSelected":{"$ref":"#/definitions/Element"},"_version":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"display":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"userSelected":{"$ref":"#/definitions/boolean"},"version":{"$ref":"#/definitions/string"}},"type":"object"},"ContactDetail":{"additionalProperties":false,"properties":{"_name":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"name":{"$ref":"#/definitions/string"},"telecom":{"items":{"$ref":"#/definitions/ContactPoint"},"minItems":1,"type":"array"}},"type":"object"},"ContactPoint":{"additionalProperties":false,"properties":{"_rank":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"period":{"$ref":"#/definitions/Period"},"rank":{"$ref":"#/definitions/positiveInt"},"system":{"enum":["phone","fax","email","pager","url","sms","other"]},"use":{"enum":["home","work","temp","old","mobile"]},"value":{"$ref":"#/definitions/string"}},"type":"object"},"Count":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">","ad"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"DataRequirement":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_limit":{"$ref":"#/definitions/Element"},"_mustSupport":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_type":{"$ref":"#/definitions/Element"},"codeFilter":{"items":{"$ref":"#/definitions/DataRequirement_CodeFilter"},"minItems":1,"type":"array"},"dateFilter":{"items":{"$ref":"#/definitions/DataRequirement_DateFilter"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"limit":{"$ref":"#/definitions/positiveInt"},"mustSupport":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"profile":{"items":{"$ref":"#/definitions/canonical"},"minItems":1,"type":"array"},"sort":{"items":{"$ref":"#/definitions/DataRequirement_Sort"},"minItems":1,"type":"array"},"subjectCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"subjectReference":{"$ref":"#/definitions/Reference"},"type":{"enum":["Base","Element","BackboneElement","DataType","Address","Annotation","Attachment","Availability","BackboneType","Dosage","ElementDefinition","MarketingStatus","ProductShelfLife","Timing","CodeableConcept","CodeableReference","Coding","ContactDetail","ContactPoint","Contributor","DataRequirement","Expression","ExtendedContactDetail","Extension","HumanName","Identifier","Meta","MonetaryComponent","Money","Narrative","ParameterDefinition","Period","PrimitiveType","base64Binary","boolean","date","dateTime","decimal","instant","integer","positiveInt","unsignedInt","integer64","string","code","id","markdown","time","uri","canonical","oid","url","uuid","Quantity","Age","Count","Distance","Duration","Range","Ratio","RatioRange","Reference","RelatedArtifact","SampledData","Signature","TriggerDefinition","UsageContext","VirtualServiceDetail","xhtml","Resource","Binary","Bundle","DomainResource","Account","ActivityDefinition","ActorDefinition","AdministrableProductDefinition","AdverseEvent","AllergyIntolerance","Appointment","AppointmentResponse","ArtifactAssessment","AuditEvent","Basic","BiologicallyDerivedProduct","BiologicallyDerivedProductDispense","BodyStructure","CanonicalResource","CapabilityStatement","CarePlan","CareTeam","ChargeItem","ChargeItemDefinition","Citation","Claim","ClaimResponse","ClinicalImpression","ClinicalUseDefinition","CodeSystem","Communication","CommunicationRequest","CompartmentDefinition","Composition","ConceptMap","Condition","ConditionDefinition","Consent","Contract","Coverage","CoverageEligibilityRequest","CoverageEligibilityResponse","DetectedIssue","Device","DeviceAssociation","DeviceDefinition","DeviceDispense","DeviceMetric","DeviceRequest","DeviceUsage","DiagnosticReport","DocumentReference","Encounter","EncounterHistory","Endpoint","EnrollmentRequest","EnrollmentResponse","EpisodeOfCare","EventDefinition","Evidence","EvidenceReport","EvidenceVariable","ExampleScenario","ExplanationOfBenefit","FamilyMemberHistory","Flag","FormularyItem","GenomicStudy","Goal","GraphDefinition","Group","GuidanceResponse","HealthcareService","ImagingSelection","ImagingStudy","Immunization","ImmunizationEvaluation","ImmunizationRecommendation","ImplementationGuide","Ingredient","InsurancePlan","InventoryItem","InventoryReport","Invoice","Library","Linkage","List","Location","ManufacturedItemDefinition","Measure","MeasureReport","Medication","MedicationAdministration","MedicationDispense","MedicationKnowledge","MedicationRequest","MedicationStatement","MedicinalProductDefinition","MessageDefinition","MessageHeader","MetadataResource","MolecularSequence","NamingSystem","NutritionIntake","NutritionOrder","NutritionProduct","Observation","ObservationDefinition","OperationDefinition","OperationOutcome","Organization","OrganizationAffiliation","PackagedProductDefinition","Patient","PaymentNotice","PaymentReconciliation","Permission","Person","PlanDefinition","Practitioner","PractitionerRole","Procedure","Provenance","Questionnaire","QuestionnaireResponse","RegulatedAuthorization","RelatedPerson","RequestOrchestration","Requirements","ResearchStudy","ResearchSubject","RiskAssessment","Schedule","SearchParameter","ServiceRequest","Slot","Specimen","SpecimenDefinition","StructureDefinition","StructureMap","Subscription","SubscriptionStatus","SubscriptionTopic","Substance","SubstanceDefinition","SubstanceNucleicAcid","SubstancePolymer","SubstanceProtein","SubstanceReferenceInformation","SubstanceSourceMaterial","SupplyDelivery","SupplyRequest","Task","TerminologyCapabilities","TestPlan","TestReport","TestScript","Transport","ValueSet","VerificationResult","VisionPrescription","Parameters"]},"valueFilter":{"items":{"$ref":"#/definitions/DataRequirement_ValueFilter"},"minItems":1,"type":"array"}},"type":"object"},"DataRequirement_CodeFilter":{"additionalProperties":false,"properties":{"_path":{"$ref":"#/definitions/Element"},"_searchParam":{"$ref":"#/definitions/Element"},"code":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"path":{"$ref":"#/definitions/string"},"searchParam":{"$ref":"#/definitions/string"},"valueSet":{"$ref":"#/definitions/canonical"}},"type":"object"},"DataRequirement_DateFilter":{"additionalProperties":false,"properties":{"_path":{"$ref":"#/definitions/Element"},"_searchParam":{"$ref":"#/definitions/Element"},"_valueDateTime":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"path":{"$ref":"#/definitions/string"},"searchParam":{"$ref":"#/definitions/string"},"valueDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?)?)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)?)?)?$","type":"string"},"valueDuration":{"$ref":"#/definitions/Duration"},"valuePeriod":{"$ref":"#/definitions/Period"}},"type":"object"},"DataRequirement_Sort":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["path"]},{"required":["_path"]}]},{"anyOf":[{"required":["direction"]},{"required":["_direction"]}]}],"properties":{"_direction":{"$ref":"#/definitions/Element"},"_path":{"$ref":"#/definitions/Element"},"direction":{"enum":["ascending","descending"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"path":{"$ref":"#/definitions/string"}},"type":"object"},"DataRequirement_ValueFilter":{"additionalProperties":false,"properties":{"_comparator":{"$ref":"#/definitions/Element"},"_path":{"$ref":"#/definitions/Element"},"_searchParam":{"$ref":"#/definitions/Element"},"_valueDateTime":{"$ref":"#/definitions/Element"},"comparator":{"enum":["eq","gt","lt","ge","le","sa","eb"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"path":{"$ref":"#/definitions/string"},"searchParam":{"$ref":"#/definitions/string"},"valueDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?)?)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)?)?)?$","type":"string"},"valueDuration":{"$ref":"#/definitions/Duration"},"valuePeriod":{"$ref":"#/definitions/Period"}},"type":"object"},"Distance":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">","ad"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Dosage":{"additionalProperties":false,"properties":{"_asNeeded":{"$ref":"#/definitions/Element"},"_patientInstruction":{"$ref":"#/definitions/Element"},"_sequence":{"$ref":"#/definitions/Element"},"_text":{"$ref":"#/definitions/Element"},"additionalInstruction":{"items":{"$ref":"#/definitions/CodeableConcept"},"minItems":1,"type":"array"},"asNeeded":{"$ref":"#/definitions/boolean"},"asNeededFor":{"items":{"$ref":"#/definitions/CodeableConcept"},"minItems":1,"type":"array"},"doseAndRate":{"items":{"$ref":"#/definitions/Dosage_DoseAndRate"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"maxDosePerAdministration":{"$ref":"#/definitions/Quantity"},"maxDosePerLifetime":{"$ref":"#/definitions/Quantity"},"maxDosePerPeriod":{"items":{"$ref":"#/definitions/Ratio"},"minItems":1,"type":"array"},"method":{"$ref":"#/definitions/CodeableConcept"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"patientInstruction":{"$ref":"#/definitions/string"},"route":{"$ref":"#/definitions/CodeableConcept"},"sequence":{"$ref":"#/definitions/integer"},"site":{"$ref":"#/definitions/CodeableConcept"},"text":{"$ref":"#/definitions/string"},"timing":{"$ref":"#/definitions/Timing"}},"type":"object"},"Dosage_DoseAndRate":{"additionalProperties":false,"properties":{"doseQuantity":{"$ref":"#/definitions/Quantity"},"doseRange":{"$ref":"#/definitions/Range"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"rateQuantity":{"$ref":"#/definitions/Quantity"},"rateRange":{"$ref":"#/definitions/Range"},"rateRatio":{"$ref":"#/definitions/Ratio"},"type":{"$ref":"#/definitions/CodeableConcept"}},"type":"object"},"Duration":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">","ad"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Element":{"additionalProperties":false,"properties":{"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"}},"type":"object"},"Expression":{"additionalProperties":false,"properties":{"_description":{"$ref":"#/definitions/Element"},"_expression":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_name":{"$ref":"#/definitions/Element"},"_reference":{"$ref":"#/definitions/Element"},"expression":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"language":{"$ref":"#/definitions/code"},"name":{"$ref":"#/definitions/code"},"reference":{"$ref":"#/definitions/uri"}},"type":"object"},"ExtendedContactDetail":{"additionalProperties":false,"properties":{"address":{"$ref":"#/definitions/Address"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"name":{"items":{"$ref":"#/definitions/HumanName"},"minItems":1,"type":"array"},"organization":{"$ref":"#/definitions/Reference"},"period":{"$ref":"#/definitions/Period"},"purpose":{"$ref":"#/definitions/CodeableConcept"},"telecom":{"items":{"$ref":"#/definitions/ContactPoint"},"minItems":1,"type":"array"}},"type":"object"},"Extension":{"additionalProperties":false,"properties":{"_url":{"$ref":"#/definitions/Element"},"_valueBase64Binary":{"$ref":"#/definitions/Element"},"_valueBoolean":{"$ref":"#/definitions/Element"},"_valueCanonical":{"$ref":"#/definitions/Element"},"_valueCode":{"$ref":"#/definitions/Element"},"_valueDate":{"$ref":"#/definitions/Element"},"_valueDateTime":{"$ref":"#/definitions/Element"},"_valueDecimal":{"$ref":"#/definitions/Element"},"_valueId":{"$ref":"#/definitions/Element"},"_valueInstant":{"$ref":"#/definitions/Element"},"_valueInteger":{"$ref":"#/definitions/Element"},"_valueInteger64":{"$ref":"#/definitions/Element"},"_valueMarkdown":{"$ref":"#/definitions/Element"},"_valueOid":{"$ref":"#/definitions/Element"},"_valuePositiveInt":{"$ref":"#/definitions/Element"},"_valueString":{"$ref":"#/definitions/Element"},"_valueTime":{"$ref":"#/definitions/Element"},"_valueUnsignedInt":{"$ref":"#/definitions/Element"},"_valueUri":{"$ref":"#/definitions/Element"},"_valueUrl":{"$ref":"#/definitions/Element"},"_valueUuid":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"url":{"$ref":"#/definitions/uri"},"valueAddress":{"$ref":"#/definitions/Address"},"valueAge":{"$ref":"#/definitions/Age"},"valueAnnotation":{"$ref":"#/definitions/Annotation"},"valueAttachment":{"$ref":"#/definitions/Attachment"},"valueAvailability":{"$ref":"#/definitions/Availability"},"valueBase64Binary":{"pattern":"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$","type":"string"},"valueBoolean":{"pattern":"^true|false$","type":"boolean"},"valueCanonical":{"pattern":"^\\\\S*$","type":"string"},"valueCode":{"pattern":"^[^\\\\s]+( [^\\\\s]+)*$","type":"string"},"valueCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"valueCodeableReference":{"$ref":"#/definitions/CodeableReference"},"valueCoding":{"$ref":"#/definitions/Coding"},"valueContactDetail":{"$ref":"#/definitions/ContactDetail"},"valueContactPoint":{"$ref":"#/definitions/ContactPoint"},"valueCount":{"$ref":"#/definitions/Count"},"valueDataRequirement":{"$ref":"#/definitions/DataRequirement"},"valueDate":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$","type":"string"},"valueDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?)?)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)?)?)?$","type":"string"},"valueDecimal":{"pattern":"^-?(0|[1-9][0-9]{0,17})(\\\\.[0-9]{1,17})?([eE][+-]?[0-9]{1,9}})?$","type":"number"},"valueDistance":{"$ref":"#/definitions/Distance"},"valueDosage":{"$ref":"#/definitions/Dosage"},"valueDuration":{"$ref":"#/definitions/Duration"},"valueExpression":{"$ref":"#/definitions/Expression"},"valueExtendedContactDetail":{"$ref":"#/definitions/ExtendedContactDetail"},"valueHumanName":{"$ref":"#/definitions/HumanName"},"valueId":{"pattern":"^[A-Za-z0-9\\\\-\\\\.]{1,64}$","type":"string"},"valueIdentifier":{"$ref":"#/definitions/Identifier"},"valueInstant":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))$","type":"string"},"valueInteger":{"pattern":"^[0]|[-+]?[1-9][0-9]*$","type":"number"},"valueInteger64":{"pattern":"^[0]|[-+]?[1-9][0-9]*$","type":"string"},"valueMarkdown":{"pattern":"^^[\\\\s\\\\S]+$$","type":"string"},"valueMeta":{"$ref":"#/definitions/Meta"},"valueMoney":{"$ref":"#/definitions/Money"},"valueOid":{"pattern":"^urn:oid:[0-2](\\\\.(0|[1-9][0-9]*))+$","type":"string"},"valueParameterDefinition":{"$ref":"#/definitions/ParameterDefinition"},"valuePeriod":{"$ref":"#/definitions/Period"},"valuePositiveInt":{"pattern":"^[1-9][0-9]*$","type":"number"},"valueQuantity":{"$ref":"#/definitions/Quantity"},"valueRange":{"$ref":"#/definitions/Range"},"valueRatio":{"$ref":"#/definitions/Ratio"},"valueRatioRange":{"$ref":"#/definitions/RatioRange"},"valueReference":{"$ref":"#/definitions/Reference"},"valueRelatedArtifact":{"$ref":"#/definitions/RelatedArtifact"},"valueSampledData":{"$ref":"#/definitions/SampledData"},"valueSignature":{"$ref":"#/definitions/Signature"},"valueString":{"pattern":"^^[\\\\s\\\\S]+$$","type":"string"},"valueTime":{"pattern":"^([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?$","type":"string"},"valueTiming":{"$ref":"#/definitions/Timing"},"valueTriggerDefinition":{"$ref":"#/definitions/TriggerDefinition"},"valueUnsignedInt":{"pattern":"^[0]|([1-9][0-9]*)$","type":"number"},"valueUri":{"pattern":"^\\\\S*$","type":"string"},"valueUrl":{"pattern":"^\\\\S*$","type":"string"},"valueUsageContext":{"$ref":"#/definitions/UsageContext"},"valueUuid":{"pattern":"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$","type":"string"}},"type":"object"},"HumanName":{"additionalProperties":false,"properties":{"_family":{"$ref":"#/definitions/Element"},"_given":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_prefix":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_suffix":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_text":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"family":{"$ref":"#/definitions/string"},"given":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"period":{"$ref":"#/definitions/Period"},"prefix":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"suffix":{"items":{"$ref":"#/definitions/string"},"minItems":1,"type":"array"},"text":{"$ref":"#/definitions/string"},"use":{"enum":["usual","official","temp","nickname","anonymous","old","maiden"]}},"type":"object"},"Identifier":{"additionalProperties":false,"properties":{"_system":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"assigner":{"$ref":"#/definitions/Reference"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"period":{"$ref":"#/definitions/Period"},"system":{"$ref":"#/definitions/uri"},"type":{"$ref":"#/definitions/CodeableConcept"},"use":{"enum":["usual","official","temp","secondary","old"]},"value":{"$ref":"#/definitions/string"}},"type":"object"},"Meta":{"additionalProperties":false,"properties":{"_lastUpdated":{"$ref":"#/definitions/Element"},"_source":{"$ref":"#/definitions/Element"},"_versionId":{"$ref":"#/definitions/Element"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"lastUpdated":{"$ref":"#/definitions/instant"},"profile":{"items":{"$ref":"#/definitions/canonical"},"minItems":1,"type":"array"},"security":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"source":{"$ref":"#/definitions/uri"},"tag":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"versionId":{"$ref":"#/definitions/id"}},"type":"object"},"Money":{"additionalProperties":false,"properties":{"_currency":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"currency":{"$ref":"#/definitions/code"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"ParameterDefinition":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["use"]},{"required":["_use"]}]},{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_documentation":{"$ref":"#/definitions/Element"},"_max":{"$ref":"#/definitions/Element"},"_min":{"$ref":"#/definitions/Element"},"_name":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"_use":{"$ref":"#/definitions/Element"},"documentation":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"max":{"$ref":"#/definitions/string"},"min":{"$ref":"#/definitions/integer"},"name":{"$ref":"#/definitions/code"},"profile":{"$ref":"#/definitions/canonical"},"type":{"enum":["Base","Element","BackboneElement","DataType","Address","Annotation","Attachment","Availability","BackboneType","Dosage","ElementDefinition","MarketingStatus","ProductShelfLife","Timing","CodeableConcept","CodeableReference","Coding","ContactDetail","ContactPoint","Contributor","DataRequirement","Expression","ExtendedContactDetail","Extension","HumanName","Identifier","Meta","MonetaryComponent","Money","Narrative","ParameterDefinition","Period","PrimitiveType","base64Binary","boolean","date","dateTime","decimal","instant","integer","positiveInt","unsignedInt","integer64","string","code","id","markdown","time","uri","canonical","oid","url","uuid","Quantity","Age","Count","Distance","Duration","Range","Ratio","RatioRange","Reference","RelatedArtifact","SampledData","Signature","TriggerDefinition","UsageContext","VirtualServiceDetail","xhtml","Resource","Binary","Bundle","DomainResource","Account","ActivityDefinition","ActorDefinition","AdministrableProductDefinition","AdverseEvent","AllergyIntolerance","Appointment","AppointmentResponse","ArtifactAssessment","AuditEvent","Basic","BiologicallyDerivedProduct","BiologicallyDerivedProductDispense","BodyStructure","CanonicalResource","CapabilityStatement","CarePlan","CareTeam","ChargeItem","ChargeItemDefinition","Citation","Claim","ClaimResponse","ClinicalImpression","ClinicalUseDefinition","CodeSystem","Communication","CommunicationRequest","CompartmentDefinition","Composition","ConceptMap","Condition","ConditionDefinition","Consent","Contract","Coverage","CoverageEligibilityRequest","CoverageEligibilityResponse","DetectedIssue","Device","DeviceAssociation","DeviceDefinition","DeviceDispense","DeviceMetric","DeviceRequest","DeviceUsage","DiagnosticReport","DocumentReference","Encounter","EncounterHistory","Endpoint","EnrollmentRequest","EnrollmentResponse","EpisodeOfCare","EventDefinition","Evidence","EvidenceReport","EvidenceVariable","ExampleScenario","ExplanationOfBenefit","FamilyMemberHistory","Flag","FormularyItem","GenomicStudy","Goal","GraphDefinition","Group","GuidanceResponse","HealthcareService","ImagingSelection","ImagingStudy","Immunization","ImmunizationEvaluation","ImmunizationRecommendation","ImplementationGuide","Ingredient","InsurancePlan","InventoryItem","InventoryReport","Invoice","Library","Linkage","List","Location","ManufacturedItemDefinition","Measure","MeasureReport","Medication","MedicationAdministration","MedicationDispense","MedicationKnowledge","MedicationRequest","MedicationStatement","MedicinalProductDefinition","MessageDefinition","MessageHeader","MetadataResource","MolecularSequence","NamingSystem","NutritionIntake","NutritionOrder","NutritionProduct","Observation","ObservationDefinition","OperationDefinition","OperationOutcome","Organization","OrganizationAffiliation","PackagedProductDefinition","Patient","PaymentNotice","PaymentReconciliation","Permission","Person","PlanDefinition","Practitioner","PractitionerRole","Procedure","Provenance","Questionnaire","QuestionnaireResponse","RegulatedAuthorization","RelatedPerson","RequestOrchestration","Requirements","ResearchStudy","ResearchSubject","RiskAssessment","Schedule","SearchParameter","ServiceRequest","Slot","Specimen","SpecimenDefinition","StructureDefinition","StructureMap","Subscription","SubscriptionStatus","SubscriptionTopic","Substance","SubstanceDefinition","SubstanceNucleicAcid","SubstancePolymer","SubstanceProtein","SubstanceReferenceInformation","SubstanceSourceMaterial","SupplyDelivery","SupplyRequest","Task","TerminologyCapabilities","TestPlan","TestReport","TestScript","Transport","ValueSet","VerificationResult","VisionPrescription","Parameters"]},"use":{"enum":["in","out"]}},"type":"object"},"Period":{"additionalProperties":false,"properties":{"_end":{"$ref":"#/definitions/Element"},"_start":{"$ref":"#/definitions/Element"},"end":{"$ref":"#/definitions/dateTime"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"start":{"$ref":"#/definitions/dateTime"}},"type":"object"},"Quantity":{"additionalProperties":false,"properties":{"_code":{"$ref":"#/definitions/Element"},"_comparator":{"$ref":"#/definitions/Element"},"_system":{"$ref":"#/definitions/Element"},"_unit":{"$ref":"#/definitions/Element"},"_value":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/code"},"comparator":{"enum":["<","<=",">=",">","ad"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"system":{"$ref":"#/definitions/uri"},"unit":{"$ref":"#/definitions/string"},"value":{"$ref":"#/definitions/decimal"}},"type":"object"},"Range":{"additionalProperties":false,"properties":{"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"high":{"$ref":"#/definitions/Quantity"},"id":{"$ref":"#/definitions/string"},"low":{"$ref":"#/definitions/Quantity"}},"type":"object"},"Ratio":{"additionalProperties":false,"properties":{"denominator":{"$ref":"#/definitions/Quantity"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"numerator":{"$ref":"#/definitions/Quantity"}},"type":"object"},"RatioRange":{"additionalProperties":false,"properties":{"denominator":{"$ref":"#/definitions/Quantity"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"highNumerator":{"$ref":"#/definitions/Quantity"},"id":{"$ref":"#/definitions/string"},"lowNumerator":{"$ref":"#/definitions/Quantity"}},"type":"object"},"Reference":{"additionalProperties":false,"properties":{"_display":{"$ref":"#/definitions/Element"},"_reference":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"display":{"$ref":"#/definitions/string"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"identifier":{"$ref":"#/definitions/Identifier"},"reference":{"$ref":"#/definitions/string"},"type":{"$ref":"#/definitions/uri"}},"type":"object"},"RelatedArtifact":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_citation":{"$ref":"#/definitions/Element"},"_display":{"$ref":"#/definitions/Element"},"_label":{"$ref":"#/definitions/Element"},"_publicationDate":{"$ref":"#/definitions/Element"},"_publicationStatus":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"citation":{"$ref":"#/definitions/markdown"},"classifier":{"items":{"$ref":"#/definitions/CodeableConcept"},"minItems":1,"type":"array"},"display":{"$ref":"#/definitions/string"},"document":{"$ref":"#/definitions/Attachment"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"label":{"$ref":"#/definitions/string"},"publicationDate":{"$ref":"#/definitions/date"},"publicationStatus":{"enum":["draft","active","retired","unknown"]},"resource":{"$ref":"#/definitions/canonical"},"resourceReference":{"$ref":"#/definitions/Reference"},"type":{"enum":["documentation","justification","citation","predecessor","successor","derived-from","depends-on","composed-of","part-of","amends","amended-with","appends","appended-with","cites","cited-by","comments-on","comment-in","contains","contained-in","corrects","correction-in","replaces","replaced-with","retracts","retracted-by","signs","similar-to","supports","supported-with","transforms","transformed-into","transformed-with","documents","specification-of","created-with","cite-as"]}},"type":"object"},"ResourceList":{"properties":{"resourceType":{"type":"string"}},"required":["resourceType"],"type":"object"},"SampledData":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["intervalUnit"]},{"required":["_intervalUnit"]}]},{"anyOf":[{"required":["dimensions"]},{"required":["_dimensions"]}]}],"properties":{"_data":{"$ref":"#/definitions/Element"},"_dimensions":{"$ref":"#/definitions/Element"},"_factor":{"$ref":"#/definitions/Element"},"_interval":{"$ref":"#/definitions/Element"},"_intervalUnit":{"$ref":"#/definitions/Element"},"_lowerLimit":{"$ref":"#/definitions/Element"},"_offsets":{"$ref":"#/definitions/Element"},"_upperLimit":{"$ref":"#/definitions/Element"},"codeMap":{"$ref":"#/definitions/canonical"},"data":{"$ref":"#/definitions/string"},"dimensions":{"$ref":"#/definitions/positiveInt"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"factor":{"$ref":"#/definitions/decimal"},"id":{"$ref":"#/definitions/string"},"interval":{"$ref":"#/definitions/decimal"},"intervalUnit":{"$ref":"#/definitions/code"},"lowerLimit":{"$ref":"#/definitions/decimal"},"offsets":{"$ref":"#/definitions/string"},"origin":{"$ref":"#/definitions/Quantity"},"upperLimit":{"$ref":"#/definitions/decimal"}},"required":["origin"],"type":"object"},"Signature":{"additionalProperties":false,"properties":{"_data":{"$ref":"#/definitions/Element"},"_sigFormat":{"$ref":"#/definitions/Element"},"_targetFormat":{"$ref":"#/definitions/Element"},"_when":{"$ref":"#/definitions/Element"},"data":{"$ref":"#/definitions/base64Binary"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"onBehalfOf":{"$ref":"#/definitions/Reference"},"sigFormat":{"$ref":"#/definitions/code"},"targetFormat":{"$ref":"#/definitions/code"},"type":{"items":{"$ref":"#/definitions/Coding"},"minItems":1,"type":"array"},"when":{"$ref":"#/definitions/instant"},"who":{"$ref":"#/definitions/Reference"}},"type":"object"},"Timing":{"additionalProperties":false,"properties":{"_event":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"code":{"$ref":"#/definitions/CodeableConcept"},"event":{"items":{"$ref":"#/definitions/dateTime"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"repeat":{"$ref":"#/definitions/Timing_Repeat"}},"type":"object"},"Timing_Repeat":{"additionalProperties":false,"properties":{"_count":{"$ref":"#/definitions/Element"},"_countMax":{"$ref":"#/definitions/Element"},"_dayOfWeek":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_duration":{"$ref":"#/definitions/Element"},"_durationMax":{"$ref":"#/definitions/Element"},"_durationUnit":{"$ref":"#/definitions/Element"},"_frequency":{"$ref":"#/definitions/Element"},"_frequencyMax":{"$ref":"#/definitions/Element"},"_offset":{"$ref":"#/definitions/Element"},"_period":{"$ref":"#/definitions/Element"},"_periodMax":{"$ref":"#/definitions/Element"},"_periodUnit":{"$ref":"#/definitions/Element"},"_timeOfDay":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"_when":{"items":{"$ref":"#/definitions/Element"},"minItems":1,"type":"array"},"boundsDuration":{"$ref":"#/definitions/Duration"},"boundsPeriod":{"$ref":"#/definitions/Period"},"boundsRange":{"$ref":"#/definitions/Range"},"count":{"$ref":"#/definitions/positiveInt"},"countMax":{"$ref":"#/definitions/positiveInt"},"dayOfWeek":{"items":{"enum":["mon","tue","wed","thu","fri","sat","sun"]},"minItems":1,"type":"array"},"duration":{"$ref":"#/definitions/decimal"},"durationMax":{"$ref":"#/definitions/decimal"},"durationUnit":{"enum":["s","min","h","d","wk","mo","a"]},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"frequency":{"$ref":"#/definitions/positiveInt"},"frequencyMax":{"$ref":"#/definitions/positiveInt"},"id":{"$ref":"#/definitions/string"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"offset":{"$ref":"#/definitions/unsignedInt"},"period":{"$ref":"#/definitions/decimal"},"periodMax":{"$ref":"#/definitions/decimal"},"periodUnit":{"enum":["s","min","h","d","wk","mo","a"]},"timeOfDay":{"items":{"$ref":"#/definitions/time"},"minItems":1,"type":"array"},"when":{"items":{"enum":["MORN","MORN.early","MORN.late","NOON","AFT","AFT.early","AFT.late","EVE","EVE.early","EVE.late","NIGHT","PHS","IMD","HS","WAKE","C","CM","CD","CV","AC","ACM","ACD","ACV","PC","PCM","PCD","PCV"]},"minItems":1,"type":"array"}},"type":"object"},"TriggerDefinition":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["type"]},{"required":["_type"]}]}],"properties":{"_name":{"$ref":"#/definitions/Element"},"_timingDate":{"$ref":"#/definitions/Element"},"_timingDateTime":{"$ref":"#/definitions/Element"},"_type":{"$ref":"#/definitions/Element"},"code":{"$ref":"#/definitions/CodeableConcept"},"condition":{"$ref":"#/definitions/Expression"},"data":{"items":{"$ref":"#/definitions/DataRequirement"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"name":{"$ref":"#/definitions/string"},"subscriptionTopic":{"$ref":"#/definitions/canonical"},"timingDate":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$","type":"string"},"timingDateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?)?)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)?)?)?$","type":"string"},"timingReference":{"$ref":"#/definitions/Reference"},"timingTiming":{"$ref":"#/definitions/Timing"},"type":{"enum":["named-event","periodic","data-changed","data-added","data-modified","data-removed","data-accessed","data-access-ended"]}},"type":"object"},"UsageContext":{"additionalProperties":false,"properties":{"code":{"$ref":"#/definitions/Coding"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/string"},"valueCodeableConcept":{"$ref":"#/definitions/CodeableConcept"},"valueQuantity":{"$ref":"#/definitions/Quantity"},"valueRange":{"$ref":"#/definitions/Range"},"valueReference":{"$ref":"#/definitions/Reference"}},"required":["code"],"type":"object"},"base64Binary":{"type":"string"},"boolean":{"pattern":"^true|false$","type":"boolean"},"canonical":{"pattern":"^\\\\S*$","type":"string"},"code":{"pattern":"^[^\\\\s]+( [^\\\\s]+)*$","type":"string"},"date":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?$","type":"string"},"dateTime":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?)?)?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)?)?)?$","type":"string"},"decimal":{"pattern":"^-?(0|[1-9][0-9]{0,17})(\\\\.[0-9]{1,17})?([eE][+-]?[0-9]{1,9}})?$","type":"number"},"id":{"pattern":"^[A-Za-z0-9\\\\-\\\\.]{1,64}$","type":"string"},"instant":{"pattern":"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?(Z|(\\\\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))$","type":"string"},"integer":{"type":"integer"},"integer64":{"pattern":"^[0]|[-+]?[1-9][0-9]*$","type":"string"},"markdown":{"pattern":"^^[\\\\s\\\\S]+$$","type":"string"},"positiveInt":{"minimum":1,"type":"integer"},"string":{"pattern":"^^[\\\\s\\\\S]+$$","type":"string"},"time":{"pattern":"^([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\\\.[0-9]{1,9})?$","type":"string"},"unsignedInt":{"minimum":0,"type":"integer"},"uri":{"pattern":"^\\\\S*$","type":"string"},"url":{"pattern":"^\\\\S*$","type":"string"}}}'
@@ -140,7 +140,7 @@ def validate___definitions_bundle(data, custom_formats={}, name_prefix=None):
                 if data__link_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".link must contain at least 1 items", value=data__link, name="" + (name_prefix or "data") + ".link", definition=None, rule='minItems')
                 for data__link_x, data__link_item in enumerate(data__link):
-                    validate___definitions_bundle_link(data__link_item, custom_formats, (name_prefix or "data") + ".link[{data__link_x}]".format(**locals()))
+                    validate___definitions_bundle_link(data__link_item, custom_formats, (name_prefix or "data") + f".link[{data__link_x}]")
         if "entry" in data_keys:
             data_keys.remove("entry")
             data__entry = data["entry"]
@@ -152,7 +152,7 @@ def validate___definitions_bundle(data, custom_formats={}, name_prefix=None):
                 if data__entry_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".entry must contain at least 1 items", value=data__entry, name="" + (name_prefix or "data") + ".entry", definition=None, rule='minItems')
                 for data__entry_x, data__entry_item in enumerate(data__entry):
-                    validate___definitions_bundle_entry(data__entry_item, custom_formats, (name_prefix or "data") + ".entry[{data__entry_x}]".format(**locals()))
+                    validate___definitions_bundle_entry(data__entry_item, custom_formats, (name_prefix or "data") + f".entry[{data__entry_x}]")
         if "signature" in data_keys:
             data_keys.remove("signature")
             data__signature = data["signature"]
@@ -202,7 +202,7 @@ def validate___definitions_signature(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -214,7 +214,7 @@ def validate___definitions_signature(data, custom_formats={}, name_prefix=None):
                 if data__type_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".type must contain at least 1 items", value=data__type, name="" + (name_prefix or "data") + ".type", definition=None, rule='minItems')
                 for data__type_x, data__type_item in enumerate(data__type):
-                    validate___definitions_coding(data__type_item, custom_formats, (name_prefix or "data") + ".type[{data__type_x}]".format(**locals()))
+                    validate___definitions_coding(data__type_item, custom_formats, (name_prefix or "data") + f".type[{data__type_x}]")
         if "when" in data_keys:
             data_keys.remove("when")
             data__when = data["when"]
@@ -285,7 +285,7 @@ def validate___definitions_reference(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "reference" in data_keys:
             data_keys.remove("reference")
             data__reference = data["reference"]
@@ -339,7 +339,7 @@ def validate___definitions_coding(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "system" in data_keys:
             data_keys.remove("system")
             data__system = data["system"]
@@ -413,7 +413,7 @@ def validate___definitions_extension(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "url" in data_keys:
             data_keys.remove("url")
             data__url = data["url"]
@@ -823,7 +823,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -835,7 +835,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "sequence" in data_keys:
             data_keys.remove("sequence")
             data__sequence = data["sequence"]
@@ -863,7 +863,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__additionalInstruction_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".additionalInstruction must contain at least 1 items", value=data__additionalInstruction, name="" + (name_prefix or "data") + ".additionalInstruction", definition=None, rule='minItems')
                 for data__additionalInstruction_x, data__additionalInstruction_item in enumerate(data__additionalInstruction):
-                    validate___definitions_codeableconcept(data__additionalInstruction_item, custom_formats, (name_prefix or "data") + ".additionalInstruction[{data__additionalInstruction_x}]".format(**locals()))
+                    validate___definitions_codeableconcept(data__additionalInstruction_item, custom_formats, (name_prefix or "data") + f".additionalInstruction[{data__additionalInstruction_x}]")
         if "patientInstruction" in data_keys:
             data_keys.remove("patientInstruction")
             data__patientInstruction = data["patientInstruction"]
@@ -895,7 +895,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__asNeededFor_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".asNeededFor must contain at least 1 items", value=data__asNeededFor, name="" + (name_prefix or "data") + ".asNeededFor", definition=None, rule='minItems')
                 for data__asNeededFor_x, data__asNeededFor_item in enumerate(data__asNeededFor):
-                    validate___definitions_codeableconcept(data__asNeededFor_item, custom_formats, (name_prefix or "data") + ".asNeededFor[{data__asNeededFor_x}]".format(**locals()))
+                    validate___definitions_codeableconcept(data__asNeededFor_item, custom_formats, (name_prefix or "data") + f".asNeededFor[{data__asNeededFor_x}]")
         if "site" in data_keys:
             data_keys.remove("site")
             data__site = data["site"]
@@ -919,7 +919,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__doseAndRate_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".doseAndRate must contain at least 1 items", value=data__doseAndRate, name="" + (name_prefix or "data") + ".doseAndRate", definition=None, rule='minItems')
                 for data__doseAndRate_x, data__doseAndRate_item in enumerate(data__doseAndRate):
-                    validate___definitions_dosage_doseandrate(data__doseAndRate_item, custom_formats, (name_prefix or "data") + ".doseAndRate[{data__doseAndRate_x}]".format(**locals()))
+                    validate___definitions_dosage_doseandrate(data__doseAndRate_item, custom_formats, (name_prefix or "data") + f".doseAndRate[{data__doseAndRate_x}]")
         if "maxDosePerPeriod" in data_keys:
             data_keys.remove("maxDosePerPeriod")
             data__maxDosePerPeriod = data["maxDosePerPeriod"]
@@ -931,7 +931,7 @@ def validate___definitions_dosage(data, custom_formats={}, name_prefix=None):
                 if data__maxDosePerPeriod_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".maxDosePerPeriod must contain at least 1 items", value=data__maxDosePerPeriod, name="" + (name_prefix or "data") + ".maxDosePerPeriod", definition=None, rule='minItems')
                 for data__maxDosePerPeriod_x, data__maxDosePerPeriod_item in enumerate(data__maxDosePerPeriod):
-                    validate___definitions_ratio(data__maxDosePerPeriod_item, custom_formats, (name_prefix or "data") + ".maxDosePerPeriod[{data__maxDosePerPeriod_x}]".format(**locals()))
+                    validate___definitions_ratio(data__maxDosePerPeriod_item, custom_formats, (name_prefix or "data") + f".maxDosePerPeriod[{data__maxDosePerPeriod_x}]")
         if "maxDosePerAdministration" in data_keys:
             data_keys.remove("maxDosePerAdministration")
             data__maxDosePerAdministration = data["maxDosePerAdministration"]
@@ -965,7 +965,7 @@ def validate___definitions_dosage_doseandrate(data, custom_formats={}, name_pref
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -977,7 +977,7 @@ def validate___definitions_dosage_doseandrate(data, custom_formats={}, name_pref
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1032,7 +1032,7 @@ def validate___definitions_extendedcontactdetail(data, custom_formats={}, name_p
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "purpose" in data_keys:
             data_keys.remove("purpose")
             data__purpose = data["purpose"]
@@ -1048,7 +1048,7 @@ def validate___definitions_extendedcontactdetail(data, custom_formats={}, name_p
                 if data__name_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".name must contain at least 1 items", value=data__name, name="" + (name_prefix or "data") + ".name", definition=None, rule='minItems')
                 for data__name_x, data__name_item in enumerate(data__name):
-                    validate___definitions_humanname(data__name_item, custom_formats, (name_prefix or "data") + ".name[{data__name_x}]".format(**locals()))
+                    validate___definitions_humanname(data__name_item, custom_formats, (name_prefix or "data") + f".name[{data__name_x}]")
         if "telecom" in data_keys:
             data_keys.remove("telecom")
             data__telecom = data["telecom"]
@@ -1060,7 +1060,7 @@ def validate___definitions_extendedcontactdetail(data, custom_formats={}, name_p
                 if data__telecom_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".telecom must contain at least 1 items", value=data__telecom, name="" + (name_prefix or "data") + ".telecom", definition=None, rule='minItems')
                 for data__telecom_x, data__telecom_item in enumerate(data__telecom):
-                    validate___definitions_contactpoint(data__telecom_item, custom_formats, (name_prefix or "data") + ".telecom[{data__telecom_x}]".format(**locals()))
+                    validate___definitions_contactpoint(data__telecom_item, custom_formats, (name_prefix or "data") + f".telecom[{data__telecom_x}]")
         if "address" in data_keys:
             data_keys.remove("address")
             data__address = data["address"]
@@ -1098,7 +1098,7 @@ def validate___definitions_availability(data, custom_formats={}, name_prefix=Non
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "availableTime" in data_keys:
             data_keys.remove("availableTime")
             data__availableTime = data["availableTime"]
@@ -1110,7 +1110,7 @@ def validate___definitions_availability(data, custom_formats={}, name_prefix=Non
                 if data__availableTime_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".availableTime must contain at least 1 items", value=data__availableTime, name="" + (name_prefix or "data") + ".availableTime", definition=None, rule='minItems')
                 for data__availableTime_x, data__availableTime_item in enumerate(data__availableTime):
-                    validate___definitions_availability_availabletime(data__availableTime_item, custom_formats, (name_prefix or "data") + ".availableTime[{data__availableTime_x}]".format(**locals()))
+                    validate___definitions_availability_availabletime(data__availableTime_item, custom_formats, (name_prefix or "data") + f".availableTime[{data__availableTime_x}]")
         if "notAvailableTime" in data_keys:
             data_keys.remove("notAvailableTime")
             data__notAvailableTime = data["notAvailableTime"]
@@ -1122,7 +1122,7 @@ def validate___definitions_availability(data, custom_formats={}, name_prefix=Non
                 if data__notAvailableTime_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".notAvailableTime must contain at least 1 items", value=data__notAvailableTime, name="" + (name_prefix or "data") + ".notAvailableTime", definition=None, rule='minItems')
                 for data__notAvailableTime_x, data__notAvailableTime_item in enumerate(data__notAvailableTime):
-                    validate___definitions_availability_notavailabletime(data__notAvailableTime_item, custom_formats, (name_prefix or "data") + ".notAvailableTime[{data__notAvailableTime_x}]".format(**locals()))
+                    validate___definitions_availability_notavailabletime(data__notAvailableTime_item, custom_formats, (name_prefix or "data") + f".notAvailableTime[{data__notAvailableTime_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -1148,7 +1148,7 @@ def validate___definitions_availability_notavailabletime(data, custom_formats={}
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -1160,7 +1160,7 @@ def validate___definitions_availability_notavailabletime(data, custom_formats={}
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "_description" in data_keys:
             data_keys.remove("_description")
             data__description = data["_description"]
@@ -1194,7 +1194,7 @@ def validate___definitions_availability_availabletime(data, custom_formats={}, n
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -1206,7 +1206,7 @@ def validate___definitions_availability_availabletime(data, custom_formats={}, n
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "daysOfWeek" in data_keys:
             data_keys.remove("daysOfWeek")
             data__daysOfWeek = data["daysOfWeek"]
@@ -1219,7 +1219,7 @@ def validate___definitions_availability_availabletime(data, custom_formats={}, n
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".daysOfWeek must contain at least 1 items", value=data__daysOfWeek, name="" + (name_prefix or "data") + ".daysOfWeek", definition=None, rule='minItems')
                 for data__daysOfWeek_x, data__daysOfWeek_item in enumerate(data__daysOfWeek):
                     if not (isinstance(data__daysOfWeek_item, str) and data__daysOfWeek_item == 'mon' or isinstance(data__daysOfWeek_item, str) and data__daysOfWeek_item == 'tue' or isinstance(data__daysOfWeek_item, str) and data__daysOfWeek_item == 'wed' or isinstance(data__daysOfWeek_item, str) and data__daysOfWeek_item == 'thu' or isinstance(data__daysOfWeek_item, str) and data__daysOfWeek_item == 'fri' or isinstance(data__daysOfWeek_item, str) and data__daysOfWeek_item == 'sat' or isinstance(data__daysOfWeek_item, str) and data__daysOfWeek_item == 'sun'):
-                        raise JsonSchemaValueException("" + (name_prefix or "data") + ".daysOfWeek[{data__daysOfWeek_x}]".format(**locals()) + " must be one of ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun']", value=data__daysOfWeek_item, name="" + (name_prefix or "data") + ".daysOfWeek[{data__daysOfWeek_x}]".format(**locals()) + "", definition=None, rule='enum')
+                        raise JsonSchemaValueException("" + (name_prefix or "data") + f".daysOfWeek[{data__daysOfWeek_x}]" + " must be one of ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun']", value=data__daysOfWeek_item, name="" + (name_prefix or "data") + f".daysOfWeek[{data__daysOfWeek_x}]" + "", definition=None, rule='enum')
         if "_daysOfWeek" in data_keys:
             data_keys.remove("_daysOfWeek")
             data__daysOfWeek = data["_daysOfWeek"]
@@ -1231,7 +1231,7 @@ def validate___definitions_availability_availabletime(data, custom_formats={}, n
                 if data__daysOfWeek_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._daysOfWeek must contain at least 1 items", value=data__daysOfWeek, name="" + (name_prefix or "data") + "._daysOfWeek", definition=None, rule='minItems')
                 for data__daysOfWeek_x, data__daysOfWeek_item in enumerate(data__daysOfWeek):
-                    validate___definitions_element(data__daysOfWeek_item, custom_formats, (name_prefix or "data") + "._daysOfWeek[{data__daysOfWeek_x}]".format(**locals()))
+                    validate___definitions_element(data__daysOfWeek_item, custom_formats, (name_prefix or "data") + f"._daysOfWeek[{data__daysOfWeek_x}]")
         if "allDay" in data_keys:
             data_keys.remove("allDay")
             data__allDay = data["allDay"]
@@ -1292,7 +1292,7 @@ def validate___definitions_usagecontext(data, custom_formats={}, name_prefix=Non
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "code" in data_keys:
             data_keys.remove("code")
             data__code = data["code"]
@@ -1359,7 +1359,7 @@ def validate___definitions_triggerdefinition(data, custom_formats={}, name_prefi
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1428,7 +1428,7 @@ def validate___definitions_triggerdefinition(data, custom_formats={}, name_prefi
                 if data__data_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".data must contain at least 1 items", value=data__data, name="" + (name_prefix or "data") + ".data", definition=None, rule='minItems')
                 for data__data_x, data__data_item in enumerate(data__data):
-                    validate___definitions_datarequirement(data__data_item, custom_formats, (name_prefix or "data") + ".data[{data__data_x}]".format(**locals()))
+                    validate___definitions_datarequirement(data__data_item, custom_formats, (name_prefix or "data") + f".data[{data__data_x}]")
         if "condition" in data_keys:
             data_keys.remove("condition")
             data__condition = data["condition"]
@@ -1487,7 +1487,7 @@ def validate___definitions_relatedartifact(data, custom_formats={}, name_prefix=
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1508,7 +1508,7 @@ def validate___definitions_relatedartifact(data, custom_formats={}, name_prefix=
                 if data__classifier_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".classifier must contain at least 1 items", value=data__classifier, name="" + (name_prefix or "data") + ".classifier", definition=None, rule='minItems')
                 for data__classifier_x, data__classifier_item in enumerate(data__classifier):
-                    validate___definitions_codeableconcept(data__classifier_item, custom_formats, (name_prefix or "data") + ".classifier[{data__classifier_x}]".format(**locals()))
+                    validate___definitions_codeableconcept(data__classifier_item, custom_formats, (name_prefix or "data") + f".classifier[{data__classifier_x}]")
         if "label" in data_keys:
             data_keys.remove("label")
             data__label = data["label"]
@@ -1645,7 +1645,7 @@ def validate___definitions_parameterdefinition(data, custom_formats={}, name_pre
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "name" in data_keys:
             data_keys.remove("name")
             data__name = data["name"]
@@ -1725,7 +1725,7 @@ def validate___definitions_expression(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "_description" in data_keys:
             data_keys.remove("_description")
             data__description = data["_description"]
@@ -1808,7 +1808,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "type" in data_keys:
             data_keys.remove("type")
             data__type = data["type"]
@@ -1829,7 +1829,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__profile_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".profile must contain at least 1 items", value=data__profile, name="" + (name_prefix or "data") + ".profile", definition=None, rule='minItems')
                 for data__profile_x, data__profile_item in enumerate(data__profile):
-                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + ".profile[{data__profile_x}]".format(**locals()))
+                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + f".profile[{data__profile_x}]")
         if "subjectCodeableConcept" in data_keys:
             data_keys.remove("subjectCodeableConcept")
             data__subjectCodeableConcept = data["subjectCodeableConcept"]
@@ -1849,7 +1849,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__mustSupport_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".mustSupport must contain at least 1 items", value=data__mustSupport, name="" + (name_prefix or "data") + ".mustSupport", definition=None, rule='minItems')
                 for data__mustSupport_x, data__mustSupport_item in enumerate(data__mustSupport):
-                    validate___definitions_string(data__mustSupport_item, custom_formats, (name_prefix or "data") + ".mustSupport[{data__mustSupport_x}]".format(**locals()))
+                    validate___definitions_string(data__mustSupport_item, custom_formats, (name_prefix or "data") + f".mustSupport[{data__mustSupport_x}]")
         if "_mustSupport" in data_keys:
             data_keys.remove("_mustSupport")
             data__mustSupport = data["_mustSupport"]
@@ -1861,7 +1861,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__mustSupport_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._mustSupport must contain at least 1 items", value=data__mustSupport, name="" + (name_prefix or "data") + "._mustSupport", definition=None, rule='minItems')
                 for data__mustSupport_x, data__mustSupport_item in enumerate(data__mustSupport):
-                    validate___definitions_element(data__mustSupport_item, custom_formats, (name_prefix or "data") + "._mustSupport[{data__mustSupport_x}]".format(**locals()))
+                    validate___definitions_element(data__mustSupport_item, custom_formats, (name_prefix or "data") + f"._mustSupport[{data__mustSupport_x}]")
         if "codeFilter" in data_keys:
             data_keys.remove("codeFilter")
             data__codeFilter = data["codeFilter"]
@@ -1873,7 +1873,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__codeFilter_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".codeFilter must contain at least 1 items", value=data__codeFilter, name="" + (name_prefix or "data") + ".codeFilter", definition=None, rule='minItems')
                 for data__codeFilter_x, data__codeFilter_item in enumerate(data__codeFilter):
-                    validate___definitions_datarequirement_codefilter(data__codeFilter_item, custom_formats, (name_prefix or "data") + ".codeFilter[{data__codeFilter_x}]".format(**locals()))
+                    validate___definitions_datarequirement_codefilter(data__codeFilter_item, custom_formats, (name_prefix or "data") + f".codeFilter[{data__codeFilter_x}]")
         if "dateFilter" in data_keys:
             data_keys.remove("dateFilter")
             data__dateFilter = data["dateFilter"]
@@ -1885,7 +1885,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__dateFilter_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".dateFilter must contain at least 1 items", value=data__dateFilter, name="" + (name_prefix or "data") + ".dateFilter", definition=None, rule='minItems')
                 for data__dateFilter_x, data__dateFilter_item in enumerate(data__dateFilter):
-                    validate___definitions_datarequirement_datefilter(data__dateFilter_item, custom_formats, (name_prefix or "data") + ".dateFilter[{data__dateFilter_x}]".format(**locals()))
+                    validate___definitions_datarequirement_datefilter(data__dateFilter_item, custom_formats, (name_prefix or "data") + f".dateFilter[{data__dateFilter_x}]")
         if "valueFilter" in data_keys:
             data_keys.remove("valueFilter")
             data__valueFilter = data["valueFilter"]
@@ -1897,7 +1897,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__valueFilter_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".valueFilter must contain at least 1 items", value=data__valueFilter, name="" + (name_prefix or "data") + ".valueFilter", definition=None, rule='minItems')
                 for data__valueFilter_x, data__valueFilter_item in enumerate(data__valueFilter):
-                    validate___definitions_datarequirement_valuefilter(data__valueFilter_item, custom_formats, (name_prefix or "data") + ".valueFilter[{data__valueFilter_x}]".format(**locals()))
+                    validate___definitions_datarequirement_valuefilter(data__valueFilter_item, custom_formats, (name_prefix or "data") + f".valueFilter[{data__valueFilter_x}]")
         if "limit" in data_keys:
             data_keys.remove("limit")
             data__limit = data["limit"]
@@ -1917,7 +1917,7 @@ def validate___definitions_datarequirement(data, custom_formats={}, name_prefix=
                 if data__sort_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".sort must contain at least 1 items", value=data__sort, name="" + (name_prefix or "data") + ".sort", definition=None, rule='minItems')
                 for data__sort_x, data__sort_item in enumerate(data__sort):
-                    validate___definitions_datarequirement_sort(data__sort_item, custom_formats, (name_prefix or "data") + ".sort[{data__sort_x}]".format(**locals()))
+                    validate___definitions_datarequirement_sort(data__sort_item, custom_formats, (name_prefix or "data") + f".sort[{data__sort_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -1985,7 +1985,7 @@ def validate___definitions_datarequirement_sort(data, custom_formats={}, name_pr
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -1997,7 +1997,7 @@ def validate___definitions_datarequirement_sort(data, custom_formats={}, name_pr
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "path" in data_keys:
             data_keys.remove("path")
             data__path = data["path"]
@@ -2048,7 +2048,7 @@ def validate___definitions_datarequirement_valuefilter(data, custom_formats={}, 
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -2060,7 +2060,7 @@ def validate___definitions_datarequirement_valuefilter(data, custom_formats={}, 
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "path" in data_keys:
             data_keys.remove("path")
             data__path = data["path"]
@@ -2131,7 +2131,7 @@ def validate___definitions_datarequirement_datefilter(data, custom_formats={}, n
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -2143,7 +2143,7 @@ def validate___definitions_datarequirement_datefilter(data, custom_formats={}, n
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "path" in data_keys:
             data_keys.remove("path")
             data__path = data["path"]
@@ -2205,7 +2205,7 @@ def validate___definitions_datarequirement_codefilter(data, custom_formats={}, n
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -2217,7 +2217,7 @@ def validate___definitions_datarequirement_codefilter(data, custom_formats={}, n
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "path" in data_keys:
             data_keys.remove("path")
             data__path = data["path"]
@@ -2249,7 +2249,7 @@ def validate___definitions_datarequirement_codefilter(data, custom_formats={}, n
                 if data__code_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".code must contain at least 1 items", value=data__code, name="" + (name_prefix or "data") + ".code", definition=None, rule='minItems')
                 for data__code_x, data__code_item in enumerate(data__code):
-                    validate___definitions_coding(data__code_item, custom_formats, (name_prefix or "data") + ".code[{data__code_x}]".format(**locals()))
+                    validate___definitions_coding(data__code_item, custom_formats, (name_prefix or "data") + f".code[{data__code_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -2275,7 +2275,7 @@ def validate___definitions_contactdetail(data, custom_formats={}, name_prefix=No
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "name" in data_keys:
             data_keys.remove("name")
             data__name = data["name"]
@@ -2295,7 +2295,7 @@ def validate___definitions_contactdetail(data, custom_formats={}, name_prefix=No
                 if data__telecom_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".telecom must contain at least 1 items", value=data__telecom, name="" + (name_prefix or "data") + ".telecom", definition=None, rule='minItems')
                 for data__telecom_x, data__telecom_item in enumerate(data__telecom):
-                    validate___definitions_contactpoint(data__telecom_item, custom_formats, (name_prefix or "data") + ".telecom[{data__telecom_x}]".format(**locals()))
+                    validate___definitions_contactpoint(data__telecom_item, custom_formats, (name_prefix or "data") + f".telecom[{data__telecom_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -2321,7 +2321,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -2333,7 +2333,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "event" in data_keys:
             data_keys.remove("event")
             data__event = data["event"]
@@ -2345,7 +2345,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__event_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".event must contain at least 1 items", value=data__event, name="" + (name_prefix or "data") + ".event", definition=None, rule='minItems')
                 for data__event_x, data__event_item in enumerate(data__event):
-                    validate___definitions_datetime(data__event_item, custom_formats, (name_prefix or "data") + ".event[{data__event_x}]".format(**locals()))
+                    validate___definitions_datetime(data__event_item, custom_formats, (name_prefix or "data") + f".event[{data__event_x}]")
         if "_event" in data_keys:
             data_keys.remove("_event")
             data__event = data["_event"]
@@ -2357,7 +2357,7 @@ def validate___definitions_timing(data, custom_formats={}, name_prefix=None):
                 if data__event_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._event must contain at least 1 items", value=data__event, name="" + (name_prefix or "data") + "._event", definition=None, rule='minItems')
                 for data__event_x, data__event_item in enumerate(data__event):
-                    validate___definitions_element(data__event_item, custom_formats, (name_prefix or "data") + "._event[{data__event_x}]".format(**locals()))
+                    validate___definitions_element(data__event_item, custom_formats, (name_prefix or "data") + f"._event[{data__event_x}]")
         if "repeat" in data_keys:
             data_keys.remove("repeat")
             data__repeat = data["repeat"]
@@ -2391,7 +2391,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -2403,7 +2403,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "boundsDuration" in data_keys:
             data_keys.remove("boundsDuration")
             data__boundsDuration = data["boundsDuration"]
@@ -2510,7 +2510,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".dayOfWeek must contain at least 1 items", value=data__dayOfWeek, name="" + (name_prefix or "data") + ".dayOfWeek", definition=None, rule='minItems')
                 for data__dayOfWeek_x, data__dayOfWeek_item in enumerate(data__dayOfWeek):
                     if not (isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'mon' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'tue' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'wed' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'thu' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'fri' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'sat' or isinstance(data__dayOfWeek_item, str) and data__dayOfWeek_item == 'sun'):
-                        raise JsonSchemaValueException("" + (name_prefix or "data") + ".dayOfWeek[{data__dayOfWeek_x}]".format(**locals()) + " must be one of ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun']", value=data__dayOfWeek_item, name="" + (name_prefix or "data") + ".dayOfWeek[{data__dayOfWeek_x}]".format(**locals()) + "", definition=None, rule='enum')
+                        raise JsonSchemaValueException("" + (name_prefix or "data") + f".dayOfWeek[{data__dayOfWeek_x}]" + " must be one of ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun']", value=data__dayOfWeek_item, name="" + (name_prefix or "data") + f".dayOfWeek[{data__dayOfWeek_x}]" + "", definition=None, rule='enum')
         if "_dayOfWeek" in data_keys:
             data_keys.remove("_dayOfWeek")
             data__dayOfWeek = data["_dayOfWeek"]
@@ -2522,7 +2522,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__dayOfWeek_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._dayOfWeek must contain at least 1 items", value=data__dayOfWeek, name="" + (name_prefix or "data") + "._dayOfWeek", definition=None, rule='minItems')
                 for data__dayOfWeek_x, data__dayOfWeek_item in enumerate(data__dayOfWeek):
-                    validate___definitions_element(data__dayOfWeek_item, custom_formats, (name_prefix or "data") + "._dayOfWeek[{data__dayOfWeek_x}]".format(**locals()))
+                    validate___definitions_element(data__dayOfWeek_item, custom_formats, (name_prefix or "data") + f"._dayOfWeek[{data__dayOfWeek_x}]")
         if "timeOfDay" in data_keys:
             data_keys.remove("timeOfDay")
             data__timeOfDay = data["timeOfDay"]
@@ -2534,7 +2534,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__timeOfDay_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".timeOfDay must contain at least 1 items", value=data__timeOfDay, name="" + (name_prefix or "data") + ".timeOfDay", definition=None, rule='minItems')
                 for data__timeOfDay_x, data__timeOfDay_item in enumerate(data__timeOfDay):
-                    validate___definitions_time(data__timeOfDay_item, custom_formats, (name_prefix or "data") + ".timeOfDay[{data__timeOfDay_x}]".format(**locals()))
+                    validate___definitions_time(data__timeOfDay_item, custom_formats, (name_prefix or "data") + f".timeOfDay[{data__timeOfDay_x}]")
         if "_timeOfDay" in data_keys:
             data_keys.remove("_timeOfDay")
             data__timeOfDay = data["_timeOfDay"]
@@ -2546,7 +2546,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__timeOfDay_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._timeOfDay must contain at least 1 items", value=data__timeOfDay, name="" + (name_prefix or "data") + "._timeOfDay", definition=None, rule='minItems')
                 for data__timeOfDay_x, data__timeOfDay_item in enumerate(data__timeOfDay):
-                    validate___definitions_element(data__timeOfDay_item, custom_formats, (name_prefix or "data") + "._timeOfDay[{data__timeOfDay_x}]".format(**locals()))
+                    validate___definitions_element(data__timeOfDay_item, custom_formats, (name_prefix or "data") + f"._timeOfDay[{data__timeOfDay_x}]")
         if "when" in data_keys:
             data_keys.remove("when")
             data__when = data["when"]
@@ -2559,7 +2559,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".when must contain at least 1 items", value=data__when, name="" + (name_prefix or "data") + ".when", definition=None, rule='minItems')
                 for data__when_x, data__when_item in enumerate(data__when):
                     if not (isinstance(data__when_item, str) and data__when_item == 'MORN' or isinstance(data__when_item, str) and data__when_item == 'MORN.early' or isinstance(data__when_item, str) and data__when_item == 'MORN.late' or isinstance(data__when_item, str) and data__when_item == 'NOON' or isinstance(data__when_item, str) and data__when_item == 'AFT' or isinstance(data__when_item, str) and data__when_item == 'AFT.early' or isinstance(data__when_item, str) and data__when_item == 'AFT.late' or isinstance(data__when_item, str) and data__when_item == 'EVE' or isinstance(data__when_item, str) and data__when_item == 'EVE.early' or isinstance(data__when_item, str) and data__when_item == 'EVE.late' or isinstance(data__when_item, str) and data__when_item == 'NIGHT' or isinstance(data__when_item, str) and data__when_item == 'PHS' or isinstance(data__when_item, str) and data__when_item == 'IMD' or isinstance(data__when_item, str) and data__when_item == 'HS' or isinstance(data__when_item, str) and data__when_item == 'WAKE' or isinstance(data__when_item, str) and data__when_item == 'C' or isinstance(data__when_item, str) and data__when_item == 'CM' or isinstance(data__when_item, str) and data__when_item == 'CD' or isinstance(data__when_item, str) and data__when_item == 'CV' or isinstance(data__when_item, str) and data__when_item == 'AC' or isinstance(data__when_item, str) and data__when_item == 'ACM' or isinstance(data__when_item, str) and data__when_item == 'ACD' or isinstance(data__when_item, str) and data__when_item == 'ACV' or isinstance(data__when_item, str) and data__when_item == 'PC' or isinstance(data__when_item, str) and data__when_item == 'PCM' or isinstance(data__when_item, str) and data__when_item == 'PCD' or isinstance(data__when_item, str) and data__when_item == 'PCV'):
-                        raise JsonSchemaValueException("" + (name_prefix or "data") + ".when[{data__when_x}]".format(**locals()) + " must be one of ['MORN', 'MORN.early', 'MORN.late', 'NOON', 'AFT', 'AFT.early', 'AFT.late', 'EVE', 'EVE.early', 'EVE.late', 'NIGHT', 'PHS', 'IMD', 'HS', 'WAKE', 'C', 'CM', 'CD', 'CV', 'AC', 'ACM', 'ACD', 'ACV', 'PC', 'PCM', 'PCD', 'PCV']", value=data__when_item, name="" + (name_prefix or "data") + ".when[{data__when_x}]".format(**locals()) + "", definition=None, rule='enum')
+                        raise JsonSchemaValueException("" + (name_prefix or "data") + f".when[{data__when_x}]" + " must be one of ['MORN', 'MORN.early', 'MORN.late', 'NOON', 'AFT', 'AFT.early', 'AFT.late', 'EVE', 'EVE.early', 'EVE.late', 'NIGHT', 'PHS', 'IMD', 'HS', 'WAKE', 'C', 'CM', 'CD', 'CV', 'AC', 'ACM', 'ACD', 'ACV', 'PC', 'PCM', 'PCD', 'PCV']", value=data__when_item, name="" + (name_prefix or "data") + f".when[{data__when_x}]" + "", definition=None, rule='enum')
         if "_when" in data_keys:
             data_keys.remove("_when")
             data__when = data["_when"]
@@ -2571,7 +2571,7 @@ def validate___definitions_timing_repeat(data, custom_formats={}, name_prefix=No
                 if data__when_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._when must contain at least 1 items", value=data__when, name="" + (name_prefix or "data") + "._when", definition=None, rule='minItems')
                 for data__when_x, data__when_item in enumerate(data__when):
-                    validate___definitions_element(data__when_item, custom_formats, (name_prefix or "data") + "._when[{data__when_x}]".format(**locals()))
+                    validate___definitions_element(data__when_item, custom_formats, (name_prefix or "data") + f"._when[{data__when_x}]")
         if "offset" in data_keys:
             data_keys.remove("offset")
             data__offset = data["offset"]
@@ -2666,7 +2666,7 @@ def validate___definitions_sampleddata(data, custom_formats={}, name_prefix=None
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "origin" in data_keys:
             data_keys.remove("origin")
             data__origin = data["origin"]
@@ -2764,7 +2764,7 @@ def validate___definitions_ratiorange(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "lowNumerator" in data_keys:
             data_keys.remove("lowNumerator")
             data__lowNumerator = data["lowNumerator"]
@@ -2802,7 +2802,7 @@ def validate___definitions_ratio(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "numerator" in data_keys:
             data_keys.remove("numerator")
             data__numerator = data["numerator"]
@@ -2836,7 +2836,7 @@ def validate___definitions_range(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "low" in data_keys:
             data_keys.remove("low")
             data__low = data["low"]
@@ -2870,7 +2870,7 @@ def validate___definitions_quantity(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -2937,7 +2937,7 @@ def validate___definitions_period(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "start" in data_keys:
             data_keys.remove("start")
             data__start = data["start"]
@@ -2979,7 +2979,7 @@ def validate___definitions_money(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -3021,7 +3021,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "use" in data_keys:
             data_keys.remove("use")
             data__use = data["use"]
@@ -3058,7 +3058,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__given_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".given must contain at least 1 items", value=data__given, name="" + (name_prefix or "data") + ".given", definition=None, rule='minItems')
                 for data__given_x, data__given_item in enumerate(data__given):
-                    validate___definitions_string(data__given_item, custom_formats, (name_prefix or "data") + ".given[{data__given_x}]".format(**locals()))
+                    validate___definitions_string(data__given_item, custom_formats, (name_prefix or "data") + f".given[{data__given_x}]")
         if "_given" in data_keys:
             data_keys.remove("_given")
             data__given = data["_given"]
@@ -3070,7 +3070,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__given_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._given must contain at least 1 items", value=data__given, name="" + (name_prefix or "data") + "._given", definition=None, rule='minItems')
                 for data__given_x, data__given_item in enumerate(data__given):
-                    validate___definitions_element(data__given_item, custom_formats, (name_prefix or "data") + "._given[{data__given_x}]".format(**locals()))
+                    validate___definitions_element(data__given_item, custom_formats, (name_prefix or "data") + f"._given[{data__given_x}]")
         if "prefix" in data_keys:
             data_keys.remove("prefix")
             data__prefix = data["prefix"]
@@ -3082,7 +3082,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__prefix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".prefix must contain at least 1 items", value=data__prefix, name="" + (name_prefix or "data") + ".prefix", definition=None, rule='minItems')
                 for data__prefix_x, data__prefix_item in enumerate(data__prefix):
-                    validate___definitions_string(data__prefix_item, custom_formats, (name_prefix or "data") + ".prefix[{data__prefix_x}]".format(**locals()))
+                    validate___definitions_string(data__prefix_item, custom_formats, (name_prefix or "data") + f".prefix[{data__prefix_x}]")
         if "_prefix" in data_keys:
             data_keys.remove("_prefix")
             data__prefix = data["_prefix"]
@@ -3094,7 +3094,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__prefix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._prefix must contain at least 1 items", value=data__prefix, name="" + (name_prefix or "data") + "._prefix", definition=None, rule='minItems')
                 for data__prefix_x, data__prefix_item in enumerate(data__prefix):
-                    validate___definitions_element(data__prefix_item, custom_formats, (name_prefix or "data") + "._prefix[{data__prefix_x}]".format(**locals()))
+                    validate___definitions_element(data__prefix_item, custom_formats, (name_prefix or "data") + f"._prefix[{data__prefix_x}]")
         if "suffix" in data_keys:
             data_keys.remove("suffix")
             data__suffix = data["suffix"]
@@ -3106,7 +3106,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__suffix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".suffix must contain at least 1 items", value=data__suffix, name="" + (name_prefix or "data") + ".suffix", definition=None, rule='minItems')
                 for data__suffix_x, data__suffix_item in enumerate(data__suffix):
-                    validate___definitions_string(data__suffix_item, custom_formats, (name_prefix or "data") + ".suffix[{data__suffix_x}]".format(**locals()))
+                    validate___definitions_string(data__suffix_item, custom_formats, (name_prefix or "data") + f".suffix[{data__suffix_x}]")
         if "_suffix" in data_keys:
             data_keys.remove("_suffix")
             data__suffix = data["_suffix"]
@@ -3118,7 +3118,7 @@ def validate___definitions_humanname(data, custom_formats={}, name_prefix=None):
                 if data__suffix_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._suffix must contain at least 1 items", value=data__suffix, name="" + (name_prefix or "data") + "._suffix", definition=None, rule='minItems')
                 for data__suffix_x, data__suffix_item in enumerate(data__suffix):
-                    validate___definitions_element(data__suffix_item, custom_formats, (name_prefix or "data") + "._suffix[{data__suffix_x}]".format(**locals()))
+                    validate___definitions_element(data__suffix_item, custom_formats, (name_prefix or "data") + f"._suffix[{data__suffix_x}]")
         if "period" in data_keys:
             data_keys.remove("period")
             data__period = data["period"]
@@ -3148,7 +3148,7 @@ def validate___definitions_duration(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -3215,7 +3215,7 @@ def validate___definitions_distance(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -3282,7 +3282,7 @@ def validate___definitions_count(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -3349,7 +3349,7 @@ def validate___definitions_contactpoint(data, custom_formats={}, name_prefix=Non
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "system" in data_keys:
             data_keys.remove("system")
             data__system = data["system"]
@@ -3413,7 +3413,7 @@ def validate___definitions_codeablereference(data, custom_formats={}, name_prefi
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "concept" in data_keys:
             data_keys.remove("concept")
             data__concept = data["concept"]
@@ -3447,7 +3447,7 @@ def validate___definitions_codeableconcept(data, custom_formats={}, name_prefix=
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "coding" in data_keys:
             data_keys.remove("coding")
             data__coding = data["coding"]
@@ -3459,7 +3459,7 @@ def validate___definitions_codeableconcept(data, custom_formats={}, name_prefix=
                 if data__coding_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".coding must contain at least 1 items", value=data__coding, name="" + (name_prefix or "data") + ".coding", definition=None, rule='minItems')
                 for data__coding_x, data__coding_item in enumerate(data__coding):
-                    validate___definitions_coding(data__coding_item, custom_formats, (name_prefix or "data") + ".coding[{data__coding_x}]".format(**locals()))
+                    validate___definitions_coding(data__coding_item, custom_formats, (name_prefix or "data") + f".coding[{data__coding_x}]")
         if "text" in data_keys:
             data_keys.remove("text")
             data__text = data["text"]
@@ -3493,7 +3493,7 @@ def validate___definitions_attachment(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "contentType" in data_keys:
             data_keys.remove("contentType")
             data__contentType = data["contentType"]
@@ -3660,7 +3660,7 @@ def validate___definitions_annotation(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "authorReference" in data_keys:
             data_keys.remove("authorReference")
             data__authorReference = data["authorReference"]
@@ -3718,7 +3718,7 @@ def validate___definitions_age(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "value" in data_keys:
             data_keys.remove("value")
             data__value = data["value"]
@@ -3785,7 +3785,7 @@ def validate___definitions_address(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "use" in data_keys:
             data_keys.remove("use")
             data__use = data["use"]
@@ -3823,7 +3823,7 @@ def validate___definitions_address(data, custom_formats={}, name_prefix=None):
                 if data__line_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".line must contain at least 1 items", value=data__line, name="" + (name_prefix or "data") + ".line", definition=None, rule='minItems')
                 for data__line_x, data__line_item in enumerate(data__line):
-                    validate___definitions_string(data__line_item, custom_formats, (name_prefix or "data") + ".line[{data__line_x}]".format(**locals()))
+                    validate___definitions_string(data__line_item, custom_formats, (name_prefix or "data") + f".line[{data__line_x}]")
         if "_line" in data_keys:
             data_keys.remove("_line")
             data__line = data["_line"]
@@ -3835,7 +3835,7 @@ def validate___definitions_address(data, custom_formats={}, name_prefix=None):
                 if data__line_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + "._line must contain at least 1 items", value=data__line, name="" + (name_prefix or "data") + "._line", definition=None, rule='minItems')
                 for data__line_x, data__line_item in enumerate(data__line):
-                    validate___definitions_element(data__line_item, custom_formats, (name_prefix or "data") + "._line[{data__line_x}]".format(**locals()))
+                    validate___definitions_element(data__line_item, custom_formats, (name_prefix or "data") + f"._line[{data__line_x}]")
         if "city" in data_keys:
             data_keys.remove("city")
             data__city = data["city"]
@@ -3913,7 +3913,7 @@ def validate___definitions_bundle_entry(data, custom_formats={}, name_prefix=Non
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -3925,7 +3925,7 @@ def validate___definitions_bundle_entry(data, custom_formats={}, name_prefix=Non
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "link" in data_keys:
             data_keys.remove("link")
             data__link = data["link"]
@@ -3937,7 +3937,7 @@ def validate___definitions_bundle_entry(data, custom_formats={}, name_prefix=Non
                 if data__link_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".link must contain at least 1 items", value=data__link, name="" + (name_prefix or "data") + ".link", definition=None, rule='minItems')
                 for data__link_x, data__link_item in enumerate(data__link):
-                    validate___definitions_bundle_link(data__link_item, custom_formats, (name_prefix or "data") + ".link[{data__link_x}]".format(**locals()))
+                    validate___definitions_bundle_link(data__link_item, custom_formats, (name_prefix or "data") + f".link[{data__link_x}]")
         if "fullUrl" in data_keys:
             data_keys.remove("fullUrl")
             data__fullUrl = data["fullUrl"]
@@ -4008,7 +4008,7 @@ def validate___definitions_bundle_response(data, custom_formats={}, name_prefix=
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -4020,7 +4020,7 @@ def validate___definitions_bundle_response(data, custom_formats={}, name_prefix=
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "status" in data_keys:
             data_keys.remove("status")
             data__status = data["status"]
@@ -4124,7 +4124,7 @@ def validate___definitions_bundle_request(data, custom_formats={}, name_prefix=N
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -4136,7 +4136,7 @@ def validate___definitions_bundle_request(data, custom_formats={}, name_prefix=N
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "method" in data_keys:
             data_keys.remove("method")
             data__method = data["method"]
@@ -4211,7 +4211,7 @@ def validate___definitions_bundle_search(data, custom_formats={}, name_prefix=No
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -4223,7 +4223,7 @@ def validate___definitions_bundle_search(data, custom_formats={}, name_prefix=No
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "mode" in data_keys:
             data_keys.remove("mode")
             data__mode = data["mode"]
@@ -4308,7 +4308,7 @@ def validate___definitions_bundle_link(data, custom_formats={}, name_prefix=None
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "modifierExtension" in data_keys:
             data_keys.remove("modifierExtension")
             data__modifierExtension = data["modifierExtension"]
@@ -4320,7 +4320,7 @@ def validate___definitions_bundle_link(data, custom_formats={}, name_prefix=None
                 if data__modifierExtension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".modifierExtension must contain at least 1 items", value=data__modifierExtension, name="" + (name_prefix or "data") + ".modifierExtension", definition=None, rule='minItems')
                 for data__modifierExtension_x, data__modifierExtension_item in enumerate(data__modifierExtension):
-                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + ".modifierExtension[{data__modifierExtension_x}]".format(**locals()))
+                    validate___definitions_extension(data__modifierExtension_item, custom_formats, (name_prefix or "data") + f".modifierExtension[{data__modifierExtension_x}]")
         if "relation" in data_keys:
             data_keys.remove("relation")
             data__relation = data["relation"]
@@ -4379,7 +4379,7 @@ def validate___definitions_identifier(data, custom_formats={}, name_prefix=None)
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "use" in data_keys:
             data_keys.remove("use")
             data__use = data["use"]
@@ -4450,7 +4450,7 @@ def validate___definitions_element(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
@@ -4484,7 +4484,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__extension_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".extension must contain at least 1 items", value=data__extension, name="" + (name_prefix or "data") + ".extension", definition=None, rule='minItems')
                 for data__extension_x, data__extension_item in enumerate(data__extension):
-                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + ".extension[{data__extension_x}]".format(**locals()))
+                    validate___definitions_extension(data__extension_item, custom_formats, (name_prefix or "data") + f".extension[{data__extension_x}]")
         if "versionId" in data_keys:
             data_keys.remove("versionId")
             data__versionId = data["versionId"]
@@ -4520,7 +4520,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__profile_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".profile must contain at least 1 items", value=data__profile, name="" + (name_prefix or "data") + ".profile", definition=None, rule='minItems')
                 for data__profile_x, data__profile_item in enumerate(data__profile):
-                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + ".profile[{data__profile_x}]".format(**locals()))
+                    validate___definitions_canonical(data__profile_item, custom_formats, (name_prefix or "data") + f".profile[{data__profile_x}]")
         if "security" in data_keys:
             data_keys.remove("security")
             data__security = data["security"]
@@ -4532,7 +4532,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__security_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".security must contain at least 1 items", value=data__security, name="" + (name_prefix or "data") + ".security", definition=None, rule='minItems')
                 for data__security_x, data__security_item in enumerate(data__security):
-                    validate___definitions_coding(data__security_item, custom_formats, (name_prefix or "data") + ".security[{data__security_x}]".format(**locals()))
+                    validate___definitions_coding(data__security_item, custom_formats, (name_prefix or "data") + f".security[{data__security_x}]")
         if "tag" in data_keys:
             data_keys.remove("tag")
             data__tag = data["tag"]
@@ -4544,7 +4544,7 @@ def validate___definitions_meta(data, custom_formats={}, name_prefix=None):
                 if data__tag_len < 1:
                     raise JsonSchemaValueException("" + (name_prefix or "data") + ".tag must contain at least 1 items", value=data__tag, name="" + (name_prefix or "data") + ".tag", definition=None, rule='minItems')
                 for data__tag_x, data__tag_item in enumerate(data__tag):
-                    validate___definitions_coding(data__tag_item, custom_formats, (name_prefix or "data") + ".tag[{data__tag_x}]".format(**locals()))
+                    validate___definitions_coding(data__tag_item, custom_formats, (name_prefix or "data") + f".tag[{data__tag_x}]")
         if data_keys:
             raise JsonSchemaValueException("" + (name_prefix or "data") + " must not contain "+str(data_keys)+" properties", value=data, name="" + (name_prefix or "data") + "", definition=None, rule='additionalProperties')
     return data
