@@ -1,0 +1,126 @@
+"""`fhir-kap check`: can this FHIR server take part in KAP exchange, and if not, exactly why.
+
+Exit codes: 0 every required check passed, 1 a required check failed, 2 the server could not
+be reached (or the command was misused). Secrets come only from environment variables and files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, InputError
+
+__all__ = ["handler", "register"]
+
+GROUP_NAMES = ("capability", "round-trip", "idempotency", "search", "errors", "validation", "security")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "check", help="run conformance checks against a FHIR server",
+        description="Check that a FHIR server can hold KAP referrals, sessions, consents and notes "
+                    "(capability, round-trip, idempotency, search, errors, validation, security). "
+                    "Exit 0 when every required check passes, 1 otherwise, 2 when the server "
+                    "cannot be reached.")
+    p.add_argument("--server", required=True, metavar="URL", help="FHIR base URL, e.g. https://ehr.example/fhir")
+    p.add_argument("--auth", choices=("none", "bearer", "smart"), default="none")
+    p.add_argument("--token-env", metavar="VAR",
+                   help="environment variable holding the bearer token (--auth bearer)")
+    p.add_argument("--client-id", metavar="ID", help="SMART backend client id (--auth smart)")
+    p.add_argument("--client-secret-env", metavar="VAR",
+                   help="environment variable holding the SMART client secret")
+    p.add_argument("--private-key", metavar="FILE", help="PEM private key for SMART private_key_jwt")
+    p.add_argument("--key-id", metavar="KID", help="'kid' of the registered public key (with --private-key)")
+    p.add_argument("--token-url", metavar="URL", help="SMART token endpoint (default: discovered)")
+    p.add_argument("--fhir-version", choices=("auto", "4.0.1", "5.0.0"), default="auto")
+    p.add_argument("--only", nargs="+", choices=GROUP_NAMES, metavar="GROUP",
+                   help=f"run only these groups ({', '.join(GROUP_NAMES)})")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here (for CI)")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report here")
+    p.add_argument("--keep-data", action="store_true", help="do not delete the test data afterwards")
+    p.add_argument("--examples", metavar="DIR", help=argparse.SUPPRESS)  # tests: other example set
+    p.set_defaults(handler=handler)
+
+
+def _env_secret(var: str | None, what: str) -> str:
+    if not var:
+        raise ConfigError(f"{what}: name the environment variable that holds it", rule="check:secret")
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(f"{what}: environment variable '{var}' is not set or empty", rule="check:secret")
+    return value
+
+
+def _auth(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    from ..client import BearerAuth, NoAuth, SmartBackendAuth
+
+    if args.auth == "none":
+        return NoAuth(), []
+    if args.auth == "bearer":
+        token = _env_secret(args.token_env, "--auth bearer needs --token-env")
+        return BearerAuth(token), [token]
+    if not args.client_id:
+        raise ConfigError("--auth smart needs --client-id", rule="check:secret")
+    if args.private_key:
+        try:
+            pem = Path(args.private_key).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read private key '{args.private_key}': {exc.strerror}",
+                             rule="input:unreadable", code="not-found") from None
+        return SmartBackendAuth(args.client_id, token_url=args.token_url, private_key_pem=pem,
+                                key_id=args.key_id), []
+    secret = _env_secret(args.client_secret_env, "--auth smart needs --client-secret-env or --private-key")
+    return SmartBackendAuth(args.client_id, token_url=args.token_url, client_secret=secret), [secret]
+
+
+class _Progress:
+    """A rewritten status line on a TTY; plain lines otherwise (CI logs)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+
+    def __call__(self, done: int, total: int, result: Any, check: Any) -> None:
+        from ..reports import progress_line
+
+        if self.tty:
+            if result is None:
+                self.stream.write("\r\x1b[2K" + progress_line(done + 1, total, check.id, check.title))
+            elif done == total:
+                self.stream.write("\r\x1b[2K")
+        elif result is not None:
+            self.stream.write(f"{check.id} {result.outcome.upper()}\n")
+        self.stream.flush()
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write '{path}': {exc.strerror}", rule="output:unwritable") from None
+
+
+def handler(args: argparse.Namespace, settings: Any) -> int:
+    from ..conformance import CheckConfig, run_checks
+    from ..jsonio import dumps
+    from ..reports import console_table, html_report, junit_xml
+
+    auth, secrets = _auth(args)
+    config = CheckConfig(server=args.server.rstrip("/"), auth=auth, auth_kind=args.auth,
+                         fhir_version=args.fhir_version, only=tuple(args.only or ()),
+                         keep_data=args.keep_data, secrets=tuple(secrets),
+                         examples_dir=Path(args.examples) if args.examples else None)
+    report = run_checks(config, progress=_Progress(sys.stderr)).to_dict()
+    sys.stdout.write(console_table(report))
+    sys.stdout.flush()
+    if args.json:
+        _write(args.json, dumps(report, pretty=True).decode() + "\n")
+    if args.junit:
+        _write(args.junit, junit_xml(report))
+    if args.html:
+        _write(args.html, html_report(report))
+    return 0 if report["passed"] else 1

@@ -1,0 +1,213 @@
+"""Render a conformance-check report (the JSON dict of `RunReport.to_dict()`) as text.
+
+Pure functions, data in, text out: a console table, JUnit XML for CI systems and a
+self-contained HTML page (inline CSS, no scripts, no external assets). Everything taken from
+the report is escaped.
+
+JSON report schema (version 1), as written by `fhir-kap check --json`:
+
+    {"report": "fhir-kap-check", "version": 1,
+     "server": URL, "fhir_version": str | null (as declared by the server), "auth": "none|bearer|smart",
+     "run_system": identifier system of the test data, "started"/"finished": ISO 8601 UTC,
+     "passed": bool (every required check passed), "data_kept": bool, "cleanup_problems": [str],
+     "summary": {"total", "pass", "fail", "skip", "required_failed": int},
+     "groups": [group names in run order],
+     "results": [{"id", "group", "title", "rule", "required": bool,
+                  "outcome": "pass|fail|skip", "reason", "duration_ms",
+                  "exchanges": [{"method", "url", "request": {"headers", "body"},
+                                 "response": {"status", "headers", "body"}}]}]}
+
+Exchanges are kept for failures only; bodies are masked excerpts of at most 2 KB.
+"""
+from __future__ import annotations
+
+import html
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import unquote
+
+__all__ = ["console_table", "html_report", "junit_xml", "progress_line"]
+
+_LABEL = {"pass": "PASS", "fail": "FAIL", "skip": "SKIP"}
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def progress_line(done: int, total: int, check_id: str, title: str, width: int = 100) -> str:
+    """One status line, e.g. `[ 7/35] rt-02 read back without losing data`."""
+    return _clip(f"[{done:>{len(str(total))}}/{total}] {check_id} {title}", width)
+
+
+def console_table(report: Mapping[str, Any], *, reason_width: int = 70) -> str:
+    """A readable table: id, group, title, PASS/FAIL/SKIP (`*` marks optional checks), reason."""
+    rows = [("ID", "GROUP", "TITLE", "RESULT", "REASON")]
+    for r in report["results"]:
+        label = _LABEL[r["outcome"]] + ("" if r["required"] or r["outcome"] == "pass" else "*")
+        rows.append((r["id"], r["group"], _clip(r["title"], 48), label, _clip(r["reason"], reason_width)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(row)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    s = report["summary"]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines.append("")
+    lines.append(f"{verdict}: {s['pass']} passed, {s['fail']} failed ({s['required_failed']} required), "
+                 f"{s['skip']} skipped of {s['total']} — {report['server']} (FHIR {report.get('fhir_version') or '?'})")
+    if any(not r["required"] and r["outcome"] == "fail" for r in report["results"]):
+        lines.append("* optional check: a failure is reported but does not fail the run")
+    for problem in report.get("cleanup_problems") or []:
+        lines.append(f"clean-up: {problem}")
+    if report.get("data_kept"):
+        lines.append(f"test data kept under identifier system {report['run_system']}")
+    return "\n".join(lines) + "\n"
+
+
+def _exchange_text(ex: Mapping[str, Any]) -> str:
+    req, resp = ex["request"], ex["response"]
+    parts = [f"{ex['method']} {ex['url']}"]
+    parts += [f"{k}: {v}" for k, v in (req.get("headers") or {}).items()]
+    if req.get("body"):
+        parts += ["", req["body"]]
+    parts += ["", f"HTTP {resp.get('status')}"]
+    parts += [f"{k}: {v}" for k, v in (resp.get("headers") or {}).items()]
+    if resp.get("body"):
+        parts += ["", resp["body"]]
+    return "\n".join(parts)
+
+
+def junit_xml(report: Mapping[str, Any]) -> str:
+    """JUnit XML: one <testsuite> per group, a <testcase> per check, <failure>/<skipped> as usual.
+
+    Optional checks that fail are reported as <skipped> with the failure in the message (and in
+    <system-out>), so CI does not go red on them while a reader still sees them.
+    """
+    root = ET.Element("testsuites", name="fhir-kap check", tests=str(report["summary"]["total"]))
+    total_fail = total_skip = 0
+    for group in report["groups"]:
+        results = [r for r in report["results"] if r["group"] == group]
+        if not results:
+            continue
+        suite = ET.SubElement(root, "testsuite", name=group, tests=str(len(results)),
+                              timestamp=str(report["started"])[:19])
+        fails = skips = 0
+        seconds = 0.0
+        for r in results:
+            secs = r.get("duration_ms", 0) / 1000
+            seconds += secs
+            case = ET.SubElement(suite, "testcase", name=f"{r['id']} {r['title']}",
+                                 classname=f"fhir_kap.check.{group}", time=f"{secs:.3f}")
+            if r["outcome"] == "fail" and r["required"]:
+                fails += 1
+                el = ET.SubElement(case, "failure", message=r["reason"], type=r["rule"])
+                el.text = "\n\n".join([r["reason"]] + [_exchange_text(x) for x in r.get("exchanges") or []])
+            elif r["outcome"] == "fail":
+                skips += 1
+                ET.SubElement(case, "skipped", message=f"optional check failed: {r['reason']}")
+                out = ET.SubElement(case, "system-out")
+                out.text = "\n\n".join([r["reason"]] + [_exchange_text(x) for x in r.get("exchanges") or []])
+            elif r["outcome"] == "skip":
+                skips += 1
+                ET.SubElement(case, "skipped", message=r["reason"])
+            else:
+                out = ET.SubElement(case, "system-out")
+                out.text = r["reason"]
+        suite.set("failures", str(fails))
+        suite.set("errors", "0")
+        suite.set("skipped", str(skips))
+        suite.set("time", f"{seconds:.3f}")
+        total_fail += fails
+        total_skip += skips
+    root.set("failures", str(total_fail))
+    root.set("errors", "0")
+    root.set("skipped", str(total_skip))
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+_CSS = """
+:root{--pass:#1a7f37;--fail:#cf222e;--skip:#9a6700;--opt:#bc4c00;--ink:#1f2328;--mute:#59636e;--line:#d1d9e0}
+*{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);
+margin:0;background:#f6f8fa}main{max-width:1100px;margin:0 auto;padding:24px}
+header{background:#fff;border:1px solid var(--line);border-radius:10px;padding:20px 24px;margin-bottom:20px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:0}.meta{color:var(--mute);font-size:13px}
+.verdict{display:inline-block;font-weight:700;padding:2px 10px;border-radius:999px;color:#fff;margin-left:8px;font-size:14px}
+.verdict.ok{background:var(--pass)}.verdict.bad{background:var(--fail)}
+.counts{display:flex;gap:12px;margin-top:16px;flex-wrap:wrap}
+.count{flex:1;min-width:120px;border:1px solid var(--line);border-radius:8px;padding:10px 14px;background:#fff}
+.count b{display:block;font-size:26px}.count.pass b{color:var(--pass)}.count.fail b{color:var(--fail)}
+.count.skip b{color:var(--skip)}.count.req b{color:var(--fail)}
+section{background:#fff;border:1px solid var(--line);border-radius:10px;margin-bottom:16px;overflow:hidden}
+section>h2{padding:12px 18px;border-bottom:1px solid var(--line);background:#fbfcfd;display:flex;gap:10px;align-items:center}
+section>h2 small{color:var(--mute);font-weight:400;font-size:13px}
+table{border-collapse:collapse;width:100%;table-layout:fixed}
+th:nth-child(1){width:90px}th:nth-child(2){width:34%}th:nth-child(3){width:120px}td,th{padding:8px 12px;border-bottom:1px solid #eef1f4;text-align:left;vertical-align:top}
+th{font-size:12px;text-transform:uppercase;color:var(--mute);font-weight:600}
+td.id{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;white-space:nowrap}
+.badge{font-weight:700;font-size:12px;padding:2px 8px;border-radius:4px;color:#fff;white-space:nowrap}
+.badge.pass{background:var(--pass)}.badge.fail{background:var(--fail)}.badge.skip{background:var(--skip)}
+.badge.optfail{background:var(--opt)}
+.rule{color:var(--mute);font-size:12px}.reason{word-break:break-word}
+details{margin-top:6px}summary{cursor:pointer;color:#0969da;font-size:13px}
+pre{background:#f6f8fa;border:1px solid var(--line);border-radius:6px;padding:10px;font-size:12px;
+white-space:pre-wrap;word-break:break-all;max-height:420px;overflow:auto}
+footer{color:var(--mute);font-size:12px;text-align:center;padding:12px}
+"""
+
+
+def html_report(report: Mapping[str, Any]) -> str:
+    """A self-contained HTML page: summary counts, per-group tables, failing exchanges in <details>."""
+    e = html.escape
+    s = report["summary"]
+    ok = report["passed"]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>fhir-kap check — {e(str(report['server']))}</title>",
+           f"<style>{_CSS}</style></head><body><main>",
+           "<header>",
+           f'<h1>FHIR server check<span class="verdict {"ok" if ok else "bad"}" id="verdict">'
+           f'{"PASSED" if ok else "FAILED"}</span></h1>',
+           f'<div class="meta">{e(str(report["server"]))} · FHIR {e(str(report.get("fhir_version") or "?"))}'
+           f' · auth {e(str(report["auth"]))} · {e(str(report["started"]))} → {e(str(report["finished"]))}</div>',
+           '<div class="counts" id="summary">',
+           f'<div class="count total"><b data-count="total">{s["total"]}</b>checks</div>',
+           f'<div class="count pass"><b data-count="pass">{s["pass"]}</b>passed</div>',
+           f'<div class="count fail"><b data-count="fail">{s["fail"]}</b>failed</div>',
+           f'<div class="count req"><b data-count="required_failed">{s["required_failed"]}</b>required failed</div>',
+           f'<div class="count skip"><b data-count="skip">{s["skip"]}</b>skipped</div>',
+           "</div></header>"]
+    for group in report["groups"]:
+        results = [r for r in report["results"] if r["group"] == group]
+        if not results:
+            continue
+        counts = {k: sum(1 for r in results if r["outcome"] == k) for k in ("pass", "fail", "skip")}
+        out.append(f'<section id="group-{e(group)}"><h2>{e(group)} <small>{counts["pass"]} passed · '
+                   f'{counts["fail"]} failed · {counts["skip"]} skipped</small></h2>')
+        out.append("<table><thead><tr><th>ID</th><th>Check</th><th>Result</th><th>Reason</th></tr></thead><tbody>")
+        for r in results:
+            cls = r["outcome"] if r["required"] or r["outcome"] != "fail" else "optfail"
+            label = _LABEL[r["outcome"]] + ("" if cls != "optfail" else " (optional)")
+            out.append(f'<tr class="result {e(r["outcome"])}" data-outcome="{e(r["outcome"])}">'
+                       f'<td class="id">{e(r["id"])}</td>'
+                       f'<td>{e(r["title"])}<div class="rule">{e(r["rule"])}'
+                       f'{"" if r["required"] else " · optional"}</div></td>'
+                       f'<td><span class="badge {cls}">{e(label)}</span></td><td class="reason">{e(r["reason"])}')
+            for n, ex in enumerate(r.get("exchanges") or [], start=1):
+                out.append(f"<details><summary>exchange {n}: {e(ex['method'])} {e(unquote(ex['url']))} → "
+                           f"{e(str(ex['response'].get('status')))}</summary><pre>{e(_exchange_text(ex))}</pre></details>")
+            out.append("</td></tr>")
+        out.append("</tbody></table></section>")
+    footer = f"Test data under {e(str(report['run_system']))}"
+    footer += " (kept)" if report.get("data_kept") else " (removed)"
+    for problem in report.get("cleanup_problems") or []:
+        footer += f" · clean-up: {e(problem)}"
+    out.append(f"<footer>{footer} · generated by fhir-kap check</footer></main></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def results_by_group(report: Mapping[str, Any]) -> dict[str, Sequence[Mapping[str, Any]]]:
+    """Results grouped in report order (a convenience for other renderers)."""
+    return {g: [r for r in report["results"] if r["group"] == g] for g in report["groups"]}
