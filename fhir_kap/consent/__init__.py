@@ -1,0 +1,29 @@
+"""Consent gate (layer 1, pure): R4/R5 Consents → one policy; fail-closed disclosure decisions;
+security labels; AuditEvent and Provenance builders.
+
+No IO and no clock: the disclosure date and the audit time are always handed in.
+Imports only fhir_kap.errors / config / jsonio and the standard library.
+"""
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any, Iterable
+
+from .audit import audit_event, provenance
+from .categories import categories_of
+from .decide import ConsentGate as _Gate, Decision, Reason
+from .labels import apply_security_labels, envelope_reveals_sensitivity, label_envelope, envelope_labels
+from .preview import preview as _preview
+from .recipients import Recipient
+
+__all__ = ["ConsentGate", "Decision", "Reason", "Recipient", "apply_security_labels", "audit_event",
+           "provenance", "envelope_reveals_sensitivity", "label_envelope", "envelope_labels", "categories_of"]
+
+
+class ConsentGate(_Gate):
+    __doc__ = _Gate.__doc__
+
+    def preview(self, candidates: Iterable[dict[str, Any]], recipient: Recipient, purpose: str | None,
+                on: date | datetime) -> list[dict[str, Any]]:
+        """Each candidate with its decision and reasons (a dry run; nothing is sent or audited)."""
+        return _preview(self, candidates, recipient, purpose, on)

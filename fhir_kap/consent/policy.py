@@ -1,0 +1,232 @@
+"""R4 and R5 Consents compiled into one internal policy tree (frozen dataclasses).
+
+R4: one `provision` with its own `type`; nested provisions carry theirs. R5 (KAP reading):
+`decision` is the rule of the top-level provisions and each nested level negates its parent;
+`Consent.period` bounds the whole consent and `grantee` names the recipients. Anything that
+cannot be read with certainty compiles to a *malformed* policy, which can only deny.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import CS, Release
+from .categories import KNOWN_CATEGORIES
+from .periods import Period, PeriodError, parse_period
+from .recipients import ActorRef, actor_ref
+
+__all__ = ["Rule", "Policy", "compile_consent", "detect_release", "normalise_purpose", "MAX_DEPTH",
+           "ACTIVE", "KNOWN_STATUS"]
+
+MAX_DEPTH = 32
+MAX_NODES = 2000
+RECIPIENT_ROLE = "IRCP"
+DISCLOSE = "disclose"
+KNOWN_STATUS = {Release.R4: frozenset({"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}),
+                Release.R5: frozenset({"draft", "active", "inactive", "not-done", "entered-in-error"})}
+ACTIVE = "active"
+_R5_ONLY = ("decision", "subject", "grantor", "grantee", "controller", "regulatoryBasis", "date", "manager",
+            "policyBasis", "policyText", "verification")
+_R4_ONLY = ("scope", "patient", "dateTime", "performer", "organization", "policyRule", "policy")
+
+
+def normalise_purpose(value: str) -> str:
+    """'TREAT' → '<v3-ActReason>|TREAT'; 'system|code' kept."""
+    value = value.strip()
+    return value if "|" in value else f"{CS.V3_ACTREASON}|{value}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One provision: its rule and the criteria it is restricted to (None = unrestricted)."""
+
+    kind: str  # "permit" | "deny"
+    path: str  # FHIRPath of the provision, e.g. "Consent.provision.provision[0]"
+    period: Period | None = None
+    recipients: tuple[ActorRef, ...] | None = None  # IRCP actors; None = names no recipient
+    actions: frozenset[str] | None = None
+    purposes: frozenset[str] | None = None
+    categories: frozenset[str] | None = None
+    children: tuple["Rule", ...] = ()
+    depth: int = 0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A compiled Consent version. `problem` set ⇒ malformed (denies everything it might cover)."""
+
+    id: str | None
+    version: str | None
+    release: Release | None
+    status: str | None
+    patient: str | None
+    period: Period | None = None
+    grantees: tuple[ActorRef, ...] | None = None
+    rules: tuple[Rule, ...] = ()
+    problem: tuple[str, str] | None = None  # (message, FHIRPath)
+    purposes_seen: frozenset[str] = field(default=frozenset())
+
+    @property
+    def ref(self) -> str | None:
+        """'Consent/id/_history/v' (or 'Consent/id' when unversioned)."""
+        if not self.id:
+            return None
+        return f"Consent/{self.id}/_history/{self.version}" if self.version else f"Consent/{self.id}"
+
+
+class _Bad(Exception):
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.message, self.path = message, path
+
+
+def detect_release(consent: dict[str, Any]) -> Release | None:
+    """R4 or R5 from the elements present; None when it mixes both."""
+    r5 = any(k in consent for k in _R5_ONLY) or isinstance(consent.get("provision"), list)
+    r4 = any(k in consent for k in _R4_ONLY) or isinstance(consent.get("provision"), dict)
+    if r4 and r5:
+        return None
+    return Release.R5 if r5 else Release.R4
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def compile_consent(consent: dict[str, Any]) -> Policy:
+    """Compile one Consent dict. Never raises for content problems: returns a malformed Policy."""
+    cid = _str(consent.get("id"))
+    raw_meta = consent.get("meta")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    version = _str(meta.get("versionId"))
+    release = detect_release(consent)
+    patient_field = "subject" if release is Release.R5 else "patient"
+    patient = actor_ref(consent.get(patient_field))
+    patient_ref = patient.reference if patient else None
+    status = _str(consent.get("status"))
+    base = dict(id=cid, version=version, release=release, status=status, patient=patient_ref)
+    try:
+        if release is None:
+            raise _Bad("Consent mixes R4 and R5 elements", "Consent")
+        if cid is None:
+            raise _Bad("Consent has no id, so a disclosure could not cite it", "Consent.id")
+        if status not in KNOWN_STATUS[release]:
+            raise _Bad(f"Consent status is not a {release.short.upper()} consent-state code", "Consent.status")
+        if patient_ref is None:
+            raise _Bad(f"Consent.{patient_field} has no literal reference to the client",
+                       f"Consent.{patient_field}")
+        purposes: set[str] = set()
+        if release is Release.R4:
+            raw = consent.get("provision")
+            rules: tuple[Rule, ...] = () if raw is None else (_rule(raw, None, "Consent.provision", 0, purposes, [0]),)
+            return Policy(**base, rules=rules, purposes_seen=frozenset(purposes))  # type: ignore[arg-type]
+        decision = consent.get("decision")
+        if decision not in ("permit", "deny"):
+            raise _Bad("R5 Consent.decision must be permit or deny (it is the base rule)", "Consent.decision")
+        period = _period(consent.get("period"), "Consent.period")
+        grantees = None
+        if "grantee" in consent:
+            raw_g = consent.get("grantee")
+            if not isinstance(raw_g, list):
+                raise _Bad("Consent.grantee must be a list of references", "Consent.grantee")
+            grantees = tuple(g for g in (actor_ref(x) for x in raw_g) if g)
+        raw = consent.get("provision")
+        if raw is None:
+            raw = []
+        if not isinstance(raw, list):
+            raise _Bad("R5 Consent.provision must be a list", "Consent.provision")
+        counter = [0]
+        rules = tuple(_rule(p, str(decision), f"Consent.provision[{i}]", 0, purposes, counter) for i, p in enumerate(raw))
+        return Policy(**base, period=period, grantees=grantees, rules=rules,  # type: ignore[arg-type]
+                      purposes_seen=frozenset(purposes))
+    except _Bad as bad:
+        return Policy(**base, problem=(bad.message, bad.path))  # type: ignore[arg-type]
+
+
+def _period(value: Any, path: str) -> Period | None:
+    try:
+        return parse_period(value)
+    except PeriodError as exc:
+        raise _Bad(f"{path} is not a valid period ({exc})", path) from None
+
+
+def _codes(value: Any, path: str) -> list[tuple[str | None, str]]:
+    if not isinstance(value, list):
+        raise _Bad(f"{path} must be a list", path)
+    out = []
+    for i, cc in enumerate(value):
+        codings = cc.get("coding") if isinstance(cc, dict) else None
+        if not isinstance(codings, list) or not codings:
+            raise _Bad(f"{path}[{i}] has no coding", f"{path}[{i}]")
+        for c in codings:
+            if not isinstance(c, dict) or not _str(c.get("code")):
+                raise _Bad(f"{path}[{i}] has a coding without a code", f"{path}[{i}]")
+            out.append((c.get("system") if isinstance(c.get("system"), str) else None, c["code"]))
+    return out
+
+
+def _rule(raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[str],
+          counter: list[int]) -> Rule:
+    if depth >= MAX_DEPTH:
+        raise _Bad(f"provisions nested deeper than {MAX_DEPTH} levels", path)
+    counter[0] += 1
+    if counter[0] > MAX_NODES:
+        raise _Bad(f"more than {MAX_NODES} provisions", path)
+    if not isinstance(raw, dict):
+        raise _Bad(f"{path} is not an object", path)
+    if r5_kind is None:
+        kind = raw.get("type")
+        if kind not in ("permit", "deny"):
+            raise _Bad(f"{path}.type must be permit or deny", f"{path}.type")
+    else:
+        if "type" in raw:
+            raise _Bad(f"{path}.type is an R4 element in an R5 Consent", f"{path}.type")
+        kind = r5_kind
+    period = _period(raw.get("period"), f"{path}.period")
+    recipients = None
+    if "actor" in raw:
+        actors = raw["actor"]
+        if not isinstance(actors, list):
+            raise _Bad(f"{path}.actor must be a list", f"{path}.actor")
+        named = []
+        for i, a in enumerate(actors):
+            if not isinstance(a, dict):
+                raise _Bad(f"{path}.actor[{i}] is not an object", f"{path}.actor[{i}]")
+            roles = _codes([a["role"]], f"{path}.actor[{i}].role") if isinstance(a.get("role"), dict) else []
+            if any(code == RECIPIENT_ROLE for _, code in roles):
+                ref = actor_ref(a.get("reference"))
+                if ref is None:
+                    raise _Bad(f"{path}.actor[{i}].reference names nobody", f"{path}.actor[{i}].reference")
+                named.append(ref)
+        recipients = tuple(named) if named else None
+    actions = frozenset(c for _, c in _codes(raw["action"], f"{path}.action")) if "action" in raw else None
+    purpose_set = None
+    if "purpose" in raw:
+        if not isinstance(raw["purpose"], list):
+            raise _Bad(f"{path}.purpose must be a list of Codings", f"{path}.purpose")
+        ps = set()
+        for i, c in enumerate(raw["purpose"]):
+            if not isinstance(c, dict) or not _str(c.get("code")):
+                raise _Bad(f"{path}.purpose[{i}] has no code", f"{path}.purpose[{i}]")
+            ps.add(f"{c.get('system') or CS.V3_ACTREASON}|{c['code']}")
+        purpose_set = frozenset(ps)
+        purposes.update(ps)
+    categories = None
+    if "code" in raw:
+        cats = set()
+        for system, code in _codes(raw["code"], f"{path}.code"):
+            if system != CS.INFO_CATEGORY or code not in KNOWN_CATEGORIES:
+                raise _Bad(f"{path}.code holds a code outside the KAP information categories",
+                           f"{path}.code")
+            cats.add(code)
+        categories = frozenset(cats)
+    children_raw = raw.get("provision")
+    children: tuple[Rule, ...] = ()
+    if children_raw is not None:
+        if not isinstance(children_raw, list):
+            raise _Bad(f"{path}.provision must be a list", f"{path}.provision")
+        child_kind = None if r5_kind is None else ("deny" if kind == "permit" else "permit")
+        children = tuple(_rule(c, child_kind, f"{path}.provision[{i}]", depth + 1, purposes, counter)
+                         for i, c in enumerate(children_raw))
+    return Rule(kind, path, period, recipients, actions, purpose_set, categories, children, depth)
+
