@@ -266,6 +266,34 @@ def _period_out_of_order(start: str, end: str) -> bool:
     return start[:n] > end[:n]
 
 
+def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> bool:
+    """A path-free pre-pass of `_walk_checks` (no tuples built): True when it would report."""
+    choice_keys = choices.keys()
+    stack: list[Any] = [resource]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if type(node) is dict:
+            hits = node.keys() & choice_keys
+            if len(hits) > 1 and len({choices[k] for k in hits}) < len(hits):
+                return True
+            for k, v in node.items():
+                t = type(v)
+                if (t is dict or t is list) and k != "contained" and k != "resource":
+                    push(v)
+            if "start" in node and "end" in node:
+                s, e = node["start"], node["end"]
+                if isinstance(s, str) and isinstance(e, str) and _DATE_RE.match(s) and _DATE_RE.match(e) \
+                        and _period_out_of_order(s, e):
+                    return True
+        else:
+            for v in node:
+                t = type(v)
+                if t is dict or t is list:
+                    push(v)
+    return False
+
+
 def _walk_checks(node: Any, rt: str, path: tuple[Any, ...], choices: dict[str, str],
                  out: list[Issue]) -> None:
     """Choice-type conflicts and Period start <= end, everywhere in the resource (not contained)."""
@@ -328,9 +356,9 @@ class _Rule:
     slice: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class ProfileRules:
-    """The rules of one KAP profile, read from its StructureDefinition."""
+    """The rules of one KAP profile, read from its StructureDefinition (hashed by identity)."""
 
     url: str
     type: str
@@ -581,15 +609,22 @@ def _check_extension(ext: dict[str, Any], spec: dict[str, Any], term: _Terminolo
     return out
 
 
+@lru_cache(maxsize=None)
+def _rule_paths(pr: ProfileRules, release: Release) -> tuple[tuple[_Rule, str, list[str]], ...]:
+    """Each rule with its path in `release` split once (rules with no twin in the release dropped)."""
+    out = []
+    for rule in pr.rules:
+        rpath = _r5_path(rule.path, release)
+        if rpath is not None:
+            out.append((rule, rpath, rpath.split(".")[1:]))
+    return tuple(out)
+
+
 def _profile_issues(resource: dict[str, Any], rt: str, pr: ProfileRules, release: Release,
                     term: _Terminology) -> list[Issue]:
     out: list[Issue] = []
     name = pr.url.rsplit("/", 1)[1]
-    for rule in pr.rules:
-        rpath = _r5_path(rule.path, release)
-        if rpath is None:
-            continue
-        parts = rpath.split(".")[1:]
+    for rule, rpath, parts in _rule_paths(pr, release):
         parents = list(_at(resource, parts[:-1], ()))
         last = parts[-1]
         if rule.kind == "card":
@@ -701,7 +736,8 @@ class Validator:
             st.fast(resource)
         except Exception:  # noqa: BLE001 - any fastjsonschema failure means: collect the details
             issues = _schema_issues(st, resource, rt, self.release)
-        _walk_checks(resource, rt, (), self._choices, issues)
+        if _walk_finds_something(resource, self._choices):
+            _walk_checks(resource, rt, (), self._choices, issues)
         issues += _core_invariants(resource, rt, self.release)
         for i, c in enumerate(resource.get("contained") or [] if isinstance(resource.get("contained"), list) else []):
             issues += [_nest(x, rt, ("contained", i)) for x in self._validate(c, profile=profile, models=False)]
