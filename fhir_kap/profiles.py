@@ -609,6 +609,9 @@ def _check_extension(ext: dict[str, Any], spec: dict[str, Any], term: _Terminolo
     return out
 
 
+_VALUE_KINDS = frozenset({"fixed", "pattern", "binding", "target"})
+
+
 @lru_cache(maxsize=None)
 def _rule_paths(pr: ProfileRules, release: Release) -> tuple[tuple[_Rule, str, list[str]], ...]:
     """Each rule with its path in `release` split once (rules with no twin in the release dropped)."""
@@ -625,9 +628,11 @@ def _profile_issues(resource: dict[str, Any], rt: str, pr: ProfileRules, release
     out: list[Issue] = []
     name = pr.url.rsplit("/", 1)[1]
     for rule, rpath, parts in _rule_paths(pr, release):
-        parents = list(_at(resource, parts[:-1], ()))
         last = parts[-1]
-        if rule.kind == "card":
+        kind = rule.kind
+        if kind == "card" or kind == "slice":
+            parents = list(_at(resource, parts[:-1], ()))
+        if kind == "card":
             for parent, ppath in parents:
                 n = _count(parent, last)
                 if n < rule.min or (rule.max != "*" and n > int(rule.max)):
@@ -636,7 +641,7 @@ def _profile_issues(resource: dict[str, Any], rt: str, pr: ProfileRules, release
                                      _expr(rt, ppath + (last,)), _pointer(ppath + (last,)),
                                      "profile:cardinality"))
             continue
-        values = list(_at(resource, parts, ()))
+        values = list(_at(resource, parts, ())) if kind in _VALUE_KINDS else []
         if rule.kind == "fixed":
             for v, p in values:
                 if v != rule.value:
