@@ -16,7 +16,7 @@ import binascii
 import importlib
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -151,9 +151,29 @@ def _quote(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------- structure (schema)
 
+CALENDAR_FORMAT = "fhir-calendar-date"  # set on date/dateTime/instant by profiles/build/gen_validators.py
+
+
+def calendar_date_ok(value: Any) -> bool:
+    """True unless `value` names a day the calendar lacks (the FHIR regexes allow 2024-02-30).
+
+    >>> calendar_date_ok("2024-02-29"), calendar_date_ok("2023-02-29"), calendar_date_ok("2024-02")
+    (True, False, True)
+    """
+    if not isinstance(value, str) or len(value) < 10:
+        return True
+    try:
+        date(int(value[:4]), int(value[5:7]), int(value[8:10]))
+    except ValueError:
+        return False
+    return True
+
+
+_FORMATS = {CALENDAR_FORMAT: calendar_date_ok}
+
 @dataclass
 class _Structure:
-    fast: Callable[[Any], Any]
+    fast: Callable[..., Any]
     module: Any
     _slow: Any = None
     _patterns: dict[str, str] | None = None
@@ -162,7 +182,9 @@ class _Structure:
         if self._slow is None:
             import jsonschema
             schema = orjson.loads(self.module.SCHEMA_JSON)
-            self._slow = jsonschema.Draft6Validator(schema)
+            checker = jsonschema.FormatChecker(formats=())
+            checker.checks(CALENDAR_FORMAT)(calendar_date_ok)
+            self._slow = jsonschema.Draft6Validator(schema, format_checker=checker)
             self._patterns = {d["pattern"]: n for n, d in schema["definitions"].items()
                               if isinstance(d, dict) and "pattern" in d and "properties" not in d}
         return self._slow
@@ -232,6 +254,9 @@ def _schema_issues(st: _Structure, resource: dict[str, Any], rt: str, release: R
             kind = patterns.get(err.validator_value, "primitive")
             issues.append(Issue("error", "value", f"Value is not a valid FHIR {kind}",
                                 _expr(rt, path), _pointer(path), "schema:pattern"))
+        elif kw == "format":
+            issues.append(Issue("error", "value", "Date is not a calendar date (no such day in that month)",
+                                _expr(rt, path), _pointer(path), "schema:calendar-date"))
         elif kw == "minItems":
             issues.append(Issue("error", "structure", "Arrays must not be empty in FHIR JSON",
                                 _expr(rt, path), _pointer(path), "schema:minItems"))
@@ -738,7 +763,7 @@ class Validator:
         st = _structure(self.release, rt)
         issues: list[Issue] = []
         try:
-            st.fast(resource)
+            st.fast(resource, _FORMATS)
         except Exception:  # noqa: BLE001 - any fastjsonschema failure means: collect the details
             issues = _schema_issues(st, resource, rt, self.release)
         if _walk_finds_something(resource, self._choices):
