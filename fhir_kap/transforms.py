@@ -380,12 +380,22 @@ def _date_check(value: Any, args: Mapping[str, Any], tables: CodeTables) -> Any:
     return value
 
 
+def _date_part(value: Any, args: Mapping[str, Any], tables: CodeTables) -> Any:
+    """The day of a date or dateTime, for FHIR elements of type date (R5 Consent.date).
+
+    >>> _date_part("2024-03-05T10:00:00-05:00", {}, _NO_TABLES), _date_part("2024-03-05", {}, _NO_TABLES)
+    ('2024-03-05', '2024-03-05')
+    """
+    return _datetime_check(value, args, tables)[:10]
+
+
 fhir_datetime = Transform("datetime", _datetime_check, _datetime_check)
 fhir_date = Transform("date", _date_check, _date_check)
+date_part = Transform("date-part", _date_part, _date_check)
 
 TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
     reference, party_reference, coding, concept, base64_text, codeable_reference, quantity,
-    value_map, fhir_datetime, fhir_date,
+    value_map, fhir_datetime, fhir_date, date_part,
 )}
 
 

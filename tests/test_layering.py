@@ -24,7 +24,7 @@ ALLOWED_SAME_LAYER = {
     ("mapping", "transforms"), ("profiles", "_generated"),
     ("outbox", "db"), ("auditlog", "db"), ("store", "db"), ("partners", "db"),
     ("outbound", "pipeline"), ("inbound", "pipeline"), ("inbound", "outbound"), ("demo", "outbound"),
-    ("demo", "delivery"), ("demo", "inbound"), ("bridge", "cli"),
+    ("demo", "delivery"), ("demo", "inbound"), ("cli", "bridge"),
 }
 PURE_FORBIDDEN = {"requests", "flask", "sqlite3", "psycopg", "socket", "subprocess", "http",
                   "urllib.request", "gunicorn", "threading"}

@@ -206,3 +206,16 @@ def test_to_fhir__is_fast_enough_for_bulk_mapping(mapper):
     rate = n / (time.perf_counter() - t0)
     print(f"to_fhir dosing session: {rate:,.0f} records/s")
     assert rate > 2000  # loose floor on a shared 2-core machine; measured figure is in the README
+
+
+def test_r4_consent_signed_with_a_time__imports_and_keeps_the_day_in_r5():
+    """EHRs send Consent.dateTime with a time; R5 Consent.date only holds the day."""
+    from fhir_kap.pipeline import Pipeline
+
+    pipeline = Pipeline.load()
+    resource = json.loads((ROOT / "profiles" / "examples" / "r4" / "Consent-consent-0001.json").read_text())
+    resource["dateTime"] = "2025-01-10T09:00:00Z"
+    record = pipeline.from_fhir(resource, Release.R4)
+    assert record["signed"] == "2025-01-10T09:00:00Z"
+    assert pipeline.to_fhir(record, Release.R4)["dateTime"] == "2025-01-10T09:00:00Z"
+    assert pipeline.to_fhir(record, Release.R5)["date"] == "2025-01-10"
