@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -27,12 +28,13 @@ _DDL = {
                    "bigint": "BIGINT", "text": "TEXT", "real": "DOUBLE PRECISION"},
 }
 _QMARK = re.compile(r"\?")
+_MIGRATION_LOCK = 0x6B61706D  # "kapm"
 
 
 class Tx:
     """A transaction handle: `execute` returns rows as dicts (empty list for non-queries)."""
 
-    def __init__(self, db: "Database", conn: Any) -> None:
+    def __init__(self, db: Database, conn: Any) -> None:
         self._db = db
         self._conn = conn
 
@@ -129,8 +131,14 @@ class Database:
             return tx.execute(sql, params)
 
     def migrate(self, name: str, statements: Sequence[str]) -> None:
-        """Apply DDL statements once, recorded under `name` in `schema_migrations`."""
+        """Apply DDL statements once, recorded under `name` in `schema_migrations`.
+
+        On PostgreSQL a transaction-level advisory lock serialises processes starting together
+        (they would otherwise race on CREATE TABLE); SQLite's BEGIN IMMEDIATE already does.
+        """
         with self.transaction() as tx:
+            if self.dialect == "postgresql":
+                tx.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
             tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY)")
             if tx.execute("SELECT name FROM schema_migrations WHERE name = ?", (name,)):
                 return

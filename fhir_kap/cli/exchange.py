@@ -1,0 +1,338 @@
+"""`fhir-kap deliver` (the delivery worker) and `fhir-kap outbox ...` (operate the queue).
+
+Endpoints come from the settings (`[endpoints.NAME]` tables); their secrets only from the
+environment variable each endpoint names in `token_env`, never from the command line, and
+they are never printed. Every delivery re-checks consent at send time against the consent
+context stored beside the outbox (`outbox add-context`), and audits the decision.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, Conflict, InputError, NotFound
+
+if TYPE_CHECKING:  # heavy imports stay inside the handlers
+    from ..client import FhirClient
+    from ..config import EndpointConfig, Settings
+    from ..outbox import Outbox, OutboxItem
+
+__all__ = ["client_factory", "consent_checker", "register"]
+
+DAY = 86_400.0
+
+
+def register(subparsers: Any) -> None:
+    d = subparsers.add_parser(
+        "deliver", help="run the delivery worker (outbox -> FHIR servers)",
+        description="Deliver queued resources to their FHIR endpoints: consent is re-checked at "
+                    "send time, creates are conditional on the business identifier, failures are "
+                    "retried with backoff and dead-lettered after max_attempts. Stops on SIGTERM "
+                    "or Ctrl-C after the current batch.")
+    d.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+    d.add_argument("--worker-id", metavar="ID",
+                   help="name of this worker (default host:pid); a restarted worker with the same "
+                        "id takes back its unfinished items at once")
+    d.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
+                   help="wait between polls of an empty queue (default 1)")
+    d.add_argument("--lease", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a claimed item stays reserved for this worker (default 300); "
+                        "after that another worker may take it over")
+    d.add_argument("--transactions", action="store_true",
+                   help="send each endpoint's items as transaction Bundles (default: one create each)")
+    d.add_argument("--json", action="store_true", help="print the final counts as JSON")
+    d.set_defaults(handler=deliver_handler)
+
+    o = subparsers.add_parser("outbox", help="inspect and operate the outbox",
+                              description="List, show, retry, hold, release and purge queued items.")
+    osub = o.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    ls = osub.add_parser("list", help="list items (newest state first by id)")
+    ls.add_argument("--state", choices=("pending", "sending", "delivered", "held", "dead"))
+    ls.add_argument("--endpoint", metavar="NAME")
+    ls.add_argument("--limit", type=int, default=100)
+    show = osub.add_parser("show", help="one item in detail")
+    show.add_argument("id", type=int)
+    show.add_argument("--resource", action="store_true",
+                      help="include the queued resource (it holds patient data)")
+    retry = osub.add_parser("retry", help="dead or held item back to pending, attempts reset")
+    retry.add_argument("id", type=int)
+    hold = osub.add_parser("hold", help="hold a pending item")
+    hold.add_argument("id", type=int)
+    hold.add_argument("--reason", default="held by an operator")
+    release = osub.add_parser("release", help="held item back to pending")
+    release.add_argument("id", type=int)
+    purge = osub.add_parser("purge-delivered", help="delete delivered items")
+    purge.add_argument("--older-than", type=float, default=30.0, metavar="DAYS",
+                       help="delivered more than DAYS days ago (default 30)")
+    ctx = osub.add_parser("add-context",
+                          help="store Consents / PractitionerRoles / Organizations / Practitioners "
+                               "/ Patients for the send-time consent re-check")
+    ctx.add_argument("files", nargs="+", metavar="FILE", help="FHIR JSON, NDJSON or Bundles ('-' is stdin)")
+    for p in (ls, show, retry, hold, release, purge, ctx):
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.set_defaults(handler=outbox_handler)
+
+
+# ---------------------------------------------------------------- shared wiring
+
+def _open(settings: Settings) -> tuple[Outbox, Any]:
+    from ..auditlog import AuditLog
+    from ..db import Database
+    from ..outbox import Outbox
+
+    db = Database(settings.db_url)
+    return Outbox(db), AuditLog(db)
+
+
+def _secret(ep: EndpointConfig, what: str, env: Any) -> str:
+    if not ep.token_env:
+        raise ConfigError(f"Endpoint '{ep.name}' ({ep.auth} auth) needs token_env: the name of the "
+                          f"environment variable holding its {what}", rule="settings:secret")
+    value = env.get(ep.token_env)
+    if not value:
+        raise ConfigError(f"Endpoint '{ep.name}': environment variable '{ep.token_env}' (its {what}) "
+                          "is not set or empty", rule="settings:secret")
+    return str(value)
+
+
+def client_factory(settings: Settings, env: Any = None,
+                   session_factory: Callable[[], Any] | None = None) -> Callable[[str], FhirClient]:
+    """`client_for(endpoint_name)`: a cached FhirClient per configured endpoint, with its auth
+    built from the endpoint's settings and the environment. Unknown endpoints and missing
+    secrets raise ConfigError naming the endpoint or the variable (never a value)."""
+    import os
+
+    from ..client import BearerAuth, FhirClient, NoAuth, SmartBackendAuth
+
+    env = os.environ if env is None else env
+    cache: dict[str, FhirClient] = {}
+
+    def build(ep: EndpointConfig) -> FhirClient:
+        if ep.auth == "bearer":
+            auth: Any = BearerAuth(_secret(ep, "bearer token", env))
+        elif ep.auth == "smart":
+            if not ep.client_id:
+                raise ConfigError(f"Endpoint '{ep.name}': smart auth needs client_id", rule="settings")
+            if ep.private_key_path:
+                try:
+                    with open(ep.private_key_path, "rb") as fh:
+                        pem = fh.read()
+                except OSError as exc:
+                    raise ConfigError(f"Endpoint '{ep.name}': cannot read private_key_path "
+                                      f"'{ep.private_key_path}' ({exc.strerror})", rule="settings") from None
+                auth = SmartBackendAuth(ep.client_id, token_url=ep.token_url, private_key_pem=pem,
+                                        key_id=ep.key_id, alg=ep.alg, scope=ep.scope)
+            else:
+                auth = SmartBackendAuth(ep.client_id, token_url=ep.token_url,
+                                        client_secret=_secret(ep, "client secret", env), scope=ep.scope)
+        else:
+            auth = NoAuth()
+        session = session_factory() if session_factory else None
+        return FhirClient(ep.base_url, auth=auth, session=session,
+                          timeout=(5.0, float(settings.request_timeout)))
+
+    def client_for(name: str) -> FhirClient:
+        if name not in cache:
+            ep = settings.endpoints.get(name)
+            if ep is None:
+                raise ConfigError(f"Endpoint '{name}' is not configured (add [endpoints.{name}] to "
+                                  "the settings file)", rule="settings:endpoint")
+            cache[name] = build(ep)
+        return cache[name]
+
+    return client_for
+
+
+def consent_checker(outbox: Outbox, audit: Any, settings: Settings,
+                    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+                    ) -> Callable[[OutboxItem], tuple[bool, str]]:
+    """The send-time consent re-check: the ConsentGate over the item's patient's stored context
+    (outbox.context_for), deciding for the item's recipient and purpose today. Every decision is
+    appended to the audit log. Fails closed: no recipient/purpose, or an error, means hold."""
+    from ..consent import ConsentGate, Recipient, audit_event
+
+    def check(item: OutboxItem) -> tuple[bool, str]:
+        if not item.recipient_ref or not item.purpose:
+            return False, "the item records no recipient or purpose to check consent against"
+        if not item.patient_ref:
+            return False, "the item records no patient to find consents for"
+        now = clock()
+        recipient = Recipient.parse(item.recipient_ref)
+        gate = ConsentGate(outbox.context_for(item.patient_ref))
+        decision = gate.decide(item.resource, recipient, item.purpose, now)
+        audit.append(audit_event(decision, item.resource, recipient, item.purpose,
+                                 release=settings.fhir_version, recorded=now))
+        reason = "; ".join(r.message for r in decision.reasons) or ("permit" if decision.permit else "deny")
+        return decision.permit, reason
+
+    return check
+
+
+# ---------------------------------------------------------------- deliver
+
+def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+    import signal
+    import threading
+
+    from ..delivery import Backoff, DeliveryWorker, Stats, default_worker_id
+
+    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.poll <= 0 or args.lease <= 0:
+        raise InputError("--poll and --lease must be positive numbers of seconds", rule="cli:argument")
+    outbox, audit = _open(settings)
+    worker = DeliveryWorker(
+        outbox, client_factory(settings), consent_checker(outbox, audit, settings),
+        batch_size=settings.batch_size, max_attempts=settings.max_attempts,
+        backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_max),
+        worker_id=args.worker_id or default_worker_id(), use_transactions=args.transactions,
+        lease_seconds=args.lease)
+    if args.once:
+        outbox.recover(worker.worker_id)
+        total = Stats()
+        while True:
+            stats = worker.run_once()
+            total += stats
+            if stats.claimed == 0:
+                break
+    else:
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        total = worker.run_forever(stop, args.poll)
+    counts = outbox.counts()
+    if args.json:
+        _write_json({"worker": worker.worker_id, "stats": total.as_dict(), "outbox": counts})
+    else:
+        done = ", ".join(f"{k} {v}" for k, v in total.as_dict().items() if v) or "nothing to do"
+        print(f"worker {worker.worker_id}: {done}")
+        print("outbox: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+# ---------------------------------------------------------------- outbox
+
+def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
+    outbox, _ = _open(settings)
+    action = args.outbox_command
+    if action == "list":
+        items = outbox.list(args.state, endpoint=args.endpoint, limit=args.limit)
+        if args.json:
+            _write_json({"items": [i.summary() for i in items], "counts": outbox.counts()})
+        else:
+            _table(items)
+            print("\n" + "  ".join(f"{k} {v}" for k, v in outbox.counts().items()))
+        return 0
+    if action == "show":
+        item = outbox.get(args.id)
+        if item is None:
+            raise NotFound(f"Outbox item {args.id} does not exist", rule="outbox:item")
+        data = item.summary()
+        if args.resource:
+            data["resource"] = item.resource
+        if args.json:
+            _write_json(data)
+        else:
+            width = max(len(k) for k in data)
+            for key, value in data.items():
+                if key == "resource":
+                    from ..jsonio import dumps
+                    value = dumps(value, pretty=True).decode()
+                print(f"{key:<{width}}  {'-' if value is None else value}")
+        return 0
+    if action in ("retry", "release"):
+        item = getattr(outbox, action)(args.id)
+        return _report(args, item, f"item {item.id}: pending again (attempts {item.attempts})")
+    if action == "hold":
+        if not outbox.hold(args.id, args.reason):
+            current = outbox.get(args.id)
+            if current is None:
+                raise NotFound(f"Outbox item {args.id} does not exist", rule="outbox:item")
+            raise Conflict(f"Outbox item {args.id} is {current.state}; only pending items can be held",
+                           rule="outbox:state")
+        held = outbox.get(args.id)
+        assert held is not None
+        return _report(args, held, f"item {args.id}: held ({args.reason})")
+    if action == "purge-delivered":
+        if args.older_than < 0:
+            raise InputError("--older-than must be zero or more days", rule="cli:argument")
+        n = outbox.purge_delivered(outbox.clock() - args.older_than * DAY)
+        if args.json:
+            _write_json({"purged": n})
+        else:
+            print(f"purged {n} delivered item(s) older than {args.older_than:g} day(s)")
+        return 0
+    if action == "add-context":
+        return _add_context(args, outbox)
+    raise InputError(f"unknown outbox action '{action}'", rule="cli:argument")  # argparse prevents it
+
+
+def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
+    from dataclasses import replace
+
+    from ..jsonio import iter_documents
+    from ._io import open_input
+
+    stored = skipped = 0
+    for path in args.files:
+        with open_input(path) as fh:
+            for label, doc in iter_documents(fh, source=path):
+                resources = [e.get("resource") for e in doc.get("entry") or []] \
+                    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle" else [doc]
+                for res in resources:
+                    try:
+                        ok = outbox.put_context(res)
+                    except InputError as exc:
+                        raise InputError([replace(i, message=f"{label}: {i.message}")
+                                          for i in exc.issues]) from None
+                    stored, skipped = (stored + 1, skipped) if ok else (stored, skipped + 1)
+    if args.json:
+        _write_json({"stored": stored, "older_versions_skipped": skipped})
+    else:
+        print(f"stored {stored} context resource(s); {skipped} older version(s) skipped")
+    return 0
+
+
+def _report(args: argparse.Namespace, item: OutboxItem, text: str) -> int:
+    if args.json:
+        _write_json(item.summary())
+    else:
+        print(text)
+    return 0
+
+
+def _write_json(obj: Any) -> None:
+    from ._io import write_json
+
+    write_json(obj)
+
+
+def _table(items: list[OutboxItem]) -> None:
+    from ..outbox import iso
+
+    headers = ("ID", "STATE", "ENDPOINT", "TYPE", "KEY", "TRIES", "WHEN", "NOTE")
+    rows = []
+    for i in items:
+        when = i.delivered_at if i.state == "delivered" else i.next_attempt_at
+        note = (f"server id {i.server_id}" if i.server_id else "") if i.state == "delivered" else (
+            (i.hold_reason if i.state == "held" else i.last_error) or "")
+        key = i.idempotency_key.rsplit("/", 1)[-1]
+        rows.append((str(i.id), i.state, i.endpoint, i.resource_type, key, str(i.attempts),
+                     (iso(when) or "")[:19].replace("T", " "), _clip(note, 60)))
+    widths = [max(len(h), *(len(r[n]) for r in rows)) if rows else len(h) for n, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"

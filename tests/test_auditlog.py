@@ -1,0 +1,118 @@
+"""The append-only audit log of AuditEvent and Provenance, on SQLite and on PostgreSQL."""
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from fhir_kap.auditlog import AuditLog, extract
+from fhir_kap.db import Database
+from fhir_kap.errors import InputError
+
+DATA = Path(__file__).parent / "data" / "delivery"
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request, tmp_path):
+    """A fresh database: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'audit.sqlite3'}")
+        yield database
+        database.close()
+        return
+    url = request.getfixturevalue("pg_url")
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = Database(url)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    database = Database(url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}")
+    yield database
+    database.close()
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+@pytest.fixture
+def log(db):
+    audit = AuditLog(db)
+    for name in ("AuditEvent-consent-permit.json", "AuditEvent-consent-deny.json",
+                 "AuditEvent-r5-consent-permit.json", "Provenance-disclosure.json"):
+        audit.append(load(name))
+    return audit
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("AuditEvent-consent-permit.json",
+     ("AuditEvent", "Patient/client-1", "Practitioner/ref-therapist", "0", "Consent/consent-1/_history/2")),
+    ("AuditEvent-consent-deny.json",
+     ("AuditEvent", "Patient/client-2", "Practitioner/ref-therapist", "4", None)),
+    ("AuditEvent-r5-consent-permit.json",
+     ("AuditEvent", "Patient/client-1", "http://hl7.org/fhir/sid/us-npi|1234567893", "0",
+      "Consent/consent-1/_history/3")),
+    ("Provenance-disclosure.json",
+     ("Provenance", None, None, None, "Consent/consent-1/_history/2")),
+])
+def test_extract__indexes_patient_recipient_outcome_and_consent(name, expected):
+    rec = extract(load(name))
+    assert (rec.resource_type, rec.patient, rec.recipient, rec.outcome, rec.consent_ref) == expected
+
+
+@pytest.mark.parametrize("resource, rule", [
+    ({"resourceType": "Communication", "recorded": "2025-01-01T00:00:00Z"}, "audit:type"),
+    ({"resourceType": "AuditEvent"}, "audit:recorded"),
+    ({"resourceType": "Provenance", "recorded": "yesterday"}, "audit:recorded"),
+])
+def test_append__refuses_other_types_and_missing_or_bad_recorded(db, resource, rule):
+    audit = AuditLog(db)
+    with pytest.raises(InputError) as err:
+        audit.append(resource)
+    assert err.value.issues[0].rule == rule
+    assert audit.count() == 0
+
+
+def test_query__filters_by_type_patient_outcome(log):
+    assert [r["id"] for r in log.query(resource_type="Provenance")] == ["prov-1"]
+    assert {r["id"] for r in log.query(patient="Patient/client-1")} == {"ae-permit-1", "ae-r5-1"}
+    assert [r["id"] for r in log.query(outcome="4")] == ["ae-deny-1"]
+    assert [r["id"] for r in log.query(resource_type="AuditEvent", patient="Patient/client-1",
+                                       outcome="0", limit=1)] == ["ae-r5-1"]
+
+
+def test_query__newest_first_and_since_is_inclusive_across_time_zones(log):
+    assert [r["id"] for r in log.query()] == ["ae-deny-1", "ae-r5-1", "prov-1", "ae-permit-1"]
+    # 2025-03-01T12:30+01:00 is 11:30Z
+    assert [r["id"] for r in log.query(since="2025-03-01T11:30:00Z")] == ["ae-deny-1"]
+    assert [r["id"] for r in log.query(since=date(2025, 2, 3))] == ["ae-deny-1", "ae-r5-1"]
+
+
+def test_query__by_recipient_and_by_consent_with_or_without_version(log):
+    assert {r["id"] for r in log.query(recipient="Practitioner/ref-therapist")} == {"ae-permit-1", "ae-deny-1"}
+    assert {r["id"] for r in log.query(consent="Consent/consent-1")} == {"ae-permit-1", "ae-r5-1", "prov-1"}
+    assert {r["id"] for r in log.query(consent="Consent/consent-1/_history/2")} == {"ae-permit-1", "prov-1"}
+
+
+def test_query__returns_the_resource_exactly_as_appended(log):
+    [got] = log.query(resource_type="Provenance")
+    assert got == load("Provenance-disclosure.json")
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE audit_log SET outcome = '0'",
+    "DELETE FROM audit_log",
+    "UPDATE audit_log SET body = '{}' WHERE resource_type = 'Provenance'",
+    "TRUNCATE audit_log",  # SQLite has none: its "truncate" is the DELETE without WHERE
+])
+def test_database_refuses_to_change_or_delete_audit_records(log, statement):
+    if log.db.dialect == "sqlite" and statement.startswith("TRUNCATE"):
+        statement = "DELETE FROM audit_log"
+    with pytest.raises(Exception) as err:
+        log.db.execute(statement)
+    assert "append-only" in str(err.value)
+    assert log.count() == 4
+    assert [r["outcome"] for r in log.query(resource_type="AuditEvent", patient="Patient/client-2")] == ["4"]
