@@ -1,0 +1,138 @@
+"""The bridge under gunicorn (2 sync workers): POST /fhir/Communication vs a JSON-only endpoint, same run.
+
+`POST /fhir/Communication` with a 3 KB note is authenticated, parsed, profile-checked, mapped,
+stored durably (SQLite WAL, synchronous=FULL) and answered 201; `/bench/echo` (only with the
+app's bench option) parses the same body and answers. A bounded load generator (threads with
+keep-alive http.client connections to 127.0.0.1, a fixed request count and a time cap) reports
+req/s and p50/p99 for each. Targets: >= 0.5x the floor's req/s, p99 <= 4x the floor's p99.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTE = ROOT / "tests" / "data" / "bridge" / "Example-Communication-note-1.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _body() -> bytes:
+    note = json.loads(NOTE.read_text())
+    text = "Dosing session completed; the client tolerated it well and integration is planned. "
+    body = json.dumps(note).encode()
+    note["payload"][0]["contentString"] = (text * 60)[: max(0, 3072 - len(body))]
+    return json.dumps(note).encode()
+
+
+def _load(port: int, path: str, body: bytes, headers: dict[str, str], n: int, threads: int,
+          cap_s: float) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    per = n // threads
+    deadline = time.monotonic() + cap_s
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        bad = 0
+        for _ in range(per):
+            if time.monotonic() > deadline:
+                break
+            t = time.perf_counter()
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            mine.append(time.perf_counter() - t)
+            if resp.status >= 300:
+                bad += 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += bad
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    start = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"rps": len(latencies) / elapsed, "p50": statistics.median(latencies) * 1000,
+            "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+            "n": len(latencies), "errors": errors[0]}
+
+
+def run(quick: bool = False) -> list[dict]:
+    n = 600 if quick else 4000
+    threads = 4
+    cap = 20.0 if quick else 60.0
+    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
+        env = {**os.environ, "FHIR_KAP_DATA_DIR": tmp, "PYTHONPATH": str(ROOT), "FHIR_KAP_LOG_LEVEL": "WARNING"}
+        env.pop("FHIR_KAP_DATABASE_URL", None)
+        added = subprocess.run([sys.executable, "-m", "fhir_kap.cli", "partners", "add", "bench"], env=env,
+                               capture_output=True, text=True, check=True)
+        token = json.loads(added.stdout)["token"]
+        port = _free_port()
+        server = subprocess.Popen([sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port),
+                                   "--workers", "2", "--bench-echo"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait(port, server)
+            body = _body()
+            headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {token}",
+                       "Prefer": "return=minimal"}
+            _load(port, "/bench/echo", body, headers, 100, threads, cap)  # warm-up
+            _load(port, "/fhir/Communication", body, headers, 100, threads, cap)
+            floor = _load(port, "/bench/echo", body, headers, n, threads, cap)
+            fhir = _load(port, "/fhir/Communication", body, headers, n, threads, cap)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    if fhir["errors"] or floor["errors"]:
+        raise RuntimeError(f"bench requests failed: {fhir['errors']} POST, {floor['errors']} echo")
+    size = f"{len(body) / 1024:.1f} KB"
+    return [
+        {"name": f"bridge POST /fhir/Communication ({size}, validated, stored) req/s", "value": fhir["rps"],
+         "unit": "req/s", "baseline_name": "gunicorn JSON-only endpoint req/s", "baseline": floor["rps"],
+         "target": {"ratio_min": 0.5}},
+        {"name": "bridge POST /fhir/Communication p50", "value": fhir["p50"], "unit": "ms",
+         "baseline_name": "JSON-only p50", "baseline": floor["p50"]},
+        {"name": "bridge POST /fhir/Communication p99", "value": fhir["p99"], "unit": "ms",
+         "baseline_name": "JSON-only p99", "baseline": floor["p99"], "target": {"ratio_max": 4}},
+    ]
+
+
+def _wait(port: int, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the bridge exited during start-up")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the bridge did not become ready within 30 s")
+
+
+if __name__ == "__main__":
+    for row in run(quick="--quick" in sys.argv):
+        print(row)

@@ -1,0 +1,99 @@
+"""Who may read what: a partner reads what it sent, and what is addressed to it AND permitted by consent.
+
+Clinic operators (`kap/clinic`) read everything. For every other partner a resource is
+visible when the partner submitted it (its own data, nothing is disclosed; a referral's Task
+inherits the referral's submitter), or when the resource is addressed to the partner
+(`inbound.addressed_to`) and the consent gate permits the disclosure on the day of the read.
+Every gate decision, permit or deny, is written to the audit log. Anything not visible is
+answered exactly like a resource that does not exist.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from ..config import Release
+from ..inbound import addressed_to
+from ..partners import Partner
+from ..store import Store, StoredResource
+
+__all__ = ["Access"]
+
+
+class Access:
+    """Visibility checks for partner reads, consent-gated and audited."""
+
+    def __init__(self, store: Store, *, release: Release, purpose: str, audit: Any | None,
+                 context_source: Callable[[str], list[dict[str, Any]]] | None = None) -> None:
+        self.store = store
+        self.release = release
+        self.purpose = purpose
+        self.audit = audit
+        self.context_source = context_source
+
+    def partner_refs(self, partner: Partner) -> list[str]:
+        """Literal references that name `partner` (its own, and stored resources carrying its identifiers)."""
+        refs = set(partner.references)
+        for key in partner.recipient_keys:
+            if "|" not in key:
+                continue
+            for rtype in ("Practitioner", "Organization"):
+                for s in self.store.search(rtype, {"identifier": [key]}, count=200).items:
+                    refs.add(f"{rtype}/{s.id}")
+        if refs:
+            for param in ("practitioner", "organization"):
+                wanted = [r for r in refs if r.startswith("Practitioner/" if param == "practitioner" else "Organization/")]
+                if wanted:
+                    for s in self.store.search("PractitionerRole", {param: [",".join(wanted)]}, count=200).items:
+                        if s.resource.get("active", True):
+                            refs.add(f"PractitionerRole/{s.id}")
+        return sorted(refs)
+
+    def can_read(self, partner: Partner, stored: StoredResource) -> bool:
+        """Whether `partner` may see this version; consent-checked and audited when addressed to it."""
+        if partner.is_clinic:
+            return True
+        if stored.deleted:
+            return False
+        if stored.source is not None and stored.source == partner.name:
+            return True
+        key = addressed_to(stored.resource, partner, self.store.get)
+        if key is None:
+            return False
+        return self._gate(partner, stored, key)
+
+    def _gate(self, partner: Partner, stored: StoredResource, key: str) -> bool:
+        from ..consent import ConsentGate, Recipient, audit_event
+
+        resource = stored.resource
+        recipient = Recipient.parse(key)
+        now = datetime.now(UTC)
+        gate = ConsentGate(self.context(_patient_ref(resource)))
+        decision = gate.decide(resource, recipient, self.purpose, on=now.date())
+        if self.audit is not None:
+            self.audit.append(audit_event(decision, resource, recipient, self.purpose, release=self.release,
+                                          recorded=now, actor=f"partner:{partner.name}"))
+        return bool(decision.permit)
+
+    def context(self, patient_ref: str | None) -> list[dict[str, Any]]:
+        """Consents for the client, and the people and organisations they name (store + outbox context)."""
+        if self.context_source is not None:
+            # Inbound puts every context resource there too; it is the one place to read.
+            return self.context_source(patient_ref) if patient_ref else []
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        if patient_ref:
+            for s in self.store.search("Consent", {"patient": [patient_ref]}, count=200).items:
+                found[("Consent", s.id)] = s.resource
+        for rtype in ("Practitioner", "PractitionerRole", "Organization"):
+            for s in self.store.search(rtype, {}, count=200).items:
+                found[(rtype, s.id)] = s.resource
+        return list(found.values())
+
+
+def _patient_ref(resource: dict[str, Any]) -> str | None:
+    for name in ("subject", "patient", "for"):
+        ref = resource.get(name)
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+            return ref["reference"]
+    return None

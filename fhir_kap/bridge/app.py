@@ -1,0 +1,237 @@
+"""The app factory: services on `app.extensions["fhir_kap"]`, hooks, errors, JSON logs.
+
+Nothing lives in module globals: `create_app(settings, options)` builds the database, store,
+partners, validator, mapper, inbound pipeline and access rules, and the route modules reach
+them through `services()`. Every error leaves as an OperationOutcome: a `KapError` with its
+own HTTP status, a werkzeug HTTP error with its status, anything else as a 500 that names
+only the request id (the details go to the log, without patient data).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Any
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from .. import jsonio
+from ..config import Release, Settings
+from ..db import Database
+from ..errors import Issue, KapError, operation_outcome
+from ..inbound import Inbound
+from ..notify import Notifier
+from ..partners import Partner, Partners
+from ..store import Store
+from .access import Access
+
+__all__ = ["BridgeOptions", "Services", "create_app", "fhir_response", "outcome_response", "services"]
+
+log = logging.getLogger("fhir_kap.bridge")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+_HTTP_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+               406: "not-supported", 409: "conflict", 410: "deleted", 411: "required", 412: "conflict",
+               413: "too-long", 414: "too-long", 415: "not-supported", 422: "processing",
+               429: "throttled", 431: "too-long"}
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """Bridge-only options (beside Settings).
+
+    base_url: the public base of the FHIR facade (default: from the request, + "/fhir");
+    read_purpose: the purpose of use partner reads are checked for (v3-ActReason);
+    webhook_timeout: seconds per rest-hook call; bench_echo: add `/bench/echo` (parses JSON only).
+    """
+
+    base_url: str | None = None
+    read_purpose: str = "TREAT"
+    webhook_timeout: float = 5.0
+    bench_echo: bool = False
+    notify: bool = True
+
+
+@dataclass
+class Services:
+    settings: Settings
+    options: BridgeOptions
+    release: Release
+    db: Database
+    store: Store
+    partners: Partners
+    inbound: Inbound
+    access: Access
+    validator: Any
+    mapper: Any
+    inputs: Any
+    outbox: Any
+    audit: Any
+
+
+def services() -> Services:
+    from flask import current_app
+
+    return current_app.extensions["fhir_kap"]
+
+
+def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flask:
+    """A Flask app serving the FHIR facade (/fhir), the KAP API (/kap), /healthz and /readyz."""
+    from ..auditlog import AuditLog
+    from ..inputs import load_input_schemas
+    from ..mapping import Mapper
+    from ..outbox import Outbox
+    from ..profiles import Validator
+
+    options = options or BridgeOptions()
+    release = Release.parse(settings.fhir_version)
+    db = Database(settings.db_url)
+    store = Store(db)
+    partners = Partners(db)
+    validator = Validator.load(release)
+    mapper = Mapper.load()
+    outbox = Outbox(db)
+    audit = AuditLog(db)
+    notifier = Notifier(timeout=options.webhook_timeout) if options.notify else None
+    inbound = Inbound(store, validator, release=release, mapper=mapper, context=outbox, partners=partners,
+                      notifier=notifier, clinic_org_identifier=settings.clinic_org_identifier)
+    access = Access(store, release=release, purpose=options.read_purpose, audit=audit,
+                    context_source=outbox.context_for)
+
+    app = Flask("fhir_kap.bridge")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["fhir_kap"] = Services(settings, options, release, db, store, partners, inbound, access,
+                                          validator, mapper, load_input_schemas(), outbox, audit)
+    _hooks(app)
+    from . import fhir, kap
+
+    fhir.register(app)
+    kap.register(app)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        try:
+            db.execute("SELECT 1 AS ok")
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            log.warning(_line(event="readyz-failed"))
+            return json_response({"status": "unavailable", "database": "unreachable"}, 503)
+        return json_response({"status": "ready", "database": db.dialect})
+
+    if options.bench_echo:
+        @app.post("/bench/echo")
+        def bench_echo() -> Response:
+            body = jsonio.loads(request.get_data(cache=False), source="body")
+            return json_response({"ok": isinstance(body, dict)}, 201)
+
+    return app
+
+
+def _hooks(app: Flask) -> None:
+    @app.before_request
+    def start() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.started = time.perf_counter()
+        g.partner = None
+
+    @app.after_request
+    def finish(resp: Response) -> Response:
+        resp.headers["X-Request-ID"] = g.get("request_id", "")
+        partner = g.get("partner")
+        log.info(_line(event="request", request_id=g.get("request_id"), method=request.method,
+                       route=request.url_rule.rule if request.url_rule else "(unmatched)",
+                       status=resp.status_code, partner=partner.name if partner else None,
+                       duration_ms=round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2)))
+        return resp
+
+    @app.errorhandler(KapError)
+    def kap_error(exc: KapError) -> Response:
+        resp = outcome_response(exc.operation_outcome(), exc.http_status)
+        if exc.http_status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="fhir-kap"'
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        text = {404: "No such endpoint", 405: f"Method {request.method} is not allowed here",
+                413: f"Request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes"}.get(
+                    status, exc.name)
+        resp = outcome_response(operation_outcome([Issue("error", _HTTP_CODES.get(status, "exception"), text,
+                                                         rule=f"http:{status}")]), status)
+        if status == 405 and exc.get_response().headers.get("Allow"):
+            resp.headers["Allow"] = exc.get_response().headers["Allow"]
+        return resp
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception) -> Response:
+        rid = g.get("request_id", "-")
+        # Type and frames only: an exception's message may quote data.
+        frames = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}"
+                  for f in traceback.extract_tb(exc.__traceback__)]
+        log.error(_line(event="internal-error", request_id=rid, error=type(exc).__name__, frames=frames[-8:]))
+        return outcome_response(operation_outcome([Issue(
+            "fatal", "exception", f"Internal error; request id {rid}", rule="internal")]), 500)
+
+
+def _line(**fields: Any) -> str:
+    return jsonio.dumps({"ts": datetime.now().astimezone().isoformat(timespec="milliseconds"), **fields}).decode()
+
+
+FHIR_JSON = "application/fhir+json"
+
+
+def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    resp = Response(b"" if body is None else jsonio.dumps(body), status=status,
+                    content_type=f"{FHIR_JSON}; charset=utf-8")
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(jsonio.dumps(body), status=status, content_type="application/json")
+
+
+def outcome_response(outcome: dict[str, Any], status: int) -> Response:
+    return fhir_response(outcome, status)
+
+
+def http_date(instant: str) -> str:
+    """A FHIR instant as an HTTP date (Last-Modified)."""
+    return format_datetime(datetime.fromisoformat(instant), usegmt=True)
+
+
+def current_partner(scopes: Iterable[str] = ()) -> Partner:
+    """The authenticated partner (401 without a valid bearer token)."""
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else None
+    partner = services().partners.authenticate(token)
+    if partner is None:
+        raise Unauthorized("A valid bearer token is required", rule="auth:bearer", code="login")
+    g.partner = partner
+    for scope in scopes:
+        if scope not in partner.scopes:
+            raise Forbidden(f"This partner's scopes do not include {scope}", rule="auth:scope", code="forbidden")
+    return partner
+
+
+class Unauthorized(KapError):
+    http_status = 401
+    default_code = "login"
+
+
+class Forbidden(KapError):
+    http_status = 403
+    default_code = "forbidden"

@@ -1,0 +1,306 @@
+"""The FHIR facade under /fhir: metadata, create, transaction/batch, read, vread, history, search."""
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlencode
+
+from flask import Flask, Response, request
+
+from .. import jsonio
+from ..errors import InputError, KapError, NotFound
+from ..inbound import WRITE_TYPES, parse_query
+from ..partners import Partner
+from ..store import DEFAULT_COUNT, ID_PATTERN, MAX_COUNT, REFERENCE_PARAMS, SEARCH_PARAMS, StoredResource
+from .app import FHIR_JSON, current_partner, fhir_response, http_date, services
+
+__all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]
+
+READ_TYPES = WRITE_TYPES + ("Task",)
+KAP_PROFILE = {"ServiceRequest": "kap-referral", "Procedure": "kap-session",
+               "Consent": "kap-release-of-information", "Communication": "kap-continuity-note"}
+_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+_ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+
+
+class UnsupportedMediaType(KapError):
+    http_status = 415
+    default_code = "not-supported"
+
+
+class Forbidden(KapError):
+    http_status = 403
+    default_code = "forbidden"
+
+
+def read_json_body(accepted: tuple[str, ...] = _ACCEPTED_TYPES) -> Any:
+    """The request body parsed as JSON (415 for another media type, 400 for malformed JSON)."""
+    mimetype = request.mimetype
+    if mimetype not in accepted:
+        shown = mimetype[:60] if mimetype else "none"
+        raise UnsupportedMediaType(f"Content-Type '{shown}' is not supported; send {accepted[0]}",
+                                   rule="http:content-type")
+    charset = request.mimetype_params.get("charset")
+    if charset and charset.lower().replace("-", "") != "utf8":
+        raise UnsupportedMediaType("Only the UTF-8 charset is supported", rule="http:charset")
+    data = request.get_data(cache=False)
+    if not data.strip():
+        raise InputError("The request body is empty", pointer="", rule="json:empty")
+    return jsonio.loads(data, source="body")
+
+
+def _check_type(rtype: str, types: tuple[str, ...] = READ_TYPES) -> None:
+    if rtype not in types:
+        shown = f"'{rtype}'" if _TYPE_NAME.match(rtype) else "given"
+        raise NotFound(f"Resource type {shown} is not supported here; supported: {', '.join(types)}",
+                       rule="fhir:resource-type", code="not-supported")
+
+
+def _check_id(rtype: str, rid: str) -> None:
+    if not ID_PATTERN.match(rid):
+        raise InputError("A resource id is 1-64 characters of A-Z, a-z, 0-9, '-' and '.'",
+                         expression=f"{rtype}.id", rule="fhir:id", code="value")
+
+
+def _scope(partner: Partner, rtype: str, interaction: str) -> None:
+    if not partner.allows(rtype, interaction):
+        raise Forbidden(f"This partner's scopes do not allow {interaction} on {rtype}", rule="auth:scope")
+
+
+def _not_found(rtype: str, rid: str) -> NotFound:
+    # The same text whether the resource is absent, deleted, or only not visible to this partner.
+    return NotFound(f"{rtype}/{rid} is not known", expression=rtype, rule="fhir:not-found")
+
+
+def _base() -> str:
+    given = services().options.base_url
+    return given.rstrip("/") if given else request.host_url.rstrip("/") + "/fhir"
+
+
+def _headers(s: StoredResource, *, location: bool = False) -> dict[str, str]:
+    out = {"ETag": s.etag, "Last-Modified": http_date(s.last_updated)}
+    if location:
+        out["Location"] = f"{_base()}/{s.type}/{s.id}/_history/{s.version}"
+    return out
+
+
+def _prefer() -> str:
+    for part in request.headers.get("Prefer", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.strip() == "return":
+            return value.strip().strip('"')
+    return "representation"
+
+
+def _created(s: StoredResource, created: bool) -> Response:
+    prefer = _prefer()
+    status = 201 if created else 200
+    if prefer == "minimal":
+        return fhir_response(None, status, _headers(s, location=True))
+    if prefer == "OperationOutcome":
+        oo = {"resourceType": "OperationOutcome", "issue": [{
+            "severity": "information", "code": "informational",
+            "details": {"text": f"{s.type}/{s.id} {'created' if created else 'already exists (If-None-Exist)'}"}}]}
+        return fhir_response(oo, status, _headers(s, location=True))
+    return fhir_response(s.resource, status, _headers(s, location=True))
+
+
+def register(app: Flask) -> None:
+    @app.get("/fhir/metadata")
+    def metadata() -> Response:
+        return fhir_response(capability_statement(_base()))
+
+    @app.post("/fhir")
+    def bundle() -> Response:
+        partner = current_partner()
+        body = read_json_body()
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            raise InputError("POST /fhir takes a Bundle of type transaction or batch", pointer="/resourceType",
+                             rule="bridge:bundle")
+        raw_entries = body.get("entry")
+        entries: list[Any] = raw_entries if isinstance(raw_entries, list) else []
+        for e in entries:
+            res = e.get("resource") if isinstance(e, dict) else None
+            rt = res.get("resourceType") if isinstance(res, dict) else None
+            if isinstance(rt, str) and rt in WRITE_TYPES:
+                _scope(partner, rt, "write")
+        result = services().inbound.accept_bundle(body, source=partner.name)
+        for entry in result.bundle["entry"]:
+            if "fullUrl" in entry:
+                entry["fullUrl"] = f"{_base()}/{entry['fullUrl']}"
+        return fhir_response(result.bundle, 200)
+
+    @app.post("/fhir/<rtype>")
+    def create(rtype: str) -> Response:
+        partner = current_partner()
+        _check_type(rtype, WRITE_TYPES)
+        _scope(partner, rtype, "write")
+        body = read_json_body()
+        if not isinstance(body, dict):
+            raise InputError("The body must be a FHIR resource (a JSON object)", pointer="", rule="fhir:resource")
+        if body.get("resourceType") != rtype:
+            given = body.get("resourceType")
+            shown = f"'{given}'" if isinstance(given, str) and _TYPE_NAME.match(given) else "missing or invalid"
+            raise InputError(f"resourceType {shown} does not match the URL ({rtype})", pointer="/resourceType",
+                             expression="resourceType", rule="http:type-mismatch")
+        cond_header = request.headers.get("If-None-Exist")
+        cond = parse_query(cond_header) if cond_header else None
+        acc = services().inbound.accept(body, source=partner.name, if_none_exist=cond)
+        return _created(acc.stored, acc.created)
+
+    @app.get("/fhir/<rtype>/<rid>")
+    def read(rtype: str, rid: str) -> Response:
+        partner = current_partner()
+        _check_type(rtype)
+        _scope(partner, rtype, "read")
+        _check_id(rtype, rid)
+        svc = services()
+        stored = svc.store.get(rtype, rid)
+        if stored is None or not svc.access.can_read(partner, stored):
+            raise _not_found(rtype, rid)
+        if stored.deleted:
+            raise KapGone(f"{rtype}/{rid} was deleted", rule="fhir:deleted")
+        return fhir_response(stored.resource, 200, _headers(stored))
+
+    @app.get("/fhir/<rtype>/<rid>/_history/<vid>")
+    def vread(rtype: str, rid: str, vid: str) -> Response:
+        partner = current_partner()
+        _check_type(rtype)
+        _scope(partner, rtype, "read")
+        _check_id(rtype, rid)
+        svc = services()
+        current = svc.store.get(rtype, rid)
+        if current is None or not svc.access.can_read(partner, current):
+            raise _not_found(rtype, rid)
+        if not _VERSION.match(vid):
+            raise InputError("A version id is a positive integer", rule="fhir:version-id", code="value")
+        stored = svc.store.vread(rtype, rid, int(vid))
+        if stored is None or not (stored.deleted and partner.is_clinic or svc.access.can_read(partner, stored)):
+            raise NotFound(f"{rtype}/{rid} has no version {vid}", rule="fhir:not-found")
+        return fhir_response(stored.resource, 200, _headers(stored))
+
+    @app.get("/fhir/<rtype>/<rid>/_history")
+    def history(rtype: str, rid: str) -> Response:
+        partner = current_partner()
+        _check_type(rtype)
+        _scope(partner, rtype, "read")
+        _check_id(rtype, rid)
+        svc = services()
+        current = svc.store.get(rtype, rid)
+        if current is None or not svc.access.can_read(partner, current):
+            raise _not_found(rtype, rid)
+        base = _base()
+        entries = []
+        for s in svc.store.history(rtype, rid):
+            if s.deleted and not partner.is_clinic or not s.deleted and not svc.access.can_read(partner, s):
+                continue
+            entry: dict[str, Any] = {"fullUrl": f"{base}/{rtype}/{rid}"}
+            if not s.deleted:
+                entry["resource"] = s.resource
+            entry["request"] = {"method": "DELETE" if s.deleted else ("POST" if s.version == 1 else "PUT"),
+                                "url": rtype if s.version == 1 else f"{rtype}/{rid}"}
+            entry["response"] = {"status": "200" if not s.deleted else "204", "etag": s.etag,
+                                 "lastModified": s.last_updated}
+            entries.append(entry)
+        return fhir_response({"resourceType": "Bundle", "type": "history", "total": len(entries),
+                              "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
+                              "entry": entries})
+
+    @app.get("/fhir/<rtype>")
+    def search(rtype: str) -> Response:
+        partner = current_partner()
+        _check_type(rtype)
+        _scope(partner, rtype, "read")
+        params = request.args.to_dict(flat=False)
+        count = _int_param(params.pop("_count", None), "_count", DEFAULT_COUNT, MAX_COUNT)
+        offset = _int_param(params.pop("_offset", None), "_offset", 0, 10_000_000)
+        svc = services()
+        if partner.is_clinic:
+            result = svc.store.search(rtype, params, count=count, offset=offset)
+        else:
+            result = svc.store.search(rtype, params, count=count, offset=offset,
+                                      audience=(partner.name, svc.access.partner_refs(partner)),
+                                      where=lambda s: svc.access.can_read(partner, s))
+        base = _base()
+
+        def link(relation: str, off: int) -> dict[str, str]:
+            query = [(k, v) for k, vs in params.items() for v in vs] + [("_count", str(count)), ("_offset", str(off))]
+            return {"relation": relation, "url": f"{base}/{rtype}?{urlencode(query)}"}
+
+        links = [link("self", offset)]
+        if offset + count < result.total and count > 0:
+            links.append(link("next", offset + count))
+        if offset > 0:
+            links.append(link("previous", max(0, offset - count)))
+        return fhir_response({
+            "resourceType": "Bundle", "type": "searchset", "total": result.total, "link": links,
+            "entry": [{"fullUrl": f"{base}/{s.type}/{s.id}", "resource": s.resource, "search": {"mode": "match"}}
+                      for s in result.items]})
+
+    @app.route("/fhir/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def unsupported(rest: str) -> Response:
+        raise NotFound(f"{request.method} on this path is not supported by this server", rule="fhir:interaction",
+                       code="not-supported")
+
+
+class KapGone(KapError):
+    http_status = 410
+    default_code = "deleted"
+
+
+def _int_param(values: list[str] | None, name: str, default: int, maximum: int) -> int:
+    if not values:
+        return default
+    value = values[-1]
+    if not value.isdigit() or int(value) > maximum:
+        raise InputError(f"{name} must be an integer from 0 to {maximum}", rule=f"search:{name}", code="value")
+    return int(value)
+
+
+def capability_statement(base: str) -> dict[str, Any]:
+    """What this server does, exactly: the types, interactions and search parameters it supports."""
+    from .. import __version__
+    from ..config import CANONICAL
+
+    release = services().release
+    resources = []
+    for rtype in READ_TYPES:
+        interactions = ["read", "vread", "history-instance", "search-type"]
+        if rtype in WRITE_TYPES:
+            interactions.insert(0, "create")
+        entry: dict[str, Any] = {"type": rtype}
+        if rtype in KAP_PROFILE:
+            entry["supportedProfile"] = [f"{CANONICAL}/StructureDefinition/{KAP_PROFILE[rtype]}"]
+        entry["interaction"] = [{"code": c} for c in interactions]
+        entry["versioning"] = "versioned"
+        entry["readHistory"] = True
+        entry["updateCreate"] = False
+        entry["conditionalCreate"] = rtype in WRITE_TYPES
+        entry["conditionalUpdate"] = False
+        entry["conditionalDelete"] = "not-supported"
+        params = [{"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"}]
+        for name in SEARCH_PARAMS.get(rtype, {}):
+            params.append({"name": name, "type": "reference" if name in REFERENCE_PARAMS else "token"})
+        entry["searchParam"] = params
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2025-01-01",
+        "publisher": "fhir-kap",
+        "kind": "instance",
+        "software": {"name": "fhir-kap bridge", "version": __version__},
+        "implementation": {"description": "fhir-kap bridge for KAP collaborative care", "url": base},
+        "fhirVersion": release.value,
+        "format": [FHIR_JSON, "json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Partners authenticate with a bearer token; each reads only what it sent and what "
+                             "is addressed to it and permitted by consent. _count (max 200) and _offset page "
+                             "searches.",
+            "security": {"cors": False, "description": "Bearer tokens issued per partner (fhir-kap partners add)"},
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }],
+    }

@@ -1,0 +1,102 @@
+"""`fhir-kap serve` (the bridge under gunicorn, or Flask's server with --dev) and `fhir-kap partners`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    serve = subparsers.add_parser("serve", help="run the bridge (FHIR facade + KAP API)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="settings file (TOML)")
+    serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    serve.add_argument("--dev", action="store_true", help="Flask's development server (one process)")
+    serve.add_argument("--base-url", default=None, help="public base URL of /fhir (default: from requests)")
+    serve.add_argument("--bench-echo", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(handler=_serve)
+
+    partners = subparsers.add_parser("partners", help="manage bridge partners and their tokens")
+    psub = partners.add_subparsers(dest="partners_command", metavar="ACTION", required=True)
+    add = psub.add_parser("add", help="register a partner and print its token (shown once)")
+    add.add_argument("name")
+    add.add_argument("--org-identifier", metavar="SYSTEM|VALUE", default=None)
+    add.add_argument("--npi", nargs="+", default=[], metavar="NPI")
+    add.add_argument("--reference", nargs="+", default=[], metavar="TYPE/ID",
+                     help="literal references naming the partner, e.g. Organization/practice-a")
+    add.add_argument("--scopes", nargs="+", default=None,
+                     help="system/<Type|*>.<read|write|*>, kap/records.write, kap/referrals.write, kap/clinic")
+    add.add_argument("--endpoint", metavar="FHIR_BASE_URL", default=None)
+    add.add_argument("--endpoint-auth", default=None, metavar="none|bearer:ENVVAR|smart:CLIENT_ID")
+    add.add_argument("--webhook", metavar="URL", default=None)
+    add.set_defaults(handler=_partners_add)
+    lst = psub.add_parser("list", help="list partners (no secrets)")
+    lst.set_defaults(handler=_partners_list)
+    rev = psub.add_parser("revoke", help="revoke a partner's token")
+    rev.add_argument("name")
+    rev.set_defaults(handler=_partners_revoke)
+
+
+def _partners(settings: Any) -> Any:
+    from ..db import Database
+    from ..partners import Partners
+
+    return Partners(Database(settings.db_url))
+
+
+def _partners_add(args: argparse.Namespace, settings: Any) -> int:
+    from ._io import write_json
+
+    partner, token = _partners(settings).add(
+        args.name, scopes=args.scopes, org_identifier=args.org_identifier, npis=args.npi,
+        references=args.reference, endpoint_url=args.endpoint, endpoint_auth=args.endpoint_auth,
+        webhook_url=args.webhook)
+    out = {"partner": partner.public(), "token": token}
+    if partner.webhook_secret:
+        out["webhook_secret"] = partner.webhook_secret
+    write_json(out)
+    sys.stderr.write("The token is shown only this once: store it now.\n")
+    return 0
+
+
+def _partners_list(args: argparse.Namespace, settings: Any) -> int:
+    from ._io import write_json
+
+    write_json([p.public() for p in _partners(settings).list()])
+    return 0
+
+
+def _partners_revoke(args: argparse.Namespace, settings: Any) -> int:
+    from ._io import write_json
+
+    write_json(_partners(settings).revoke(args.name).public())
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Any) -> int:
+    from ..bridge import BridgeOptions, create_app
+
+    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
+                        format="%(message)s", stream=sys.stderr)
+    options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
+    if args.dev:
+        create_app(settings, options).run(host=args.host, port=args.port, threaded=True)
+        return 0
+    from gunicorn.app.base import BaseApplication
+
+    class _Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            cfg = {"bind": f"{args.host}:{args.port}", "workers": max(1, args.workers), "worker_class": "sync",
+                   "accesslog": None, "errorlog": "-", "loglevel": "warning", "timeout": 60, "keepalive": 5}
+            for key, value in cfg.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return create_app(settings, options)
+
+    _Gunicorn().run()
+    return 0

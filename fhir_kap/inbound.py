@@ -1,0 +1,450 @@
+"""Inbound FHIR: what the bridge does with a resource a partner sends, and referral status Tasks.
+
+    request body ─▶ shape checks ─▶ profile check (Validator) ─▶ map to a KAP record (Mapper)
+      ─▶ store (one transaction, with the referral's Task) ─▶ consent context ─▶ notify
+
+A referral (ServiceRequest) gets a BSeR-style Task when it first arrives: `focus` and
+`basedOn` the referral, `for` its subject, `requester` the referring practitioner, `owner`
+the clinic, `businessStatus` `received`. The clinic moves it along `REFERRAL_FLOW`; FHIR
+`Task.status` follows in step (`TASK_STATUS`). The Task keeps the referral's source
+partner, so the practice that sent the referral can read its progress.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .config import CANONICAL, CS, Release
+from .errors import Conflict, InputError, Issue, KapError, MappingError, NotFound, ProfileError
+from .notify import EVENT_COMMUNICATION, EVENT_TASK, Notifier
+from .partners import Partner, Partners
+from .store import ID_PATTERN, Store, StoredResource, instant_now
+
+__all__ = [
+    "CONTEXT_TYPES",
+    "REFERRAL_FLOW",
+    "REFERRAL_STATUS_SYSTEM",
+    "TASK_STATUS",
+    "WRITE_TYPES",
+    "Accepted",
+    "BundleResult",
+    "Inbound",
+    "addressed_to",
+    "referral_task",
+]
+
+#: Resource types partners may create: the four KAP resources and the context they reference.
+WRITE_TYPES = ("ServiceRequest", "Consent", "Communication", "Procedure",
+               "Patient", "Practitioner", "PractitionerRole", "Organization")
+#: Types kept as consent context (the gate reads them to match recipients and grants).
+CONTEXT_TYPES = ("Consent", "Practitioner", "PractitionerRole", "Organization", "Patient")
+REFERRAL_STATUS_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status"
+#: businessStatus -> the business statuses it may move to.
+REFERRAL_FLOW: dict[str, tuple[str, ...]] = {
+    "received": ("accepted", "declined", "cancelled"),
+    "accepted": ("scheduled", "in-progress", "cancelled"),
+    "scheduled": ("scheduled", "in-progress", "cancelled"),
+    "in-progress": ("completed", "cancelled"),
+    "declined": (),
+    "completed": (),
+    "cancelled": (),
+}
+#: businessStatus -> FHIR Task.status.
+TASK_STATUS = {"received": "received", "accepted": "accepted", "declined": "rejected",
+               "scheduled": "accepted", "in-progress": "in-progress", "completed": "completed",
+               "cancelled": "cancelled"}
+_DISPLAY = {"received": "Referral received", "accepted": "Referral accepted", "declined": "Referral declined",
+            "scheduled": "Intake scheduled", "in-progress": "Care in progress", "completed": "Care completed",
+            "cancelled": "Referral cancelled"}
+_URN = re.compile(r"^urn:uuid:[0-9a-fA-F-]{36}$")
+
+
+class ContextSink(Protocol):
+    """Where consent context goes (the outbox's `put_context`)."""
+
+    def put_context(self, resource: dict[str, Any]) -> Any: ...
+
+
+class ResourceValidator(Protocol):
+    def validate(self, resource: dict[str, Any], *, profile: bool = True, models: bool = False) -> list[Issue]: ...
+
+
+class RecordMapper(Protocol):
+    def from_fhir(self, resource: dict[str, Any], release: Release | None = None) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """One resource accepted: what was stored, whether it is new, its KAP record, the Task made."""
+
+    stored: StoredResource
+    created: bool
+    record: dict[str, Any] | None = None
+    task: StoredResource | None = None
+
+
+@dataclass
+class BundleResult:
+    bundle: dict[str, Any]
+    accepted: list[Accepted] = field(default_factory=list)
+
+
+class Inbound:
+    """Accepts resources from partners into the store. Build once per app; thread-safe."""
+
+    def __init__(self, store: Store, validator: ResourceValidator, *, release: Release,
+                 mapper: RecordMapper | None = None, context: ContextSink | None = None,
+                 partners: Partners | None = None, notifier: Notifier | None = None,
+                 clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic") -> None:
+        self.store = store
+        self.validator = validator
+        self.release = release
+        self.mapper = mapper
+        self.context = context
+        self.partners = partners
+        self.notifier = notifier
+        system, _, value = clinic_org_identifier.partition("|")
+        self.clinic_owner = {"identifier": {"system": system, "value": value}, "display": "KAP clinic"}
+
+    def check(self, resource: Any, *, pointer: str = "") -> dict[str, Any] | None:
+        """Validate and map one resource; returns its KAP record (None for unmapped types).
+
+        Raises InputError for a wrong resource type, ProfileError for rule breaks,
+        MappingError when the clinic could not read it as a KAP record.
+        """
+        if not isinstance(resource, dict):
+            raise InputError("the body must be a FHIR resource (a JSON object)", pointer=pointer or "",
+                             rule="fhir:resource")
+        rtype = resource.get("resourceType")
+        if rtype not in WRITE_TYPES:
+            shown = rtype[:40] if isinstance(rtype, str) else type(rtype).__name__
+            raise InputError(f"resourceType '{shown}' cannot be created here; accepted: {', '.join(WRITE_TYPES)}",
+                             pointer=f"{pointer}/resourceType", expression="resourceType",
+                             rule="bridge:resource-type", code="not-supported")
+        errors = [i for i in self.validator.validate(resource) if i.is_error]
+        if errors:
+            raise ProfileError([i.prefixed(pointer_prefix=pointer) for i in errors])
+        if self.mapper is None:
+            return None
+        try:
+            return self.mapper.from_fhir(resource, self.release)
+        except MappingError as exc:
+            if exc.issues and exc.issues[0].rule == "mapping:resource-type":
+                return None
+            raise MappingError([i.prefixed(pointer_prefix=pointer) for i in exc.issues]) from None
+
+    def accept(self, resource: dict[str, Any], *, source: str | None,
+               if_none_exist: Mapping[str, Sequence[str]] | None = None) -> Accepted:
+        """Check, store (with a Task for a new referral), then keep context and notify."""
+        record = self.check(resource)
+        with self.store.transaction() as tx:
+            acc = self._store_one(tx, resource, source, if_none_exist, record)
+        self._after([acc])
+        return acc
+
+    def _store_one(self, tx: Any, resource: dict[str, Any], source: str | None,
+                   if_none_exist: Mapping[str, Sequence[str]] | None, record: dict[str, Any] | None,
+                   keep_id: bool = False) -> Accepted:
+        stored, created = self.store.create(resource, source=source, if_none_exist=if_none_exist,
+                                            keep_id=keep_id, tx=tx)
+        task = None
+        if created and stored.type == "ServiceRequest":
+            task, _ = self.store.create(referral_task(stored, self.clinic_owner), source=source, tx=tx)
+        return Accepted(stored, created, record, task)
+
+    def _after(self, accepted: Sequence[Accepted]) -> None:
+        for acc in accepted:
+            if not acc.created:
+                continue
+            if self.context is not None and acc.stored.type in CONTEXT_TYPES:
+                self.context.put_context(acc.stored.resource)
+            if acc.stored.type == "Communication":
+                self._notify_recipients(acc.stored)
+
+    def _notify_recipients(self, stored: StoredResource) -> None:
+        if self.partners is None or self.notifier is None:
+            return
+        for partner in self.partners.list():
+            if partner.revoked or not partner.webhook_url or partner.name == stored.source:
+                continue
+            if addressed_to(stored.resource, partner, self.store.get) is not None:
+                self.notifier.notify(partner.webhook_url, EVENT_COMMUNICATION, f"Communication/{stored.id}",
+                                     secret=partner.webhook_secret)
+
+    def accept_bundle(self, bundle: Any, *, source: str | None) -> BundleResult:
+        """A transaction (all or nothing, urn:uuid references resolved) or a batch Bundle."""
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise InputError("POST /fhir takes a Bundle of type transaction or batch", pointer="/resourceType",
+                             rule="bridge:bundle")
+        kind = bundle.get("type")
+        if kind not in ("transaction", "batch"):
+            raise InputError(f"Bundle.type must be transaction or batch, not '{str(kind)[:30]}'",
+                             pointer="/type", expression="Bundle.type", rule="bridge:bundle-type")
+        entries = bundle.get("entry", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InputError("Bundle.entry must be a list of objects", pointer="/entry",
+                             expression="Bundle.entry", rule="bridge:bundle-entry")
+        if len(entries) > 500:
+            raise InputError("a Bundle may carry at most 500 entries", pointer="/entry",
+                             rule="bridge:bundle-size", code="too-costly")
+        if kind == "transaction":
+            return self._transaction(entries, source)
+        return self._batch(entries, source)
+
+    def _entry(self, entry: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[str, list[str]] | None]:
+        ptr = f"/entry/{i}"
+        req = entry.get("request")
+        if not isinstance(req, dict) or req.get("method") != "POST":
+            raise InputError("only entries with request.method POST are supported", pointer=f"{ptr}/request/method",
+                             expression=f"Bundle.entry[{i}].request.method", rule="bridge:bundle-method",
+                             code="not-supported")
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            raise InputError("entry.resource must be a FHIR resource", pointer=f"{ptr}/resource",
+                             expression=f"Bundle.entry[{i}].resource", rule="bridge:bundle-entry")
+        url = req.get("url")
+        if url != resource.get("resourceType"):
+            raise InputError(f"request.url must be the resource type '{str(resource.get('resourceType'))[:40]}'",
+                             pointer=f"{ptr}/request/url", expression=f"Bundle.entry[{i}].request.url",
+                             rule="bridge:bundle-url")
+        cond = req.get("ifNoneExist")
+        if cond is not None and not isinstance(cond, str):
+            raise InputError("request.ifNoneExist must be a string", pointer=f"{ptr}/request/ifNoneExist",
+                             rule="bridge:bundle-entry")
+        return resource, (parse_query(cond) if cond else None)
+
+    def _transaction(self, entries: list[dict[str, Any]], source: str | None) -> BundleResult:
+        parsed = []
+        issues: list[Issue] = []
+        ids: dict[str, str] = {}
+        for i, entry in enumerate(entries):
+            try:
+                resource, cond = self._entry(entry, i)
+            except KapError as exc:
+                issues += exc.issues
+                continue
+            full = entry.get("fullUrl")
+            if isinstance(full, str) and _URN.match(full):
+                if full in ids:
+                    issues.append(Issue("error", "duplicate", "fullUrl is used twice", f"Bundle.entry[{i}].fullUrl",
+                                        f"/entry/{i}/fullUrl", "bridge:bundle-fullurl"))
+                ids[full] = _new_id()
+            parsed.append((i, full, resource, cond))
+        if issues:
+            raise InputError(issues)
+        refs = {urn: f"{r['resourceType']}/{ids[urn]}" for _, urn, r, _ in parsed if urn in ids}
+        records = []
+        worst: type[KapError] = InputError
+        for i, full, resource, cond in parsed:
+            resource = _rewrite(resource, refs)
+            if full in ids:
+                resource["id"] = ids[full]
+            try:
+                records.append((i, full, resource, cond, self.check(resource, pointer=f"/entry/{i}/resource")))
+            except KapError as exc:
+                issues += exc.issues
+                worst = type(exc) if exc.http_status > worst.http_status else worst
+        if issues:
+            raise worst(issues)
+        accepted: list[Accepted] = []
+        with self.store.transaction() as tx:
+            for i, full, resource, cond, record in records:
+                accepted.append(self._store_one(tx, resource, source, cond, record, keep_id=full in ids))
+        self._after(accepted)
+        return BundleResult(_response_bundle("transaction-response", [_entry_response(a) for a in accepted]),
+                            accepted)
+
+    def _batch(self, entries: list[dict[str, Any]], source: str | None) -> BundleResult:
+        out, accepted = [], []
+        for i, entry in enumerate(entries):
+            try:
+                resource, cond = self._entry(entry, i)
+                acc = self.accept(resource, source=source, if_none_exist=cond)
+            except KapError as exc:
+                out.append({"response": {"status": f"{exc.http_status} {_REASON.get(exc.http_status, 'Error')}",
+                                         "outcome": exc.operation_outcome()}})
+                continue
+            accepted.append(acc)
+            out.append(_entry_response(acc))
+        return BundleResult(_response_bundle("batch-response", out), accepted)
+
+    def referral_status(self, referral_id: str, business_status: str, *, reason: str | None = None) -> StoredResource:
+        """Move the referral's Task to `business_status` (Conflict if the flow does not allow it)."""
+        if business_status not in REFERRAL_FLOW:
+            raise InputError(f"status '{business_status[:40]}' is not one of {', '.join(REFERRAL_FLOW)}",
+                             pointer="/status", rule="referral:status", code="value")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            raise InputError("reason must be a string of at most 1000 characters", pointer="/reason",
+                             rule="referral:reason")
+        if not ID_PATTERN.match(referral_id):
+            raise NotFound("no such referral", rule="referral:unknown")
+        found = self.store.search("Task", {"focus": [f"ServiceRequest/{referral_id}"]}, count=1)
+        if not found.items:
+            raise NotFound("no such referral", rule="referral:unknown")
+        cur = found.items[0]
+        now_status = _business_status(cur.resource)
+        if business_status not in REFERRAL_FLOW.get(now_status, ()):
+            raise Conflict(f"a referral that is '{now_status}' cannot become '{business_status}'; allowed: "
+                           f"{', '.join(REFERRAL_FLOW.get(now_status, ())) or 'none (final)'}",
+                           pointer="/status", rule="referral:transition")
+        task = dict(cur.resource)
+        task["status"] = TASK_STATUS[business_status]
+        task["businessStatus"] = _business_concept(business_status)
+        task["lastModified"] = instant_now()
+        if reason:
+            task["statusReason"] = {"text": reason}
+        else:
+            task.pop("statusReason", None)
+        # if_match: a concurrent move of the same Task fails with 412 instead of being lost.
+        updated, _ = self.store.update("Task", cur.id, task, if_match=cur.version)
+        self._notify_source(updated)
+        return updated
+
+    def _notify_source(self, task: StoredResource) -> None:
+        if self.partners is None or self.notifier is None or not task.source:
+            return
+        partner = self.partners.get(task.source)
+        if partner and partner.webhook_url and not partner.revoked:
+            self.notifier.notify(partner.webhook_url, EVENT_TASK, f"Task/{task.id}", secret=partner.webhook_secret)
+
+
+def referral_task(referral: StoredResource, owner: dict[str, Any]) -> dict[str, Any]:
+    """The BSeR-style Task that tracks a new referral (businessStatus `received`)."""
+    sr = referral.resource
+    now = instant_now()
+    task: dict[str, Any] = {
+        "resourceType": "Task",
+        "meta": {"tag": [{"system": CS.INFO_CATEGORY, "code": "care-coordination"}],
+                 "security": [{"system": CS.V3_CONFIDENTIALITY, "code": "R"}]},
+        "basedOn": [{"reference": f"ServiceRequest/{referral.id}"}],
+        "status": TASK_STATUS["received"],
+        "businessStatus": _business_concept("received"),
+        "intent": "order",
+        "code": {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]},
+        "focus": {"reference": f"ServiceRequest/{referral.id}"},
+        "authoredOn": now,
+        "lastModified": now,
+        "owner": owner,
+    }
+    if isinstance(sr.get("subject"), dict):
+        task["for"] = sr["subject"]
+    if isinstance(sr.get("requester"), dict):
+        task["requester"] = sr["requester"]
+    return task
+
+
+def _business_concept(code: str) -> dict[str, Any]:
+    return {"coding": [{"system": REFERRAL_STATUS_SYSTEM, "code": code, "display": _DISPLAY[code]}],
+            "text": _DISPLAY[code]}
+
+
+def _business_status(task: dict[str, Any]) -> str:
+    for c in (task.get("businessStatus") or {}).get("coding") or []:
+        if c.get("system") == REFERRAL_STATUS_SYSTEM:
+            return str(c.get("code"))
+    return "received"
+
+
+def addressed_to(resource: dict[str, Any], partner: Partner,
+                 resolve: Callable[[str, str], StoredResource | None]) -> str | None:
+    """The key naming `partner` among the resource's recipients, or None.
+
+    Recipients: Communication.recipient, Task.requester and Task.restriction.recipient. A
+    recipient matches by literal reference (the partner's `references`), by a logical
+    identifier, or by the identifiers (NPI, organisation id) of the resource it references,
+    looked up with `resolve(type, id)`; a PractitionerRole also matches through its
+    practitioner and organization.
+    """
+    keys = set(partner.recipient_keys)
+    for ref in _recipients(resource):
+        hit = _match(ref, keys, resolve, depth=0)
+        if hit:
+            return hit
+    return None
+
+
+def _recipients(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    rt = resource.get("resourceType")
+    candidates: list[Any] = []
+    if rt == "Communication":
+        candidates = list(resource.get("recipient") or [])
+    elif rt == "Task":
+        candidates = [resource.get("requester")]
+        candidates += list((resource.get("restriction") or {}).get("recipient") or [])
+    for c in candidates:
+        if isinstance(c, dict):
+            yield c
+
+
+def _match(ref: dict[str, Any], keys: set[str], resolve: Callable[[str, str], StoredResource | None],
+           depth: int) -> str | None:
+    literal = ref.get("reference")
+    if isinstance(literal, str) and literal in keys:
+        return literal
+    ident = ref.get("identifier")
+    if isinstance(ident, dict) and f"{ident.get('system')}|{ident.get('value')}" in keys:
+        return f"{ident.get('system')}|{ident.get('value')}"
+    if not isinstance(literal, str) or literal.count("/") != 1 or depth > 1:
+        return None
+    rtype, rid = literal.split("/")
+    target = resolve(rtype, rid) if ID_PATTERN.match(rid) else None
+    if target is None or target.deleted:
+        return None
+    for i in target.resource.get("identifier") or []:
+        if isinstance(i, dict) and f"{i.get('system')}|{i.get('value')}" in keys:
+            return f"{i.get('system')}|{i.get('value')}"
+    if rtype == "PractitionerRole" and target.resource.get("active", True):
+        for sub in (target.resource.get("practitioner"), target.resource.get("organization")):
+            if isinstance(sub, dict):
+                hit = _match(sub, keys, resolve, depth + 1)
+                if hit:
+                    return hit
+    return None
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """`a=1&b=2` (an If-None-Exist value) -> {"a": ["1"], "b": ["2"]}."""
+    from urllib.parse import parse_qs
+
+    query = query.split("?", 1)[1] if "?" in query else query
+    try:
+        parsed = parse_qs(query, keep_blank_values=True, strict_parsing=True, max_num_fields=20)
+    except ValueError:
+        raise InputError("If-None-Exist must be a search query such as identifier=SYSTEM|VALUE",
+                         rule="http:if-none-exist") from None
+    return parsed
+
+
+def _rewrite(node: Any, refs: Mapping[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {k: _rewrite(v, refs) for k, v in node.items()}
+        if isinstance(out.get("reference"), str) and out["reference"] in refs:
+            out["reference"] = refs[out["reference"]]
+        return out
+    if isinstance(node, list):
+        return [_rewrite(v, refs) for v in node]
+    return node
+
+
+def _new_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+_REASON = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 409: "Conflict",
+           412: "Precondition Failed", 422: "Unprocessable Entity"}
+
+
+def _entry_response(acc: Accepted) -> dict[str, Any]:
+    s = acc.stored
+    return {"fullUrl": f"{s.type}/{s.id}",
+            "response": {"status": "201 Created" if acc.created else "200 OK",
+                         "location": f"{s.type}/{s.id}/_history/{s.version}", "etag": s.etag,
+                         "lastModified": s.last_updated}}
+
+
+def _response_bundle(kind: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": entries}

@@ -1,0 +1,190 @@
+"""Partners of the bridge: who may call it, with which token, as whom, for what.
+
+A partner is a referring practice, an EHR, or one of the clinic's own systems. Tokens are
+`secrets.token_urlsafe(32)` (256 bits), shown once when the partner is added and stored only
+as their SHA-256 (a fast hash is enough for random tokens of this size; there is nothing to
+brute-force). Lookups go by hash and the final comparison is `hmac.compare_digest`.
+
+Scopes follow SMART backend services: `system/<Type|*>.<read|write|*>`, plus
+`kap/records.write` (post KAP records), `kap/referrals.write` (move referral Tasks) and
+`kap/clinic` (a clinic operator: reads everything, sees why a disclosure was refused).
+Endpoint secrets are never stored: `endpoint_auth` names an environment variable
+(`bearer:ENVVAR`) or a SMART client id (`smart:CLIENT_ID`).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import jsonio
+from .db import Database
+from .errors import Conflict, InputError, NotFound
+
+__all__ = ["DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners"]
+
+NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
+DEFAULT_SCOPES = "system/*.read system/*.write"  # what the bridge lets anyone write is narrower still
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_SCOPE = re.compile(r"^(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*)|kap/(records\.write|referrals\.write|clinic))$")
+_NPI = re.compile(r"^\d{10}$")
+_REF = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
+
+_MIGRATION = [
+    """CREATE TABLE partners (
+        name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL,
+        identity TEXT NOT NULL, endpoint_url TEXT, endpoint_auth TEXT, webhook_url TEXT,
+        webhook_secret TEXT, revoked {bigint} NOT NULL DEFAULT 0, created TEXT NOT NULL)""",
+]
+
+
+@dataclass(frozen=True)
+class Partner:
+    """A registered partner (never carries its token)."""
+
+    name: str
+    scopes: tuple[str, ...]
+    org_identifier: str | None = None  # "system|value"
+    npis: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()  # literal references naming it, e.g. "Organization/practice-a"
+    endpoint_url: str | None = None
+    endpoint_auth: str | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    revoked: bool = False
+    created: str = ""
+
+    @property
+    def is_clinic(self) -> bool:
+        return "kap/clinic" in self.scopes
+
+    @property
+    def recipient_keys(self) -> tuple[str, ...]:
+        """What names this partner as a recipient: references and `system|value` identifiers."""
+        keys = list(self.references)
+        if self.org_identifier:
+            keys.append(self.org_identifier)
+        keys += [f"{NPI_SYSTEM}|{n}" for n in self.npis]
+        return tuple(keys)
+
+    def allows(self, resource_type: str, interaction: str) -> bool:
+        """Whether a scope grants `interaction` (read | write) on `resource_type`."""
+        for scope in self.scopes:
+            if not scope.startswith("system/"):
+                continue
+            what, _, act = scope[len("system/"):].partition(".")
+            if what in ("*", resource_type) and act in ("*", interaction):
+                return True
+        return False
+
+    def public(self) -> dict[str, Any]:
+        """A listing without secrets."""
+        return {"name": self.name, "scopes": list(self.scopes), "org_identifier": self.org_identifier,
+                "npis": list(self.npis), "references": list(self.references),
+                "endpoint": self.endpoint_url, "endpoint_auth": self.endpoint_auth,
+                "webhook": self.webhook_url, "revoked": self.revoked, "created": self.created}
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Partners:
+    """The partners table on the shared database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("partners-1", _MIGRATION)
+
+    def add(self, name: str, *, scopes: Sequence[str] | str | None = None,
+            org_identifier: str | None = None, npis: Sequence[str] = (), references: Sequence[str] = (),
+            endpoint_url: str | None = None, endpoint_auth: str | None = None,
+            webhook_url: str | None = None) -> tuple[Partner, str]:
+        """Register a partner. Returns (partner, token); the token is not stored and cannot be shown again."""
+        if not _NAME.match(name or ""):
+            raise InputError("partner name must be 1-64 letters, digits, '.', '_' or '-'", rule="partner:name")
+        scope_list = tuple((scopes or DEFAULT_SCOPES).split() if isinstance(scopes, str) or scopes is None
+                           else [s for item in scopes for s in item.split()])
+        bad = [s for s in scope_list if not _SCOPE.match(s)]
+        if bad:
+            raise InputError(f"unknown scope '{bad[0]}': use system/<Type|*>.<read|write|*>, "
+                             "kap/records.write, kap/referrals.write or kap/clinic", rule="partner:scope")
+        if org_identifier is not None:
+            system, sep, value = org_identifier.partition("|")
+            if not sep or not system or not value:
+                raise InputError("--org-identifier must be SYSTEM|VALUE", rule="partner:identifier")
+        for npi in npis:
+            if not _NPI.match(npi):
+                raise InputError(f"NPI '{npi[:20]}' must be 10 digits", rule="partner:npi")
+        for ref in references:
+            if not _REF.match(ref):
+                raise InputError(f"reference '{ref[:80]}' must be Organization|Practitioner|PractitionerRole/id",
+                                 rule="partner:reference")
+        for label, url in (("endpoint", endpoint_url), ("webhook", webhook_url)):
+            if url is not None and not re.match(r"^https?://[^\s]+$", url):
+                raise InputError(f"{label} must be an http(s) URL", rule="partner:url")
+        auth = endpoint_auth or ("none" if endpoint_url else None)
+        if auth is not None and not re.match(r"^(none|bearer:[A-Z_][A-Z0-9_]*|smart:[^\s]+)$", auth):
+            raise InputError("--endpoint-auth must be none, bearer:ENVVAR (an environment variable name) "
+                             "or smart:CLIENT_ID", rule="partner:endpoint-auth")
+        token = secrets.token_urlsafe(32)
+        identity = {"org_identifier": org_identifier, "npis": list(npis), "references": list(references)}
+        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        webhook_secret = secrets.token_urlsafe(32) if webhook_url else None
+        with self.db.transaction() as tx:
+            if tx.execute("SELECT name FROM partners WHERE name = ?", (name,)):
+                raise Conflict(f"partner '{name}' already exists", rule="partner:exists", code="duplicate")
+            tx.execute("INSERT INTO partners (name, token_sha256, scopes, identity, endpoint_url, endpoint_auth, "
+                       "webhook_url, webhook_secret, revoked, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                       (name, _hash(token), " ".join(scope_list), jsonio.dumps(identity).decode(),
+                        endpoint_url, auth, webhook_url, webhook_secret, created))
+        partner = self.get(name)
+        assert partner is not None
+        return partner, token
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        # A deferred transaction: reads take no write lock and commit without a sync.
+        with self.db.transaction(immediate=False) as tx:
+            return tx.execute(sql, params)
+
+    def get(self, name: str) -> Partner | None:
+        rows = self._read("SELECT * FROM partners WHERE name = ?", (name,))
+        return _partner(rows[0]) if rows else None
+
+    def list(self) -> list[Partner]:
+        return [_partner(r) for r in self._read("SELECT * FROM partners ORDER BY name")]
+
+    def revoke(self, name: str) -> Partner:
+        """Revoke a partner's token for good (the row stays for the audit trail)."""
+        with self.db.transaction() as tx:
+            if not tx.execute("SELECT name FROM partners WHERE name = ?", (name,)):
+                raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
+            tx.execute("UPDATE partners SET revoked = 1 WHERE name = ?", (name,))
+        partner = self.get(name)
+        assert partner is not None
+        return partner
+
+    def authenticate(self, token: str | None) -> Partner | None:
+        """The active partner holding `token`, or None (unknown, revoked, or malformed)."""
+        if not token or len(token) > 256:
+            return None
+        digest = _hash(token)
+        rows = self._read("SELECT * FROM partners WHERE token_sha256 = ?", (digest,))
+        if not rows or not hmac.compare_digest(rows[0]["token_sha256"], digest):
+            return None
+        partner = _partner(rows[0])
+        return None if partner.revoked else partner
+
+
+def _partner(row: dict[str, Any]) -> Partner:
+    ident = jsonio.loads(row["identity"])
+    return Partner(name=row["name"], scopes=tuple(row["scopes"].split()),
+                   org_identifier=ident.get("org_identifier"), npis=tuple(ident.get("npis") or ()),
+                   references=tuple(ident.get("references") or ()), endpoint_url=row["endpoint_url"],
+                   endpoint_auth=row["endpoint_auth"], webhook_url=row["webhook_url"],
+                   webhook_secret=row["webhook_secret"], revoked=bool(row["revoked"]), created=row["created"])

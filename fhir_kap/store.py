@@ -1,0 +1,471 @@
+"""A versioned FHIR resource store on the shared `Database` (SQLite or PostgreSQL).
+
+Three tables: `fhir_history` (every version, append-only), `fhir_current` (the latest
+version of each resource) and `fhir_index` (search values of the current versions, filled
+on write from `SEARCH_PARAMS`). Every write runs in one transaction: the version, the
+current row and the index rows land together or not at all.
+
+Search values are normalised on write so a search is a few equality lookups:
+- references: `Type/id` and the bare `id`;
+- tokens (identifier, status, category, _tag): `system|code`, `code`, `system|` (or `|code`
+  when the coding has no system);
+- `_lastUpdated` and `_id` are columns.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from . import jsonio
+from .db import Database, Tx
+from .errors import Conflict, InputError, PreconditionFailed
+
+__all__ = ["ID_PATTERN", "SEARCH_PARAMS", "SearchResult", "Store", "StoredResource", "instant_now"]
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+_MIGRATION = [
+    """CREATE TABLE fhir_history (
+        seq {pk}, type TEXT NOT NULL, id TEXT NOT NULL, version {bigint} NOT NULL,
+        last_updated TEXT NOT NULL, deleted {bigint} NOT NULL DEFAULT 0, source TEXT,
+        body TEXT NOT NULL, UNIQUE (type, id, version))""",
+    """CREATE TABLE fhir_current (
+        type TEXT NOT NULL, id TEXT NOT NULL, version {bigint} NOT NULL, seq {bigint} NOT NULL,
+        last_updated TEXT NOT NULL, deleted {bigint} NOT NULL DEFAULT 0, source TEXT,
+        body TEXT NOT NULL, PRIMARY KEY (type, id))""",
+    "CREATE INDEX fhir_current_seq ON fhir_current (type, seq)",
+    """CREATE TABLE fhir_index (
+        type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, value TEXT NOT NULL)""",
+    "CREATE INDEX fhir_index_lookup ON fhir_index (type, param, value, id)",
+    "CREATE INDEX fhir_index_owner ON fhir_index (type, id)",
+]
+
+
+def _refs(*paths: str) -> Callable[[dict[str, Any]], list[str]]:
+    def extract(res: dict[str, Any]) -> list[str]:
+        out: list[str] = []
+        for path in paths:
+            for ref in _walk(res, path.split(".")):
+                if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+                    r = ref["reference"]
+                    out.append(r)
+                    if "/" in r:
+                        out.append(r.rsplit("/", 1)[1])
+        return out
+    return extract
+
+
+def _tokens(*paths: str) -> Callable[[dict[str, Any]], list[str]]:
+    def extract(res: dict[str, Any]) -> list[str]:
+        out: list[str] = []
+        for path in paths:
+            for node in _walk(res, path.split(".")):
+                if isinstance(node, str):
+                    out.append(node)
+                    continue
+                if not isinstance(node, dict):
+                    continue
+                codings = node.get("coding") if "coding" in node else [node]
+                for c in codings if isinstance(codings, list) else []:
+                    if not isinstance(c, dict):
+                        continue
+                    code = c.get("code", c.get("value"))
+                    system = c.get("system")
+                    if not isinstance(code, str):
+                        continue
+                    out.append(code)
+                    if isinstance(system, str):
+                        out += [f"{system}|{code}", f"{system}|"]
+                    else:
+                        out.append(f"|{code}")
+        return out
+    return extract
+
+
+def _walk(node: Any, parts: list[str]) -> Iterator[Any]:
+    if not parts:
+        if isinstance(node, list):
+            yield from node
+        else:
+            yield node
+        return
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item, parts)
+        return
+    if isinstance(node, dict) and parts[0] in node:
+        yield from _walk(node[parts[0]], parts[1:])
+
+
+_COMMON: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "identifier": _tokens("identifier"),
+    "_tag": _tokens("meta.tag"),
+    "_security": _tokens("meta.security"),
+}
+
+#: Search parameters per resource type: name -> extractor of normalised index values.
+SEARCH_PARAMS: dict[str, dict[str, Callable[[dict[str, Any]], list[str]]]] = {
+    "Communication": {**_COMMON, "patient": _refs("subject"), "subject": _refs("subject"),
+                      "status": _tokens("status"), "recipient": _refs("recipient"),
+                      "sender": _refs("sender"), "category": _tokens("category"),
+                      "based-on": _refs("basedOn"), "about": _refs("about")},
+    "ServiceRequest": {**_COMMON, "patient": _refs("subject"), "subject": _refs("subject"),
+                       "status": _tokens("status"), "requester": _refs("requester"),
+                       "performer": _refs("performer"), "category": _tokens("category"),
+                       "based-on": _refs("basedOn")},
+    "Procedure": {**_COMMON, "patient": _refs("subject"), "subject": _refs("subject"),
+                  "status": _tokens("status"), "category": _tokens("category"),
+                  "based-on": _refs("basedOn"), "performer": _refs("performer.actor")},
+    "Consent": {**_COMMON, "patient": _refs("patient", "subject"), "status": _tokens("status"),
+                "category": _tokens("category"),
+                "actor": _refs("provision.actor.reference", "grantee")},
+    "Task": {**_COMMON, "patient": _refs("for"), "subject": _refs("for"), "status": _tokens("status"),
+             "business-status": _tokens("businessStatus"), "focus": _refs("focus"),
+             "based-on": _refs("basedOn"), "owner": _refs("owner"), "requester": _refs("requester")},
+    "Patient": {**_COMMON},
+    "Practitioner": {**_COMMON},
+    "PractitionerRole": {**_COMMON, "practitioner": _refs("practitioner"),
+                         "organization": _refs("organization")},
+    "Organization": {**_COMMON},
+    "Provenance": {"target": _refs("target"), "patient": _refs("patient")},
+}
+
+#: Search parameters whose query values are references, with the type a bare id defaults to.
+REFERENCE_PARAMS = {"patient": "Patient", "subject": None, "recipient": None, "sender": None,
+                    "based-on": None, "about": None, "requester": None, "performer": None,
+                    "actor": None, "focus": None, "owner": None, "practitioner": "Practitioner",
+                    "organization": "Organization", "target": None}
+RESULT_PARAMS = {"_count", "_offset", "_lastUpdated", "_id", "_sort", "_format", "_summary", "_total"}
+MAX_COUNT = 200
+DEFAULT_COUNT = 20
+
+
+def instant_now() -> str:
+    """Now as a FHIR instant with microseconds, UTC (sorts lexicographically)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class StoredResource:
+    """One version of a resource as stored; `resource` carries meta.versionId/lastUpdated."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: str
+    deleted: bool
+    resource: dict[str, Any]
+    source: str | None = None
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    total: int
+    offset: int
+    count: int
+    items: list[StoredResource]
+
+
+class Store:
+    """Versioned FHIR resources with search; see the module docstring."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("store-1", _MIGRATION)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One transaction for several writes (a FHIR transaction Bundle)."""
+        with self.db.transaction() as tx:
+            if self.db.dialect == "postgresql":
+                # Serialise writers on the store so conditional creates cannot race.
+                tx.execute("SELECT pg_advisory_xact_lock(4242)")
+            yield tx
+
+    def _tx(self, tx: Tx | None) -> Any:
+        return _Reuse(tx) if tx is not None else self.transaction()
+
+    def create(self, resource: dict[str, Any], *, source: str | None = None,
+               if_none_exist: Mapping[str, Sequence[str]] | None = None, keep_id: bool = False,
+               tx: Tx | None = None) -> tuple[StoredResource, bool]:
+        """Create a resource (server-assigned id unless `keep_id`). Returns (stored, created).
+
+        With `if_none_exist` (search parameters), an existing single match is returned
+        instead (created=False); several matches raise PreconditionFailed (412). Matches are
+        looked for among resources of the same `source` only, so one partner cannot probe
+        another's identifiers.
+        """
+        rtype = _type_of(resource)
+        with self._tx(tx) as t:
+            if if_none_exist:
+                ids = self._search_ids(t, rtype, if_none_exist, limit=2, source=source)
+                if len(ids) > 1:
+                    raise PreconditionFailed(
+                        f"If-None-Exist matched {len(ids)} {rtype} resources; it must match at most one",
+                        rule="http:if-none-exist", code="duplicate")
+                if ids:
+                    got = self._current(t, rtype, ids[0])
+                    assert got is not None
+                    return got, False
+            rid = resource.get("id") if keep_id else None
+            if rid is None:
+                rid = uuid.uuid4().hex
+            elif not isinstance(rid, str) or not ID_PATTERN.match(rid):
+                raise InputError("id must match [A-Za-z0-9-.]{1,64}", expression=f"{rtype}.id",
+                                 pointer="/id", rule="fhir:id")
+            elif self._current(t, rtype, rid) is not None:
+                raise Conflict(f"{rtype}/{rid} already exists", rule="store:exists", code="duplicate")
+            return self._write(t, rtype, rid, resource, 1, source=source), True
+
+    def update(self, rtype: str, rid: str, resource: dict[str, Any], *, if_match: int | None = None,
+               source: str | None = None, tx: Tx | None = None) -> tuple[StoredResource, bool]:
+        """Create or update `rtype/rid` (a new version). Returns (stored, created)."""
+        if _type_of(resource) != rtype:
+            raise InputError(f"resourceType '{resource.get('resourceType')}' does not match {rtype}",
+                             pointer="/resourceType", rule="http:type-mismatch")
+        with self._tx(tx) as t:
+            cur = self._current(t, rtype, rid)
+            if if_match is not None and (cur is None or cur.version != if_match):
+                raise PreconditionFailed(f"{rtype}/{rid} is not at version {if_match}",
+                                         rule="http:if-match")
+            version = 1 if cur is None else cur.version + 1
+            keep_source = source if source is not None else (cur.source if cur else None)
+            return self._write(t, rtype, rid, resource, version, source=keep_source), cur is None
+
+    def delete(self, rtype: str, rid: str, *, tx: Tx | None = None) -> StoredResource | None:
+        """Mark a resource deleted (a new, empty version). None when it did not exist."""
+        with self._tx(tx) as t:
+            cur = self._current(t, rtype, rid)
+            if cur is None or cur.deleted:
+                return None
+            stub = {"resourceType": rtype, "id": rid}
+            return self._write(t, rtype, rid, stub, cur.version + 1, source=cur.source, deleted=True)
+
+    def _write(self, t: Tx, rtype: str, rid: str, resource: dict[str, Any], version: int, *,
+               source: str | None, deleted: bool = False) -> StoredResource:
+        now = instant_now()
+        body = dict(resource)
+        body["id"] = rid
+        meta = dict(body.get("meta") or {}) if isinstance(body.get("meta"), dict) else {}
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = now
+        body = {"resourceType": rtype, "id": rid, "meta": meta,
+                **{k: v for k, v in body.items() if k not in ("resourceType", "id", "meta")}}
+        text = jsonio.dumps(body).decode()
+        seq_rows = t.execute(
+            "INSERT INTO fhir_history (type, id, version, last_updated, deleted, source, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+            (rtype, rid, version, now, int(deleted), source, text))
+        seq = seq_rows[0]["seq"]
+        if version > 1:
+            t.execute("DELETE FROM fhir_current WHERE type = ? AND id = ?", (rtype, rid))
+            t.execute("DELETE FROM fhir_index WHERE type = ? AND id = ?", (rtype, rid))
+        t.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  (rtype, rid, version, seq, now, int(deleted), source, text))
+        if not deleted:
+            rows = sorted({(rtype, rid, p, v) for p, v in index_values(body)})
+            if rows:
+                t.executemany("INSERT INTO fhir_index (type, id, param, value) VALUES (?, ?, ?, ?)", rows)
+        return StoredResource(rtype, rid, version, now, deleted, body, source)
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self.db.transaction(immediate=False) as t:
+            return t.execute(sql, params)
+
+    def get(self, rtype: str, rid: str) -> StoredResource | None:
+        """The current version (None when absent; a deleted resource has deleted=True)."""
+        with self.db.transaction(immediate=False) as t:
+            return self._current(t, rtype, rid)
+
+    def _current(self, t: Tx, rtype: str, rid: str) -> StoredResource | None:
+        rows = t.execute("SELECT type, id, version, last_updated, deleted, source, body FROM fhir_current "
+                         "WHERE type = ? AND id = ?", (rtype, rid))
+        return _row(rows[0]) if rows else None
+
+    def vread(self, rtype: str, rid: str, version: int) -> StoredResource | None:
+        rows = self._read("SELECT type, id, version, last_updated, deleted, source, body "
+                          "FROM fhir_history WHERE type = ? AND id = ? AND version = ?", (rtype, rid, version))
+        return _row(rows[0]) if rows else None
+
+    def history(self, rtype: str, rid: str) -> list[StoredResource]:
+        """All versions, newest first."""
+        rows = self._read("SELECT type, id, version, last_updated, deleted, source, body "
+                          "FROM fhir_history WHERE type = ? AND id = ? ORDER BY version DESC", (rtype, rid))
+        return [_row(r) for r in rows]
+
+    def search(self, rtype: str, params: Mapping[str, Sequence[str]], *, count: int = DEFAULT_COUNT,
+               offset: int = 0, where: Callable[[StoredResource], bool] | None = None,
+               audience: tuple[str, Sequence[str]] | None = None) -> SearchResult:
+        """Current, non-deleted resources matching every parameter (values in one parameter OR'ed).
+
+        `audience` (source, references) keeps only resources that source wrote or whose
+        recipient/requester is one of the references; `where` filters further in Python
+        (access rules), and totals then count what it lets through.
+        """
+        count = max(0, min(int(count), MAX_COUNT))
+        offset = max(0, int(offset))
+        sql, args = self._search_sql(rtype, params)
+        if audience is not None:
+            source, refs = audience
+            clause = "c.source = ?"
+            args = [*args, source]
+            if refs:
+                clause += (" OR EXISTS (SELECT 1 FROM fhir_index a WHERE a.type = c.type AND a.id = c.id "
+                           "AND a.param IN ('recipient', 'requester') "
+                           f"AND a.value IN ({', '.join('?' * len(refs))}))")
+                args += list(refs)
+            sql += f" AND ({clause})"
+        with self.db.transaction(immediate=False) as t:
+            if where is None:
+                total = t.execute(f"SELECT COUNT(*) AS n FROM ({sql}) q", args)[0]["n"]
+                rows = t.execute(f"{sql} ORDER BY c.seq LIMIT ? OFFSET ?", [*args, count, offset])
+                return SearchResult(int(total), offset, count, [_row(r) for r in rows])
+            rows = t.execute(f"{sql} ORDER BY c.seq", args)
+        visible = [s for s in (_row(r) for r in rows) if where(s)]
+        return SearchResult(len(visible), offset, count, visible[offset:offset + count])
+
+    def _search_ids(self, t: Tx, rtype: str, params: Mapping[str, Sequence[str]], limit: int,
+                    source: str | None = None) -> list[str]:
+        sql, args = self._search_sql(rtype, params)
+        if source is not None:
+            sql += " AND c.source = ?"
+            args.append(source)
+        return [r["id"] for r in t.execute(f"{sql} ORDER BY c.seq LIMIT ?", [*args, limit])]
+
+    def _search_sql(self, rtype: str, params: Mapping[str, Sequence[str]]) -> tuple[str, list[Any]]:
+        known = SEARCH_PARAMS.get(rtype, {})
+        clauses = ["c.type = ?", "c.deleted = 0"]
+        args: list[Any] = [rtype]
+        for name, values in params.items():
+            if name in ("_count", "_offset", "_format", "_total", "_sort", "_summary"):
+                continue
+            for value in values:
+                alternatives = [v for v in value.split(",")] if value else [""]
+                if name == "_id":
+                    clauses.append(f"c.id IN ({', '.join('?' * len(alternatives))})")
+                    args += alternatives
+                elif name == "_lastUpdated":
+                    sql, more = _date_clause("c.last_updated", value)
+                    clauses.append(sql)
+                    args += more
+                elif name in known:
+                    norm = [_normalise(name, v) for v in alternatives]
+                    clauses.append("EXISTS (SELECT 1 FROM fhir_index i WHERE i.type = c.type AND i.id = c.id "
+                                   f"AND i.param = ? AND i.value IN ({', '.join('?' * len(norm))}))")
+                    args += [name, *norm]
+                else:
+                    raise InputError(f"Search parameter '{name}' is not supported for {rtype}",
+                                     rule="search:unknown-parameter", code="not-supported")
+        sql = ("SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, c.body, c.seq "
+               "FROM fhir_current c WHERE " + " AND ".join(clauses))
+        return sql, args
+
+    def counts(self) -> dict[str, int]:
+        """Number of current resources per type (deleted ones excluded)."""
+        rows = self._read("SELECT type, COUNT(*) AS n FROM fhir_current WHERE deleted = 0 GROUP BY type")
+        return {r["type"]: int(r["n"]) for r in rows}
+
+
+class _Reuse:
+    def __init__(self, tx: Tx) -> None:
+        self.tx = tx
+
+    def __enter__(self) -> Tx:
+        return self.tx
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def index_values(resource: dict[str, Any]) -> Iterable[tuple[str, str]]:
+    """(param, normalised value) pairs for a resource's search index."""
+    for name, extract in SEARCH_PARAMS.get(str(resource.get("resourceType")), {}).items():
+        for value in extract(resource):
+            yield name, value
+
+
+def _normalise(name: str, value: str) -> str:
+    default_type = REFERENCE_PARAMS.get(name)
+    if name in REFERENCE_PARAMS and default_type and "/" not in value:
+        return f"{default_type}/{value}"
+    return value
+
+
+def _type_of(resource: Any) -> str:
+    rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+    if not isinstance(rtype, str):
+        raise InputError("resourceType is missing", pointer="/resourceType", rule="fhir:resourceType")
+    return rtype
+
+
+def _row(r: Mapping[str, Any]) -> StoredResource:
+    return StoredResource(r["type"], r["id"], int(r["version"]), r["last_updated"], bool(r["deleted"]),
+                          jsonio.loads(r["body"]), r.get("source"))
+
+
+_DATE = re.compile(r"^(eq|ne|gt|ge|lt|le|sa|eb)?(\d{4})(?:-(\d{2})(?:-(\d{2})"
+                   r"(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
+def _date_clause(column: str, value: str) -> tuple[str, list[str]]:
+    """SQL for a FHIR date search on an instant column: the value is a range at its precision."""
+    m = _DATE.match(value)
+    if not m:
+        raise InputError(f"_lastUpdated value '{value[:40]}' is not a FHIR date/dateTime with an optional "
+                         "prefix (eq, gt, ge, lt, le)", rule="search:date", code="value")
+    prefix, y, mo, d, hh, mi, ss, frac, tz = m.groups()
+    try:
+        lo, hi = _range(y, mo, d, hh, mi, ss, frac, tz)
+    except ValueError:
+        raise InputError(f"_lastUpdated value '{value[:40]}' is not a valid date", rule="search:date",
+                         code="value") from None
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+    lo_s, hi_s = lo.strftime(fmt), hi.strftime(fmt)
+    prefix = prefix or "eq"
+    if prefix in ("ge",):
+        return f"{column} >= ?", [lo_s]
+    if prefix in ("gt", "sa"):
+        return f"{column} >= ?", [hi_s]
+    if prefix in ("lt", "eb"):
+        return f"{column} < ?", [lo_s]
+    if prefix == "le":
+        return f"{column} < ?", [hi_s]
+    if prefix == "ne":
+        return f"({column} < ? OR {column} >= ?)", [lo_s, hi_s]
+    return f"({column} >= ? AND {column} < ?)", [lo_s, hi_s]
+
+
+def _range(y: str, mo: str | None, d: str | None, hh: str | None, mi: str | None, ss: str | None,
+           frac: str | None, tz: str | None) -> tuple[datetime, datetime]:
+    zone = UTC
+    if tz and tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        zone = timezone(sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])))
+    if mo is None:
+        lo = datetime(int(y), 1, 1, tzinfo=zone)
+        return _utc(lo), _utc(lo.replace(year=lo.year + 1))
+    if d is None:
+        lo = datetime(int(y), int(mo), 1, tzinfo=zone)
+        return _utc(lo), _utc(lo.replace(year=lo.year + 1, month=1) if lo.month == 12
+                              else lo.replace(month=lo.month + 1))
+    if hh is None:
+        lo = datetime(int(y), int(mo), int(d), tzinfo=zone)
+        return lo.astimezone(UTC), (lo + timedelta(days=1)).astimezone(UTC)
+    micro = int((frac or "0").ljust(6, "0")[:6])
+    lo = datetime(int(y), int(mo), int(d), int(hh), int(mi or 0), int(ss or 0), micro, tzinfo=zone)
+    step = timedelta(microseconds=1) if frac else timedelta(seconds=1) if ss else timedelta(minutes=1)
+    return lo.astimezone(UTC), (lo + step).astimezone(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)

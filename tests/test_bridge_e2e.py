@@ -1,0 +1,118 @@
+"""End to end: `fhir-kap partners add` and `fhir-kap serve` (real gunicorn) on a free port; a signed webhook."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
+
+import pytest
+from test_bridge_support import load
+
+from fhir_kap.notify import EVENT_COMMUNICATION, Notifier, sign
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fhir_kap.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None, token: str | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Content-Type": "application/fhir+json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), data
+
+
+@pytest.mark.slow
+def test_gunicorn_serves_the_bridge_end_to_end(tmp_path):
+    env = {**os.environ, "FHIR_KAP_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": os.getcwd()}
+    env.pop("FHIR_KAP_DATABASE_URL", None)
+    added = _cli(env, "partners", "add", "practice-a", "--npi", "1234567893", "--scopes", "system/*.read",
+                 "system/*.write")
+    assert added.returncode == 0, added.stderr
+    token = json.loads(added.stdout)["token"]
+    listed = _cli(env, "partners", "list")
+    assert token not in listed.stdout and json.loads(listed.stdout)[0]["name"] == "practice-a"
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _request(port, "GET", "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "bridge did not start"
+            time.sleep(0.2)
+        status, headers, body = _request(port, "POST", "/fhir/Communication",
+                                         json.dumps(load("Example-Communication-note-1.json")).encode(), token)
+        assert status == 201, body
+        location = headers["Location"]
+        assert location.startswith(f"http://127.0.0.1:{port}/fhir/Communication/")
+        status, _, read = _request(port, "GET", location.split(str(port), 1)[1], token=token)
+        assert status == 200 and json.loads(read)["id"] == json.loads(body)["id"]
+        assert _request(port, "GET", "/fhir/Communication", token="wrong")[0] == 401
+        assert _request(port, "POST", "/fhir/Communication", b"{nope", token)[0] == 400
+        assert _cli(env, "partners", "revoke", "practice-a").returncode == 0
+        assert _request(port, "GET", "/fhir/Communication", token=token)[0] == 401
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    lines = [json.loads(x) for x in err.decode().splitlines() if x.startswith("{")]
+    assert any(x.get("route") == "/fhir/<rtype>" and x.get("status") == 201 for x in lines)
+    assert "client-1" not in err.decode()
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.headers, body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhook_payload_is_id_only_and_signed():
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = Notifier(timeout=5).notify(f"http://127.0.0.1:{server.server_port}/hook", EVENT_COMMUNICATION,
+                                            "Communication/abc", secret="s3cret")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.delivered and result.status == 204
+    headers, body = _Hook.received[-1]
+    assert json.loads(body) == {"event": "communication-available", "resource": "Communication/abc"}
+    assert headers["X-KAP-Signature"] == sign("s3cret", headers["X-KAP-Timestamp"], body)
+
+
+def test_an_unreachable_webhook_is_reported_not_raised():
+    port = _free_port()
+    result = Notifier(timeout=1).notify(f"http://127.0.0.1:{port}/hook", EVENT_COMMUNICATION, "Communication/x")
+    assert not result.delivered and result.error

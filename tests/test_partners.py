@@ -1,0 +1,77 @@
+"""Partners: tokens shown once, stored hashed, revocable; scopes and identities checked."""
+from __future__ import annotations
+
+import pytest
+
+from fhir_kap.db import Database
+from fhir_kap.errors import Conflict, InputError, NotFound
+from fhir_kap.partners import NPI_SYSTEM, Partners
+
+
+@pytest.fixture
+def partners(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'p.sqlite3'}")
+    yield Partners(db)
+    db.close()
+
+
+def test_add_returns_a_token_that_authenticates_and_is_not_stored(partners):
+    partner, token = partners.add("practice-a", org_identifier="urn:ietf:rfc:3986|urn:oid:1.2.3",
+                                  npis=["1234567893"])
+    assert len(token) >= 40
+    assert partners.authenticate(token) == partner
+    dump = repr(partners.db.execute("SELECT * FROM partners"))
+    assert token not in dump
+    assert partner.recipient_keys == ("urn:ietf:rfc:3986|urn:oid:1.2.3", f"{NPI_SYSTEM}|1234567893")
+
+
+@pytest.mark.parametrize("token", [None, "", "nope", "x" * 1000, "é\x00"])
+def test_unknown_tokens_do_not_authenticate(partners, token):
+    partners.add("practice-a")
+    assert partners.authenticate(token) is None
+
+
+def test_revoked_partner_no_longer_authenticates(partners):
+    _, token = partners.add("practice-a")
+    assert partners.revoke("practice-a").revoked
+    assert partners.authenticate(token) is None
+    assert [p.name for p in partners.list()] == ["practice-a"]
+
+
+def test_revoking_an_unknown_partner_is_not_found(partners):
+    with pytest.raises(NotFound):
+        partners.revoke("ghost")
+
+
+def test_adding_a_partner_twice_conflicts(partners):
+    partners.add("practice-a")
+    with pytest.raises(Conflict):
+        partners.add("practice-a")
+
+
+@pytest.mark.parametrize("kwargs,rule", [
+    ({"name": "../etc"}, "partner:name"),
+    ({"name": "ok", "scopes": "system/*.delete"}, "partner:scope"),
+    ({"name": "ok", "org_identifier": "no-bar"}, "partner:identifier"),
+    ({"name": "ok", "npis": ["12"]}, "partner:npi"),
+    ({"name": "ok", "endpoint_url": "ftp://x"}, "partner:url"),
+    ({"name": "ok", "endpoint_url": "https://x", "endpoint_auth": "bearer:s3cr3t-token"}, "partner:endpoint-auth"),
+    ({"name": "ok", "references": ["Patient/x"]}, "partner:reference"),
+])
+def test_invalid_partner_settings_are_refused_naming_the_rule(partners, kwargs, rule):
+    name = kwargs.pop("name")
+    with pytest.raises(InputError) as err:
+        partners.add(name, **kwargs)
+    assert err.value.issues[0].rule == rule
+
+
+@pytest.mark.parametrize("scopes,rtype,interaction,allowed", [
+    ("system/*.read", "Communication", "read", True),
+    ("system/*.read", "Communication", "write", False),
+    ("system/Communication.*", "Communication", "write", True),
+    ("system/Communication.*", "Consent", "read", False),
+    ("kap/clinic", "Communication", "read", False),
+])
+def test_scopes_grant_interactions(partners, scopes, rtype, interaction, allowed):
+    partner, _ = partners.add("p", scopes=scopes)
+    assert partner.allows(rtype, interaction) is allowed

@@ -1,0 +1,143 @@
+"""The versioned resource store, on SQLite and on PostgreSQL."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fhir_kap.db import Database
+from fhir_kap.errors import InputError, PreconditionFailed
+from fhir_kap.store import Store
+
+DATA = Path(__file__).parent / "data" / "bridge"
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        db = Database(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    else:
+        url = request.getfixturevalue("pg_url")
+        db = Database(url)
+        with db.transaction() as tx:  # an isolated schema per test
+            schema = "t_" + uuid.uuid4().hex[:12]
+            tx.execute(f"CREATE SCHEMA {schema}")
+        db.close()
+        db = Database(url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}")
+    yield Store(db)
+    db.close()
+    if request.param == "postgresql":
+        admin = Database(url)
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()
+
+
+def test_create_assigns_id_version_and_last_updated(store):
+    stored, created = store.create(load("Example-Communication-note-1.json"))
+    assert created and stored.version == 1 and stored.id != "note-1"
+    assert stored.resource["meta"]["versionId"] == "1"
+    assert stored.resource["meta"]["lastUpdated"] == stored.last_updated
+    assert store.get("Communication", stored.id).resource == stored.resource
+
+
+def test_update_bumps_version_and_keeps_history(store):
+    first, _ = store.create(load("Example-Communication-note-1.json"))
+    changed = dict(first.resource, status="entered-in-error")
+    second, created = store.update("Communication", first.id, changed)
+    assert not created and second.version == 2
+    assert [h.version for h in store.history("Communication", first.id)] == [2, 1]
+    assert store.vread("Communication", first.id, 1).resource["status"] == "completed"
+    assert store.vread("Communication", first.id, 3) is None
+
+
+def test_update_with_stale_if_match_is_refused(store):
+    first, _ = store.create(load("Example-Communication-note-1.json"))
+    store.update("Communication", first.id, first.resource)
+    with pytest.raises(PreconditionFailed):
+        store.update("Communication", first.id, first.resource, if_match=1)
+
+
+def test_conditional_create__returns_existing_on_match(store):
+    note = load("Example-Communication-note-1.json")
+    cond = {"identifier": ["http://fhir-kap.example/sid/note|note-1"]}
+    a, created_a = store.create(note, if_none_exist=cond)
+    b, created_b = store.create(note, if_none_exist=cond)
+    assert created_a and not created_b and a.id == b.id
+    assert store.counts() == {"Communication": 1}
+
+
+def test_conditional_create__several_matches_is_412(store):
+    note = load("Example-Communication-note-1.json")
+    store.create(note)
+    store.create(note)
+    with pytest.raises(PreconditionFailed):
+        store.create(note, if_none_exist={"identifier": ["note-1"]})
+
+
+@pytest.mark.parametrize("params,hits", [
+    ({"patient": ["client-1"]}, 1),
+    ({"patient": ["Patient/client-1"]}, 1),
+    ({"patient": ["client-2"]}, 0),
+    ({"identifier": ["http://fhir-kap.example/sid/note|note-1"]}, 1),
+    ({"identifier": ["note-1"]}, 1),
+    ({"identifier": ["http://other|note-1"]}, 0),
+    ({"status": ["completed"]}, 1),
+    ({"status": ["in-progress,completed"]}, 1),
+    ({"status": ["in-progress"]}, 0),
+    ({"recipient": ["Practitioner/ref-therapist"]}, 1),
+    ({"recipient": ["ref-therapist"]}, 1),
+    ({"category": ["http://fhir-kap.example/CodeSystem/kap-information-category|session-dates"]}, 1),
+    ({"category": ["session-dates"]}, 1),
+    ({"category": ["safety"]}, 0),
+    ({"based-on": ["ServiceRequest/referral-1"]}, 1),
+    ({"_lastUpdated": ["ge2000-01-01"]}, 1),
+    ({"_lastUpdated": ["lt2000-01-01"]}, 0),
+    ({"patient": ["client-1"], "status": ["in-progress"]}, 0),
+])
+def test_search_matches_indexed_parameters(store, params, hits):
+    store.create(load("Example-Communication-note-1.json"))
+    store.create(load("Example-ServiceRequest-referral-1.json"))
+    assert store.search("Communication", params).total == hits
+
+
+def test_search_pages_with_count_and_offset(store):
+    ids = [store.create(load("Example-Communication-note-1.json"))[0].id for _ in range(5)]
+    page1 = store.search("Communication", {}, count=2, offset=0)
+    page3 = store.search("Communication", {}, count=2, offset=4)
+    assert page1.total == 5 and [s.id for s in page1.items] == ids[:2]
+    assert [s.id for s in page3.items] == ids[4:]
+
+
+def test_search_reflects_only_the_current_version(store):
+    first, _ = store.create(load("Example-Communication-note-1.json"))
+    store.update("Communication", first.id, dict(first.resource, status="entered-in-error"))
+    assert store.search("Communication", {"status": ["completed"]}).total == 0
+    assert store.search("Communication", {"status": ["entered-in-error"]}).total == 1
+
+
+def test_deleted_resources_leave_search_but_keep_history(store):
+    first, _ = store.create(load("Example-Communication-note-1.json"))
+    store.delete("Communication", first.id)
+    assert store.search("Communication", {}).total == 0
+    assert store.get("Communication", first.id).deleted
+    assert len(store.history("Communication", first.id)) == 2
+
+
+@pytest.mark.parametrize("params", [{"nonsense": ["x"]}, {"_lastUpdated": ["yesterday"]},
+                                    {"_lastUpdated": ["ge2025-13-40"]}])
+def test_bad_search_parameters_are_input_errors(store, params):
+    with pytest.raises(InputError):
+        store.search("Communication", params)
+
+
+def test_a_failed_transaction_writes_nothing(store):
+    with pytest.raises(PreconditionFailed), store.transaction() as tx:
+        store.create(load("Example-Communication-note-1.json"), tx=tx)
+        raise PreconditionFailed("abort halfway")
+    assert store.counts() == {}
