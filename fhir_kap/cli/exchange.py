@@ -46,6 +46,37 @@ def register(subparsers: Any) -> None:
     d.add_argument("--json", action="store_true", help="print the final counts as JSON")
     d.set_defaults(handler=deliver_handler)
 
+    snd = subparsers.add_parser(
+        "send", help="map, validate and consent-gate records, then queue them for delivery",
+        description="Each KAP record (or FHIR resource) is checked, mapped, validated and decided "
+                    "by the consent gate for each recipient; permitted ones are labelled and queued "
+                    "in the outbox (run `fhir-kap deliver`). Consents and parties become consent "
+                    "context. Prints one JSON line per document; exit 0 when nothing was refused, "
+                    "1 otherwise.")
+    snd.add_argument("files", nargs="+", metavar="FILE", help="JSON or NDJSON; - for stdin")
+    snd.add_argument("--to", metavar="ENDPOINT|URL",
+                     help="configured endpoint name, or a FHIR base URL (no auth); default: the only "
+                          "configured endpoint")
+    snd.add_argument("--recipient", action="append", metavar="REF",
+                     help="recipient (Practitioner/x or SYSTEM|VALUE) for resources that name none")
+    snd.add_argument("--purpose", default="TREAT", help="v3-ActReason purpose of use (default TREAT)")
+    snd.set_defaults(handler=send_handler)
+
+    aud = subparsers.add_parser(
+        "audit", help="query the append-only audit trail (AuditEvent, Provenance)",
+        description="Newest first. Every consent decision (permit or deny) is an AuditEvent; every "
+                    "permitted disclosure a Provenance citing the exact Consent version.")
+    aud.add_argument("--type", choices=("AuditEvent", "Provenance"), dest="resource_type")
+    aud.add_argument("--patient", metavar="REF", help="e.g. Patient/client-0001")
+    aud.add_argument("--recipient", metavar="REF")
+    aud.add_argument("--consent", metavar="REF", help="Consent/id or Consent/id/_history/v")
+    aud.add_argument("--outcome", choices=("permit", "deny", "malformed"),
+                     help="decision outcome (AuditEvent outcome 0 / 4 / 8)")
+    aud.add_argument("--since", metavar="DATE|INSTANT")
+    aud.add_argument("--limit", type=int, default=50)
+    aud.add_argument("--json", action="store_true", help="print the resources as a JSON Bundle")
+    aud.set_defaults(handler=audit_handler)
+
     o = subparsers.add_parser("outbox", help="inspect and operate the outbox",
                               description="List, show, retry, hold, release and purge queued items.")
     osub = o.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
@@ -99,9 +130,12 @@ def _secret(ep: EndpointConfig, what: str, env: Any) -> str:
 
 
 def client_factory(settings: Settings, env: Any = None,
-                   session_factory: Callable[[], Any] | None = None) -> Callable[[str], FhirClient]:
+                   session_factory: Callable[[], Any] | None = None,
+                   partner_endpoint: Callable[[str], Any] | None = None) -> Callable[[str], FhirClient]:
     """`client_for(endpoint_name)`: a cached FhirClient per configured endpoint, with its auth
-    built from the endpoint's settings and the environment. Unknown endpoints and missing
+    built from the endpoint's settings and the environment. A name the settings lack may be a
+    bridge partner registered with `--endpoint` (`partner_endpoint(name)` gives its
+    EndpointConfig) or, from `send --to URL`, a URL (no auth). Unknown endpoints and missing
     secrets raise ConfigError naming the endpoint or the variable (never a value)."""
     import os
 
@@ -137,6 +171,12 @@ def client_factory(settings: Settings, env: Any = None,
     def client_for(name: str) -> FhirClient:
         if name not in cache:
             ep = settings.endpoints.get(name)
+            if ep is None and partner_endpoint is not None:
+                ep = partner_endpoint(name)
+            if ep is None and name.startswith(("http://", "https://")):
+                from ..config import EndpointConfig
+
+                ep = EndpointConfig(name=name, base_url=name)  # `send --to URL`: no auth
             if ep is None:
                 raise ConfigError(f"Endpoint '{name}' is not configured (add [endpoints.{name}] to "
                                   "the settings file)", rule="settings:endpoint")
@@ -149,26 +189,102 @@ def client_factory(settings: Settings, env: Any = None,
 def consent_checker(outbox: Outbox, audit: Any, settings: Settings,
                     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
                     ) -> Callable[[OutboxItem], tuple[bool, str]]:
-    """The send-time consent re-check: the ConsentGate over the item's patient's stored context
-    (outbox.context_for), deciding for the item's recipient and purpose today. Every decision is
-    appended to the audit log. Fails closed: no recipient/purpose, or an error, means hold."""
-    from ..consent import ConsentGate, Recipient, audit_event
+    """The send-time consent re-check (fhir_kap.outbound.send_time_check) for these settings."""
+    from ..outbound import send_time_check
 
-    def check(item: OutboxItem) -> tuple[bool, str]:
-        if not item.recipient_ref or not item.purpose:
-            return False, "the item records no recipient or purpose to check consent against"
-        if not item.patient_ref:
-            return False, "the item records no patient to find consents for"
-        now = clock()
-        recipient = Recipient.parse(item.recipient_ref)
-        gate = ConsentGate(outbox.context_for(item.patient_ref))
-        decision = gate.decide(item.resource, recipient, item.purpose, now)
-        audit.append(audit_event(decision, item.resource, recipient, item.purpose,
-                                 release=settings.fhir_version, recorded=now))
-        reason = "; ".join(r.message for r in decision.reasons) or ("permit" if decision.permit else "deny")
-        return decision.permit, reason
+    return send_time_check(outbox, audit, settings.fhir_version, clock)
 
-    return check
+
+def partner_endpoints(db: Any) -> Callable[[str], Any]:
+    """EndpointConfig of a bridge partner's own FHIR server, from `partners add --endpoint URL
+    [--endpoint-auth none|bearer:ENVVAR|smart:CLIENT_ID]`; None for other names."""
+    from ..config import EndpointConfig
+    from ..partners import Partners
+
+    partners = Partners(db)
+
+    def lookup(name: str) -> EndpointConfig | None:
+        partner = partners.get(name)
+        if partner is None or partner.revoked or not partner.endpoint_url:
+            return None
+        kind, _, value = (partner.endpoint_auth or "none").partition(":")
+        if kind == "bearer":
+            return EndpointConfig(name=name, base_url=partner.endpoint_url, auth="bearer", token_env=value)
+        if kind == "smart":
+            return EndpointConfig(name=name, base_url=partner.endpoint_url, auth="smart", client_id=value,
+                                  token_env=f"FHIR_KAP_SECRET_{name.upper().replace('-', '_')}")
+        return EndpointConfig(name=name, base_url=partner.endpoint_url)
+
+    return lookup
+
+
+# ---------------------------------------------------------------- audit
+
+_OUTCOME_CODES = {"permit": "0", "deny": "4", "malformed": "8"}
+
+
+def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
+    _, audit = _open(settings)
+    if args.limit < 1:
+        raise InputError("--limit must be at least 1", rule="cli:argument")
+    rows = audit.query(args.resource_type, args.patient,
+                       _OUTCOME_CODES.get(args.outcome) if args.outcome else None, args.since,
+                       recipient=args.recipient, consent=args.consent, limit=args.limit)
+    if args.json:
+        _write_json({"resourceType": "Bundle", "type": "searchset", "total": len(rows),
+                     "entry": [{"resource": r} for r in rows]})
+        return 0
+    from ..auditlog import extract
+
+    print(f"{'RECORDED':<26} {'TYPE':<11} {'OUTCOME':<8} {'PATIENT':<22} {'RECIPIENT':<28} CONSENT")
+    names = {v: k for k, v in _OUTCOME_CODES.items()}
+    for r in rows:
+        rec = extract(r)
+        print(f"{rec.recorded[:26]:<26} {rec.resource_type:<11} "
+              f"{names.get(rec.outcome or '', rec.outcome or '-'):<8} {rec.patient or '-':<22} "
+              f"{rec.recipient or '-':<28} {rec.consent_ref or '-'}")
+    return 0
+
+
+# ---------------------------------------------------------------- send
+
+def _target(settings: Settings, to: str | None) -> Any:
+    from ..outbound import Target
+
+    if to is None:
+        if len(settings.endpoints) != 1:
+            raise InputError("say where to send: --to ENDPOINT or --to URL (settings name "
+                             f"{len(settings.endpoints)} endpoints)", rule="cli:argument")
+        to = next(iter(settings.endpoints))
+    ep = settings.endpoints.get(to)
+    if ep is not None:
+        return Target(ep.name, ep.base_url)
+    named = [e for e in settings.endpoints.values() if e.base_url.rstrip("/") == to.rstrip("/")]
+    if named:
+        return Target(named[0].name, named[0].base_url)
+    if to.startswith(("http://", "https://")):
+        return Target(to, to)
+    raise ConfigError(f"Endpoint '{to}' is not configured and is not a URL", rule="settings:endpoint")
+
+
+def send_handler(args: argparse.Namespace, settings: Settings) -> int:
+    from ..jsonio import iter_documents
+    from ..outbound import Outbound
+    from ..pipeline import Pipeline
+    from ._io import open_input, write_json
+
+    target = _target(settings, args.to)
+    outbox, audit = _open(settings)
+    out = Outbound(Pipeline.load(), outbox, audit, release=settings.fhir_version,
+                   purpose=args.purpose, actor="fhir-kap send")
+    refused = 0
+    for path in args.files:
+        with open_input(path) as stream:
+            for label, doc in iter_documents(stream, source="stdin" if path == "-" else path):
+                result = out.submit(label, doc, target, recipients=args.recipient)
+                refused += result.outcome == "refused"
+                write_json(result.to_json(), pretty=False)
+    return 1 if refused else 0
 
 
 # ---------------------------------------------------------------- deliver
@@ -186,7 +302,8 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
         raise InputError("--poll and --lease must be positive numbers of seconds", rule="cli:argument")
     outbox, audit = _open(settings)
     worker = DeliveryWorker(
-        outbox, client_factory(settings), consent_checker(outbox, audit, settings),
+        outbox, client_factory(settings, partner_endpoint=partner_endpoints(outbox.db)),
+        consent_checker(outbox, audit, settings),
         batch_size=settings.batch_size, max_attempts=settings.max_attempts,
         backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_max),
         worker_id=args.worker_id or default_worker_id(), use_transactions=args.transactions,
