@@ -94,7 +94,7 @@ def looks_like_transcript(text: str) -> bool:
     return sum(1 for _ in _SPEAKER.finditer(text)) >= 2
 
 
-def detect_release(resource: dict[str, Any]) -> Release | None:
+def detect_release(resource: Any) -> Release | None:
     """Guess a resource's FHIR release from its shape; None when nothing tells R4 from R5.
 
     >>> detect_release({"resourceType": "Procedure", "performedDateTime": "2024-01-01"})
@@ -554,7 +554,8 @@ _SYSTEM_IN_EXPR = re.compile(r"system='([^']+)'")
 def _constraint_holds(key: str, expression: str, resource: dict[str, Any], rt: str, release: Release,
                       term: _Terminology) -> list[tuple[str, tuple[Any, ...]]]:
     """Evaluate a kap-* constraint; returns (message suffix, json path) for each violation."""
-    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+    raw_meta = resource.get("meta")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     security = {(s.get("system"), s.get("code")) for s in meta.get("security") or [] if isinstance(s, dict)}
     if key == "kap-sec-1":
         need = {(CS.V3_CONFIDENTIALITY, "R"), (CS.V3_ACTCODE, "PSY")}
