@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -177,6 +176,8 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     endpoints: dict[str, EndpointConfig] = {}
     path = path or env.get("FHIR_KAP_CONFIG")
     if path:
+        import tomllib  # only when there is a file: keeps CLI start-up lean
+
         try:
             with open(path, "rb") as fh:
                 raw = tomllib.load(fh)

@@ -1,7 +1,13 @@
 """Inbound FHIR: what the bridge does with a resource a partner sends, and referral status Tasks.
 
     request body ─▶ shape checks ─▶ profile check (Validator) ─▶ map to a KAP record (Mapper)
-      ─▶ store (one transaction, with the referral's Task) ─▶ consent context ─▶ notify
+      ─▶ ONE group-committed transaction: store, the referral's Task, consent context
+      ─▶ (after the commit, on a background thread) notify
+
+Checking and mapping run on the request's thread; the writes run as one unit of work
+through `Store.write` (group commit: several requests share one fsync, each still answered
+only once its writes are durable, a failing one rolled back alone). Webhooks never run
+inside the request: they are queued to the notifier's background thread after the commit.
 
 A referral (ServiceRequest) gets a BSeR-style Task when it first arrives: `focus` and
 `basedOn` the referral, `for` its subject, `requester` the referring practitioner, `owner`
@@ -137,12 +143,30 @@ class Inbound:
 
     def accept(self, resource: dict[str, Any], *, source: str | None,
                if_none_exist: Mapping[str, Sequence[str]] | None = None) -> Accepted:
-        """Check, store (with a Task for a new referral), then keep context and notify."""
+        """Check, then store with a Task for a new referral and the consent context in one commit; notify."""
         record = self.check(resource)
-        with self.store.transaction() as tx:
-            acc = self._store_one(tx, resource, source, if_none_exist, record)
-        self._after([acc])
-        return acc
+        return self._commit(lambda tx: [self._store_one(tx, resource, source, if_none_exist, record)])[0]
+
+    def _commit(self, work: Callable[[Any], list[Accepted]]) -> list[Accepted]:
+        """Run `work` and keep its context in one group-committed transaction, then notify."""
+        joined = self._context_joins()
+
+        def unit(tx: Any) -> list[Accepted]:
+            accepted = work(tx)
+            if joined:
+                self._keep_context(accepted)
+            return accepted
+
+        accepted = self.store.write(unit)
+        if not joined:
+            self._keep_context(accepted)
+        self._notify_accepted(accepted)
+        return accepted
+
+    def _context_joins(self) -> bool:
+        # The context sink's writes join the store's transaction when both use the same Database
+        # (its transaction() nests as a SAVEPOINT); otherwise it keeps its own commit, after ours.
+        return self.context is not None and getattr(self.context, "db", None) is self.store.db
 
     def _store_one(self, tx: Any, resource: dict[str, Any], source: str | None,
                    if_none_exist: Mapping[str, Sequence[str]] | None, record: dict[str, Any] | None,
@@ -154,16 +178,25 @@ class Inbound:
             task, _ = self.store.create(referral_task(stored, self.clinic_owner), source=source, tx=tx)
         return Accepted(stored, created, record, task)
 
-    def _after(self, accepted: Sequence[Accepted]) -> None:
+    def _keep_context(self, accepted: Sequence[Accepted]) -> None:
+        if self.context is None:
+            return
         for acc in accepted:
-            if not acc.created:
-                continue
-            if self.context is not None and acc.stored.type in CONTEXT_TYPES:
+            if acc.created and acc.stored.type in CONTEXT_TYPES:
                 self.context.put_context(acc.stored.resource)
-            if acc.stored.type == "Communication":
-                self._notify_recipients(acc.stored)
+
+    def _notify_accepted(self, accepted: Sequence[Accepted]) -> None:
+        if self.partners is None or self.notifier is None:
+            return
+        if not any(p.webhook_url and not p.revoked for p in self.partners.list()):  # cached list
+            return
+        for acc in accepted:
+            if acc.created and acc.stored.type == "Communication":
+                stored = acc.stored
+                self.notifier.submit(lambda stored=stored: self._notify_recipients(stored))  # type: ignore[misc]
 
     def _notify_recipients(self, stored: StoredResource) -> None:
+        """Tell every partner with a rest-hook that the Communication addresses (background thread)."""
         if self.partners is None or self.notifier is None:
             return
         for partner in self.partners.list():
@@ -248,27 +281,37 @@ class Inbound:
                 worst = type(exc) if exc.http_status > worst.http_status else worst
         if issues:
             raise worst(issues)
-        accepted: list[Accepted] = []
-        with self.store.transaction() as tx:
-            for i, full, resource, cond, record in records:
-                accepted.append(self._store_one(tx, resource, source, cond, record, keep_id=full in ids))
-        self._after(accepted)
+        accepted = self._commit(lambda tx: [self._store_one(tx, resource, source, cond, record, keep_id=full in ids)
+                                            for i, full, resource, cond, record in records])
         return BundleResult(_response_bundle("transaction-response", [_entry_response(a) for a in accepted]),
                             accepted)
 
     def _batch(self, entries: list[dict[str, Any]], source: str | None) -> BundleResult:
-        out, accepted = [], []
+        """Each entry stands alone (its own SAVEPOINT), and all of them share one commit."""
+        out: list[dict[str, Any] | None] = [None] * len(entries)
+        checked: list[tuple[int, dict[str, Any], dict[str, list[str]] | None, dict[str, Any] | None]] = []
         for i, entry in enumerate(entries):
             try:
                 resource, cond = self._entry(entry, i)
-                acc = self.accept(resource, source=source, if_none_exist=cond)
+                checked.append((i, resource, cond, self.check(resource)))
             except KapError as exc:
-                out.append({"response": {"status": f"{exc.http_status} {_REASON.get(exc.http_status, 'Error')}",
-                                         "outcome": exc.operation_outcome()}})
-                continue
-            accepted.append(acc)
-            out.append(_entry_response(acc))
-        return BundleResult(_response_bundle("batch-response", out), accepted)
+                out[i] = _error_response(exc)
+
+        def work(tx: Any) -> list[Accepted]:
+            accepted = []
+            for i, resource, cond, record in checked:
+                try:
+                    with self.store.db.transaction() as sp:  # a SAVEPOINT: this entry alone on failure
+                        acc = self._store_one(sp, resource, source, cond, record)
+                except KapError as exc:
+                    out[i] = _error_response(exc)
+                    continue
+                out[i] = _entry_response(acc)
+                accepted.append(acc)
+            return accepted
+
+        accepted = self._commit(work) if checked else []
+        return BundleResult(_response_bundle("batch-response", [o for o in out if o is not None]), accepted)
 
     def referral_status(self, referral_id: str, business_status: str, *, reason: str | None = None) -> StoredResource:
         """Move the referral's Task to `business_status` (Conflict if the flow does not allow it)."""
@@ -280,10 +323,16 @@ class Inbound:
                              rule="referral:reason")
         if not ID_PATTERN.match(referral_id):
             raise NotFound("no such referral", rule="referral:unknown")
-        found = self.store.search("Task", {"focus": [f"ServiceRequest/{referral_id}"]}, count=1)
-        if not found.items:
+        updated = self.store.write(lambda tx: self._move(tx, referral_id, business_status, reason))
+        if self.notifier is not None:
+            self.notifier.submit(lambda: self._notify_source(updated))
+        return updated
+
+    def _move(self, tx: Any, referral_id: str, business_status: str, reason: str | None) -> StoredResource:
+        found = self.store.search_in(tx, "Task", {"focus": [f"ServiceRequest/{referral_id}"]}, count=1)
+        if not found:
             raise NotFound("no such referral", rule="referral:unknown")
-        cur = found.items[0]
+        cur = found[0]
         now_status = _business_status(cur.resource)
         if business_status not in REFERRAL_FLOW.get(now_status, ()):
             raise Conflict(f"a referral that is '{now_status}' cannot become '{business_status}'; allowed: "
@@ -297,9 +346,8 @@ class Inbound:
             task["statusReason"] = {"text": reason}
         else:
             task.pop("statusReason", None)
-        # if_match: a concurrent move of the same Task fails with 412 instead of being lost.
-        updated, _ = self.store.update("Task", cur.id, task, if_match=cur.version)
-        self._notify_source(updated)
+        # Read and update in one transaction; if_match keeps the guard should that ever change.
+        updated, _ = self.store.update("Task", cur.id, task, if_match=cur.version, tx=tx)
         return updated
 
     def _notify_source(self, task: StoredResource) -> None:
@@ -436,6 +484,11 @@ def _new_id() -> str:
 
 _REASON = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 409: "Conflict",
            412: "Precondition Failed", 422: "Unprocessable Entity"}
+
+
+def _error_response(exc: KapError) -> dict[str, Any]:
+    return {"response": {"status": f"{exc.http_status} {_REASON.get(exc.http_status, 'Error')}",
+                         "outcome": exc.operation_outcome()}}
 
 
 def _entry_response(acc: Accepted) -> dict[str, Any]:

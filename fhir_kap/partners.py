@@ -10,6 +10,12 @@ Scopes follow SMART backend services: `system/<Type|*>.<read|write|*>`, plus
 `kap/clinic` (a clinic operator: reads everything, sees why a disclosure was refused).
 Endpoint secrets are never stored: `endpoint_auth` names an environment variable
 (`bearer:ENVVAR`) or a SMART client id (`smart:CLIENT_ID`).
+
+`Partners(db, cache_seconds=N)` keeps successful token lookups and the partner list for N
+seconds per process (the bridge uses 5), so a request needs no database read to
+authenticate. A revocation through the same object takes effect at once; one made elsewhere
+(`fhir-kap partners revoke` while the bridge runs) within N seconds. Unknown tokens are
+never cached, so a new partner works at once.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -97,9 +105,21 @@ def _hash(token: str) -> str:
 class Partners:
     """The partners table on the shared database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, cache_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
+        self.cache_seconds = cache_seconds
+        self._clock = clock
+        self._by_digest: dict[str, tuple[float, Partner]] = {}
+        self._list: tuple[float, list[Partner]] | None = None
+        self._cache_lock = threading.Lock()
         db.migrate("partners-1", _MIGRATION)
+
+    def forget(self) -> None:
+        """Drop this process's cached lookups (done on every add and revoke through this object)."""
+        with self._cache_lock:
+            self._by_digest.clear()
+            self._list = None
 
     def add(self, name: str, *, scopes: Sequence[str] | str | None = None,
             org_identifier: str | None = None, npis: Sequence[str] = (), references: Sequence[str] = (),
@@ -143,6 +163,7 @@ class Partners:
                        "webhook_url, webhook_secret, revoked, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
                        (name, _hash(token), " ".join(scope_list), jsonio.dumps(identity).decode(),
                         endpoint_url, auth, webhook_url, webhook_secret, created))
+        self.forget()
         partner = self.get(name)
         assert partner is not None
         return partner, token
@@ -157,7 +178,16 @@ class Partners:
         return _partner(rows[0]) if rows else None
 
     def list(self) -> list[Partner]:
-        return [_partner(r) for r in self._read("SELECT * FROM partners ORDER BY name")]
+        """Every partner, revoked ones included (cached for `cache_seconds`)."""
+        now = self._clock()
+        cached = self._list
+        if cached is not None and now < cached[0]:
+            return list(cached[1])
+        partners = [_partner(r) for r in self._read("SELECT * FROM partners ORDER BY name")]
+        if self.cache_seconds > 0:
+            with self._cache_lock:
+                self._list = (now + self.cache_seconds, partners)
+        return list(partners)
 
     def revoke(self, name: str) -> Partner:
         """Revoke a partner's token for good (the row stays for the audit trail)."""
@@ -165,6 +195,7 @@ class Partners:
             if not tx.execute("SELECT name FROM partners WHERE name = ?", (name,)):
                 raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
             tx.execute("UPDATE partners SET revoked = 1 WHERE name = ?", (name,))
+        self.forget()
         partner = self.get(name)
         assert partner is not None
         return partner
@@ -174,11 +205,22 @@ class Partners:
         if not token or len(token) > 256:
             return None
         digest = _hash(token)
+        now = self._clock()
+        hit = self._by_digest.get(digest)
+        if hit is not None and now < hit[0]:
+            return hit[1]
         rows = self._read("SELECT * FROM partners WHERE token_sha256 = ?", (digest,))
         if not rows or not hmac.compare_digest(rows[0]["token_sha256"], digest):
             return None
         partner = _partner(rows[0])
-        return None if partner.revoked else partner
+        if partner.revoked:
+            return None
+        if self.cache_seconds > 0:
+            with self._cache_lock:
+                if len(self._by_digest) > 10_000:  # bounded: a cache, not a registry
+                    self._by_digest.clear()
+                self._by_digest[digest] = (now + self.cache_seconds, partner)
+        return partner
 
 
 def _partner(row: dict[str, Any]) -> Partner:

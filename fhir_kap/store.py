@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from . import jsonio
 from .db import Database, Tx
@@ -27,6 +27,7 @@ from .errors import Conflict, InputError, PreconditionFailed
 
 __all__ = ["ID_PATTERN", "SEARCH_PARAMS", "SearchResult", "Store", "StoredResource", "instant_now"]
 
+T = TypeVar("T")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 _MIGRATION = [
@@ -184,12 +185,30 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """One transaction for several writes (a FHIR transaction Bundle)."""
+        """One transaction for several writes, committed on its own (CLI tools, tests).
+
+        Request handlers use `write`, which shares the commit with concurrent requests.
+        """
         with self.db.transaction() as tx:
-            if self.db.dialect == "postgresql":
-                # Serialise writers on the store so conditional creates cannot race.
-                tx.execute("SELECT pg_advisory_xact_lock(4242)")
+            self._lock(tx)
             yield tx
+
+    def write(self, work: Callable[[Tx], T]) -> T:
+        """Run `work(tx)` in a group-committed transaction (`Database.write`); durable on return.
+
+        Everything `work` writes lands in one commit or not at all; what it raises is re-raised
+        here after its writes are rolled back (the rest of the batch is unaffected).
+        """
+        def unit(tx: Tx) -> T:
+            self._lock(tx)
+            return work(tx)
+
+        return self.db.write(unit)
+
+    def _lock(self, tx: Tx) -> None:
+        if self.db.dialect == "postgresql":
+            # Serialise writers on the store so conditional creates cannot race.
+            tx.execute("SELECT pg_advisory_xact_lock(4242)")
 
     def _tx(self, tx: Tx | None) -> Any:
         return _Reuse(tx) if tx is not None else self.transaction()
@@ -205,6 +224,9 @@ class Store:
         another's identifiers.
         """
         rtype = _type_of(resource)
+        if tx is None:
+            return self.write(lambda t: self.create(resource, source=source, if_none_exist=if_none_exist,
+                                                    keep_id=keep_id, tx=t))
         with self._tx(tx) as t:
             if if_none_exist:
                 ids = self._search_ids(t, rtype, if_none_exist, limit=2, source=source)
@@ -232,6 +254,8 @@ class Store:
         if _type_of(resource) != rtype:
             raise InputError(f"resourceType '{resource.get('resourceType')}' does not match {rtype}",
                              pointer="/resourceType", rule="http:type-mismatch")
+        if tx is None:
+            return self.write(lambda t: self.update(rtype, rid, resource, if_match=if_match, source=source, tx=t))
         with self._tx(tx) as t:
             cur = self._current(t, rtype, rid)
             if if_match is not None and (cur is None or cur.version != if_match):
@@ -243,6 +267,8 @@ class Store:
 
     def delete(self, rtype: str, rid: str, *, tx: Tx | None = None) -> StoredResource | None:
         """Mark a resource deleted (a new, empty version). None when it did not exist."""
+        if tx is None:
+            return self.write(lambda t: self.delete(rtype, rid, tx=t))
         with self._tx(tx) as t:
             cur = self._current(t, rtype, rid)
             if cur is None or cur.deleted:
@@ -333,6 +359,12 @@ class Store:
             rows = t.execute(f"{sql} ORDER BY c.seq", args)
         visible = [s for s in (_row(r) for r in rows) if where(s)]
         return SearchResult(len(visible), offset, count, visible[offset:offset + count])
+
+    def search_in(self, tx: Tx, rtype: str, params: Mapping[str, Sequence[str]], *,
+                  count: int = DEFAULT_COUNT) -> list[StoredResource]:
+        """The first `count` current resources matching `params`, read inside the transaction `tx`."""
+        sql, args = self._search_sql(rtype, params)
+        return [_row(r) for r in tx.execute(f"{sql} ORDER BY c.seq LIMIT ?", [*args, max(0, int(count))])]
 
     def _search_ids(self, t: Tx, rtype: str, params: Mapping[str, Sequence[str]], limit: int,
                     source: str | None = None) -> list[str]:

@@ -74,7 +74,11 @@ def test_gunicorn_serves_the_bridge_end_to_end(tmp_path):
         assert _request(port, "GET", "/fhir/Communication", token="wrong")[0] == 401
         assert _request(port, "POST", "/fhir/Communication", b"{nope", token)[0] == 400
         assert _cli(env, "partners", "revoke", "practice-a").returncode == 0
-        assert _request(port, "GET", "/fhir/Communication", token=token)[0] == 401
+        # Workers cache token lookups for BridgeOptions.auth_cache_seconds (5 s): the documented bound.
+        revoked_by = time.monotonic() + 5 + 1
+        while _request(port, "GET", "/fhir/Communication", token=token)[0] != 401:
+            assert time.monotonic() < revoked_by, "a revocation must take effect within the cache bound"
+            time.sleep(0.2)
     finally:
         server.terminate()
         _, err = server.communicate(timeout=30)

@@ -75,3 +75,42 @@ def test_invalid_partner_settings_are_refused_naming_the_rule(partners, kwargs, 
 def test_scopes_grant_interactions(partners, scopes, rtype, interaction, allowed):
     partner, _ = partners.add("p", scopes=scopes)
     assert partner.allows(rtype, interaction) is allowed
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cached_token_lookup_sees_a_revocation_made_elsewhere_within_the_cache_bound(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.sqlite3'}"
+    clock = _Clock()
+    bridge_side = Partners(Database(url), cache_seconds=5, clock=clock)
+    cli_side = Partners(Database(url))
+    _, token = cli_side.add("practice-a")
+    assert bridge_side.authenticate(token) is not None
+    cli_side.revoke("practice-a")
+    clock.now += 4.9
+    assert bridge_side.authenticate(token) is not None  # still inside the documented bound
+    clock.now += 0.2
+    assert bridge_side.authenticate(token) is None
+
+
+def test_revocation_through_the_caching_object_takes_effect_at_once(tmp_path):
+    partners = Partners(Database(f"sqlite:///{tmp_path / 'p.sqlite3'}"), cache_seconds=60)
+    _, token = partners.add("practice-a")
+    assert partners.authenticate(token) is not None
+    partners.revoke("practice-a")
+    assert partners.authenticate(token) is None
+    assert partners.list()[0].revoked
+
+
+def test_unknown_tokens_are_not_cached_so_a_new_partner_works_at_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.sqlite3'}"
+    bridge_side = Partners(Database(url), cache_seconds=60)
+    assert bridge_side.authenticate("not-yet") is None
+    _, token = Partners(Database(url)).add("practice-a")
+    assert bridge_side.authenticate(token) is not None

@@ -48,12 +48,16 @@ class BridgeOptions:
 
     base_url: the public base of the FHIR facade (default: from the request, + "/fhir");
     read_purpose: the purpose of use partner reads are checked for (v3-ActReason);
-    webhook_timeout: seconds per rest-hook call; bench_echo: add `/bench/echo` (parses JSON only).
+    webhook_timeout: seconds per rest-hook call (on the notifier's background thread);
+    auth_cache_seconds: how long a process keeps a token lookup and the partner list, which
+    bounds how late a revocation made elsewhere (`fhir-kap partners revoke`) takes effect;
+    bench_echo: add `/bench/echo` (parses JSON only).
     """
 
     base_url: str | None = None
     read_purpose: str = "TREAT"
     webhook_timeout: float = 5.0
+    auth_cache_seconds: float = 5.0
     bench_echo: bool = False
     notify: bool = True
 
@@ -93,7 +97,7 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     release = Release.parse(settings.fhir_version)
     db = Database(settings.db_url)
     store = Store(db)
-    partners = Partners(db)
+    partners = Partners(db, cache_seconds=options.auth_cache_seconds)
     validator = Validator.load(release)
     mapper = Mapper.load()
     outbox = Outbox(db)
@@ -122,7 +126,8 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     @app.get("/readyz")
     def readyz() -> Response:
         try:
-            db.execute("SELECT 1 AS ok")
+            with db.transaction(immediate=False) as tx:  # a read: no write lock, no fsync
+                tx.execute("SELECT 1 AS ok")
         except Exception:  # noqa: BLE001 - any failure means not ready
             log.warning(_line(event="readyz-failed"))
             return json_response({"status": "unavailable", "database": "unreachable"}, 503)

@@ -15,6 +15,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="settings file (TOML)")
     serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    serve.add_argument("--threads", type=int, default=8,
+                       help="threads per worker (default 8); concurrent writes of a worker share one commit")
     serve.add_argument("--dev", action="store_true", help="Flask's development server (one process)")
     serve.add_argument("--base-url", default=None, help="public base URL of /fhir (default: from requests)")
     serve.add_argument("--bench-echo", action="store_true", help=argparse.SUPPRESS)
@@ -90,7 +92,9 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            cfg = {"bind": f"{args.host}:{args.port}", "workers": max(1, args.workers), "worker_class": "sync",
+            threads = max(1, args.threads)
+            cfg = {"bind": f"{args.host}:{args.port}", "workers": max(1, args.workers),
+                   "worker_class": "gthread" if threads > 1 else "sync", "threads": threads,
                    "accesslog": None, "errorlog": "-", "loglevel": "warning", "timeout": 60, "keepalive": 5}
             for key, value in cfg.items():
                 self.cfg.set(key, value)
