@@ -95,9 +95,18 @@ def if_none_exist(key: str) -> str:
 
 
 def _summary(exc: BaseException) -> str:
-    """A one-line error summary for the outbox (status and the server's short text)."""
+    """A one-line error summary for the outbox: the status and the server's issue codes and
+    expressions — never the server's free text, which may echo the resource's content."""
     if isinstance(exc, ServerError):
-        return exc.summary
+        head = exc.summary.split(" — server said:", 1)[0]
+        issues = [i for i in (exc.remote_outcome or {}).get("issue") or [] if isinstance(i, dict)]
+        if issues:
+            parts = []
+            for issue in issues[:5]:
+                where = [e for e in issue.get("expression") or [] if isinstance(e, str)][:1]
+                parts.append(str(issue.get("code", "?"))[:40] + (f" at {where[0][:120]}" if where else ""))
+            head += " (server issues: " + "; ".join(parts) + ")"
+        return head
     if isinstance(exc, KapError):
         return "; ".join(i.message for i in exc.issues)
     return f"internal error ({type(exc).__name__})"
@@ -162,21 +171,30 @@ class DeliveryWorker:
     # ---- per endpoint
 
     def _deliver_endpoint(self, endpoint: str, items: list[OutboxItem], stats: Stats) -> None:
-        permitted = [item for item in items if self._consent_ok(item, stats)]
-        if not permitted:
-            return
         try:
             client = self.client_for(endpoint)
         except KapError as exc:  # endpoint missing from the settings, secret not set, ...
-            for item in permitted:
+            for item in items:
                 self._failed(item, exc, stats, retryable=True)
             return
-        if self.use_transactions and len(permitted) > 1:
-            for start in range(0, len(permitted), self.transaction_size):
-                self._send_transaction(client, permitted[start:start + self.transaction_size], stats)
+        # Consent and lease are checked right before each send (not once per batch): a batch
+        # against a slow server can outlast a revocation, or the lease.
+        if self.use_transactions and len(items) > 1:
+            for start in range(0, len(items), self.transaction_size):
+                chunk = [i for i in items[start:start + self.transaction_size] if self._may_send(i, stats)]
+                if chunk:
+                    self._send_transaction(client, chunk, stats)
         else:
-            for item in permitted:
-                self._send_single(client, item, stats)
+            for item in items:
+                if self._may_send(item, stats):
+                    self._send_single(client, item, stats)
+
+    def _may_send(self, item: OutboxItem, stats: Stats) -> bool:
+        if not self.outbox.renew_lease(item, self.lease_seconds, worker_id=self.worker_id, now=self.clock()):
+            stats.lost_lease += 1
+            log.warning("item %d: lease passed to another worker before sending; skipped", item.id)
+            return False
+        return self._consent_ok(item, stats)
 
     def _consent_ok(self, item: OutboxItem, stats: Stats) -> bool:
         try:

@@ -255,6 +255,14 @@ class Outbox:
             "last_error = NULL, updated_at = ?",
             (server_id, server_version, location, ts, ts), worker_id)
 
+    def renew_lease(self, item: OutboxItem | int, lease_seconds: float, *, worker_id: str | None = None,
+                    now: float | None = None) -> bool:
+        """Extend the holder's lease just before a send; False when the lease has passed to
+        another worker (then this worker must not send the item)."""
+        ts = self._now(now)
+        return self._leased_update(item, "lease_until = ?, updated_at = ?", (ts + float(lease_seconds), ts),
+                                   worker_id)
+
     def mark_retry(self, item: OutboxItem | int, error: str, next_at: float, *,
                    worker_id: str | None = None, now: float | None = None) -> bool:
         """Back to pending, due again at `next_at`, with a one-line error summary."""

@@ -14,7 +14,7 @@ import responses
 
 from fhir_kap.client import BearerAuth, FhirClient, RetryPolicy, SmartBackendAuth
 from fhir_kap.db import Database
-from fhir_kap.delivery import Backoff, DeliveryWorker, if_none_exist
+from fhir_kap.delivery import Backoff, DeliveryWorker, Stats, if_none_exist
 from fhir_kap.errors import ConfigError
 from fhir_kap.outbox import Outbox
 
@@ -274,8 +274,38 @@ def test_400_operation_outcome__dead_letters_at_once_with_the_server_reason(outb
     item = outbox.get(item_id)
     assert (stats.dead, stats.retried) == (1, 0)
     assert item.state == "dead" and "400" in item.last_error
-    assert "Communication.status: field required" in item.last_error
+    assert "required at Communication.status" in item.last_error
+    assert "field required" not in item.last_error  # the server's free text may echo content
     assert "Dosing session" not in item.last_error
+
+
+@pytest.mark.sekmet
+def test_revocation_during_a_batch__holds_the_items_not_yet_sent(sekmet, outbox, clock):
+    """Consent is re-checked right before each send, not once per batch."""
+    client = FhirClient(sekmet.base_url)
+    first, second = note(), note()
+    first_id, second_id = queue(outbox, [first, second], sekmet.base_url)
+    calls: list[int] = []
+
+    def check(item):
+        calls.append(item.id)
+        return (len(calls) == 1), "Consent/consent-1 revoked after the first send"
+
+    stats = worker(outbox, lambda name: client, clock, consent_check=check).run_once()
+    assert (stats.delivered, stats.held) == (1, 1)
+    assert outbox.get(calls[0]).state == "delivered" and outbox.get(calls[1]).state == "held"
+
+
+def test_item_whose_lease_passed_to_another_worker__is_not_sent(outbox, clock, rsps):
+    [item_id] = queue(outbox, [note()], FAKE)
+    me = worker(outbox, lambda name: fake_client(Sleeps()), clock)
+    [item] = outbox.claim(me.worker_id, 10, clock(), lease_seconds=1)
+    clock.now += 5  # lease expired; another worker takes the item over
+    assert outbox.claim("other-worker", 10, clock(), lease_seconds=300)
+    stats = Stats()
+    me._deliver_endpoint(item.endpoint, [item], stats)
+    assert stats.lost_lease == 1 and len(rsps.calls) == 0
+    assert outbox.get(item_id).lease_owner == "other-worker"
 
 
 def test_persistent_503__dead_after_max_attempts_with_growing_backoff(outbox, clock, rsps):
