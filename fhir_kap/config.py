@@ -116,6 +116,7 @@ class EndpointConfig:
     token_url: str | None = None
     scope: str = "system/*.read system/*.write"
     fhir_version: str | None = None  # None: negotiate from /metadata
+    recipients: tuple[str, ...] = ()  # whom this server receives for: `Practitioner/x`, `SYSTEM|VALUE`
 
 
 @dataclass(frozen=True)
@@ -215,4 +216,13 @@ def _endpoint(name: str, raw: Any) -> EndpointConfig:
                           rule="settings")
     if raw.get("auth", "none") not in ("none", "bearer", "smart"):
         raise ConfigError(f"Endpoint '{name}': auth must be none, bearer or smart", rule="settings")
-    return EndpointConfig(name=name, **{k: str(v) for k, v in raw.items()})
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "recipients":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"Endpoint '{name}': recipients must be a list of references or "
+                                  "SYSTEM|VALUE identifiers", rule="settings")
+            values[key] = tuple(value)
+        else:
+            values[key] = str(value)
+    return EndpointConfig(name=name, **values)

@@ -32,6 +32,7 @@ class Target:
 
     endpoint: str
     base_url: str
+    serves: tuple[str, ...] | None = None  # the recipients it is registered for; None: ad hoc URL
 
 
 @dataclass
@@ -88,10 +89,10 @@ class Outbound:
         """
         try:
             if isinstance(doc, dict) and "resourceType" in doc:
-                self.pipeline.from_fhir(doc, self.release)  # validates and checks it maps
-                resource = doc
-            else:
-                resource = self.pipeline.to_fhir(doc, self.release)
+                # A FHIR resource is re-built from its KAP record: only mapped elements leave,
+                # never a caller's `contained`, `text`, `note` or extensions the gate cannot see.
+                doc = self.pipeline.from_fhir(doc, self.release)
+            resource = self.pipeline.to_fhir(doc, self.release)
         except KapError as exc:
             return SendResult(label, "refused", reasons=[issue_reason(i) for i in exc.issues])
         rtype, rid = resource["resourceType"], resource.get("id")
@@ -99,14 +100,25 @@ class Outbound:
         if rtype in CONTEXT_TYPES:
             self.outbox.put_context(resource)
             return SendResult(label, "context", ref)
-        names = recipients or [r["reference"] for r in resource.get("recipient") or []
-                               if isinstance(r, dict) and isinstance(r.get("reference"), str)]
+        addressed = [r["reference"] for r in resource.get("recipient") or []
+                     if isinstance(r, dict) and isinstance(r.get("reference"), str)]
+        names = list(recipients or addressed)
         if not names:
             return SendResult(label, "refused", ref, reasons=[{
                 "message": "no recipient: name one (--recipient) to disclose this resource to",
                 "rule": "outbound:recipient"}])
+        stray = [n for n in names if addressed and n not in addressed]
+        if stray:  # a note goes only to those it is addressed to
+            return SendResult(label, "refused", ref, reasons=[{
+                "message": f"{stray[0]} is not among the note's recipients", "rule": "outbound:recipient"}])
+        unserved = [n for n in names if target.serves is not None and n not in target.serves]
+        if unserved:  # the endpoint must be the recipient's own server
+            return SendResult(label, "refused", ref, reasons=[{
+                "message": f"endpoint {target.endpoint} is not registered for {unserved[0]}",
+                "rule": "outbound:endpoint-recipient"}])
         deliveries = [self._one(resource, ref, Recipient.parse(name), name, target) for name in names]
-        outcome = "queued" if any(d["outcome"] == "queued" for d in deliveries) else "refused"
+        outcomes = {d["outcome"] for d in deliveries}
+        outcome = next(o for o in ("queued", "already-queued", "refused") if o in outcomes)
         return SendResult(label, outcome, ref, deliveries)
 
     def _one(self, resource: dict[str, Any], ref: str, recipient: Recipient, name: str,
@@ -124,8 +136,11 @@ class Outbound:
         item, created = self.outbox.enqueue(
             apply_security_labels(resource), endpoint=target.endpoint, base_url=target.base_url,
             patient_ref=patient, recipient_ref=name, purpose=self.purpose, consent_ref=decision.consent)
-        return {"recipient": name, "outcome": "queued", "outbox_item": item.id, "new": created,
-                "consent": decision.consent}
+        out = {"recipient": name, "outcome": "queued" if created else "already-queued",
+               "outbox_item": item.id, "state": item.state, "consent": decision.consent}
+        if not created and item.state in ("held", "dead"):  # same key: the first version stays queued
+            out["hint"] = f"item {item.id} is {item.state}: `fhir-kap outbox release|retry {item.id}`"
+        return out
 
 
 def send_time_check(outbox: Outbox, audit: Any, release: Release,

@@ -398,7 +398,19 @@ class Outbox:
         if not isinstance(rid, str) or not rid:
             raise InputError(f"{rtype} in the consent context needs an id", pointer="/id",
                              expression=f"{rtype}.id", rule="outbox:context-id", code="required")
-        version = (resource.get("meta") or {}).get("versionId")
+        meta = resource.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise InputError(f"{rtype}.meta must be an object", pointer="/meta", expression=f"{rtype}.meta",
+                             rule="fhir:meta")
+        version = (meta or {}).get("versionId")
+        if version is not None and not isinstance(version, str):
+            raise InputError(f"{rtype}.meta.versionId must be a string", pointer="/meta/versionId",
+                             expression=f"{rtype}.meta.versionId", rule="fhir:meta")
+        if rtype == "Consent" and _patient_of(resource) is None:
+            # unreadable here would mean "applies to every client": refuse it instead
+            raise InputError("Consent needs a literal patient (R4 patient / R5 subject) reference",
+                             pointer="/patient", expression="Consent.patient", rule="outbox:context-patient",
+                             code="required")
         patient = _patient_of(resource) if rtype == "Consent" else (
             f"Patient/{rid}" if rtype == "Patient" else None)
         ts = self._now(now)

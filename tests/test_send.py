@@ -57,7 +57,7 @@ def test_send__permitted_note_is_queued_labelled_and_delivered_once(env, capsys)
     assert [x["outcome"] for x in lines] == ["context"] * 5 + ["queued"]
     assert lines[-1]["deliveries"][0]["consent"].startswith("Consent/consent-0001")
     rc, lines = _send(capsys, base, note)  # sent again: the same outbox item, not a second one
-    assert lines[0]["deliveries"][0]["new"] is False
+    assert lines[0]["outcome"] == "already-queued" and lines[0]["deliveries"][0]["state"] == "pending"
     assert main(["deliver", "--once"]) == 0
     capsys.readouterr()
     held = _on_server(base, "http://fhir-kap.example/sid/note|note-0001")
@@ -117,3 +117,40 @@ def test_send__without_a_target_says_where_to_send(env, capsys):
     tmp, base, ctx = env
     assert main(["send", str(ctx)]) == 2
     assert "--to" in capsys.readouterr().err
+
+
+def _queued_resource(capsys) -> dict:
+    assert main(["outbox", "show", "1", "--resource", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["resource"]
+
+
+def test_send__a_fhir_resource_is_rebuilt_from_its_record__contained_text_and_note_never_leave(env, capsys):
+    tmp, base, ctx = env
+    hostile = ROOT / "tests" / "data" / "hostile" / "Communication-with-contained-and-text.json"
+    rc, lines = _send(capsys, base, str(ctx), str(hostile))
+    assert lines[-1]["outcome"] == "queued"
+    queued = _queued_resource(capsys)
+    assert not {"contained", "text", "note"} & set(queued)
+
+
+def test_send__recipient_must_be_one_the_note_is_addressed_to(env, capsys):
+    tmp, base, ctx = env
+    rc = main(["send", "--to", base, "--recipient", "Practitioner/prac-presc-01", str(ctx),
+               str(RECORDS / "note-note-0001.json")])
+    last = [json.loads(x) for x in capsys.readouterr().out.splitlines()][-1]
+    assert rc == 1 and last["reasons"][0]["rule"] == "outbound:recipient"
+
+
+def test_send__configured_endpoint_takes_only_the_recipients_it_lists(env, capsys, monkeypatch):
+    tmp, base, ctx = env
+    cfg = tmp / "kap.toml"
+    cfg.write_text(f'[endpoints.practice-b]\nbase_url = "{base}"\nrecipients = ["Practitioner/prac-other-01"]\n')
+    monkeypatch.setenv("FHIR_KAP_CONFIG", str(cfg))
+    rc, lines = _send(capsys, "practice-b", str(ctx), str(RECORDS / "note-note-0001.json"))
+    assert rc == 1 and lines[-1]["reasons"][0]["rule"] == "outbound:endpoint-recipient"
+
+
+def test_send__plain_http_to_another_host_is_refused(env, capsys):
+    tmp, base, ctx = env
+    assert main(["send", "--to", "http://ehr.example.org/fhir", str(RECORDS / "note-note-0001.json")]) == 2
+    assert "https" in capsys.readouterr().err

@@ -25,6 +25,22 @@ __all__ = ["client_factory", "consent_checker", "register"]
 DAY = 86_400.0
 
 
+def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be between {low} and {high}")
+        return value
+    return parse
+
+
+_count = _bounded("the limit", 1, 100_000)
+_item_id = _bounded("the item id", 1, 2**62)
+
+
 def register(subparsers: Any) -> None:
     d = subparsers.add_parser(
         "deliver", help="run the delivery worker (outbox -> FHIR servers)",
@@ -73,7 +89,7 @@ def register(subparsers: Any) -> None:
     aud.add_argument("--outcome", choices=("permit", "deny", "malformed"),
                      help="decision outcome (AuditEvent outcome 0 / 4 / 8)")
     aud.add_argument("--since", metavar="DATE|INSTANT")
-    aud.add_argument("--limit", type=int, default=50)
+    aud.add_argument("--limit", type=_count, default=50)
     aud.add_argument("--json", action="store_true", help="print the resources as a JSON Bundle")
     aud.set_defaults(handler=audit_handler)
 
@@ -83,18 +99,18 @@ def register(subparsers: Any) -> None:
     ls = osub.add_parser("list", help="list items (newest state first by id)")
     ls.add_argument("--state", choices=("pending", "sending", "delivered", "held", "dead"))
     ls.add_argument("--endpoint", metavar="NAME")
-    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--limit", type=_count, default=100)
     show = osub.add_parser("show", help="one item in detail")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_item_id)
     show.add_argument("--resource", action="store_true",
                       help="include the queued resource (it holds patient data)")
     retry = osub.add_parser("retry", help="dead or held item back to pending, attempts reset")
-    retry.add_argument("id", type=int)
+    retry.add_argument("id", type=_item_id)
     hold = osub.add_parser("hold", help="hold a pending item")
-    hold.add_argument("id", type=int)
+    hold.add_argument("id", type=_item_id)
     hold.add_argument("--reason", default="held by an operator")
     release = osub.add_parser("release", help="held item back to pending")
-    release.add_argument("id", type=int)
+    release.add_argument("id", type=_item_id)
     purge = osub.add_parser("purge-delivered", help="delete delivered items")
     purge.add_argument("--older-than", type=float, default=30.0, metavar="DAYS",
                        help="delivered more than DAYS days ago (default 30)")
@@ -257,13 +273,18 @@ def _target(settings: Settings, to: str | None) -> Any:
                              f"{len(settings.endpoints)} endpoints)", rule="cli:argument")
         to = next(iter(settings.endpoints))
     ep = settings.endpoints.get(to)
-    if ep is not None:
-        return Target(ep.name, ep.base_url)
-    named = [e for e in settings.endpoints.values() if e.base_url.rstrip("/") == to.rstrip("/")]
-    if named:
-        return Target(named[0].name, named[0].base_url)
-    if to.startswith(("http://", "https://")):
-        return Target(to, to)
+    if ep is None:
+        ep = next((e for e in settings.endpoints.values() if e.base_url.rstrip("/") == to.rstrip("/")), None)
+    if ep is not None:  # a configured endpoint receives only for the recipients it lists
+        return Target(ep.name, ep.base_url, serves=tuple(ep.recipients))
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(to)
+    if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")):
+        return Target(to, to)  # ad hoc: the command line names both the server and the recipients
+    if parts.scheme == "http":
+        raise ConfigError(f"Refusing plain http to '{parts.hostname}': patient data goes over https "
+                          "(plain http only to this machine)", rule="settings:endpoint")
     raise ConfigError(f"Endpoint '{to}' is not configured and is not a URL", rule="settings:endpoint")
 
 
@@ -277,13 +298,15 @@ def send_handler(args: argparse.Namespace, settings: Settings) -> int:
     outbox, audit = _open(settings)
     out = Outbound(Pipeline.load(), outbox, audit, release=settings.fhir_version,
                    purpose=args.purpose, actor="fhir-kap send")
-    refused = 0
+    docs = []  # read every input first: a malformed line refuses the run before anything is queued
     for path in args.files:
         with open_input(path) as stream:
-            for label, doc in iter_documents(stream, source="stdin" if path == "-" else path):
-                result = out.submit(label, doc, target, recipients=args.recipient)
-                refused += result.outcome == "refused"
-                write_json(result.to_json(), pretty=False)
+            docs += list(iter_documents(stream, source="stdin" if path == "-" else path))
+    refused = 0
+    for label, doc in docs:
+        result = out.submit(label, doc, target, recipients=args.recipient)
+        refused += result.outcome == "refused"
+        write_json(result.to_json(), pretty=False)
     return 1 if refused else 0
 
 
@@ -399,18 +422,28 @@ def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
     from ._io import open_input
 
     stored = skipped = 0
+    found: list[tuple[str, Any]] = []  # read everything first: all of it is stored, or none
     for path in args.files:
         with open_input(path) as fh:
             for label, doc in iter_documents(fh, source=path):
-                resources = [e.get("resource") for e in doc.get("entry") or []] \
-                    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle" else [doc]
-                for res in resources:
-                    try:
-                        ok = outbox.put_context(res)
-                    except InputError as exc:
-                        raise InputError([replace(i, message=f"{label}: {i.message}")
-                                          for i in exc.issues]) from None
-                    stored, skipped = (stored + 1, skipped) if ok else (stored, skipped + 1)
+                if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+                    entries = doc.get("entry") or []
+                    if not isinstance(entries, list):
+                        raise InputError(f"{label}: Bundle.entry must be a list", pointer="/entry",
+                                         expression="Bundle.entry", rule="fhir:bundle")
+                    for i, entry in enumerate(entries):
+                        found.append((f"{label}#entry[{i}]",
+                                      entry.get("resource") if isinstance(entry, dict) else None))
+                else:
+                    found.append((label, doc))
+    with outbox.db.transaction():
+        for label, res in found:
+            try:
+                ok = outbox.put_context(res)
+            except InputError as exc:
+                raise InputError([replace(i, message=f"{label}: {i.message}")
+                                  for i in exc.issues]) from None
+            stored, skipped = (stored + 1, skipped) if ok else (stored, skipped + 1)
     if args.json:
         _write_json({"stored": stored, "older_versions_skipped": skipped})
     else:

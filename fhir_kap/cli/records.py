@@ -56,16 +56,18 @@ def _release(args: argparse.Namespace, settings: Any) -> Any:
     return Release.parse(args.fhir_version) if args.fhir_version else settings.fhir_version
 
 
-def _report(failed: list[Any]) -> None:
+def _report(failed: list[Any], more: Any = ()) -> None:
+    """One OperationOutcome on stderr for every problem of the run."""
     from ..errors import operation_outcome
     from ..pipeline import labelled
     from . import print_outcome
 
-    issues = [i for o in failed for i in labelled(o.label, o.error.issues)]
+    issues = [i for o in failed for i in labelled(o.label, o.error.issues)] + list(more)
     print_outcome(operation_outcome(issues))
 
 
 def cmd_map(args: argparse.Namespace, settings: Any) -> int:
+    from ..errors import KapError
     from ..jsonio import dumps
     from ..pipeline import Pipeline
 
@@ -76,22 +78,27 @@ def cmd_map(args: argparse.Namespace, settings: Any) -> int:
     first = True
     if not args.ndjson:
         out.write(b'{"resourceType":"Bundle","type":"collection","entry":[\n')
-    for outcome in pipeline.map_documents(_documents(args.files), release):
-        if not outcome.ok:
-            failed.append(outcome)
-            continue
-        if args.ndjson:
-            out.write(dumps(outcome.result) + b"\n")
-        else:
-            out.write((b"" if first else b",\n") + dumps({"resource": outcome.result}))
-            first = False
+    unreadable: KapError | None = None
+    try:
+        for outcome in pipeline.map_documents(_documents(args.files), release):
+            if not outcome.ok:
+                failed.append(outcome)
+                continue
+            if args.ndjson:
+                out.write(dumps(outcome.result) + b"\n")
+            else:
+                out.write((b"" if first else b",\n") + dumps({"resource": outcome.result}))
+                first = False
+    except KapError as exc:  # unreadable input: stop, but leave stdout a complete document
+        unreadable = exc
     if not args.ndjson:
         out.write(b"\n]}\n")
     out.flush()
-    if failed:
-        _report(failed)
-        return 1
-    return 0
+    if failed or unreadable is not None:
+        _report(failed, unreadable.issues if unreadable is not None else ())
+    if unreadable is not None:
+        return unreadable.exit_code
+    return 1 if failed else 0
 
 
 def cmd_import(args: argparse.Namespace, settings: Any) -> int:
