@@ -87,14 +87,9 @@ class Outbound:
         resource's own (`Communication.recipient`) unless `recipients` are given
         (`Practitioner/x` or `system|value`), which a Procedure or ServiceRequest needs.
         """
-        try:
-            if isinstance(doc, dict) and "resourceType" in doc:
-                # A FHIR resource is re-built from its KAP record: only mapped elements leave,
-                # never a caller's `contained`, `text`, `note` or extensions the gate cannot see.
-                doc = self.pipeline.from_fhir(doc, self.release)
-            resource = self.pipeline.to_fhir(doc, self.release)
-        except KapError as exc:
-            return SendResult(label, "refused", reasons=[issue_reason(i) for i in exc.issues])
+        resource = self.prepare(doc)
+        if isinstance(resource, KapError):
+            return SendResult(label, "refused", reasons=[issue_reason(i) for i in resource.issues])
         rtype, rid = resource["resourceType"], resource.get("id")
         ref = f"{rtype}/{rid}"
         if rtype in CONTEXT_TYPES:
@@ -116,26 +111,53 @@ class Outbound:
             return SendResult(label, "refused", ref, reasons=[{
                 "message": f"endpoint {target.endpoint} is not registered for {unserved[0]}",
                 "rule": "outbound:endpoint-recipient"}])
-        deliveries = [self._one(resource, ref, Recipient.parse(name), name, target) for name in names]
+        deliveries = [self.disclose(resource, name, target) for name in names]
         outcomes = {d["outcome"] for d in deliveries}
         outcome = next(o for o in ("queued", "already-queued", "refused") if o in outcomes)
         return SendResult(label, outcome, ref, deliveries)
 
-    def _one(self, resource: dict[str, Any], ref: str, recipient: Recipient, name: str,
-             target: Target) -> dict[str, Any]:
+    def prepare(self, doc: Any) -> dict[str, Any] | KapError:
+        """A KAP record (or FHIR resource) → checked, mapped, validated FHIR; or the error.
+
+        A FHIR resource is re-built from its KAP record: only mapped elements leave, never a
+        caller's `contained`, `text`, `note` or extensions the gate cannot see.
+        """
+        try:
+            if isinstance(doc, dict) and "resourceType" in doc:
+                doc = self.pipeline.from_fhir(doc, self.release)
+            return self.pipeline.to_fhir(doc, self.release)
+        except KapError as exc:
+            return exc
+
+    def gate(self, resource: dict[str, Any], recipient_key: str) -> tuple[Any, dict[str, Any] | None]:
+        """Decide one disclosure and audit it; on permit also write the Provenance citing the
+        Consent version and return the labelled copy that may leave (else None)."""
+        ref = f"{resource['resourceType']}/{resource.get('id')}"
         patient = (resource.get("subject") or {}).get("reference")
         now = self.clock()
-        gate = ConsentGate(self.outbox.context_for(patient) if patient else [])
-        decision = gate.decide(resource, recipient, self.purpose, now)
+        recipient = Recipient.parse(recipient_key)
+        decision = ConsentGate(self.outbox.context_for(patient) if patient else []).decide(
+            resource, recipient, self.purpose, now)
         self.audit.append(audit_event(decision, resource, recipient, self.purpose, release=self.release,
                                       recorded=now, actor=self.actor))
         if not decision.permit:
+            return decision, None
+        self.audit.append(provenance(ref, decision, release=self.release, recorded=now))
+        return decision, apply_security_labels(resource)
+
+    def disclose(self, resource: dict[str, Any], recipient_key: str, target: Target, *,
+                 shown: str | None = None) -> dict[str, Any]:
+        """Gate one disclosure and, when permitted, queue it for `target` (durably)."""
+        name = shown or recipient_key
+        decision, labelled = self.gate(resource, recipient_key)
+        if labelled is None:
             return {"recipient": name, "outcome": "refused",
                     "reasons": [r.to_json() for r in decision.reasons]}
-        self.audit.append(provenance(ref, decision, release=self.release, recorded=now))
+        patient = (resource.get("subject") or {}).get("reference")
         item, created = self.outbox.enqueue(
-            apply_security_labels(resource), endpoint=target.endpoint, base_url=target.base_url,
-            patient_ref=patient, recipient_ref=name, purpose=self.purpose, consent_ref=decision.consent)
+            labelled, endpoint=target.endpoint, base_url=target.base_url,
+            patient_ref=patient, recipient_ref=recipient_key, purpose=self.purpose,
+            consent_ref=decision.consent)
         out = {"recipient": name, "outcome": "queued" if created else "already-queued",
                "outbox_item": item.id, "state": item.state, "consent": decision.consent}
         if not created and item.state in ("held", "dead"):  # same key: the first version stays queued

@@ -7,25 +7,28 @@ mapped to FHIR, profile-checked and, when it names recipients, consent-gated per
   rest-hook (if any) is told the id;
 - a refused disclosure, or a recipient no partner answers to: listed with the reason.
 Context records (consents, people, organisations, clients) go to the consent context.
-The answer lists every record as `queued`, `stored`, `context`, `held` or `refused`, with why.
+Records naming no recipient (sessions) are stored here for the clinic and disclosed to no one.
+The answer lists every record as `queued`, `stored`, `context`, `held` or `refused`, with why;
+the consent path (gate, AuditEvent, Provenance, labels, outbox) is fhir_kap.outbound's.
 """
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, request
 
 from .. import jsonio
-from ..errors import InputError, Issue, KapError
+from ..consent import apply_security_labels
+from ..errors import InputError, KapError
 from ..inbound import addressed_to
+from ..outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
+from ..pipeline import Pipeline
 from .app import current_partner, json_response, services
 from .fhir import read_json_body
 
 __all__ = ["register"]
 
-_CONTEXT_RESOURCES = ("Consent", "Practitioner", "PractitionerRole", "Organization", "Patient")
 _MAX_RECORDS = 1000
 
 
@@ -76,6 +79,12 @@ def _documents() -> list[tuple[str, Any]]:
     return docs
 
 
+def _outbound(source: str) -> Outbound:
+    svc = services()
+    return Outbound(Pipeline(svc.inputs, svc.mapper), svc.outbox, svc.audit, release=svc.release,
+                    purpose=svc.options.read_purpose, actor=f"partner:{source}")
+
+
 def _one(label: str, doc: Any, source: str) -> dict[str, Any]:
     svc = services()
     out: dict[str, Any] = {"item": label}
@@ -83,33 +92,29 @@ def _one(label: str, doc: Any, source: str) -> dict[str, Any]:
         out["record"] = str(doc.get("record"))[:40]
         if isinstance(doc.get("id"), str):
             out["id"] = doc["id"][:64]
-    try:
-        record = svc.inputs.check(doc)
-        resource = svc.mapper.to_fhir(record, svc.release)
-        errors = [i for i in svc.validator.validate(resource) if i.is_error]
-        if errors:
-            from ..errors import ProfileError
-
-            raise ProfileError(errors)
-    except KapError as exc:
-        return {**out, "outcome": "refused", "status": exc.http_status,
-                "reasons": [_reason(i) for i in exc.issues]}
+    outbound = _outbound(source)
+    resource = outbound.prepare(doc)
+    if isinstance(resource, KapError):
+        return {**out, "outcome": "refused", "status": resource.http_status,
+                "reasons": [issue_reason(i) for i in resource.issues]}
     rtype = resource["resourceType"]
-    if rtype in _CONTEXT_RESOURCES:
+    if rtype in CONTEXT_TYPES:
         svc.outbox.put_context(resource)
         return {**out, "outcome": "context", "resource": f"{rtype}/{resource.get('id')}"}
     recipients = [r for r in resource.get("recipient") or [] if isinstance(r, dict)]
-    if not recipients:
-        return {**out, "outcome": "held", "reasons": ["the record names no recipient to disclose it to"]}
-    deliveries = [_deliver(resource, ref, source) for ref in recipients]
+    if not recipients:  # the clinic's own record (a session): kept here, disclosed to no one
+        acc = svc.inbound.accept(apply_security_labels(resource), source=source,
+                                 if_none_exist=_identifier_condition(resource))
+        return {**out, "outcome": "stored", "resource": f"{acc.stored.type}/{acc.stored.id}",
+                "new": acc.created}
+    deliveries = [_deliver(outbound, resource, ref, source) for ref in recipients]
     outcomes = {d["outcome"] for d in deliveries}
-    overall = next(o for o in ("queued", "stored", "held", "refused") if o in outcomes)
+    overall = next(o for o in ("queued", "already-queued", "stored", "held", "refused") if o in outcomes)
     return {**out, "outcome": overall, "deliveries": deliveries}
 
 
-def _deliver(resource: dict[str, Any], ref: dict[str, Any], source: str) -> dict[str, Any]:
-    from ..consent import ConsentGate, Recipient, apply_security_labels, audit_event
-
+def _deliver(outbound: Outbound, resource: dict[str, Any], ref: dict[str, Any], source: str) -> dict[str, Any]:
+    """One recipient: the partner answering to it, the consent gate, then its outbox or our store."""
     svc = services()
     shown = ref.get("reference") if isinstance(ref.get("reference"), str) else "(identifier)"
     single = dict(resource, recipient=[ref])
@@ -118,37 +123,15 @@ def _deliver(resource: dict[str, Any], ref: dict[str, Any], source: str) -> dict
     if partner is None:
         return {"recipient": shown, "outcome": "held", "reasons": ["no registered partner answers to this recipient"]}
     key = addressed_to(single, partner, svc.store.get) or ""
-    recipient = Recipient.parse(key)
-    patient = (resource.get("subject") or {}).get("reference")
-    now = datetime.now(UTC)
-    decision = ConsentGate(svc.access.context(patient)).decide(resource, recipient, svc.options.read_purpose,
-                                                               on=now.date())
-    svc.audit.append(audit_event(decision, resource, recipient, svc.options.read_purpose, release=svc.release,
-                                 recorded=now, actor=f"partner:{source}"))
-    base = {"recipient": shown, "partner": partner.name}
-    if not decision.permit:
-        return {**base, "outcome": "refused", "reasons": [r.to_json() for r in decision.reasons]}
-    labelled = apply_security_labels(resource)
     if partner.endpoint_url:
-        item, created = svc.outbox.enqueue(labelled, endpoint=partner.name, base_url=partner.endpoint_url,
-                                           recipient_ref=key, purpose=svc.options.read_purpose,
-                                           consent_ref=_consent_ref(decision.consent))
-        return {**base, "outcome": "queued", "outbox_item": item.id, "new": created}
-    acc = svc.inbound.accept(labelled, source=source,
-                             if_none_exist=_identifier_condition(labelled))
+        target = Target(partner.name, partner.endpoint_url)
+        return {**outbound.disclose(resource, key, target, shown=shown), "partner": partner.name}
+    decision, labelled = outbound.gate(resource, key)
+    base = {"recipient": shown, "partner": partner.name}
+    if labelled is None:
+        return {**base, "outcome": "refused", "reasons": [r.to_json() for r in decision.reasons]}
+    acc = svc.inbound.accept(labelled, source=source, if_none_exist=_identifier_condition(labelled))
     return {**base, "outcome": "stored", "resource": f"{acc.stored.type}/{acc.stored.id}", "new": acc.created}
-
-
-def _consent_ref(consent: Any) -> str | None:
-    if consent is None:
-        return None
-    if isinstance(consent, str):
-        return consent
-    if isinstance(consent, dict):
-        meta = consent.get("meta") or {}
-        ref = f"Consent/{consent.get('id')}"
-        return f"{ref}/_history/{meta['versionId']}" if meta.get("versionId") else ref
-    return str(consent)
 
 
 def _identifier_condition(resource: dict[str, Any]) -> dict[str, list[str]] | None:
@@ -156,14 +139,3 @@ def _identifier_condition(resource: dict[str, Any]) -> dict[str, list[str]] | No
         if isinstance(ident, dict) and ident.get("system") and ident.get("value"):
             return {"identifier": [f"{ident['system']}|{ident['value']}"]}
     return None
-
-
-def _reason(issue: Issue) -> dict[str, Any]:
-    out: dict[str, Any] = {"message": issue.message}
-    if issue.rule:
-        out["rule"] = issue.rule
-    if issue.pointer is not None:
-        out["pointer"] = issue.pointer
-    if issue.expression:
-        out["expression"] = issue.expression
-    return out
