@@ -65,3 +65,27 @@ def pg_url() -> str:
             pytest.fail("FHIR_KAP_TEST_PG_URL is not set under CI: .ci/run must start PostgreSQL")
         pytest.skip("PostgreSQL not configured (run tests through .ci/run)")
     return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request, tmp_path):
+    """A fresh database for each test, on both backends: a SQLite file, or a PostgreSQL
+    schema of its own (dropped afterwards)."""
+    import uuid
+
+    from fhir_kap.db import Database
+
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'kap.sqlite3'}")
+        yield database
+        database.close()
+        return
+    url = request.getfixturevalue("pg_url")
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = Database(url)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    database = Database(url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}")
+    yield database
+    database.close()
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()

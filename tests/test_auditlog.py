@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import date
 from pathlib import Path
 
 import pytest
 
 from fhir_kap.auditlog import AuditLog, extract
-from fhir_kap.db import Database
 from fhir_kap.errors import InputError
 
 DATA = Path(__file__).parent / "data" / "delivery"
@@ -17,25 +15,6 @@ DATA = Path(__file__).parent / "data" / "delivery"
 
 def load(name: str) -> dict:
     return json.loads((DATA / name).read_text())
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    """A fresh database: a SQLite file, or a PostgreSQL schema of its own."""
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'audit.sqlite3'}")
-        yield database
-        database.close()
-        return
-    url = request.getfixturevalue("pg_url")
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = Database(url)
-    admin.execute(f"CREATE SCHEMA {schema}")
-    database = Database(url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}")
-    yield database
-    database.close()
-    admin.execute(f"DROP SCHEMA {schema} CASCADE")
-    admin.close()
 
 
 @pytest.fixture

@@ -49,25 +49,6 @@ def allow(item) -> tuple[bool, str]:
     return True, "permitted"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    """A fresh database: a SQLite file, or a PostgreSQL schema of its own."""
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
-        yield database
-        database.close()
-        return
-    url = request.getfixturevalue("pg_url")
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = Database(url)
-    admin.execute(f"CREATE SCHEMA {schema}")
-    database = Database(url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}")
-    yield database
-    database.close()
-    admin.execute(f"DROP SCHEMA {schema} CASCADE")
-    admin.close()
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
