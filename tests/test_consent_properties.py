@@ -20,8 +20,9 @@ def load(name: str) -> dict:
 
 DIRECTORY = [load(p.stem) for p in sorted(DATA.glob("Practitioner*.json"))] + [load("Organization-practice-a")]
 CONSENTS = ["r4-consent-main", "r4-consent-org", "r4-consent-npi", "r4-consent-deny-with-permit",
-            "r4-consent-datetime-period", "r5-consent-main", "r5-consent-deny-decision", "r5-consent-org",
-            "r5-consent-grantee-only"]
+            "r4-consent-datetime-period", "r5-consent-main", "r5-consent-deny-exception", "r5-consent-org",
+            "r5-consent-grantee-only", "r5-consent-permit-base-exception", "r5-consent-blanket-deny-other-grantee",
+            "r4-consent-absolute-actor"]
 RESOURCES = ["Procedure-session-dates", "Communication-note-safety", "Communication-note-themes",
              "Communication-note-coordination", "ServiceRequest-referral", "Communication-note-safety-coordination"]
 CATEGORIES = ["session-dates", "response-themes", "safety", "care-coordination"]
@@ -60,8 +61,9 @@ def _with_extra_deny(consent: dict, deny: dict, as_separate: bool) -> list[dict]
     c = copy.deepcopy(consent)
     if isinstance(c.get("provision"), dict):  # R4: a deny child of the root
         c["provision"].setdefault("provision", []).append({**deny, "type": "deny"})
-    else:  # R5: a child of a top-level provision negates it; under decision permit that is a deny
-        if c.get("decision") != "permit":
+    else:  # R5: top-level provisions negate `decision`, a child negates its parent: under decision
+        # deny a top-level provision permits and its child denies; under decision permit use a separate deny
+        if c.get("decision") != "deny" or not c.get("provision"):
             return [c, _r4_deny(deny)]
         c["provision"][0].setdefault("provision", []).append({k: v for k, v in deny.items() if k != "type"})
     return [c]
@@ -98,10 +100,32 @@ def test_removing_the_consent_always_yields_deny(name, res, rec, purpose, on):
 
 @settings(max_examples=150, deadline=None)
 @given(consent_sets, st.sampled_from(RESOURCES), recipients, purposes, days,
-       st.sampled_from([CS.V3_ACTCODE, "urn:other"]))
-def test_a_psythpn_label_always_yields_deny(names, res, rec, purpose, on, system):
+       st.sampled_from([CS.V3_ACTCODE, "urn:other", None]), st.sampled_from(["PSYTHPN", "psythpn", "PsyThpn"]),
+       st.sampled_from(["security", "tag"]))
+def test_a_psythpn_label_always_yields_deny(names, res, rec, purpose, on, system, code, where):
     resource = load(res)
-    resource.setdefault("meta", {}).setdefault("security", []).append({"system": system, "code": "PSYTHPN"})
+    label = {"code": code} if system is None else {"system": system, "code": code}
+    resource.setdefault("meta", {}).setdefault(where, []).append(label)
+    gate = ConsentGate([load(n) for n in names] + DIRECTORY)
+    decision = gate.decide(resource, Recipient.parse(rec), purpose, on)
+    assert not decision.permit
+    assert decision.reasons[0].code == "psychotherapy-note"
+
+
+@settings(max_examples=100, deadline=None)
+@given(consent_sets, st.sampled_from(RESOURCES), recipients, purposes, days,
+       st.sampled_from([CS.INFO_CATEGORY, CS.INFO_CATEGORY + "/", "urn:other", None]), st.booleans())
+def test_a_psychotherapy_note_code_in_any_system_or_contained_always_yields_deny(names, res, rec, purpose, on,
+                                                                                  system, contained):
+    resource = load(res)
+    coding = {"code": "psychotherapy-note"} if system is None else {"system": system, "code": "psychotherapy-note"}
+    if contained:
+        resource["contained"] = [{"resourceType": "Communication", "id": "inner", "status": "completed",
+                                  "category": [{"coding": [coding]}]}]
+    elif resource["resourceType"] == "Communication":
+        resource["category"].append({"coding": [coding]})
+    else:
+        resource["meta"]["tag"].append(coding)
     gate = ConsentGate([load(n) for n in names] + DIRECTORY)
     decision = gate.decide(resource, Recipient.parse(rec), purpose, on)
     assert not decision.permit

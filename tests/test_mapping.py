@@ -69,7 +69,9 @@ def test_every_resource__has_business_identifier_and_id(mapper, path, release):
 @pytest.mark.parametrize("release", list(Release))
 @pytest.mark.parametrize("name,profile,tags", [
     ("referral-ref-0001.json", "kap-referral", {"care-coordination", "treatment-history", "risk-considerations"}),
-    ("session-ses-dose-02.json", "kap-session", {"session-dates"}),
+    ("session-ses-dose-02.json", "kap-session", {"session-dates", "safety"}),
+    ("session-ses-screen-01.json", "kap-session", {"session-dates", "care-coordination"}),
+    ("session-ses-intake-01.json", "kap-session", {"session-dates"}),
     ("consent-consent-0001.json", "kap-release-of-information", set()),
     ("note-note-0003.json", "kap-continuity-note", set()),
 ])
@@ -99,7 +101,8 @@ def test_r5_note__carries_text_as_utf8_base64_attachment(mapper):
 def test_r5_consent__has_decision_grantee_and_nested_provisions(mapper):
     record = _record("consent-consent-0001.json") | {"excluded_categories": ["safety"]}
     resource = mapper.to_fhir(record, Release.R5)
-    assert resource["decision"] == "permit" and "scope" not in resource
+    # R5: decision is the base rule (deny), provision[0] its exception (the grant), nested = exclusions
+    assert resource["decision"] == "deny" and "scope" not in resource
     assert resource["grantee"] == [r["reference"] for r in resource["provision"][0]["actor"]]
     assert resource["provision"][0]["provision"][0]["code"][0]["coding"][0]["code"] == "safety"
     r4 = mapper.to_fhir(record, Release.R4)
@@ -219,3 +222,38 @@ def test_r4_consent_signed_with_a_time__imports_and_keeps_the_day_in_r5():
     assert record["signed"] == "2025-01-10T09:00:00Z"
     assert pipeline.to_fhir(record, Release.R4)["dateTime"] == "2025-01-10T09:00:00Z"
     assert pipeline.to_fhir(record, Release.R5)["date"] == "2025-01-10"
+
+
+@pytest.mark.parametrize("release", list(Release))
+@pytest.mark.parametrize("extra,tags", [
+    ({}, {"session-dates"}),
+    ({"dosing": {"medication": "ketamine", "route": "im", "dose_mg": 50, "support_person": True}},
+     {"session-dates", "safety"}),
+    ({"monitoring": [{"time": "2024-03-18T09:00:00-04:00", "spo2": 98}]}, {"session-dates", "safety"}),
+    ({"adverse_effects": [{"effect": "nausea", "management": "rested"}]}, {"session-dates", "safety"}),
+    ({"clearance": {"outcome": "eligible"}}, {"session-dates", "care-coordination"}),
+    ({"clearance": {"outcome": "not-eligible", "contraindications": ["uncontrolled-hypertension", "psychosis-history"]}},
+     {"session-dates", "care-coordination", "contraindications"}),
+])
+def test_session_tags__name_every_kind_of_information_present(mapper, release, extra, tags):
+    base = {k: v for k, v in _record("session-ses-intake-01.json").items()
+            if k not in ("dosing", "monitoring", "adverse_effects", "clearance")}
+    resource = mapper.to_fhir(base | extra, release)
+    codes = [t["code"] for t in resource["meta"]["tag"]]
+    assert set(codes) == tags and len(codes) == len(tags)  # one tag per category, however many items
+    assert all(t["system"] == CS.INFO_CATEGORY for t in resource["meta"]["tag"])
+    assert "meta" not in {k for k in mapper.from_fhir(resource, release)}  # tags are derived, never read back
+
+
+@pytest.mark.parametrize("release", list(Release))
+@pytest.mark.parametrize("record,system", [
+    ("practitioner-prac-ther-01.json", f"{CANONICAL}/sid/practitioner"),
+    ("organization-org-practice-01.json", f"{CANONICAL}/sid/organization"),
+    ("practitioner-role-role-ther-01.json", f"{CANONICAL}/sid/practitioner-role"),
+])
+def test_party_identifier__system_is_per_resource_type(mapper, release, record, system):
+    rec = _record(record)
+    resource = mapper.to_fhir(rec, release)
+    assert {"system": system, "value": rec["id"]} in resource["identifier"]
+    assert not any(i["system"] == f"{CANONICAL}/sid/party" for i in resource["identifier"])
+    assert mapper.from_fhir(resource, release)["id"] == rec["id"]

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import InputError
 from .categories import categories_of
-from .policy import ACTIVE, Policy, Rule, compile_consent, normalise_purpose
+from .policy import ACTIVE, DISCLOSE_KEY, Policy, Rule, compile_consent, normalise_purpose
 from .recipients import Directory, Identity, Recipient, actor_ref
 
 __all__ = ["Reason", "Decision", "ConsentGate", "OBLIGATIONS", "DISCLOSE"]
@@ -23,6 +23,7 @@ DISCLOSE = "disclose"
 # What the sender must do with a permitted resource (see labels.py and audit.py).
 OBLIGATIONS = ("label-confidentiality-R", "label-sensitivity-PSY", "record-provenance", "no-redisclosure")
 _MAX_BUNDLE_DEPTH = 8
+_REVOKED = frozenset({"inactive", "rejected", "not-done"})
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,12 @@ class ConsentGate:
 
     @staticmethod
     def _current(compiled: list[Policy]) -> Iterator[Policy]:
-        """One policy per consent id: the highest meta.versionId (conflicting copies → malformed)."""
+        """One policy per consent id: the highest meta.versionId (conflicting copies → malformed).
+
+        Fail closed: when copies of one consent cannot be strictly ordered (a missing or
+        non-numeric meta.versionId) and any copy is a revocation (inactive / rejected /
+        not-done), nobody can tell whether the revocation is current, so the consent denies.
+        """
         groups: dict[str, list[Policy]] = {}
         for i, p in enumerate(compiled):
             groups.setdefault(p.id or f"\x00anonymous-{i}", []).append(p)
@@ -132,6 +138,13 @@ class ConsentGate:
             def key(p: Policy) -> tuple[int, int, str]:
                 v = p.version or ""
                 return (1, int(v), "") if v.isdigit() else (0, 0, v)
+            unordered = len(versions) > 1 and any(not (p.version or "").isdigit() for p in versions)
+            if unordered and any(p.status in _REVOKED for p in versions):
+                first = versions[0]
+                yield Policy(first.id, None, first.release, first.status, first.patient,
+                             problem=("copies of this Consent without a numeric meta.versionId include a "
+                                      "revocation, so which copy is current cannot be told", "Consent.meta.versionId"))
+                continue
             best = max(versions, key=key)
             same = [p for p in versions if key(p) == key(best)]
             if len(same) > 1 and any(p != best for p in same):
@@ -176,8 +189,12 @@ class ConsentGate:
         cats = categories_of(resource)
         if cats.psychotherapy:
             return _deny(Reason("psychotherapy-note",
-                                f"{target} is a psychotherapy note (category psychotherapy-note or label PSYTHPN); "
-                                "it is never disclosed, whatever any consent says"))
+                                f"{target} is or contains a psychotherapy note (code psychotherapy-note or label "
+                                "PSYTHPN, in any system); it is never disclosed, whatever any consent says"))
+        if cats.contained:
+            return _deny(Reason("contained-resource",
+                                f"{target} carries contained resources; a KAP disclosure never does, and what they "
+                                "hold is not covered by the resource's own categories"))
         if not cats.mapped:
             return _deny(Reason("unknown-category",
                                 f"{target}: resource type {resource['resourceType']} has no information-category mapping"))
@@ -219,7 +236,7 @@ def _failure(rule: Rule, ident: Identity, purpose: str, cat: str, on: date | dat
     """The first of this provision's own criteria that the request fails, or None if it matches."""
     if rule.period is not None and not rule.period.contains(on):
         return "outside-period"
-    if rule.actions is not None and DISCLOSE not in rule.actions:
+    if rule.actions is not None and DISCLOSE_KEY not in rule.actions:
         return "action-not-permitted"
     if rule.recipients is not None and not any(ident.matches(a) for a in rule.recipients):
         return "recipient-not-named"
@@ -271,10 +288,18 @@ def _evaluate(policy: Policy, ident: Identity, purpose: str, cat: str, on: date 
     if policy.period is not None and not policy.period.contains(on):
         return _Verdict("n/a", Reason("outside-period", f"the disclosure date is outside Consent.period of {ref}",
                                       ref, "Consent.period"))
+    grantee_ok = policy.grantees is None or any(ident.matches(g) for g in policy.grantees)
+    if policy.blanket_deny:
+        if not grantee_ok:
+            return _Verdict("n/a", Reason("recipient-not-named", f"{ref} denies only its grantees; this recipient "
+                                                                 "is not one of them", ref, "Consent.grantee"))
+        what = ("decision deny without any provision" if policy.blanket_deny == "Consent.decision"
+                else "an opt-out policyRule without any provision")
+        return _Verdict("deny", Reason("blanket-deny", f"{ref} has {what}: it denies every disclosure it covers",
+                                       ref, policy.blanket_deny))
     if not policy.rules:
         return _Verdict("n/a", Reason("no-provision",
                                       f"{ref} has no provision; a policy rule without a provision grants nothing", ref))
-    grantee_ok = policy.grantees is None or any(ident.matches(g) for g in policy.grantees)
     matches: list[_Match] = []
     first_failure: tuple[str, Rule] | None = None
     for rule in policy.rules:

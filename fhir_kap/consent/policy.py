@@ -1,9 +1,16 @@
 """R4 and R5 Consents compiled into one internal policy tree (frozen dataclasses).
 
-R4: one `provision` with its own `type`; nested provisions carry theirs. R5 (KAP reading):
-`decision` is the rule of the top-level provisions and each nested level negates its parent;
-`Consent.period` bounds the whole consent and `grantee` names the recipients. Anything that
-cannot be read with certainty compiles to a *malformed* policy, which can only deny.
+R4: one `provision` with its own `type`; nested provisions carry theirs. R5 (as the spec
+reads): `decision` is the base rule, each top-level `provision` is an exception to it (so it
+takes the opposite rule) and each nested level negates its parent; `Consent.period` bounds the
+whole consent and `grantee` names the recipients. A KAP grant in R5 is therefore
+`decision: deny` + a provision listing what is permitted + nested provisions for exclusions.
+
+A consent without any provision that says "deny" — R5 `decision: deny`, or an R4 `policyRule`
+OPTOUT / OPTOUTE — is a blanket deny of everything it covers (`Policy.blanket_deny`). Codes
+only count with their system: an actor is a recipient only with role v3-ParticipationType
+`IRCP`, and an action is `disclose` only in the consentaction system. Anything that cannot be
+read with certainty compiles to a *malformed* policy, which can only deny.
 """
 from __future__ import annotations
 
@@ -16,12 +23,14 @@ from .periods import Period, PeriodError, parse_period
 from .recipients import ActorRef, actor_ref
 
 __all__ = ["Rule", "Policy", "compile_consent", "detect_release", "normalise_purpose", "MAX_DEPTH",
-           "ACTIVE", "KNOWN_STATUS"]
+           "ACTIVE", "KNOWN_STATUS", "DISCLOSE_KEY", "OPT_OUT"]
 
 MAX_DEPTH = 32
 MAX_NODES = 2000
 RECIPIENT_ROLE = "IRCP"
 DISCLOSE = "disclose"
+DISCLOSE_KEY = f"{CS.CONSENT_ACTION}|{DISCLOSE}"  # how `Rule.actions` holds the disclose action
+OPT_OUT = frozenset({"OPTOUT", "OPTOUTE"})
 KNOWN_STATUS = {Release.R4: frozenset({"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}),
                 Release.R5: frozenset({"draft", "active", "inactive", "not-done", "entered-in-error"})}
 ACTIVE = "active"
@@ -44,7 +53,7 @@ class Rule:
     path: str  # FHIRPath of the provision, e.g. "Consent.provision.provision[0]"
     period: Period | None = None
     recipients: tuple[ActorRef, ...] | None = None  # IRCP actors; None = names no recipient
-    actions: frozenset[str] | None = None
+    actions: frozenset[str] | None = None  # "system|code" (system empty when the coding has none)
     purposes: frozenset[str] | None = None
     categories: frozenset[str] | None = None
     children: tuple["Rule", ...] = ()
@@ -64,6 +73,7 @@ class Policy:
     grantees: tuple[ActorRef, ...] | None = None
     rules: tuple[Rule, ...] = ()
     problem: tuple[str, str] | None = None  # (message, FHIRPath)
+    blanket_deny: str | None = None  # FHIRPath of what makes a provision-less consent deny everything
     purposes_seen: frozenset[str] = field(default=frozenset())
 
     @property
@@ -119,7 +129,9 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
         if release is Release.R4:
             raw = consent.get("provision")
             rules: tuple[Rule, ...] = () if raw is None else (_rule(raw, None, "Consent.provision", 0, purposes, [0]),)
-            return Policy(**base, rules=rules, purposes_seen=frozenset(purposes))  # type: ignore[arg-type]
+            blanket = "Consent.policyRule" if not rules and _opt_out(consent.get("policyRule")) else None
+            return Policy(**base, rules=rules, blanket_deny=blanket,  # type: ignore[arg-type]
+                          purposes_seen=frozenset(purposes))
         decision = consent.get("decision")
         if decision not in ("permit", "deny"):
             raise _Bad("R5 Consent.decision must be permit or deny (it is the base rule)", "Consent.decision")
@@ -136,11 +148,21 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
         if not isinstance(raw, list):
             raise _Bad("R5 Consent.provision must be a list", "Consent.provision")
         counter = [0]
-        rules = tuple(_rule(p, str(decision), f"Consent.provision[{i}]", 0, purposes, counter) for i, p in enumerate(raw))
+        exception = "deny" if decision == "permit" else "permit"  # top-level provisions negate the base rule
+        rules = tuple(_rule(p, exception, f"Consent.provision[{i}]", 0, purposes, counter) for i, p in enumerate(raw))
+        blanket = "Consent.decision" if not rules and decision == "deny" else None
         return Policy(**base, period=period, grantees=grantees, rules=rules,  # type: ignore[arg-type]
-                      purposes_seen=frozenset(purposes))
+                      blanket_deny=blanket, purposes_seen=frozenset(purposes))
     except _Bad as bad:
         return Policy(**base, problem=(bad.message, bad.path))  # type: ignore[arg-type]
+
+
+def _opt_out(policy_rule: Any) -> bool:
+    """An R4 policyRule coded OPTOUT / OPTOUTE (any system: reading it as a deny is the safe side)."""
+    codings = policy_rule.get("coding") if isinstance(policy_rule, dict) else None
+    return isinstance(codings, list) and any(
+        isinstance(c, dict) and isinstance(c.get("code"), str) and c["code"].strip().upper() in OPT_OUT
+        for c in codings)
 
 
 def _period(value: Any, path: str) -> Period | None:
@@ -193,13 +215,14 @@ def _rule(raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[st
             if not isinstance(a, dict):
                 raise _Bad(f"{path}.actor[{i}] is not an object", f"{path}.actor[{i}]")
             roles = _codes([a["role"]], f"{path}.actor[{i}].role") if isinstance(a.get("role"), dict) else []
-            if any(code == RECIPIENT_ROLE for _, code in roles):
+            if (CS.V3_PARTICIPATION, RECIPIENT_ROLE) in roles:
                 ref = actor_ref(a.get("reference"))
                 if ref is None:
                     raise _Bad(f"{path}.actor[{i}].reference names nobody", f"{path}.actor[{i}].reference")
                 named.append(ref)
         recipients = tuple(named) if named else None
-    actions = frozenset(c for _, c in _codes(raw["action"], f"{path}.action")) if "action" in raw else None
+    actions = frozenset(f"{s or ''}|{c}" for s, c in _codes(raw["action"], f"{path}.action")) \
+        if "action" in raw else None
     purpose_set = None
     if "purpose" in raw:
         if not isinstance(raw["purpose"], list):
