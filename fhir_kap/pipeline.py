@@ -65,6 +65,12 @@ class Pipeline:
         errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
         if errors:
             raise ProfileError(errors)
+        if release is Release.R5 and resource["resourceType"] == "Consent" and resource.get("decision") != "deny":
+            # a KAP release of information is written decision deny + the grant as provision[0];
+            # under decision permit, provision[0] would be an exception, not a grant
+            raise InputError("R5 Consent.decision must be 'deny' for a KAP release of information "
+                             "(its first provision is the grant)", pointer="/decision",
+                             expression="Consent.decision", rule="consent:r5-decision")
         return self.inputs.check(self.mapper.from_fhir(resource, release))
 
     def map_documents(self, docs: Iterable[tuple[str, Any]], release: Release) -> Iterator[Outcome]:

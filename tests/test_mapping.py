@@ -257,3 +257,15 @@ def test_party_identifier__system_is_per_resource_type(mapper, release, record, 
     assert {"system": system, "value": rec["id"]} in resource["identifier"]
     assert not any(i["system"] == f"{CANONICAL}/sid/party" for i in resource["identifier"])
     assert mapper.from_fhir(resource, release)["id"] == rec["id"]
+
+
+def test_r5_consent_with_decision_permit__is_not_imported_as_a_grant():
+    """Under decision permit an R5 provision is an exception; reading it as the grant would invert it."""
+    from fhir_kap.errors import InputError
+    from fhir_kap.pipeline import Pipeline
+
+    resource = json.loads((ROOT / "profiles" / "examples" / "r5" / "Consent-consent-0001.json").read_text())
+    resource["decision"] = "permit"
+    with pytest.raises(InputError) as exc:
+        Pipeline.load().from_fhir(resource, Release.R5)
+    assert exc.value.issues[0].rule == "consent:r5-decision"
