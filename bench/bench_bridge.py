@@ -1,12 +1,12 @@
-"""The bridge under gunicorn (2 workers, gthread x 8 by default): POST /fhir/Communication vs a JSON-only endpoint, same run.
+"""The bridge under gunicorn (`fhir-kap serve` defaults: 2 sync workers): POST /fhir/Communication vs a JSON-only endpoint, same run.
 
 `POST /fhir/Communication` with a 3 KB note is authenticated, parsed, profile-checked, mapped,
 stored durably (SQLite WAL, synchronous=FULL) and answered 201; `/bench/echo` (only with the
 app's bench option) parses the same body and answers. A bounded load generator (threads with
 keep-alive http.client connections to 127.0.0.1, a fixed request count and a time cap) reports
 req/s and p50/p99 for each. Targets: >= 0.5x the floor's req/s, p99 <= 4x the floor's p99.
-`BENCH_BRIDGE_THREADS=1` runs gunicorn's sync workers instead (no keep-alive, one request
-per process at a time) for comparison.
+Other worker models for comparison: `BENCH_BRIDGE_WORKERS=N`, `BENCH_BRIDGE_THREADS=N` (N > 1:
+gthread workers with keep-alive) and `BENCH_BRIDGE_SERVE_ARGS="--reuse-port"`.
 """
 from __future__ import annotations
 
@@ -92,8 +92,9 @@ def run(quick: bool = False) -> list[dict]:
         token = json.loads(added.stdout)["token"]
         port = _free_port()
         server = subprocess.Popen([sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port),
-                                   "--workers", "2", "--threads", os.environ.get("BENCH_BRIDGE_THREADS", "8"),
-                                   "--bench-echo"], env=env,
+                                   "--workers", os.environ.get("BENCH_BRIDGE_WORKERS", "2"),
+                                   "--threads", os.environ.get("BENCH_BRIDGE_THREADS", "1"), "--bench-echo",
+                                   *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split()], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait(port, server)

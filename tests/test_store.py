@@ -99,6 +99,20 @@ def test_conditional_create__several_matches_is_412(store):
     ({"_lastUpdated": ["ge2000-01-01"]}, 1),
     ({"_lastUpdated": ["lt2000-01-01"]}, 0),
     ({"patient": ["client-1"], "status": ["in-progress"]}, 0),
+    ({"identifier": ["http://fhir-kap.example/sid/note|"]}, 1),
+    ({"identifier": ["http://other|"]}, 0),
+    ({"identifier": ["|note-1"]}, 0),
+    ({"status": ["|completed"]}, 1),
+    ({"_security": ["http://terminology.hl7.org/CodeSystem/v3-Confidentiality|R"]}, 1),
+    ({"_security": ["http://terminology.hl7.org/CodeSystem/v3-ActCode|R"]}, 0),
+    ({"_security": ["PSY"]}, 1),
+    ({"subject": ["client-1"]}, 1),
+    ({"subject": ["Patient/client-1"]}, 1),
+    ({"subject": ["Group/client-1"]}, 0),
+    ({"recipient": ["Organization/ref-therapist"]}, 0),
+    ({"sender": ["Organization/kap-clinic"]}, 1),
+    ({"about": ["Procedure/session-1,Procedure/other"]}, 1),
+    ({"based-on": ["referral-2"]}, 0),
 ])
 def test_search_matches_indexed_parameters(store, params, hits):
     store.create(load("Example-Communication-note-1.json"))
@@ -141,3 +155,28 @@ def test_a_failed_transaction_writes_nothing(store):
         store.create(load("Example-Communication-note-1.json"), tx=tx)
         raise PreconditionFailed("abort halfway")
     assert store.counts() == {}
+
+
+def test_an_index_of_the_old_layout_is_rebuilt_on_open(tmp_path):
+    """A store-1 database (one row per normalised value) is migrated and every resource stays findable."""
+    import sqlite3
+
+    from fhir_kap.store import _MIGRATION
+
+    path = tmp_path / "old.sqlite3"
+    db = Database(f"sqlite:///{path}")
+    db.migrate("store-1", _MIGRATION)
+    note = load("Example-Communication-note-1.json")
+    note["meta"] = {"versionId": "1", "lastUpdated": "2025-01-01T00:00:00.000000Z"}
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO fhir_history (type, id, version, last_updated, source, body) "
+                   "VALUES ('Communication', 'note-1', 1, '2025-01-01T00:00:00.000000Z', NULL, ?)", (json.dumps(note),))
+        tx.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, source, body) "
+                   "VALUES ('Communication', 'note-1', 1, 1, '2025-01-01T00:00:00.000000Z', NULL, ?)",
+                   (json.dumps(note),))
+    db.close()
+    store = Store(Database(f"sqlite:///{path}"))
+    assert [s.id for s in store.search("Communication", {"patient": ["client-1"]}).items] == ["note-1"]
+    assert store.search("Communication", {"identifier": ["http://fhir-kap.example/sid/note|note-1"]}).total == 1
+    cols = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(fhir_index)")]
+    assert cols == ["type", "id", "param", "code", "system"]

@@ -12,7 +12,7 @@ from ..errors import InputError, KapError, NotFound
 from ..inbound import WRITE_TYPES, parse_query
 from ..partners import Partner
 from ..store import DEFAULT_COUNT, ID_PATTERN, MAX_COUNT, REFERENCE_PARAMS, SEARCH_PARAMS, StoredResource
-from .app import FHIR_JSON, current_partner, fhir_response, http_date, services
+from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date, services
 
 __all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]
 
@@ -75,7 +75,7 @@ def _not_found(rtype: str, rid: str) -> NotFound:
 
 def _base() -> str:
     given = services().options.base_url
-    return given.rstrip("/") if given else request.host_url.rstrip("/") + "/fhir"
+    return given.rstrip("/") if given else host_base(request.scheme, request.host) + "/fhir"
 
 
 def _headers(s: StoredResource, *, location: bool = False) -> dict[str, str]:

@@ -14,9 +14,22 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="settings file (TOML)")
+    # Defaults from bench/bench_bridge.py on 2 cores with the load generator beside it
+    # (POST /fhir/Communication req/s, two runs each): 2 sync workers 960-970, 2 sync with
+    # reuse_port 880-900, 3 sync 790-830, gthread 2x8 640-700, gthread 2x2 610-680. gthread
+    # loses because its workers race to accept: all keep-alive connections tend to land on one
+    # process, whose GIL then serialises them while the other idles (one worker at ~100% CPU,
+    # the other ~0-25%); group commit inside that process does not make up for it. With sync
+    # workers each process owns one request at a time, the kernel hands new connections to
+    # whichever is free, and one worker's fsync wait is the other's CPU time. More processes
+    # than cores only add contention. Many slow clients (keep-alive, long uploads) favour
+    # --threads N (gthread): concurrent writes of one worker then share one commit.
     serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
-    serve.add_argument("--threads", type=int, default=8,
-                       help="threads per worker (default 8); concurrent writes of a worker share one commit")
+    serve.add_argument("--threads", type=int, default=1,
+                       help="threads per worker (default 1: sync workers); with N > 1 gthread workers, and "
+                            "concurrent writes of a worker share one commit")
+    serve.add_argument("--reuse-port", action="store_true",
+                       help="one SO_REUSEPORT listening socket per worker (the kernel spreads connections)")
     serve.add_argument("--dev", action="store_true", help="Flask's development server (one process)")
     serve.add_argument("--base-url", default=None, help="public base URL of /fhir (default: from requests)")
     serve.add_argument("--bench-echo", action="store_true", help=argparse.SUPPRESS)
@@ -95,7 +108,8 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             threads = max(1, args.threads)
             cfg = {"bind": f"{args.host}:{args.port}", "workers": max(1, args.workers),
                    "worker_class": "gthread" if threads > 1 else "sync", "threads": threads,
-                   "accesslog": None, "errorlog": "-", "loglevel": "warning", "timeout": 60, "keepalive": 5}
+                   "accesslog": None, "errorlog": "-", "loglevel": "warning", "timeout": 60, "keepalive": 5,
+                   "reuse_port": bool(args.reuse_port)}
             for key, value in cfg.items():
                 self.cfg.set(key, value)
 
