@@ -45,8 +45,8 @@ def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
     return delivered, time.perf_counter() - w0, time.process_time() - c0
 
 
-def run(server_base_url: str | None = None, n: int = 300, *, quick: bool = False,
-        batch_size: int = 50) -> list[dict[str, Any]]:
+def run(server_base_url: str | None = None, n: int = 1000, *, quick: bool = False,
+        batch_size: int = 100) -> list[dict[str, Any]]:
     """Rows {"name", "value", "unit", "baseline_name", "baseline", "target"} for bench/run.py."""
     if quick:
         n = min(n, 100)

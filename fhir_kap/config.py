@@ -131,7 +131,7 @@ class Settings:
     max_attempts: int = 8
     backoff_base: float = 1.0
     backoff_max: float = 300.0
-    batch_size: int = 50
+    batch_size: int = 100
     clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic"
     log_level: str = "INFO"
     endpoints: Mapping[str, EndpointConfig] = field(default_factory=dict)

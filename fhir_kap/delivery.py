@@ -131,7 +131,7 @@ class DeliveryWorker:
     sleep: Callable[[float], None] = time.sleep
     worker_id: str = field(default_factory=default_worker_id)
     use_transactions: bool = False
-    transaction_size: int = 50
+    transaction_size: int = 100
     lease_seconds: float = 300.0
     rand: Callable[[], float] = random.random
 

@@ -327,7 +327,8 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
     worker = DeliveryWorker(
         outbox, client_factory(settings, partner_endpoint=partner_endpoints(outbox.db)),
         consent_checker(outbox, audit, settings),
-        batch_size=settings.batch_size, max_attempts=settings.max_attempts,
+        batch_size=settings.batch_size, transaction_size=settings.batch_size,
+        max_attempts=settings.max_attempts,
         backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_max),
         worker_id=args.worker_id or default_worker_id(), use_transactions=args.transactions,
         lease_seconds=args.lease)
