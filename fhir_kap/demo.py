@@ -285,8 +285,9 @@ def run_demo(root: Path, *, once: bool, out: Callable[[str], None] = print) -> i
         out("\nWhere to look")
         out(f"  bridge (FHIR facade)   {j.bridge_url}/fhir/metadata")
         out(f"  practice EHR           {j.ehr.base_url if j.ehr else ''}/Communication")
-        out(f"  outbox                 FHIR_KAP_DATA_DIR={root / 'bridge'} fhir-kap outbox list")
-        out(f"  audit trail            FHIR_KAP_DATA_DIR={root / 'bridge'} fhir-kap audit")
+        me = sys.argv[0] if os.path.basename(sys.argv[0]) == "fhir-kap" else "fhir-kap"
+        out(f"  outbox                 FHIR_KAP_DATA_DIR={root / 'bridge'} {me} outbox list")
+        out(f"  audit trail            FHIR_KAP_DATA_DIR={root / 'bridge'} {me} audit")
         out(f"  bridge log             {root / 'bridge.log'}")
         if not once:
             out("\nServing until Ctrl-C ...")
