@@ -3,12 +3,9 @@ beside a streamed orjson parse+dump of the same file (same process shape, same r
 from __future__ import annotations
 
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
