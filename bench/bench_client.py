@@ -64,22 +64,33 @@ def run(server_base_url: str | None = None, n: int = 1000, *, quick: bool = Fals
         client.create(note, if_none_exist=identifier_query(note))
 
     singles = _notes(n, patient_ref)
-
-    def single() -> int:
-        return sum(client.create(r, if_none_exist=identifier_query(r), prefer=PREFER).created
-                   for r in singles)
-
     batched = _notes(n, patient_ref)
 
-    def transactions() -> int:
+    def single(part: list[dict[str, Any]]) -> int:
+        return sum(client.create(r, if_none_exist=identifier_query(r), prefer=PREFER).created for r in part)
+
+    def transactions(part: list[dict[str, Any]]) -> int:
         done = 0
-        for i in range(0, len(batched), batch_size):
-            response = client.transaction(transaction_bundle(batched[i:i + batch_size]), prefer=PREFER)
+        for i in range(0, len(part), batch_size):
+            response = client.transaction(transaction_bundle(part[i:i + batch_size]), prefer=PREFER)
             done += sum(r.created for r in entry_results(response))
         return done
 
-    s_n, s_wall, s_cpu = _timed(single)
-    b_n, b_wall, b_cpu = _timed(transactions)
+    # Interleaved rounds in ABBA order: the server's tables grow as the run goes on, and
+    # neither way of sending should always meet the bigger database.
+    rounds = 4
+    size = -(-n // rounds)
+    s_n = b_n = 0
+    s_wall = s_cpu = b_wall = b_cpu = 0.0
+    for k in range(rounds):
+        part = slice(k * size, (k + 1) * size)
+        order = [("s", singles[part]), ("b", batched[part])]
+        for kind, items in (order if k % 2 == 0 else order[::-1]):
+            done, wall, cpu = _timed(lambda: (single if kind == "s" else transactions)(items))
+            if kind == "s":
+                s_n, s_wall, s_cpu = s_n + done, s_wall + wall, s_cpu + cpu
+            else:
+                b_n, b_wall, b_cpu = b_n + done, b_wall + wall, b_cpu + cpu
     if s_n != n or b_n != n:
         raise RuntimeError(f"expected {n} creations each, got {s_n} single and {b_n} batched")
     s_rate, b_rate = n / s_wall, n / b_wall
