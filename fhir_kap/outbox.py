@@ -39,6 +39,13 @@ STATES = ("pending", "sending", "delivered", "held", "dead")
 CONTEXT_TYPES = ("Consent", "PractitionerRole", "Organization", "Practitioner", "Patient")
 MAX_ERROR_CHARS = 500
 
+# A Consent is one consent per business identifier: an EHR that re-posts it (e.g. revoked)
+# gets a new server id, and the gate must see the new state, not two consents.
+_MIGRATION_2 = [
+    "ALTER TABLE outbox_context ADD COLUMN ident TEXT",
+    "CREATE INDEX outbox_context_ident ON outbox_context (type, ident)",
+]
+
 _MIGRATION = [
     """CREATE TABLE outbox_items (
         id {pk},
@@ -154,6 +161,14 @@ def idempotency_key_of(resource: dict[str, Any]) -> str:
                      rule="outbox:idempotency-key", code="required")
 
 
+def _identifier_key(resource: dict[str, Any]) -> str | None:
+    """`SYSTEM|VALUE` of the first complete business identifier, if any."""
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, dict) and isinstance(ident.get("system"), str) and isinstance(ident.get("value"), str):
+            return f"{ident['system']}|{ident['value']}"
+    return None
+
+
 def _patient_of(resource: dict[str, Any]) -> str | None:
     for key in ("patient", "subject"):
         ref = resource.get(key)
@@ -172,6 +187,7 @@ class Outbox:
         self.db = db
         self.clock = clock
         db.migrate("outbox-1", _MIGRATION)
+        db.migrate("outbox-2", _MIGRATION_2)
 
     def _now(self, now: float | None) -> float:
         return float(self.clock() if now is None else now)
@@ -388,7 +404,8 @@ class Outbox:
     def put_context(self, resource: dict[str, Any], *, now: float | None = None) -> bool:
         """Keep the latest version of a Consent / PractitionerRole / Organization /
         Practitioner / Patient by (type, id). An older `meta.versionId` than the stored one is
-        ignored; returns True when stored."""
+        ignored; a Consent replaces any stored Consent with the same business identifier (an EHR
+        re-posting a revoked consent gets a new server id). Returns True when stored."""
         rtype = resource.get("resourceType") if isinstance(resource, dict) else None
         if rtype not in CONTEXT_TYPES:
             raise InputError(f"Consent context must be one of {', '.join(CONTEXT_TYPES)}, "
@@ -413,19 +430,24 @@ class Outbox:
                              code="required")
         patient = _patient_of(resource) if rtype == "Consent" else (
             f"Patient/{rid}" if rtype == "Patient" else None)
+        ident = _identifier_key(resource) if rtype == "Consent" else None
         ts = self._now(now)
         body = jsonio.dumps(resource).decode()
         with self.db.transaction() as tx:
             old = tx.execute("SELECT version FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid))
             if old and _older(version, old[0]["version"]):
                 return False
+            if ident:  # the same client's consent under another server id: this arrival replaces it
+                tx.execute("DELETE FROM outbox_context WHERE type = ? AND ident = ? AND patient_ref = ? "
+                           "AND id <> ?", (rtype, ident, patient, rid))
             if old:
-                tx.execute("UPDATE outbox_context SET version = ?, patient_ref = ?, body = ?, "
+                tx.execute("UPDATE outbox_context SET version = ?, patient_ref = ?, body = ?, ident = ?, "
                            "updated_at = ? WHERE type = ? AND id = ?",
-                           (version, patient, body, ts, rtype, rid))
+                           (version, patient, body, ident, ts, rtype, rid))
             else:
-                tx.execute("INSERT INTO outbox_context (type, id, version, patient_ref, body, "
-                           "updated_at) VALUES (?, ?, ?, ?, ?, ?)", (rtype, rid, version, patient, body, ts))
+                tx.execute("INSERT INTO outbox_context (type, id, version, patient_ref, body, ident, "
+                           "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (rtype, rid, version, patient, body, ident, ts))
         return True
 
     def context_for(self, patient_ref: str) -> builtins.list[dict[str, Any]]:  # `list` names a method here

@@ -242,3 +242,15 @@ def test_context__keeps_latest_version_and_returns_patient_consents_plus_parties
     assert got[0]["status"] == "inactive"
     with pytest.raises(InputError):
         outbox.put_context({"resourceType": "Communication", "id": "x"})
+
+
+def test_put_context__a_consent_reposted_under_a_new_id_replaces_the_old_one(outbox):
+    """An EHR that re-posts a revoked consent gets a new server id; the gate must see one consent."""
+    consent = json.loads((Path(__file__).parent / "data" / "delivery" / "Consent-open-ended.json").read_text())
+    first = dict(consent, id="srv-1")
+    revoked = dict(consent, id="srv-2", status="inactive")
+    patient = first["patient"]["reference"]
+    outbox.put_context(first)
+    outbox.put_context(revoked)
+    consents = [r for r in outbox.context_for(patient) if r["resourceType"] == "Consent"]
+    assert [(c["id"], c["status"]) for c in consents] == [("srv-2", "inactive")]
