@@ -295,8 +295,12 @@ class GroupCommitter:
                 self._cond.wait(remaining)
             if not unit.done:
                 self._leading = True
-                batch = self._pending[:self.max_batch]
-                del self._pending[:self.max_batch]
+                # Its own unit first (it may be anywhere in the queue, even past max_batch), then
+                # the oldest others; exactly those leave the queue.
+                others = [u for u in self._pending if u is not unit][:max(0, self.max_batch - 1)]
+                batch = [unit, *others]
+                taken = {id(u) for u in batch}
+                self._pending = [u for u in self._pending if id(u) not in taken]
         if not unit.done:
             try:
                 self._run(batch)

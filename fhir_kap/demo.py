@@ -82,7 +82,7 @@ class Journey:
         settings = Settings(data_dir=data)
         partners = Partners(Database(settings.db_url))
         _, self.practice_token = partners.add(
-            "practice", scopes=["system/*.read", "system/*.write"], npis=["1234567893"],
+            "practice", scopes=["system/*.read", "system/*.write", "kap/consent-authority"], npis=["1234567893"],
             references=PRACTICE_REFS, endpoint_url=self.ehr.base_url, endpoint_auth="none")
         _, self.other_token = partners.add(
             "other-practice", scopes=["system/*.read"], references=[OTHER_THERAPIST],

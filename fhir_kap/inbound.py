@@ -13,7 +13,20 @@ A referral (ServiceRequest) gets a BSeR-style Task when it first arrives: `focus
 `basedOn` the referral, `for` its subject, `requester` the referring practitioner, `owner`
 the clinic, `businessStatus` `received`. The clinic moves it along `REFERRAL_FLOW`; FHIR
 `Task.status` follows in step (`TASK_STATUS`). The Task keeps the referral's source
-partner, so the practice that sent the referral can read its progress.
+partner, so the practice that sent the referral can read its progress. Because that read
+needs no consent, the Task carries status only: never free text. A reason for a status is
+one code of `REFERRAL_REASONS` (Task.statusReason as a coding).
+
+Consent context: a created Consent / Practitioner / PractitionerRole / Organization / Patient
+becomes consent context (what the gate decides on) only when its sender is a consent
+authority (`Partner.is_consent_authority`: a clinic system, or a partner with the scope
+`kap/consent-authority`). Anyone else's is stored and readable by its sender, nothing more:
+otherwise a practice could grant itself access with a Consent of its own making, block
+another practice with a deny, or link its practitioner to a granted organisation.
+
+Rest-hooks for a new Communication go only to recipients the read check (`may_read`, the
+bridge's consent-gated and audited `Access.can_read`) lets see it, so a hook never tells a
+partner about a note it would get 404 for.
 """
 from __future__ import annotations
 
@@ -30,7 +43,10 @@ from .store import ID_PATTERN, Store, StoredResource, instant_now
 
 __all__ = [
     "CONTEXT_TYPES",
+    "MAX_DEPTH",
     "REFERRAL_FLOW",
+    "REFERRAL_REASONS",
+    "REFERRAL_REASON_SYSTEM",
     "REFERRAL_STATUS_SYSTEM",
     "TASK_STATUS",
     "WRITE_TYPES",
@@ -38,6 +54,7 @@ __all__ = [
     "BundleResult",
     "Inbound",
     "addressed_to",
+    "parse_query",
     "referral_task",
 ]
 
@@ -64,6 +81,16 @@ TASK_STATUS = {"received": "received", "accepted": "accepted", "declined": "reje
 _DISPLAY = {"received": "Referral received", "accepted": "Referral accepted", "declined": "Referral declined",
             "scheduled": "Intake scheduled", "in-progress": "Care in progress", "completed": "Care completed",
             "cancelled": "Referral cancelled"}
+#: Reason codes a status move may carry (the only reason a referring practice sees; no free text).
+REFERRAL_REASON_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status-reason"
+REFERRAL_REASONS = {"not-eligible": "Not eligible for KAP", "client-declined": "Client declined",
+                    "client-unreachable": "Client could not be reached", "capacity": "No capacity",
+                    "duplicate": "Duplicate referral", "other": "Other reason"}
+#: Deepest JSON nesting accepted in a Bundle entry (FHIR resources need far less).
+MAX_DEPTH = 64
+#: Search result parameters: they select no resources, so a condition (If-None-Exist) may not use them.
+_RESULT_PARAMS = frozenset({"_sort", "_count", "_offset", "_include", "_revinclude", "_summary", "_elements",
+                            "_total", "_contained", "_containedType", "_format", "_pretty"})
 _URN = re.compile(r"^urn:uuid:[0-9a-fA-F-]{36}$")
 
 
@@ -103,7 +130,10 @@ class Inbound:
     def __init__(self, store: Store, validator: ResourceValidator, *, release: Release,
                  mapper: RecordMapper | None = None, context: ContextSink | None = None,
                  partners: Partners | None = None, notifier: Notifier | None = None,
-                 clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic") -> None:
+                 clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic",
+                 may_read: Callable[[Partner, StoredResource], bool] | None = None) -> None:
+        """`may_read(partner, stored)`: whether a recipient may read a new Communication (consent
+        gate, audited); rest-hooks go only where it says yes (none without it)."""
         self.store = store
         self.validator = validator
         self.release = release
@@ -111,6 +141,7 @@ class Inbound:
         self.context = context
         self.partners = partners
         self.notifier = notifier
+        self.may_read = may_read
         system, _, value = clinic_org_identifier.partition("|")
         self.clinic_owner = {"identifier": {"system": system, "value": value}, "display": "KAP clinic"}
 
@@ -142,23 +173,41 @@ class Inbound:
             raise MappingError([i.prefixed(pointer_prefix=pointer) for i in exc.issues]) from None
 
     def accept(self, resource: dict[str, Any], *, source: str | None,
-               if_none_exist: Mapping[str, Sequence[str]] | None = None) -> Accepted:
-        """Check, then store with a Task for a new referral and the consent context in one commit; notify."""
-        record = self.check(resource)
-        return self._commit(lambda tx: [self._store_one(tx, resource, source, if_none_exist, record)])[0]
+               if_none_exist: Mapping[str, Sequence[str]] | None = None,
+               authority: bool | None = None) -> Accepted:
+        """Check, then store with a Task for a new referral and the consent context in one commit; notify.
 
-    def _commit(self, work: Callable[[Any], list[Accepted]]) -> list[Accepted]:
-        """Run `work` and keep its context in one group-committed transaction, then notify."""
+        `authority`: whether the sender is a consent authority (its context feeds the consent
+        gate); None looks the `source` partner up (`is_authority`).
+        """
+        record = self.check(resource)
+        trusted = self._trusted(source, authority, [resource])
+        return self._commit(lambda tx: [self._store_one(tx, resource, source, if_none_exist, record)], trusted)[0]
+
+    def is_authority(self, source: str | None) -> bool:
+        """Whether the partner named `source` is a consent authority (unknown or revoked: no)."""
+        if self.partners is None or not source:
+            return False
+        partner = self.partners.get(source)
+        return partner is not None and partner.is_consent_authority
+
+    def _trusted(self, source: str | None, authority: bool | None, resources: Sequence[Any]) -> bool:
+        if not any(isinstance(r, dict) and r.get("resourceType") in CONTEXT_TYPES for r in resources):
+            return False  # nothing to keep: no partner lookup
+        return bool(authority) if authority is not None else self.is_authority(source)
+
+    def _commit(self, work: Callable[[Any], list[Accepted]], trusted: bool) -> list[Accepted]:
+        """Run `work` and keep its context (from a consent authority only) in one transaction, then notify."""
         joined = self._context_joins()
 
         def unit(tx: Any) -> list[Accepted]:
             accepted = work(tx)
-            if joined:
+            if joined and trusted:
                 self._keep_context(accepted)
             return accepted
 
         accepted = self.store.write(unit)
-        if not joined:
+        if not joined and trusted:
             self._keep_context(accepted)
         self._notify_accepted(accepted)
         return accepted
@@ -179,6 +228,7 @@ class Inbound:
         return Accepted(stored, created, record, task)
 
     def _keep_context(self, accepted: Sequence[Accepted]) -> None:
+        """Hand created context resources to the gate's context (the caller checked the sender's authority)."""
         if self.context is None:
             return
         for acc in accepted:
@@ -202,12 +252,18 @@ class Inbound:
         for partner in self.partners.list():
             if partner.revoked or not partner.webhook_url or partner.name == stored.source:
                 continue
-            if addressed_to(stored.resource, partner, self.store.get) is not None:
+            if addressed_to(stored.resource, partner, self.store.get) is None:
+                continue
+            # Only a recipient allowed to read it hears of it (consent-gated, audited like a read).
+            if self.may_read is not None and self.may_read(partner, stored):
                 self.notifier.notify(partner.webhook_url, EVENT_COMMUNICATION, f"Communication/{stored.id}",
                                      secret=partner.webhook_secret)
 
-    def accept_bundle(self, bundle: Any, *, source: str | None) -> BundleResult:
-        """A transaction (all or nothing, urn:uuid references resolved) or a batch Bundle."""
+    def accept_bundle(self, bundle: Any, *, source: str | None, authority: bool | None = None) -> BundleResult:
+        """A transaction (all or nothing, urn:uuid references resolved) or a batch Bundle.
+
+        `authority` as for `accept`: whether the context resources in it feed the consent gate.
+        """
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise InputError("POST /fhir takes a Bundle of type transaction or batch", pointer="/resourceType",
                              rule="bridge:bundle")
@@ -222,9 +278,10 @@ class Inbound:
         if len(entries) > 500:
             raise InputError("a Bundle may carry at most 500 entries", pointer="/entry",
                              rule="bridge:bundle-size", code="too-costly")
+        trusted = self._trusted(source, authority, [e.get("resource") for e in entries])
         if kind == "transaction":
-            return self._transaction(entries, source)
-        return self._batch(entries, source)
+            return self._transaction(entries, source, trusted)
+        return self._batch(entries, source, trusted)
 
     def _entry(self, entry: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[str, list[str]] | None]:
         ptr = f"/entry/{i}"
@@ -237,6 +294,14 @@ class Inbound:
         if not isinstance(resource, dict):
             raise InputError("entry.resource must be a FHIR resource", pointer=f"{ptr}/resource",
                              expression=f"Bundle.entry[{i}].resource", rule="bridge:bundle-entry")
+        full = entry.get("fullUrl")
+        if full is not None and not isinstance(full, str):
+            raise InputError(f"Bundle.entry[{i}].fullUrl must be a string (a URI)", pointer=f"{ptr}/fullUrl",
+                             expression=f"Bundle.entry[{i}].fullUrl", rule="bridge:bundle-fullurl")
+        if _too_deep(resource, MAX_DEPTH):
+            raise InputError(f"Bundle.entry[{i}].resource is nested deeper than {MAX_DEPTH} levels",
+                             pointer=f"{ptr}/resource", expression=f"Bundle.entry[{i}].resource",
+                             rule="bridge:nesting", code="too-costly")
         url = req.get("url")
         if url != resource.get("resourceType"):
             raise InputError(f"request.url must be the resource type '{str(resource.get('resourceType'))[:40]}'",
@@ -246,9 +311,14 @@ class Inbound:
         if cond is not None and not isinstance(cond, str):
             raise InputError("request.ifNoneExist must be a string", pointer=f"{ptr}/request/ifNoneExist",
                              rule="bridge:bundle-entry")
-        return resource, (parse_query(cond) if cond else None)
+        if cond is None:
+            return resource, None
+        try:
+            return resource, parse_query(cond)
+        except KapError as exc:
+            raise type(exc)([i.prefixed(pointer_prefix=f"{ptr}/request/ifNoneExist") for i in exc.issues]) from None
 
-    def _transaction(self, entries: list[dict[str, Any]], source: str | None) -> BundleResult:
+    def _transaction(self, entries: list[dict[str, Any]], source: str | None, trusted: bool) -> BundleResult:
         parsed = []
         issues: list[Issue] = []
         ids: dict[str, str] = {}
@@ -282,11 +352,11 @@ class Inbound:
         if issues:
             raise worst(issues)
         accepted = self._commit(lambda tx: [self._store_one(tx, resource, source, cond, record, keep_id=full in ids)
-                                            for i, full, resource, cond, record in records])
+                                            for i, full, resource, cond, record in records], trusted)
         return BundleResult(_response_bundle("transaction-response", [_entry_response(a) for a in accepted]),
                             accepted)
 
-    def _batch(self, entries: list[dict[str, Any]], source: str | None) -> BundleResult:
+    def _batch(self, entries: list[dict[str, Any]], source: str | None, trusted: bool) -> BundleResult:
         """Each entry stands alone (its own SAVEPOINT), and all of them share one commit."""
         out: list[dict[str, Any] | None] = [None] * len(entries)
         checked: list[tuple[int, dict[str, Any], dict[str, list[str]] | None, dict[str, Any] | None]] = []
@@ -310,17 +380,26 @@ class Inbound:
                 accepted.append(acc)
             return accepted
 
-        accepted = self._commit(work) if checked else []
+        accepted = self._commit(work, trusted) if checked else []
         return BundleResult(_response_bundle("batch-response", [o for o in out if o is not None]), accepted)
 
     def referral_status(self, referral_id: str, business_status: str, *, reason: str | None = None) -> StoredResource:
-        """Move the referral's Task to `business_status` (Conflict if the flow does not allow it)."""
+        """Move the referral's Task to `business_status` (Conflict if the flow does not allow it).
+
+        The referring practice reads this Task without a consent check (it sent the referral),
+        so it carries no free text: `reason`, when given, must be one of the codes in
+        `REFERRAL_REASONS` (not-eligible, client-declined, client-unreachable, capacity,
+        duplicate, other) and becomes `Task.statusReason` as a coding (R5: a CodeableReference's
+        `concept`); anything else is refused (InputError, rule `referral:reason`). Clinical
+        detail behind a decision goes to the practice as a consent-gated Communication instead.
+        """
         if business_status not in REFERRAL_FLOW:
             raise InputError(f"status '{business_status[:40]}' is not one of {', '.join(REFERRAL_FLOW)}",
                              pointer="/status", rule="referral:status", code="value")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
-            raise InputError("reason must be a string of at most 1000 characters", pointer="/reason",
-                             rule="referral:reason")
+        if reason is not None and (not isinstance(reason, str) or reason not in REFERRAL_REASONS):
+            raise InputError("reason must be one of the codes " + ", ".join(REFERRAL_REASONS) + " (no free text: "
+                             "the referring practice sees it without a consent check)", pointer="/reason",
+                             rule="referral:reason", code="value")
         if not ID_PATTERN.match(referral_id):
             raise NotFound("no such referral", rule="referral:unknown")
         updated = self.store.write(lambda tx: self._move(tx, referral_id, business_status, reason))
@@ -343,7 +422,9 @@ class Inbound:
         task["businessStatus"] = _business_concept(business_status)
         task["lastModified"] = instant_now()
         if reason:
-            task["statusReason"] = {"text": reason}
+            concept = {"coding": [{"system": REFERRAL_REASON_SYSTEM, "code": reason,
+                                   "display": REFERRAL_REASONS[reason]}]}
+            task["statusReason"] = {"concept": concept} if self.release is Release.R5 else concept
         else:
             task.pop("statusReason", None)
         # Read and update in one transaction; if_match keeps the guard should that ever change.
@@ -453,7 +534,12 @@ def _match(ref: dict[str, Any], keys: set[str], resolve: Callable[[str, str], St
 
 
 def parse_query(query: str) -> dict[str, list[str]]:
-    """`a=1&b=2` (an If-None-Exist value) -> {"a": ["1"], "b": ["2"]}."""
+    """`a=1&b=2` (an If-None-Exist value) -> {"a": ["1"], "b": ["2"]}.
+
+    A condition must select something: at least one search criterion, and no result
+    parameters (`_sort`, `_count`, `_include`, ...), which select nothing and would otherwise
+    make it match every resource of the sender (InputError, rule `http:if-none-exist`).
+    """
     from urllib.parse import parse_qs
 
     query = query.split("?", 1)[1] if "?" in query else query
@@ -461,18 +547,49 @@ def parse_query(query: str) -> dict[str, list[str]]:
         parsed = parse_qs(query, keep_blank_values=True, strict_parsing=True, max_num_fields=20)
     except ValueError:
         raise InputError("If-None-Exist must be a search query such as identifier=SYSTEM|VALUE",
-                         rule="http:if-none-exist") from None
+                         expression="If-None-Exist", rule="http:if-none-exist") from None
+    check_condition(parsed)
     return parsed
 
 
-def _rewrite(node: Any, refs: Mapping[str, str]) -> Any:
+def check_condition(params: Mapping[str, Sequence[str]]) -> None:
+    """Raise InputError unless `params` is a usable condition (criteria, and no result parameters)."""
+    result = sorted(name for name in params if name in _RESULT_PARAMS)
+    if result:
+        raise InputError(f"If-None-Exist may not use the result parameter '{result[0][:40]}': a condition "
+                         "only selects (e.g. identifier=SYSTEM|VALUE)", expression="If-None-Exist",
+                         rule="http:if-none-exist")
+    if not params:
+        raise InputError("If-None-Exist has no search criteria: it would match any resource; give one "
+                         "such as identifier=SYSTEM|VALUE", expression="If-None-Exist", rule="http:if-none-exist")
+
+
+def _too_deep(node: Any, limit: int) -> bool:
+    """Whether JSON `node` nests objects/arrays more than `limit` levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(node, 1)]
+    while stack:
+        cur, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(cur, dict):
+            stack.extend((v, depth + 1) for v in cur.values() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend((v, depth + 1) for v in cur if isinstance(v, (dict, list)))
+    return False
+
+
+def _rewrite(node: Any, refs: Mapping[str, str], depth: int = 0) -> Any:
+    """A copy of `node` with `reference`s found in `refs` replaced (callers bound the depth: `_too_deep`)."""
+    if depth > MAX_DEPTH:
+        raise InputError(f"a resource is nested deeper than {MAX_DEPTH} levels", rule="bridge:nesting",
+                         code="too-costly")
     if isinstance(node, dict):
-        out = {k: _rewrite(v, refs) for k, v in node.items()}
+        out = {k: _rewrite(v, refs, depth + 1) for k, v in node.items()}
         if isinstance(out.get("reference"), str) and out["reference"] in refs:
             out["reference"] = refs[out["reference"]]
         return out
     if isinstance(node, list):
-        return [_rewrite(v, refs) for v in node]
+        return [_rewrite(v, refs, depth + 1) for v in node]
     return node
 
 

@@ -7,7 +7,11 @@ brute-force). Lookups go by hash and the final comparison is `hmac.compare_diges
 
 Scopes follow SMART backend services: `system/<Type|*>.<read|write|*>`, plus
 `kap/records.write` (post KAP records), `kap/referrals.write` (move referral Tasks) and
-`kap/clinic` (a clinic operator: reads everything, sees why a disclosure was refused).
+`kap/clinic` (a clinic operator: reads everything, sees why a disclosure was refused) and
+`kap/consent-authority` (a referring practice that collects the client's signed releases:
+the Consents, Practitioners, PractitionerRoles and Organizations it posts become consent
+context). Only clinic partners and consent authorities feed the consent gate; what any
+other partner posts is stored for it but never decides a disclosure.
 Endpoint secrets are never stored: `endpoint_auth` names an environment variable
 (`bearer:ENVVAR`) or a SMART client id (`smart:CLIENT_ID`).
 
@@ -39,7 +43,8 @@ __all__ = ["DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners"]
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 DEFAULT_SCOPES = "system/*.read system/*.write"  # what the bridge lets anyone write is narrower still
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_SCOPE = re.compile(r"^(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*)|kap/(records\.write|referrals\.write|clinic))$")
+_SCOPE = re.compile(r"^(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*)"
+                    r"|kap/(records\.write|referrals\.write|clinic|consent-authority))$")
 _NPI = re.compile(r"^\d{10}$")
 _REF = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
 
@@ -70,6 +75,14 @@ class Partner:
     @property
     def is_clinic(self) -> bool:
         return "kap/clinic" in self.scopes
+
+    @property
+    def is_consent_authority(self) -> bool:
+        """Whether the context this partner posts (Consent, people, organisations) feeds the consent gate.
+
+        The clinic's own systems (`kap/clinic`) and partners given `kap/consent-authority`.
+        """
+        return not self.revoked and (self.is_clinic or "kap/consent-authority" in self.scopes)
 
     @property
     def recipient_keys(self) -> tuple[str, ...]:
@@ -133,7 +146,8 @@ class Partners:
         bad = [s for s in scope_list if not _SCOPE.match(s)]
         if bad:
             raise InputError(f"unknown scope '{bad[0]}': use system/<Type|*>.<read|write|*>, "
-                             "kap/records.write, kap/referrals.write or kap/clinic", rule="partner:scope")
+                             "kap/records.write, kap/referrals.write, kap/clinic or kap/consent-authority",
+                             rule="partner:scope")
         if org_identifier is not None:
             system, sep, value = org_identifier.partition("|")
             if not sep or not system or not value:

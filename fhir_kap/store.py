@@ -34,7 +34,7 @@ from . import jsonio
 from .db import Database, Tx
 from .errors import Conflict, InputError, PreconditionFailed
 
-__all__ = ["ID_PATTERN", "SEARCH_PARAMS", "SearchResult", "Store", "StoredResource", "instant_now"]
+__all__ = ["ID_PATTERN", "MAX_ALTERNATIVES", "SEARCH_PARAMS", "SearchResult", "Store", "StoredResource", "instant_now"]
 
 T = TypeVar("T")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -158,6 +158,11 @@ REFERENCE_PARAMS = {"patient": "Patient", "subject": None, "recipient": None, "s
 RESULT_PARAMS = {"_count", "_offset", "_lastUpdated", "_id", "_sort", "_format", "_summary", "_total"}
 MAX_COUNT = 200
 DEFAULT_COUNT = 20
+#: Most comma-separated alternatives one search parameter, and a whole search, may carry
+#: (each becomes an SQL term; SQLite refuses expression trees past ~1,000 terms).
+MAX_ALTERNATIVES = 100
+#: Parameters that shape results but select nothing (a condition may not consist of these).
+_IGNORED = ("_count", "_offset", "_format", "_total", "_sort", "_summary")
 
 
 def instant_now() -> str:
@@ -245,11 +250,15 @@ class Store:
         """Create a resource (server-assigned id unless `keep_id`). Returns (stored, created).
 
         With `if_none_exist` (search parameters), an existing single match is returned
-        instead (created=False); several matches raise PreconditionFailed (412). Matches are
+        instead (created=False); several matches raise PreconditionFailed (412); a condition
+        with no search criteria (empty, or only `_count`/`_sort`-like parameters) is an InputError. Matches are
         looked for among resources of the same `source` only, so one partner cannot probe
         another's identifiers.
         """
         rtype = _type_of(resource)
+        if if_none_exist is not None and not any(name not in _IGNORED for name in if_none_exist):
+            raise InputError("If-None-Exist has no search criteria: it would match any resource",
+                             expression="If-None-Exist", rule="http:if-none-exist")
         if tx is None:
             return self.write(lambda t: self.create(resource, source=source, if_none_exist=if_none_exist,
                                                     keep_id=keep_id, tx=t))
@@ -370,10 +379,11 @@ class Store:
             clause = "c.source = ?"
             args = [*args, source]
             if refs:
-                keys = [_ref_key(r) for r in refs]
+                keys = sorted({_ref_key(r) for r in refs})
+                # A row-value IN list, not an OR chain: no expression-depth limit however many refs.
                 clause += (" OR EXISTS (SELECT 1 FROM fhir_index a WHERE a.type = c.type AND a.id = c.id "
-                           "AND a.param IN ('recipient', 'requester') AND ("
-                           + " OR ".join("(a.code = ? AND a.system = ?)" for _ in keys) + "))")
+                           "AND a.param IN ('recipient', 'requester') AND (a.code, a.system) IN (VALUES "
+                           + ", ".join("(?, ?)" for _ in keys) + "))")
                 args += [v for k in keys for v in k]
             sql += f" AND ({clause})"
         with self.db.transaction(immediate=False) as t:
@@ -403,11 +413,20 @@ class Store:
         known = SEARCH_PARAMS.get(rtype, {})
         clauses = ["c.type = ?", "c.deleted = 0"]
         args: list[Any] = [rtype]
+        total = 0
         for name, values in params.items():
-            if name in ("_count", "_offset", "_format", "_total", "_sort", "_summary"):
+            if name in _IGNORED:
                 continue
+            per_param = 0
             for value in values:
                 alternatives = [v for v in value.split(",")] if value else [""]
+                per_param += len(alternatives)
+                total += len(alternatives)
+                if per_param > MAX_ALTERNATIVES or total > MAX_ALTERNATIVES:
+                    shown = name[:40] if name in known or name in ("_id", "_lastUpdated") else "a parameter"
+                    raise InputError(f"Too many search values: at most {MAX_ALTERNATIVES} in all (the limit was "
+                                     f"passed at '{shown}')", expression=shown, rule="search:too-many-values",
+                                     code="too-costly")
                 if name == "_id":
                     clauses.append(f"c.id IN ({', '.join('?' * len(alternatives))})")
                     args += alternatives
@@ -494,15 +513,16 @@ def _date_clause(column: str, value: str) -> tuple[str, list[str]]:
     m = _DATE.match(value)
     if not m:
         raise InputError(f"_lastUpdated value '{value[:40]}' is not a FHIR date/dateTime with an optional "
-                         "prefix (eq, gt, ge, lt, le)", rule="search:date", code="value")
+                         "prefix (eq, gt, ge, lt, le)", expression="_lastUpdated", rule="search:date",
+                         code="value")
     prefix, y, mo, d, hh, mi, ss, frac, tz = m.groups()
     try:
         lo, hi = _range(y, mo, d, hh, mi, ss, frac, tz)
-    except ValueError:
-        raise InputError(f"_lastUpdated value '{value[:40]}' is not a valid date", rule="search:date",
-                         code="value") from None
-    fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
-    lo_s, hi_s = lo.strftime(fmt), hi.strftime(fmt)
+    except (ValueError, OverflowError):  # no such date, or its range leaves years 1-9999
+        raise InputError(f"_lastUpdated value '{value[:40]}' is not a valid date, or its range leaves the "
+                         "years 0001-9999",
+                         expression="_lastUpdated", rule="search:date", code="value") from None
+    lo_s, hi_s = _instant(lo), _instant(hi)
     prefix = prefix or "eq"
     if prefix in ("ge",):
         return f"{column} >= ?", [lo_s]
@@ -541,3 +561,8 @@ def _range(y: str, mo: str | None, d: str | None, hh: str | None, mi: str | None
 
 def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
+
+
+def _instant(value: datetime) -> str:
+    """A UTC datetime as `instant_now` spells it (four-digit year even before 1000, unlike strftime)."""
+    return f"{value.year:04d}-{value.strftime('%m-%dT%H:%M:%S.%f')}Z"

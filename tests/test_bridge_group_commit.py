@@ -87,6 +87,41 @@ def test_concurrent_writes_share_one_commit_and_each_is_durable_when_answered(db
     assert db.committer.units == 13 and db.committer.batches == 2  # the held batch, then all twelve at once
 
 
+@pytest.mark.parametrize("max_batch", [1, 2, 3])
+def test_a_leader_always_runs_its_own_unit_even_when_the_queue_is_longer_than_a_batch(db, tmp_path, max_batch):
+    from fhir_kap.db import GroupCommitter
+
+    db._committer = GroupCommitter(db, max_batch=max_batch)
+    gate = threading.Event()
+    results: dict[int, object] = {}
+
+    def slow(tx):
+        gate.wait(10)
+        tx.execute("INSERT INTO t (k) VALUES (?)", ("k0",))
+        return 0
+
+    def call(i: int) -> None:
+        try:
+            results[i] = db.write(slow if i == 0 else _insert(f"k{i}"))
+        except Exception as exc:  # noqa: BLE001 - compared below
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    threads[0].start()
+    time.sleep(0.2)  # the first batch is open
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 10
+    while db.committer.queued < 7 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    gate.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {0: 0, **{i: f"k{i}" for i in range(1, 8)}}  # every caller got its own result
+    assert _rows(tmp_path / "g.sqlite3") == {f"k{i}" for i in range(8)}  # and every write ran, durably
+    assert db.committer.units == 8
+
+
 def test_a_failing_write_is_rolled_back_alone_and_gets_its_own_error(db, tmp_path):
     running = threading.Event()
     units = [_hold_first_batch(db, 3, running), _insert("ok-1"), _insert("bad", fail=True), _insert("ok-2")]
@@ -164,6 +199,9 @@ def test_webhooks_run_after_the_commit_off_the_request_and_stay_id_only_and_sign
         hooked, _ = partners.add("practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"],
                                  webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
         app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir"))
+        consent = app.test_client().post("/fhir/Consent", data=json.dumps(load("Consent-open-ended.json")),
+                                         headers={"Authorization": f"Bearer {sender}", "Content-Type": FHIR})
+        assert consent.status_code == 201  # the hook fires only for a note the practice may read
         started = time.monotonic()
         resp = app.test_client().post("/fhir/Communication", data=json.dumps(load("Example-Communication-note-1.json")),
                                       headers={"Authorization": f"Bearer {sender}", "Content-Type": FHIR})

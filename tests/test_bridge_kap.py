@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_bridge_support import load, make_bridge
@@ -53,11 +54,12 @@ def test_full_referral_loop_moves_task_status_in_step(bridge):
     assert history["total"] == 5
 
 
-def test_a_declined_referral_carries_the_reason_and_is_final(bridge):
+def test_a_declined_referral_carries_the_reason_code_and_is_final(bridge):
     sr = _referral(bridge)
-    assert _move(bridge, sr, "declined", "outside the clinic's criteria").status_code == 200
+    assert _move(bridge, sr, "declined", "not-eligible").status_code == 200
     task = _task(bridge, "a", sr)
-    assert task["status"] == "rejected" and task["statusReason"]["text"] == "outside the clinic's criteria"
+    assert task["status"] == "rejected" and task["statusReason"]["coding"][0]["code"] == "not-eligible"
+    assert "text" not in task["statusReason"]
     again = _move(bridge, sr, "accepted")
     assert again.status_code == 409 and "referral:transition" in again.get_data(as_text=True)
 
@@ -67,6 +69,7 @@ def test_a_declined_referral_carries_the_reason_and_is_final(bridge):
     ({"state": "accepted"}, 400, "referral:body"),
     ({"status": "accepted", "extra": 1}, 400, "referral:body"),
     ({"status": "accepted", "reason": 7}, 400, "referral:reason"),
+    ({"status": "declined", "reason": "outside the clinic's criteria"}, 400, "referral:reason"),
 ])
 def test_bad_status_moves_are_4xx(bridge, body, status, rule):
     sr = _referral(bridge)
@@ -136,3 +139,20 @@ def test_kap_ndjson_lists_each_record_with_its_outcome(bridge):
                                                (b"", "application/json", 400)])
 def test_kap_records_bad_bodies_are_4xx(bridge, body, ctype, status):
     assert _post_records(bridge, body, ctype).status_code == status
+
+
+def test_kap_records__consents_from_a_partner_that_is_no_consent_authority_are_refused(tmp_path):
+    """/kap/records.write alone does not make a partner a source of consent context."""
+    from fhir_kap.config import load_settings
+    from fhir_kap.db import Database
+    from fhir_kap.partners import Partners
+
+    bridge = make_bridge(tmp_path)
+    s = load_settings(env={}, data_dir=tmp_path / "data")
+    token = Partners(Database(s.db_url)).add("records-only", scopes="kap/records.write")[1]
+    consent = json.loads(open(Path(__file__).parent.parent / "profiles" / "examples" / "records"
+                              / "consent-consent-0001.json").read())
+    resp = bridge.client.post("/kap/records", data=json.dumps(consent),
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    result = resp.get_json()["results"][0]
+    assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"

@@ -77,6 +77,18 @@ def test_scopes_grant_interactions(partners, scopes, rtype, interaction, allowed
     assert partner.allows(rtype, interaction) is allowed
 
 
+@pytest.mark.parametrize("scopes,authority", [
+    ("system/*.read system/*.write", False),
+    ("system/*.* kap/records.write kap/referrals.write", False),
+    ("system/*.read system/*.write kap/consent-authority", True),
+    ("system/*.* kap/clinic", True),
+])
+def test_only_clinic_systems_and_consent_authorities_feed_the_consent_gate(partners, scopes, authority):
+    partner, _ = partners.add("p", scopes=scopes)
+    assert partner.is_consent_authority is authority
+    assert partners.revoke("p").is_consent_authority is False
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 1000.0

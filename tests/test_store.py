@@ -150,6 +150,51 @@ def test_bad_search_parameters_are_input_errors(store, params):
         store.search("Communication", params)
 
 
+@pytest.mark.parametrize("value", ["9999-12-31", "0001-01-01T00:00+05:00", "9999-12-31T23:59-05:00", "9999-12",
+                                   "eq9999"])
+def test_dates_whose_range_leaves_years_1_to_9999_are_input_errors_naming_the_parameter(store, value):
+    with pytest.raises(InputError) as err:
+        store.search("Communication", {"_lastUpdated": [value]})
+    assert (err.value.issues[0].rule, err.value.issues[0].expression) == ("search:date", "_lastUpdated")
+
+
+@pytest.mark.parametrize("value,hits", [("gt0001-01-02", 1), ("lt0999-01-01", 0), ("ge9999-12-30", 0)])
+def test_dates_at_the_edges_of_the_calendar_still_compare_correctly(store, value, hits):
+    store.create(load("Example-Communication-note-1.json"))
+    assert store.search("Communication", {"_lastUpdated": [value]}).total == hits
+
+
+@pytest.mark.parametrize("params", [
+    {"category": [",".join(["a"] * 101)]},
+    {"_id": [",".join(["a"] * 5000)]},
+    {"category": [",".join(["a"] * 60)], "status": [",".join(["b"] * 41)]},
+    {"category": [",".join(["a"] * 50), ",".join(["a"] * 51)]},
+])
+def test_more_than_a_hundred_search_values_are_too_costly(store, params):
+    with pytest.raises(InputError) as err:
+        store.search("Communication", params)
+    assert (err.value.issues[0].rule, err.value.issues[0].code) == ("search:too-many-values", "too-costly")
+    with pytest.raises(InputError):
+        store.create(load("Example-Communication-note-1.json"), if_none_exist=params)
+    assert store.counts() == {}
+
+
+def test_a_hundred_search_values_and_many_audience_references_are_searched(store):
+    created, _ = store.create(load("Example-Communication-note-1.json"), source="x")
+    refs = [f"Practitioner/p{i}" for i in range(1500)] + ["Practitioner/ref-therapist"]
+    found = store.search("Communication", {"_id": [",".join(["a"] * 99 + [created.id])]}, audience=("y", refs))
+    assert [s.id for s in found.items] == [created.id]
+
+
+@pytest.mark.parametrize("condition", [{}, {"_count": ["1"]}, {"_sort": ["x"], "_summary": ["true"]}])
+def test_a_condition_without_search_criteria_is_refused(store, condition):
+    store.create(load("Example-Communication-note-1.json"), source="x")
+    with pytest.raises(InputError) as err:
+        store.create(load("Example-Communication-note-1.json"), source="x", if_none_exist=condition)
+    assert err.value.issues[0].rule == "http:if-none-exist"
+    assert store.counts() == {"Communication": 1}
+
+
 def test_a_failed_transaction_writes_nothing(store):
     with pytest.raises(PreconditionFailed), store.transaction() as tx:
         store.create(load("Example-Communication-note-1.json"), tx=tx)

@@ -6,6 +6,11 @@ inherits the referral's submitter), or when the resource is addressed to the par
 (`inbound.addressed_to`) and the consent gate permits the disclosure on the day of the read.
 Every gate decision, permit or deny, is written to the audit log. Anything not visible is
 answered exactly like a resource that does not exist.
+
+The gate decides on consent context from consent authorities only (clinic systems and
+partners with `kap/consent-authority`): the outbox context, which `Inbound` fills with what
+those send. A Consent or PractitionerRole any other partner posts is in the store, readable
+by its sender, and ignored here.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Any
 from ..config import Release
 from ..inbound import addressed_to
 from ..partners import Partner
-from ..store import Store, StoredResource
+from ..store import MAX_ALTERNATIVES, Store, StoredResource
 
 __all__ = ["Access"]
 
@@ -25,12 +30,17 @@ class Access:
     """Visibility checks for partner reads, consent-gated and audited."""
 
     def __init__(self, store: Store, *, release: Release, purpose: str, audit: Any | None,
-                 context_source: Callable[[str], list[dict[str, Any]]] | None = None) -> None:
+                 context_source: Callable[[str], list[dict[str, Any]]] | None = None,
+                 authority: Callable[[str | None], bool] | None = None) -> None:
+        """`context_source(patient_ref)`: the consent context (the outbox's); without it the store's
+        context resources are read, keeping only those whose sender `authority(source)` trusts
+        (none without it)."""
         self.store = store
         self.release = release
         self.purpose = purpose
         self.audit = audit
         self.context_source = context_source
+        self.authority = authority
 
     def partner_refs(self, partner: Partner) -> list[str]:
         """Literal references that name `partner` (its own, and stored resources carrying its identifiers)."""
@@ -43,9 +53,11 @@ class Access:
                     refs.add(f"{rtype}/{s.id}")
         if refs:
             for param in ("practitioner", "organization"):
-                wanted = [r for r in refs if r.startswith("Practitioner/" if param == "practitioner" else "Organization/")]
-                if wanted:
-                    for s in self.store.search("PractitionerRole", {param: [",".join(wanted)]}, count=200).items:
+                prefix = "Practitioner/" if param == "practitioner" else "Organization/"
+                wanted = sorted(r for r in refs if r.startswith(prefix))
+                for start in range(0, len(wanted), MAX_ALTERNATIVES):  # a search takes 100 values at most
+                    chunk = wanted[start:start + MAX_ALTERNATIVES]
+                    for s in self.store.search("PractitionerRole", {param: [",".join(chunk)]}, count=200).items:
                         if s.resource.get("active", True):
                             refs.add(f"PractitionerRole/{s.id}")
         return sorted(refs)
@@ -79,15 +91,18 @@ class Access:
     def context(self, patient_ref: str | None) -> list[dict[str, Any]]:
         """Consents for the client, and the people and organisations they name (store + outbox context)."""
         if self.context_source is not None:
-            # Inbound puts every context resource there too; it is the one place to read.
+            # Inbound puts a consent authority's context resources there; it is the one place to read.
             return self.context_source(patient_ref) if patient_ref else []
+        trusted = self.authority or (lambda source: False)
         found: dict[tuple[str, str], dict[str, Any]] = {}
         if patient_ref:
             for s in self.store.search("Consent", {"patient": [patient_ref]}, count=200).items:
-                found[("Consent", s.id)] = s.resource
+                if trusted(s.source):
+                    found[("Consent", s.id)] = s.resource
         for rtype in ("Practitioner", "PractitionerRole", "Organization"):
             for s in self.store.search(rtype, {}, count=200).items:
-                found[(rtype, s.id)] = s.resource
+                if trusted(s.source):
+                    found[(rtype, s.id)] = s.resource
         return list(found.values())
 
 

@@ -105,10 +105,13 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     outbox = Outbox(db)
     audit = AuditLog(db)
     notifier = Notifier(timeout=options.webhook_timeout) if options.notify else None
-    inbound = Inbound(store, validator, release=release, mapper=mapper, context=outbox, partners=partners,
-                      notifier=notifier, clinic_org_identifier=settings.clinic_org_identifier)
     access = Access(store, release=release, purpose=options.read_purpose, audit=audit,
                     context_source=outbox.context_for)
+    # Rest-hooks only for recipients the consent gate lets read the note (audited like a read).
+    inbound = Inbound(store, validator, release=release, mapper=mapper, context=outbox, partners=partners,
+                      notifier=notifier, clinic_org_identifier=settings.clinic_org_identifier,
+                      may_read=access.can_read)
+    access.authority = inbound.is_authority
 
     app = Flask("fhir_kap.bridge")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

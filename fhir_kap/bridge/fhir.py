@@ -125,7 +125,8 @@ def register(app: Flask) -> None:
             rt = res.get("resourceType") if isinstance(res, dict) else None
             if isinstance(rt, str) and rt in WRITE_TYPES:
                 _scope(partner, rt, "write")
-        result = services().inbound.accept_bundle(body, source=partner.name)
+        result = services().inbound.accept_bundle(body, source=partner.name,
+                                                  authority=partner.is_consent_authority)
         for entry in result.bundle["entry"]:
             if "fullUrl" in entry:
                 entry["fullUrl"] = f"{_base()}/{entry['fullUrl']}"
@@ -146,7 +147,9 @@ def register(app: Flask) -> None:
                              expression="resourceType", rule="http:type-mismatch")
         cond_header = request.headers.get("If-None-Exist")
         cond = parse_query(cond_header) if cond_header else None
-        acc = services().inbound.accept(body, source=partner.name, if_none_exist=cond)
+        # Only a consent authority's Consents, people and organisations feed the consent gate.
+        acc = services().inbound.accept(body, source=partner.name, if_none_exist=cond,
+                                        authority=partner.is_consent_authority)
         return _created(acc.stored, acc.created)
 
     @app.get("/fhir/<rtype>/<rid>")

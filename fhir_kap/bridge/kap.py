@@ -46,6 +46,10 @@ def register(app: Flask) -> None:
 
     @app.post("/kap/referrals/<rid>/status")
     def referral_status(rid: str) -> Response:
+        """Move a referral's Task: `{"status": ..., "reason": CODE}`. `reason` is optional and one
+        of not-eligible, client-declined, client-unreachable, capacity, duplicate, other; free
+        text is refused (400, `referral:reason`), since the referring practice reads the Task
+        without a consent check."""
         current_partner(["kap/referrals.write"])
         body = read_json_body(("application/json", "application/fhir+json"))
         if not isinstance(body, dict) or not isinstance(body.get("status"), str):
@@ -99,6 +103,10 @@ def _one(label: str, doc: Any, source: str) -> dict[str, Any]:
                 "reasons": [issue_reason(i) for i in resource.issues]}
     rtype = resource["resourceType"]
     if rtype in CONTEXT_TYPES:
+        if not svc.inbound.is_authority(source):  # only consent authorities feed the consent gate
+            return {**out, "outcome": "refused", "status": 403, "reasons": [{
+                "message": "consents and parties are taken only from the clinic or a consent authority",
+                "rule": "kap:consent-authority"}]}
         svc.outbox.put_context(resource)
         return {**out, "outcome": "context", "resource": f"{rtype}/{resource.get('id')}"}
     recipients = [r for r in resource.get("recipient") or [] if isinstance(r, dict)]

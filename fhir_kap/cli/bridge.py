@@ -44,7 +44,11 @@ def register(subparsers: Any) -> None:
     add.add_argument("--reference", nargs="+", default=[], metavar="TYPE/ID",
                      help="literal references naming the partner, e.g. Organization/practice-a")
     add.add_argument("--scopes", nargs="+", default=None,
-                     help="system/<Type|*>.<read|write|*>, kap/records.write, kap/referrals.write, kap/clinic")
+                     help="system/<Type|*>.<read|write|*>, kap/records.write, kap/referrals.write, kap/clinic "
+                          "(a clinic system: reads everything), kap/consent-authority (a practice that collects "
+                          "the client's signed releases: the Consents, Practitioners, PractitionerRoles and "
+                          "Organizations it posts feed the consent gate; without it they are stored but decide "
+                          "nothing). Default: system/*.read system/*.write")
     add.add_argument("--endpoint", metavar="FHIR_BASE_URL", default=None)
     add.add_argument("--endpoint-auth", default=None, metavar="none|bearer:ENVVAR|smart:CLIENT_ID")
     add.add_argument("--webhook", metavar="URL", default=None)
