@@ -50,6 +50,20 @@ def read_json_body(accepted: tuple[str, ...] = _ACCEPTED_TYPES) -> Any:
     return jsonio.loads(data, source="body")
 
 
+def _visible(rtype: str, rid: str) -> tuple[Partner, Any, StoredResource]:
+    """The caller, the services and the current resource, when the caller may read it; else
+    the same 404 a resource that does not exist gets."""
+    partner = current_partner()
+    _check_type(rtype)
+    _scope(partner, rtype, "read")
+    _check_id(rtype, rid)
+    svc = services()
+    current = svc.store.get(rtype, rid)
+    if current is None or not svc.access.can_read(partner, current):
+        raise _not_found(rtype, rid)
+    return partner, svc, current
+
+
 def _check_type(rtype: str, types: tuple[str, ...] = READ_TYPES) -> None:
     if rtype not in types:
         shown = f"'{rtype}'" if _TYPE_NAME.match(rtype) else "given"
@@ -154,28 +168,14 @@ def register(app: Flask) -> None:
 
     @app.get("/fhir/<rtype>/<rid>")
     def read(rtype: str, rid: str) -> Response:
-        partner = current_partner()
-        _check_type(rtype)
-        _scope(partner, rtype, "read")
-        _check_id(rtype, rid)
-        svc = services()
-        stored = svc.store.get(rtype, rid)
-        if stored is None or not svc.access.can_read(partner, stored):
-            raise _not_found(rtype, rid)
+        _, _, stored = _visible(rtype, rid)
         if stored.deleted:
             raise KapGone(f"{rtype}/{rid} was deleted", rule="fhir:deleted")
         return fhir_response(stored.resource, 200, _headers(stored))
 
     @app.get("/fhir/<rtype>/<rid>/_history/<vid>")
     def vread(rtype: str, rid: str, vid: str) -> Response:
-        partner = current_partner()
-        _check_type(rtype)
-        _scope(partner, rtype, "read")
-        _check_id(rtype, rid)
-        svc = services()
-        current = svc.store.get(rtype, rid)
-        if current is None or not svc.access.can_read(partner, current):
-            raise _not_found(rtype, rid)
+        partner, svc, _ = _visible(rtype, rid)
         if not _VERSION.match(vid):
             raise InputError("A version id is a positive integer", rule="fhir:version-id", code="value")
         stored = svc.store.vread(rtype, rid, int(vid))
@@ -185,14 +185,7 @@ def register(app: Flask) -> None:
 
     @app.get("/fhir/<rtype>/<rid>/_history")
     def history(rtype: str, rid: str) -> Response:
-        partner = current_partner()
-        _check_type(rtype)
-        _scope(partner, rtype, "read")
-        _check_id(rtype, rid)
-        svc = services()
-        current = svc.store.get(rtype, rid)
-        if current is None or not svc.access.can_read(partner, current):
-            raise _not_found(rtype, rid)
+        partner, svc, _ = _visible(rtype, rid)
         base = _base()
         entries = []
         for s in svc.store.history(rtype, rid):
