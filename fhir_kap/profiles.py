@@ -1,7 +1,7 @@
 """FHIR validation: base structure (generated fast validators), required bindings, core invariants,
 and the KAP profile rules read from the StructureDefinitions in `profiles/`.
 
-Fast path: the fastjsonschema code in `fhir_kap/_generated/<release>/<type>.py` (generated from
+Fast path: the fastjsonschema code in `fhir_kap/_generated/<release>/structure.py` (generated from
 the official FHIR JSON Schemas with required-binding code lists injected, see
 profiles/build/gen_validators.py). Only when it fails is the slower jsonschema validator run on
 the same schema to list every error with its path. Contained resources and Bundle entries are
@@ -173,7 +173,11 @@ _FORMATS = {CALENDAR_FORMAT: calendar_date_ok}
 
 @dataclass
 class _Structure:
+    """One root type's generated validator (`fast`) and, built on first failure only, a
+    jsonschema validator over the same definitions that lists every error (`slow`)."""
+
     fast: Callable[..., Any]
+    root: str
     module: Any
     _slow: Any = None
     _patterns: dict[str, str] | None = None
@@ -181,19 +185,26 @@ class _Structure:
     def slow(self) -> Any:
         if self._slow is None:
             import jsonschema
-            schema = orjson.loads(self.module.SCHEMA_JSON)
+            definitions = _definitions(self.module)
             checker = jsonschema.FormatChecker(formats=())
             checker.checks(CALENDAR_FORMAT)(calendar_date_ok)
-            self._slow = jsonschema.Draft6Validator(schema, format_checker=checker)
-            self._patterns = {d["pattern"]: n for n, d in schema["definitions"].items()
+            self._slow = jsonschema.Draft6Validator(
+                {"$ref": f"#/definitions/{self.root}", "definitions": definitions}, format_checker=checker)
+            self._patterns = {d["pattern"]: n for n, d in definitions.items()
                               if isinstance(d, dict) and "pattern" in d and "properties" not in d}
         return self._slow
 
 
 @lru_cache(maxsize=None)
+def _definitions(module: Any) -> dict[str, Any]:
+    return dict(orjson.loads(module.DEFINITIONS_JSON))
+
+
+@lru_cache(maxsize=None)
 def _structure(release: Release, resource_type: str) -> _Structure:
-    mod = importlib.import_module(f"fhir_kap._generated.{release.short}.{resource_type.lower()}")
-    return _Structure(fast=mod.validate, module=mod)
+    mod = importlib.import_module(f"fhir_kap._generated.{release.short}.structure")
+    return _Structure(fast=getattr(mod, f"validate___definitions_{resource_type.lower()}"),
+                      root=resource_type, module=mod)
 
 
 @lru_cache(maxsize=None)
