@@ -304,7 +304,9 @@ class Outbox:
         sets = ("state = 'held', hold_reason = ?, lease_owner = NULL, lease_until = NULL, "
                 "updated_at = ?")
         if isinstance(item, OutboxItem) and item.state == "sending":
-            return self._leased_update(item, sets, (reason[:MAX_ERROR_CHARS], ts), worker_id)
+            # nothing was sent: the claim's attempt is given back, so holds never dead-letter
+            return self._leased_update(item, sets + ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 "
+                                       "ELSE 0 END", (reason[:MAX_ERROR_CHARS], ts), worker_id)
         item_id = item if isinstance(item, int) else item.id
         with self.db.transaction() as tx:
             rows = tx.execute(f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'pending' "

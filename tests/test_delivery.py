@@ -341,3 +341,14 @@ def test_items_of_several_endpoints_go_to_their_own_server(outbox, clock, rsps):
 
 def test_if_none_exist__escapes_search_special_characters():
     assert if_none_exist("http://x/sid|a,b$c|d") == "identifier=http://x/sid|a%5C%2Cb%5C%24c%5C%7Cd"
+
+
+def test_held_then_released__the_hold_costs_no_attempt(outbox, clock, rsps):
+    """A consent hold sends nothing, so release → re-check → hold cycles never use up attempts."""
+    [item_id] = queue(outbox, [note()], FAKE)
+    deny = lambda item: (False, "Consent/consent-1 is inactive")  # noqa: E731
+    for _ in range(3):
+        stats = worker(outbox, lambda name: fake_client(Sleeps()), clock, consent_check=deny).run_once()
+        assert stats.held == 1
+        assert outbox.get(item_id).attempts == 0
+        outbox.release(item_id, now=clock())
