@@ -11,7 +11,7 @@ Layers (data flows one way; tests/test_layering.py enforces the arrows):
 from __future__ import annotations
 
 from .config import Release, Settings, load_settings
-from .errors import (ConsentDenied, InputError, Issue, KapError, MappingError, ProfileError,
+from .errors import (InputError, Issue, KapError, MappingError, ProfileError,
                      ServerError, operation_outcome)
 
 __version__ = "0.1.0"
@@ -26,7 +26,6 @@ __all__ = [
     "InputError",
     "MappingError",
     "ProfileError",
-    "ConsentDenied",
     "ServerError",
     "operation_outcome",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -139,9 +139,6 @@ class Settings:
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'fhir-kap.sqlite3').as_posix()}"
-
-    def with_(self, **changes: Any) -> "Settings":
-        return replace(self, **changes)
 
 
 _SCALARS = {f.name: f for f in fields(Settings) if f.name != "endpoints"}

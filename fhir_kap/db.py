@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import ConfigError, KapError
+from .errors import CommitUnavailable, ConfigError
 
-__all__ = ["CommitUnavailable", "Database", "GroupCommitter", "Tx"]
+__all__ = ["Database", "GroupCommitter", "Tx"]
 
 T = TypeVar("T")
 log = logging.getLogger("fhir_kap.db")
@@ -53,12 +53,6 @@ _SQLITE_TUNING = ("PRAGMA cache_size=-32768", "PRAGMA mmap_size=268435456", "PRA
 _QMARK = re.compile(r"\?")
 _MIGRATION_LOCK = 0x6B61706D  # "kapm"
 
-
-class CommitUnavailable(KapError):
-    """The committer could not commit (database unreachable, disk error): nothing was acknowledged."""
-
-    http_status = 503
-    default_code = "transient"
 
 
 class Tx:

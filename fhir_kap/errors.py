@@ -15,8 +15,11 @@ __all__ = [
     "InputError",
     "MappingError",
     "ProfileError",
-    "ConsentError",
-    "ConsentDenied",
+    "Unauthorized",
+    "Forbidden",
+    "UnsupportedMediaType",
+    "Gone",
+    "CommitUnavailable",
     "NotFound",
     "Conflict",
     "PreconditionFailed",
@@ -140,20 +143,44 @@ class ProfileError(KapError):
     default_code = "invariant"
 
 
-class ConsentError(KapError):
-    """A consent could not be read or understood (treated as deny by the gate)."""
+class Unauthorized(KapError):
+    """No valid credentials (401)."""
 
-    http_status = 422
-    exit_code = 2
-    default_code = "invalid"
+    http_status = 401
+    exit_code = 1
+    default_code = "login"
 
 
-class ConsentDenied(KapError):
-    """A disclosure was refused. Operators see the reasons; outsiders see NotFound."""
+class Forbidden(KapError):
+    """Credentials valid, interaction not allowed for this partner (403)."""
 
     http_status = 403
     exit_code = 1
-    default_code = "suppressed"
+    default_code = "forbidden"
+
+
+class UnsupportedMediaType(KapError):
+    """A body that is not FHIR JSON (415)."""
+
+    http_status = 415
+    exit_code = 2
+    default_code = "not-supported"
+
+
+class Gone(KapError):
+    """The resource was deleted (410)."""
+
+    http_status = 410
+    exit_code = 1
+    default_code = "deleted"
+
+
+class CommitUnavailable(KapError):
+    """The database could not commit: nothing was acknowledged (503)."""
+
+    http_status = 503
+    exit_code = 1
+    default_code = "transient"
 
 
 class NotFound(KapError):

@@ -3,7 +3,7 @@ import fhir_kap
 
 EXPECTED = {
     "__version__", "Release", "Settings", "load_settings", "Issue", "KapError", "InputError",
-    "MappingError", "ProfileError", "ConsentDenied", "ServerError", "operation_outcome",
+    "MappingError", "ProfileError", "ServerError", "operation_outcome",
 }
 
 

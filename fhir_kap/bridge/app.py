@@ -27,7 +27,7 @@ from werkzeug.sansio.utils import get_current_url
 from .. import jsonio
 from ..config import Release, Settings
 from ..db import Database
-from ..errors import Issue, KapError, operation_outcome
+from ..errors import Forbidden, Issue, KapError, Unauthorized, operation_outcome
 from ..inbound import Inbound
 from ..notify import Notifier
 from ..partners import Partner, Partners
@@ -247,13 +247,3 @@ def current_partner(scopes: Iterable[str] = ()) -> Partner:
         if scope not in partner.scopes:
             raise Forbidden(f"This partner's scopes do not include {scope}", rule="auth:scope", code="forbidden")
     return partner
-
-
-class Unauthorized(KapError):
-    http_status = 401
-    default_code = "login"
-
-
-class Forbidden(KapError):
-    http_status = 403
-    default_code = "forbidden"

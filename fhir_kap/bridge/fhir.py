@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 from flask import Flask, Response, request
 
 from .. import jsonio
-from ..errors import InputError, KapError, NotFound
+from ..errors import Forbidden, Gone, InputError, NotFound, UnsupportedMediaType
 from ..inbound import WRITE_TYPES, parse_query
 from ..partners import Partner
 from ..store import DEFAULT_COUNT, ID_PATTERN, MAX_COUNT, REFERENCE_PARAMS, SEARCH_PARAMS, StoredResource
@@ -22,16 +22,6 @@ KAP_PROFILE = {"ServiceRequest": "kap-referral", "Procedure": "kap-session",
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
 _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
-
-
-class UnsupportedMediaType(KapError):
-    http_status = 415
-    default_code = "not-supported"
-
-
-class Forbidden(KapError):
-    http_status = 403
-    default_code = "forbidden"
 
 
 def read_json_body(accepted: tuple[str, ...] = _ACCEPTED_TYPES) -> Any:
@@ -170,7 +160,7 @@ def register(app: Flask) -> None:
     def read(rtype: str, rid: str) -> Response:
         _, _, stored = _visible(rtype, rid)
         if stored.deleted:
-            raise KapGone(f"{rtype}/{rid} was deleted", rule="fhir:deleted")
+            raise Gone(f"{rtype}/{rid} was deleted", rule="fhir:deleted")
         return fhir_response(stored.resource, 200, _headers(stored))
 
     @app.get("/fhir/<rtype>/<rid>/_history/<vid>")
@@ -238,11 +228,6 @@ def register(app: Flask) -> None:
     def unsupported(rest: str) -> Response:
         raise NotFound(f"{request.method} on this path is not supported by this server", rule="fhir:interaction",
                        code="not-supported")
-
-
-class KapGone(KapError):
-    http_status = 410
-    default_code = "deleted"
 
 
 def _int_param(values: list[str] | None, name: str, default: int, maximum: int) -> int:

@@ -20,7 +20,7 @@ from flask import Flask, Response, request
 
 from .. import jsonio
 from ..consent import apply_security_labels
-from ..errors import InputError, KapError
+from ..errors import InputError, KapError, UnsupportedMediaType
 from ..inbound import addressed_to
 from ..outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
 from ..pipeline import Pipeline
@@ -68,8 +68,6 @@ def register(app: Flask) -> None:
 def _documents() -> list[tuple[str, Any]]:
     mimetype = request.mimetype
     if mimetype not in ("application/json", "application/x-ndjson", "application/ndjson"):
-        from .fhir import UnsupportedMediaType
-
         raise UnsupportedMediaType(f"Content-Type '{(mimetype or 'none')[:60]}' is not supported; send "
                                    "application/json or application/x-ndjson", rule="http:content-type")
     data = request.get_data(cache=False)
