@@ -288,3 +288,33 @@ def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
                             "WHERE h.seq IS NULL OR NOT EXISTS (SELECT 1 FROM fhir_index i "
                             "WHERE i.type = c.type AND i.id = c.id)")
     assert rows == []
+
+
+def test_wal_checkpoints_run_on_their_own_thread_not_inside_a_commit(db, tmp_path):
+    from fhir_kap.db import GroupCommitter
+
+    db._committer = committer = GroupCommitter(db, checkpoint_every=20)
+    checkpointer = committer.checkpointer
+    assert checkpointer is not None
+    for i in range(19):
+        db.write(_insert(f"a{i}"))
+    assert checkpointer.runs == 0 and checkpointer._thread is None  # not due yet: no thread at all
+    unchecked = os.path.getsize(db.path)  # in WAL mode the database file grows only at a checkpoint
+    # The committing connection only checkpoints as a backstop (64 MB of WAL), not every 4000 pages.
+    assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16000
+    db.write(_insert("a19"))
+    deadline = time.monotonic() + 10
+    while checkpointer.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.runs >= 1
+    assert checkpointer._thread is not None and checkpointer._thread.name == "kap-wal-checkpoint"
+    # The committed pages were copied into the database file, and the next writes start the
+    # WAL over instead of growing it.
+    assert os.path.getsize(db.path) > unchecked
+    assert _rows(tmp_path / "g.sqlite3") == {f"a{i}" for i in range(20)}
+    before = os.path.getsize(f"{db.path}-wal")
+    for i in range(5):
+        db.write(_insert(f"b{i}"))
+    assert os.path.getsize(f"{db.path}-wal") <= before
+    committer.stop()
+    assert checkpointer._thread is None
