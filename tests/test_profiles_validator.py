@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fhir_kap.config import Release
 from fhir_kap.profiles import (IMPLEMENTED_CONSTRAINTS, Validator, detect_release, load_profile_rules,
@@ -70,6 +72,20 @@ def test_messages_do_not_quote_free_text() -> None:
 ])
 def test_looks_like_transcript(text: str, expected: bool) -> None:
     assert looks_like_transcript(text) is expected
+
+
+_PIECES = ["client", "Therapist", "T", "c", "pt", "Dr. Lee", "dr  x", "Q:", "me", "word", ":", " ", "\n",
+           "\r", "\t", ".", "!", "?", "\x85", "\u2028", "\u00a0", "[00:12:31]"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=30).map("".join))
+def test_transcript_scan_counts_exactly_what_the_speaker_pattern_finds(text: str) -> None:
+    """The fast scan (turn starts found with str.find) agrees with the one-regex definition."""
+    from fhir_kap.profiles import _SPEAKER, _TIMESTAMP, _speaker_turns
+
+    assert _speaker_turns(text, 10**6) == len(_SPEAKER.findall(text))
+    assert looks_like_transcript(text) is (bool(_TIMESTAMP.search(text)) or len(_SPEAKER.findall(text)) >= 2)
 
 
 @pytest.mark.parametrize("path, expected", [
