@@ -1,4 +1,4 @@
-"""The bridge under gunicorn (`fhir-kap serve` defaults: 2 sync workers): POST /fhir/Communication vs a JSON-only endpoint, same run.
+"""The bridge under gunicorn (`fhir-kap serve` defaults: sync workers, cores + 1): POST /fhir/Communication vs a JSON-only endpoint, same run.
 
 `POST /fhir/Communication` with a 3 KB note is authenticated, parsed, profile-checked, mapped,
 stored durably (SQLite WAL, synchronous=FULL) and answered 201; `/bench/echo` (only with the
@@ -91,8 +91,9 @@ def run(quick: bool = False) -> list[dict]:
                                capture_output=True, text=True, check=True)
         token = json.loads(added.stdout)["token"]
         port = _free_port()
+        workers = os.environ.get("BENCH_BRIDGE_WORKERS")
         server = subprocess.Popen([sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port),
-                                   "--workers", os.environ.get("BENCH_BRIDGE_WORKERS", "2"),
+                                   *(["--workers", workers] if workers else []),
                                    "--threads", os.environ.get("BENCH_BRIDGE_THREADS", "1"), "--bench-echo",
                                    *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split()], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

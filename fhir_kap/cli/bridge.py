@@ -3,10 +3,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
 __all__ = ["register"]
+
+
+def _default_workers() -> int:
+    """One sync worker more than the CPU cores this process may use (see `register`)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores + 1
 
 
 def register(subparsers: Any) -> None:
@@ -15,16 +25,19 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="settings file (TOML)")
     # Defaults from bench/bench_bridge.py on 2 cores with the load generator beside it
-    # (POST /fhir/Communication req/s, two runs each): 2 sync workers 960-970, 2 sync with
-    # reuse_port 880-900, 3 sync 790-830, gthread 2x8 640-700, gthread 2x2 610-680. gthread
-    # loses because its workers race to accept: all keep-alive connections tend to land on one
-    # process, whose GIL then serialises them while the other idles (one worker at ~100% CPU,
-    # the other ~0-25%); group commit inside that process does not make up for it. With sync
+    # (POST /fhir/Communication req/s). Sync workers, one more than the cores: with WAL
+    # checkpoints on their own thread (db.WalCheckpointer), 3 sync workers gave 1020-1080 and
+    # 2 gave 965-990 over four alternating pairs; 4 gave 845-935. An earlier round, before the
+    # checkpointer, had 2 ahead of 3 (960-970 vs 790-830); gthread 2x8 640-700 and 2x2 610-680,
+    # and 2 sync with reuse_port 880-900. gthread loses because its workers race to accept: all
+    # keep-alive connections tend to land on one process, whose GIL then serialises them while
+    # the other idles; group commit inside that process does not make up for it. With sync
     # workers each process owns one request at a time, the kernel hands new connections to
-    # whichever is free, and one worker's fsync wait is the other's CPU time. More processes
-    # than cores only add contention. Many slow clients (keep-alive, long uploads) favour
-    # --threads N (gthread): concurrent writes of one worker then share one commit.
-    serve.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    # whichever is free, and one worker's fsync wait is another's CPU time. Many slow clients
+    # (keep-alive, long uploads) favour --threads N (gthread): concurrent writes of one worker
+    # then share one commit.
+    serve.add_argument("--workers", type=int, default=_default_workers(),
+                       help="gunicorn worker processes (default: CPU cores + 1)")
     serve.add_argument("--threads", type=int, default=1,
                        help="threads per worker (default 1: sync workers); with N > 1 gthread workers, and "
                             "concurrent writes of a worker share one commit")
