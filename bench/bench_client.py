@@ -10,6 +10,7 @@ estimated as wall time minus client CPU, since client and server share the same 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 import uuid
@@ -45,7 +46,7 @@ def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
     return delivered, time.perf_counter() - w0, time.process_time() - c0
 
 
-def run(server_base_url: str | None = None, n: int = 1000, *, quick: bool = False,
+def run(server_base_url: str | None = None, n: int = 2000, *, quick: bool = False,
         batch_size: int = 100) -> list[dict[str, Any]]:
     """Rows {"name", "value", "unit", "baseline_name", "baseline", "target"} for bench/run.py."""
     if quick:
@@ -82,15 +83,19 @@ def run(server_base_url: str | None = None, n: int = 1000, *, quick: bool = Fals
     size = -(-n // rounds)
     s_n = b_n = 0
     s_wall = s_cpu = b_wall = b_cpu = 0.0
+    per_round: list[float] = []  # batching ratio of each round: how much the figure moves run to run
     for k in range(rounds):
         part = slice(k * size, (k + 1) * size)
         order = [("s", singles[part]), ("b", batched[part])]
+        walls = {}
         for kind, items in (order if k % 2 == 0 else order[::-1]):
             done, wall, cpu = _timed(lambda: (single if kind == "s" else transactions)(items))
+            walls[kind] = wall
             if kind == "s":
                 s_n, s_wall, s_cpu = s_n + done, s_wall + wall, s_cpu + cpu
             else:
                 b_n, b_wall, b_cpu = b_n + done, b_wall + wall, b_cpu + cpu
+        per_round.append(walls["s"] / walls["b"])
     if s_n != n or b_n != n:
         raise RuntimeError(f"expected {n} creations each, got {s_n} single and {b_n} batched")
     s_rate, b_rate = n / s_wall, n / b_wall
@@ -100,6 +105,9 @@ def run(server_base_url: str | None = None, n: int = 1000, *, quick: bool = Fals
         {"name": f"transaction Bundles of {batch_size} (conditional)", "value": b_rate,
          "unit": "resources/s", "baseline_name": "single POSTs", "baseline": s_rate,
          "target": {"ratio_min": 5}},
+        {"name": f"batching ratio by round ({rounds} rounds of {size}): median, min {min(per_round):.2f}, "
+                 f"max {max(per_round):.2f}", "value": statistics.median(per_round), "unit": "×",
+         "rounds": [round(r, 3) for r in per_round]},
         {"name": "client CPU per resource, single POSTs", "value": s_cpu * us, "unit": "µs",
          "baseline_name": "server time per resource (wall − client CPU)",
          "baseline": (s_wall - s_cpu) * us, "target": {"ratio_max": 0.5}},
