@@ -1,13 +1,15 @@
 """Inbound FHIR: what the bridge does with a resource a partner sends, and referral status Tasks.
 
     request body ─▶ shape checks ─▶ profile check (Validator) ─▶ map to a KAP record (Mapper)
-      ─▶ ONE group-committed transaction: store, the referral's Task, consent context
-      ─▶ (after the commit, on a background thread) notify
+      ─▶ ONE group-committed transaction: store, the referral's Task, consent context,
+         rest-hook jobs
+      ─▶ (after the commit, on the notifier's thread) post the rest-hooks
 
 Checking and mapping run on the request's thread; the writes run as one unit of work
 through `Store.write` (group commit: several requests share one fsync, each still answered
 only once its writes are durable, a failing one rolled back alone). Webhooks never run
-inside the request: they are queued to the notifier's background thread after the commit.
+inside the request: their jobs are committed with the write they announce, and the
+notifier's sender thread posts them (with retries) after the commit.
 
 A referral (ServiceRequest) gets a BSeR-style Task when it first arrives: `focus` and
 `basedOn` the referral, `for` its subject, `requester` the referring practitioner, `owner`
@@ -204,12 +206,14 @@ class Inbound:
             accepted = work(tx)
             if joined and trusted:
                 self._keep_context(accepted)
+            self._queue_notifications(accepted)
             return accepted
 
         accepted = self.store.write(unit)
         if not joined and trusted:
             self._keep_context(accepted)
-        self._notify_accepted(accepted)
+        if self.notifier is not None and any(a.created and a.stored.type == "Communication" for a in accepted):
+            self.notifier.wake()
         return accepted
 
     def _context_joins(self) -> bool:
@@ -235,29 +239,25 @@ class Inbound:
             if acc.created and acc.stored.type in CONTEXT_TYPES:
                 self.context.put_context(acc.stored.resource)
 
-    def _notify_accepted(self, accepted: Sequence[Accepted]) -> None:
-        if self.partners is None or self.notifier is None:
+    def _queue_notifications(self, accepted: Sequence[Accepted]) -> None:
+        """Queue a rest-hook job for each partner a new Communication addresses and may read
+        (inside the write's transaction: the job is committed exactly when the note is)."""
+        if self.partners is None or self.notifier is None or self.notifier.db is None:
             return
-        if not any(p.webhook_url and not p.revoked for p in self.partners.list()):  # cached list
+        hooked = [p for p in self.partners.list() if p.webhook_url and not p.revoked]  # cached list
+        if not hooked:
             return
         for acc in accepted:
-            if acc.created and acc.stored.type == "Communication":
-                stored = acc.stored
-                self.notifier.submit(lambda stored=stored: self._notify_recipients(stored))  # type: ignore[misc]
-
-    def _notify_recipients(self, stored: StoredResource) -> None:
-        """Tell every partner with a rest-hook that the Communication addresses (background thread)."""
-        if self.partners is None or self.notifier is None:
-            return
-        for partner in self.partners.list():
-            if partner.revoked or not partner.webhook_url or partner.name == stored.source:
+            stored = acc.stored
+            if not acc.created or stored.type != "Communication":
                 continue
-            if addressed_to(stored.resource, partner, self.store.get) is None:
-                continue
-            # Only a recipient allowed to read it hears of it (consent-gated, audited like a read).
-            if self.may_read is not None and self.may_read(partner, stored):
-                self.notifier.notify(partner.webhook_url, EVENT_COMMUNICATION, f"Communication/{stored.id}",
-                                     secret=partner.webhook_secret)
+            for partner in hooked:
+                if partner.name == stored.source or addressed_to(stored.resource, partner, self.store.get) is None:
+                    continue
+                # Only a recipient allowed to read it hears of it (consent-gated, audited like a read).
+                if self.may_read is None or self.may_read(partner, stored):
+                    self.notifier.enqueue(partner.name, EVENT_COMMUNICATION, f"Communication/{stored.id}",
+                                          str(stored.version))
 
     def accept_bundle(self, bundle: Any, *, source: str | None, authority: bool | None = None) -> BundleResult:
         """A transaction (all or nothing, urn:uuid references resolved) or a batch Bundle.
@@ -402,9 +402,14 @@ class Inbound:
                              rule="referral:reason", code="value")
         if not ID_PATTERN.match(referral_id):
             raise NotFound("no such referral", rule="referral:unknown")
-        updated = self.store.write(lambda tx: self._move(tx, referral_id, business_status, reason))
+        def unit(tx: Any) -> StoredResource:
+            task = self._move(tx, referral_id, business_status, reason)
+            self._queue_task_event(task)
+            return task
+
+        updated = self.store.write(unit)
         if self.notifier is not None:
-            self.notifier.submit(lambda: self._notify_source(updated))
+            self.notifier.wake()
         return updated
 
     def _move(self, tx: Any, referral_id: str, business_status: str, reason: str | None) -> StoredResource:
@@ -431,12 +436,13 @@ class Inbound:
         updated, _ = self.store.update("Task", cur.id, task, if_match=cur.version, tx=tx)
         return updated
 
-    def _notify_source(self, task: StoredResource) -> None:
-        if self.partners is None or self.notifier is None or not task.source:
+    def _queue_task_event(self, task: StoredResource) -> None:
+        """Queue a rest-hook job telling the referring practice that its referral's Task moved."""
+        if self.partners is None or self.notifier is None or self.notifier.db is None or not task.source:
             return
         partner = self.partners.get(task.source)
         if partner and partner.webhook_url and not partner.revoked:
-            self.notifier.notify(partner.webhook_url, EVENT_TASK, f"Task/{task.id}", secret=partner.webhook_secret)
+            self.notifier.enqueue(partner.name, EVENT_TASK, f"Task/{task.id}", str(task.version))
 
 
 def referral_task(referral: StoredResource, owner: dict[str, Any]) -> dict[str, Any]:

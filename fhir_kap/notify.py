@@ -6,11 +6,17 @@ consent is checked and the read audited. Each notification is signed:
 `X-KAP-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">` with the partner's webhook
 secret, and `X-KAP-Timestamp` (Unix seconds) so a receiver can refuse replays.
 
-No request waits for a webhook: the bridge hands notification jobs to `Notifier.submit`,
-which runs them on one background thread per process, after the write they announce is
-committed. Delivery is best effort (a bounded in-memory queue: a full queue drops the job
-with a log line, a crash loses what was queued); a partner that must not miss a note polls
-`GET /fhir/Communication?recipient=...&_lastUpdated=gt...`.
+Durable, and never on the request path: `Notifier.enqueue` writes a job row into
+`webhook_jobs` inside the same transaction as the write it announces (so a job exists exactly
+when that write is committed), and one sender thread per process claims due jobs with a lease,
+posts them and records the outcome:
+- 2xx: `delivered`;
+- 408, 429, 5xx, a timeout or a refused connection: `pending` again, after an exponential
+  back-off with jitter (`Retry-After` honoured up to the cap), `dead` after `max_attempts`;
+- any other 4xx, or a partner that no longer has a webhook (revoked, removed): `dead`, with
+  the status or reason in `last_error` (codes only, never a response body).
+A crash loses nothing: a job whose sender died is claimed again once its lease runs out, so
+delivery is at-least-once and a receiver may see the same (event, resource) twice.
 """
 from __future__ import annotations
 
@@ -18,17 +24,19 @@ import hashlib
 import hmac
 import logging
 import os
-import queue
+import random
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import jsonio
+from .db import Database
 
-__all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "sign"]
+__all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "WebhookJob", "sign"]
 
 EVENT_COMMUNICATION = "communication-available"
 EVENT_TASK = "referral-status-changed"
@@ -40,6 +48,37 @@ class NotifyResult:
     delivered: bool
     status: int | None = None
     error: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class WebhookJob:
+    """One queued notification (a row of `webhook_jobs`): ids, states and times only."""
+
+    id: int
+    partner: str
+    event: str
+    resource: str
+    version: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+
+
+_MIGRATION = [
+    """CREATE TABLE webhook_jobs (
+        id {pk}, partner TEXT NOT NULL, event TEXT NOT NULL, resource TEXT NOT NULL,
+        version TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', attempts {bigint} NOT NULL DEFAULT 0,
+        next_attempt_at {real} NOT NULL, lease_owner TEXT, lease_until {real},
+        last_status {bigint}, last_error TEXT, created_at {real} NOT NULL, updated_at {real} NOT NULL,
+        UNIQUE (partner, event, resource, version))""",
+    "CREATE INDEX webhook_jobs_due ON webhook_jobs (state, next_attempt_at)",
+]
+_COLUMNS = "id, partner, event, resource, version, state, attempts, next_attempt_at, last_status, last_error"
+#: What a partner name resolves to at send time: (webhook URL, secret), or None when it has none.
+Resolver = Callable[[str], "tuple[str, str | None] | None"]
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -49,62 +88,187 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 
 class Notifier:
-    """Posts id-only notifications to registered rest-hooks (best effort, bounded by a timeout)."""
+    """Signed, id-only rest-hook notifications: a durable job queue and one sender thread per process.
+
+    Without a database (`db=None`) only `notify` (one POST, no queue) is available.
+    `resolve(partner)` gives the partner's current webhook URL and secret (None: it has none).
+    """
 
     def __init__(self, timeout: float = 5.0, user_agent: str = "fhir-kap-bridge", *,
-                 queue_size: int = 10_000) -> None:
+                 db: Database | None = None, resolve: Resolver | None = None, max_attempts: int = 8,
+                 backoff_base: float = 2.0, backoff_cap: float = 300.0, poll_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.timeout = timeout
         self.user_agent = user_agent
-        self.queue_size = queue_size
-        self._queue: queue.Queue[Callable[[], object]] | None = None
+        self.db = db
+        self.resolve = resolve
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.lease_seconds = 2 * timeout + 30
         self._pid = 0
+        self._wake = threading.Event()
         self._start_lock = threading.Lock()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._worker_id = ""
+        if db is not None:
+            db.migrate("webhooks-1", _MIGRATION)
 
-    def submit(self, job: Callable[[], object]) -> bool:
-        """Run `job` (which calls `notify`) on the background thread; False when the queue is full.
+    # ---- queue
 
-        A job must not raise; anything it raises is logged (type only) and dropped.
-        """
-        q = self._started()
-        try:
-            q.put_nowait(job)
-        except queue.Full:
-            log.warning("webhook queue full; notification dropped")
-            return False
-        return True
+    def enqueue(self, partner: str, event: str, resource_ref: str, version: str) -> bool:
+        """Queue one notification of `resource_ref` at `version`; True if new (the same partner,
+        event, resource and version is queued once). Inside a transaction of this thread it joins
+        it (a SAVEPOINT), so the job is committed exactly when the write it announces is."""
+        db = self._need_db()
+        now = self.clock()
+        with db.transaction() as tx:
+            rows = tx.execute(
+                "INSERT INTO webhook_jobs (partner, event, resource, version, state, attempts, next_attempt_at, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
+                "ON CONFLICT (partner, event, resource, version) DO NOTHING RETURNING id",
+                (partner, event, resource_ref, version, now, now, now))
+        return bool(rows)
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[WebhookJob]:
+        """Queued notifications, oldest first (all states, or one)."""
+        db = self._need_db()
+        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
+        rows = db.execute(f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?",
+                          (*params, int(limit)))
+        return [_job(r) for r in rows]
+
+    def retry(self, job_id: int) -> WebhookJob | None:
+        """Put a dead job back in the queue (attempts from zero, due now); None if no dead job has that id."""
+        db = self._need_db()
+        now = self.clock()
+        with db.transaction() as tx:
+            rows = tx.execute("UPDATE webhook_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                              f"updated_at = ? WHERE id = ? AND state = 'dead' RETURNING {_COLUMNS}",
+                              (now, now, int(job_id)))
+        return _job(rows[0]) if rows else None
+
+    def wake(self) -> None:
+        """Make sure this process's sender runs, and have it look for due jobs now."""
+        if self.db is None:
+            return
+        self._started()
+        self._wake.set()
+
+    def ensure_started(self) -> None:
+        """Start this process's sender if it is not running (cheap; the bridge calls it per request,
+        so jobs left by a crashed process are sent even before anything new is written)."""
+        if self.db is not None and (self._thread is None or self._pid != os.getpid()):
+            self._started()
 
     def drain(self, timeout: float = 10.0) -> bool:
-        """Wait until every submitted job has run (tests, shutdown); False on timeout."""
-        q = self._queue
-        if q is None or self._pid != os.getpid():
+        """Wait until no job is due or being sent (tests, shutdown); False on timeout.
+
+        Jobs waiting for a later retry do not count."""
+        if self.db is None:
             return True
         deadline = time.monotonic() + timeout
-        while q.unfinished_tasks:
+        while True:
+            self.wake()
+            now = self.clock()
+            busy = self.db.execute(
+                "SELECT COUNT(*) AS n FROM webhook_jobs WHERE (state = 'pending' AND next_attempt_at <= ?) "
+                "OR state = 'sending'", (now,))[0]["n"]
+            if not busy:
+                return True
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.01)
-        return True
+            time.sleep(0.02)
 
-    def _started(self) -> "queue.Queue[Callable[[], object]]":
-        if self._queue is None or self._pid != os.getpid():  # again in a forked worker
-            with self._start_lock:
-                if self._queue is None or self._pid != os.getpid():
-                    q: queue.Queue[Callable[[], object]] = queue.Queue(self.queue_size)
-                    threading.Thread(target=self._run, args=(q,), name="fhir-kap-webhooks", daemon=True).start()
-                    self._queue, self._pid = q, os.getpid()
-        assert self._queue is not None
-        return self._queue
+    def stop(self) -> None:
+        """End this process's sender thread after the job it may be posting."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout=self.timeout + 5)
+        self._thread = None
 
-    @staticmethod
-    def _run(q: "queue.Queue[Callable[[], object]]") -> None:
-        while True:
-            job = q.get()
+    def run_due(self, limit: int = 20) -> int:
+        """Claim and post the jobs due now (what the sender thread does each round); how many."""
+        db = self._need_db()
+        now = self.clock()
+        lock = " FOR UPDATE SKIP LOCKED" if db.dialect == "postgresql" else ""
+        worker = self._worker_id or f"{os.getpid()}-{id(self):x}"
+        due = ("(state = 'pending' AND next_attempt_at <= ?) OR (state = 'sending' AND lease_until < ?)")
+        with db.transaction(immediate=False) as tx:  # a read first: no write lock while idle
+            if not tx.execute(f"SELECT id FROM webhook_jobs WHERE {due} LIMIT 1", (now, now)):
+                return 0
+        with db.transaction() as tx:
+            rows = tx.execute(
+                "UPDATE webhook_jobs SET state = 'sending', lease_owner = ?, lease_until = ?, "
+                "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM webhook_jobs WHERE "
+                f"{due} ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING {_COLUMNS}",
+                (worker, now + self.lease_seconds, now, now, now, int(limit)))
+        for job in sorted((_job(r) for r in rows), key=lambda j: j.id):
+            self._send(job, worker)
+        return len(rows)
+
+    def _send(self, job: WebhookJob, worker: str) -> None:
+        target = self.resolve(job.partner) if self.resolve is not None else None
+        if target is None:
+            self._finish(job, worker, "dead", None, "partner has no webhook (revoked or removed)")
+            return
+        url, secret = target
+        result = self.notify(url, job.event, job.resource, secret=secret)
+        if result.delivered:
+            self._finish(job, worker, "delivered", result.status, None)
+        elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 429):
+            self._finish(job, worker, "dead", result.status, result.error)
+        elif job.attempts >= self.max_attempts:
+            self._finish(job, worker, "dead", result.status, f"{result.error}; gave up after {job.attempts} attempts")
+        else:
+            delay = min(self.backoff_cap, self.backoff_base ** job.attempts) * (0.5 + random.random() / 2)
+            if result.retry_after is not None:
+                delay = max(delay, min(self.backoff_cap, result.retry_after))
+            self._finish(job, worker, "pending", result.status, result.error, next_at=self.clock() + delay)
+
+    def _finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
+                next_at: float | None = None) -> None:
+        db = self._need_db()
+        now = self.clock()
+        with db.transaction() as tx:  # only while this sender still holds the lease
+            tx.execute("UPDATE webhook_jobs SET state = ?, lease_owner = NULL, lease_until = NULL, "
+                       "last_status = ?, last_error = ?, next_attempt_at = ?, updated_at = ? "
+                       "WHERE id = ? AND state = 'sending' AND lease_owner = ?",
+                       (state, status, error, next_at if next_at is not None else job.next_attempt_at, now,
+                        job.id, worker))
+        if state == "dead":
+            log.warning("webhook given up", extra={"job": job.id, "event": job.event, "status": status})
+
+    def _need_db(self) -> Database:
+        if self.db is None:
+            raise RuntimeError("this Notifier has no database: it can only notify()")
+        return self.db
+
+    def _started(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._thread is None or self._pid != os.getpid():  # again in a forked worker
+                self._pid = os.getpid()
+                self._worker_id = f"{os.getpid()}-{id(self):x}"
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="fhir-kap-webhooks", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping:
             try:
-                job()
-            except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
-                log.warning("webhook job failed", extra={"error": type(exc).__name__})
-            finally:
-                q.task_done()
+                busy = self.run_due()
+            except Exception as exc:  # noqa: BLE001 - the database may be briefly unavailable: try again
+                log.warning("webhook round failed", extra={"error": type(exc).__name__})
+                busy = 0
+            if not busy:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
 
     @staticmethod
     def payload(event: str, resource_ref: str) -> bytes:
@@ -124,6 +288,10 @@ class Notifier:
                 status = resp.status
         except urllib.error.HTTPError as exc:
             status = exc.code
+            retry_after = _seconds(exc.headers.get("Retry-After")) if exc.headers else None
+            if not 200 <= status < 300:
+                log.warning("webhook refused", extra={"event": event, "resource": resource_ref, "status": status})
+                return NotifyResult(False, status, f"HTTP {status}", retry_after)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             log.warning("webhook failed", extra={"event": event, "resource": resource_ref,
                                                  "error": type(exc).__name__})
@@ -132,3 +300,16 @@ class Notifier:
         if not ok:
             log.warning("webhook refused", extra={"event": event, "resource": resource_ref, "status": status})
         return NotifyResult(ok, status, None if ok else f"HTTP {status}")
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: the back-off decides
+
+
+def _job(row: dict[str, Any]) -> WebhookJob:
+    return WebhookJob(int(row["id"]), row["partner"], row["event"], row["resource"], row["version"], row["state"],
+                      int(row["attempts"]), float(row["next_attempt_at"]),
+                      None if row["last_status"] is None else int(row["last_status"]), row["last_error"])

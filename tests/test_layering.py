@@ -22,7 +22,7 @@ LAYERS = {
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 ALLOWED_SAME_LAYER = {
     ("mapping", "transforms"), ("profiles", "_generated"),
-    ("outbox", "db"), ("auditlog", "db"), ("store", "db"), ("partners", "db"),
+    ("outbox", "db"), ("auditlog", "db"), ("store", "db"), ("partners", "db"), ("notify", "db"),
     ("outbound", "pipeline"), ("inbound", "pipeline"), ("inbound", "outbound"), ("demo", "outbound"),
     ("demo", "delivery"), ("demo", "inbound"), ("cli", "bridge"),
 }

@@ -13,7 +13,7 @@ import re
 import time
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -104,7 +104,8 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     mapper = Mapper.load()
     outbox = Outbox(db)
     audit = AuditLog(db)
-    notifier = Notifier(timeout=options.webhook_timeout) if options.notify else None
+    notifier = Notifier(timeout=options.webhook_timeout, db=db, resolve=_webhook_of(partners)) \
+        if options.notify else None
     access = Access(store, release=release, purpose=options.read_purpose, audit=audit,
                     context_source=outbox.context_for)
     # Rest-hooks only for recipients the consent gate lets read the note (audited like a read).
@@ -147,9 +148,21 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     return app
 
 
+def _webhook_of(partners: Partners) -> Callable[[str], tuple[str, str | None] | None]:
+    def resolve(name: str) -> tuple[str, str | None] | None:
+        partner = partners.get(name)
+        if partner is None or partner.revoked or not partner.webhook_url:
+            return None
+        return partner.webhook_url, partner.webhook_secret
+    return resolve
+
+
 def _hooks(app: Flask) -> None:
     @app.before_request
     def start() -> None:
+        notifier = services().inbound.notifier
+        if notifier is not None:
+            notifier.ensure_started()  # picks up rest-hook jobs a crashed worker left behind
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         g.started = time.perf_counter()

@@ -71,6 +71,22 @@ def register(subparsers: Any) -> None:
     rev = psub.add_parser("revoke", help="revoke a partner's token")
     rev.add_argument("name")
     rev.set_defaults(handler=_partners_revoke)
+    hooks = psub.add_parser("webhooks", help="the rest-hook queue: list jobs, or put a dead one back")
+    hooks.add_argument("--state", choices=["pending", "sending", "delivered", "dead"], default=None)
+    hooks.add_argument("--limit", type=_positive, default=100)
+    hooks.add_argument("--retry", type=_positive, metavar="JOB_ID", default=None,
+                       help="send a dead job again (the bridge's workers pick it up within seconds)")
+    hooks.set_defaults(handler=_partners_webhooks)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:20]}' is not a whole number") from None
+    if not 1 <= value <= 1_000_000_000:
+        raise argparse.ArgumentTypeError("must be between 1 and 1000000000")
+    return value
 
 
 def _partners(settings: Any) -> Any:
@@ -106,6 +122,25 @@ def _partners_revoke(args: argparse.Namespace, settings: Any) -> int:
     from ._io import write_json
 
     write_json(_partners(settings).revoke(args.name).public())
+    return 0
+
+
+def _partners_webhooks(args: argparse.Namespace, settings: Any) -> int:
+    from dataclasses import asdict
+
+    from ..db import Database
+    from ..errors import NotFound
+    from ..notify import Notifier
+    from ._io import write_json
+
+    notifier = Notifier(db=Database(settings.db_url))
+    if args.retry is not None:
+        job = notifier.retry(args.retry)
+        if job is None:
+            raise NotFound(f"no dead webhook job {args.retry}", rule="webhook:not-dead")
+        write_json(asdict(job))
+        return 0
+    write_json([asdict(j) for j in notifier.jobs(args.state, limit=args.limit)])
     return 0
 
 

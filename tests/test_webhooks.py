@@ -1,0 +1,277 @@
+"""Rest-hooks are durable: queued with the write they announce, retried, dead-lettered, never lost in a crash."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_bridge_support import FHIR, load
+
+from fhir_kap.db import Database
+from fhir_kap.notify import EVENT_COMMUNICATION, EVENT_TASK, Notifier, sign
+
+
+class Receiver:
+    """A partner's webhook endpoint that answers from a script: [(status, headers), ...], then 204."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, dict[str, str]]] = []
+        self.received: list[tuple[Any, bytes]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with outer.lock:
+                    outer.received.append((self.headers, body))  # case-insensitive names
+                    status, headers = outer.script.pop(0) if outer.script else (204, {})
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def bodies(self) -> list[dict]:
+        with self.lock:
+            return [json.loads(b) for _, b in self.received]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _notifier(db: Database, url: str | None, clock: Clock | None = None, **kw) -> Notifier:
+    """A notifier on the `db` fixture's database: SQLite and PostgreSQL."""
+    targets = {"practice-a": (url, "s3cret")} if url else {}
+    return Notifier(timeout=2, db=db, resolve=targets.get, clock=clock or time.time, **kw)
+
+
+def _run_until_quiet(n: Notifier, clock: Clock, rounds: int = 20) -> None:
+    for _ in range(rounds):
+        n.run_due()
+        clock.now += 1000  # past any back-off
+
+
+def test_a_hook_that_answers_503_is_retried_until_it_takes_the_notification(db, receiver):
+    clock = Clock()
+    n = _notifier(db, receiver.url, clock)
+    receiver.script = [(503, {}), (502, {})]
+    assert n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    assert n.run_due() == 1
+    job, = n.jobs()
+    assert (job.state, job.attempts, job.last_status, job.last_error) == ("pending", 1, 503, "HTTP 503")
+    assert job.next_attempt_at > clock.now  # backed off, not hammered
+    assert n.run_due() == 0  # not due yet
+    _run_until_quiet(n, clock)
+    job, = n.jobs()
+    assert (job.state, job.attempts, job.last_status) == ("delivered", 3, 204)
+    assert receiver.bodies() == [{"event": EVENT_COMMUNICATION, "resource": "Communication/c1"}] * 3
+    headers, body = receiver.received[-1]
+    assert headers["X-KAP-Signature"] == sign("s3cret", headers["X-KAP-Timestamp"], body)
+
+
+def test_retry_after_on_429_is_honoured(db, receiver):
+    clock = Clock()
+    n = _notifier(db, receiver.url, clock, backoff_base=1.0)
+    receiver.script = [(429, {"Retry-After": "120"})]
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    n.run_due()
+    job, = n.jobs()
+    assert job.state == "pending" and job.next_attempt_at >= clock.now + 120
+
+
+def test_a_refusing_hook_is_dead_lettered_at_once_and_a_down_one_after_the_attempt_limit(db, receiver):
+    clock = Clock()
+    n = _notifier(db, receiver.url, clock, max_attempts=3)
+    receiver.script = [(410, {})]
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/refused", "1")
+    n.run_due()
+    job, = n.jobs("dead")
+    assert (job.resource, job.attempts, job.last_status) == ("Communication/refused", 1, 410)
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    n.resolve = {"practice-a": (down, None)}.get
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/down", "1")
+    _run_until_quiet(n, clock)
+    job, = (j for j in n.jobs() if j.resource == "Communication/down")
+    assert (job.state, job.attempts, job.last_status) == ("dead", 3, None)
+    assert "gave up after 3 attempts" in job.last_error
+
+
+def test_a_partner_without_a_webhook_any_more_gets_nothing(db, receiver):
+    n = _notifier(db, None)
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    n.run_due()
+    job, = n.jobs()
+    assert job.state == "dead" and "revoked or removed" in job.last_error
+    assert receiver.received == []
+
+
+def test_the_same_event_is_queued_once_per_version(db):
+    n = _notifier(db, None)
+    assert n.enqueue("practice-a", EVENT_TASK, "Task/t1", "2")
+    assert not n.enqueue("practice-a", EVENT_TASK, "Task/t1", "2")
+    assert n.enqueue("practice-a", EVENT_TASK, "Task/t1", "3")
+    assert [j.version for j in n.jobs()] == ["2", "3"]
+
+
+def test_a_job_whose_sender_died_mid_post_is_sent_again_after_its_lease(db, receiver):
+    clock = Clock()
+    n = _notifier(db, receiver.url, clock)
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    # What a sender that crashed after claiming leaves behind:
+    n.db.execute("UPDATE webhook_jobs SET state = 'sending', lease_owner = 'dead-worker', lease_until = ?, "
+                 "attempts = 1", (clock.now + 60,))
+    other = _notifier(db, receiver.url, clock)
+    assert other.run_due() == 0  # still leased
+    clock.now += 61
+    assert other.run_due() == 1
+    job, = other.jobs()
+    assert (job.state, job.attempts) == ("delivered", 2)
+    assert len(receiver.received) == 1
+
+
+def test_two_senders_on_one_queue_post_each_job_once(db, receiver):
+    first = _notifier(db, receiver.url)
+    for i in range(40):
+        first.enqueue("practice-a", EVENT_COMMUNICATION, f"Communication/c{i}", "1")
+    second = _notifier(db, receiver.url)
+    threads = [threading.Thread(target=lambda n=n: [n.run_due(limit=3) for _ in range(30)]) for n in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(b["resource"] for b in receiver.bodies()) == sorted(f"Communication/c{i}" for i in range(40))
+    assert {j.state for j in first.jobs(limit=100)} == {"delivered"}
+
+
+# ---- through the bridge
+
+
+def _bridge(tmp_path: Path, url: str):
+    from fhir_kap.bridge import BridgeOptions, create_app
+    from fhir_kap.config import load_settings
+    from fhir_kap.partners import Partners
+
+    settings = load_settings(env={}, data_dir=tmp_path / "data")
+    partners = Partners(Database(settings.db_url))
+    tokens = {}
+    if partners.get("clinic-ehr") is None:
+        tokens["clinic"] = partners.add("clinic-ehr", scopes="system/*.* kap/clinic kap/referrals.write")[1]
+        tokens["a"] = partners.add("practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"],
+                                   webhook_url=url)[1]
+    app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir", webhook_timeout=2))
+    return app, tokens
+
+
+def _post(app, token: str, path: str, body: dict):
+    return app.test_client().post(path, data=json.dumps(body),
+                                  headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR})
+
+
+def test_a_note_accepted_while_the_hook_was_down_is_announced_by_the_next_process(tmp_path, receiver):
+    app, tokens = _bridge(tmp_path, receiver.url)
+    notifier = app.extensions["fhir_kap"].inbound.notifier
+    notifier.backoff_base = notifier.backoff_cap = 3600.0  # this process will not try again in time
+    receiver.script = [(503, {})]
+    assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-open-ended.json")).status_code == 201
+    note = _post(app, tokens["clinic"], "/fhir/Communication", load("Example-Communication-note-1.json"))
+    assert note.status_code == 201
+    assert notifier.drain(timeout=10)
+    job, = notifier.jobs()
+    assert (job.state, job.last_status) == ("pending", 503)
+    notifier.stop()  # the process "crashes"; its queue is in the database
+
+    later, _ = _bridge(tmp_path, receiver.url)
+    successor = later.extensions["fhir_kap"].inbound.notifier
+    successor.db.execute("UPDATE webhook_jobs SET next_attempt_at = 0")  # the back-off has passed
+    assert later.test_client().get("/healthz").status_code == 200  # any request starts the sender
+    deadline = time.monotonic() + 10
+    while successor.jobs()[0].state != "delivered" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert successor.jobs()[0].state == "delivered"
+    ref = f"Communication/{note.get_json()['id']}"
+    assert receiver.bodies() == [{"event": EVENT_COMMUNICATION, "resource": ref}] * 2
+    successor.stop()
+
+
+def test_a_hook_job_exists_exactly_when_its_note_was_created(tmp_path, receiver):
+    app, tokens = _bridge(tmp_path, receiver.url)
+    notifier = app.extensions["fhir_kap"].inbound.notifier
+    assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-open-ended.json")).status_code == 201
+    note = load("Example-Communication-note-1.json")
+    ident = note["identifier"][0]
+    cond = {"If-None-Exist": f"identifier={ident['system']}|{ident['value']}"}
+    for expected in (201, 200):  # the second POST finds the first: no new note, no second job
+        resp = app.test_client().post("/fhir/Communication", data=json.dumps(note), headers={
+            "Authorization": f"Bearer {tokens['clinic']}", "Content-Type": FHIR, **cond})
+        assert resp.status_code == expected
+    bad = dict(note, status="bogus")
+    assert _post(app, tokens["clinic"], "/fhir/Communication", bad).status_code == 422
+    assert notifier.drain(timeout=10)
+    assert [(j.event, j.state) for j in notifier.jobs()] == [(EVENT_COMMUNICATION, "delivered")]
+    notifier.stop()
+
+
+def test_each_referral_status_move_is_announced_to_the_referring_practice(tmp_path, receiver):
+    app, tokens = _bridge(tmp_path, receiver.url)
+    notifier = app.extensions["fhir_kap"].inbound.notifier
+    referral = _post(app, tokens["a"], "/fhir/ServiceRequest", load("Example-ServiceRequest-referral-1.json"))
+    assert referral.status_code == 201, referral.get_data(as_text=True)
+    rid = referral.get_json()["id"]
+    for status in ("accepted", "scheduled"):
+        moved = app.test_client().post(f"/kap/referrals/{rid}/status", json={"status": status},
+                                       headers={"Authorization": f"Bearer {tokens['clinic']}"})
+        assert moved.status_code == 200, moved.get_data(as_text=True)
+    assert notifier.drain(timeout=10)
+    tasks = [j for j in notifier.jobs() if j.event == EVENT_TASK]
+    assert [(j.version, j.state) for j in tasks] == [("2", "delivered"), ("3", "delivered")]
+    assert {b["resource"] for b in receiver.bodies()} == {tasks[0].resource}
+    notifier.stop()
+
+
+def test_partners_webhooks_lists_the_queue_and_puts_a_dead_job_back(tmp_path, monkeypatch, capsys):
+    from fhir_kap.cli import main
+    from fhir_kap.config import load_settings
+
+    monkeypatch.delenv("FHIR_KAP_DATABASE_URL", raising=False)
+    monkeypatch.delenv("FHIR_KAP_CONFIG", raising=False)
+    monkeypatch.setenv("FHIR_KAP_DATA_DIR", str(tmp_path / "data"))
+    n = _notifier(Database(load_settings().db_url), None)
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    n.run_due()  # no webhook for practice-a: dead
+    assert main(["partners", "webhooks", "--state", "dead"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(j["resource"], j["state"], j["attempts"]) for j in listed] == [("Communication/c1", "dead", 1)]
+    assert "s3cret" not in json.dumps(listed)
+    assert main(["partners", "webhooks", "--retry", str(listed[0]["id"])]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "pending"
+    assert main(["partners", "webhooks", "--retry", str(listed[0]["id"])]) != 0  # only a dead job goes back
+    assert "webhook:not-dead" in capsys.readouterr().err  # an OperationOutcome on stderr
