@@ -88,6 +88,47 @@ def test_transcript_scan_counts_exactly_what_the_speaker_pattern_finds(text: str
     assert looks_like_transcript(text) is (bool(_TIMESTAMP.search(text)) or len(_SPEAKER.findall(text)) >= 2)
 
 
+_RECORD_PIECES = ["client", "Client", "therapist", "Mary", "Jo B.", "x", ":", ": ", " ", "\n", "\t", "\r", "\x85",
+                  "\u2028", "\u00a0", ".", "A"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_RECORD_PIECES), max_size=30).map("".join))
+def test_record_transcript_scan_finds_what_the_turn_pattern_finds(text: str) -> None:
+    """The KAP-record check (fhir_kap.inputs) through the same linear scan."""
+    from fhir_kap.inputs import _SPEAKER_TURN, _TURN_LABEL
+    from fhir_kap.textscan import turns
+
+    assert [m.group(1) for m in turns(text, _TURN_LABEL)] == [m.group(1) for m in _SPEAKER_TURN.finditer(text)]
+
+
+class _CountingLabel:
+    def __init__(self, pattern) -> None:
+        self.pattern = pattern
+        self.calls = 0
+
+    def match(self, text, pos):
+        self.calls += 1
+        return self.pattern.match(text, pos)
+
+
+@pytest.mark.parametrize("text", [
+    "\n" * 20_000 + "x: y: z",  # every line start runs into the same label position
+    ". " * 20_000 + "x: y: z",
+    "Client  \n" * 5_000 + "x: y",
+])
+def test_a_hostile_note_costs_one_label_try_per_word_not_per_line(text: str) -> None:
+    """The one-regex scan was quadratic here (26 s for 20,000 blank lines): every line start
+    scanned all the blank lines after it. The label is now tried at most once per word (the
+    start of a whitespace-separated token), never from inside a blank run."""
+    from fhir_kap.profiles import _SPEAKER_AT
+    from fhir_kap.textscan import turns
+
+    label = _CountingLabel(_SPEAKER_AT)
+    turns(text, label, after_sentences=True)  # type: ignore[arg-type]
+    assert label.calls <= len(text.split()) + 1
+
+
 @pytest.mark.parametrize("path, expected", [
     (FHIR / "valid" / "r4" / "Procedure-ses-004.json", Release.R4),
     (FHIR / "valid" / "r4" / "Consent-con-001.json", Release.R4),
