@@ -1,6 +1,6 @@
 """Run every fhir-kap benchmark and print one table; write bench/results.json.
 
-    python bench/run.py            # everything, about 1–2 minutes on 2 cores
+    python bench/run.py            # everything, about 70 s on 2 cores
     python bench/run.py --quick    # smaller counts (CI smoke run)
     python bench/run.py --only mapping consent
 

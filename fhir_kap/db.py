@@ -17,10 +17,11 @@ before it is durable; if the commit fails, every unit of the batch gets the erro
 
 WAL checkpoints (SQLite): a committer's connection would otherwise copy the WAL back into the
 database inside some request's commit every few hundred writes (a 10-15 ms stall for every
-request in flight). Once a process has committed `checkpoint_every` units, a `WalCheckpointer`
-thread of its own runs `PRAGMA wal_checkpoint(PASSIVE)` on its own connection instead, which
-never blocks writers; the committer's connection keeps a higher automatic threshold only as a
-backstop. Durability is unchanged: a checkpoint copies what is already durable in the WAL.
+request in flight). Once a process's committer has changed `checkpoint_rows` rows, a
+`WalCheckpointer` thread of its own runs `PRAGMA wal_checkpoint(PASSIVE)` on its own connection
+instead, which never blocks writers; while that thread runs, the committer's connection keeps a
+higher automatic threshold only as a backstop. Durability is unchanged: a checkpoint copies
+what is already durable in the WAL.
 """
 from __future__ import annotations
 
@@ -271,7 +272,7 @@ class GroupCommitter:
     """
 
     def __init__(self, db: Database, *, max_batch: int = 64, wait_seconds: float = 120.0,
-                 checkpoint_every: int = 256) -> None:
+                 checkpoint_rows: int = 3000) -> None:
         self.db = db
         self.max_batch = max_batch
         self.wait_seconds = wait_seconds
@@ -285,7 +286,7 @@ class GroupCommitter:
         self.checkpointer: WalCheckpointer | None = None
         if db.dialect == "sqlite" and db.path is not None:
             self._lock_file = open(f"{db.path}.commit-lock", "a+b")  # noqa: SIM115 - closed by stop()
-            self.checkpointer = WalCheckpointer(db, every_units=checkpoint_every)
+            self.checkpointer = WalCheckpointer(db, every_rows=checkpoint_rows)
 
     def run(self, work: Callable[[Tx], T]) -> T:
         """Run `work` in the next batch; return its result (or raise its error) once committed."""
@@ -339,12 +340,17 @@ class GroupCommitter:
         import fcntl
 
         locked = False
+        conn: Any = None
+        changes = 0
         try:
             if self._lock_file is not None:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
                 locked = True
+            conn = self.db.conn
             if self.checkpointer is not None:
-                self._backstop_only()
+                changes = conn.total_changes
+            if self.checkpointer is not None and self.checkpointer.running:
+                self._backstop_only(conn)
             with self.db.transaction():
                 for unit in batch:
                     try:
@@ -367,13 +373,15 @@ class GroupCommitter:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
         self.batches += 1
         self.units += len(batch)
-        if self.checkpointer is not None:
-            self.checkpointer.committed(len(batch))
+        if self.checkpointer is not None and conn is not None:
+            try:
+                self.checkpointer.committed(max(0, conn.total_changes - changes))
+            except sqlite3.ProgrammingError:  # the connection was closed after a failed commit
+                pass
 
-    def _backstop_only(self) -> None:
-        # This thread's connection leaves regular checkpoints to the WalCheckpointer.
+    def _backstop_only(self, conn: Any) -> None:
+        # This thread's connection leaves regular checkpoints to the running WalCheckpointer.
         local = self.db._local
-        conn = self.db.conn
         if getattr(local, "backstop_conn", None) is not conn:
             conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_AUTOCHECKPOINT}")
             local.backstop_conn = conn
@@ -393,16 +401,19 @@ class GroupCommitter:
 class WalCheckpointer:
     """Copies a SQLite WAL back into the database on a thread of its own (see the module docstring).
 
-    `committed(n)` is called by the group committer after each batch; once `every_units` units
-    have been committed since the last signal, the thread (started on first need, so short-lived
-    processes never start it) runs a PASSIVE checkpoint, and afterwards one every `idle_seconds`
-    so a quiet WAL is copied back too. PASSIVE never waits for readers or writers: a checkpoint
-    that finds another process's checkpoint running just returns, and the next one catches up.
+    `committed(rows)` is called by the group committer after each batch with the rows it changed
+    (a proxy for WAL pages that counts a 100-entry Bundle as the 100 creates it is); once
+    `every_rows` have been changed since the last signal, the thread (started on first need, so
+    short-lived processes never start it) runs a PASSIVE checkpoint, and afterwards one every
+    `idle_seconds` so a quiet WAL is copied back too. PASSIVE never waits for readers or writers:
+    a checkpoint that finds another process's checkpoint running just returns, and the next one
+    catches up. The thread opens the database read-write only (never creating it), and if it
+    cannot, it ends and the next due signal starts another.
     """
 
-    def __init__(self, db: Database, *, every_units: int = 256, idle_seconds: float = 5.0) -> None:
+    def __init__(self, db: Database, *, every_rows: int = 3000, idle_seconds: float = 1.0) -> None:
         self.db = db
-        self.every_units = every_units
+        self.every_rows = every_rows
         self.idle_seconds = idle_seconds
         self.runs = 0
         self._since = 0
@@ -410,27 +421,46 @@ class WalCheckpointer:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    def committed(self, units: int) -> None:
-        """Count committed units (called by one leader at a time); wake the thread when due."""
-        self._since += units
-        if self._since < self.every_units:
+    @property
+    def running(self) -> bool:
+        """Whether the thread is up (only then do committers leave checkpoints to it)."""
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def committed(self, rows: int) -> None:
+        """Count changed rows (called by one leader at a time); wake the thread when due."""
+        if self._stopping:
+            return
+        self._since += rows
+        if self._since < self.every_rows:
             return
         self._since = 0
-        if self._thread is None:
+        if not self.running:
             self._thread = threading.Thread(target=self._loop, name="kap-wal-checkpoint", daemon=True)
             self._thread.start()
         self._wake.set()
 
     def stop(self) -> None:
-        """End the thread after the checkpoint it may be running."""
+        """End the thread after the checkpoint it may be running; it is not started again."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def _connect(self) -> sqlite3.Connection:
+        assert self.db.path is not None
+        uri = f"{self.db.path.resolve().as_uri()}?mode=rw"  # a deleted database is not re-created
+        conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")  # the checkpoint syncs what it copies
+        return conn
+
     def _loop(self) -> None:
-        conn = self.db._connect()
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:  # the next due signal tries again
+            log.warning("wal checkpointer could not open the database", extra={"error": type(exc).__name__})
+            return
         try:
             while not self._stopping:
                 self._wake.wait(self.idle_seconds)

@@ -120,3 +120,21 @@ def test_an_unreachable_webhook_is_reported_not_raised():
     port = _free_port()
     result = Notifier(timeout=1).notify(f"http://127.0.0.1:{port}/hook", EVENT_COMMUNICATION, "Communication/x")
     assert not result.delivered and result.error
+
+
+@pytest.mark.parametrize("cpus, cpu_max, expected", [
+    (2, None, 3),                 # no cgroup limit: one more than the cores
+    (64, "200000 100000", 3),     # a container limited to 2 CPUs on a 64-core node
+    (64, "150000 100000", 3),     # 1.5 CPUs round up to 2
+    (64, "50000 100000", 2),
+    (64, "max 100000", 8),        # unlimited: capped at 8
+    (4, "garbage", 5),            # unreadable quota: ignored
+])
+def test_serve_default_workers_follow_the_usable_cpus(tmp_path, monkeypatch, cpus, cpu_max, expected):
+    from fhir_kap.cli.bridge import _default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max + "\n")
+    assert _default_workers(path) == expected

@@ -293,21 +293,20 @@ def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
 def test_wal_checkpoints_run_on_their_own_thread_not_inside_a_commit(db, tmp_path):
     from fhir_kap.db import GroupCommitter
 
-    db._committer = committer = GroupCommitter(db, checkpoint_every=20)
+    db._committer = committer = GroupCommitter(db, checkpoint_rows=20)
     checkpointer = committer.checkpointer
     assert checkpointer is not None
     for i in range(19):
         db.write(_insert(f"a{i}"))
-    assert checkpointer.runs == 0 and checkpointer._thread is None  # not due yet: no thread at all
+    assert checkpointer.runs == 0 and not checkpointer.running  # not due yet: no thread at all
+    # Until the thread runs, the committer's connection checkpoints at the usual 4000 pages.
+    assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 4000
     unchecked = os.path.getsize(db.path)  # in WAL mode the database file grows only at a checkpoint
-    # The committing connection only checkpoints as a backstop (64 MB of WAL), not every 4000 pages.
-    assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16000
     db.write(_insert("a19"))
     deadline = time.monotonic() + 10
     while checkpointer.runs == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert checkpointer.runs >= 1
-    assert checkpointer._thread is not None and checkpointer._thread.name == "kap-wal-checkpoint"
+    assert checkpointer.runs >= 1 and checkpointer.running
     # The committed pages were copied into the database file, and the next writes start the
     # WAL over instead of growing it.
     assert os.path.getsize(db.path) > unchecked
@@ -316,5 +315,43 @@ def test_wal_checkpoints_run_on_their_own_thread_not_inside_a_commit(db, tmp_pat
     for i in range(5):
         db.write(_insert(f"b{i}"))
     assert os.path.getsize(f"{db.path}-wal") <= before
+    # Now the committing connection leaves checkpoints to the thread (64 MB backstop only).
+    assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16000
     committer.stop()
-    assert checkpointer._thread is None
+    assert not checkpointer.running
+    for i in range(25):  # a stopped checkpointer is not started again
+        db.write(_insert(f"c{i}"))
+    assert not checkpointer.running
+
+
+def test_a_bundle_counts_as_the_rows_it_writes_toward_the_next_checkpoint(db):
+    from fhir_kap.db import GroupCommitter
+
+    db._committer = committer = GroupCommitter(db, checkpoint_rows=50)
+
+    def bundle(tx):
+        for i in range(60):
+            tx.execute("INSERT INTO t (k) VALUES (?)", (f"bundle-{i}",))
+
+    db.write(bundle)  # one unit of work, sixty rows: due at once
+    assert committer.checkpointer.running
+    committer.stop()
+
+
+def test_the_checkpointer_never_creates_a_database_that_is_gone(tmp_path):
+    from fhir_kap.db import WalCheckpointer
+
+    database = Database(f"sqlite:///{tmp_path / 'gone.sqlite3'}")
+    checkpointer = WalCheckpointer(database, every_rows=1)
+    checkpointer.committed(1)  # the file was never made: the thread cannot open it and ends
+    deadline = time.monotonic() + 10
+    while checkpointer.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not checkpointer.running and not (tmp_path / "gone.sqlite3").exists()
+    database.execute("CREATE TABLE t (k TEXT)")  # now it exists: the next due signal starts a thread
+    checkpointer.committed(1)
+    while checkpointer.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.runs >= 1
+    checkpointer.stop()
+    database.close()

@@ -5,18 +5,29 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
 
 
-def _default_workers() -> int:
-    """One sync worker more than the CPU cores this process may use (see `register`)."""
+def _default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """One sync worker more than the CPUs this process may use (see `register`), at most 8.
+
+    The CPUs are the fewest of: the affinity mask, and a cgroup v2 CPU quota (`cpu.max`, what a
+    container limit sets); a pod limited to 2 CPUs on a 64-core node gets 3 workers, not 65.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return cores + 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return min(cores + 1, 8)
 
 
 def register(subparsers: Any) -> None:
@@ -37,7 +48,7 @@ def register(subparsers: Any) -> None:
     # (keep-alive, long uploads) favour --threads N (gthread): concurrent writes of one worker
     # then share one commit.
     serve.add_argument("--workers", type=int, default=_default_workers(),
-                       help="gunicorn worker processes (default: CPU cores + 1)")
+                       help="gunicorn worker processes (default: usable CPUs + 1, at most 8)")
     serve.add_argument("--threads", type=int, default=1,
                        help="threads per worker (default 1: sync workers); with N > 1 gthread workers, and "
                             "concurrent writes of a worker share one commit")
