@@ -31,6 +31,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,9 +141,15 @@ class Database:
 
     @property
     def conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
+        """This thread's connection (opened on first use, and again in a forked child: a
+        connection must never be used by a process other than the one that opened it)."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            if conn is not None:  # inherited across fork: left alone (closing it could touch the parent's locks)
+                local.depth = 0
+            conn = local.conn = self._connect()
+            local.pid = os.getpid()
         return conn
 
     @contextmanager
@@ -287,6 +294,7 @@ class GroupCommitter:
         if db.dialect == "sqlite" and db.path is not None:
             self._lock_file = open(f"{db.path}.commit-lock", "a+b")  # noqa: SIM115 - closed by stop()
             self.checkpointer = WalCheckpointer(db, every_rows=checkpoint_rows)
+            weakref.finalize(self, self.checkpointer.signal_stop)  # an abandoned Database leaks no thread
 
     def run(self, work: Callable[[Tx], T]) -> T:
         """Run `work` in the next batch; return its result (or raise its error) once committed."""
@@ -412,7 +420,8 @@ class WalCheckpointer:
     """
 
     def __init__(self, db: Database, *, every_rows: int = 3000, idle_seconds: float = 1.0) -> None:
-        self.db = db
+        assert db.path is not None, "WAL checkpoints are for a SQLite database file"
+        self.path = db.path  # the path only: the thread must not keep the Database alive
         self.every_rows = every_rows
         self.idle_seconds = idle_seconds
         self.runs = 0
@@ -440,17 +449,20 @@ class WalCheckpointer:
             self._thread.start()
         self._wake.set()
 
-    def stop(self) -> None:
-        """End the thread after the checkpoint it may be running; it is not started again."""
+    def signal_stop(self) -> None:
+        """Ask the thread to end, without waiting (when its committer is garbage-collected)."""
         self._stopping = True
         self._wake.set()
+
+    def stop(self) -> None:
+        """End the thread after the checkpoint it may be running; it is not started again."""
+        self.signal_stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
 
     def _connect(self) -> sqlite3.Connection:
-        assert self.db.path is not None
-        uri = f"{self.db.path.resolve().as_uri()}?mode=rw"  # a deleted database is not re-created
+        uri = f"{self.path.resolve().as_uri()}?mode=rw"  # a deleted database is not re-created
         conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")  # the checkpoint syncs what it copies
         return conn

@@ -355,3 +355,41 @@ def test_the_checkpointer_never_creates_a_database_that_is_gone(tmp_path):
     assert checkpointer.runs >= 1
     checkpointer.stop()
     database.close()
+
+
+def test_a_forked_child_opens_its_own_connection(db, tmp_path):
+    parent_conn = db.conn
+    db.write(_insert("parent"))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a new connection, and writes that work
+        ok = 0
+        try:
+            ok = int(db.conn is not parent_conn)
+            db.write(_insert("child"))
+            ok += int(db.execute("SELECT COUNT(*) AS n FROM t")[0]["n"] == 2)
+        finally:
+            os.write(w, str(ok).encode())
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 8) == b"2"
+    assert db.conn is parent_conn  # the parent keeps its own
+    assert _rows(tmp_path / "g.sqlite3") == {"parent", "child"}
+
+
+def test_an_abandoned_database_leaves_no_checkpoint_thread_behind(tmp_path):
+    import gc
+
+    from fhir_kap.db import GroupCommitter
+
+    database = Database(f"sqlite:///{tmp_path / 'abandoned.sqlite3'}")
+    database.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    database._committer = GroupCommitter(database, checkpoint_rows=1)
+    database.write(_insert("x"))
+    thread = database._committer.checkpointer._thread
+    assert thread is not None and thread.is_alive()
+    del database
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
