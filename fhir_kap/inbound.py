@@ -201,19 +201,20 @@ class Inbound:
     def _commit(self, work: Callable[[Any], list[Accepted]], trusted: bool) -> list[Accepted]:
         """Run `work` and keep its context (from a consent authority only) in one transaction, then notify."""
         joined = self._context_joins()
+        queued = [0]  # rest-hook jobs this write queued (the unit may run on another request's thread)
 
         def unit(tx: Any) -> list[Accepted]:
             accepted = work(tx)
             if joined and trusted:
                 self._keep_context(accepted)
-            self._queue_notifications(accepted)
+            queued[0] = self._queue_notifications(accepted)
             return accepted
 
         accepted = self.store.write(unit)
         if not joined and trusted:
             self._keep_context(accepted)
-        if self.notifier is not None and any(a.created and a.stored.type == "Communication" for a in accepted):
-            self.notifier.wake()
+        if queued[0] and self.notifier is not None:
+            self.notifier.wake()  # only then: an idle sender costs no query per write
         return accepted
 
     def _context_joins(self) -> bool:
@@ -239,14 +240,15 @@ class Inbound:
             if acc.created and acc.stored.type in CONTEXT_TYPES:
                 self.context.put_context(acc.stored.resource)
 
-    def _queue_notifications(self, accepted: Sequence[Accepted]) -> None:
+    def _queue_notifications(self, accepted: Sequence[Accepted]) -> int:
         """Queue a rest-hook job for each partner a new Communication addresses and may read
-        (inside the write's transaction: the job is committed exactly when the note is)."""
+        (inside the write's transaction: the job is committed exactly when the note is); how many."""
         if self.partners is None or self.notifier is None or self.notifier.db is None:
-            return
+            return 0
         hooked = [p for p in self.partners.list() if p.webhook_url and not p.revoked]  # cached list
         if not hooked:
-            return
+            return 0
+        n = 0
         for acc in accepted:
             stored = acc.stored
             if not acc.created or stored.type != "Communication":
@@ -256,8 +258,9 @@ class Inbound:
                     continue
                 # Only a recipient allowed to read it hears of it (consent-gated, audited like a read).
                 if self.may_read is None or self.may_read(partner, stored):
-                    self.notifier.enqueue(partner.name, EVENT_COMMUNICATION, f"Communication/{stored.id}",
-                                          str(stored.version))
+                    n += self.notifier.enqueue(partner.name, EVENT_COMMUNICATION, f"Communication/{stored.id}",
+                                               str(stored.version))
+        return n
 
     def accept_bundle(self, bundle: Any, *, source: str | None, authority: bool | None = None) -> BundleResult:
         """A transaction (all or nothing, urn:uuid references resolved) or a batch Bundle.
@@ -402,13 +405,15 @@ class Inbound:
                              rule="referral:reason", code="value")
         if not ID_PATTERN.match(referral_id):
             raise NotFound("no such referral", rule="referral:unknown")
+        queued = [False]
+
         def unit(tx: Any) -> StoredResource:
             task = self._move(tx, referral_id, business_status, reason)
-            self._queue_task_event(task)
+            queued[0] = self._queue_task_event(task)
             return task
 
         updated = self.store.write(unit)
-        if self.notifier is not None:
+        if queued[0] and self.notifier is not None:
             self.notifier.wake()
         return updated
 
@@ -436,13 +441,14 @@ class Inbound:
         updated, _ = self.store.update("Task", cur.id, task, if_match=cur.version, tx=tx)
         return updated
 
-    def _queue_task_event(self, task: StoredResource) -> None:
+    def _queue_task_event(self, task: StoredResource) -> bool:
         """Queue a rest-hook job telling the referring practice that its referral's Task moved."""
         if self.partners is None or self.notifier is None or self.notifier.db is None or not task.source:
-            return
+            return False
         partner = self.partners.get(task.source)
         if partner and partner.webhook_url and not partner.revoked:
-            self.notifier.enqueue(partner.name, EVENT_TASK, f"Task/{task.id}", str(task.version))
+            return self.notifier.enqueue(partner.name, EVENT_TASK, f"Task/{task.id}", str(task.version))
+        return False
 
 
 def referral_task(referral: StoredResource, owner: dict[str, Any]) -> dict[str, Any]:

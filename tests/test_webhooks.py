@@ -275,3 +275,23 @@ def test_partners_webhooks_lists_the_queue_and_puts_a_dead_job_back(tmp_path, mo
     assert json.loads(capsys.readouterr().out)["state"] == "pending"
     assert main(["partners", "webhooks", "--retry", str(listed[0]["id"])]) != 0  # only a dead job goes back
     assert "webhook:not-dead" in capsys.readouterr().err  # an OperationOutcome on stderr
+
+
+def test_a_write_that_queues_no_hook_does_not_wake_the_sender(tmp_path, receiver):
+    """Without a hook to call, a note costs the sender thread nothing (no query per write)."""
+    from fhir_kap.bridge import BridgeOptions, create_app
+    from fhir_kap.config import load_settings
+    from fhir_kap.partners import Partners
+
+    settings = load_settings(env={}, data_dir=tmp_path / "data")
+    token = Partners(Database(settings.db_url)).add("clinic-ehr", scopes="system/*.* kap/clinic")[1]
+    app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir"))
+    notifier = app.extensions["fhir_kap"].inbound.notifier
+    rounds = []
+    real = notifier.run_due
+    notifier.run_due = lambda *a, **k: rounds.append(1) or real(*a, **k)
+    for _ in range(5):
+        assert _post(app, token, "/fhir/Communication", load("Example-Communication-note-1.json")).status_code == 201
+    time.sleep(0.3)
+    assert len(rounds) <= 1  # the sender's first look on start-up, and no wake-up per note
+    notifier.stop()
