@@ -15,6 +15,12 @@ other partner posts is stored for it but never decides a disclosure.
 Endpoint secrets are never stored: `endpoint_auth` names an environment variable
 (`bearer:ENVVAR`) or a SMART client id (`smart:CLIENT_ID`).
 
+SMART Backend Services: a partner registered with a JWKS (its public keys) may instead get
+short-lived access tokens from the bridge's token endpoint with a signed assertion
+(`private_key_jwt`). `grant` records the assertion's `jti` (a replayed assertion is refused) and
+stores the new token's SHA-256 with the scopes granted (never more than the partner's own) and
+an expiry; `authenticate` accepts it until then, as that partner with those scopes only.
+
 `Partners(db, cache_seconds=N)` keeps successful token lookups and the partner list for N
 seconds per process (the bridge uses 5), so a request needs no database read to
 authenticate. A revocation through the same object takes effect at once; one made elsewhere
@@ -30,7 +36,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,7 +44,7 @@ from . import jsonio
 from .db import Database
 from .errors import Conflict, InputError, NotFound
 
-__all__ = ["DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners"]
+__all__ = ["ACCESS_TOKEN_SECONDS", "DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners", "check_jwks"]
 
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 DEFAULT_SCOPES = "system/*.read system/*.write"  # what the bridge lets anyone write is narrower still
@@ -47,6 +53,18 @@ _SCOPE = re.compile(r"^(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*)"
                     r"|kap/(records\.write|referrals\.write|clinic|consent-authority))$")
 _NPI = re.compile(r"^\d{10}$")
 _REF = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
+
+#: SMART backend services: the partner's public keys, issued access tokens, seen assertion ids.
+_MIGRATION_2 = [
+    "ALTER TABLE partners ADD COLUMN jwks TEXT",
+    """CREATE TABLE partner_access_tokens (
+        token_sha256 TEXT PRIMARY KEY, partner TEXT NOT NULL, scopes TEXT NOT NULL,
+        expires_at {real} NOT NULL)""",
+    """CREATE TABLE partner_assertions (
+        partner TEXT NOT NULL, jti TEXT NOT NULL, expires_at {real} NOT NULL, PRIMARY KEY (partner, jti))""",
+]
+_JWK_ALGS = {"RSA": "RS384", "EC": "ES384"}
+ACCESS_TOKEN_SECONDS = 300
 
 _MIGRATION = [
     """CREATE TABLE partners (
@@ -71,6 +89,7 @@ class Partner:
     webhook_secret: str | None = field(default=None, repr=False)
     revoked: bool = False
     created: str = ""
+    jwks: dict[str, Any] | None = field(default=None, repr=False)  # public keys for SMART backend services
 
     @property
     def is_clinic(self) -> bool:
@@ -103,12 +122,34 @@ class Partner:
                 return True
         return False
 
+    def grantable(self, requested: Sequence[str]) -> tuple[str, ...]:
+        """The requested scopes this partner holds (a `system/` scope also when one of its own
+        covers it, e.g. `system/Communication.read` under `system/*.read`); others are dropped."""
+        out = []
+        for scope in requested:
+            if scope in self.scopes:
+                out.append(scope)
+            elif scope.startswith("system/") and _SCOPE.match(scope):
+                what, _, act = scope[len("system/"):].partition(".")
+                if any(s.startswith("system/") and s[len("system/"):].partition(".")[0] in ("*", what)
+                       and s.partition(".")[2] in ("*", act) for s in self.scopes):
+                    out.append(scope)
+        return tuple(dict.fromkeys(out))
+
+    def key(self, kid: str) -> dict[str, Any] | None:
+        """The registered public JWK with this key id."""
+        for jwk in (self.jwks or {}).get("keys", []):
+            if jwk.get("kid") == kid:
+                return dict(jwk)
+        return None
+
     def public(self) -> dict[str, Any]:
         """A listing without secrets."""
         return {"name": self.name, "scopes": list(self.scopes), "org_identifier": self.org_identifier,
                 "npis": list(self.npis), "references": list(self.references),
                 "endpoint": self.endpoint_url, "endpoint_auth": self.endpoint_auth,
-                "webhook": self.webhook_url, "revoked": self.revoked, "created": self.created}
+                "webhook": self.webhook_url, "revoked": self.revoked, "created": self.created,
+                "smart_key_ids": [k["kid"] for k in (self.jwks or {}).get("keys", [])]}
 
 
 def _hash(token: str) -> str:
@@ -127,6 +168,7 @@ class Partners:
         self._list: tuple[float, list[Partner]] | None = None
         self._cache_lock = threading.Lock()
         db.migrate("partners-1", _MIGRATION)
+        db.migrate("partners-2", _MIGRATION_2)
 
     def forget(self) -> None:
         """Drop this process's cached lookups (done on every add and revoke through this object)."""
@@ -137,7 +179,7 @@ class Partners:
     def add(self, name: str, *, scopes: Sequence[str] | str | None = None,
             org_identifier: str | None = None, npis: Sequence[str] = (), references: Sequence[str] = (),
             endpoint_url: str | None = None, endpoint_auth: str | None = None,
-            webhook_url: str | None = None) -> tuple[Partner, str]:
+            webhook_url: str | None = None, jwks: Any = None) -> tuple[Partner, str]:
         """Register a partner. Returns (partner, token); the token is not stored and cannot be shown again."""
         if not _NAME.match(name or ""):
             raise InputError("partner name must be 1-64 letters, digits, '.', '_' or '-'", rule="partner:name")
@@ -166,6 +208,7 @@ class Partners:
         if auth is not None and not re.match(r"^(none|bearer:[A-Z_][A-Z0-9_]*|smart:[^\s]+)$", auth):
             raise InputError("--endpoint-auth must be none, bearer:ENVVAR (an environment variable name) "
                              "or smart:CLIENT_ID", rule="partner:endpoint-auth")
+        keys = None if jwks is None else check_jwks(jwks)
         token = secrets.token_urlsafe(32)
         identity = {"org_identifier": org_identifier, "npis": list(npis), "references": list(references)}
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -174,9 +217,10 @@ class Partners:
             if tx.execute("SELECT name FROM partners WHERE name = ?", (name,)):
                 raise Conflict(f"partner '{name}' already exists", rule="partner:exists", code="duplicate")
             tx.execute("INSERT INTO partners (name, token_sha256, scopes, identity, endpoint_url, endpoint_auth, "
-                       "webhook_url, webhook_secret, revoked, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                       "webhook_url, webhook_secret, revoked, created, jwks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
                        (name, _hash(token), " ".join(scope_list), jsonio.dumps(identity).decode(),
-                        endpoint_url, auth, webhook_url, webhook_secret, created))
+                        endpoint_url, auth, webhook_url, webhook_secret, created,
+                        None if keys is None else jsonio.dumps(keys).decode()))
         self.forget()
         partner = self.get(name)
         assert partner is not None
@@ -214,8 +258,42 @@ class Partners:
         assert partner is not None
         return partner
 
+    def set_jwks(self, name: str, jwks: Any) -> Partner:
+        """Replace a partner's SMART public keys (key rotation); tokens already issued stay valid."""
+        keys = check_jwks(jwks)
+        with self.db.transaction() as tx:
+            if not tx.execute("UPDATE partners SET jwks = ? WHERE name = ? RETURNING name",
+                              (jsonio.dumps(keys).decode(), name)):
+                raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
+        self.forget()
+        partner = self.get(name)
+        assert partner is not None
+        return partner
+
+    def grant(self, partner: Partner, scopes: Sequence[str], *, jti: str, assertion_expires: float,
+              seconds: int = ACCESS_TOKEN_SECONDS, now: float | None = None) -> str:
+        """Issue an access token for `partner` with `scopes` (already checked with `grantable`).
+
+        `jti` is the verified assertion's id: one seen before (and not yet expired) raises
+        Conflict, so an intercepted assertion cannot be replayed. Expired ids and tokens are
+        purged on the way.
+        """
+        ts = time.time() if now is None else now
+        token = secrets.token_urlsafe(32)
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM partner_assertions WHERE expires_at < ?", (ts,))
+            tx.execute("DELETE FROM partner_access_tokens WHERE expires_at < ?", (ts,))
+            if not tx.execute("INSERT INTO partner_assertions (partner, jti, expires_at) VALUES (?, ?, ?) "
+                              "ON CONFLICT (partner, jti) DO NOTHING RETURNING jti",
+                              (partner.name, jti, max(assertion_expires, ts))):
+                raise Conflict("this client assertion (jti) was used before", rule="smart:jti-replay")
+            tx.execute("INSERT INTO partner_access_tokens (token_sha256, partner, scopes, expires_at) "
+                       "VALUES (?, ?, ?, ?)", (_hash(token), partner.name, " ".join(scopes), ts + seconds))
+        return token
+
     def authenticate(self, token: str | None) -> Partner | None:
-        """The active partner holding `token`, or None (unknown, revoked, or malformed)."""
+        """The active partner holding `token` (its own, or a SMART access token it was granted:
+        then with the granted scopes only), or None (unknown, expired, revoked, or malformed)."""
         if not token or len(token) > 256:
             return None
         digest = _hash(token)
@@ -223,10 +301,19 @@ class Partners:
         hit = self._by_digest.get(digest)
         if hit is not None and now < hit[0]:
             return hit[1]
+        until = now + self.cache_seconds
         rows = self._read("SELECT * FROM partners WHERE token_sha256 = ?", (digest,))
-        if not rows or not hmac.compare_digest(rows[0]["token_sha256"], digest):
-            return None
-        partner = _partner(rows[0])
+        if rows and hmac.compare_digest(rows[0]["token_sha256"], digest):
+            partner = _partner(rows[0])
+        else:
+            wall = time.time()
+            rows = self._read("SELECT p.*, t.token_sha256 AS granted_sha256, t.scopes AS granted, t.expires_at "
+                              "FROM partner_access_tokens t JOIN partners p ON p.name = t.partner "
+                              "WHERE t.token_sha256 = ? AND t.expires_at > ?", (digest, wall))
+            if not rows or not hmac.compare_digest(rows[0]["granted_sha256"], digest):
+                return None
+            partner = replace(_partner(rows[0]), scopes=tuple(rows[0]["granted"].split()))
+            until = min(until, now + float(rows[0]["expires_at"]) - wall)  # never past the token's expiry
         if partner.revoked:
             return None
         if self.cache_seconds > 0:
@@ -243,4 +330,32 @@ def _partner(row: dict[str, Any]) -> Partner:
                    org_identifier=ident.get("org_identifier"), npis=tuple(ident.get("npis") or ()),
                    references=tuple(ident.get("references") or ()), endpoint_url=row["endpoint_url"],
                    endpoint_auth=row["endpoint_auth"], webhook_url=row["webhook_url"],
-                   webhook_secret=row["webhook_secret"], revoked=bool(row["revoked"]), created=row["created"])
+                   webhook_secret=row["webhook_secret"], revoked=bool(row["revoked"]), created=row["created"],
+                   jwks=jsonio.loads(row["jwks"]) if row.get("jwks") else None)
+
+
+def check_jwks(jwks: Any) -> dict[str, Any]:
+    """A partner's public keys as a JWKS (`{"keys": [...]}`), checked: RSA or EC (P-384) keys,
+    each with a unique `kid`, and no private parts (`d`, `p`, `q`, ...), which must never be
+    handed over. Returns the keys reduced to their public members."""
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not keys or len(keys) > 20:
+        raise InputError("a JWKS is an object with 1-20 public keys in 'keys'", rule="partner:jwks")
+    out, seen = [], set()
+    for i, jwk in enumerate(keys):
+        if not isinstance(jwk, dict) or jwk.get("kty") not in _JWK_ALGS:
+            raise InputError(f"keys[{i}]: kty must be RSA or EC", rule="partner:jwks")
+        if any(k in jwk for k in ("d", "p", "q", "dp", "dq", "qi", "oth", "k")):
+            raise InputError(f"keys[{i}] holds private key material: register the PUBLIC key only",
+                             rule="partner:jwks-private")
+        kid = jwk.get("kid")
+        if not isinstance(kid, str) or not 1 <= len(kid) <= 128 or kid in seen:
+            raise InputError(f"keys[{i}]: each key needs its own 'kid' (1-128 characters)", rule="partner:jwks")
+        seen.add(kid)
+        members = ("kty", "kid", "n", "e") if jwk["kty"] == "RSA" else ("kty", "kid", "crv", "x", "y")
+        if jwk["kty"] == "EC" and jwk.get("crv") != "P-384":
+            raise InputError(f"keys[{i}]: EC keys must be on P-384 (ES384)", rule="partner:jwks")
+        if not all(isinstance(jwk.get(m), str) and jwk.get(m) for m in members):
+            raise InputError(f"keys[{i}]: missing one of {', '.join(members)}", rule="partner:jwks")
+        out.append({m: jwk[m] for m in members} | {"alg": _JWK_ALGS[jwk["kty"]]})
+    return {"keys": out}

@@ -120,10 +120,11 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     app.extensions["fhir_kap"] = Services(settings, options, release, db, store, partners, inbound, access,
                                           validator, mapper, load_input_schemas(), outbox, audit)
     _hooks(app)
-    from . import fhir, kap
+    from . import fhir, kap, smart
 
     fhir.register(app)
     kap.register(app)
+    smart.register(app)
 
     @app.get("/healthz")
     def healthz() -> Response:

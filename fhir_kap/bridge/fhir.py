@@ -280,7 +280,13 @@ def capability_statement(base: str) -> dict[str, Any]:
             "documentation": "Partners authenticate with a bearer token; each reads only what it sent and what "
                              "is addressed to it and permitted by consent. _count (max 200) and _offset page "
                              "searches.",
-            "security": {"cors": False, "description": "Bearer tokens issued per partner (fhir-kap partners add)"},
+            "security": {
+                "cors": False,
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "SMART-on-FHIR"}]}],
+                "description": "Bearer tokens: one issued per partner (fhir-kap partners add), or short-lived "
+                               "SMART Backend Services tokens (private_key_jwt; see "
+                               ".well-known/smart-configuration)"},
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
         }],

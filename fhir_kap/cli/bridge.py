@@ -76,12 +76,19 @@ def register(subparsers: Any) -> None:
     add.add_argument("--endpoint", metavar="FHIR_BASE_URL", default=None)
     add.add_argument("--endpoint-auth", default=None, metavar="none|bearer:ENVVAR|smart:CLIENT_ID")
     add.add_argument("--webhook", metavar="URL", default=None)
+    add.add_argument("--jwks", metavar="FILE", default=None,
+                     help="the partner's PUBLIC keys (a JWKS JSON file, RS384 or ES384, each with a kid): it may "
+                          "then get short-lived SMART backend services tokens from /auth/token")
     add.set_defaults(handler=_partners_add)
     lst = psub.add_parser("list", help="list partners (no secrets)")
     lst.set_defaults(handler=_partners_list)
     rev = psub.add_parser("revoke", help="revoke a partner's token")
     rev.add_argument("name")
     rev.set_defaults(handler=_partners_revoke)
+    keys = psub.add_parser("jwks", help="replace a partner's SMART public keys (key rotation)")
+    keys.add_argument("name")
+    keys.add_argument("file", metavar="FILE", help="a JWKS JSON file of public keys")
+    keys.set_defaults(handler=_partners_jwks)
     hooks = psub.add_parser("webhooks", help="the rest-hook queue: list jobs, or put a dead one back")
     hooks.add_argument("--state", choices=["pending", "sending", "delivered", "dead"], default=None)
     hooks.add_argument("--limit", type=_positive, default=100)
@@ -113,12 +120,30 @@ def _partners_add(args: argparse.Namespace, settings: Any) -> int:
     partner, token = _partners(settings).add(
         args.name, scopes=args.scopes, org_identifier=args.org_identifier, npis=args.npi,
         references=args.reference, endpoint_url=args.endpoint, endpoint_auth=args.endpoint_auth,
-        webhook_url=args.webhook)
+        webhook_url=args.webhook, jwks=None if args.jwks is None else _read_jwks(args.jwks))
     out = {"partner": partner.public(), "token": token}
     if partner.webhook_secret:
         out["webhook_secret"] = partner.webhook_secret
     write_json(out)
     sys.stderr.write("The token is shown only this once: store it now.\n")
+    return 0
+
+
+def _read_jwks(path: str) -> Any:
+    from .. import jsonio
+    from ..errors import InputError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the JWKS file ({type(exc).__name__})", rule="partner:jwks") from None
+    return jsonio.loads(data, source="jwks")
+
+
+def _partners_jwks(args: argparse.Namespace, settings: Any) -> int:
+    from ._io import write_json
+
+    write_json(_partners(settings).set_jwks(args.name, _read_jwks(args.file)).public())
     return 0
 
 
