@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import data_path
 from .errors import InputError, Issue
-from .textscan import turns
+from .textscan import iter_turns
 
 __all__ = ["RECORD_TYPES", "InputSchemas", "check_record", "load_input_schemas"]
 
@@ -106,8 +106,13 @@ def _kap_rules(record: dict[str, Any]) -> Iterable[Issue]:
 
 
 def _looks_like_transcript(text: str) -> bool:
-    words = [m.group(1).lower() for m in turns(text, _TURN_LABEL)]
-    return any(t in _SPEAKER_WORDS for t in words) and len(words) >= 2
+    n, speaker = 0, False
+    for m in iter_turns(text, _TURN_LABEL):  # stops as soon as the answer is known
+        n += 1
+        speaker = speaker or m.group(1).lower() in _SPEAKER_WORDS
+        if speaker and n >= 2:
+            return True
+    return False
 
 
 def _expression(rtype: str, path: Iterable[Any]) -> str:

@@ -13,8 +13,12 @@ posts them and records the outcome:
 - 2xx: `delivered`;
 - 408, 429, 5xx, a timeout or a refused connection: `pending` again, after an exponential
   back-off with jitter (`Retry-After` honoured up to the cap), `dead` after `max_attempts`;
-- any other 4xx, or a partner that no longer has a webhook (revoked, removed): `dead`, with
-  the status or reason in `last_error` (codes only, never a response body).
+- any other 4xx, a redirect (never followed: a hook must not send the bridge elsewhere), a
+  partner that no longer has a webhook (revoked, removed), or a note the partner may no longer
+  read (`allowed`, e.g. its consent was withdrawn since the job was queued): `dead`, with the
+  status or reason in `last_error` (codes only, never a response body).
+Each job gets a fresh lease right before it is posted, so a slow batch never lets another
+worker take a job that is still being sent.
 A crash loses nothing: a job whose sender died is claimed again once its lease runs out, so
 delivery is at-least-once and a receiver may see the same (event, resource) twice.
 """
@@ -29,6 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +84,18 @@ _MIGRATION = [
 _COLUMNS = "id, partner, event, resource, version, state, attempts, next_attempt_at, last_status, last_error"
 #: What a partner name resolves to at send time: (webhook URL, secret), or None when it has none.
 Resolver = Callable[[str], "tuple[str, str | None] | None"]
+#: Whether a partner may still hear of a resource (partner name, "Type/id"), asked at send time.
+Allowed = Callable[[str, str], bool]
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are answered, never followed (the hook URL is the only place a notification goes)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -95,13 +112,15 @@ class Notifier:
     """
 
     def __init__(self, timeout: float = 5.0, user_agent: str = "fhir-kap-bridge", *,
-                 db: Database | None = None, resolve: Resolver | None = None, max_attempts: int = 8,
+                 db: Database | None = None, resolve: Resolver | None = None, allowed: Allowed | None = None,
+                 max_attempts: int = 8,
                  backoff_base: float = 2.0, backoff_cap: float = 300.0, poll_seconds: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.timeout = timeout
         self.user_agent = user_agent
         self.db = db
         self.resolve = resolve
+        self.allowed = allowed
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -196,7 +215,7 @@ class Notifier:
         db = self._need_db()
         now = self.clock()
         lock = " FOR UPDATE SKIP LOCKED" if db.dialect == "postgresql" else ""
-        worker = self._worker_id or f"{os.getpid()}-{id(self):x}"
+        worker = self._worker_id or self._new_worker_id()
         due = ("(state = 'pending' AND next_attempt_at <= ?) OR (state = 'sending' AND lease_until < ?)")
         with db.transaction(immediate=False) as tx:  # a read first: no write lock while idle
             if not tx.execute(f"SELECT id FROM webhook_jobs WHERE {due} LIMIT 1", (now, now)):
@@ -208,27 +227,53 @@ class Notifier:
                 f"{due} ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING {_COLUMNS}",
                 (worker, now + self.lease_seconds, now, now, now, int(limit)))
         for job in sorted((_job(r) for r in rows), key=lambda j: j.id):
-            self._send(job, worker)
+            if not self._renew(job, worker):
+                continue  # its lease ran out while earlier jobs were sent: another worker has it
+            try:
+                self._send(job, worker)
+            except Exception as exc:  # noqa: BLE001 - one job's failure must not strand the others
+                log.warning("webhook job failed", extra={"job": job.id, "error": type(exc).__name__})
+                self._finish(job, worker, "pending", None, type(exc).__name__,
+                             next_at=self.clock() + self._delay(job.attempts, None))
         return len(rows)
+
+    def _renew(self, job: WebhookJob, worker: str) -> bool:
+        db = self._need_db()
+        now = self.clock()
+        with db.transaction() as tx:
+            return bool(tx.execute("UPDATE webhook_jobs SET lease_until = ? WHERE id = ? AND state = 'sending' "
+                                   "AND lease_owner = ? RETURNING id", (now + self.lease_seconds, job.id, worker)))
+
+    def _delay(self, attempts: int, retry_after: float | None) -> float:
+        delay = min(self.backoff_cap, self.backoff_base ** attempts) * (0.5 + random.random() / 2)
+        if retry_after is not None:
+            delay = max(delay, min(self.backoff_cap, retry_after))
+        return delay
+
+    def _new_worker_id(self) -> str:
+        return f"{os.getpid()}-{uuid.uuid4().hex}"
 
     def _send(self, job: WebhookJob, worker: str) -> None:
         target = self.resolve(job.partner) if self.resolve is not None else None
         if target is None:
             self._finish(job, worker, "dead", None, "partner has no webhook (revoked or removed)")
             return
+        if self.allowed is not None and not self.allowed(job.partner, job.resource):
+            self._finish(job, worker, "dead", None, "the partner may no longer read it (consent)")
+            return
         url, secret = target
         result = self.notify(url, job.event, job.resource, secret=secret)
         if result.delivered:
             self._finish(job, worker, "delivered", result.status, None)
+        elif result.status is not None and 300 <= result.status < 400:
+            self._finish(job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed")
         elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 429):
             self._finish(job, worker, "dead", result.status, result.error)
         elif job.attempts >= self.max_attempts:
             self._finish(job, worker, "dead", result.status, f"{result.error}; gave up after {job.attempts} attempts")
         else:
-            delay = min(self.backoff_cap, self.backoff_base ** job.attempts) * (0.5 + random.random() / 2)
-            if result.retry_after is not None:
-                delay = max(delay, min(self.backoff_cap, result.retry_after))
-            self._finish(job, worker, "pending", result.status, result.error, next_at=self.clock() + delay)
+            self._finish(job, worker, "pending", result.status, result.error,
+                         next_at=self.clock() + self._delay(job.attempts, result.retry_after))
 
     def _finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
                 next_at: float | None = None) -> None:
@@ -254,7 +299,7 @@ class Notifier:
         with self._start_lock:
             if self._thread is None or self._pid != os.getpid():  # again in a forked worker
                 self._pid = os.getpid()
-                self._worker_id = f"{os.getpid()}-{id(self):x}"
+                self._worker_id = self._new_worker_id()
                 self._stopping = False
                 self._thread = threading.Thread(target=self._run, name="fhir-kap-webhooks", daemon=True)
                 self._thread.start()
@@ -284,7 +329,7 @@ class Notifier:
             headers["X-KAP-Signature"] = sign(secret, ts, body)
         req = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 status = resp.status
         except urllib.error.HTTPError as exc:
             status = exc.code
@@ -292,7 +337,7 @@ class Notifier:
             if not 200 <= status < 300:
                 log.warning("webhook refused", extra={"event": event, "resource": resource_ref, "status": status})
                 return NotifyResult(False, status, f"HTTP {status}", retry_after)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - URLError, OSError, http.client.HTTPException, ...: never raised
             log.warning("webhook failed", extra={"event": event, "resource": resource_ref,
                                                  "error": type(exc).__name__})
             return NotifyResult(False, None, type(exc).__name__)

@@ -320,7 +320,7 @@ class Partners:
             with self._cache_lock:
                 if len(self._by_digest) > 10_000:  # bounded: a cache, not a registry
                     self._by_digest.clear()
-                self._by_digest[digest] = (now + self.cache_seconds, partner)
+                self._by_digest[digest] = (until, partner)
         return partner
 
 
@@ -332,6 +332,18 @@ def _partner(row: dict[str, Any]) -> Partner:
                    endpoint_auth=row["endpoint_auth"], webhook_url=row["webhook_url"],
                    webhook_secret=row["webhook_secret"], revoked=bool(row["revoked"]), created=row["created"],
                    jwks=jsonio.loads(row["jwks"]) if row.get("jwks") else None)
+
+
+def _usable(jwk: dict[str, Any], i: int) -> None:
+    """Refuse a key the token endpoint could never verify with, or an RSA key under 2048 bits."""
+    import jwt  # PyJWT (with cryptography), as the token endpoint uses it
+
+    try:
+        key = jwt.PyJWK(jwk).key
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise InputError(f"keys[{i}] is not a usable {jwk['kty']} public key", rule="partner:jwks") from None
+    if jwk["kty"] == "RSA" and getattr(key, "key_size", 0) < 2048:
+        raise InputError(f"keys[{i}]: RSA keys need at least 2048 bits", rule="partner:jwks")
 
 
 def check_jwks(jwks: Any) -> dict[str, Any]:
@@ -357,5 +369,7 @@ def check_jwks(jwks: Any) -> dict[str, Any]:
             raise InputError(f"keys[{i}]: EC keys must be on P-384 (ES384)", rule="partner:jwks")
         if not all(isinstance(jwk.get(m), str) and jwk.get(m) for m in members):
             raise InputError(f"keys[{i}]: missing one of {', '.join(members)}", rule="partner:jwks")
-        out.append({m: jwk[m] for m in members} | {"alg": _JWK_ALGS[jwk["kty"]]})
+        public = {m: jwk[m] for m in members} | {"alg": _JWK_ALGS[jwk["kty"]]}
+        _usable(public, i)
+        out.append(public)
     return {"keys": out}

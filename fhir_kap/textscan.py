@@ -10,10 +10,13 @@ label position is tried once.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
-__all__ = ["turns"]
+__all__ = ["iter_turns", "turns"]
 
 _NON_SPACE = re.compile(r"\S")
+#: Sentence punctuation and the one whitespace after it; a turn may start right after.
+_SENTENCE_END = re.compile(r"[.!?]\s")
 
 
 def turns(text: str, label: re.Pattern[str], *, after_sentences: bool = False,
@@ -24,34 +27,44 @@ def turns(text: str, label: re.Pattern[str], *, after_sentences: bool = False,
     `label` is matched where the leading whitespace ends; it must not match at whitespace
     itself (a label begins with a letter), which is what makes the shortcut exact.
     """
-    starts = {0}
-    marks = ".!?\n" if after_sentences else "\n"
-    for mark in marks:  # str.find runs at C speed; these marks are few in any note
-        i = text.find(mark)
-        while i >= 0:
-            if mark == "\n":
-                starts.add(i + 1)
-            elif text[i + 1:i + 2].isspace():  # what `\s` matches in a str pattern
-                starts.add(i + 2)
-            i = text.find(mark, i + 1)
     found: list[re.Match[str]] = []
-    end = 0  # matches do not overlap: a start inside the previous match is skipped
-    run_end = -1  # the label position reached from the last start: whitespace up to it
-    failed = -1  # a label position already tried without a match
-    for pos in sorted(starts):
-        if pos < end:
-            continue
-        if pos > run_end:
-            m = _NON_SPACE.search(text, pos)
-            run_end = m.start() if m else len(text)
-        if run_end == failed:
-            continue
-        got = label.match(text, run_end)
-        if got is None:
-            failed = run_end
-            continue
+    for got in iter_turns(text, label, after_sentences=after_sentences):
         found.append(got)
         if enough is not None and len(found) >= enough:
             break
-        end = got.end()
     return found
+
+
+def iter_turns(text: str, label: re.Pattern[str], *, after_sentences: bool = False) -> Iterator[re.Match[str]]:
+    """`turns`, one match at a time. Memory does not grow with the text, and a whitespace run is
+    skipped in one step: every start inside it leads to the label position already tried."""
+    find = text.find
+    size = len(text)
+    line = find("\n")  # the next newline at or after the scan position (-1: none left)
+    sentence = _SENTENCE_END.search(text) if after_sentences else None
+    pos = 0  # the text's start is always a turn start
+    end = 0  # matches do not overlap: the next start is at or after the previous match's end
+    failed = -1  # a label position already tried without a match
+    while True:
+        if pos < size and not text[pos].isspace():
+            at = pos  # where the label must begin, from any start up to it
+        else:
+            m = _NON_SPACE.search(text, pos)
+            at = m.start() if m else size
+        if at != failed:
+            got = label.match(text, at)
+            if got is None:
+                failed = at
+            else:
+                yield got
+                end = got.end()
+        floor = max(at + 1, end)  # the next start that could lead anywhere new
+        if 0 <= line < floor - 1:
+            line = find("\n", floor - 1)
+        if sentence is not None and sentence.end() < floor:
+            sentence = _SENTENCE_END.search(text, floor - 2)
+        after_line = line + 1 if line >= 0 else size + 1
+        after_sentence = sentence.end() if sentence is not None else size + 1
+        pos = min(after_line, after_sentence)
+        if pos > size:
+            return

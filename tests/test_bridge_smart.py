@@ -221,3 +221,53 @@ def test_partners_add_with_a_jwks_file_and_key_rotation(tmp_path, monkeypatch, c
     assert main(["partners", "jwks", "practice-a", str(leaked)]) != 0
     assert "partner:jwks-private" in capsys.readouterr().err
     assert not Path(tmp_path / "data").joinpath("private.json").exists()
+
+
+def test_an_assertion_replayed_inside_the_expiry_leeway_is_still_refused(bridge):
+    now = int(time.time())
+    assertion = bridge.assertion(exp=now - 10, iat=now - 200)  # expired, but within the 30 s leeway
+    assert bridge.token(assertion).status_code == 200
+    bridge.token(bridge.assertion())  # another grant purges what has expired
+    again = bridge.token(assertion)
+    assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+
+
+def test_unknown_keys_and_forged_signatures_get_the_same_answer(bridge):
+    now = int(time.time())
+    claims = {"iss": "practice-a", "sub": "practice-a", "aud": bridge.token_url, "exp": now + 60}
+    forged = jwt.encode({**claims, "jti": "f"}, bridge.keys["stranger"], algorithm="RS384", headers={"kid": "rsa-1"})
+    unknown = jwt.encode({**claims, "jti": "u"}, bridge.keys["rsa-1"], algorithm="RS384", headers={"kid": "nope"})
+    nobody = bridge.assertion(iss="nobody")
+    answers = {bridge.token(a).json()["error_description"] for a in (forged, unknown, nobody)}
+    assert len(answers) == 1
+
+
+def test_without_a_public_base_url_there_is_no_token_endpoint(tmp_path):
+    """`aud` must be checked against a configured URL, never against the caller's Host header."""
+    from fhir_kap.bridge import BridgeOptions, create_app
+    from fhir_kap.config import load_settings
+
+    app = create_app(load_settings(env={}, data_dir=tmp_path / "data"), BridgeOptions(notify=False))
+    client = app.test_client()
+    token = client.post("/auth/token", data={"grant_type": "client_credentials"},
+                        headers={"Host": "other-bridge.example"})
+    assert token.status_code == 404 and token.get_json(force=True)["resourceType"] == "OperationOutcome"
+    assert client.get("/fhir/.well-known/smart-configuration").status_code == 404
+
+
+def test_an_access_token_is_never_accepted_past_its_expiry_even_from_the_cache(tmp_path):
+    partners = Partners(Database(f"sqlite:///{tmp_path / 'p.sqlite3'}"), cache_seconds=60)
+    partner, _ = partners.add("practice-a")
+    token = partners.grant(partner, ["system/Communication.read"], jti="j", assertion_expires=time.time(),
+                           now=time.time() - 299)  # one second left
+    assert partners.authenticate(token) is not None  # and now cached ...
+    time.sleep(1.3)
+    assert partners.authenticate(token) is None  # ... but not past the token's own expiry
+
+
+def test_a_key_that_cannot_verify_anything_is_refused_at_registration():
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    with pytest.raises(InputError, match="2048"):
+        check_jwks({"keys": [_jwk(weak, "weak")]})
+    with pytest.raises(InputError, match="usable"):
+        check_jwks({"keys": [{"kty": "RSA", "kid": "junk", "n": "AQAB", "e": "!!"}]})

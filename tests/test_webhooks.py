@@ -295,3 +295,102 @@ def test_a_write_that_queues_no_hook_does_not_wake_the_sender(tmp_path, receiver
     time.sleep(0.3)
     assert len(rounds) <= 1  # the sender's first look on start-up, and no wake-up per note
     notifier.stop()
+
+
+def _garbage_server() -> tuple[socket.socket, str]:
+    """A 'webhook' that answers with a malformed HTTP status line."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"NOT-HTTP garbage\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}/hook"
+
+
+def test_one_partners_broken_hook_does_not_stall_the_others(db, receiver):
+    srv, broken = _garbage_server()
+    try:
+        clock = Clock()
+        n = Notifier(timeout=2, db=db, clock=clock,
+                     resolve={"broken": (broken, None), "practice-a": (receiver.url, "s3cret")}.get)
+        n.enqueue("broken", EVENT_COMMUNICATION, "Communication/b1", "1")
+        n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/a1", "1")
+        assert n.run_due() == 2
+        jobs = {j.partner: j for j in n.jobs()}
+        assert jobs["practice-a"].state == "delivered"
+        assert jobs["broken"].state == "pending" and jobs["broken"].next_attempt_at > clock.now
+        assert jobs["broken"].last_error and "garbage" not in jobs["broken"].last_error  # a type name only
+    finally:
+        srv.close()
+
+
+def test_a_redirect_is_never_followed(db, receiver):
+    inner = Receiver()  # an "internal" service the hook would like the bridge to call
+    try:
+        receiver.script = [(302, {"Location": inner.url + "/admin/delete"})]
+        n = _notifier(db, receiver.url)
+        n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+        n.run_due()
+        job, = n.jobs()
+        assert (job.state, job.last_status) == ("dead", 302) and "not followed" in job.last_error
+        assert inner.received == []
+    finally:
+        inner.server.shutdown()
+
+
+def test_a_job_for_a_note_the_partner_may_no_longer_read_is_not_sent(db, receiver):
+    n = _notifier(db, receiver.url, allowed=lambda partner, ref: False)  # e.g. consent withdrawn since
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    n.run_due()
+    job, = n.jobs()
+    assert job.state == "dead" and "consent" in job.last_error
+    assert receiver.received == []
+
+
+def test_a_job_whose_lease_passed_to_another_worker_mid_batch_is_sent_once(db, receiver):
+    clock = Clock()
+    first = _notifier(db, receiver.url, clock)
+    second = _notifier(db, receiver.url, clock)
+    first.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/slow", "1")
+    first.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/next", "1")
+    real_notify = first.notify
+
+    def slow_notify(url, event, ref, *, secret=None):
+        if ref == "Communication/slow":  # while this post hangs, the batch's lease runs out ...
+            clock.now += first.lease_seconds + 1
+            assert second.run_due() == 1  # ... and another worker takes the second job
+        return real_notify(url, event, ref, secret=secret)
+
+    first.notify = slow_notify
+    first.run_due()
+    assert sorted(b["resource"] for b in receiver.bodies()) == ["Communication/next", "Communication/slow"]
+    assert {j.state for j in first.jobs()} == {"delivered"}
+
+
+def test_a_queued_hook_is_dropped_when_consent_is_withdrawn_before_it_is_sent(tmp_path, receiver):
+    app, tokens = _bridge(tmp_path, receiver.url)
+    notifier = app.extensions["fhir_kap"].inbound.notifier
+    notifier.backoff_base = notifier.backoff_cap = 3600.0
+    receiver.script = [(503, {})]  # the first try fails: the job waits for a retry
+    assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-open-ended.json")).status_code == 201
+    assert _post(app, tokens["clinic"], "/fhir/Communication", load("Example-Communication-note-1.json")).status_code == 201
+    assert notifier.drain(timeout=10)
+    assert notifier.jobs()[0].state == "pending"
+    # The client now refuses the therapist: the retry must not tell the practice the note exists.
+    assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-deny-ref-therapist.json")).status_code == 201
+    notifier.db.execute("UPDATE webhook_jobs SET next_attempt_at = 0")
+    assert notifier.drain(timeout=10)
+    job, = notifier.jobs()
+    assert job.state == "dead" and "consent" in job.last_error
+    assert len(receiver.received) == 1  # only the failed first try
+    notifier.stop()

@@ -113,6 +113,8 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
                       notifier=notifier, clinic_org_identifier=settings.clinic_org_identifier,
                       may_read=access.can_read)
     access.authority = inbound.is_authority
+    if notifier is not None:
+        notifier.allowed = _still_readable(partners, store, access)
 
     app = Flask("fhir_kap.bridge")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -156,6 +158,19 @@ def _webhook_of(partners: Partners) -> Callable[[str], tuple[str, str | None] | 
             return None
         return partner.webhook_url, partner.webhook_secret
     return resolve
+
+
+def _still_readable(partners: Partners, store: Store, access: Access) -> Callable[[str, str], bool]:
+    """At send time: may the partner still read the note a rest-hook announces (consent-checked,
+    audited like a read)? A Task event needs no consent (the Task carries status only)."""
+    def allowed(name: str, ref: str) -> bool:
+        rtype, _, rid = ref.partition("/")
+        if rtype != "Communication":
+            return True
+        partner = partners.get(name)
+        stored = store.get(rtype, rid)
+        return partner is not None and stored is not None and access.can_read(partner, stored)
+    return allowed
 
 
 def _hooks(app: Flask) -> None:

@@ -10,6 +10,10 @@ its partner name; aud = this token endpoint; exp at most 5 minutes ahead; a fres
 gets an opaque access token valid for 5 minutes, carrying the requested scopes it holds.
 That token is then a bearer token like its static one, with those scopes only.
 
+Both need the bridge's public base URL (`fhir-kap serve --base-url https://bridge.example/fhir`):
+the assertion's `aud` is checked against the token endpoint it names, never against the
+request's Host header, which a caller controls. Without it they answer 404.
+
 Errors follow RFC 6749 section 5.2 (what OAuth clients parse): `{"error": ..., "error_description": ...}`
 with 400, or 401 for `invalid_client`; the description names the rule, never a key or a claim value.
 """
@@ -22,9 +26,9 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 
-from ..errors import Conflict
+from ..errors import Conflict, NotFound
 from ..partners import ACCESS_TOKEN_SECONDS
-from .app import host_base, json_response, services
+from .app import json_response, services
 
 __all__ = ["TOKEN_PATH", "register"]
 
@@ -32,6 +36,7 @@ TOKEN_PATH = "/auth/token"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ALGS = ("RS384", "ES384")
 MAX_ASSERTION_SECONDS = 300  # SMART: exp no more than five minutes in the future
+LEEWAY_SECONDS = 30  # clock skew allowed on exp (and iat/nbf)
 _MAX_ASSERTION_BYTES = 8192
 log = logging.getLogger("fhir_kap.bridge.smart")
 
@@ -42,21 +47,29 @@ class _OAuthError(Exception):
         self.error, self.description, self.status = error, description, status
 
 
-def token_url() -> str:
-    """This bridge's token endpoint as clients must name it in `aud`."""
+def token_url() -> str | None:
+    """This bridge's token endpoint as clients must name it in `aud` (None without a base URL)."""
     given = services().options.base_url
-    if given:
-        parts = urlsplit(given.rstrip("/"))
-        path = parts.path[:-len("/fhir")] if parts.path.endswith("/fhir") else parts.path
-        return f"{parts.scheme}://{parts.netloc}{path}{TOKEN_PATH}"
-    return host_base(request.scheme, request.host) + TOKEN_PATH
+    if not given:
+        return None
+    parts = urlsplit(given.rstrip("/"))
+    path = parts.path[:-len("/fhir")] if parts.path.endswith("/fhir") else parts.path
+    return f"{parts.scheme}://{parts.netloc}{path}{TOKEN_PATH}"
+
+
+def _not_configured() -> NotFound:
+    return NotFound("SMART backend services need the bridge's public base URL: serve with --base-url",
+                    rule="smart:base-url", code="not-supported")
 
 
 def register(app: Flask) -> None:
     @app.get("/fhir/.well-known/smart-configuration")
     def smart_configuration() -> Response:
+        endpoint = token_url()
+        if endpoint is None:
+            raise _not_configured()
         return json_response({
-            "token_endpoint": token_url(),
+            "token_endpoint": endpoint,
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": list(ALGS),
@@ -67,6 +80,8 @@ def register(app: Flask) -> None:
 
     @app.post(TOKEN_PATH)
     def token() -> Response:
+        if token_url() is None:
+            raise _not_configured()
         try:
             return _token()
         except _OAuthError as exc:
@@ -99,14 +114,18 @@ def _token() -> Response:
         raise _OAuthError("invalid_client", f"the assertion must be signed with {' or '.join(ALGS)}", 401)
     partner = services().partners.get(client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None
     jwk = partner.key(kid) if partner is not None and isinstance(kid, str) else None
+    # One answer for an unknown client, a revoked one, an unknown key and a bad signature:
+    # nothing to learn about which partners and key ids exist.
+    unknown = _OAuthError("invalid_client", "no registered client key verifies this assertion (iss, kid)", 401)
     if partner is None or partner.revoked or jwk is None or jwk.get("alg") != alg:
-        # One answer for an unknown client, a revoked one and an unknown key: nothing to probe.
-        raise _OAuthError("invalid_client", "no registered client and key match this assertion (iss, kid)", 401)
+        raise unknown
     audience = token_url()
     try:
         claims: dict[str, Any] = jwt.decode(
-            assertion, jwt.PyJWK(jwk).key, algorithms=[alg], audience=audience, leeway=30,
+            assertion, jwt.PyJWK(jwk).key, algorithms=[alg], audience=audience, leeway=LEEWAY_SECONDS,
             options={"require": ["iss", "sub", "aud", "exp", "jti"]})
+    except (jwt.InvalidSignatureError, jwt.DecodeError):
+        raise unknown from None
     except jwt.InvalidAudienceError:
         raise _OAuthError("invalid_client", f"the assertion's aud must be {audience}", 401) from None
     except jwt.ExpiredSignatureError:
@@ -126,8 +145,9 @@ def _token() -> Response:
     if not granted:
         raise _OAuthError("invalid_scope", "none of the requested scopes is granted to this client")
     try:
-        access = services().partners.grant(partner, granted, jti=jti, assertion_expires=float(claims["exp"]),
-                                           now=now)
+        # The jti is kept as long as the assertion could still be accepted (exp plus the leeway).
+        access = services().partners.grant(partner, granted, jti=jti, now=now,
+                                           assertion_expires=float(claims["exp"]) + LEEWAY_SECONDS + 1)
     except Conflict:
         raise _OAuthError("invalid_grant", "this client assertion was used before (jti)") from None
     resp = json_response({"access_token": access, "token_type": "bearer", "expires_in": ACCESS_TOKEN_SECONDS,
