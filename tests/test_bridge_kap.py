@@ -156,3 +156,24 @@ def test_kap_records__consents_from_a_partner_that_is_no_consent_authority_are_r
                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     result = resp.get_json()["results"][0]
     assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"
+
+
+def test_re_posting_the_same_records_changes_nothing(bridge):
+    """Records are independent, like a batch Bundle's entries: each is committed with its own
+    outcome, so a client whose answer was lost simply posts them again."""
+    svc = bridge.app.extensions["fhir_kap"]
+    svc.partners.revoke("practice-a")  # the therapist's practice now has a FHIR server of its own
+    svc.partners.add("practice-a2", references=["Practitioner/ref-therapist"], endpoint_url="https://ehr.example/fhir",
+                     endpoint_auth="bearer:PRACTICE_A_TOKEN")
+    bridge.post("clinic", "/fhir/Consent", load("Consent-open-ended.json"))
+    session = {"record": "session", "id": "ses-9", "kind": "integration", "status": "completed",
+               "client": "client-1", "referral": "referral-1", "start": "2025-02-03T15:00:00Z",
+               "end": "2025-02-03T15:50:00Z", "performers": ["ref-therapist"]}
+    body = "\n".join(json.dumps(r) for r in (_note_record(), session)).encode()
+    first = _post_records(bridge, body, "application/x-ndjson").get_json()["results"]
+    again = _post_records(bridge, body, "application/x-ndjson").get_json()["results"]
+    assert [d["outcome"] for d in first[0]["deliveries"]] == ["queued"]
+    assert [d["outcome"] for d in again[0]["deliveries"]] == ["already-queued"]
+    assert first[1]["outcome"] == again[1]["outcome"] == "stored", first[1]
+    assert first[1]["new"] is True and again[1]["new"] is False and first[1]["resource"] == again[1]["resource"]
+    assert svc.outbox.counts().get("pending") == 1
