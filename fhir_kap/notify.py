@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import logging
 import os
 import random
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import jsonio
 from .db import Database
@@ -88,14 +89,7 @@ Resolver = Callable[[str], "tuple[str, str | None] | None"]
 Allowed = Callable[[str, str], bool]
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are answered, never followed (the hook URL is the only place a notification goes)."""
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -321,30 +315,54 @@ class Notifier:
         return jsonio.dumps({"event": event, "resource": resource_ref})
 
     def notify(self, url: str, event: str, resource_ref: str, *, secret: str | None = None) -> NotifyResult:
-        """POST the notification; never raises (a failed hook must not fail the request)."""
+        """POST the notification; never raises (a failed hook must not fail the request).
+
+        One plain HTTP exchange with `http.client`: no redirect is followed, no proxy consulted,
+        and the whole exchange has a deadline of `timeout` seconds (a hook that answers a byte at
+        a time is cut off then, where a per-read timeout would wait for ever)."""
         body = self.payload(event, resource_ref)
         ts = str(int(time.time()))
         headers = {"Content-Type": "application/json", "User-Agent": self.user_agent, "X-KAP-Timestamp": ts}
         if secret:
             headers["X-KAP-Signature"] = sign(secret, ts, body)
-        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with _OPENER.open(req, timeout=self.timeout) as resp:
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            retry_after = _seconds(exc.headers.get("Retry-After")) if exc.headers else None
-            if not 200 <= status < 300:
-                log.warning("webhook refused", extra={"event": event, "resource": resource_ref, "status": status})
-                return NotifyResult(False, status, f"HTTP {status}", retry_after)
-        except Exception as exc:  # noqa: BLE001 - URLError, OSError, http.client.HTTPException, ...: never raised
+            status, retry_after = self._post(url, body, headers)
+        except Exception as exc:  # noqa: BLE001 - OSError, http.client.HTTPException, ssl errors...: never raised
             log.warning("webhook failed", extra={"event": event, "resource": resource_ref,
                                                  "error": type(exc).__name__})
             return NotifyResult(False, None, type(exc).__name__)
         ok = 200 <= status < 300
         if not ok:
             log.warning("webhook refused", extra={"event": event, "resource": resource_ref, "status": status})
-        return NotifyResult(ok, status, None if ok else f"HTTP {status}")
+        return NotifyResult(ok, status, None if ok else f"HTTP {status}", None if ok else retry_after)
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, float | None]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("a webhook URL is http(s)://host/...")
+        conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = conn_type(parts.hostname, parts.port, timeout=self.timeout)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+        def cut_off() -> None:  # the deadline: unblock whatever read or write is waiting
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        deadline = threading.Timer(self.timeout, cut_off)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read(65536)  # a little of the body, never kept; the connection is closed next
+            return resp.status, _seconds(resp.getheader("Retry-After"))
+        finally:
+            deadline.cancel()
+            conn.close()
 
 
 def _seconds(value: str | None) -> float | None:

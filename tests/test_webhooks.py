@@ -394,3 +394,30 @@ def test_a_queued_hook_is_dropped_when_consent_is_withdrawn_before_it_is_sent(tm
     assert job.state == "dead" and "consent" in job.last_error
     assert len(receiver.received) == 1  # only the failed first try
     notifier.stop()
+
+
+def test_a_hook_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline(db):
+    """A per-read timeout never fires for a hook that keeps sending; the whole exchange has one."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def drip() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        try:
+            for byte in b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n":
+                conn.sendall(bytes([byte]))
+                time.sleep(0.2)  # each byte well inside the 1 s timeout; the answer takes ~9 s
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    try:
+        result = Notifier(timeout=1).notify(f"http://127.0.0.1:{srv.getsockname()[1]}/hook", EVENT_COMMUNICATION,
+                                            "Communication/c1")
+        assert not result.delivered and result.status is None  # cut off, not the 204 that would come
+    finally:
+        srv.close()
