@@ -107,7 +107,7 @@ class Notifier:
 
     def __init__(self, timeout: float = 5.0, user_agent: str = "fhir-kap-bridge", *,
                  db: Database | None = None, resolve: Resolver | None = None, allowed: Allowed | None = None,
-                 max_attempts: int = 8,
+                 max_attempts: int = 15,
                  backoff_base: float = 2.0, backoff_cap: float = 300.0, poll_seconds: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.timeout = timeout

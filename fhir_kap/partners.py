@@ -131,8 +131,8 @@ class Partner:
                 out.append(scope)
             elif scope.startswith("system/") and _SCOPE.match(scope):
                 what, _, act = scope[len("system/"):].partition(".")
-                if any(s.startswith("system/") and s[len("system/"):].partition(".")[0] in ("*", what)
-                       and s.partition(".")[2] in ("*", act) for s in self.scopes):
+                acts = ("read", "write") if act == "*" else (act,)  # `.*` is read and write
+                if all(self.allows(what, a) for a in acts):
                     out.append(scope)
         return tuple(dict.fromkeys(out))
 

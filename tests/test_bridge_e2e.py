@@ -138,3 +138,25 @@ def test_serve_default_workers_follow_the_usable_cpus(tmp_path, monkeypatch, cpu
     if cpu_max is not None:
         path.write_text(cpu_max + "\n")
     assert _default_workers(path) == expected
+
+
+def test_the_bridge_logs_one_json_object_per_line_with_ids_and_codes_only():
+    import logging
+
+    from fhir_kap.bridge.app import JsonLines
+
+    fmt = JsonLines()
+    request_line = logging.makeLogRecord({"msg": '{"event": "request", "status": 201}', "levelno": 20,
+                                          "levelname": "INFO", "name": "fhir_kap.bridge"})
+    assert fmt.format(request_line) == '{"event": "request", "status": 201}'  # built by the bridge as it is
+    try:
+        raise ValueError("Client: I saw colours")  # an exception message may quote data
+    except ValueError:
+        import sys
+        other = logging.makeLogRecord({"msg": "webhook given up", "levelno": 30, "levelname": "WARNING",
+                                       "name": "fhir_kap.notify", "job": 7, "status": 410,
+                                       "exc_info": sys.exc_info()})
+    line = json.loads(fmt.format(other))
+    assert line["event"] == "webhook given up" and line["level"] == "warning" and line["logger"] == "fhir_kap.notify"
+    assert line["job"] == 7 and line["status"] == 410 and line["error"] == "ValueError"
+    assert "colours" not in json.dumps(line)

@@ -177,3 +177,9 @@ def test_re_posting_the_same_records_changes_nothing(bridge):
     assert first[1]["outcome"] == again[1]["outcome"] == "stored", first[1]
     assert first[1]["new"] is True and again[1]["new"] is False and first[1]["resource"] == again[1]["resource"]
     assert svc.outbox.counts().get("pending") == 1
+
+
+def test_a_record_without_a_type_is_refused_without_inventing_one(bridge):
+    out = _post_records(bridge, json.dumps({"id": "x-1", "text": "hello"}).encode()).get_json()
+    result = out["results"][0]
+    assert result["outcome"] == "refused" and result["id"] == "x-1" and "record" not in result

@@ -164,7 +164,7 @@ def test_a_bad_token_request_is_refused_with_an_oauth_error(bridge, case, expect
     if case == "authorization code grant":
         form["grant_type"] = "authorization_code"
     if case == "a scope it does not hold":
-        scope = "kap/clinic system/Consent.*"
+        scope = "kap/clinic kap/records.write"
     got = bridge.token(assertion, scope=scope, **form)
     assert (got.status_code, got.json()["error"]) == expect
     assert "practice-a" not in got.json()["error_description"]  # rules, never claim values
@@ -271,3 +271,24 @@ def test_a_key_that_cannot_verify_anything_is_refused_at_registration():
         check_jwks({"keys": [_jwk(weak, "weak")]})
     with pytest.raises(InputError, match="usable"):
         check_jwks({"keys": [{"kty": "RSA", "kid": "junk", "n": "AQAB", "e": "!!"}]})
+
+
+def test_a_wildcard_action_is_granted_to_a_partner_that_may_read_and_write(bridge):
+    got = bridge.token(bridge.assertion(), scope="system/Consent.* system/*.*").json()
+    assert got["scope"] == "system/Consent.* system/*.*"  # practice-a holds system/*.read and system/*.write
+    assert bridge.token(bridge.assertion(), scope="").json()["error_description"].startswith("a scope is required")
+
+
+def test_keys_only_partners_get_no_long_lived_token(tmp_path, monkeypatch, capsys):
+    from fhir_kap.cli import main
+
+    monkeypatch.delenv("FHIR_KAP_DATABASE_URL", raising=False)
+    monkeypatch.delenv("FHIR_KAP_CONFIG", raising=False)
+    monkeypatch.setenv("FHIR_KAP_DATA_DIR", str(tmp_path / "data"))
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [_jwk(_rsa(), "k1")]}))
+    assert main(["partners", "add", "practice-c", "--jwks", str(keys), "--keys-only"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "token" not in out and out["partner"]["smart_key_ids"] == ["k1"]
+    assert main(["partners", "add", "practice-d", "--keys-only"]) != 0  # nothing to sign with
+    assert "partner:keys-only" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from ..partners import Partner, Partners
 from ..store import Store
 from .access import Access
 
-__all__ = ["BridgeOptions", "Services", "create_app", "fhir_response", "outcome_response", "services"]
+__all__ = ["BridgeOptions", "JsonLines", "Services", "create_app", "fhir_response", "outcome_response", "services"]
 
 log = logging.getLogger("fhir_kap.bridge")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
@@ -224,6 +224,28 @@ def _hooks(app: Flask) -> None:
         log.error(_line(event="internal-error", request_id=rid, error=type(exc).__name__, frames=frames[-8:]))
         return outcome_response(operation_outcome([Issue(
             "fatal", "exception", f"Internal error; request id {rid}", rule="internal")]), 500)
+
+
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonLines(logging.Formatter):
+    """Every log record as one JSON line: the request lines as they are built, anything else as
+    `{"ts", "level", "logger", "event", ...}` with the record's `extra` fields (ids and codes only;
+    callers never pass patient data)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith("{"):
+            return message  # already a JSON line (_line)
+        fields: dict[str, Any] = {"ts": datetime.fromtimestamp(record.created).astimezone().isoformat(
+            timespec="milliseconds"), "level": record.levelname.lower(), "logger": record.name, "event": message}
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and isinstance(value, (str, int, float, bool, type(None))):
+                fields[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error"] = record.exc_info[0].__name__  # the type only: a message may quote data
+        return jsonio.dumps(fields).decode()
 
 
 def _line(**fields: Any) -> str:

@@ -91,7 +91,8 @@ def _one(label: str, doc: Any, source: str) -> dict[str, Any]:
     svc = services()
     out: dict[str, Any] = {"item": label}
     if isinstance(doc, dict):
-        out["record"] = str(doc.get("record"))[:40]
+        if isinstance(doc.get("record"), str):
+            out["record"] = doc["record"][:40]
         if isinstance(doc.get("id"), str):
             out["id"] = doc["id"][:64]
     outbound = _outbound(source)

@@ -141,6 +141,8 @@ def _token() -> Response:
     if not isinstance(jti, str) or not 1 <= len(jti) <= 256:
         raise _OAuthError("invalid_client", "the assertion needs a jti of 1-256 characters", 401)
     requested = str(form.get("scope") or "").split()
+    if not requested:
+        raise _OAuthError("invalid_scope", "a scope is required, e.g. system/Communication.read")
     granted = partner.grantable(requested)
     if not granted:
         raise _OAuthError("invalid_scope", "none of the requested scopes is granted to this client")

@@ -55,7 +55,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--reuse-port", action="store_true",
                        help="one SO_REUSEPORT listening socket per worker (the kernel spreads connections)")
     serve.add_argument("--dev", action="store_true", help="Flask's development server (one process)")
-    serve.add_argument("--base-url", default=None, help="public base URL of /fhir (default: from requests)")
+    serve.add_argument("--base-url", default=None,
+                       help="public base URL of /fhir, e.g. https://bridge.example/fhir (default: from each "
+                            "request's Host header; SMART backend services need it set)")
     serve.add_argument("--bench-echo", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
 
@@ -79,6 +81,9 @@ def register(subparsers: Any) -> None:
     add.add_argument("--jwks", metavar="FILE", default=None,
                      help="the partner's PUBLIC keys (a JWKS JSON file, RS384 or ES384, each with a kid): it may "
                           "then get short-lived SMART backend services tokens from /auth/token")
+    add.add_argument("--keys-only", action="store_true",
+                     help="with --jwks: no long-lived token is shown (it is made and stored hashed, and never "
+                          "usable); the partner authenticates with SMART tokens only")
     add.set_defaults(handler=_partners_add)
     lst = psub.add_parser("list", help="list partners (no secrets)")
     lst.set_defaults(handler=_partners_list)
@@ -115,17 +120,26 @@ def _partners(settings: Any) -> Any:
 
 
 def _partners_add(args: argparse.Namespace, settings: Any) -> int:
+    from ..errors import InputError
     from ._io import write_json
 
+    if args.keys_only and args.jwks is None:
+        raise InputError("--keys-only needs --jwks (the keys the partner signs its token requests with)",
+                         rule="partner:keys-only")
     partner, token = _partners(settings).add(
         args.name, scopes=args.scopes, org_identifier=args.org_identifier, npis=args.npi,
         references=args.reference, endpoint_url=args.endpoint, endpoint_auth=args.endpoint_auth,
         webhook_url=args.webhook, jwks=None if args.jwks is None else _read_jwks(args.jwks))
-    out = {"partner": partner.public(), "token": token}
+    out: dict[str, Any] = {"partner": partner.public()}
+    if not args.keys_only:
+        out["token"] = token
     if partner.webhook_secret:
         out["webhook_secret"] = partner.webhook_secret
     write_json(out)
-    sys.stderr.write("The token is shown only this once: store it now.\n")
+    if args.keys_only:
+        sys.stderr.write("No long-lived token: this partner gets SMART tokens from /auth/token only.\n")
+    else:
+        sys.stderr.write("The token is shown only this once: store it now.\n")
     return 0
 
 
@@ -183,8 +197,11 @@ def _partners_webhooks(args: argparse.Namespace, settings: Any) -> int:
 def _serve(args: argparse.Namespace, settings: Any) -> int:
     from ..bridge import BridgeOptions, create_app
 
-    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
-                        format="%(message)s", stream=sys.stderr)
+    from ..bridge.app import JsonLines
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler])
     options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
     if args.dev:
         create_app(settings, options).run(host=args.host, port=args.port, threaded=True)
