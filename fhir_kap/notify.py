@@ -146,23 +146,40 @@ class Notifier:
                 (partner, event, resource_ref, version, now, now, now))
         return bool(rows)
 
-    def jobs(self, state: str | None = None, limit: int = 100) -> list[WebhookJob]:
-        """Queued notifications, oldest first (all states, or one)."""
+    def jobs(self, state: str | None = None, limit: int = 100, *, partner: str | None = None) -> list[WebhookJob]:
+        """Queued notifications, oldest first (all states or one; all partners or one)."""
         db = self._need_db()
-        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
+        conds: list[str] = []
+        params: list[Any] = []
+        for column, value in (("state", state), ("partner", partner)):
+            if value is not None:
+                conds.append(f"{column} = ?")
+                params.append(value)
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
         rows = db.execute(f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?",
                           (*params, int(limit)))
         return [_job(r) for r in rows]
 
-    def retry(self, job_id: int) -> WebhookJob | None:
-        """Put a dead job back in the queue (attempts from zero, due now); None if no dead job has that id."""
+    def retry(self, job_id: int | None = None, *, partner: str | None = None) -> list[WebhookJob]:
+        """Put dead jobs back in the queue: one by id, or every dead one (of `partner`, if given).
+
+        Attempts start from zero, the job is due now, and the last status and error are cleared.
+        Returns the jobs moved (none when no dead job matches)."""
         db = self._need_db()
         now = self.clock()
+        where = "state = 'dead'"
+        params: list[Any] = [now, now]
+        if job_id is not None:
+            where += " AND id = ?"
+            params.append(int(job_id))
+        if partner is not None:
+            where += " AND partner = ?"
+            params.append(partner)
         with db.transaction() as tx:
             rows = tx.execute("UPDATE webhook_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                              f"updated_at = ? WHERE id = ? AND state = 'dead' RETURNING {_COLUMNS}",
-                              (now, now, int(job_id)))
-        return _job(rows[0]) if rows else None
+                              f"last_status = NULL, last_error = NULL, updated_at = ? WHERE {where} "
+                              f"RETURNING {_COLUMNS}", tuple(params))
+        return sorted((_job(r) for r in rows), key=lambda j: j.id)
 
     def wake(self) -> None:
         """Make sure this process's sender runs, and have it look for due jobs now."""

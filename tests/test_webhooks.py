@@ -272,7 +272,8 @@ def test_partners_webhooks_lists_the_queue_and_puts_a_dead_job_back(tmp_path, mo
     assert [(j["resource"], j["state"], j["attempts"]) for j in listed] == [("Communication/c1", "dead", 1)]
     assert "s3cret" not in json.dumps(listed)
     assert main(["partners", "webhooks", "--retry", str(listed[0]["id"])]) == 0
-    assert json.loads(capsys.readouterr().out)["state"] == "pending"
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["state"] == "pending" and moved["attempts"] == 0 and moved["last_error"] is None
     assert main(["partners", "webhooks", "--retry", str(listed[0]["id"])]) != 0  # only a dead job goes back
     assert "webhook:not-dead" in capsys.readouterr().err  # an OperationOutcome on stderr
 
@@ -421,3 +422,17 @@ def test_a_hook_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline(db):
         assert not result.delivered and result.status is None  # cut off, not the 204 that would come
     finally:
         srv.close()
+
+
+def test_every_dead_job_of_a_partner_goes_back_at_once(db):
+    n = _notifier(db, None)  # nobody has a webhook: every job dies
+    for i in range(3):
+        n.enqueue("practice-a", EVENT_COMMUNICATION, f"Communication/a{i}", "1")
+    n.enqueue("practice-b", EVENT_COMMUNICATION, "Communication/b0", "1")
+    n.run_due()
+    assert len(n.jobs("dead")) == 4
+    moved = n.retry(partner="practice-a")
+    assert [j.resource for j in moved] == [f"Communication/a{i}" for i in range(3)]
+    assert all(j.state == "pending" and j.last_error is None for j in moved)
+    assert [j.partner for j in n.jobs("dead")] == ["practice-b"]
+    assert [j.resource for j in n.jobs(partner="practice-b")] == ["Communication/b0"]

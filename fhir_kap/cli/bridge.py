@@ -99,6 +99,9 @@ def register(subparsers: Any) -> None:
     hooks.add_argument("--limit", type=_positive, default=100)
     hooks.add_argument("--retry", type=_positive, metavar="JOB_ID", default=None,
                        help="send a dead job again (the bridge's workers pick it up within seconds)")
+    hooks.add_argument("--retry-dead", action="store_true",
+                       help="send every dead job again (with --partner NAME: only that partner's)")
+    hooks.add_argument("--partner", metavar="NAME", default=None)
     hooks.set_defaults(handler=_partners_webhooks)
 
 
@@ -185,12 +188,15 @@ def _partners_webhooks(args: argparse.Namespace, settings: Any) -> int:
 
     notifier = Notifier(db=Database(settings.db_url))
     if args.retry is not None:
-        job = notifier.retry(args.retry)
-        if job is None:
+        moved = notifier.retry(args.retry, partner=args.partner)
+        if not moved:
             raise NotFound(f"no dead webhook job {args.retry}", rule="webhook:not-dead")
-        write_json(asdict(job))
+        write_json(asdict(moved[0]))
         return 0
-    write_json([asdict(j) for j in notifier.jobs(args.state, limit=args.limit)])
+    if args.retry_dead:
+        write_json([asdict(j) for j in notifier.retry(partner=args.partner)])
+        return 0
+    write_json([asdict(j) for j in notifier.jobs(args.state, limit=args.limit, partner=args.partner)])
     return 0
 
 
