@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import os
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,10 +17,31 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 __all__ = [
-    "Release", "CANONICAL", "CS", "data_path", "Settings", "EndpointConfig", "load_settings",
+    "Backoff", "Release", "CANONICAL", "CS", "data_path", "Settings", "EndpointConfig", "load_settings",
 ]
 
 CANONICAL = "http://fhir-kap.example"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Wait before attempt k+1 after k failed attempts: min(cap, base * 2**(k-1)), reduced by a
+    random fraction of at most `jitter` (0 none, 1 full jitter). Used by the outbox's delivery
+    worker and by the bridge's rest-hook sender."""
+
+    base: float = 1.0
+    cap: float = 300.0
+    jitter: float = 0.5
+
+    def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
+        d = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
+        return d * (1.0 - self.jitter * rand())
+
+    def wait(self, attempts: int, retry_after: float | None = None,
+             rand: Callable[[], float] = random.random) -> float:
+        """`delay`, unless the other side asked for longer (`Retry-After`): that wins."""
+        wait = self.delay(attempts, rand)
+        return float(retry_after) if isinstance(retry_after, (int, float)) and retry_after > wait else wait
 
 
 class Release(str, enum.Enum):

@@ -27,6 +27,7 @@ from typing import Self
 from urllib.parse import quote
 
 from .client import FhirClient, WriteResult, entry_results, transaction_bundle
+from .config import Backoff
 from .errors import KapError, ServerError
 from .outbox import Outbox, OutboxItem
 
@@ -35,20 +36,6 @@ __all__ = ["Backoff", "ConsentCheck", "DeliveryWorker", "Stats", "default_worker
 log = logging.getLogger("fhir_kap.delivery")
 
 ConsentCheck = Callable[[OutboxItem], "tuple[bool, str]"]
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Wait before attempt k+1 after k failed attempts: min(cap, base * 2**(k-1)), reduced by a
-    random fraction of at most `jitter` (0 none, 1 full jitter)."""
-
-    base: float = 1.0
-    cap: float = 300.0
-    jitter: float = 0.5
-
-    def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
-        d = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
-        return d * (1.0 - self.jitter * rand())
 
 
 @dataclass
@@ -275,10 +262,8 @@ class DeliveryWorker:
         now = self.clock()
         status = getattr(exc, "status", None)
         if retryable and item.attempts < self.max_attempts:
-            wait = self.backoff.delay(item.attempts, self.rand)
-            asked = getattr(exc, "retry_after", None)  # a server's Retry-After beats our schedule
-            if isinstance(asked, (int, float)) and asked > wait:
-                wait = float(asked)
+            # A server's Retry-After beats our schedule.
+            wait = self.backoff.wait(item.attempts, getattr(exc, "retry_after", None), self.rand)
             done = self.outbox.mark_retry(item, summary, now + wait, worker_id=self.worker_id, now=now)
             if done:
                 stats.retried += 1

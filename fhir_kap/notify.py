@@ -12,7 +12,8 @@ when that write is committed), and one sender thread per process claims due jobs
 posts them and records the outcome:
 - 2xx: `delivered`;
 - 408, 429, 5xx, a timeout or a refused connection: `pending` again, after an exponential
-  back-off with jitter (`Retry-After` honoured up to the cap), `dead` after `max_attempts`;
+  back-off with jitter (`config.Backoff`, as the outbox uses; a longer `Retry-After` wins),
+  `dead` after `max_attempts`;
 - any other 4xx, a redirect (never followed: a hook must not send the bridge elsewhere), a
   partner that no longer has a webhook (revoked, removed), or a note the partner may no longer
   read (`allowed`, e.g. its consent was withdrawn since the job was queued): `dead`, with the
@@ -29,7 +30,6 @@ import hmac
 import http.client
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import jsonio
+from .config import Backoff
 from .db import Database
 
 __all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "WebhookJob", "sign"]
@@ -107,8 +108,7 @@ class Notifier:
 
     def __init__(self, timeout: float = 5.0, user_agent: str = "fhir-kap-bridge", *,
                  db: Database | None = None, resolve: Resolver | None = None, allowed: Allowed | None = None,
-                 max_attempts: int = 15,
-                 backoff_base: float = 2.0, backoff_cap: float = 300.0, poll_seconds: float = 5.0,
+                 max_attempts: int = 15, backoff: Backoff = Backoff(base=2.0, cap=300.0), poll_seconds: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.timeout = timeout
         self.user_agent = user_agent
@@ -116,8 +116,7 @@ class Notifier:
         self.resolve = resolve
         self.allowed = allowed
         self.max_attempts = max_attempts
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self.backoff = backoff
         self.poll_seconds = poll_seconds
         self.clock = clock
         self.lease_seconds = 2 * timeout + 30
@@ -191,7 +190,7 @@ class Notifier:
     def ensure_started(self) -> None:
         """Start this process's sender if it is not running (cheap; the bridge calls it per request,
         so jobs left by a crashed process are sent even before anything new is written)."""
-        if self.db is not None and (self._thread is None or self._pid != os.getpid()):
+        if self.db is not None:
             self._started()
 
     def drain(self, timeout: float = 10.0) -> bool:
@@ -245,7 +244,7 @@ class Notifier:
             except Exception as exc:  # noqa: BLE001 - one job's failure must not strand the others
                 log.warning("webhook job failed", extra={"job": job.id, "error": type(exc).__name__})
                 self._finish(job, worker, "pending", None, type(exc).__name__,
-                             next_at=self.clock() + self._delay(job.attempts, None))
+                             next_at=self.clock() + self.backoff.wait(job.attempts))
         return len(rows)
 
     def _renew(self, job: WebhookJob, worker: str) -> bool:
@@ -254,12 +253,6 @@ class Notifier:
         with db.transaction() as tx:
             return bool(tx.execute("UPDATE webhook_jobs SET lease_until = ? WHERE id = ? AND state = 'sending' "
                                    "AND lease_owner = ? RETURNING id", (now + self.lease_seconds, job.id, worker)))
-
-    def _delay(self, attempts: int, retry_after: float | None) -> float:
-        delay = min(self.backoff_cap, self.backoff_base ** attempts) * (0.5 + random.random() / 2)
-        if retry_after is not None:
-            delay = max(delay, min(self.backoff_cap, retry_after))
-        return delay
 
     def _new_worker_id(self) -> str:
         return f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -284,7 +277,7 @@ class Notifier:
             self._finish(job, worker, "dead", result.status, f"{result.error}; gave up after {job.attempts} attempts")
         else:
             self._finish(job, worker, "pending", result.status, result.error,
-                         next_at=self.clock() + self._delay(job.attempts, result.retry_after))
+                         next_at=self.clock() + self.backoff.wait(job.attempts, result.retry_after))
 
     def _finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
                 next_at: float | None = None) -> None:

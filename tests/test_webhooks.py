@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from test_bridge_support import FHIR, load
 
+from fhir_kap.config import Backoff
 from fhir_kap.db import Database
 from fhir_kap.notify import EVENT_COMMUNICATION, EVENT_TASK, Notifier, sign
 
@@ -97,7 +98,7 @@ def test_a_hook_that_answers_503_is_retried_until_it_takes_the_notification(db, 
 
 def test_retry_after_on_429_is_honoured(db, receiver):
     clock = Clock()
-    n = _notifier(db, receiver.url, clock, backoff_base=1.0)
+    n = _notifier(db, receiver.url, clock, backoff=Backoff(base=1.0))
     receiver.script = [(429, {"Retry-After": "120"})]
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     n.run_due()
@@ -199,7 +200,7 @@ def _post(app, token: str, path: str, body: dict):
 def test_a_note_accepted_while_the_hook_was_down_is_announced_by_the_next_process(tmp_path, receiver):
     app, tokens = _bridge(tmp_path, receiver.url)
     notifier = app.extensions["fhir_kap"].inbound.notifier
-    notifier.backoff_base = notifier.backoff_cap = 3600.0  # this process will not try again in time
+    notifier.backoff = Backoff(base=3600.0, cap=3600.0)  # this process will not try again in time
     receiver.script = [(503, {})]
     assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-open-ended.json")).status_code == 201
     note = _post(app, tokens["clinic"], "/fhir/Communication", load("Example-Communication-note-1.json"))
@@ -381,7 +382,7 @@ def test_a_job_whose_lease_passed_to_another_worker_mid_batch_is_sent_once(db, r
 def test_a_queued_hook_is_dropped_when_consent_is_withdrawn_before_it_is_sent(tmp_path, receiver):
     app, tokens = _bridge(tmp_path, receiver.url)
     notifier = app.extensions["fhir_kap"].inbound.notifier
-    notifier.backoff_base = notifier.backoff_cap = 3600.0
+    notifier.backoff = Backoff(base=3600.0, cap=3600.0)
     receiver.script = [(503, {})]  # the first try fails: the job waits for a retry
     assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-open-ended.json")).status_code == 201
     assert _post(app, tokens["clinic"], "/fhir/Communication", load("Example-Communication-note-1.json")).status_code == 201

@@ -1,13 +1,28 @@
-"""Shared plumbing for command modules: open inputs ('-' is stdin), write JSON out."""
+"""Shared plumbing for command modules: open inputs ('-' is stdin), write JSON out, bounded numbers."""
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import IO, Iterator
 
 from ..errors import InputError
 
-__all__ = ["open_input", "write_json"]
+__all__ = ["bounded_int", "open_input", "write_json"]
+
+
+def bounded_int(name: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type`: a whole number from `low` to `high` (anything else is a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be between {low} and {high}")
+        return value
+    return parse
 
 
 @contextmanager

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._io import bounded_int, open_input
+
 __all__ = ["register"]
 
 
@@ -96,23 +98,13 @@ def register(subparsers: Any) -> None:
     keys.set_defaults(handler=_partners_jwks)
     hooks = psub.add_parser("webhooks", help="the rest-hook queue: list jobs, or put a dead one back")
     hooks.add_argument("--state", choices=["pending", "sending", "delivered", "dead"], default=None)
-    hooks.add_argument("--limit", type=_positive, default=100)
-    hooks.add_argument("--retry", type=_positive, metavar="JOB_ID", default=None,
+    hooks.add_argument("--limit", type=bounded_int("the limit", 1, 100_000), default=100)
+    hooks.add_argument("--retry", type=bounded_int("the job id", 1, 2**62), metavar="JOB_ID", default=None,
                        help="send a dead job again (the bridge's workers pick it up within seconds)")
     hooks.add_argument("--retry-dead", action="store_true",
                        help="send every dead job again (with --partner NAME: only that partner's)")
     hooks.add_argument("--partner", metavar="NAME", default=None)
     hooks.set_defaults(handler=_partners_webhooks)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text[:20]}' is not a whole number") from None
-    if not 1 <= value <= 1_000_000_000:
-        raise argparse.ArgumentTypeError("must be between 1 and 1000000000")
-    return value
 
 
 def _partners(settings: Any) -> Any:
@@ -148,13 +140,9 @@ def _partners_add(args: argparse.Namespace, settings: Any) -> int:
 
 def _read_jwks(path: str) -> Any:
     from .. import jsonio
-    from ..errors import InputError
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read the JWKS file ({type(exc).__name__})", rule="partner:jwks") from None
-    return jsonio.loads(data, source="jwks")
+    with open_input(path) as fh:
+        return jsonio.loads(fh.read(), source="jwks")
 
 
 def _partners_jwks(args: argparse.Namespace, settings: Any) -> int:

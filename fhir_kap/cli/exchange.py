@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, Conflict, InputError, NotFound
+from ._io import bounded_int
 
 if TYPE_CHECKING:  # heavy imports stay inside the handlers
     from ..client import FhirClient
@@ -25,20 +26,8 @@ __all__ = ["client_factory", "consent_checker", "register"]
 DAY = 86_400.0
 
 
-def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be between {low} and {high}")
-        return value
-    return parse
-
-
-_count = _bounded("the limit", 1, 100_000)
-_item_id = _bounded("the item id", 1, 2**62)
+_count = bounded_int("the limit", 1, 100_000)
+_item_id = bounded_int("the item id", 1, 2**62)
 
 
 def register(subparsers: Any) -> None:
