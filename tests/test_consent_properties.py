@@ -130,3 +130,14 @@ def test_a_psychotherapy_note_code_in_any_system_or_contained_always_yields_deny
     decision = gate.decide(resource, Recipient.parse(rec), purpose, on)
     assert not decision.permit
     assert decision.reasons[0].code == "psychotherapy-note"
+
+
+def test_an_r4_consent_with_an_r5_top_level_period_is_malformed_and_denies():
+    """Mixed R4/R5 shapes fail closed: the R5 `period` of an R4 consent must not be dropped (an
+    expired grant would otherwise still permit)."""
+    resource, recipient, on = load("Communication-note-coordination"), Recipient.parse("Practitioner/th-001"), \
+        date(2024, 6, 1)
+    consent = load("r4-consent-main")
+    assert ConsentGate([consent] + DIRECTORY).decide(resource, recipient, "TREAT", on).permit  # the baseline
+    mixed = dict(copy.deepcopy(consent), period={"start": "2020-01-01", "end": "2020-12-31"})
+    assert not ConsentGate([mixed] + DIRECTORY).decide(resource, recipient, "TREAT", on).permit

@@ -34,7 +34,7 @@ OPT_OUT = frozenset({"OPTOUT", "OPTOUTE"})
 KNOWN_STATUS = {Release.R4: frozenset({"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}),
                 Release.R5: frozenset({"draft", "active", "inactive", "not-done", "entered-in-error"})}
 ACTIVE = "active"
-_R5_ONLY = ("decision", "subject", "grantor", "grantee", "controller", "regulatoryBasis", "date", "manager",
+_R5_ONLY = ("decision", "subject", "grantor", "grantee", "controller", "regulatoryBasis", "date", "manager", "period",
             "policyBasis", "policyText", "verification")
 _R4_ONLY = ("scope", "patient", "dateTime", "performer", "organization", "policyRule", "policy")
 
