@@ -32,6 +32,7 @@ import requests
 
 from .config import Release
 from .errors import ConfigError, InputError, ServerError
+from .identifiers import business_identifier
 from .jsonio import dumps, loads
 
 __all__ = [
@@ -810,6 +811,15 @@ def _search_escape(text: str) -> str:
     return text
 
 
+def token_query(system: str, value: str, param: str = "identifier") -> str:
+    """`identifier=SYSTEM|VALUE` with FHIR token escaping, URL-encoded (If-None-Exist or a query).
+
+    >>> token_query("http://x/sid", "N 1")
+    'identifier=http://x/sid|N%201'
+    """
+    return f"{param}=" + quote(_search_escape(system), safe=":/@") + "|" + quote(_search_escape(value), safe="")
+
+
 def identifier_query(resource: Mapping[str, Any]) -> str | None:
     """`identifier=SYSTEM|VALUE` for the first business identifier with a system and a value
     (skipping `use: old`), URL-encoded for an If-None-Exist header or a query string.
@@ -817,14 +827,8 @@ def identifier_query(resource: Mapping[str, Any]) -> str | None:
     >>> identifier_query({"identifier": [{"system": "http://x.org/sid", "value": "A&B 1"}]})
     'identifier=http://x.org/sid|A%26B%201'
     """
-    for ident in resource.get("identifier") or [] if isinstance(resource, Mapping) else []:
-        if not isinstance(ident, Mapping) or ident.get("use") == "old":
-            continue
-        system, value = ident.get("system"), ident.get("value")
-        if isinstance(system, str) and system and isinstance(value, str) and value:
-            return ("identifier=" + quote(_search_escape(system), safe=":/@")
-                    + "|" + quote(_search_escape(value), safe=""))
-    return None
+    found = business_identifier(resource)
+    return token_query(*found) if found else None
 
 
 def _rewrite_references(node: Any, mapping: Mapping[str, str]) -> None:

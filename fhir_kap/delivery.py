@@ -24,9 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import groupby
 from typing import Self
-from urllib.parse import quote
 
-from .client import FhirClient, WriteResult, entry_results, transaction_bundle
+from .client import FhirClient, WriteResult, entry_results, token_query, transaction_bundle
 from .config import Backoff
 from .errors import KapError, ServerError
 from .outbox import Outbox, OutboxItem
@@ -73,12 +72,7 @@ def if_none_exist(key: str) -> str:
     'identifier=http://x/sid|N%201'
     """
     system, _, value = key.partition("|")
-
-    def esc(text: str) -> str:
-        for ch in ("\\", "|", ",", "$"):
-            text = text.replace(ch, "\\" + ch)
-        return text
-    return "identifier=" + quote(esc(system), safe=":/@") + "|" + quote(esc(value), safe="")
+    return token_query(system, value)
 
 
 def _summary(exc: BaseException) -> str:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .config import CANONICAL, CS, Release
+from .consent import CONTEXT_TYPES
 from .errors import Conflict, InputError, Issue, KapError, MappingError, NotFound, ProfileError
 from .notify import EVENT_COMMUNICATION, EVENT_TASK, Notifier
 from .partners import Partner, Partners
@@ -64,7 +65,6 @@ __all__ = [
 WRITE_TYPES = ("ServiceRequest", "Consent", "Communication", "Procedure",
                "Patient", "Practitioner", "PractitionerRole", "Organization")
 #: Types kept as consent context (the gate reads them to match recipients and grants).
-CONTEXT_TYPES = ("Consent", "Practitioner", "PractitionerRole", "Organization", "Patient")
 REFERRAL_STATUS_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status"
 #: businessStatus -> the business statuses it may move to.
 REFERRAL_FLOW: dict[str, tuple[str, ...]] = {

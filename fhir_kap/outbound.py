@@ -16,14 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .config import Release
-from .consent import ConsentGate, Recipient, apply_security_labels, audit_event, provenance
+from .consent import CONTEXT_TYPES, ConsentGate, Recipient, apply_security_labels, audit_event, provenance
 from .errors import Issue, KapError
 from .outbox import Outbox, OutboxItem
 from .pipeline import Pipeline
 
 __all__ = ["CONTEXT_TYPES", "Outbound", "SendResult", "Target", "send_time_check"]
 
-CONTEXT_TYPES = ("Consent", "Practitioner", "PractitionerRole", "Organization", "Patient")
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import jsonio
+from .consent import CONTEXT_TYPES
 from .db import Database
 from .errors import Conflict, InputError, NotFound
+from .identifiers import business_identifier
 
 __all__ = ["CONTEXT_TYPES", "STATES", "Outbox", "OutboxItem", "idempotency_key_of"]
 
 
 STATES = ("pending", "sending", "delivered", "held", "dead")
-CONTEXT_TYPES = ("Consent", "PractitionerRole", "Organization", "Practitioner", "Patient")
 MAX_ERROR_CHARS = 500
 
 # A Consent is one consent per business identifier: an EHR that re-posts it (e.g. revoked)
@@ -150,23 +151,13 @@ def idempotency_key_of(resource: dict[str, Any]) -> str:
     >>> idempotency_key_of({"identifier": [{"system": "http://x/sid", "value": "N1"}]})
     'http://x/sid|N1'
     """
-    for i, ident in enumerate(resource.get("identifier") or []):
-        if isinstance(ident, dict) and ident.get("use") != "old":
-            system, value = ident.get("system"), ident.get("value")
-            if isinstance(system, str) and system and isinstance(value, str) and value:
-                return f"{system}|{value}"
+    found = business_identifier(resource)
+    if found is not None:
+        return "|".join(found)
     rtype = resource.get("resourceType", "Resource")
     raise InputError(f"{rtype} has no business identifier (system and value) to deliver it "
                      "idempotently", pointer="/identifier", expression=f"{rtype}.identifier",
                      rule="outbox:idempotency-key", code="required")
-
-
-def _identifier_key(resource: dict[str, Any]) -> str | None:
-    """`SYSTEM|VALUE` of the first complete business identifier, if any."""
-    for ident in resource.get("identifier") or []:
-        if isinstance(ident, dict) and isinstance(ident.get("system"), str) and isinstance(ident.get("value"), str):
-            return f"{ident['system']}|{ident['value']}"
-    return None
 
 
 def _patient_of(resource: dict[str, Any]) -> str | None:
@@ -432,7 +423,8 @@ class Outbox:
                              code="required")
         patient = _patient_of(resource) if rtype == "Consent" else (
             f"Patient/{rid}" if rtype == "Patient" else None)
-        ident = _identifier_key(resource) if rtype == "Consent" else None
+        found = business_identifier(resource) if rtype == "Consent" else None
+        ident = "|".join(found) if found else None
         ts = self._now(now)
         body = jsonio.dumps(resource).decode()
         with self.db.transaction() as tx:

@@ -13,7 +13,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "fhir_kap"
 
 LAYERS = {
-    0: {"errors", "config", "fhirmodel", "jsonio", "textscan"},
+    0: {"errors", "config", "fhirmodel", "jsonio", "textscan", "identifiers"},
     1: {"inputs", "transforms", "mapping", "profiles", "consent", "reports", "_generated"},
     2: {"client", "outbox", "store", "notify", "db", "auditlog", "partners", "testserver"},
     3: {"pipeline", "outbound", "delivery", "inbound", "conformance", "demo"},

@@ -21,6 +21,7 @@ from flask import Flask, Response, request
 from .. import jsonio
 from ..consent import apply_security_labels
 from ..errors import InputError, KapError, UnsupportedMediaType
+from ..identifiers import business_identifier
 from ..inbound import addressed_to
 from ..outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
 from ..pipeline import Pipeline
@@ -142,7 +143,5 @@ def _deliver(outbound: Outbound, resource: dict[str, Any], ref: dict[str, Any], 
 
 
 def _identifier_condition(resource: dict[str, Any]) -> dict[str, list[str]] | None:
-    for ident in resource.get("identifier") or []:
-        if isinstance(ident, dict) and ident.get("system") and ident.get("value"):
-            return {"identifier": [f"{ident['system']}|{ident['value']}"]}
-    return None
+    found = business_identifier(resource)
+    return {"identifier": ["|".join(found)]} if found else None

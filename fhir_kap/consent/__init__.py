@@ -11,12 +11,12 @@ from typing import Any, Iterable
 
 from .audit import audit_event, provenance
 from .categories import categories_of
-from .decide import ConsentGate as _Gate, Decision, Reason
+from .decide import CONTEXT_TYPES, ConsentGate as _Gate, Decision, Reason
 from .labels import apply_security_labels, envelope_reveals_sensitivity, label_envelope, envelope_labels
 from .preview import preview as _preview
 from .recipients import Recipient
 
-__all__ = ["ConsentGate", "Decision", "Reason", "Recipient", "apply_security_labels", "audit_event",
+__all__ = ["CONTEXT_TYPES", "ConsentGate", "Decision", "Reason", "Recipient", "apply_security_labels", "audit_event",
            "provenance", "envelope_reveals_sensitivity", "label_envelope", "envelope_labels", "categories_of"]
 
 

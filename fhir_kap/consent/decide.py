@@ -17,6 +17,10 @@ from .categories import categories_of
 from .policy import ACTIVE, DISCLOSE_KEY, Policy, Rule, compile_consent, normalise_purpose
 from .recipients import Directory, Identity, Recipient, actor_ref
 
+#: What the gate decides on (the consent context), as opposed to the clinical resources it
+#: decides about: one list for the gate, the outbox's context store and the bridge.
+CONTEXT_TYPES = ("Consent", "Practitioner", "PractitionerRole", "Organization", "Patient")
+
 __all__ = ["Reason", "Decision", "ConsentGate", "OBLIGATIONS", "DISCLOSE"]
 
 DISCLOSE = "disclose"
@@ -116,8 +120,7 @@ class ConsentGate:
         compiled = [compile_consent(r) for r in resources if r.get("resourceType") == "Consent"]
         self.policies: tuple[Policy, ...] = tuple(self._current(compiled))
         self.clinical: tuple[dict[str, Any], ...] = tuple(
-            r for r in resources if r.get("resourceType") not in
-            ("Consent", "Practitioner", "PractitionerRole", "Organization", "Patient"))
+            r for r in resources if r.get("resourceType") not in CONTEXT_TYPES)
         self._by_patient: dict[str | None, list[Policy]] = {}
         for p in self.policies:
             key = None if p.problem and p.patient is None else p.patient
