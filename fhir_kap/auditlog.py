@@ -117,7 +117,7 @@ def extract(resource: dict[str, Any]) -> AuditRecord:
     """
     rtype = resource.get("resourceType") if isinstance(resource, dict) else None
     if rtype not in AUDIT_TYPES:
-        raise InputError(f"The audit log takes AuditEvent or Provenance, not {rtype!r}",
+        raise InputError(f"The audit log takes AuditEvent or Provenance, not {str(rtype)[:40]!r}",
                          pointer="/resourceType", expression="resourceType", rule="audit:type")
     recorded = resource.get("recorded")
     if not isinstance(recorded, str) or not recorded:

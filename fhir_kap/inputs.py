@@ -143,7 +143,8 @@ def _issue(rtype: str, e: Any, record: Any) -> Issue:
         code = "required"
     elif kw == "additionalProperties":
         extra = sorted(set(e.instance) - set(e.schema.get("properties", {}))) if isinstance(e.instance, dict) else []
-        msg = f"Unknown field(s): {', '.join(extra)}"
+        shown = [repr(x if len(x) <= 40 else x[:37] + "...") for x in extra[:5]]
+        msg = f"Unknown field(s): {', '.join(shown)}{' and more' if len(extra) > 5 else ''}"
         if len(extra) == 1:
             path = path + extra
         code = "structure"

@@ -247,7 +247,7 @@ def _schema_issues(st: _Structure, resource: dict[str, Any], rt: str, release: R
                     if t == rt and (k == stem or k.startswith(stem) and k[len(stem):][:1].isupper()):
                         hint = f" ({h})"
                 owner = _expr(rt, path)
-                issues.append(Issue("error", "structure", f"'{k}' is not an {rel} element of {owner}{hint}",
+                issues.append(Issue("error", "structure", f"{_quote(k)} is not an {rel} element of {owner}{hint}",
                                     _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:additional"))
         elif kw == "required":
             missing = [k for k in err.validator_value if k not in err.instance]

@@ -287,7 +287,7 @@ class Store:
                source: str | None = None, tx: Tx | None = None) -> tuple[StoredResource, bool]:
         """Create or update `rtype/rid` (a new version). Returns (stored, created)."""
         if _type_of(resource) != rtype:
-            raise InputError(f"resourceType '{resource.get('resourceType')}' does not match {rtype}",
+            raise InputError(f"resourceType '{str(resource.get('resourceType'))[:40]}' does not match {rtype}",
                              pointer="/resourceType", rule="http:type-mismatch")
         if tx is None:
             return self.write(lambda t: self.update(rtype, rid, resource, if_match=if_match, source=source, tx=t))
@@ -444,7 +444,7 @@ class Store:
                     clauses.append("EXISTS (SELECT 1 FROM fhir_index i WHERE i.type = c.type AND i.id = c.id "
                                    f"AND i.param = ? AND ({' OR '.join(tests)}))")
                 else:
-                    raise InputError(f"Search parameter '{name}' is not supported for {rtype}",
+                    raise InputError(f"Search parameter '{name[:40]}' is not supported for {rtype}",
                                      rule="search:unknown-parameter", code="not-supported")
         sql = ("SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, c.body, c.seq "
                "FROM fhir_current c WHERE " + " AND ".join(clauses))

@@ -131,3 +131,12 @@ def test_fast_twin_schema__rejects_every_invalid_record_too(schemas, case):
 def test_fast_twin_schema__accepts_every_sample_record(schemas, path):
     record = json.loads(path.read_text())
     schemas.fast[record["record"]](record)
+
+
+def test_hostile_unknown_field_names_are_shown_shortened_and_few(schemas):
+    record = json.loads((RECORDS / "session-ses-dose-01.json").read_text())
+    record |= {("x" * 500) + str(i): 1 for i in range(20)}
+    with pytest.raises(InputError) as exc:
+        schemas.check(record)
+    message = " ".join(i.message for i in exc.value.issues)
+    assert "x" * 41 not in message and "and more" in message and len(message) < 1000

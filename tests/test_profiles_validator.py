@@ -167,3 +167,10 @@ def test_every_profile_constraint_has_an_implementation() -> None:
 def test_generated_code_is_up_to_date_with_its_generator(module: Path) -> None:
     expected = hashlib.sha256((ROOT / "profiles" / "build" / "gen_validators.py").read_bytes()).hexdigest()
     assert f"GENERATOR_SHA256 = {expected!r}" in module.read_text()
+
+
+def test_a_hostile_unknown_element_name_is_shown_shortened():
+    resource = _load(FHIR / "valid" / "r4" / "Procedure-ses-004.json")
+    resource["y" * 5000] = 1
+    issues = Validator.load(Release.R4).validate(resource)
+    assert issues and all("y" * 41 not in i.message for i in issues)
