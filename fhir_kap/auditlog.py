@@ -165,16 +165,23 @@ class AuditLog:
         db.migrate("auditlog-1", _TABLE + _GUARDS[db.dialect])
 
     def append(self, resource: dict[str, Any]) -> int:
-        """Store one AuditEvent or Provenance (committed before returning); its sequence number."""
+        """Store one AuditEvent or Provenance (committed before returning); its sequence number.
+
+        Through the group committer (`Database.write`): concurrent appends share one commit, and
+        inside a caller's transaction the record joins it."""
         rec = extract(resource)
-        with self.db.transaction() as tx:
+        body = jsonio.dumps(resource).decode()
+
+        def insert(tx: Any) -> int:
             rows = tx.execute(
                 "INSERT INTO audit_log (resource_type, resource_id, recorded, recorded_epoch, "
                 "patient, recipient, outcome, consent_ref, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "RETURNING seq",
                 (rec.resource_type, rec.resource_id, rec.recorded, rec.recorded_epoch, rec.patient,
-                 rec.recipient, rec.outcome, rec.consent_ref, jsonio.dumps(resource).decode()))
-        return int(rows[0]["seq"])
+                 rec.recipient, rec.outcome, rec.consent_ref, body))
+            return int(rows[0]["seq"])
+
+        return self.db.write(insert)
 
     def query(self, resource_type: str | None = None, patient: str | None = None,
               outcome: str | None = None, since: str | date | datetime | None = None, *,
@@ -202,10 +209,10 @@ class AuditLog:
             where.append("recorded_epoch >= ?")
             params.append(_epoch(since, "since"))
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = self.db.execute(f"SELECT body FROM audit_log {clause}"
+        rows = self.db.query(f"SELECT body FROM audit_log {clause}"
                                "ORDER BY recorded_epoch DESC, seq DESC LIMIT ?", (*params, int(limit)))
         return [jsonio.loads(r["body"], source="audit log") for r in rows]
 
     def count(self) -> int:
         """How many records the log holds."""
-        return int(self.db.execute("SELECT COUNT(*) AS n FROM audit_log")[0]["n"])
+        return int(self.db.query("SELECT COUNT(*) AS n FROM audit_log")[0]["n"])

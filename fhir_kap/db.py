@@ -216,8 +216,14 @@ class Database:
         return c
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """One statement in its own transaction."""
+        """One statement in its own (write) transaction."""
         with self.transaction() as tx:
+            return tx.execute(sql, params)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """One read in a deferred transaction: no write lock (it never waits behind the group
+        committer or another process's writer) and no sync at its end."""
+        with self.transaction(immediate=False) as tx:
             return tx.execute(sql, params)
 
     def migrate(self, name: str, statements: Sequence[str],

@@ -155,7 +155,7 @@ class Notifier:
                 conds.append(f"{column} = ?")
                 params.append(value)
         where = f"WHERE {' AND '.join(conds)}" if conds else ""
-        rows = db.execute(f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?",
+        rows = db.query(f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?",
                           (*params, int(limit)))
         return [_job(r) for r in rows]
 
@@ -203,7 +203,7 @@ class Notifier:
         while True:
             self.wake()
             now = self.clock()
-            busy = self.db.execute(
+            busy = self.db.query(
                 "SELECT COUNT(*) AS n FROM webhook_jobs WHERE (state = 'pending' AND next_attempt_at <= ?) "
                 "OR state = 'sending'", (now,))[0]["n"]
             if not busy:
@@ -227,9 +227,8 @@ class Notifier:
         lock = " FOR UPDATE SKIP LOCKED" if db.dialect == "postgresql" else ""
         worker = self._worker_id or self._new_worker_id()
         due = ("(state = 'pending' AND next_attempt_at <= ?) OR (state = 'sending' AND lease_until < ?)")
-        with db.transaction(immediate=False) as tx:  # a read first: no write lock while idle
-            if not tx.execute(f"SELECT id FROM webhook_jobs WHERE {due} LIMIT 1", (now, now)):
-                return 0
+        if not db.query(f"SELECT id FROM webhook_jobs WHERE {due} LIMIT 1", (now, now)):
+            return 0  # a read first: no write lock while idle
         with db.transaction() as tx:
             rows = tx.execute(
                 "UPDATE webhook_jobs SET state = 'sending', lease_owner = ?, lease_until = ?, "

@@ -364,7 +364,7 @@ class Outbox:
 
     def get(self, item_id: int) -> OutboxItem | None:
         """One item by id, or None."""
-        rows = self.db.execute("SELECT * FROM outbox_items WHERE id = ?", (int(item_id),))
+        rows = self.db.query("SELECT * FROM outbox_items WHERE id = ?", (int(item_id),))
         return OutboxItem.from_row(rows[0]) if rows else None
 
     def list(self, state: str | None = None, *, endpoint: str | None = None,
@@ -381,14 +381,14 @@ class Outbox:
             where.append("endpoint = ?")
             params.append(endpoint)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = self.db.execute(f"SELECT * FROM outbox_items {clause}ORDER BY id LIMIT ?",
+        rows = self.db.query(f"SELECT * FROM outbox_items {clause}ORDER BY id LIMIT ?",
                                (*params, int(limit)))
         return [OutboxItem.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """How many items are in each state (every state present, zero included)."""
         out = dict.fromkeys(STATES, 0)
-        for row in self.db.execute("SELECT state, COUNT(*) AS n FROM outbox_items GROUP BY state"):
+        for row in self.db.query("SELECT state, COUNT(*) AS n FROM outbox_items GROUP BY state"):
             out[row["state"]] = int(row["n"])
         return out
 
@@ -447,7 +447,7 @@ class Outbox:
     def context_for(self, patient_ref: str) -> builtins.list[dict[str, Any]]:  # `list` names a method here
         """The consent context for one patient: that patient's Consents (and Patient resource)
         plus every stored PractitionerRole, Organization and Practitioner."""
-        rows = self.db.execute("SELECT body FROM outbox_context WHERE patient_ref = ? "
+        rows = self.db.query("SELECT body FROM outbox_context WHERE patient_ref = ? "
                                "OR patient_ref IS NULL ORDER BY type, id", (patient_ref,))
         return [jsonio.loads(r["body"], source="outbox context") for r in rows]
 

@@ -227,9 +227,7 @@ class Partners:
         return partner, token
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        # A deferred transaction: reads take no write lock and commit without a sync.
-        with self.db.transaction(immediate=False) as tx:
-            return tx.execute(sql, params)
+        return self.db.query(sql, params)
 
     def get(self, name: str) -> Partner | None:
         rows = self._read("SELECT * FROM partners WHERE name = ?", (name,))

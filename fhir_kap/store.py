@@ -338,8 +338,7 @@ class Store:
         return StoredResource(rtype, rid, version, now, deleted, body, source)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self.db.transaction(immediate=False) as t:
-            return t.execute(sql, params)
+        return self.db.query(sql, params)
 
     def get(self, rtype: str, rid: str) -> StoredResource | None:
         """The current version (None when absent; a deleted resource has deleted=True)."""

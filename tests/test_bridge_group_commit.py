@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -393,3 +394,20 @@ def test_an_abandoned_database_leaves_no_checkpoint_thread_behind(tmp_path):
     gc.collect()
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_a_read_never_waits_for_the_write_lock(db):
+    """Database.query is a deferred transaction: it reads while another connection holds the
+    write lock (Database.execute, a write transaction, would wait for it)."""
+    db.write(_insert("seen"))
+    other = Database(f"sqlite:///{db.path}")
+    holder = other.conn
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    try:
+        db.conn.execute("PRAGMA busy_timeout=50")
+        assert db.query("SELECT k FROM t") == [{"k": "seen"}]
+        with pytest.raises(sqlite3.OperationalError):
+            db.execute("SELECT k FROM t")
+    finally:
+        holder.execute("ROLLBACK")
+        other.close()
