@@ -103,3 +103,12 @@ def test_search_totals_count_only_visible_resources(bridge):
     clinic = bridge.get("clinic", "/fhir/Communication").get_json(force=True)
     assert (a["total"], b["total"], clinic["total"]) == (1, 0, 2)
     assert json.dumps(a).count("other-therapist") == 0
+
+
+def test_a_search_audits_the_page_it_discloses_not_every_match(bridge):
+    for _ in range(3):
+        _clinic_note(bridge, "Practitioner/ref-therapist")
+    page = bridge.get("a", "/fhir/Communication?patient=client-1&_count=1").get_json(force=True)
+    assert page["total"] == 3 and len(page["entry"]) == 1
+    events = _audit(bridge)
+    assert len(events) == 1 and events[0]["outcome"] == "0"  # one permit: the one note sent

@@ -4,7 +4,8 @@ Clinic operators (`kap/clinic`) read everything. For every other partner a resou
 visible when the partner submitted it (its own data, nothing is disclosed; a referral's Task
 inherits the referral's submitter), or when the resource is addressed to the partner
 (`inbound.addressed_to`) and the consent gate permits the disclosure on the day of the read.
-Every gate decision, permit or deny, is written to the audit log. Anything not visible is
+Every gate decision, permit or deny, is written to the audit log; in a search, a permit is
+written for the rows returned (those disclosed), not for matching rows beyond the page. Anything not visible is
 answered exactly like a resource that does not exist.
 
 The gate decides on consent context from consent authorities only (clinic systems and
@@ -23,7 +24,7 @@ from ..inbound import addressed_to
 from ..partners import Partner
 from ..store import MAX_ALTERNATIVES, Store, StoredResource
 
-__all__ = ["Access"]
+__all__ = ["Access", "SearchVisibility"]
 
 
 class Access:
@@ -64,29 +65,47 @@ class Access:
 
     def can_read(self, partner: Partner, stored: StoredResource) -> bool:
         """Whether `partner` may see this version; consent-checked and audited when addressed to it."""
+        allowed, event = self.check(partner, stored)
+        if event is not None and self.audit is not None:
+            self.audit.append(event)
+        return allowed
+
+    def searcher(self, partner: Partner) -> "SearchVisibility":
+        """Visibility for the rows of one search: one consent gate per client for the whole
+        search, and audit records only for what is disclosed (the page returned) and for denials."""
+        return SearchVisibility(self, partner)
+
+    def check(self, partner: Partner, stored: StoredResource,
+              gates: dict[str | None, Any] | None = None) -> tuple[bool, dict[str, Any] | None]:
+        """(visible, the AuditEvent of the gate's decision or None when no consent decision was
+        needed), without writing anything. `gates` caches one gate per client across calls."""
         if partner.is_clinic:
-            return True
+            return True, None
         if stored.deleted:
-            return False
+            return False, None
         if stored.source is not None and stored.source == partner.name:
-            return True
+            return True, None
         key = addressed_to(stored.resource, partner, self.store.get)
         if key is None:
-            return False
-        return self._gate(partner, stored, key)
+            return False, None
+        return self._gate(partner, stored, key, gates)
 
-    def _gate(self, partner: Partner, stored: StoredResource, key: str) -> bool:
+    def _gate(self, partner: Partner, stored: StoredResource, key: str,
+              gates: dict[str | None, Any] | None) -> tuple[bool, dict[str, Any]]:
         from ..consent import ConsentGate, Recipient, audit_event
 
         resource = stored.resource
         recipient = Recipient.parse(key)
         now = datetime.now(UTC)
-        gate = ConsentGate(self.context(_patient_ref(resource)))
+        patient = _patient_ref(resource)
+        gate = gates.get(patient) if gates is not None else None
+        if gate is None:
+            gate = ConsentGate(self.context(patient))
+            if gates is not None:
+                gates[patient] = gate
         decision = gate.decide(resource, recipient, self.purpose, on=now.date())
-        if self.audit is not None:
-            self.audit.append(audit_event(decision, resource, recipient, self.purpose, release=self.release,
-                                          recorded=now, actor=f"partner:{partner.name}"))
-        return bool(decision.permit)
+        return bool(decision.permit), audit_event(decision, resource, recipient, self.purpose, release=self.release,
+                                                  recorded=now, actor=f"partner:{partner.name}")
 
     def context(self, patient_ref: str | None) -> list[dict[str, Any]]:
         """Consents for the client, and the people and organisations they name (store + outbox context)."""
@@ -104,6 +123,36 @@ class Access:
                 if trusted(s.source):
                     found[(rtype, s.id)] = s.resource
         return list(found.values())
+
+
+class SearchVisibility:
+    """`where` for one partner's search: decides each row (one gate per client), keeps the
+    AuditEvents of permitted rows until `disclosed` names the page actually returned, and
+    audits denials at once."""
+
+    def __init__(self, access: Access, partner: Partner) -> None:
+        self.access = access
+        self.partner = partner
+        self._gates: dict[str | None, Any] = {}
+        self._permits: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def __call__(self, stored: StoredResource) -> bool:
+        allowed, event = self.access.check(self.partner, stored, self._gates)
+        if event is not None:
+            if allowed:
+                self._permits[(stored.type, stored.id)] = event
+            elif self.access.audit is not None:
+                self.access.audit.append(event)
+        return allowed
+
+    def disclosed(self, items: list[StoredResource]) -> None:
+        """Audit the permits of the rows returned (the others were never sent)."""
+        if self.access.audit is None:
+            return
+        for s in items:
+            event = self._permits.get((s.type, s.id))
+            if event is not None:
+                self.access.audit.append(event)
 
 
 def _patient_ref(resource: dict[str, Any]) -> str | None:

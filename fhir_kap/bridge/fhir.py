@@ -205,9 +205,10 @@ def register(app: Flask) -> None:
         if partner.is_clinic:
             result = svc.store.search(rtype, params, count=count, offset=offset)
         else:
+            visible = svc.access.searcher(partner)
             result = svc.store.search(rtype, params, count=count, offset=offset,
-                                      audience=(partner.name, svc.access.partner_refs(partner)),
-                                      where=lambda s: svc.access.can_read(partner, s))
+                                      audience=(partner.name, svc.access.partner_refs(partner)), where=visible)
+            visible.disclosed(result.items)
         base = _base()
 
         def link(relation: str, off: int) -> dict[str, str]:
