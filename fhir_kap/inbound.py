@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from .config import CANONICAL, CS, Release
 from .consent import CONTEXT_TYPES
 from .errors import Conflict, InputError, Issue, KapError, MappingError, NotFound, ProfileError
+from .identifiers import new_id
 from .notify import EVENT_COMMUNICATION, EVENT_TASK, Notifier
 from .partners import Partner, Partners
 from .store import ID_PATTERN, Store, StoredResource, instant_now
@@ -336,7 +337,7 @@ class Inbound:
                 if full in ids:
                     issues.append(Issue("error", "duplicate", "fullUrl is used twice", f"Bundle.entry[{i}].fullUrl",
                                         f"/entry/{i}/fullUrl", "bridge:bundle-fullurl"))
-                ids[full] = _new_id()
+                ids[full] = new_id()
             parsed.append((i, full, resource, cond))
         if issues:
             raise InputError(issues)
@@ -603,12 +604,6 @@ def _rewrite(node: Any, refs: Mapping[str, str], depth: int = 0) -> Any:
     if isinstance(node, list):
         return [_rewrite(v, refs, depth + 1) for v in node]
     return node
-
-
-def _new_id() -> str:
-    import uuid
-
-    return uuid.uuid4().hex
 
 
 _REASON = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 409: "Conflict",

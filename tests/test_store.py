@@ -225,3 +225,78 @@ def test_an_index_of_the_old_layout_is_rebuilt_on_open(tmp_path):
     assert store.search("Communication", {"identifier": ["http://fhir-kap.example/sid/note|note-1"]}).total == 1
     cols = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(fhir_index)")]
     assert cols == ["type", "id", "param", "code", "system"]
+
+
+def test_a_store_2_database_moves_to_one_body_per_version_and_keeps_everything(db):
+    """store-3: bodies only in the history, fhir_current WITHOUT ROWID and no AUTOINCREMENT on SQLite;
+    every version, search and sequence number survive."""
+    from fhir_kap.store import _MIGRATION, _MIGRATION_2, index_values
+
+    db.migrate("store-1", _MIGRATION)
+    db.migrate("store-2", _MIGRATION_2)
+    note = load("Example-Communication-note-1.json")
+    rows = []  # (seq, id, version, deleted, body): note-1 twice, note-2 created then deleted
+    for seq, (rid, version, deleted) in enumerate([("note-1", 1, 0), ("note-2", 1, 0), ("note-1", 2, 0),
+                                                    ("note-2", 2, 1)], start=1):
+        body = dict(note, id=rid, meta={"versionId": str(version), "lastUpdated": f"2025-01-0{seq}T00:00:00.000000Z"})
+        if deleted:
+            body = {"resourceType": "Communication", "id": rid}
+        rows.append((seq, rid, version, deleted, body))
+    with db.transaction() as tx:
+        for seq, rid, version, deleted, body in rows:
+            tx.execute("INSERT INTO fhir_history (seq, type, id, version, last_updated, deleted, source, body) "
+                       "VALUES (?, 'Communication', ?, ?, ?, ?, 'old', ?)",
+                       (seq, rid, version, body.get("meta", {}).get("lastUpdated", "2025-01-04T00:00:00.000000Z"),
+                        deleted, json.dumps(body)))
+        for seq, rid, version, deleted, body in rows[2:]:  # the latest version of each
+            tx.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
+                       "VALUES ('Communication', ?, ?, ?, '2025-01-04T00:00:00.000000Z', ?, 'old', ?)",
+                       (rid, version, seq, deleted, json.dumps(body)))
+        tx.executemany("INSERT INTO fhir_index (type, id, param, code, system) VALUES (?, ?, ?, ?, ?)",
+                       sorted({("Communication", "note-1", p, c, s) for p, (c, s) in index_values(rows[2][4])}))
+        if db.dialect == "postgresql":  # rows written with explicit seqs, as the identity would have
+            tx.execute("SELECT setval(pg_get_serial_sequence('fhir_history', 'seq'), 4)")
+    store = Store(db)
+    if db.dialect == "sqlite":
+        cols = [r["name"] for r in db.query("SELECT name FROM pragma_table_info('fhir_current')")]
+        ddl = {r["name"]: r["sql"] for r in db.query("SELECT name, sql FROM sqlite_master WHERE type = 'table'")}
+        assert "AUTOINCREMENT" not in ddl["fhir_history"] and "WITHOUT ROWID" in ddl["fhir_current"]
+        assert {r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE type = 'index'")} >= {
+            "fhir_current_seq"}
+    else:
+        cols = [r["column_name"] for r in db.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'fhir_current' "
+            "AND table_schema = current_schema()")]
+    assert "body" not in cols and {"type", "id", "version", "seq"} <= set(cols)
+    current = store.get("Communication", "note-1")
+    assert current is not None and current.version == 2 and current.resource["meta"]["versionId"] == "2"
+    assert store.get("Communication", "note-2").deleted
+    assert [s.version for s in store.history("Communication", "note-1")] == [2, 1]
+    assert store.vread("Communication", "note-1", 1).resource["meta"]["lastUpdated"] == "2025-01-01T00:00:00.000000Z"
+    assert [s.id for s in store.search("Communication", {"patient": ["client-1"]}).items] == ["note-1"]
+    created, _ = store.create(dict(note, identifier=[{"system": "urn:x", "value": "new"}]), source="old")
+    seqs = db.query("SELECT seq FROM fhir_current WHERE id = ?", (created.id,))
+    assert seqs[0]["seq"] > 4  # numbering goes on after the migrated history
+    assert [s.id for s in store.search("Communication", {"patient": ["client-1"]}).items] == ["note-1", created.id]
+
+
+def test_server_assigned_ids_are_time_ordered(store):
+    """New ids land at the right edge of the (type, id) keys: a later create sorts after an earlier one."""
+    ids = [store.create(load("Example-Communication-note-1.json"))[0].id for _ in range(3)]
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    assert [i[:12] for i in ids] == sorted(i[:12] for i in ids)
+
+
+def test_the_layout_migration_refuses_a_current_row_without_its_history_and_changes_nothing(db):
+    from fhir_kap.errors import ConfigError
+    from fhir_kap.store import _MIGRATION, _MIGRATION_2
+
+    db.migrate("store-1", _MIGRATION)
+    db.migrate("store-2", _MIGRATION_2)
+    db.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
+               "VALUES ('Communication', 'orphan', 1, 99, '2025-01-01T00:00:00.000000Z', 0, NULL, '{}')")
+    with pytest.raises(ConfigError, match="no matching history row") as err:
+        Store(db)
+    assert err.value.issues[0].rule == "store:migration"
+    assert db.query("SELECT body FROM fhir_current WHERE id = 'orphan'") == [{"body": "{}"}]  # old layout kept
+    assert not db.query("SELECT name FROM schema_migrations WHERE name = 'store-3'")
