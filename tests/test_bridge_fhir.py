@@ -1,8 +1,10 @@
 """The FHIR facade over HTTP (Flask test client): each endpoint and each error class."""
 from __future__ import annotations
 
+import email.utils
 import json
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from test_bridge_support import FHIR, is_outcome, load, make_bridge
@@ -218,6 +220,26 @@ def test_health_and_readiness(bridge):
     assert ready.status_code == 200 and ready.get_json()["database"] == "sqlite"
 
 
+def test_after_a_failed_disk_sync_writes_get_503_and_readiness_fails(bridge, monkeypatch):
+    import errno
+
+    from fhir_kap import db as dbmod
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "simulated")
+
+    monkeypatch.setattr(dbmod, "_fdatasync", failing)
+    first = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"))
+    assert first.status_code == 503 and is_outcome(first)
+    assert "may or may not have been kept" in first.get_json(force=True)["issue"][0]["details"]["text"]
+    monkeypatch.undo()
+    later = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"))
+    assert later.status_code == 503 and "restarted" in later.get_json(force=True)["issue"][0]["details"]["text"]
+    ready = bridge.client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json() == {"status": "unavailable", "database": "write-failed"}
+    assert bridge.get("a", "/fhir/Communication").status_code == 200  # reads go on
+
+
 def test_every_response_carries_a_request_id_and_logs_no_query_values(bridge, caplog):
     caplog.set_level("INFO", logger="fhir_kap.bridge")
     resp = bridge.get("a", "/fhir/Communication?identifier=http://x|SECRET-MRN-123", **{"X-Request-ID": "req-12345678"})
@@ -238,3 +260,43 @@ def test_an_unexpected_error_is_500_with_only_a_request_id(bridge, monkeypatch, 
     assert resp.status_code == 500 and is_outcome(resp)
     assert "Jane" not in resp.get_data(as_text=True) and "Jane" not in caplog.text
     assert resp.headers["X-Request-ID"] in resp.get_data(as_text=True)
+
+
+def test_create__last_modified_is_the_stored_instant_as_an_http_date(bridge):
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    resp = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"),
+                       Prefer="return=representation")
+    instant = resp.get_json(force=True)["meta"]["lastUpdated"]
+    stamp = datetime.fromisoformat(instant.replace("Z", "+00:00")).replace(microsecond=0)
+    assert parsedate_to_datetime(resp.headers["Last-Modified"]) == stamp
+    assert resp.headers["Last-Modified"] == format_datetime(stamp, usegmt=True)
+
+
+def test_a_location_outside_plain_uri_characters_is_still_quoted(tmp_path):
+    """The bridge passes its own URI-safe Location through as is; anything else (an IRI base URL
+    from the configuration) still goes through werkzeug's IRI-to-URI quoting."""
+    from fhir_kap.bridge import BridgeOptions, create_app
+    from fhir_kap.config import load_settings
+    from fhir_kap.db import Database
+    from fhir_kap.partners import Partners
+
+    s = load_settings(env={}, data_dir=tmp_path / "data")
+    token = Partners(Database(s.db_url)).add("practice-a", references=["Practitioner/ref-therapist"])[1]
+    app = create_app(s, BridgeOptions(base_url="http://exämple.test/k ap/fhir", notify=False))
+    resp = app.test_client().post("/fhir/Communication", data=json.dumps(load("Example-Communication-note-1.json")),
+                                  headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR})
+    assert resp.status_code == 201
+    assert resp.headers["Location"].startswith("http://xn--exmple-cua.test/k%20ap/fhir/Communication/")
+
+
+def test_http_dates_match_the_standard_library():
+    import doctest
+
+    from fhir_kap.bridge import app as app_module
+
+    assert doctest.testmod(app_module).failed == 0
+    for instant in ["2024-02-29T23:59:59Z", "2026-11-24T01:02:03.456789Z", "1999-12-31T00:00:00.000Z",
+                    "2026-11-24T02:02:03+01:00"]:
+        expected = datetime.fromisoformat(instant.replace("Z", "+00:00")).astimezone(UTC)
+        assert app_module.http_date(instant) == email.utils.format_datetime(expected, usegmt=True)

@@ -174,3 +174,35 @@ def test_a_hostile_unknown_element_name_is_shown_shortened():
     resource["y" * 5000] = 1
     issues = Validator.load(Release.R4).validate(resource)
     assert issues and all("y" * 41 not in i.message for i in issues)
+
+
+@pytest.mark.parametrize("release", [Release.R4, Release.R5])
+def test_the_fast_string_patterns_answer_exactly_as_the_official_regexes(release):
+    """profiles._StringPattern stands in for three whole-string patterns of the generated code: same
+    truthiness on every ASCII character, on the empty string, and on non-ASCII (the regex itself)."""
+    import re
+
+    from fhir_kap.profiles import _FAST_PATTERNS, _StringPattern, _structure_module
+
+    table = _structure_module(release).REGEX_PATTERNS
+    installed = {k: v for k, v in table.items() if k in _FAST_PATTERNS}
+    assert len(installed) == 2 and all(isinstance(v, _StringPattern) for v in installed.values())
+    samples = ["", " ", "a", "a b", "\t\r\n", "x\x0by", "\u00a0", "ok\u2028", "é", " lead", "trail ", "a\x1fb"]
+    samples += [chr(c) for c in range(128)] + [f"a{chr(c)}b" for c in range(128)]
+    for key, fast in installed.items():
+        original = re.compile(fast.original.pattern)
+        for text in samples:
+            assert bool(fast.search(text)) == bool(original.search(text)), (key, repr(text))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(max_codepoint=0x3000), max_size=40))
+def test_the_fast_string_patterns_agree_on_generated_text(text):
+    import re
+
+    from fhir_kap.profiles import _FAST_PATTERNS, _structure_module
+
+    for release in (Release.R4, Release.R5):
+        for key, fast in _structure_module(release).REGEX_PATTERNS.items():
+            if key in _FAST_PATTERNS:
+                assert bool(fast.search(text)) == bool(re.compile(fast.original.pattern).search(text))

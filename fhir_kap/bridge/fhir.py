@@ -90,7 +90,7 @@ def _headers(s: StoredResource, *, location: bool = False) -> dict[str, str]:
 
 
 def _prefer() -> str:
-    for part in request.headers.get("Prefer", "").split(";"):
+    for part in request.environ.get("HTTP_PREFER", "").split(";"):
         key, _, value = part.strip().partition("=")
         if key.strip() == "return":
             return value.strip().strip('"')
