@@ -1,4 +1,5 @@
-"""Identifiers: the one rule for which business identifier names a resource, and new resource ids.
+"""Identifiers: the one rule for which business identifier names a resource, whose patient a
+resource is about, and new resource ids.
 
 Used wherever a resource must be recognised again: the outbox's idempotency key, the
 conditional create (`If-None-Exist: identifier=SYSTEM|VALUE`) sent to a server, the consent
@@ -11,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["business_identifier", "new_id"]
+__all__ = ["business_identifier", "new_id", "patient_reference"]
 
 
 def new_id() -> str:
@@ -52,4 +53,22 @@ def business_identifier(resource: Any) -> tuple[str, str] | None:
         system, value = ident.get("system"), ident.get("value")
         if isinstance(system, str) and system and isinstance(value, str) and value:
             return system, value
+    return None
+
+
+def patient_reference(resource: Any) -> str | None:
+    """The literal reference of the patient a resource is about: its `subject`, `patient` (R4
+    Consent) or `for` (Task), the first that holds a `reference` string; None otherwise.
+
+    >>> patient_reference({"resourceType": "Consent", "patient": {"reference": "Patient/p1"}})
+    'Patient/p1'
+    >>> patient_reference({"subject": {"identifier": {"value": "x"}}}) is None
+    True
+    """
+    if not isinstance(resource, Mapping):
+        return None
+    for key in ("subject", "patient", "for"):
+        ref = resource.get(key)
+        if isinstance(ref, Mapping) and isinstance(ref.get("reference"), str):
+            return str(ref["reference"])
     return None

@@ -32,7 +32,7 @@ from . import jsonio
 from .consent import CONTEXT_TYPES
 from .db import Database
 from .errors import Conflict, InputError, NotFound
-from .identifiers import business_identifier
+from .identifiers import business_identifier, patient_reference
 
 __all__ = ["CONTEXT_TYPES", "STATES", "Outbox", "OutboxItem", "idempotency_key_of"]
 
@@ -160,12 +160,6 @@ def idempotency_key_of(resource: dict[str, Any]) -> str:
                      rule="outbox:idempotency-key", code="required")
 
 
-def _patient_of(resource: dict[str, Any]) -> str | None:
-    for key in ("patient", "subject"):
-        ref = resource.get(key)
-        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
-            return ref["reference"]
-    return None
 
 
 class Outbox:
@@ -215,7 +209,7 @@ class Outbox:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
                 "ON CONFLICT (endpoint, idempotency_key) DO NOTHING RETURNING id",
                 (endpoint, base_url, resource["resourceType"], body, key,
-                 patient_ref or _patient_of(resource), recipient_ref, purpose, consent_ref,
+                 patient_ref or patient_reference(resource), recipient_ref, purpose, consent_ref,
                  ts, ts, ts))
             rows = tx.execute("SELECT * FROM outbox_items WHERE endpoint = ? AND idempotency_key = ?",
                               (endpoint, key))
@@ -416,12 +410,12 @@ class Outbox:
         if version is not None and not isinstance(version, str):
             raise InputError(f"{rtype}.meta.versionId must be a string", pointer="/meta/versionId",
                              expression=f"{rtype}.meta.versionId", rule="fhir:meta")
-        if rtype == "Consent" and _patient_of(resource) is None:
+        if rtype == "Consent" and patient_reference(resource) is None:
             # unreadable here would mean "applies to every client": refuse it instead
             raise InputError("Consent needs a literal patient (R4 patient / R5 subject) reference",
                              pointer="/patient", expression="Consent.patient", rule="outbox:context-patient",
                              code="required")
-        patient = _patient_of(resource) if rtype == "Consent" else (
+        patient = patient_reference(resource) if rtype == "Consent" else (
             f"Patient/{rid}" if rtype == "Patient" else None)
         found = business_identifier(resource) if rtype == "Consent" else None
         ident = "|".join(found) if found else None

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import Release
+from ..identifiers import patient_reference
 from ..inbound import addressed_to
 from ..partners import Partner
 from ..store import MAX_ALTERNATIVES, Store, StoredResource
@@ -97,7 +98,7 @@ class Access:
         resource = stored.resource
         recipient = Recipient.parse(key)
         now = datetime.now(UTC)
-        patient = _patient_ref(resource)
+        patient = patient_reference(resource)
         gate = gates.get(patient) if gates is not None else None
         if gate is None:
             gate = ConsentGate(self.context(patient))
@@ -155,9 +156,3 @@ class SearchVisibility:
                 self.access.audit.append(event)
 
 
-def _patient_ref(resource: dict[str, Any]) -> str | None:
-    for name in ("subject", "patient", "for"):
-        ref = resource.get(name)
-        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
-            return ref["reference"]
-    return None

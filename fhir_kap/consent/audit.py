@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import CANONICAL, CS, Release
 from ..errors import InputError
+from ..identifiers import patient_reference
 from .decide import Decision
 from .policy import normalise_purpose
 from .recipients import Recipient
@@ -61,12 +62,6 @@ def _reference(resource: dict[str, Any]) -> str:
     return f"{resource.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else str(resource.get("resourceType"))
 
 
-def _patient_ref(resource: dict[str, Any]) -> str | None:
-    for key in ("subject", "patient"):
-        ref = resource.get(key)
-        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
-            return ref["reference"]
-    return None
 
 
 def _detail(decision: Decision) -> str:
@@ -81,7 +76,7 @@ def audit_event(decision: Decision, resource: dict[str, Any], recipient: Recipie
     purpose_cc = {"coding": [_purpose_coding(purpose)]}
     actor_who = {"identifier": {"system": CS.ID_PARTY, "value": actor}, "display": actor}
     res_ref = _reference(resource)
-    patient = _patient_ref(resource)
+    patient = patient_reference(resource)
     r4 = release is Release.R4
     entities: list[dict[str, Any]] = []
 
