@@ -86,9 +86,6 @@ class InputSchemas:
             raise InputError(issues)
         return record
 
-    def record_types(self) -> list[str]:
-        return sorted(self.validators)
-
 
 def _kap_rules(record: dict[str, Any]) -> Iterable[Issue]:
     """Rules JSON Schema cannot say clearly: psychotherapy notes are never exchanged."""

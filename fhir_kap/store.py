@@ -207,7 +207,6 @@ REFERENCE_PARAMS = {"patient": "Patient", "subject": None, "recipient": None, "s
                     "based-on": None, "about": None, "requester": None, "performer": None,
                     "actor": None, "focus": None, "owner": None, "practitioner": "Practitioner",
                     "organization": "Organization", "target": None}
-RESULT_PARAMS = {"_count", "_offset", "_lastUpdated", "_id", "_sort", "_format", "_summary", "_total"}
 MAX_COUNT = 200
 DEFAULT_COUNT = 20
 #: Most comma-separated alternatives one search parameter, and a whole search, may carry

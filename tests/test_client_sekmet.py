@@ -17,7 +17,7 @@ from fhir_kap.client import (
     transaction_bundle,
 )
 from fhir_kap.config import Release
-from fhir_kap.errors import ServerError
+from fhir_kap.errors import InputError, ServerError
 
 pytestmark = pytest.mark.sekmet
 
@@ -139,6 +139,23 @@ def test_transaction__server_resolves_urn_uuid_references(client):
     assert stored_note["subject"]["reference"].endswith(f"Patient/{results[0].id}")
     again = entry_results(client.transaction(transaction_bundle([patient, note])))
     assert [(r.status, r.id) for r in again] == [(200, results[0].id), (200, results[1].id)]
+
+
+def test_batch__entries_succeed_or_fail_one_by_one(client):
+    """A batch Bundle: each entry stands alone (here two independent Patients, one of them
+    refused), and a Bundle of another type never leaves the client."""
+    good = fresh("Patient-client.json")
+    bad = fresh("Patient-client.json")
+    bad["gender"] = 7  # wrong JSON type: the server refuses this entry alone
+    bundle = transaction_bundle([good, bad], conditional=False)
+    bundle["type"] = "batch"
+    results = entry_results(client.batch(bundle))
+    assert results[0].status == 201 and results[0].id
+    assert results[1].status >= 400
+    assert client.read("Patient", results[0].id)["identifier"] == good["identifier"]
+    with pytest.raises(InputError) as err:
+        client.batch(transaction_bundle([good]))
+    assert err.value.issues[0].rule == "fhir:bundle-type"
 
 
 def test_server_rejection__becomes_server_error_with_outcome(client):

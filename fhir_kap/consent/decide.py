@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import InputError
 from .categories import categories_of
-from .policy import ACTIVE, DISCLOSE_KEY, Policy, Rule, compile_consent, normalise_purpose
+from .policy import ACTIVE, DISCLOSE, DISCLOSE_KEY, Policy, Rule, compile_consent, normalise_purpose
 from .recipients import Directory, Identity, Recipient, actor_ref
 
 #: What the gate decides on (the consent context), as opposed to the clinical resources it
@@ -23,7 +23,6 @@ CONTEXT_TYPES = ("Consent", "Practitioner", "PractitionerRole", "Organization", 
 
 __all__ = ["Reason", "Decision", "ConsentGate", "OBLIGATIONS", "DISCLOSE"]
 
-DISCLOSE = "disclose"
 # What the sender must do with a permitted resource (see labels.py and audit.py).
 OBLIGATIONS = ("label-confidentiality-R", "label-sensitivity-PSY", "record-provenance", "no-redisclosure")
 _MAX_BUNDLE_DEPTH = 8

@@ -142,14 +142,6 @@ class Identity:
 
     parties: tuple[Party, ...]
 
-    @property
-    def references(self) -> frozenset[str]:
-        return frozenset(p.reference for p in self.parties if p.reference)
-
-    @property
-    def identifiers(self) -> frozenset[tuple[str, str]]:
-        return frozenset(i for p in self.parties for i in p.identifiers)
-
     def matches(self, actor: ActorRef) -> bool:
         return any(p.matches(actor) for p in self.parties)
 
