@@ -105,3 +105,43 @@ def test_missing_secret__clear_error_naming_the_variable(args, message, capsys, 
     monkeypatch.delenv("KAP_CHECK_UNSET_VAR", raising=False)
     assert main(["check", "--server", "http://127.0.0.1:9/fhir", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alg, curve", [("ES384", "P-384"), ("RS384", None)])
+def test_smart_private_key__signs_with_the_chosen_algorithm_and_scope(tmp_path, alg, curve):
+    """`fhir-kap check --alg/--scope` reach the SMART client: an EC P-384 key signs ES384 assertions."""
+    import argparse
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from fhir_kap.cli import check as check_cli
+
+    key = ec.generate_private_key(ec.SECP384R1()) if curve else rsa.generate_private_key(65537, 2048)
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    parser = argparse.ArgumentParser()
+    check_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["check", "--server", "http://x.test/fhir", "--auth", "smart", "--client-id", "c1",
+                              "--private-key", str(pem), "--key-id", "k1", "--alg", alg,
+                              "--scope", "system/Communication.read"])
+    auth, secrets = check_cli._auth(args)
+    assert (auth.alg, auth.scope, secrets) == (alg, "system/Communication.read", [])
+    auth.token_url = "http://x.test/auth/token"  # as discovery would set it
+    assertion = auth._assertion()
+    assert jwt.get_unverified_header(assertion)["alg"] == alg
+    jwt.decode(assertion, key.public_key(), algorithms=[alg], audience="http://x.test/auth/token")
+
+
+def test_smart_private_key__an_rsa_key_with_es384_is_a_clear_error(tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert main(["check", "--server", "http://127.0.0.1:9/fhir", "--auth", "smart", "--client-id", "c1",
+                 "--private-key", str(pem), "--key-id", "k1", "--alg", "ES384"]) == 2
+    assert "needs an EC P-384 private key" in capsys.readouterr().err

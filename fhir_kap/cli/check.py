@@ -34,6 +34,10 @@ def register(subparsers: Any) -> None:
                    help="environment variable holding the SMART client secret")
     p.add_argument("--private-key", metavar="FILE", help="PEM private key for SMART private_key_jwt")
     p.add_argument("--key-id", metavar="KID", help="'kid' of the registered public key (with --private-key)")
+    p.add_argument("--alg", choices=("RS384", "ES384"), default="RS384",
+                   help="signing algorithm of the private_key_jwt assertion (RSA or EC P-384 key)")
+    p.add_argument("--scope", default="system/*.read system/*.write",
+                   help="scopes asked for with --auth smart (default: %(default)s)")
     p.add_argument("--token-url", metavar="URL", help="SMART token endpoint (default: discovered)")
     p.add_argument("--fhir-version", choices=("auto", "4.0.1", "5.0.0"), default="auto")
     p.add_argument("--only", nargs="+", choices=GROUP_NAMES, metavar="GROUP",
@@ -72,9 +76,10 @@ def _auth(args: argparse.Namespace) -> tuple[Any, list[str]]:
             raise InputError(f"cannot read private key '{args.private_key}': {exc.strerror}",
                              rule="input:unreadable", code="not-found") from None
         return SmartBackendAuth(args.client_id, token_url=args.token_url, private_key_pem=pem,
-                                key_id=args.key_id), []
+                                key_id=args.key_id, alg=args.alg, scope=args.scope), []
     secret = _env_secret(args.client_secret_env, "--auth smart needs --client-secret-env or --private-key")
-    return SmartBackendAuth(args.client_id, token_url=args.token_url, client_secret=secret), [secret]
+    return SmartBackendAuth(args.client_id, token_url=args.token_url, client_secret=secret,
+                            scope=args.scope), [secret]
 
 
 class _Progress:
