@@ -44,13 +44,34 @@ from . import jsonio
 from .db import Database
 from .errors import Conflict, InputError, NotFound
 
-__all__ = ["ACCESS_TOKEN_SECONDS", "DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners", "check_jwks"]
+__all__ = ["ACCESS_TOKEN_SECONDS", "DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners", "check_jwks",
+           "scope_interactions"]
 
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 DEFAULT_SCOPES = "system/*.read system/*.write"  # what the bridge lets anyone write is narrower still
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_SCOPE = re.compile(r"^(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*)"
-                    r"|kap/(records\.write|referrals\.write|clinic|consent-authority))$")
+#: SMART scopes: v1 `system/X.read|write|*` and v2 `system/X.cruds` (letters in that order, at
+#: least one; granular `?param=` scopes are not supported and never match), and the KAP scopes.
+_SCOPE = re.compile(r"(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|(?=[cruds])c?r?u?d?s?)"
+                    r"|kap/(records\.write|referrals\.write|clinic|consent-authority))\Z")
+#: What a scope's action grants of the bridge's interactions: read (read, vread, history),
+#: search, write (create; v1 `write` and v2 `c`, `u`, `d` all mean changing data).
+_ACTS = {"read": frozenset({"read", "search"}), "write": frozenset({"write"}),
+         "*": frozenset({"read", "search", "write"})}
+_LETTERS = {"c": "write", "r": "read", "u": "write", "d": "write", "s": "search"}
+
+
+def scope_interactions(action: str) -> frozenset[str]:
+    """The interactions a `system/` scope's action grants (empty for one that is not valid).
+
+    >>> sorted(scope_interactions("rs")), sorted(scope_interactions("read")), sorted(scope_interactions("sr"))
+    (['read', 'search'], ['read', 'search'], [])
+    """
+    if action in _ACTS:
+        return _ACTS[action]
+    if not action or not re.fullmatch(r"c?r?u?d?s?", action):
+        return frozenset()
+    return frozenset(_LETTERS[c] for c in action)
 _NPI = re.compile(r"^\d{10}$")
 _REF = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
 
@@ -113,26 +134,28 @@ class Partner:
         return tuple(keys)
 
     def allows(self, resource_type: str, interaction: str) -> bool:
-        """Whether a scope grants `interaction` (read | write) on `resource_type`."""
+        """Whether a scope grants `interaction` (read | search | write) on `resource_type`:
+        SMART v1 (`system/Communication.read`) or v2 (`system/Communication.rs`)."""
         for scope in self.scopes:
             if not scope.startswith("system/"):
                 continue
             what, _, act = scope[len("system/"):].partition(".")
-            if what in ("*", resource_type) and act in ("*", interaction):
+            if what in ("*", resource_type) and interaction in scope_interactions(act):
                 return True
         return False
 
     def grantable(self, requested: Sequence[str]) -> tuple[str, ...]:
-        """The requested scopes this partner holds (a `system/` scope also when one of its own
-        covers it, e.g. `system/Communication.read` under `system/*.read`); others are dropped."""
+        """The requested scopes this partner holds (a `system/` scope also when its own cover
+        everything it grants, in either SMART version: `system/Communication.rs` under
+        `system/*.read`, `system/Communication.read` under `system/*.rs`); others are dropped."""
         out = []
         for scope in requested:
             if scope in self.scopes:
                 out.append(scope)
             elif scope.startswith("system/") and _SCOPE.match(scope):
                 what, _, act = scope[len("system/"):].partition(".")
-                acts = ("read", "write") if act == "*" else (act,)  # `.*` is read and write
-                if all(self.allows(what, a) for a in acts):
+                wanted = scope_interactions(act)
+                if wanted and all(self.allows(what, a) for a in wanted):
                     out.append(scope)
         return tuple(dict.fromkeys(out))
 

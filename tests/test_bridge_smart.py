@@ -100,6 +100,7 @@ def test_discovery_names_the_token_endpoint_and_the_capability_statement_says_sm
     assert conf["token_endpoint"] == bridge.token_url
     assert conf["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
     assert set(conf["token_endpoint_auth_signing_alg_values_supported"]) == {"RS384", "ES384"}
+    assert {"permission-v1", "permission-v2", "client-confidential-asymmetric"} <= set(conf["capabilities"])
     cs = requests.get(f"{bridge.base}/metadata", timeout=10).json()
     assert cs["rest"][0]["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
 
@@ -113,6 +114,25 @@ def test_a_token_carries_only_requested_scopes_the_partner_holds(bridge):
     partner = bridge.partners.authenticate(body["access_token"])
     assert partner is not None and partner.name == "practice-a" and partner.scopes == ("system/Communication.read",)
     assert not partner.is_clinic
+
+
+def test_smart_v2_scopes_read_by_id_and_search_separately(bridge):
+    """`.r` reads by id, `.s` searches, `.rs` both; each granted from the partner's v1 read."""
+    def token(scope: str) -> str:
+        got = bridge.token(bridge.assertion(), scope=scope)
+        assert got.status_code == 200 and got.json()["scope"] == scope
+        return got.json()["access_token"]
+
+    def get(tok: str, path: str) -> int:
+        return requests.get(f"{bridge.base}{path}", headers={"Authorization": f"Bearer {tok}"}, timeout=10).status_code
+
+    only_read, only_search, both = token("system/Communication.r"), token("system/Communication.s"), \
+        token("system/Communication.rs")
+    assert get(only_read, "/Communication?patient=client-1") == 403
+    assert get(only_read, "/Communication/unknown-1") == 404  # allowed to read: the usual not-found
+    assert get(only_search, "/Communication?patient=client-1") == 200
+    assert get(only_search, "/Communication/unknown-1") == 403
+    assert (get(both, "/Communication?patient=client-1"), get(both, "/Communication/unknown-1")) == (200, 404)
 
 
 def test_a_replayed_assertion_is_refused(bridge):

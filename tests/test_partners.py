@@ -71,6 +71,15 @@ def test_invalid_partner_settings_are_refused_naming_the_rule(partners, kwargs, 
     ("system/Communication.*", "Communication", "write", True),
     ("system/Communication.*", "Consent", "read", False),
     ("kap/clinic", "Communication", "read", False),
+    ("system/*.read", "Communication", "search", True),  # v1 read covers search
+    ("system/Communication.rs", "Communication", "read", True),  # SMART v2
+    ("system/Communication.rs", "Communication", "search", True),
+    ("system/Communication.rs", "Communication", "write", False),
+    ("system/Communication.r", "Communication", "search", False),  # read by id only
+    ("system/Communication.s", "Communication", "read", False),
+    ("system/*.c", "ServiceRequest", "write", True),
+    ("system/*.cruds", "Consent", "search", True),
+    ("system/*.ud", "Consent", "write", True),
 ])
 def test_scopes_grant_interactions(partners, scopes, rtype, interaction, allowed):
     partner, _ = partners.add("p", scopes=scopes)
@@ -126,3 +135,32 @@ def test_unknown_tokens_are_not_cached_so_a_new_partner_works_at_once(tmp_path):
     assert bridge_side.authenticate("not-yet") is None
     _, token = Partners(Database(url)).add("practice-a")
     assert bridge_side.authenticate(token) is not None
+
+
+@pytest.mark.parametrize("scope", ["system/Communication.sr", "system/Communication.", "system/*.rs?category=x",
+                                   "system/communication.rs", "system/*.rx", "user/*.rs"])
+def test_scopes_outside_smart_v1_and_v2_are_refused(partners, scope):
+    with pytest.raises(InputError) as err:
+        partners.add("p", scopes=scope)
+    assert err.value.issues[0].rule == "partner:scope"
+
+
+@pytest.mark.parametrize("held, requested, granted", [
+    ("system/*.read", "system/Communication.rs", "system/Communication.rs"),  # v2 asked, v1 held
+    ("system/*.rs", "system/Communication.read", "system/Communication.read"),  # v1 asked, v2 held
+    ("system/*.r", "system/Communication.read", ""),  # v1 read needs search too
+    ("system/*.read", "system/Communication.cruds", ""),  # asks for writes it does not hold
+    ("system/*.read system/*.write", "system/Communication.cruds system/*.*", "system/Communication.cruds system/*.*"),
+    ("system/*.rs", "system/Communication.rs?category=x", ""),  # granular scopes are not granted
+])
+def test_token_scopes_are_granted_across_smart_versions(partners, held, requested, granted):
+    partner, _ = partners.add("p", scopes=held)
+    assert " ".join(partner.grantable(requested.split())) == granted
+
+
+def test_partner_module_examples():
+    import doctest
+
+    from fhir_kap import partners as module
+
+    assert doctest.testmod(module).failed == 0

@@ -197,7 +197,7 @@ def register(app: Flask) -> None:
     def search(rtype: str) -> Response:
         partner = current_partner()
         _check_type(rtype)
-        _scope(partner, rtype, "read")
+        _scope(partner, rtype, "search")
         params = request.args.to_dict(flat=False)
         count = _int_param(params.pop("_count", None), "_count", DEFAULT_COUNT, MAX_COUNT)
         offset = _int_param(params.pop("_offset", None), "_offset", 0, 10_000_000)

@@ -73,9 +73,10 @@ def register(app: Flask) -> None:
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": list(ALGS),
-            "scopes_supported": ["system/*.read", "system/*.write", "system/*.*", "kap/records.write",
-                                 "kap/referrals.write", "kap/clinic", "kap/consent-authority"],
-            "capabilities": ["client-confidential-asymmetric"],
+            "scopes_supported": ["system/*.read", "system/*.write", "system/*.*", "system/*.rs",
+                                 "system/*.cruds", "kap/records.write", "kap/referrals.write", "kap/clinic",
+                                 "kap/consent-authority"],
+            "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
         })
 
     @app.post(TOKEN_PATH)
