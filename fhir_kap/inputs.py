@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,7 +18,7 @@ from typing import Any
 
 from .config import data_path
 from .errors import InputError, Issue
-from .textscan import iter_turns
+from .textscan import looks_like_transcript
 
 __all__ = ["RECORD_TYPES", "InputSchemas", "check_record", "load_input_schemas"]
 
@@ -28,11 +27,6 @@ RECORD_TYPES = ("referral", "session", "consent", "note", "client", "practitione
 
 PSYCHOTHERAPY_NOTE_RULE = "kap:psychotherapy-note-never-exchanged"
 TRANSCRIPT_RULE = "kap-note-1"
-_TURN_LABEL = re.compile(r"(client|therapist|patient|clinician|[A-Z][a-z]+ ?[A-Z]?\.?)\s*:\s+\S")
-#: The definition (a speaker turn at a line start); `textscan.turns` finds the same matches in
-#: linear time, where this one-regex form is quadratic on hostile input.
-_SPEAKER_TURN = re.compile(r"(?m)^\s*" + _TURN_LABEL.pattern)
-_SPEAKER_WORDS = ("client", "therapist", "patient", "clinician")
 
 
 def _is_datetime(value: object) -> bool:
@@ -96,20 +90,10 @@ def _kap_rules(record: dict[str, Any]) -> Iterable[Issue]:
                     "Psychotherapy notes (process notes, transcripts, verbatim content) are never exchanged",
                     "note.category", "/category", PSYCHOTHERAPY_NOTE_RULE)
     text = record.get("text")
-    if isinstance(text, str) and _looks_like_transcript(text):
+    if isinstance(text, str) and looks_like_transcript(text):
         yield Issue("error", "security",
                     "Note text reads as a session transcript (speaker-turn lines); transcripts are never exchanged",
                     "note.text", "/text", TRANSCRIPT_RULE)
-
-
-def _looks_like_transcript(text: str) -> bool:
-    n, speaker = 0, False
-    for m in iter_turns(text, _TURN_LABEL):  # stops as soon as the answer is known
-        n += 1
-        speaker = speaker or m.group(1).lower() in _SPEAKER_WORDS
-        if speaker and n >= 2:
-            return True
-    return False
 
 
 def _expression(rtype: str, path: Iterable[Any]) -> str:

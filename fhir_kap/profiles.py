@@ -25,7 +25,7 @@ import orjson
 
 from .config import CANONICAL, CS, Release, data_path
 from .errors import Issue, ProfileError
-from .textscan import turns
+from .textscan import looks_like_transcript
 
 __all__ = ["Validator", "detect_release", "looks_like_transcript", "load_profile_rules", "SUPPORTED_TYPES",
            "KAP_PROFILES"]
@@ -72,38 +72,6 @@ _R5_PATHS: dict[str, str | None] = {
     "Consent.scope": None,
     "Consent.provision.type": None,
 }
-
-_LABEL = (r"(?:client|therapist|patient|pt|t|c|p|q|a|me|clinician|counsell?or|interviewer|"
-          r"facilitator|guide|dr\.?\s+[a-z][\w'-]*)\s*:")
-#: The definition: a speaker label at the start of a line or sentence (`textscan.turns` finds
-#: the same matches in linear time; this one-regex form is quadratic on hostile input).
-_SPEAKER = re.compile(r"(?:^|(?<=[.!?]\s))\s*" + _LABEL, re.I | re.M)
-_SPEAKER_AT = re.compile(_LABEL, re.I)
-_TIMESTAMP = re.compile(r"\[\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\]")
-
-
-def looks_like_transcript(text: str) -> bool:
-    """True when a text reads as a session transcript rather than a summary note.
-
-    Speaker-turn labels (`Client:`, `Therapist:`, `T:`, `C:`, `Pt:`, `Dr Lee:`) at the start of a line or
-    sentence at least twice, or a bracketed timestamp such as `[00:12:31]`.
-
-    >>> looks_like_transcript("Client: I felt calm.\\nTherapist: Tell me more.")
-    True
-    >>> looks_like_transcript("Integration going well. Client: stable, sleeping better.")
-    False
-    """
-    if _TIMESTAMP.search(text):
-        return True
-    return text.count(":") >= 2 and _speaker_turns(text, 2) >= 2
-
-
-def _speaker_turns(text: str, enough: int) -> int:
-    """How many non-overlapping `_SPEAKER` matches `text` has (counting stops at `enough`);
-    linear in the text (see fhir_kap.textscan). Each match ends at its own colon, hence the
-    caller's colon count."""
-    return len(turns(text, _SPEAKER_AT, after_sentences=True, enough=enough))
-
 
 def detect_release(resource: Any) -> Release | None:
     """Guess a resource's FHIR release from its shape; None when nothing tells R4 from R5.

@@ -1,4 +1,5 @@
-"""Linear-time scans for speaker turns ("Client: ...") at line or sentence starts.
+"""Linear-time scans for speaker turns ("Client: ...") at line or sentence starts, and the one
+rule both the KAP-record check and the FHIR profile check use to tell a transcript from a note.
 
 A pattern like `(?m)^\\s*(client|...)\\s*:` run with `finditer` is quadratic on hostile text: at
 every line start its `\\s*` runs over all the whitespace that follows, so a note of 20,000
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-__all__ = ["iter_turns", "turns"]
+__all__ = ["iter_turns", "looks_like_transcript", "turns"]
 
 _NON_SPACE = re.compile(r"\S")
 #: Sentence punctuation and the one whitespace after it; a turn may start right after.
@@ -68,3 +69,43 @@ def iter_turns(text: str, label: re.Pattern[str], *, after_sentences: bool = Fal
         pos = min(after_line, after_sentence)
         if pos > size:
             return
+
+
+#: Clinical speaker labels (`Client:`, `T:`, `Pt:`, `Dr Lee:`), counted at line or sentence starts.
+_LABEL = (r"(?:client|therapist|patient|pt|t|c|p|q|a|me|clinician|counsell?or|interviewer|"
+          r"facilitator|guide|dr\.?\s+[a-z][\w'-]*)\s*:")
+SPEAKER_AT = re.compile(_LABEL, re.I)
+#: The definition of those turns as one regex (quadratic on hostile input: `turns` finds the same).
+SPEAKER = re.compile(r"(?:^|(?<=[.!?]\s))\s*" + _LABEL, re.I | re.M)
+#: Any name-like turn label at a line start followed by speech (`Mary: ...`, `Jo B.: ...`).
+TURN_LABEL = re.compile(r"(client|therapist|patient|clinician|[A-Z][a-z]+ ?[A-Z]?\.?)\s*:\s+\S")
+#: Its one-regex definition (quadratic on hostile input: `turns` finds the same).
+SPEAKER_TURN = re.compile(r"(?m)^\s*" + TURN_LABEL.pattern)
+_SPEAKER_WORDS = ("client", "therapist", "patient", "clinician")
+TIMESTAMP = re.compile(r"\[\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\]")
+
+
+def looks_like_transcript(text: str) -> bool:
+    """True when a text reads as a session transcript rather than a summary note: a bracketed
+    timestamp (`[00:12:31]`); or two clinical speaker labels (`Client:`, `Therapist:`, `T:`,
+    `C:`, `Pt:`, `Dr Lee:`) at the start of a line or sentence; or two turn lines (`Mary: ...`)
+    of which one is a speaker word (client, therapist, patient, clinician). Linear in the text.
+
+    >>> looks_like_transcript("Client: I felt calm.\\nTherapist: Tell me more.")
+    True
+    >>> looks_like_transcript("Mary: it was bright.\\nClient: yes.")
+    True
+    >>> looks_like_transcript("Integration going well. Client: stable, sleeping better.")
+    False
+    """
+    if TIMESTAMP.search(text):
+        return True
+    if text.count(":") >= 2 and len(turns(text, SPEAKER_AT, after_sentences=True, enough=2)) >= 2:
+        return True
+    n, speaker = 0, False
+    for m in iter_turns(text, TURN_LABEL):  # stops as soon as the answer is known
+        n += 1
+        speaker = speaker or m.group(1).lower() in _SPEAKER_WORDS
+        if speaker and n >= 2:
+            return True
+    return False

@@ -82,10 +82,13 @@ _PIECES = ["client", "Therapist", "T", "c", "pt", "Dr. Lee", "dr  x", "Q:", "me"
 @given(st.lists(st.sampled_from(_PIECES), max_size=30).map("".join))
 def test_transcript_scan_counts_exactly_what_the_speaker_pattern_finds(text: str) -> None:
     """The fast scan (turn starts found with str.find) agrees with the one-regex definition."""
-    from fhir_kap.profiles import _SPEAKER, _TIMESTAMP, _speaker_turns
+    from fhir_kap.textscan import SPEAKER, SPEAKER_AT, SPEAKER_TURN, TIMESTAMP, turns
 
-    assert _speaker_turns(text, 10**6) == len(_SPEAKER.findall(text))
-    assert looks_like_transcript(text) is (bool(_TIMESTAMP.search(text)) or len(_SPEAKER.findall(text)) >= 2)
+    assert len(turns(text, SPEAKER_AT, after_sentences=True)) == len(SPEAKER.findall(text))
+    record_rule = [m.group(1).lower() for m in SPEAKER_TURN.finditer(text)]
+    expected = bool(TIMESTAMP.search(text)) or len(SPEAKER.findall(text)) >= 2 or (
+        len(record_rule) >= 2 and any(w in ("client", "therapist", "patient", "clinician") for w in record_rule))
+    assert looks_like_transcript(text) is expected
 
 
 _RECORD_PIECES = ["client", "Client", "therapist", "Mary", "Jo B.", "x", ":", ": ", " ", "\n", "\t", "\r", "\x85",
@@ -96,7 +99,8 @@ _RECORD_PIECES = ["client", "Client", "therapist", "Mary", "Jo B.", "x", ":", ":
 @given(st.lists(st.sampled_from(_RECORD_PIECES), max_size=30).map("".join))
 def test_record_transcript_scan_finds_what_the_turn_pattern_finds(text: str) -> None:
     """The KAP-record check (fhir_kap.inputs) through the same linear scan."""
-    from fhir_kap.inputs import _SPEAKER_TURN, _TURN_LABEL
+    from fhir_kap.textscan import SPEAKER_TURN as _SPEAKER_TURN
+    from fhir_kap.textscan import TURN_LABEL as _TURN_LABEL
     from fhir_kap.textscan import turns
 
     assert [m.group(1) for m in turns(text, _TURN_LABEL)] == [m.group(1) for m in _SPEAKER_TURN.finditer(text)]
@@ -121,7 +125,7 @@ def test_a_hostile_note_costs_one_label_try_per_word_not_per_line(text: str) -> 
     """The one-regex scan was quadratic here (26 s for 20,000 blank lines): every line start
     scanned all the blank lines after it. The label is now tried at most once per word (the
     start of a whitespace-separated token), never from inside a blank run."""
-    from fhir_kap.profiles import _SPEAKER_AT
+    from fhir_kap.textscan import SPEAKER_AT as _SPEAKER_AT
     from fhir_kap.textscan import turns
 
     label = _CountingLabel(_SPEAKER_AT)
@@ -206,3 +210,39 @@ def test_the_fast_string_patterns_agree_on_generated_text(text):
         for key, fast in _structure_module(release).REGEX_PATTERNS.items():
             if key in _FAST_PATTERNS:
                 assert bool(fast.search(text)) == bool(re.compile(fast.original.pattern).search(text))
+
+
+@pytest.mark.parametrize("text", [
+    "Client: I saw colours.\nTherapist: What did that mean?",
+    "Mary: it was bright.\nClient: yes, and then quiet.",  # name-like turn lines with a speaker word
+    "Pt: tired. Dr Lee: rest today.",  # clinical labels after a sentence
+    "[00:12:31] long pause",
+    "Integration going well. Client: stable, sleeping better.",
+    "Plan: two more integration sessions. Next review 10:30 on Friday.",
+])
+def test_the_record_check_and_the_fhir_profile_refuse_the_same_transcripts(text: str) -> None:
+    """One rule (textscan.looks_like_transcript) at both doors: a note the KAP-record check lets in
+    is never refused as a transcript once mapped to FHIR, and the other way round."""
+    from fhir_kap.errors import InputError
+    from fhir_kap.inputs import TRANSCRIPT_RULE, load_input_schemas
+
+    record = _load(ROOT / "profiles" / "examples" / "records" / "note-note-0001.json")
+    record["text"] = text
+    try:
+        load_input_schemas().check(record)
+        record_refused = False
+    except InputError as exc:
+        record_refused = any(i.rule == TRANSCRIPT_RULE for i in exc.issues)
+    resource = _load(ROOT / "profiles" / "examples" / "r4" / "Communication-note-0001.json")
+    resource["payload"] = [{"contentString": text}]
+    fhir_refused = any(i.rule.startswith("kap-note") and "transcript" in i.message.lower()
+                       for i in Validator.load(Release.R4).validate(resource))
+    assert record_refused is fhir_refused is looks_like_transcript(text)
+
+
+def test_textscan_examples() -> None:
+    import doctest
+
+    from fhir_kap import textscan
+
+    assert doctest.testmod(textscan).failed == 0
