@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import requests
 
 from .config import Release
-from .errors import ConfigError, InputError, ServerError
+from .errors import ConfigError, InputError, ServerError, remote_issue_summary
 from .identifiers import business_identifier
 from .jsonio import dumps, loads
 
@@ -501,14 +501,9 @@ def _status_error(method: str, what: str, resp: requests.Response, *,
             outcome = body
     except InputError:
         pass
-    said = ""
-    if outcome:
-        for issue in outcome.get("issue") or []:
-            if isinstance(issue, dict):
-                text = (issue.get("details") or {}).get("text") or issue.get("diagnostics")
-                if text:
-                    said = f" — server said: {str(text)[:200]}"
-                    break
+    # Codes and locations only: a server's free text may quote the resource (kept in remote_outcome).
+    issues = remote_issue_summary(outcome)
+    said = f" (server issues: {issues})" if issues else ""
     status = resp.status_code
     if retryable is None:
         retryable = status in RETRY_STATUSES

@@ -79,15 +79,7 @@ def _summary(exc: BaseException) -> str:
     """A one-line error summary for the outbox: the status and the server's issue codes and
     expressions — never the server's free text, which may echo the resource's content."""
     if isinstance(exc, ServerError):
-        head = exc.summary.split(" — server said:", 1)[0]
-        issues = [i for i in (exc.remote_outcome or {}).get("issue") or [] if isinstance(i, dict)]
-        if issues:
-            parts = []
-            for issue in issues[:5]:
-                where = [e for e in issue.get("expression") or [] if isinstance(e, str)][:1]
-                parts.append(str(issue.get("code", "?"))[:40] + (f" at {where[0][:120]}" if where else ""))
-            head += " (server issues: " + "; ".join(parts) + ")"
-        return head
+        return exc.summary  # status, and the server's issue codes and locations: never its free text
     if isinstance(exc, KapError):
         return "; ".join(i.message for i in exc.issues)
     return f"internal error ({type(exc).__name__})"

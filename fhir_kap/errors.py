@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 __all__ = [
     "Issue",
+    "remote_issue_summary",
     "KapError",
     "InputError",
     "MappingError",
@@ -233,16 +234,29 @@ class ServerError(KapError):
 
 
 def _remote_issues(oo: dict[str, Any] | None) -> list[Issue]:
+    """The server's issues by code and location only: its free text (details, diagnostics) may
+    quote the resource it refused, so it stays in `remote_outcome` and is never shown."""
     if not isinstance(oo, dict) or oo.get("resourceType") != "OperationOutcome":
         return []
     out = []
     for raw in oo.get("issue") or []:
         if not isinstance(raw, dict):
             continue
-        text = ((raw.get("details") or {}).get("text") or raw.get("diagnostics") or "")[:500]
+        code = str(raw.get("code", "exception"))[:40]
         expr = raw.get("expression") or []
-        out.append(Issue(str(raw.get("severity", "error")), str(raw.get("code", "exception")),
-                         f"server said: {text}" if text else "server reported an issue",
-                         expression=expr[0] if expr and isinstance(expr[0], str) else None,
-                         rule="remote-server"))
+        where = expr[0][:120] if expr and isinstance(expr[0], str) else None
+        out.append(Issue(str(raw.get("severity", "error"))[:20], code,
+                         f"server reported {code}" + (f" at {where}" if where else ""),
+                         expression=where, rule="remote-server"))
     return out
+
+
+def remote_issue_summary(oo: dict[str, Any] | None, limit: int = 5) -> str:
+    """`code at expression; ...` for the first `limit` issues of a server's OperationOutcome
+    (no free text), or '' when there are none.
+
+    >>> remote_issue_summary({"resourceType": "OperationOutcome", "issue": [
+    ...     {"code": "required", "expression": ["Communication.status"], "diagnostics": "Jane Doe ..."}]})
+    'required at Communication.status'
+    """
+    return "; ".join(i.message.removeprefix("server reported ") for i in _remote_issues(oo)[:limit])

@@ -136,7 +136,9 @@ def test_error_status__not_retried_and_outcome_carried(client, rsps, sleeps, sta
     assert len(rsps.calls) == 1 and sleeps == []
     assert (e.status, e.retryable, e.remote_outcome) == (status, False, outcome)
     assert e.summary.startswith(f"POST Communication: {status} ")
-    assert "server said: Communication.status: minimum required" in e.summary
+    assert "(server issues: " in e.summary and "at Communication.status" in e.summary
+    assert "minimum required" not in str(e.operation_outcome())  # the server's free text stays out
+    assert e.remote_outcome["issue"][0]["diagnostics"]  # and is kept on the error object
     assert e.operation_outcome()["issue"][1]["expression"] == ["Communication.status"]
     assert "Continuity note" not in str(e)  # the request body never appears
 
@@ -294,3 +296,11 @@ def test_bearer_auth__sends_header_and_hides_token(rsps):
     assert "tok-123" not in repr(c)
     headers = rsps.calls[0].request.headers
     assert headers["Accept"] == "application/fhir+json" and headers["User-Agent"].startswith("fhir-kap/")
+
+
+def test_error_module_examples():
+    import doctest
+
+    from fhir_kap import errors
+
+    assert doctest.testmod(errors).failed == 0

@@ -167,7 +167,9 @@ def test_server_rejection__becomes_server_error_with_outcome(client):
     assert 400 <= e.status < 500 and e.retryable is False
     assert e.remote_outcome["resourceType"] == "OperationOutcome"
     assert e.summary.startswith(f"POST Communication: {e.status}")
-    assert any(i.message.startswith("server said") for i in e.issues)
+    assert any(i.message.startswith("server reported") and i.rule == "remote-server" for i in e.issues)
+    said = [i.get("diagnostics") or (i.get("details") or {}).get("text") for i in e.remote_outcome["issue"]]
+    assert all(text not in str(e.operation_outcome()) for text in said if text)  # free text never shown
 
 
 # ---- auth (server with bearer + SMART)
