@@ -175,6 +175,27 @@ class Partner:
                 "smart_key_ids": [k["kid"] for k in (self.jwks or {}).get("keys", [])]}
 
 
+def _check_url(label: str, url: str) -> None:
+    """An http(s) URL with a host, and without credentials or a fragment: a URL is listed by
+    `partners list` and written to logs, so secrets go in --endpoint-auth, never in the URL."""
+    from urllib.parse import urlsplit
+
+    if not re.match(r"https?://[^\s]+\Z", url):
+        raise InputError(f"{label} must be an http(s) URL", rule="partner:url")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise InputError(f"{label} is not a valid URL", rule="partner:url") from None
+    if not parts.hostname:
+        raise InputError(f"{label} must name a host", rule="partner:url")
+    if parts.username is not None or parts.password is not None:
+        raise InputError(f"{label} must not carry credentials (user:password@); give them with --endpoint-auth",
+                         rule="partner:url")
+    if parts.fragment:
+        raise InputError(f"{label} must not have a #fragment", rule="partner:url")
+
+
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -225,8 +246,8 @@ class Partners:
                 raise InputError(f"reference '{ref[:80]}' must be Organization|Practitioner|PractitionerRole/id",
                                  rule="partner:reference")
         for label, url in (("endpoint", endpoint_url), ("webhook", webhook_url)):
-            if url is not None and not re.match(r"^https?://[^\s]+$", url):
-                raise InputError(f"{label} must be an http(s) URL", rule="partner:url")
+            if url is not None:
+                _check_url(label, url)
         auth = endpoint_auth or ("none" if endpoint_url else None)
         if auth is not None and not re.match(r"^(none|bearer:[A-Z_][A-Z0-9_]*|smart:[^\s]+)$", auth):
             raise InputError("--endpoint-auth must be none, bearer:ENVVAR (an environment variable name) "

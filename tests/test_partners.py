@@ -55,6 +55,11 @@ def test_adding_a_partner_twice_conflicts(partners):
     ({"name": "ok", "org_identifier": "no-bar"}, "partner:identifier"),
     ({"name": "ok", "npis": ["12"]}, "partner:npi"),
     ({"name": "ok", "endpoint_url": "ftp://x"}, "partner:url"),
+    ({"name": "ok", "webhook_url": "https://user:secret@hooks.example/kap"}, "partner:url"),
+    ({"name": "ok", "endpoint_url": "https://:secret@ehr.example/fhir"}, "partner:url"),
+    ({"name": "ok", "webhook_url": "https://hooks.example:notaport/kap"}, "partner:url"),
+    ({"name": "ok", "webhook_url": "https:///no-host"}, "partner:url"),
+    ({"name": "ok", "webhook_url": "https://hooks.example/kap#frag"}, "partner:url"),
     ({"name": "ok", "endpoint_url": "https://x", "endpoint_auth": "bearer:s3cr3t-token"}, "partner:endpoint-auth"),
     ({"name": "ok", "references": ["Patient/x"]}, "partner:reference"),
 ])
@@ -164,3 +169,11 @@ def test_partner_module_examples():
     from fhir_kap import partners as module
 
     assert doctest.testmod(module).failed == 0
+
+
+def test_a_url_refused_for_credentials_never_echoes_them(partners):
+    with pytest.raises(InputError) as err:
+        partners.add("ok", webhook_url="https://user:s3cret@hooks.example/kap")
+    assert "s3cret" not in str(err.value.operation_outcome())
+    partner, _ = partners.add("fine", webhook_url="http://127.0.0.1:9000/hooks", endpoint_url="https://ehr.example/fhir")
+    assert partner.webhook_url == "http://127.0.0.1:9000/hooks"
