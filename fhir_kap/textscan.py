@@ -71,8 +71,10 @@ def iter_turns(text: str, label: re.Pattern[str], *, after_sentences: bool = Fal
             return
 
 
-#: Clinical speaker labels (`Client:`, `T:`, `Pt:`, `Dr Lee:`), counted at line or sentence starts.
-_LABEL = (r"(?:client|therapist|patient|pt|t|c|p|q|a|me|clinician|counsell?or|interviewer|"
+#: Clinical speaker labels (`Client:`, `T:`, `Pt:`, `Q:`, `Dr Lee:`), counted at line or sentence
+#: starts. Not `A:` or `P:`: a SOAP note's Assessment and Plan lines are a note, not a transcript
+#: (a Q/A or T/P exchange still shows two `Q:` or `T:` turns).
+_LABEL = (r"(?:client|therapist|patient|pt|t|c|q|me|clinician|counsell?or|interviewer|"
           r"facilitator|guide|dr\.?\s+[a-z][\w'-]*)\s*:")
 SPEAKER_AT = re.compile(_LABEL, re.I)
 #: The definition of those turns as one regex (quadratic on hostile input: `turns` finds the same).
@@ -87,15 +89,18 @@ TIMESTAMP = re.compile(r"\[\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\]")
 
 def looks_like_transcript(text: str) -> bool:
     """True when a text reads as a session transcript rather than a summary note: a bracketed
-    timestamp (`[00:12:31]`); or two clinical speaker labels (`Client:`, `Therapist:`, `T:`,
-    `C:`, `Pt:`, `Dr Lee:`) at the start of a line or sentence; or two turn lines (`Mary: ...`)
-    of which one is a speaker word (client, therapist, patient, clinician). Linear in the text.
+    timestamp (`[00:12:31]`); or two clinical speaker labels (client, therapist, patient,
+    clinician, counsellor, interviewer, facilitator, guide, `T:`, `C:`, `Pt:`, `Q:`, `Me:`,
+    `Dr Lee:`) at the start of a line or sentence; or two turn lines (`Mary: ...`) of which one
+    label is Client, Therapist, Patient or Clinician. Linear in the text.
 
     >>> looks_like_transcript("Client: I felt calm.\\nTherapist: Tell me more.")
     True
     >>> looks_like_transcript("Mary: it was bright.\\nClient: yes.")
     True
     >>> looks_like_transcript("Integration going well. Client: stable, sleeping better.")
+    False
+    >>> looks_like_transcript("S: sleeping better.\\nO: calm.\\nA: stable.\\nP: one more session.")
     False
     """
     if TIMESTAMP.search(text):

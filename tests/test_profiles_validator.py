@@ -69,12 +69,15 @@ def test_messages_do_not_quote_free_text() -> None:
     ("Integration going well. Client: stable, sleeping better.", False),
     ("Plan: two more integration sessions. Next review 10:30 on Friday.", False),
     ("", False),
+    ("S: sleeping better.\nO: calm, vitals normal.\nA: stable.\nP: one more integration session.", False),
+    ("Q: How was it?\nA: Bright.\nQ: And after?\nA: Quiet.", True),  # a Q/A exchange
+    ("T: How are you?\nP: Fine.\nT: Sleeping?\nP: Yes.", True),
 ])
 def test_looks_like_transcript(text: str, expected: bool) -> None:
     assert looks_like_transcript(text) is expected
 
 
-_PIECES = ["client", "Therapist", "T", "c", "pt", "Dr. Lee", "dr  x", "Q:", "me", "word", ":", " ", "\n",
+_PIECES = ["client", "Therapist", "T", "c", "pt", "Dr. Lee", "dr  x", "Q:", "A:", "P:", "me", "word", ":", " ", "\n",
            "\r", "\t", ".", "!", "?", "\x85", "\u2028", "\u00a0", "[00:12:31]"]
 
 
@@ -219,6 +222,7 @@ def test_the_fast_string_patterns_agree_on_generated_text(text):
     "[00:12:31] long pause",
     "Integration going well. Client: stable, sleeping better.",
     "Plan: two more integration sessions. Next review 10:30 on Friday.",
+    "S: sleeping better.\nO: calm.\nA: stable.\nP: one more integration session.",  # a SOAP note
 ])
 def test_the_record_check_and_the_fhir_profile_refuse_the_same_transcripts(text: str) -> None:
     """One rule (textscan.looks_like_transcript) at both doors: a note the KAP-record check lets in
