@@ -38,9 +38,12 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="settings file (TOML)")
     # Defaults from bench/bench_bridge.py on 2 cores with the load generator beside it
-    # (POST /fhir/Communication req/s). Sync workers, one more than the cores: with WAL
-    # checkpoints on their own thread (db.WalCheckpointer), 3 sync workers gave 1020-1080 and
-    # 2 gave 965-990 over four alternating pairs; 4 gave 845-935. An earlier round, before the
+    # (POST /fhir/Communication req/s). Sync workers, one more than the cores. Latest round
+    # (2026-11-24, WAL sync after the locks): 3 workers 0.45-0.48x the floor, 2 workers
+    # 0.43-0.44x, 4 the same ratio as 3 (both endpoints ~3 % faster), 5 lower; gthread 3x2,
+    # 2x4 and 1x8 0.38-0.43x. The round before (WAL checkpoints on their own thread,
+    # db.WalCheckpointer): 3 sync workers gave 1020-1080 and 2 gave 965-990 over four
+    # alternating pairs; 4 gave 845-935. An earlier round, before the
     # checkpointer, had 2 ahead of 3 (960-970 vs 790-830); gthread 2x8 640-700 and 2x2 610-680,
     # and 2 sync with reuse_port 880-900. gthread loses because its workers race to accept: all
     # keep-alive connections tend to land on one process, whose GIL then serialises them while
