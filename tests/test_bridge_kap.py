@@ -158,6 +158,24 @@ def test_kap_records__consents_from_a_partner_that_is_no_consent_authority_are_r
     assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"
 
 
+def test_kap_records__a_token_without_consent_authority_feeds_no_context(bridge):
+    """A SMART access token narrowed to kap/records.write cannot feed the consent gate, even for
+    a partner registered as a consent authority: the request's scopes decide, not the registration."""
+    import time
+
+    svc = bridge.app.extensions["fhir_kap"]
+    partners = svc.partners
+    holder, _ = partners.add("authority", scopes="kap/records.write kap/consent-authority")
+    narrowed = partners.grant(holder, ["kap/records.write"], jti="narrow-1", assertion_expires=time.time() + 60)
+    consent = json.loads(open(Path(__file__).parent.parent / "profiles" / "examples" / "records"
+                              / "consent-consent-0001.json").read())
+    resp = bridge.client.post("/kap/records", data=json.dumps(consent),
+                              headers={"Authorization": f"Bearer {narrowed}", "Content-Type": "application/json"})
+    result = resp.get_json()["results"][0]
+    assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"
+    assert svc.outbox.context_for("Patient/client-0001") == []  # nothing reached the gate's context
+
+
 def test_re_posting_the_same_records_changes_nothing(bridge):
     """Records are independent, like a batch Bundle's entries: each is committed with its own
     outcome, so a client whose answer was lost simply posts them again."""

@@ -24,6 +24,7 @@ from ..errors import InputError, KapError, UnsupportedMediaType
 from ..identifiers import business_identifier
 from ..inbound import addressed_to
 from ..outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
+from ..partners import Partner
 from ..pipeline import Pipeline
 from .app import current_partner, json_response, services
 from .fhir import read_json_body
@@ -38,7 +39,7 @@ def register(app: Flask) -> None:
     def records() -> Response:
         partner = current_partner(["kap/records.write"])
         docs = _documents()
-        results = [_one(label, doc, partner.name) for label, doc in docs]
+        results = [_one(label, doc, partner) for label, doc in docs]
         summary: dict[str, int] = {}
         for r in results:
             summary[r["outcome"]] = summary.get(r["outcome"], 0) + 1
@@ -88,8 +89,9 @@ def _outbound(source: str) -> Outbound:
                     purpose=svc.options.read_purpose, actor=f"partner:{source}")
 
 
-def _one(label: str, doc: Any, source: str) -> dict[str, Any]:
+def _one(label: str, doc: Any, partner: Partner) -> dict[str, Any]:
     svc = services()
+    source = partner.name
     out: dict[str, Any] = {"item": label}
     if isinstance(doc, dict):
         if isinstance(doc.get("record"), str):
@@ -103,7 +105,9 @@ def _one(label: str, doc: Any, source: str) -> dict[str, Any]:
                 "reasons": [issue_reason(i) for i in resource.issues]}
     rtype = resource["resourceType"]
     if rtype in CONTEXT_TYPES:
-        if not svc.inbound.is_authority(source):  # only consent authorities feed the consent gate
+        # Only consent authorities feed the consent gate: by this request's scopes (a SMART
+        # token may carry fewer than the partner holds), never by the partner's registration.
+        if not partner.is_consent_authority:
             return {**out, "outcome": "refused", "status": 403, "reasons": [{
                 "message": "consents and parties are taken only from the clinic or a consent authority",
                 "rule": "kap:consent-authority"}]}
