@@ -17,7 +17,6 @@ strings (they hold business identifiers), tokens or secrets.
 from __future__ import annotations
 
 import base64
-import email.utils
 import logging
 import random
 import threading
@@ -30,7 +29,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 
-from .config import Release
+from .config import Release, retry_after_seconds
 from .errors import ConfigError, InputError, ServerError, remote_issue_summary
 from .identifiers import business_identifier
 from .jsonio import dumps, loads
@@ -256,18 +255,7 @@ class RetryPolicy:
     @staticmethod
     def retry_after(value: str | None, now: float | None = None) -> float | None:
         """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if unreadable."""
-        if not value:
-            return None
-        v = value.strip()
-        if v.isdigit():
-            return float(v)
-        try:
-            when = email.utils.parsedate_to_datetime(v)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+        return retry_after_seconds(value, now)
 
 
 # --------------------------------------------------------------------------- auth

@@ -6,9 +6,11 @@ canonical base of its profiles, and the code systems it uses. Settings are built
 """
 from __future__ import annotations
 
+import email.utils
 import enum
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +34,7 @@ class Backoff:
     base: float = 1.0
     cap: float = 300.0
     jitter: float = 0.5
+    max_retry_after: float = 86_400.0  # a Retry-After past this (or not finite) is taken as this
 
     def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
         d = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
@@ -39,9 +42,32 @@ class Backoff:
 
     def wait(self, attempts: int, retry_after: float | None = None,
              rand: Callable[[], float] = random.random) -> float:
-        """`delay`, unless the other side asked for longer (`Retry-After`): that wins."""
+        """`delay`, unless the other side asked for longer (`Retry-After`): that wins, up to
+        `max_retry_after`, so no answer can put a job off for ever."""
         wait = self.delay(attempts, rand)
-        return float(retry_after) if isinstance(retry_after, (int, float)) and retry_after > wait else wait
+        if isinstance(retry_after, (int, float)) and retry_after > wait:
+            return min(float(retry_after), self.max_retry_after)
+        return wait
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if unreadable.
+
+    >>> retry_after_seconds("120"), retry_after_seconds("inf"), retry_after_seconds(None)
+    (120.0, None, None)
+    """
+    if not value:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        return float(v)
+    try:
+        when = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class Release(str, enum.Enum):

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import jsonio
-from .config import Backoff
+from .config import Backoff, retry_after_seconds
 from .db import Database
 
 __all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "WebhookJob", "sign"]
@@ -242,8 +242,7 @@ class Notifier:
                 self._send(job, worker)
             except Exception as exc:  # noqa: BLE001 - one job's failure must not strand the others
                 log.warning("webhook job failed", extra={"job": job.id, "error": type(exc).__name__})
-                self._finish(job, worker, "pending", None, type(exc).__name__,
-                             next_at=self.clock() + self.backoff.wait(job.attempts))
+                self._retry_or_give_up(job, worker, None, type(exc).__name__, None)
         return len(rows)
 
     def _renew(self, job: WebhookJob, worker: str) -> bool:
@@ -272,11 +271,18 @@ class Notifier:
             self._finish(job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed")
         elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 429):
             self._finish(job, worker, "dead", result.status, result.error)
-        elif job.attempts >= self.max_attempts:
-            self._finish(job, worker, "dead", result.status, f"{result.error}; gave up after {job.attempts} attempts")
         else:
-            self._finish(job, worker, "pending", result.status, result.error,
-                         next_at=self.clock() + self.backoff.wait(job.attempts, result.retry_after))
+            self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
+
+    def _retry_or_give_up(self, job: WebhookJob, worker: str, status: int | None, error: str | None,
+                          retry_after: float | None) -> None:
+        """A failed attempt that may succeed later: again after the back-off, or dead once
+        `max_attempts` are spent (whatever failed: the receiver, or this side)."""
+        if job.attempts >= self.max_attempts:
+            self._finish(job, worker, "dead", status, f"{error}; gave up after {job.attempts} attempts")
+        else:
+            self._finish(job, worker, "pending", status, error,
+                         next_at=self.clock() + self.backoff.wait(job.attempts, retry_after))
 
     def _finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
                 next_at: float | None = None) -> None:
@@ -368,17 +374,10 @@ class Notifier:
             conn.request("POST", path, body=body, headers=headers)
             resp = conn.getresponse()
             resp.read(65536)  # a little of the body, never kept; the connection is closed next
-            return resp.status, _seconds(resp.getheader("Retry-After"))
+            return resp.status, retry_after_seconds(resp.getheader("Retry-After"))
         finally:
             deadline.cancel()
             conn.close()
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None  # an HTTP date: the back-off decides
 
 
 def _job(row: dict[str, Any]) -> WebhookJob:

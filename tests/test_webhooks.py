@@ -106,6 +106,40 @@ def test_retry_after_on_429_is_honoured(db, receiver):
     assert job.state == "pending" and job.next_attempt_at >= clock.now + 120
 
 
+@pytest.mark.parametrize("header, waits", [
+    ("Wed, 21 Oct 2099 07:28:00 GMT", 86_400.0),  # an HTTP date far ahead: honoured up to a day
+    ("99999999999", 86_400.0),  # more seconds than a day
+    ("inf", None),  # unreadable: the back-off decides (it once meant 'never', stranding the job)
+])
+def test_no_retry_after_puts_a_job_off_for_ever(db, receiver, header, waits):
+    clock = Clock()
+    n = _notifier(db, receiver.url, clock, backoff=Backoff(base=1.0, cap=300.0, jitter=0))
+    receiver.script = [(429, {"Retry-After": header})]
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    n.run_due()
+    job, = n.jobs()
+    assert job.state == "pending"
+    assert job.next_attempt_at - clock.now == (waits if waits is not None else 1.0)
+
+
+def test_a_job_that_fails_on_this_side_is_given_up_after_the_attempt_limit(db, receiver):
+    """An error before anything is sent (here the partner lookup) counts as an attempt like a
+    receiver's 503: retried with back-off, then dead-lettered, never retried for ever."""
+    clock = Clock()
+    n = _notifier(db, receiver.url, clock, max_attempts=3)
+
+    def broken(name: str):
+        raise RuntimeError("partner store unavailable")
+
+    n.resolve = broken
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    _run_until_quiet(n, clock)
+    job, = n.jobs()
+    assert (job.state, job.attempts) == ("dead", 3)
+    assert job.last_error == "RuntimeError; gave up after 3 attempts"  # the type only, never a message
+    assert receiver.bodies() == []
+
+
 def test_a_refusing_hook_is_dead_lettered_at_once_and_a_down_one_after_the_attempt_limit(db, receiver):
     clock = Clock()
     n = _notifier(db, receiver.url, clock, max_attempts=3)
