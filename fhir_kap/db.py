@@ -514,8 +514,7 @@ class GroupCommitter:
         """Make a committed batch durable before any of its callers is answered."""
         try:
             self.db.sync_wal()
-        except OSError as exc:  # committed and visible, but the disk did not confirm it
-            log.error("wal sync failed", extra={"error": type(exc).__name__, "units": len(batch)})
+        except OSError as exc:  # committed and visible, but the disk did not confirm it (sync_wal logged it)
             unsure = _unsure(exc)
             for unit in batch:
                 if unit.error is None:

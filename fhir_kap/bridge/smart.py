@@ -136,7 +136,7 @@ def _token() -> Response:
     now = time.time()
     if claims["sub"] != claims["iss"]:
         raise _OAuthError("invalid_client", "the assertion's sub must equal its iss (the client id)", 401)
-    if not isinstance(claims["exp"], (int, float)) or claims["exp"] > now + MAX_ASSERTION_SECONDS + 30:
+    if not isinstance(claims["exp"], (int, float)) or claims["exp"] > now + MAX_ASSERTION_SECONDS + LEEWAY_SECONDS:
         raise _OAuthError("invalid_client", "the assertion's exp may be at most 5 minutes ahead", 401)
     jti = claims["jti"]
     if not isinstance(jti, str) or not 1 <= len(jti) <= 256:
