@@ -32,17 +32,14 @@ class Access:
     """Visibility checks for partner reads, consent-gated and audited."""
 
     def __init__(self, store: Store, *, release: Release, purpose: str, audit: Any | None,
-                 context_source: Callable[[str], list[dict[str, Any]]] | None = None,
-                 authority: Callable[[str | None], bool] | None = None) -> None:
-        """`context_source(patient_ref)`: the consent context (the outbox's); without it the store's
-        context resources are read, keeping only those whose sender `authority(source)` trusts
-        (none without it)."""
+                 context_source: Callable[[str], list[dict[str, Any]]]) -> None:
+        """`context_source(patient_ref)`: a client's consent context (the outbox's, which only the
+        clinic and consent authorities fill)."""
         self.store = store
         self.release = release
         self.purpose = purpose
         self.audit = audit
         self.context_source = context_source
-        self.authority = authority
 
     def partner_refs(self, partner: Partner) -> list[str]:
         """Literal references that name `partner` (its own, and stored resources carrying its identifiers)."""
@@ -109,21 +106,8 @@ class Access:
                                                   recorded=now, actor=f"partner:{partner.name}")
 
     def context(self, patient_ref: str | None) -> list[dict[str, Any]]:
-        """Consents for the client, and the people and organisations they name (store + outbox context)."""
-        if self.context_source is not None:
-            # Inbound puts a consent authority's context resources there; it is the one place to read.
-            return self.context_source(patient_ref) if patient_ref else []
-        trusted = self.authority or (lambda source: False)
-        found: dict[tuple[str, str], dict[str, Any]] = {}
-        if patient_ref:
-            for s in self.store.search("Consent", {"patient": [patient_ref]}, count=200).items:
-                if trusted(s.source):
-                    found[("Consent", s.id)] = s.resource
-        for rtype in ("Practitioner", "PractitionerRole", "Organization"):
-            for s in self.store.search(rtype, {}, count=200).items:
-                if trusted(s.source):
-                    found[(rtype, s.id)] = s.resource
-        return list(found.values())
+        """Consents for the client, and the people and organisations they name."""
+        return self.context_source(patient_ref) if patient_ref else []
 
 
 class SearchVisibility:

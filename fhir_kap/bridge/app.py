@@ -112,7 +112,6 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     inbound = Inbound(store, validator, release=release, mapper=mapper, context=outbox, partners=partners,
                       notifier=notifier, clinic_org_identifier=settings.clinic_org_identifier,
                       may_read=access.can_read)
-    access.authority = inbound.is_authority
     if notifier is not None:
         notifier.allowed = _still_readable(partners, store, access)
 
