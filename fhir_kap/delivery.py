@@ -5,8 +5,11 @@ consent holds the item with the reason; nothing is sent), then sends each endpoi
 either one by one (a conditional create: POST with `If-None-Exist: identifier=SYSTEM|VALUE`)
 or together in transaction Bundles whose entries carry the same condition. A transaction the
 server refuses (4xx) falls back to single creates, so one bad item cannot block the others.
-Retryable failures (connection, timeout, 429, 502/503/504) come back later with exponential
-backoff and jitter; anything else, and any item out of attempts, is dead-lettered.
+Retryable failures (connection, timeout, 429 and any 5xx but 501/505) come back later with
+exponential backoff and jitter; anything else, and any item out of attempts, is dead-lettered.
+A 500 is not repeated at once by the client (it may be this very request that breaks the
+server) but it is tried again on the outbox's slower schedule: a server being restarted or
+losing its database answers 500 too, and the conditional create makes a repeat harmless.
 
 Delivery is at-least-once on the wire (a worker killed after the POST and before the outbox
 commit sends again) and exactly-once in effect (the repeated conditional create finds the
@@ -73,6 +76,21 @@ def if_none_exist(key: str) -> str:
     """
     system, _, value = key.partition("|")
     return token_query(system, value)
+
+
+#: Server answers the client does not repeat at once but the outbox tries again later: a 5xx
+#: the client leaves alone (500, 507, ...). Not 501 (not implemented) and 505 (HTTP version):
+#: those do not change by waiting.
+_PERMANENT_5XX = frozenset({501, 505})
+
+
+def _retry_later(exc: BaseException) -> bool:
+    """Whether a failed send is worth another attempt on the outbox's schedule."""
+    if getattr(exc, "retryable", False) or not isinstance(exc, KapError):
+        return True
+    status = getattr(exc, "status", None)
+    return isinstance(exc, ServerError) and isinstance(status, int) and status >= 500 \
+        and status not in _PERMANENT_5XX
 
 
 def _summary(exc: BaseException) -> str:
@@ -244,7 +262,7 @@ class DeliveryWorker:
                 retryable: bool | None = None) -> None:
         summary = _summary(exc)
         if retryable is None:
-            retryable = bool(getattr(exc, "retryable", False)) or not isinstance(exc, KapError)
+            retryable = _retry_later(exc)
         now = self.clock()
         status = getattr(exc, "status", None)
         if retryable and item.attempts < self.max_attempts:

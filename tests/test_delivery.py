@@ -308,6 +308,44 @@ def test_persistent_503__dead_after_max_attempts_with_growing_backoff(outbox, cl
     assert item.state == "dead" and item.last_error.startswith("gave up after 3 attempts")
 
 
+def test_500__not_repeated_at_once_but_retried_later_then_delivered(outbox, clock, rsps):
+    rsps.add(responses.POST, f"{FAKE}/Communication", status=500)
+    created(rsps)
+    [item_id] = queue(outbox, [note()], FAKE)
+    w = worker(outbox, lambda name: fake_client(Sleeps(), attempts=3), clock,
+               backoff=Backoff(base=10, cap=15, jitter=0))
+    stats = w.run_once()
+    item = outbox.get(item_id)
+    assert (stats.retried, stats.dead, len(rsps.calls)) == (1, 0, 1)  # the client did not repeat it
+    assert item.state == "pending" and item.next_attempt_at == clock.now + 10 and "500" in item.last_error
+    clock.now = item.next_attempt_at
+    assert w.run_once().delivered == 1
+    assert outbox.get(item_id).state == "delivered"
+
+
+def test_persistent_500__dead_after_max_attempts(outbox, clock, rsps):
+    for _ in range(3):
+        rsps.add(responses.POST, f"{FAKE}/Communication", status=500)
+    [item_id] = queue(outbox, [note()], FAKE)
+    w = worker(outbox, lambda name: fake_client(Sleeps()), clock, max_attempts=3,
+               backoff=Backoff(base=10, cap=15, jitter=0))
+    for _ in range(3):
+        w.run_once()
+        clock.now += 60
+    item = outbox.get(item_id)
+    assert len(rsps.calls) == 3
+    assert item.state == "dead" and item.last_error.startswith("gave up after 3 attempts") and "500" in item.last_error
+
+
+@pytest.mark.parametrize("status", [501, 505])
+def test_5xx_that_waiting_does_not_change__dead_letters_at_once(outbox, clock, rsps, status):
+    rsps.add(responses.POST, f"{FAKE}/Communication", status=status)
+    [item_id] = queue(outbox, [note()], FAKE)
+    stats = worker(outbox, lambda name: fake_client(Sleeps()), clock).run_once()
+    assert (stats.dead, stats.retried) == (1, 0)
+    assert outbox.get(item_id).state == "dead"
+
+
 def test_transaction_unavailable__retries_all_items_without_falling_back(outbox, clock, rsps):
     rsps.add(responses.POST, FAKE, status=503)
     ids = queue(outbox, [note(), note()], FAKE)
