@@ -43,7 +43,7 @@ from .errors import Conflict, InputError, Issue, KapError, MappingError, NotFoun
 from .identifiers import new_id
 from .notify import EVENT_COMMUNICATION, EVENT_TASK, Notifier
 from .partners import Partner, Partners
-from .store import ID_PATTERN, Store, StoredResource, instant_now
+from .store import ID_PATTERN, Store, StoredResource, check_condition, instant_now
 
 __all__ = [
     "CONTEXT_TYPES",
@@ -91,9 +91,6 @@ REFERRAL_REASONS = {"not-eligible": "Not eligible for KAP", "client-declined": "
                     "duplicate": "Duplicate referral", "other": "Other reason"}
 #: Deepest JSON nesting accepted in a Bundle entry (FHIR resources need far less).
 MAX_DEPTH = 64
-#: Search result parameters: they select no resources, so a condition (If-None-Exist) may not use them.
-_RESULT_PARAMS = frozenset({"_sort", "_count", "_offset", "_include", "_revinclude", "_summary", "_elements",
-                            "_total", "_contained", "_containedType", "_format", "_pretty"})
 _URN = re.compile(r"^urn:uuid:[0-9a-fA-F-]{36}$")
 
 
@@ -563,18 +560,6 @@ def parse_query(query: str) -> dict[str, list[str]]:
                          expression="If-None-Exist", rule="http:if-none-exist") from None
     check_condition(parsed)
     return parsed
-
-
-def check_condition(params: Mapping[str, Sequence[str]]) -> None:
-    """Raise InputError unless `params` is a usable condition (criteria, and no result parameters)."""
-    result = sorted(name for name in params if name in _RESULT_PARAMS)
-    if result:
-        raise InputError(f"If-None-Exist may not use the result parameter '{result[0][:40]}': a condition "
-                         "only selects (e.g. identifier=SYSTEM|VALUE)", expression="If-None-Exist",
-                         rule="http:if-none-exist")
-    if not params:
-        raise InputError("If-None-Exist has no search criteria: it would match any resource; give one "
-                         "such as identifier=SYSTEM|VALUE", expression="If-None-Exist", rule="http:if-none-exist")
 
 
 def _too_deep(node: Any, limit: int) -> bool:

@@ -42,7 +42,8 @@ from .db import Database, Tx
 from .errors import ConfigError, Conflict, InputError, PreconditionFailed
 from .identifiers import new_id
 
-__all__ = ["ID_PATTERN", "MAX_ALTERNATIVES", "SEARCH_PARAMS", "SearchResult", "Store", "StoredResource", "instant_now"]
+__all__ = ["ID_PATTERN", "MAX_ALTERNATIVES", "SEARCH_PARAMS", "SearchResult", "Store", "StoredResource", "check_condition",
+           "instant_now"]
 
 T = TypeVar("T")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -212,8 +213,24 @@ DEFAULT_COUNT = 20
 #: Most comma-separated alternatives one search parameter, and a whole search, may carry
 #: (each becomes an SQL term; SQLite refuses expression trees past ~1,000 terms).
 MAX_ALTERNATIVES = 100
-#: Parameters that shape results but select nothing (a condition may not consist of these).
+#: Result parameters a search accepts and ignores in its WHERE (they select nothing).
 _IGNORED = ("_count", "_offset", "_format", "_total", "_sort", "_summary")
+#: Search result parameters: they select no resources, so a condition (If-None-Exist) may not use them.
+_RESULT_PARAMS = frozenset({*_IGNORED, "_include", "_revinclude", "_elements", "_contained", "_containedType",
+                            "_pretty"})
+
+
+def check_condition(params: Mapping[str, Sequence[str]]) -> None:
+    """Raise InputError unless `params` is a usable If-None-Exist condition: some search
+    criteria, and no result parameters (which select nothing)."""
+    result = sorted(name for name in params if name in _RESULT_PARAMS)
+    if result:
+        raise InputError(f"If-None-Exist may not use the result parameter '{result[0][:40]}': a condition "
+                         "only selects (e.g. identifier=SYSTEM|VALUE)", expression="If-None-Exist",
+                         rule="http:if-none-exist")
+    if not params:
+        raise InputError("If-None-Exist has no search criteria: it would match any resource; give one "
+                         "such as identifier=SYSTEM|VALUE", expression="If-None-Exist", rule="http:if-none-exist")
 
 
 def instant_now() -> str:
@@ -304,14 +321,13 @@ class Store:
 
         With `if_none_exist` (search parameters), an existing single match is returned
         instead (created=False); several matches raise PreconditionFailed (412); a condition
-        with no search criteria (empty, or only `_count`/`_sort`-like parameters) is an InputError. Matches are
+        that is not one (`check_condition`: empty, or with result parameters) is an InputError. Matches are
         looked for among resources of the same `source` only, so one partner cannot probe
         another's identifiers.
         """
         rtype = _type_of(resource)
-        if if_none_exist is not None and not any(name not in _IGNORED for name in if_none_exist):
-            raise InputError("If-None-Exist has no search criteria: it would match any resource",
-                             expression="If-None-Exist", rule="http:if-none-exist")
+        if if_none_exist is not None:
+            check_condition(if_none_exist)
         if tx is None:
             return self.write(lambda t: self.create(resource, source=source, if_none_exist=if_none_exist,
                                                     keep_id=keep_id, tx=t))

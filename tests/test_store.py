@@ -186,8 +186,12 @@ def test_a_hundred_search_values_and_many_audience_references_are_searched(store
     assert [s.id for s in found.items] == [created.id]
 
 
-@pytest.mark.parametrize("condition", [{}, {"_count": ["1"]}, {"_sort": ["x"], "_summary": ["true"]}])
-def test_a_condition_without_search_criteria_is_refused(store, condition):
+@pytest.mark.parametrize("condition", [
+    {}, {"_count": ["1"]}, {"_sort": ["x"], "_summary": ["true"]},
+    # criteria beside a result parameter: refused by the store itself, as at the HTTP door
+    {"identifier": ["urn:x|1"], "_count": ["1"]}, {"identifier": ["urn:x|1"], "_elements": ["id"]},
+])
+def test_a_condition_without_search_criteria_or_with_result_parameters_is_refused(store, condition):
     store.create(load("Example-Communication-note-1.json"), source="x")
     with pytest.raises(InputError) as err:
         store.create(load("Example-Communication-note-1.json"), source="x", if_none_exist=condition)
