@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 
+from ..client import JWT_BEARER
 from ..errors import Conflict, NotFound
 from ..partners import ACCESS_TOKEN_SECONDS
 from .app import json_response, services
@@ -33,7 +34,6 @@ from .app import json_response, services
 __all__ = ["TOKEN_PATH", "register"]
 
 TOKEN_PATH = "/auth/token"
-JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ALGS = ("RS384", "ES384")
 MAX_ASSERTION_SECONDS = 300  # SMART: exp no more than five minutes in the future
 LEEWAY_SECONDS = 30  # clock skew allowed on exp (and iat/nbf)
