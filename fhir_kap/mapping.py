@@ -30,6 +30,7 @@ import orjson
 
 from .config import CANONICAL, CS, Release, data_path
 from .errors import Issue, MappingError
+from .fhirmodel import detect_release as _detect_release
 from .transforms import TRANSFORMS, CodeTable, CodeTables, Transform, TransformError
 
 __all__ = ["Mapper", "detect_release", "load_mapping_schema"]
@@ -260,42 +261,12 @@ def _resolve_path(path: str) -> str:
 
 
 def detect_release(resource: Mapping[str, Any]) -> Release:
-    """Guess the FHIR release of a resource from R5-only elements; default R4.
+    """A resource's release by `fhirmodel.detect_release`; R4 when its shape does not tell.
 
     >>> detect_release({"resourceType": "Procedure", "occurrencePeriod": {}}).value
     '5.0.0'
     """
-    rt = resource.get("resourceType")
-    keys = set(resource)
-    r5 = {
-        "Procedure": {"occurrenceDateTime", "occurrencePeriod", "occurrenceString", "occurrenceAge",
-                      "occurrenceRange", "occurrenceTiming", "reason", "supportingInfo", "focus",
-                      "reported"},
-        "Consent": {"subject", "decision", "grantor", "grantee", "controller", "date", "period",
-                    "regulatoryBasis", "manager", "sourceAttachment", "sourceReference", "policyBasis"},
-        "ServiceRequest": {"reason", "orderDetail", "focus", "bodyStructure"},
-        "Organization": {"description", "qualification"},
-    }.get(str(rt), set())
-    if keys & r5:
-        return Release.R5
-    if rt == "Procedure" and any(isinstance(c, dict) and ("concept" in c or "reference" in c)
-                                 for c in resource.get("complication", [])):
-        return Release.R5
-    if rt == "Consent" and isinstance(resource.get("provision"), list):
-        return Release.R5
-    if rt == "Organization" and "contact" in keys and "telecom" not in keys:
-        return Release.R5  # R5 moved telecom into contact
-    if rt == "Communication":
-        for p in resource.get("payload", []) or []:
-            if isinstance(p, dict) and "contentString" in p:
-                return Release.R4
-            if isinstance(p, dict) and "contentCodeableConcept" in p:
-                return Release.R5
-        first = (resource.get("payload") or [{}])[0]
-        if isinstance(first, dict) and str(first.get("contentAttachment", {}).get("contentType", "")) \
-                .startswith("text/plain"):
-            return Release.R5
-    return Release.R4
+    return _detect_release(resource) or Release.R4
 
 
 def load_mapping_schema(path: Path | None = None) -> dict[str, Any]:

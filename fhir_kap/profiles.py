@@ -25,6 +25,7 @@ import orjson
 
 from .config import CANONICAL, CS, Release, data_path
 from .errors import Issue, ProfileError
+from .fhirmodel import detect_release
 from .textscan import looks_like_transcript
 
 __all__ = ["Validator", "detect_release", "looks_like_transcript", "load_profile_rules", "SUPPORTED_TYPES",
@@ -72,43 +73,6 @@ _R5_PATHS: dict[str, str | None] = {
     "Consent.scope": None,
     "Consent.provision.type": None,
 }
-
-def detect_release(resource: Any) -> Release | None:
-    """Guess a resource's FHIR release from its shape; None when nothing tells R4 from R5.
-
-    >>> detect_release({"resourceType": "Procedure", "performedDateTime": "2024-01-01"})
-    <Release.R4: '4.0.1'>
-    """
-    if not isinstance(resource, dict):
-        return None
-    rt = resource.get("resourceType")
-    keys = resource.keys()
-    if rt == "Bundle":
-        for entry in resource.get("entry") or []:
-            found = detect_release(entry.get("resource")) if isinstance(entry, dict) else None
-            if found:
-                return found
-        return None
-    if rt in ("Procedure", "ServiceRequest"):
-        if any(k.startswith("performed") for k in keys) or "reasonCode" in keys or "reasonReference" in keys:
-            return Release.R4
-        if any(k.startswith("occurrence") for k in keys) and rt == "Procedure" or "reason" in keys:
-            return Release.R5
-    if rt == "Consent":
-        if {"scope", "patient", "dateTime", "policyRule", "organization"} & keys or \
-                isinstance(resource.get("provision"), dict):
-            return Release.R4
-        if {"subject", "decision", "grantor", "grantee", "controller", "regulatoryBasis", "date"} & keys or \
-                isinstance(resource.get("provision"), list):
-            return Release.R5
-    if rt == "Communication":
-        for p in resource.get("payload") or []:
-            if isinstance(p, dict) and "contentString" in p:
-                return Release.R4
-            if isinstance(p, dict) and "contentCodeableConcept" in p:
-                return Release.R5
-    return None
-
 
 # ---------------------------------------------------------------------------------------------- paths
 

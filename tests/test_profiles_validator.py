@@ -150,6 +150,27 @@ def test_detect_release__undecidable_is_none() -> None:
     assert detect_release({"resourceType": "Patient", "id": "p1"}) is None
 
 
+@pytest.mark.parametrize("resource, expected", [
+    ({"resourceType": "Procedure", "reportedBoolean": True}, Release.R5),  # an element prefix
+    ({"resourceType": "Procedure", "performedDateTime": "2024-01-01", "occurrenceDateTime": "2024-01-01"}, None),
+    ({"resourceType": "ServiceRequest", "orderDetail": [{}]}, None),  # both releases have it
+    ({"resourceType": "Consent", "verification": [{}]}, None),  # both releases have it
+    ({"resourceType": "Consent", "patient": {}, "provision": [{}]}, None),
+    ({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient"}},
+                                          {"resource": {"resourceType": "Consent", "decision": "permit"}}]}, Release.R5),
+])
+def test_detect_release__one_rule_for_validator_mapper_and_consent(resource, expected) -> None:
+    """Validation, mapping and the consent compiler tell a release by the same elements."""
+    from fhir_kap import fhirmodel, mapping
+    from fhir_kap.consent import policy
+
+    assert detect_release(resource) is fhirmodel.detect_release(resource) is expected
+    assert mapping.detect_release(resource) is (expected or Release.R4)
+    if resource["resourceType"] == "Consent":
+        r4, r5 = fhirmodel.release_signals(resource)
+        assert policy.detect_release(resource) is (None if r4 and r5 else expected or Release.R4)
+
+
 def test_bundle_entries_and_contained_are_validated_with_their_own_type() -> None:
     bad = _load(FHIR / "invalid" / "r4" / "procedure-status-bogus.json")
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": bad}]}
@@ -251,3 +272,13 @@ def test_textscan_examples() -> None:
 
     result = doctest.testmod(textscan)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_fhirmodel_and_mapping_examples() -> None:
+    import doctest
+
+    from fhir_kap import fhirmodel, mapping
+
+    for module in (fhirmodel, mapping):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import CS, Release
+from ..fhirmodel import release_signals
 from .categories import KNOWN_CATEGORIES
 from .periods import Period, PeriodError, parse_period
 from .recipients import ActorRef, actor_ref
@@ -34,9 +35,6 @@ OPT_OUT = frozenset({"OPTOUT", "OPTOUTE"})
 KNOWN_STATUS = {Release.R4: frozenset({"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}),
                 Release.R5: frozenset({"draft", "active", "inactive", "not-done", "entered-in-error"})}
 ACTIVE = "active"
-_R5_ONLY = ("decision", "subject", "grantor", "grantee", "controller", "regulatoryBasis", "date", "manager", "period",
-            "policyBasis", "policyText", "verification")
-_R4_ONLY = ("scope", "patient", "dateTime", "performer", "organization", "policyRule", "policy")
 
 
 def normalise_purpose(value: str) -> str:
@@ -91,9 +89,9 @@ class _Bad(Exception):
 
 
 def detect_release(consent: dict[str, Any]) -> Release | None:
-    """R4 or R5 from the elements present; None when it mixes both."""
-    r5 = any(k in consent for k in _R5_ONLY) or isinstance(consent.get("provision"), list)
-    r4 = any(k in consent for k in _R4_ONLY) or isinstance(consent.get("provision"), dict)
+    """R4 or R5 from the elements present (`fhirmodel.release_signals`; R4 when none tells);
+    None when it mixes both."""
+    r4, r5 = release_signals(consent)
     if r4 and r5:
         return None
     return Release.R5 if r5 else Release.R4
