@@ -8,8 +8,8 @@ Imports are lazy: fhir.resources costs ~250 ms to import.
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from .config import Release

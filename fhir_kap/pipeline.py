@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator
 from .config import Release
 from .errors import InputError, Issue, KapError, ProfileError
 from .inputs import InputSchemas, load_input_schemas
+from .fhirmodel import detect_release
 from .mapping import Mapper
-from .mapping import detect_release as release_by_convention
-from .profiles import Validator, detect_release
+from .profiles import Validator
 
 __all__ = ["Pipeline", "Outcome"]
 
@@ -62,9 +62,8 @@ class Pipeline:
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             raise InputError("A FHIR resource must be a JSON object with a resourceType",
                              pointer="/resourceType", expression="resourceType", rule="fhir:resourceType")
-        # structure first (R4/R5-only elements), then the KAP mapping's conventions
-        # (e.g. an R5 note's text/plain attachment), then R4
-        release = release or detect_release(resource) or release_by_convention(resource)
+        # elements only one release has (an R5 note's text/plain attachment included), else R4
+        release = release or detect_release(resource) or Release.R4
         errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
         if errors:
             raise ProfileError(errors)

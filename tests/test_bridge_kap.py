@@ -150,12 +150,17 @@ def test_kap_records__consents_from_a_partner_that_is_no_consent_authority_are_r
     bridge = make_bridge(tmp_path)
     s = load_settings(env={}, data_dir=tmp_path / "data")
     token = Partners(Database(s.db_url)).add("records-only", scopes="kap/records.write")[1]
-    consent = json.loads(open(Path(__file__).parent.parent / "profiles" / "examples" / "records"
-                              / "consent-consent-0001.json").read())
+    result = _post_consent_record(bridge, token)
+    assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"
+
+
+def _post_consent_record(bridge, token: str) -> dict:
+    """POST the example consent record to /kap/records; its one result."""
+    consent = json.loads((Path(__file__).parent.parent / "profiles" / "examples" / "records"
+                          / "consent-consent-0001.json").read_text())
     resp = bridge.client.post("/kap/records", data=json.dumps(consent),
                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    result = resp.get_json()["results"][0]
-    assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"
+    return resp.get_json()["results"][0]
 
 
 def test_kap_records__a_token_without_consent_authority_feeds_no_context(bridge):
@@ -167,11 +172,7 @@ def test_kap_records__a_token_without_consent_authority_feeds_no_context(bridge)
     partners = svc.partners
     holder, _ = partners.add("authority", scopes="kap/records.write kap/consent-authority")
     narrowed = partners.grant(holder, ["kap/records.write"], jti="narrow-1", assertion_expires=time.time() + 60)
-    consent = json.loads(open(Path(__file__).parent.parent / "profiles" / "examples" / "records"
-                              / "consent-consent-0001.json").read())
-    resp = bridge.client.post("/kap/records", data=json.dumps(consent),
-                              headers={"Authorization": f"Bearer {narrowed}", "Content-Type": "application/json"})
-    result = resp.get_json()["results"][0]
+    result = _post_consent_record(bridge, narrowed)
     assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"
     assert svc.outbox.context_for("Patient/client-0001") == []  # nothing reached the gate's context
 
