@@ -9,13 +9,14 @@ connection either.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
 from . import jsonio
 from .db import Database
-from .errors import InputError
+from .errors import InputError, quote
 
 __all__ = ["AUDIT_TYPES", "AuditLog", "AuditRecord", "extract"]
 
@@ -117,7 +118,7 @@ def extract(resource: dict[str, Any]) -> AuditRecord:
     """
     rtype = resource.get("resourceType") if isinstance(resource, dict) else None
     if rtype not in AUDIT_TYPES:
-        raise InputError(f"The audit log takes AuditEvent or Provenance, not {str(rtype)[:40]!r}",
+        raise InputError(f"The audit log takes AuditEvent or Provenance, not {quote(rtype)}",
                          pointer="/resourceType", expression="resourceType", rule="audit:type")
     recorded = resource.get("recorded")
     if not isinstance(recorded, str) or not recorded:
@@ -165,23 +166,26 @@ class AuditLog:
         db.migrate("auditlog-1", _TABLE + _GUARDS[db.dialect])
 
     def append(self, resource: dict[str, Any]) -> int:
-        """Store one AuditEvent or Provenance (committed before returning); its sequence number.
+        """Store one AuditEvent or Provenance (committed before returning); its sequence number."""
+        return self.append_many([resource])[0]
+
+    def append_many(self, resources: Sequence[dict[str, Any]]) -> list[int]:
+        """Store AuditEvents and Provenances in one commit (one disk sync), all or none; their
+        sequence numbers.
 
         Through the group committer (`Database.write`): concurrent appends share one commit, and
-        inside a caller's transaction the record joins it."""
-        rec = extract(resource)
-        body = jsonio.dumps(resource).decode()
+        inside a caller's transaction the records join it."""
+        rows = [(extract(r), jsonio.dumps(r).decode()) for r in resources]
 
-        def insert(tx: Any) -> int:
-            rows = tx.execute(
+        def insert(tx: Any) -> list[int]:
+            return [int(tx.execute(
                 "INSERT INTO audit_log (resource_type, resource_id, recorded, recorded_epoch, "
                 "patient, recipient, outcome, consent_ref, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "RETURNING seq",
                 (rec.resource_type, rec.resource_id, rec.recorded, rec.recorded_epoch, rec.patient,
-                 rec.recipient, rec.outcome, rec.consent_ref, body))
-            return int(rows[0]["seq"])
+                 rec.recipient, rec.outcome, rec.consent_ref, body))[0]["seq"]) for rec, body in rows]
 
-        return self.db.write(insert)
+        return self.db.write(insert) if rows else []
 
     def query(self, resource_type: str | None = None, patient: str | None = None,
               outcome: str | None = None, since: str | date | datetime | None = None, *,

@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import requests
 
 from .config import Release, retry_after_seconds
-from .errors import ConfigError, InputError, ServerError, remote_issue_summary
+from .errors import ConfigError, InputError, ServerError
 from .identifiers import business_identifier
 from .jsonio import dumps, loads
 
@@ -489,13 +489,10 @@ def _status_error(method: str, what: str, resp: requests.Response, *,
             outcome = body
     except InputError:
         pass
-    # Codes and locations only: a server's free text may quote the resource (kept in remote_outcome).
-    issues = remote_issue_summary(outcome)
-    said = f" (server issues: {issues})" if issues else ""
     status = resp.status_code
     if retryable is None:
         retryable = status in RETRY_STATUSES
-    summary = f"{method} {what}: {status} {resp.reason or ''}".rstrip() + said + note
+    summary = f"{method} {what}: {status} {resp.reason or ''}".rstrip() + note  # + the server's issue codes
     return ServerError(summary, status=status, remote_outcome=outcome, retryable=retryable,
                        url=_strip_query(resp.url or ""),
                        retry_after=RetryPolicy.retry_after(resp.headers.get("Retry-After")))

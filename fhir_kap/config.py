@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 __all__ = [
     "Backoff", "Release", "CANONICAL", "CS", "data_path", "Settings", "EndpointConfig", "load_settings",
+    "retry_later",
 ]
 
 CANONICAL = "http://fhir-kap.example"
@@ -48,6 +49,18 @@ class Backoff:
         if isinstance(retry_after, (int, float)) and retry_after > wait:
             return min(float(retry_after), self.max_retry_after)
         return wait
+
+
+def retry_later(status: int) -> bool:
+    """Whether an HTTP answer is worth another attempt later, on a back-off schedule (the
+    outbox's delivery worker, the rest-hook sender): "not now" (408, 429) or a failure on the
+    server's side (5xx), except 501 and 505, which waiting does not change. The client's own
+    at-once repeats (`client.RETRY_STATUSES`) are a subset that leaves 500 out.
+
+    >>> [s for s in (400, 404, 408, 429, 500, 501, 503, 505) if retry_later(s)]
+    [408, 429, 500, 503]
+    """
+    return status in (408, 429) or (500 <= status < 600 and status not in (501, 505))
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

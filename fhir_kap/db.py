@@ -193,9 +193,10 @@ class Database:
         SQLite takes the write lock at BEGIN IMMEDIATE so two writers never deadlock halfway.
         Inside another transaction of this thread it is a SAVEPOINT of that transaction:
         rolled back alone on an exception, made durable only when the outer one commits.
-        A write transaction (immediate, or a deferred one that wrote) syncs the WAL after its
-        COMMIT; `sync=False` leaves that to the caller (`sync_wal()` before acknowledging). If the
-        sync fails the transaction was committed but may not be durable: CommitUnavailable.
+        A transaction that wrote (changed rows, or ran DDL or another write statement) syncs the
+        WAL after its COMMIT; one that wrote nothing (an idle claim) does not. `sync=False` leaves
+        the sync to the caller (`sync_wal()` before acknowledging). If the sync fails the
+        transaction was committed but may not be durable: CommitUnavailable.
         """
         conn = self.conn
         depth = getattr(self._local, "depth", 0)
@@ -220,7 +221,7 @@ class Database:
                 raise
             self._local.depth = depth
             conn.execute(f"RELEASE {name}" if depth else "COMMIT")
-            if not depth and sync and (immediate or self._local.wrote or conn.total_changes != changes):
+            if not depth and sync and (self._local.wrote or conn.total_changes != changes):
                 try:
                     self.sync_wal()
                 except OSError as exc:

@@ -5,8 +5,8 @@ consent holds the item with the reason; nothing is sent), then sends each endpoi
 either one by one (a conditional create: POST with `If-None-Exist: identifier=SYSTEM|VALUE`)
 or together in transaction Bundles whose entries carry the same condition. A transaction the
 server refuses (4xx) falls back to single creates, so one bad item cannot block the others.
-Retryable failures (connection, timeout, 429 and any 5xx but 501/505) come back later with
-exponential backoff and jitter; anything else, and any item out of attempts, is dead-lettered.
+Retryable failures (connection, timeout, and the answers `config.retry_later` names: 408, 429
+and any 5xx but 501/505) come back later with exponential backoff and jitter; anything else, and any item out of attempts, is dead-lettered.
 A 500 is not repeated at once by the client (it may be this very request that breaks the
 server) but it is tried again on the outbox's slower schedule: a server being restarted or
 losing its database answers 500 too, and the conditional create makes a repeat harmless.
@@ -29,7 +29,7 @@ from itertools import groupby
 from typing import Self
 
 from .client import FhirClient, WriteResult, entry_results, token_query, transaction_bundle
-from .config import Backoff
+from .config import Backoff, retry_later
 from .errors import KapError, ServerError
 from .outbox import Outbox, OutboxItem
 
@@ -78,19 +78,12 @@ def if_none_exist(key: str) -> str:
     return token_query(system, value)
 
 
-#: Server answers the client does not repeat at once but the outbox tries again later: a 5xx
-#: the client leaves alone (500, 507, ...). Not 501 (not implemented) and 505 (HTTP version):
-#: those do not change by waiting.
-_PERMANENT_5XX = frozenset({501, 505})
-
-
 def _retry_later(exc: BaseException) -> bool:
-    """Whether a failed send is worth another attempt on the outbox's schedule."""
+    """Whether a failed send is worth another attempt on the outbox's schedule: what the client
+    would have repeated, a failure on this side, or an answer `config.retry_later` names."""
     if getattr(exc, "retryable", False) or not isinstance(exc, KapError):
         return True
-    status = getattr(exc, "status", None)
-    return isinstance(exc, ServerError) and isinstance(status, int) and status >= 500 \
-        and status not in _PERMANENT_5XX
+    return isinstance(exc, ServerError) and exc.status is not None and retry_later(exc.status)
 
 
 def _summary(exc: BaseException) -> str:

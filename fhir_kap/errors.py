@@ -27,6 +27,7 @@ __all__ = [
     "ServerError",
     "ConfigError",
     "operation_outcome",
+    "quote",
 ]
 
 POINTER_EXTENSION = "http://fhir-kap.example/StructureDefinition/source-json-pointer"
@@ -78,6 +79,20 @@ class Issue:
         if self.expression:
             out["expression"] = [self.expression]
         return out
+
+
+def quote(value: Any, limit: int = 40) -> str:
+    """A value as it is shown in a message: a string or number repr'd and cut to `limit`
+    characters (an input's key or code can be as long as the body allows); anything else only
+    by its type, since an object or list may hold a name.
+
+    >>> quote("status"), quote("x" * 50), quote({"name": "Jane"})
+    ("'status'", "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...'", '<dict>')
+    """
+    if not isinstance(value, (str, int, float)):  # bool is an int
+        return f"<{type(value).__name__}>"
+    s = str(value)
+    return repr(s if len(s) <= limit else s[:limit - 3] + "...")
 
 
 def operation_outcome(issues: Iterable[Issue], *, id: str | None = None) -> dict[str, Any]:
@@ -226,10 +241,12 @@ class ServerError(KapError):
         self.retry_after = retry_after  # seconds the server asked us to wait (429/503), if any
         self.remote_outcome = remote_outcome
         self.retryable = retryable
-        self.summary = summary
-        self.url = url
         remote = _remote_issues(remote_outcome)
-        super().__init__([Issue("error", "exception", summary, rule="remote-server")] + remote,
+        said = remote_issue_summary(remote_outcome)
+        # the server's issue codes and locations, whoever builds the error: never its free text
+        self.summary = summary + (f" (server issues: {said})" if said else "")
+        self.url = url
+        super().__init__([Issue("error", "exception", self.summary, rule="remote-server")] + remote,
                          code="exception")
 
 

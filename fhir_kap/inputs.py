@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import data_path
-from .errors import InputError, Issue
+from .errors import InputError, Issue, quote
 from .textscan import looks_like_transcript
 
 __all__ = ["RECORD_TYPES", "InputSchemas", "check_record", "load_input_schemas"]
@@ -110,6 +110,7 @@ def _pointer(path: Iterable[Any]) -> str:
 def _issue(rtype: str, e: Any, record: Any) -> Issue:
     path = list(e.absolute_path)
     kw = e.validator
+    label: str | None = None  # what the message names, when not the field itself
     if kw is None:  # a `false` subschema: jsonschema leaves the property name off the path
         kw = "false"
         parent: Any = record
@@ -124,8 +125,8 @@ def _issue(rtype: str, e: Any, record: Any) -> Issue:
         code = "required"
     elif kw == "additionalProperties":
         extra = sorted(set(e.instance) - set(e.schema.get("properties", {}))) if isinstance(e.instance, dict) else []
-        shown = [repr(x if len(x) <= 40 else x[:37] + "...") for x in extra[:5]]
-        msg = f"Unknown field(s): {', '.join(shown)}{' and more' if len(extra) > 5 else ''}"
+        msg = f"Unknown field(s): {', '.join(map(quote, extra[:5]))}{' and more' if len(extra) > 5 else ''}"
+        label = _expression(rtype, path)  # the message names the object; the field is quoted (shortened)
         if len(extra) == 1:
             path = path + extra
         code = "structure"
@@ -140,7 +141,7 @@ def _issue(rtype: str, e: Any, record: Any) -> Issue:
         code = "value" if kw in ("enum", "const", "pattern", "format", "minimum", "maximum",
                                  "exclusiveMinimum", "exclusiveMaximum") else "structure"
     field = _expression(rtype, path)
-    return Issue("error", code, f"{field}: {msg}", field, _pointer(path), f"schema:{kw}")
+    return Issue("error", code, f"{label or field}: {msg}", field, _pointer(path), f"schema:{kw}")
 
 
 def _describe(kw: str, expected: Any, instance: Any) -> str:

@@ -11,10 +11,11 @@ Durable, and never on the request path: `Notifier.enqueue` writes a job row into
 when that write is committed), and one sender thread per process claims due jobs with a lease,
 posts them and records the outcome:
 - 2xx: `delivered`;
-- 408, 429, 5xx, a timeout or a refused connection: `pending` again, after an exponential
+- 408, 429, 5xx but 501/505 (`config.retry_later`, the outbox's rule too), a timeout or a
+  refused connection: `pending` again, after an exponential
   back-off with jitter (`config.Backoff`, as the outbox uses; a longer `Retry-After` wins),
   `dead` after `max_attempts`;
-- any other 4xx, a redirect (never followed: a hook must not send the bridge elsewhere), a
+- any other 4xx, 501, 505, a redirect (never followed: a hook must not send the bridge elsewhere), a
   partner that no longer has a webhook (revoked, removed), or a note the partner may no longer
   read (`allowed`, e.g. its consent was withdrawn since the job was queued): `dead`, with the
   status or reason in `last_error` (codes only, never a response body).
@@ -40,7 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import jsonio
-from .config import Backoff, retry_after_seconds
+from .config import Backoff, retry_after_seconds, retry_later
 from .db import Database
 
 __all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "WebhookJob", "sign"]
@@ -267,12 +268,12 @@ class Notifier:
         result = self.notify(url, job.event, job.resource, secret=secret)
         if result.delivered:
             self._finish(job, worker, "delivered", result.status, None)
-        elif result.status is not None and 300 <= result.status < 400:
-            self._finish(job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed")
-        elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 429):
-            self._finish(job, worker, "dead", result.status, result.error)
-        else:
+        elif result.status is None or retry_later(result.status):  # no answer, or "not now"
             self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
+        elif 300 <= result.status < 400:
+            self._finish(job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed")
+        else:
+            self._finish(job, worker, "dead", result.status, result.error)
 
     def _retry_or_give_up(self, job: WebhookJob, worker: str, status: int | None, error: str | None,
                           retry_after: float | None) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from .config import Release
 from .consent import CONTEXT_TYPES, ConsentGate, Recipient, apply_security_labels, audit_event, provenance
 from .errors import Issue, KapError
+from .identifiers import patient_reference
 from .outbox import Outbox, OutboxItem
 from .pipeline import Pipeline
 
@@ -132,16 +133,17 @@ class Outbound:
         """Decide one disclosure and audit it; on permit also write the Provenance citing the
         Consent version and return the labelled copy that may leave (else None)."""
         ref = f"{resource['resourceType']}/{resource.get('id')}"
-        patient = (resource.get("subject") or {}).get("reference")
+        patient = patient_reference(resource)
         now = self.clock()
         recipient = Recipient.parse(recipient_key)
         decision = ConsentGate(self.outbox.context_for(patient) if patient else []).decide(
             resource, recipient, self.purpose, now)
-        self.audit.append(audit_event(decision, resource, recipient, self.purpose, release=self.release,
-                                      recorded=now, actor=self.actor))
+        event = audit_event(decision, resource, recipient, self.purpose, release=self.release,
+                            recorded=now, actor=self.actor)
         if not decision.permit:
+            self.audit.append(event)
             return decision, None
-        self.audit.append(provenance(ref, decision, release=self.release, recorded=now))
+        self.audit.append_many([event, provenance(ref, decision, release=self.release, recorded=now)])
         return decision, apply_security_labels(resource)
 
     def disclose(self, resource: dict[str, Any], recipient_key: str, target: Target, *,

@@ -30,8 +30,8 @@ from typing import Any
 
 from . import jsonio
 from .consent import CONTEXT_TYPES
-from .db import Database
-from .errors import Conflict, InputError, NotFound
+from .db import Database, Tx
+from .errors import Conflict, InputError, NotFound, quote
 from .identifiers import business_identifier, patient_reference
 
 __all__ = ["CONTEXT_TYPES", "STATES", "Outbox", "OutboxItem", "idempotency_key_of"]
@@ -173,6 +173,7 @@ class Outbox:
         self.clock = clock
         db.migrate("outbox-1", _MIGRATION)
         db.migrate("outbox-2", _MIGRATION_2)
+        db.migrate("outbox-3", [], after=_rekey_consents)
 
     def _now(self, now: float | None) -> float:
         return float(self.clock() if now is None else now)
@@ -396,7 +397,7 @@ class Outbox:
         rtype = resource.get("resourceType") if isinstance(resource, dict) else None
         if rtype not in CONTEXT_TYPES:
             raise InputError(f"Consent context must be one of {', '.join(CONTEXT_TYPES)}, "
-                             f"not {rtype!r}", pointer="/resourceType", expression="resourceType",
+                             f"not {quote(rtype)}", pointer="/resourceType", expression="resourceType",
                              rule="outbox:context-type")
         rid = resource.get("id")
         if not isinstance(rid, str) or not rid:
@@ -417,8 +418,7 @@ class Outbox:
                              code="required")
         patient = patient_reference(resource) if rtype == "Consent" else (
             f"Patient/{rid}" if rtype == "Patient" else None)
-        found = business_identifier(resource) if rtype == "Consent" else None
-        ident = "|".join(found) if found else None
+        ident = _consent_key(resource) if rtype == "Consent" else None
         ts = self._now(now)
         body = jsonio.dumps(resource).decode()
         with self.db.transaction() as tx:
@@ -444,6 +444,20 @@ class Outbox:
         rows = self.db.query("SELECT body FROM outbox_context WHERE patient_ref = ? "
                                "OR patient_ref IS NULL ORDER BY type, id", (patient_ref,))
         return [jsonio.loads(r["body"], source="outbox context") for r in rows]
+
+
+def _consent_key(resource: dict[str, Any]) -> str | None:
+    """`SYSTEM|VALUE` under which a Consent in the context is one consent (`business_identifier`)."""
+    found = business_identifier(resource)
+    return "|".join(found) if found else None
+
+
+def _rekey_consents(tx: Tx) -> None:
+    """outbox-3: key stored Consents by `_consent_key` (earlier keys also took a `use: old`
+    identifier, so a re-posted consent would not replace its earlier copy)."""
+    for row in tx.execute("SELECT id, body FROM outbox_context WHERE type = 'Consent'"):
+        key = _consent_key(jsonio.loads(row["body"], source="outbox context"))
+        tx.execute("UPDATE outbox_context SET ident = ? WHERE type = 'Consent' AND id = ?", (key, row["id"]))
 
 
 def _older(new: str | None, old: str | None) -> bool:

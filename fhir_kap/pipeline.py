@@ -57,13 +57,14 @@ class Pipeline:
             raise ProfileError(errors)
         return resource
 
-    def from_fhir(self, resource: Any, release: Release | None = None) -> dict[str, Any]:
-        """Check a FHIR resource (base + KAP profile), map it back to a KAP record and check that."""
+    def from_fhir(self, resource: Any, release: Release | None = None, *,
+                  default: Release = Release.R4) -> dict[str, Any]:
+        """Check a FHIR resource (base + KAP profile), map it back to a KAP record and check that.
+        Without `release`, the resource's shape tells it, else `default`."""
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             raise InputError("A FHIR resource must be a JSON object with a resourceType",
                              pointer="/resourceType", expression="resourceType", rule="fhir:resourceType")
-        # elements only one release has (an R5 note's text/plain attachment included), else R4
-        release = release or detect_release(resource) or Release.R4
+        release = release or detect_release(resource) or default
         errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
         if errors:
             raise ProfileError(errors)
@@ -83,13 +84,13 @@ class Pipeline:
             except KapError as exc:
                 yield Outcome(label, error=exc)
 
-    def import_documents(self, docs: Iterable[tuple[str, Any]],
-                         release: Release | None = None) -> Iterator[Outcome]:
+    def import_documents(self, docs: Iterable[tuple[str, Any]], release: Release | None = None, *,
+                         default: Release = Release.R4) -> Iterator[Outcome]:
         """from_fhir over labelled documents; Bundles are unpacked entry by entry."""
         for label, doc in docs:
             for sub_label, resource in _unbundle(label, doc):
                 try:
-                    yield Outcome(sub_label, result=self.from_fhir(resource, release))
+                    yield Outcome(sub_label, result=self.from_fhir(resource, release, default=default))
                 except KapError as exc:
                     yield Outcome(sub_label, error=exc)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from .config import CANONICAL, CS, Release, data_path
-from .errors import Issue, ProfileError
+from .errors import Issue, ProfileError, quote
 from .fhirmodel import detect_release
 from .textscan import looks_like_transcript
 
@@ -85,11 +85,6 @@ def _expr(root: str, parts: tuple[Any, ...]) -> str:
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else f".{p}"
     return out
-
-
-def _quote(value: Any) -> str:
-    s = str(value)
-    return repr(s if len(s) <= 40 else s[:37] + "...")
 
 
 # ---------------------------------------------------------------------------------- structure (schema)
@@ -233,7 +228,7 @@ def _schema_issues(st: _Structure, resource: dict[str, Any], rt: str, release: R
                     if t == rt and (k == stem or k.startswith(stem) and k[len(stem):][:1].isupper()):
                         hint = f" ({h})"
                 owner = _expr(rt, path)
-                issues.append(Issue("error", "structure", f"{_quote(k)} is not an {rel} element of {owner}{hint}",
+                issues.append(Issue("error", "structure", f"{quote(k)} is not an {rel} element of {owner}{hint}",
                                     _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:additional"))
         elif kw == "required":
             missing = [k for k in err.validator_value if k not in err.instance]
@@ -250,7 +245,7 @@ def _schema_issues(st: _Structure, resource: dict[str, Any], rt: str, release: R
                                 "schema:type"))
         elif kw == "enum":
             issues.append(Issue("error", "code-invalid",
-                                f"Code {_quote(err.instance)} is not in the required value set "
+                                f"Code {quote(err.instance)} is not in the required value set "
                                 f"(allowed: {', '.join(map(str, err.validator_value[:12]))}"
                                 f"{', ...' if len(err.validator_value) > 12 else ''})",
                                 _expr(rt, path), _pointer(path), "binding:required"))
@@ -269,7 +264,7 @@ def _schema_issues(st: _Structure, resource: dict[str, Any], rt: str, release: R
             issues.append(Issue("error", "structure", "Arrays must not be empty in FHIR JSON",
                                 _expr(rt, path), _pointer(path), "schema:minItems"))
         elif kw == "const":
-            issues.append(Issue("error", "structure", f"Expected {_quote(err.validator_value)}",
+            issues.append(Issue("error", "structure", f"Expected {quote(err.validator_value)}",
                                 _expr(rt, path), _pointer(path), "schema:const"))
         elif kw in ("minimum", "maximum"):
             issues.append(Issue("error", "value", f"Number out of range ({kw} {err.validator_value})",
@@ -679,7 +674,7 @@ def _profile_issues(resource: dict[str, Any], rt: str, pr: ProfileRules, release
         if rule.kind == "fixed":
             for v, p in values:
                 if v != rule.value:
-                    out.append(Issue("error", "value", f"{name}: {rpath} must be {rule.value!r}, is {_quote(v)}",
+                    out.append(Issue("error", "value", f"{name}: {rpath} must be {rule.value!r}, is {quote(v)}",
                                      _expr(rt, p), _pointer(p), "profile:fixed"))
         elif rule.kind == "pattern":
             for v, p in values:
@@ -766,7 +761,7 @@ class Validator:
         rt = resource.get("resourceType")
         if not isinstance(rt, str) or rt not in SUPPORTED_TYPES:
             return [Issue("error", "not-supported",
-                          f"resourceType {_quote(rt) if isinstance(rt, str) else 'missing'} is not one fhir-kap "
+                          f"resourceType {quote(rt) if isinstance(rt, str) else 'missing'} is not one fhir-kap "
                           f"validates ({', '.join(SUPPORTED_TYPES)})", "resourceType" if rt is None else None,
                           "/resourceType", "schema:resourceType")]
         st = _structure(self.release, rt)

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from . import jsonio
 from .db import Database, Tx
-from .errors import ConfigError, Conflict, InputError, PreconditionFailed
+from .errors import ConfigError, Conflict, InputError, PreconditionFailed, quote
 from .identifiers import new_id
 
 __all__ = ["ID_PATTERN", "MAX_ALTERNATIVES", "SEARCH_PARAMS", "SearchResult", "Store", "StoredResource", "check_condition",
@@ -356,7 +356,7 @@ class Store:
                source: str | None = None, tx: Tx | None = None) -> tuple[StoredResource, bool]:
         """Create or update `rtype/rid` (a new version). Returns (stored, created)."""
         if _type_of(resource) != rtype:
-            raise InputError(f"resourceType '{str(resource.get('resourceType'))[:40]}' does not match {rtype}",
+            raise InputError(f"resourceType {quote(resource.get('resourceType'))} does not match {rtype}",
                              pointer="/resourceType", rule="http:type-mismatch")
         if tx is None:
             return self.write(lambda t: self.update(rtype, rid, resource, if_match=if_match, source=source, tx=t))

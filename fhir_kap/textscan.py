@@ -103,9 +103,11 @@ def looks_like_transcript(text: str) -> bool:
     >>> looks_like_transcript("S: sleeping better.\\nO: calm.\\nA: stable.\\nP: one more session.")
     False
     """
+    if text.count(":") < 2:  # each sign below needs two colons
+        return False
     if TIMESTAMP.search(text):
         return True
-    if text.count(":") >= 2 and len(turns(text, SPEAKER_AT, after_sentences=True, enough=2)) >= 2:
+    if len(turns(text, SPEAKER_AT, after_sentences=True, enough=2)) >= 2:
         return True
     n, speaker = 0, False
     for m in iter_turns(text, TURN_LABEL):  # stops as soon as the answer is known

@@ -55,6 +55,19 @@ def test_append__refuses_other_types_and_missing_or_bad_recorded(db, resource, r
     assert audit.count() == 0
 
 
+def test_append_many__one_commit_for_all_and_none_when_one_is_bad(db, monkeypatch):
+    audit = AuditLog(db)
+    writes = []
+    real = db.write
+    monkeypatch.setattr(db, "write", lambda work: writes.append(1) or real(work))
+    seqs = audit.append_many([load("AuditEvent-consent-permit.json"), load("Provenance-disclosure.json")])
+    assert len(writes) == 1 and len(seqs) == 2 and seqs[0] < seqs[1]
+    with pytest.raises(InputError):
+        audit.append_many([load("AuditEvent-consent-deny.json"), {"resourceType": "AuditEvent"}])
+    assert audit.count() == 2 and len(writes) == 1  # the bad one is refused before anything is written
+    assert audit.append_many([]) == [] and len(writes) == 1
+
+
 def test_query__filters_by_type_patient_outcome(log):
     assert [r["id"] for r in log.query(resource_type="Provenance")] == ["prov-1"]
     assert {r["id"] for r in log.query(patient="Patient/client-1")} == {"ae-permit-1", "ae-r5-1"}

@@ -88,3 +88,26 @@ def test_validate__unreadable_input_exits_2_without_a_traceback(capsys, tmp_path
 def test_validate__missing_file_exits_2(capsys, tmp_path):
     assert main(["validate", str(tmp_path / "nope.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_import_and_validate__agree_on_the_release_when_the_shape_does_not_tell(capsys, monkeypatch, tmp_path):
+    """A Patient reads the same in R4 and R5: both commands then take the deployment's release."""
+    from fhir_kap.config import Release
+    from fhir_kap.profiles import Validator
+
+    monkeypatch.setenv("FHIR_KAP_FHIR_VERSION", "R5")
+    monkeypatch.setenv("FHIR_KAP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("FHIR_KAP_CONFIG", raising=False)
+    loaded: list[Release] = []
+    real = Validator.load.__func__
+
+    def spy(cls, release, *args, **kwargs):
+        loaded.append(release)
+        return real(cls, release, *args, **kwargs)
+
+    monkeypatch.setattr(Validator, "load", classmethod(spy))
+    patient = str(next((GOLDEN / "r4").glob("Patient-*.json")))
+    main(["validate", "--no-models", patient])
+    main(["import", patient])
+    capsys.readouterr()
+    assert loaded[:1] == [Release.R5] and set(loaded) == {Release.R5}

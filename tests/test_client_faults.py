@@ -305,3 +305,12 @@ def test_error_module_examples():
 
     result = doctest.testmod(errors)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_config_module_examples():
+    import doctest
+
+    from fhir_kap import config
+
+    result = doctest.testmod(config)
+    assert result.attempted > 0 and result.failed == 0

@@ -87,6 +87,19 @@ def test_a_plain_write_transaction_syncs_before_it_returns_and_a_read_never_does
     assert len(spy.calls) == 2 and "c" in spy.calls[1]["committed"]
 
 
+def test_a_write_transaction_that_changed_nothing_is_not_synced(db, path, monkeypatch):
+    """An idle outbox claim (BEGIN IMMEDIATE, nothing due) must not cost a disk flush per poll."""
+    spy = SyncSpy(path)
+    monkeypatch.setattr(dbmod, "_fdatasync", spy)
+    with db.transaction() as tx:
+        tx.execute("SELECT k FROM t")
+        tx.execute("UPDATE t SET k = k WHERE k = 'none' RETURNING k")
+    assert spy.calls == []
+    with db.transaction() as tx:  # a claim that takes a row is a write (RETURNING, so no `wrote` flag)
+        tx.execute("INSERT INTO t (k) VALUES ('d') RETURNING k")
+    assert len(spy.calls) == 1 and "d" in spy.calls[0]["committed"]
+
+
 def test_a_savepoint_does_not_sync_only_its_outer_transaction_does(db, path, monkeypatch):
     spy = SyncSpy(path)
     monkeypatch.setattr(dbmod, "_fdatasync", spy)

@@ -336,6 +336,21 @@ def test_5xx_that_waiting_does_not_change__dead_letters_at_once(outbox, clock, r
     assert outbox.get(item_id).state == "dead"
 
 
+def test_a_refused_transaction_entry__is_dead_lettered_with_the_server_issue_codes(outbox, clock, rsps):
+    oo = json.loads((DATA / "OperationOutcome-invalid.json").read_text())
+    ok = dict(note("x"), id="srv-1", meta={"versionId": "1"})
+    rsps.add(responses.POST, FAKE, status=200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": [
+        {"resource": ok, "response": {"status": "201 Created", "location": "Communication/srv-1/_history/1"}},
+        {"response": {"status": "422 Unprocessable Entity", "outcome": oo}}]})
+    good_id, bad_id = queue(outbox, [note(), note()], FAKE)
+    stats = worker(outbox, lambda name: fake_client(Sleeps()), clock, use_transactions=True).run_once()
+    assert (stats.delivered, stats.dead) == (1, 1)
+    dead = outbox.get(bad_id)
+    assert dead.state == "dead" and "422" in dead.last_error
+    assert "required at Communication.status" in dead.last_error  # codes and locations, never free text
+    assert "field required" not in dead.last_error
+
+
 def test_transaction_unavailable__retries_all_items_without_falling_back(outbox, clock, rsps):
     rsps.add(responses.POST, FAKE, status=503)
     ids = queue(outbox, [note(), note()], FAKE)

@@ -140,3 +140,13 @@ def test_hostile_unknown_field_names_are_shown_shortened_and_few(schemas):
         schemas.check(record)
     message = " ".join(i.message for i in exc.value.issues)
     assert "x" * 41 not in message and "and more" in message and len(message) < 1000
+
+
+def test_one_hostile_unknown_field_name_is_shown_shortened_too(schemas):
+    record = json.loads((RECORDS / "session-ses-dose-01.json").read_text())
+    record["y" * 5000] = 1
+    with pytest.raises(InputError) as exc:
+        schemas.check(record)
+    [issue] = exc.value.issues
+    assert "y" * 41 not in issue.message and len(issue.message) < 200
+    assert issue.rule == "schema:additionalProperties" and issue.pointer == "/" + "y" * 5000  # exact where

@@ -254,3 +254,20 @@ def test_put_context__a_consent_reposted_under_a_new_id_replaces_the_old_one(out
     outbox.put_context(revoked)
     consents = [r for r in outbox.context_for(patient) if r["resourceType"] == "Consent"]
     assert [(c["id"], c["status"]) for c in consents] == [("srv-2", "inactive")]
+
+
+def test_a_consent_keyed_by_the_earlier_rule_is_rekeyed_on_upgrade_so_a_repost_replaces_it(db):
+    """Before outbox-3 a Consent's key could be an identifier marked `use: old`; the new rule
+    skips those, so without re-keying a re-posted (revoked) consent would sit beside the old copy."""
+    consent = json.loads((Path(__file__).parent / "data" / "delivery" / "Consent-open-ended.json").read_text())
+    consent["identifier"] = [{"use": "old", "system": "urn:old", "value": "o-1"}, *consent["identifier"]]
+    first = dict(consent, id="srv-1")
+    outbox = Outbox(db, clock=lambda: T0)
+    outbox.put_context(first)
+    with db.transaction() as tx:  # as the code before outbox-3 stored it
+        tx.execute("UPDATE outbox_context SET ident = 'urn:old|o-1' WHERE id = 'srv-1'")
+        tx.execute("DELETE FROM schema_migrations WHERE name = 'outbox-3'")
+    upgraded = Outbox(db, clock=lambda: T0)
+    upgraded.put_context(dict(consent, id="srv-2", status="inactive"))
+    consents = [r for r in upgraded.context_for(first["patient"]["reference"]) if r["resourceType"] == "Consent"]
+    assert [(c["id"], c["status"]) for c in consents] == [("srv-2", "inactive")]

@@ -160,6 +160,18 @@ def test_a_refusing_hook_is_dead_lettered_at_once_and_a_down_one_after_the_attem
     assert "gave up after 3 attempts" in job.last_error
 
 
+@pytest.mark.parametrize("status, state", [(408, "pending"), (500, "pending"), (507, "pending"),
+                                           (501, "dead"), (505, "dead"), (404, "dead")])
+def test_which_answers_are_tried_again_later_is_the_outbox_rule(db, receiver, status, state):
+    clock = Clock()
+    n = _notifier(db, receiver.url, clock)
+    receiver.script = [(status, {})]
+    n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
+    n.run_due()
+    job, = n.jobs()
+    assert (job.state, job.attempts, job.last_status) == (state, 1, status)
+
+
 def test_a_partner_without_a_webhook_any_more_gets_nothing(db, receiver):
     n = _notifier(db, None)
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")

@@ -134,9 +134,7 @@ class SearchVisibility:
         """Audit the permits of the rows returned (the others were never sent)."""
         if self.access.audit is None:
             return
-        for s in items:
-            event = self._permits.get((s.type, s.id))
-            if event is not None:
-                self.access.audit.append(event)
+        events = [self._permits[key] for key in ((s.type, s.id) for s in items) if key in self._permits]
+        self.access.audit.append_many(events)  # one commit for the page
 
 

@@ -109,7 +109,7 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     release = Release.parse(args.fhir_version) if args.fhir_version else None
     pipeline = Pipeline.load()
     failed = []
-    for outcome in pipeline.import_documents(_documents(args.files), release):
+    for outcome in pipeline.import_documents(_documents(args.files), release, default=settings.fhir_version):
         if outcome.ok:
             sys.stdout.buffer.write(dumps(outcome.result) + b"\n")
         else:
