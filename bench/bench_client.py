@@ -52,7 +52,7 @@ def run(server_base_url: str | None = None, n: int = 2000, *, quick: bool = Fals
     if quick:
         n = min(n, 100)
     if server_base_url is None:
-        from fhir_kap.testserver import SekmetServer
+        from fhir_kap.demo.testserver import SekmetServer
 
         with SekmetServer(log_inbound=False) as server:
             return run(server.base_url, n, batch_size=batch_size)

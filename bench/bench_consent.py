@@ -42,7 +42,7 @@ def _rate(fn, budget: float) -> float:
 def run(quick: bool = False) -> list[dict]:
     from fhir_kap.config import Release
     from fhir_kap.consent import ConsentGate, Recipient
-    from fhir_kap.fhirmodel import model_class
+    from fhir_kap.fhir.release import model_class
 
     budget = 0.3 if quick else 2.0
     gate = ConsentGate([_load(n) for n in CONSENTS + DIRECTORY])

@@ -38,7 +38,7 @@ def _backend(kind: str) -> tuple[str, Callable[[], None]]:
     if kind == "sqlite":
         tmp = tempfile.TemporaryDirectory(prefix="kap-bench-")
         return f"sqlite:///{tmp.name}/outbox.sqlite3", tmp.cleanup
-    from fhir_kap.db import Database
+    from fhir_kap.storage.db import Database
 
     url = os.environ["FHIR_KAP_TEST_PG_URL"]
     schema = "bench_" + uuid.uuid4().hex[:10]
@@ -52,8 +52,8 @@ def _backend(kind: str) -> tuple[str, Callable[[], None]]:
 
 
 def _measure(kind: str, n: int) -> dict[str, float]:
-    from fhir_kap.db import Database
-    from fhir_kap.outbox import Outbox
+    from fhir_kap.storage.db import Database
+    from fhir_kap.storage.outbox import Outbox
 
     rates: dict[str, float] = {}
     notes = _notes(n)

@@ -29,8 +29,8 @@ def _rate(fn: Callable[[], int], min_seconds: float) -> float:
 
 def run(quick: bool = False) -> list[dict]:
     from fhir_kap.config import Release
-    from fhir_kap.fhirmodel import model_class
-    from fhir_kap.pipeline import Pipeline
+    from fhir_kap.fhir.release import model_class
+    from fhir_kap.records.pipeline import Pipeline
 
     secs = 1.0 if quick else 4.0
     pipeline = Pipeline.load()

@@ -1,4 +1,10 @@
-"""Shared fixtures: a real SEKMET FHIR R4 server per test session, PostgreSQL from .ci/run."""
+"""Shared fixtures and the test tiers.
+
+Tiers are folders: tests/unit (pure core, no IO fixture allowed), tests/integration (databases,
+the bridge app, the CLI, local HTTP servers), tests/system (SEKMET, gunicorn, crashes, scale-out,
+the demo, a browser, the benchmarks). Each test gets its tier's marker, plus `sekmet` or
+`postgres` from the fixtures it uses, so `-m "not sekmet"` or `tests/unit` both work.
+"""
 from __future__ import annotations
 
 import os
@@ -7,10 +13,40 @@ from pathlib import Path
 
 import pytest
 
-from fhir_kap.testserver import SekmetServer
+from fhir_kap.demo.testserver import SekmetServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
+TIERS = ("unit", "integration", "system")
+IO_FIXTURES = {"sekmet", "sekmet_auth", "pg_url", "db", "bridge"}  # never in the unit tier
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.path)).relative_to(Path(__file__).parent).parts
+        tier = parts[0] if parts and parts[0] in TIERS else None
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/system")
+        item.add_marker(getattr(pytest.mark, tier))
+        used = set(getattr(item, "fixturenames", ()))
+        if used & {"sekmet", "sekmet_auth"}:
+            item.add_marker(pytest.mark.sekmet)
+        if "pg_url" in used:
+            item.add_marker(pytest.mark.postgres)
+        if tier == "unit" and used & IO_FIXTURES:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(used & IO_FIXTURES)}: move it out of tests/unit")
+
+
+@pytest.fixture
+def bridge(request: pytest.FixtureRequest, tmp_path: Path):
+    """The bridge app (Flask test client) on a fresh data dir with its partners: `testkit.bridge.make_bridge`.
+
+    A module or test asks for more with `pytest.mark.bridge(...)`: `consent=` a Consent the clinic posts
+    first, `partners=` extra partners, and any setting (e.g. `fhir_version="R5"`)."""
+    from testkit.bridge import make_bridge
+
+    marker = request.node.get_closest_marker("bridge")
+    return make_bridge(tmp_path, **(marker.kwargs if marker else {}))
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +109,7 @@ def db(request, tmp_path):
     schema of its own (dropped afterwards)."""
     import uuid
 
-    from fhir_kap.db import Database
+    from fhir_kap.storage.db import Database
 
     if request.param == "sqlite":
         database = Database(f"sqlite:///{tmp_path / 'kap.sqlite3'}")

@@ -1,4 +1,4 @@
-"""The bridge (layer 4, the only Flask user): a FHIR facade and the KAP API for partners.
+"""The bridge (layer 4, entry point; the only Flask user): a FHIR facade and the KAP API for partners.
 
 `create_app(settings, options)` builds everything; nothing is kept in module globals.
 """

@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import Release
-from ..identifiers import patient_reference
-from ..inbound import addressed_to
-from ..partners import Partner
-from ..store import MAX_ALTERNATIVES, Store, StoredResource
+from ..fhir.identifiers import patient_reference
+from ..exchange.inbound import addressed_to
+from ..storage.partners import Partner
+from ..storage.store import MAX_ALTERNATIVES, Store, StoredResource
 
 __all__ = ["Access", "SearchVisibility"]
 

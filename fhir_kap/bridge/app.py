@@ -26,12 +26,12 @@ from werkzeug.sansio.utils import get_current_url
 
 from .. import jsonio
 from ..config import Release, Settings
-from ..db import Database
+from ..storage.db import Database
 from ..errors import Forbidden, Issue, KapError, Unauthorized, operation_outcome
-from ..inbound import Inbound
-from ..notify import Notifier
-from ..partners import Partner, Partners
-from ..store import Store
+from ..exchange.inbound import Inbound
+from ..exchange.webhooks import Notifier
+from ..storage.partners import Partner, Partners
+from ..storage.store import Store
 from .access import Access
 
 __all__ = ["BridgeOptions", "JsonLines", "Services", "create_app", "fhir_response", "outcome_response", "services"]
@@ -89,11 +89,11 @@ def services() -> Services:
 
 def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flask:
     """A Flask app serving the FHIR facade (/fhir), the KAP API (/kap), /healthz and /readyz."""
-    from ..auditlog import AuditLog
-    from ..inputs import load_input_schemas
-    from ..mapping import Mapper
-    from ..outbox import Outbox
-    from ..profiles import Validator
+    from ..storage.auditlog import AuditLog
+    from ..records.inputs import load_input_schemas
+    from ..records.mapping import Mapper
+    from ..storage.outbox import Outbox
+    from ..validation import Validator
 
     options = options or BridgeOptions()
     release = Release.parse(settings.fhir_version)

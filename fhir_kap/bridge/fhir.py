@@ -9,9 +9,9 @@ from flask import Flask, Response, request
 
 from .. import jsonio
 from ..errors import Forbidden, Gone, InputError, NotFound, UnsupportedMediaType
-from ..inbound import WRITE_TYPES, parse_query
-from ..partners import Partner
-from ..store import DEFAULT_COUNT, ID_PATTERN, MAX_COUNT, REFERENCE_PARAMS, SEARCH_PARAMS, StoredResource
+from ..exchange.inbound import WRITE_TYPES, parse_query
+from ..storage.partners import Partner
+from ..storage.store import DEFAULT_COUNT, ID_PATTERN, MAX_COUNT, REFERENCE_PARAMS, SEARCH_PARAMS, StoredResource
 from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date, services
 
 __all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]

@@ -9,7 +9,7 @@ mapped to FHIR, profile-checked and, when it names recipients, consent-gated per
 Context records (consents, people, organisations, clients) go to the consent context.
 Records naming no recipient (sessions) are stored here for the clinic and disclosed to no one.
 The answer lists every record as `queued`, `stored`, `context`, `held` or `refused`, with why;
-the consent path (gate, AuditEvent, Provenance, labels, outbox) is fhir_kap.outbound's.
+the consent path (gate, AuditEvent, Provenance, labels, outbox) is fhir_kap.exchange.outbound's.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from flask import Flask, Response, request
 from .. import jsonio
 from ..consent import apply_security_labels
 from ..errors import InputError, KapError, UnsupportedMediaType
-from ..identifiers import business_identifier
-from ..inbound import addressed_to
-from ..outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
-from ..partners import Partner
-from ..pipeline import Pipeline
+from ..fhir.identifiers import business_identifier
+from ..exchange.inbound import addressed_to
+from ..exchange.outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
+from ..storage.partners import Partner
+from ..records.pipeline import Pipeline
 from .app import current_partner, json_response, services
 from .fhir import read_json_body
 

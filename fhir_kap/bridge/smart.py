@@ -28,7 +28,7 @@ from flask import Flask, Response, request
 
 from ..client import JWT_BEARER
 from ..errors import Conflict, NotFound
-from ..partners import ACCESS_TOKEN_SECONDS
+from ..storage.partners import ACCESS_TOKEN_SECONDS
 from .app import json_response, services
 
 __all__ = ["TOKEN_PATH", "register"]

@@ -1,4 +1,4 @@
-"""`fhir-kap` command line: one dispatcher, one module per command group.
+"""`fhir-kap` command line (layer 4, entry point): one dispatcher, one module per command group.
 
 Each module in COMMAND_MODULES exposes `register(subparsers)` and sets `handler` on its
 parsers: `handler(args, settings) -> int`. Modules keep heavy imports (fhir.resources,

@@ -111,8 +111,8 @@ def register(subparsers: Any) -> None:
 
 
 def _partners(settings: Any) -> Any:
-    from ..db import Database
-    from ..partners import Partners
+    from ..storage.db import Database
+    from ..storage.partners import Partners
 
     return Partners(Database(settings.db_url))
 
@@ -172,9 +172,9 @@ def _partners_revoke(args: argparse.Namespace, settings: Any) -> int:
 def _partners_webhooks(args: argparse.Namespace, settings: Any) -> int:
     from dataclasses import asdict
 
-    from ..db import Database
+    from ..storage.db import Database
     from ..errors import NotFound
-    from ..notify import Notifier
+    from ..exchange.webhooks import Notifier
     from ._io import write_json
 
     notifier = Notifier(db=Database(settings.db_url))

@@ -90,7 +90,7 @@ class _Progress:
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
 
     def __call__(self, done: int, total: int, result: Any, check: Any) -> None:
-        from ..reports import progress_line
+        from ..conformance.reports import progress_line
 
         if self.tty:
             if result is None:
@@ -112,7 +112,7 @@ def _write(path: str, text: str) -> None:
 def handler(args: argparse.Namespace, settings: Any) -> int:
     from ..conformance import CheckConfig, run_checks
     from ..jsonio import dumps
-    from ..reports import console_table, html_report, junit_xml
+    from ..conformance.reports import console_table, html_report, junit_xml
 
     auth, secrets = _auth(args)
     config = CheckConfig(server=args.server.rstrip("/"), auth=auth, auth_kind=args.auth,

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Any) -> int:
-    from ..demo import run_demo
+    from ..demo.journey import run_demo
 
     root = Path(args.dir) if args.dir else Path(settings.data_dir) / "demo"
     return run_demo(root.resolve(), once=args.once, out=lambda line: print(line, flush=True))

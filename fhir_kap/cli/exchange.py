@@ -19,7 +19,7 @@ from ._io import bounded_int
 if TYPE_CHECKING:  # heavy imports stay inside the handlers
     from ..client import FhirClient
     from ..config import EndpointConfig, Settings
-    from ..outbox import Outbox, OutboxItem
+    from ..storage.outbox import Outbox, OutboxItem
 
 __all__ = ["client_factory", "consent_checker", "register"]
 
@@ -115,9 +115,9 @@ def register(subparsers: Any) -> None:
 # ---------------------------------------------------------------- shared wiring
 
 def _open(settings: Settings) -> tuple[Outbox, Any]:
-    from ..auditlog import AuditLog
-    from ..db import Database
-    from ..outbox import Outbox
+    from ..storage.auditlog import AuditLog
+    from ..storage.db import Database
+    from ..storage.outbox import Outbox
 
     db = Database(settings.db_url)
     return Outbox(db), AuditLog(db)
@@ -194,8 +194,8 @@ def client_factory(settings: Settings, env: Any = None,
 def consent_checker(outbox: Outbox, audit: Any, settings: Settings,
                     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
                     ) -> Callable[[OutboxItem], tuple[bool, str]]:
-    """The send-time consent re-check (fhir_kap.outbound.send_time_check) for these settings."""
-    from ..outbound import send_time_check
+    """The send-time consent re-check (fhir_kap.exchange.outbound.send_time_check) for these settings."""
+    from ..exchange.outbound import send_time_check
 
     return send_time_check(outbox, audit, settings.fhir_version, clock)
 
@@ -204,7 +204,7 @@ def partner_endpoints(db: Any) -> Callable[[str], Any]:
     """EndpointConfig of a bridge partner's own FHIR server, from `partners add --endpoint URL
     [--endpoint-auth none|bearer:ENVVAR|smart:CLIENT_ID]`; None for other names."""
     from ..config import EndpointConfig
-    from ..partners import Partners
+    from ..storage.partners import Partners
 
     partners = Partners(db)
 
@@ -239,7 +239,7 @@ def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
         _write_json({"resourceType": "Bundle", "type": "searchset", "total": len(rows),
                      "entry": [{"resource": r} for r in rows]})
         return 0
-    from ..auditlog import extract
+    from ..storage.auditlog import extract
 
     print(f"{'RECORDED':<26} {'TYPE':<11} {'OUTCOME':<8} {'PATIENT':<22} {'RECIPIENT':<28} CONSENT")
     names = {v: k for k, v in _OUTCOME_CODES.items()}
@@ -254,7 +254,7 @@ def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------- send
 
 def _target(settings: Settings, to: str | None) -> Any:
-    from ..outbound import Target
+    from ..exchange.outbound import Target
 
     if to is None:
         if len(settings.endpoints) != 1:
@@ -279,8 +279,8 @@ def _target(settings: Settings, to: str | None) -> Any:
 
 def send_handler(args: argparse.Namespace, settings: Settings) -> int:
     from ..jsonio import iter_documents
-    from ..outbound import Outbound
-    from ..pipeline import Pipeline
+    from ..exchange.outbound import Outbound
+    from ..records.pipeline import Pipeline
     from ._io import open_input, write_json
 
     target = _target(settings, args.to)
@@ -306,7 +306,7 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
-    from ..delivery import Backoff, DeliveryWorker, Stats, default_worker_id
+    from ..exchange.delivery import Backoff, DeliveryWorker, Stats, default_worker_id
 
     logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -456,7 +456,7 @@ def _write_json(obj: Any) -> None:
 
 
 def _table(items: list[OutboxItem]) -> None:
-    from ..outbox import iso
+    from ..storage.outbox import iso
 
     headers = ("ID", "STATE", "ENDPOINT", "TYPE", "KEY", "TRIES", "WHEN", "NOTE")
     rows = []

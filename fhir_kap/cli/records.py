@@ -59,7 +59,7 @@ def _release(args: argparse.Namespace, settings: Any) -> Any:
 def _report(failed: list[Any], more: Any = ()) -> None:
     """One OperationOutcome on stderr for every problem of the run."""
     from ..errors import operation_outcome
-    from ..pipeline import labelled
+    from ..records.pipeline import labelled
     from . import print_outcome
 
     issues = [i for o in failed for i in labelled(o.label, o.error.issues)] + list(more)
@@ -69,7 +69,7 @@ def _report(failed: list[Any], more: Any = ()) -> None:
 def cmd_map(args: argparse.Namespace, settings: Any) -> int:
     from ..errors import KapError
     from ..jsonio import dumps
-    from ..pipeline import Pipeline
+    from ..records.pipeline import Pipeline
 
     release = _release(args, settings)
     pipeline = Pipeline.load()
@@ -104,7 +104,7 @@ def cmd_map(args: argparse.Namespace, settings: Any) -> int:
 def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     from ..config import Release
     from ..jsonio import dumps
-    from ..pipeline import Pipeline
+    from ..records.pipeline import Pipeline
 
     release = Release.parse(args.fhir_version) if args.fhir_version else None
     pipeline = Pipeline.load()
@@ -124,7 +124,7 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
 def cmd_validate(args: argparse.Namespace, settings: Any) -> int:
     from ..config import Release
     from ..errors import Issue, operation_outcome
-    from ..profiles import Validator, detect_release
+    from ..validation import Validator, detect_release
 
     given = Release.parse(args.fhir_version) if args.fhir_version else None
     any_invalid = False

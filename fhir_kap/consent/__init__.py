@@ -1,8 +1,8 @@
-"""Consent gate (layer 1, pure): R4/R5 Consents → one policy; fail-closed disclosure decisions;
+"""Consent gate (layer 1, pure core): R4/R5 Consents → one policy; fail-closed disclosure decisions;
 security labels; AuditEvent and Provenance builders.
 
 No IO and no clock: the disclosure date and the audit time are always handed in.
-Imports only fhir_kap.errors / config / jsonio and the standard library.
+Imports only the base rooms (errors, config, jsonio, fhir/) and the standard library.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import CANONICAL, CS, Release
 from ..errors import InputError
-from ..identifiers import patient_reference
+from ..fhir.identifiers import patient_reference
 from .decide import Decision
 from .policy import normalise_purpose
 from .recipients import Recipient

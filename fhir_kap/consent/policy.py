@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import CS, Release
-from ..fhirmodel import release_signals
+from ..fhir.release import release_signals
 from .categories import KNOWN_CATEGORIES
 from .periods import Period, PeriodError, parse_period
 from .recipients import ActorRef, actor_ref

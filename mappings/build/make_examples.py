@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 from fhir_kap import jsonio
 from fhir_kap.config import Release
-from fhir_kap.inputs import load_input_schemas
-from fhir_kap.mapping import Mapper
+from fhir_kap.records.inputs import load_input_schemas
+from fhir_kap.records.mapping import Mapper
 
 RECORDS = ROOT / "profiles" / "examples" / "records"
 

@@ -2,7 +2,7 @@
 
     python3 profiles/build/gen_package.py
 
-The StructureDefinitions' differentials are the data fhir_kap.profiles reads its profile rules
+The StructureDefinitions' differentials are the data fhir_kap.validation reads its profile rules
 from (cardinality, fixed/pattern values, slices, bindings, target types, kap-* constraints), so
 this script is the one place the KAP profile rules are written down. Output is committed.
 """

@@ -1,4 +1,4 @@
-"""Generate the fast FHIR structure validators in fhir_kap/_generated/ (run by hand, output committed).
+"""Generate the fast FHIR structure validators in fhir_kap/validation/_generated/ (run by hand, output committed).
 
     python3 profiles/build/gen_validators.py [/tmp/fhirpkgs]
 
@@ -11,7 +11,7 @@ Inputs (CC0 specification data, not in CI):
 
 Per (release, root type) the official schema is trimmed to the definitions reachable from the
 root, with `ResourceList` (contained, Bundle.entry.resource) replaced by a minimal
-`{"type": "object", "required": ["resourceType"]}` — fhir_kap.profiles validates those nested
+`{"type": "object", "required": ["resourceType"]}` — fhir_kap.validation validates those nested
 resources itself by recursing with their own validator. Then:
   * every element with a *required* binding on a `code` gets an `enum` (when the ValueSet can be
     expanded from the package; the ones that cannot are printed and left open),
@@ -20,7 +20,7 @@ resources itself by recursing with their own validator. Then:
   * complex types must be JSON objects (the R4 schema lets an array pass), integer types are JSON integers (the schema says "number"), arrays are never empty,
   * descriptions are dropped.
 The trimmed schema is compiled with fastjsonschema.compile_to_code and written, with the schema
-itself (for the jsonschema failure path), to fhir_kap/_generated/<release>/<type>.py.
+itself (for the jsonschema failure path), to fhir_kap/validation/_generated/<release>/<type>.py.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import fastjsonschema
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "fhir_kap" / "_generated"
+OUT = ROOT / "fhir_kap" / "validation" / "_generated"
 ROOT_TYPES = ["ServiceRequest", "Procedure", "Consent", "Communication", "Patient", "Practitioner",
               "PractitionerRole", "Organization", "AuditEvent", "Provenance", "Task",
               "OperationOutcome", "Bundle"]
@@ -212,7 +212,7 @@ CALENDAR_FORMAT = "fhir-calendar-date"
 def _mark_calendar_dates(defs: dict) -> None:
     """Regexes cannot know February has no 30th: every string carrying the date, dateTime or
     instant pattern (the definitions and the inlined choice variants such as performedDateTime)
-    also gets a custom format, checked at run time by fhir_kap.profiles.calendar_date_ok."""
+    also gets a custom format, checked at run time by fhir_kap.validation.validator.calendar_date_ok."""
     patterns = {defs[n]["pattern"] for n in ("date", "dateTime", "instant") if "pattern" in defs.get(n, {})}
 
     def walk(node: object) -> None:

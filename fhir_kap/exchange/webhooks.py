@@ -1,0 +1,387 @@
+"""Rest-hook notifications for partners without a FHIR server of their own.
+
+The payload names an event and a resource id, nothing else: no patient data ever goes into a
+webhook. The partner fetches the resource from the bridge with its token, which is where
+consent is checked and the read audited. Each notification is signed:
+`X-KAP-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">` with the partner's webhook
+secret, and `X-KAP-Timestamp` (Unix seconds) so a receiver can refuse replays.
+
+Durable, and never on the request path: `Notifier.enqueue` writes a job row into
+`webhook_jobs` inside the same transaction as the write it announces (so a job exists exactly
+when that write is committed), and one sender thread per process claims due jobs with a lease,
+posts them and records the outcome:
+- 2xx: `delivered`;
+- 408, 429, 5xx but 501/505 (`fhir.retry.retry_later`, the outbox's rule too), a timeout or a
+  refused connection: `pending` again, after an exponential
+  back-off with jitter (`fhir.retry.Backoff`, as the outbox uses; a longer `Retry-After` wins),
+  `dead` after `max_attempts`;
+- any other 4xx, 501, 505, a redirect (never followed: a hook must not send the bridge elsewhere), a
+  partner that no longer has a webhook (revoked, removed), or a note the partner may no longer
+  read (`allowed`, e.g. its consent was withdrawn since the job was queued): `dead`, with the
+  status or reason in `last_error` (codes only, never a response body).
+Each job gets a fresh lease right before it is posted, so a slow batch never lets another
+worker take a job that is still being sent.
+A crash loses nothing: a job whose sender died is claimed again once its lease runs out, so
+delivery is at-least-once and a receiver may see the same (event, resource) twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .. import jsonio
+from ..fhir.retry import Backoff, retry_after_seconds, retry_later
+from ..storage.db import Database
+
+__all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "WebhookJob", "sign"]
+
+EVENT_COMMUNICATION = "communication-available"
+EVENT_TASK = "referral-status-changed"
+log = logging.getLogger("fhir_kap.notify")
+
+
+@dataclass(frozen=True)
+class NotifyResult:
+    delivered: bool
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class WebhookJob:
+    """One queued notification (a row of `webhook_jobs`): ids, states and times only."""
+
+    id: int
+    partner: str
+    event: str
+    resource: str
+    version: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+
+
+_MIGRATION = [
+    """CREATE TABLE webhook_jobs (
+        id {pk}, partner TEXT NOT NULL, event TEXT NOT NULL, resource TEXT NOT NULL,
+        version TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', attempts {bigint} NOT NULL DEFAULT 0,
+        next_attempt_at {real} NOT NULL, lease_owner TEXT, lease_until {real},
+        last_status {bigint}, last_error TEXT, created_at {real} NOT NULL, updated_at {real} NOT NULL,
+        UNIQUE (partner, event, resource, version))""",
+    "CREATE INDEX webhook_jobs_due ON webhook_jobs (state, next_attempt_at)",
+]
+_COLUMNS = "id, partner, event, resource, version, state, attempts, next_attempt_at, last_status, last_error"
+#: What a partner name resolves to at send time: (webhook URL, secret), or None when it has none.
+Resolver = Callable[[str], "tuple[str, str | None] | None"]
+#: Whether a partner may still hear of a resource (partner name, "Type/id"), asked at send time.
+Allowed = Callable[[str, str], bool]
+
+
+
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The signature header value for `body` sent at `timestamp`."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return f"sha256={mac.hexdigest()}"
+
+
+class Notifier:
+    """Signed, id-only rest-hook notifications: a durable job queue and one sender thread per process.
+
+    Without a database (`db=None`) only `notify` (one POST, no queue) is available.
+    `resolve(partner)` gives the partner's current webhook URL and secret (None: it has none).
+    """
+
+    def __init__(self, timeout: float = 5.0, user_agent: str = "fhir-kap-bridge", *,
+                 db: Database | None = None, resolve: Resolver | None = None, allowed: Allowed | None = None,
+                 max_attempts: int = 15, backoff: Backoff = Backoff(base=2.0, cap=300.0), poll_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.timeout = timeout
+        self.user_agent = user_agent
+        self.db = db
+        self.resolve = resolve
+        self.allowed = allowed
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.lease_seconds = 2 * timeout + 30
+        self._pid = 0
+        self._wake = threading.Event()
+        self._start_lock = threading.Lock()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._worker_id = ""
+        if db is not None:
+            db.migrate("webhooks-1", _MIGRATION)
+
+    # ---- queue
+
+    def enqueue(self, partner: str, event: str, resource_ref: str, version: str) -> bool:
+        """Queue one notification of `resource_ref` at `version`; True if new (the same partner,
+        event, resource and version is queued once). Inside a transaction of this thread it joins
+        it (a SAVEPOINT), so the job is committed exactly when the write it announces is."""
+        db = self._need_db()
+        now = self.clock()
+        with db.transaction() as tx:
+            rows = tx.execute(
+                "INSERT INTO webhook_jobs (partner, event, resource, version, state, attempts, next_attempt_at, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
+                "ON CONFLICT (partner, event, resource, version) DO NOTHING RETURNING id",
+                (partner, event, resource_ref, version, now, now, now))
+        return bool(rows)
+
+    def jobs(self, state: str | None = None, limit: int = 100, *, partner: str | None = None) -> list[WebhookJob]:
+        """Queued notifications, oldest first (all states or one; all partners or one)."""
+        db = self._need_db()
+        conds: list[str] = []
+        params: list[Any] = []
+        for column, value in (("state", state), ("partner", partner)):
+            if value is not None:
+                conds.append(f"{column} = ?")
+                params.append(value)
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
+        rows = db.query(f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?",
+                          (*params, int(limit)))
+        return [_job(r) for r in rows]
+
+    def retry(self, job_id: int | None = None, *, partner: str | None = None) -> list[WebhookJob]:
+        """Put dead jobs back in the queue: one by id, or every dead one (of `partner`, if given).
+
+        Attempts start from zero, the job is due now, and the last status and error are cleared.
+        Returns the jobs moved (none when no dead job matches)."""
+        db = self._need_db()
+        now = self.clock()
+        where = "state = 'dead'"
+        params: list[Any] = [now, now]
+        if job_id is not None:
+            where += " AND id = ?"
+            params.append(int(job_id))
+        if partner is not None:
+            where += " AND partner = ?"
+            params.append(partner)
+        with db.transaction() as tx:
+            rows = tx.execute("UPDATE webhook_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                              f"last_status = NULL, last_error = NULL, updated_at = ? WHERE {where} "
+                              f"RETURNING {_COLUMNS}", tuple(params))
+        return sorted((_job(r) for r in rows), key=lambda j: j.id)
+
+    def wake(self) -> None:
+        """Make sure this process's sender runs, and have it look for due jobs now."""
+        if self.db is None:
+            return
+        self._started()
+        self._wake.set()
+
+    def ensure_started(self) -> None:
+        """Start this process's sender if it is not running (cheap; the bridge calls it per request,
+        so jobs left by a crashed process are sent even before anything new is written)."""
+        if self.db is not None:
+            self._started()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until no job is due or being sent (tests, shutdown); False on timeout.
+
+        Jobs waiting for a later retry do not count."""
+        if self.db is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            self.wake()
+            now = self.clock()
+            busy = self.db.query(
+                "SELECT COUNT(*) AS n FROM webhook_jobs WHERE (state = 'pending' AND next_attempt_at <= ?) "
+                "OR state = 'sending'", (now,))[0]["n"]
+            if not busy:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """End this process's sender thread after the job it may be posting."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout=self.timeout + 5)
+        self._thread = None
+
+    def run_due(self, limit: int = 20) -> int:
+        """Claim and post the jobs due now (what the sender thread does each round); how many."""
+        db = self._need_db()
+        now = self.clock()
+        lock = " FOR UPDATE SKIP LOCKED" if db.dialect == "postgresql" else ""
+        worker = self._worker_id or self._new_worker_id()
+        due = ("(state = 'pending' AND next_attempt_at <= ?) OR (state = 'sending' AND lease_until < ?)")
+        if not db.query(f"SELECT id FROM webhook_jobs WHERE {due} LIMIT 1", (now, now)):
+            return 0  # a read first: no write lock while idle
+        with db.transaction() as tx:
+            rows = tx.execute(
+                "UPDATE webhook_jobs SET state = 'sending', lease_owner = ?, lease_until = ?, "
+                "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM webhook_jobs WHERE "
+                f"{due} ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING {_COLUMNS}",
+                (worker, now + self.lease_seconds, now, now, now, int(limit)))
+        for job in sorted((_job(r) for r in rows), key=lambda j: j.id):
+            if not self._renew(job, worker):
+                continue  # its lease ran out while earlier jobs were sent: another worker has it
+            try:
+                self._send(job, worker)
+            except Exception as exc:  # noqa: BLE001 - one job's failure must not strand the others
+                log.warning("webhook job failed", extra={"job": job.id, "error": type(exc).__name__})
+                self._retry_or_give_up(job, worker, None, type(exc).__name__, None)
+        return len(rows)
+
+    def _renew(self, job: WebhookJob, worker: str) -> bool:
+        db = self._need_db()
+        now = self.clock()
+        with db.transaction() as tx:
+            return bool(tx.execute("UPDATE webhook_jobs SET lease_until = ? WHERE id = ? AND state = 'sending' "
+                                   "AND lease_owner = ? RETURNING id", (now + self.lease_seconds, job.id, worker)))
+
+    def _new_worker_id(self) -> str:
+        return f"{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _send(self, job: WebhookJob, worker: str) -> None:
+        target = self.resolve(job.partner) if self.resolve is not None else None
+        if target is None:
+            self._finish(job, worker, "dead", None, "partner has no webhook (revoked or removed)")
+            return
+        if self.allowed is not None and not self.allowed(job.partner, job.resource):
+            self._finish(job, worker, "dead", None, "the partner may no longer read it (consent)")
+            return
+        url, secret = target
+        result = self.notify(url, job.event, job.resource, secret=secret)
+        if result.delivered:
+            self._finish(job, worker, "delivered", result.status, None)
+        elif result.status is None or retry_later(result.status):  # no answer, or "not now"
+            self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
+        elif 300 <= result.status < 400:
+            self._finish(job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed")
+        else:
+            self._finish(job, worker, "dead", result.status, result.error)
+
+    def _retry_or_give_up(self, job: WebhookJob, worker: str, status: int | None, error: str | None,
+                          retry_after: float | None) -> None:
+        """A failed attempt that may succeed later: again after the back-off, or dead once
+        `max_attempts` are spent (whatever failed: the receiver, or this side)."""
+        if job.attempts >= self.max_attempts:
+            self._finish(job, worker, "dead", status, f"{error}; gave up after {job.attempts} attempts")
+        else:
+            self._finish(job, worker, "pending", status, error,
+                         next_at=self.clock() + self.backoff.wait(job.attempts, retry_after))
+
+    def _finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
+                next_at: float | None = None) -> None:
+        db = self._need_db()
+        now = self.clock()
+        with db.transaction() as tx:  # only while this sender still holds the lease
+            tx.execute("UPDATE webhook_jobs SET state = ?, lease_owner = NULL, lease_until = NULL, "
+                       "last_status = ?, last_error = ?, next_attempt_at = ?, updated_at = ? "
+                       "WHERE id = ? AND state = 'sending' AND lease_owner = ?",
+                       (state, status, error, next_at if next_at is not None else job.next_attempt_at, now,
+                        job.id, worker))
+        if state == "dead":
+            log.warning("webhook given up", extra={"job": job.id, "event": job.event, "status": status})
+
+    def _need_db(self) -> Database:
+        if self.db is None:
+            raise RuntimeError("this Notifier has no database: it can only notify()")
+        return self.db
+
+    def _started(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._thread is None or self._pid != os.getpid():  # again in a forked worker
+                self._pid = os.getpid()
+                self._worker_id = self._new_worker_id()
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="fhir-kap-webhooks", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                busy = self.run_due()
+            except Exception as exc:  # noqa: BLE001 - the database may be briefly unavailable: try again
+                log.warning("webhook round failed", extra={"error": type(exc).__name__})
+                busy = 0
+            if not busy:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    @staticmethod
+    def payload(event: str, resource_ref: str) -> bytes:
+        """The notification body: `{"event": ..., "resource": "Type/id"}`."""
+        return jsonio.dumps({"event": event, "resource": resource_ref})
+
+    def notify(self, url: str, event: str, resource_ref: str, *, secret: str | None = None) -> NotifyResult:
+        """POST the notification; never raises (a failed hook must not fail the request).
+
+        One plain HTTP exchange with `http.client`: no redirect is followed, no proxy consulted,
+        and the whole exchange has a deadline of `timeout` seconds (a hook that answers a byte at
+        a time is cut off then, where a per-read timeout would wait for ever)."""
+        body = self.payload(event, resource_ref)
+        ts = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "User-Agent": self.user_agent, "X-KAP-Timestamp": ts}
+        if secret:
+            headers["X-KAP-Signature"] = sign(secret, ts, body)
+        try:
+            status, retry_after = self._post(url, body, headers)
+        except Exception as exc:  # noqa: BLE001 - OSError, http.client.HTTPException, ssl errors...: never raised
+            log.warning("webhook failed", extra={"event": event, "resource": resource_ref,
+                                                 "error": type(exc).__name__})
+            return NotifyResult(False, None, type(exc).__name__)
+        ok = 200 <= status < 300
+        if not ok:
+            log.warning("webhook refused", extra={"event": event, "resource": resource_ref, "status": status})
+        return NotifyResult(ok, status, None if ok else f"HTTP {status}", None if ok else retry_after)
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, float | None]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("a webhook URL is http(s)://host/...")
+        conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = conn_type(parts.hostname, parts.port, timeout=self.timeout)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+        def cut_off() -> None:  # the deadline: unblock whatever read or write is waiting
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        deadline = threading.Timer(self.timeout, cut_off)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read(65536)  # a little of the body, never kept; the connection is closed next
+            return resp.status, retry_after_seconds(resp.getheader("Retry-After"))
+        finally:
+            deadline.cancel()
+            conn.close()
+
+
+def _job(row: dict[str, Any]) -> WebhookJob:
+    return WebhookJob(int(row["id"]), row["partner"], row["event"], row["resource"], row["version"], row["state"],
+                      int(row["attempts"]), float(row["next_attempt_at"]),
+                      None if row["last_status"] is None else int(row["last_status"]), row["last_error"])

@@ -1,0 +1,6 @@
+"""FHIR basics every room uses (layer 0, base): which release a resource is written in
+(`release`), business identifiers and references (`identifiers`), the transcript rule
+(`textscan`) and the one retry rule for HTTP answers (`retry`).
+
+Imports nothing of ours but the other base modules (`errors`, `config`, `jsonio`).
+"""

@@ -1,0 +1,111 @@
+"""Record → FHIR and FHIR → record pipelines: input check, mapping, profile check.
+
+    pipeline = Pipeline.load()
+    resource = pipeline.to_fhir(record, Release.R4)      # raises InputError / MappingError / ProfileError
+    record = pipeline.from_fhir(resource)                # release detected from the resource's shape
+
+Everything here is pure (layer 1 parts, composed); the CLI and the bridge do the IO.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..config import Release
+from ..errors import InputError, Issue, KapError, ProfileError
+from .inputs import InputSchemas, load_input_schemas
+from ..fhir.release import detect_release
+from .mapping import Mapper
+from ..validation import Validator
+
+__all__ = ["Pipeline", "Outcome"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one document: the result, or the error that stopped it."""
+
+    label: str
+    result: dict[str, Any] | None = None
+    error: KapError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    inputs: InputSchemas
+    mapper: Mapper
+
+    @classmethod
+    def load(cls, profiles: Path | None = None, mappings: Path | None = None) -> "Pipeline":
+        return cls(load_input_schemas(profiles / "input" if profiles else None), Mapper.load(mappings))
+
+    @staticmethod
+    def validator(release: Release) -> Validator:
+        return Validator.load(release)
+
+    def to_fhir(self, record: Any, release: Release) -> dict[str, Any]:
+        """Check a KAP record, map it, and check the FHIR result against base FHIR and the KAP profile."""
+        checked = self.inputs.check(record)
+        resource = self.mapper.to_fhir(checked, release)
+        errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
+        if errors:
+            raise ProfileError(errors)
+        return resource
+
+    def from_fhir(self, resource: Any, release: Release | None = None, *,
+                  default: Release = Release.R4) -> dict[str, Any]:
+        """Check a FHIR resource (base + KAP profile), map it back to a KAP record and check that.
+        Without `release`, the resource's shape tells it, else `default`."""
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            raise InputError("A FHIR resource must be a JSON object with a resourceType",
+                             pointer="/resourceType", expression="resourceType", rule="fhir:resourceType")
+        release = release or detect_release(resource) or default
+        errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
+        if errors:
+            raise ProfileError(errors)
+        if release is Release.R5 and resource["resourceType"] == "Consent" and resource.get("decision") != "deny":
+            # a KAP release of information is written decision deny + the grant as provision[0];
+            # under decision permit, provision[0] would be an exception, not a grant
+            raise InputError("R5 Consent.decision must be 'deny' for a KAP release of information "
+                             "(its first provision is the grant)", pointer="/decision",
+                             expression="Consent.decision", rule="consent:r5-decision")
+        return self.inputs.check(self.mapper.from_fhir(resource, release))
+
+    def map_documents(self, docs: Iterable[tuple[str, Any]], release: Release) -> Iterator[Outcome]:
+        """to_fhir over labelled documents; errors are returned per document, never dropped."""
+        for label, doc in docs:
+            try:
+                yield Outcome(label, result=self.to_fhir(doc, release))
+            except KapError as exc:
+                yield Outcome(label, error=exc)
+
+    def import_documents(self, docs: Iterable[tuple[str, Any]], release: Release | None = None, *,
+                         default: Release = Release.R4) -> Iterator[Outcome]:
+        """from_fhir over labelled documents; Bundles are unpacked entry by entry."""
+        for label, doc in docs:
+            for sub_label, resource in _unbundle(label, doc):
+                try:
+                    yield Outcome(sub_label, result=self.from_fhir(resource, release, default=default))
+                except KapError as exc:
+                    yield Outcome(sub_label, error=exc)
+
+
+def _unbundle(label: str, doc: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+        for i, entry in enumerate(doc.get("entry") or []):
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            yield f"{label}#entry[{i}]", resource
+    else:
+        yield label, doc
+
+
+def labelled(label: str, issues: Iterable[Issue]) -> list[Issue]:
+    """Prefix each issue's message with the document it came from (for multi-file output)."""
+    from dataclasses import replace
+
+    return [replace(i, message=f"{label}: {i.message}") for i in issues]

@@ -1,0 +1,222 @@
+"""Append-only store of AuditEvent and Provenance resources.
+
+Every consent decision (permit or deny) leaves an AuditEvent, every disclosed resource a
+Provenance; both are kept here as JSON with a few indexed columns for queries (type,
+recorded, patient, recipient, outcome, consent reference). The database itself refuses to
+change history: SQLite triggers and a PostgreSQL trigger raise on UPDATE and DELETE (and
+TRUNCATE), so a bug or a careless operator cannot rewrite the log through this database
+connection either.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from .. import jsonio
+from .db import Database
+from ..errors import InputError, quote
+
+__all__ = ["AUDIT_TYPES", "AuditLog", "AuditRecord", "extract"]
+
+
+AUDIT_TYPES = ("AuditEvent", "Provenance")
+RECIPIENT_ROLES = frozenset({"IRCP", "PRCP", "RCV", "recipient"})
+
+_TABLE = [
+    """CREATE TABLE audit_log (
+        seq {pk}, resource_type TEXT NOT NULL, resource_id TEXT, recorded TEXT NOT NULL,
+        recorded_epoch {real} NOT NULL, patient TEXT, recipient TEXT, outcome TEXT,
+        consent_ref TEXT, body TEXT NOT NULL)""",
+    "CREATE INDEX audit_log_type ON audit_log (resource_type, recorded_epoch)",
+    "CREATE INDEX audit_log_patient ON audit_log (patient, recorded_epoch)",
+    "CREATE INDEX audit_log_recipient ON audit_log (recipient, recorded_epoch)",
+    "CREATE INDEX audit_log_outcome ON audit_log (outcome, recorded_epoch)",
+    "CREATE INDEX audit_log_consent ON audit_log (consent_ref)",
+]
+_GUARDS = {
+    "sqlite": [
+        """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+           BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+        """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+           BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+    ],
+    "postgresql": [
+        """CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$""",
+        """CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
+           FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()""",
+        """CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+           FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()""",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """The indexed columns drawn from one AuditEvent or Provenance."""
+
+    resource_type: str
+    resource_id: str | None
+    recorded: str
+    recorded_epoch: float
+    patient: str | None
+    recipient: str | None
+    outcome: str | None
+    consent_ref: str | None
+
+
+def _ref(node: Any) -> str | None:
+    """A Reference's literal reference, else its identifier as `system|value`."""
+    if not isinstance(node, dict):
+        return None
+    if isinstance(node.get("reference"), str):
+        return node["reference"]
+    ident = node.get("identifier")
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+        return f"{ident.get('system', '')}|{ident['value']}"
+    return None
+
+
+def _codes(node: Any) -> set[str]:
+    """Every code in a CodeableConcept / list of them / Coding."""
+    out: set[str] = set()
+    items = node if isinstance(node, list) else [node]
+    for cc in items:
+        if not isinstance(cc, dict):
+            continue
+        for coding in cc.get("coding") or ([cc] if "code" in cc else []):
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                out.add(coding["code"])
+    return out
+
+
+def _epoch(value: str | date | datetime, where: str) -> float:
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, date):
+        dt = datetime(value.year, value.month, value.day)
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value))
+        except ValueError:
+            raise InputError(f"{where} is not a FHIR instant or date", pointer="/recorded",
+                             rule="audit:recorded") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def extract(resource: dict[str, Any]) -> AuditRecord:
+    """The indexed columns of an AuditEvent (R4 or R5) or a Provenance.
+
+    patient: AuditEvent.patient (R5) or an entity/target referencing a Patient; recipient: an
+    agent whose type/role is a recipient (IRCP, PRCP); outcome: the outcome code (R4 "0"/"4"/
+    "8"/"12", R5 outcome.code.code); consent: an entity referencing a Consent, or a Provenance
+    policy naming one.
+    """
+    rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+    if rtype not in AUDIT_TYPES:
+        raise InputError(f"The audit log takes AuditEvent or Provenance, not {quote(rtype)}",
+                         pointer="/resourceType", expression="resourceType", rule="audit:type")
+    recorded = resource.get("recorded")
+    if not isinstance(recorded, str) or not recorded:
+        raise InputError(f"{rtype}.recorded is required in the audit log", pointer="/recorded",
+                         expression=f"{rtype}.recorded", rule="audit:recorded", code="required")
+    refs: list[str] = []
+    for entity in resource.get("entity") or []:
+        if isinstance(entity, dict):
+            r = _ref(entity.get("what"))
+            if r:
+                refs.append(r)
+    for target in resource.get("target") or []:
+        r = _ref(target)
+        if r:
+            refs.append(r)
+    patient = _ref(resource.get("patient")) or next(
+        (r for r in refs if r.startswith("Patient/")), None)
+    consent = next((r for r in refs if r.startswith("Consent/")), None)
+    if consent is None:
+        consent = next((p for p in resource.get("policy") or []
+                        if isinstance(p, str) and "Consent/" in p), None)
+    recipient = None
+    for agent in resource.get("agent") or []:
+        if isinstance(agent, dict) and (_codes(agent.get("type")) | _codes(agent.get("role"))) & RECIPIENT_ROLES:
+            recipient = _ref(agent.get("who"))
+            if recipient:
+                break
+    outcome_raw = resource.get("outcome")
+    if isinstance(outcome_raw, str):
+        outcome: str | None = outcome_raw
+    elif isinstance(outcome_raw, dict):
+        outcome = next(iter(sorted(_codes(outcome_raw.get("code")))), None)
+    else:
+        outcome = None
+    rid = resource.get("id") if isinstance(resource.get("id"), str) else None
+    return AuditRecord(rtype, rid, recorded, _epoch(recorded, f"{rtype}.recorded"), patient,
+                       recipient, outcome, consent)
+
+
+class AuditLog:
+    """Append and query audit resources; nothing is ever updated or deleted."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("auditlog-1", _TABLE + _GUARDS[db.dialect])
+
+    def append(self, resource: dict[str, Any]) -> int:
+        """Store one AuditEvent or Provenance (committed before returning); its sequence number."""
+        return self.append_many([resource])[0]
+
+    def append_many(self, resources: Sequence[dict[str, Any]]) -> list[int]:
+        """Store AuditEvents and Provenances in one commit (one disk sync), all or none; their
+        sequence numbers.
+
+        Through the group committer (`Database.write`): concurrent appends share one commit, and
+        inside a caller's transaction the records join it."""
+        rows = [(extract(r), jsonio.dumps(r).decode()) for r in resources]
+
+        def insert(tx: Any) -> list[int]:
+            return [int(tx.execute(
+                "INSERT INTO audit_log (resource_type, resource_id, recorded, recorded_epoch, "
+                "patient, recipient, outcome, consent_ref, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING seq",
+                (rec.resource_type, rec.resource_id, rec.recorded, rec.recorded_epoch, rec.patient,
+                 rec.recipient, rec.outcome, rec.consent_ref, body))[0]["seq"]) for rec, body in rows]
+
+        return self.db.write(insert) if rows else []
+
+    def query(self, resource_type: str | None = None, patient: str | None = None,
+              outcome: str | None = None, since: str | date | datetime | None = None, *,
+              recipient: str | None = None, consent: str | None = None,
+              limit: int = 100) -> list[dict[str, Any]]:
+        """Stored resources matching every filter given, newest first (by `recorded`).
+
+        `since` is inclusive (an instant, or a date meaning its midnight UTC); `consent`
+        without `/_history/N` matches every version of that Consent; with it, that version.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("resource_type", resource_type), ("patient", patient),
+                              ("outcome", outcome), ("recipient", recipient)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if consent is not None and "/_history/" in consent:
+            where.append("consent_ref = ?")
+            params.append(consent)
+        elif consent is not None:
+            where.append("(consent_ref = ? OR consent_ref LIKE ?)")
+            params += [consent, consent + "/_history/%"]
+        if since is not None:
+            where.append("recorded_epoch >= ?")
+            params.append(_epoch(since, "since"))
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self.db.query(f"SELECT body FROM audit_log {clause}"
+                               "ORDER BY recorded_epoch DESC, seq DESC LIMIT ?", (*params, int(limit)))
+        return [jsonio.loads(r["body"], source="audit log") for r in rows]
+
+    def count(self) -> int:
+        """How many records the log holds."""
+        return int(self.db.query("SELECT COUNT(*) AS n FROM audit_log")[0]["n"])

@@ -1,0 +1,468 @@
+"""The durable outbox: every outbound resource is stored here before anything is sent.
+
+One row per (recipient endpoint, idempotency key). The key is the resource's business
+identifier `SYSTEM|VALUE`; enqueuing the same key twice for the same endpoint returns the row
+already there, never a second one. A row moves through these states:
+
+    pending --claim--> sending --mark_delivered--> delivered --purge_delivered--> (gone)
+       ^                  |  \\--mark_retry (attempts left)--> pending (next_attempt_at later)
+       |                  |   \\--mark_dead (4xx, or no attempts left)--> dead
+       |                  \\--hold (consent re-check failed)--> held
+       +---- release (held) / retry (dead or held, attempts reset) ----+
+
+A claim is a lease: `sending` rows whose lease ran out (the worker died) are claimable
+again, so a crash never strands an item. SQLite claims inside one `BEGIN IMMEDIATE`
+transaction; PostgreSQL claims a batch with `FOR UPDATE SKIP LOCKED`, so several adapter
+instances share one queue without taking the same row. Time is seconds since the epoch,
+from the injected `clock` (or passed in as `now`); nothing here reads a global.
+
+The `outbox_context` table keeps the latest version of the resources the send-time consent
+re-check needs (Consents, PractitionerRoles, Organizations, Practitioners), by (type, id).
+"""
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import jsonio
+from ..consent import CONTEXT_TYPES
+from .db import Database, Tx
+from ..errors import Conflict, InputError, NotFound, quote
+from ..fhir.identifiers import business_identifier, patient_reference
+
+__all__ = ["CONTEXT_TYPES", "STATES", "Outbox", "OutboxItem", "idempotency_key_of"]
+
+
+STATES = ("pending", "sending", "delivered", "held", "dead")
+MAX_ERROR_CHARS = 500
+
+# A Consent is one consent per business identifier: an EHR that re-posts it (e.g. revoked)
+# gets a new server id, and the gate must see the new state, not two consents.
+_MIGRATION_2 = [
+    "ALTER TABLE outbox_context ADD COLUMN ident TEXT",
+    "CREATE INDEX outbox_context_ident ON outbox_context (type, ident)",
+]
+
+_MIGRATION = [
+    """CREATE TABLE outbox_items (
+        id {pk},
+        endpoint TEXT NOT NULL,
+        base_url TEXT NOT NULL,
+        resource_type TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        patient_ref TEXT,
+        recipient_ref TEXT,
+        purpose TEXT,
+        consent_ref TEXT,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts {bigint} NOT NULL DEFAULT 0,
+        next_attempt_at {real} NOT NULL,
+        lease_owner TEXT,
+        lease_until {real},
+        last_error TEXT,
+        hold_reason TEXT,
+        server_id TEXT,
+        server_version TEXT,
+        server_location TEXT,
+        delivered_by TEXT,
+        delivered_at {real},
+        created_at {real} NOT NULL,
+        updated_at {real} NOT NULL,
+        UNIQUE (endpoint, idempotency_key))""",
+    "CREATE INDEX outbox_items_due ON outbox_items (state, next_attempt_at)",
+    "CREATE INDEX outbox_items_lease ON outbox_items (state, lease_until)",
+    "CREATE INDEX outbox_items_recipient ON outbox_items (recipient_ref, state)",
+    """CREATE TABLE outbox_context (
+        type TEXT NOT NULL, id TEXT NOT NULL, version TEXT, patient_ref TEXT,
+        body TEXT NOT NULL, updated_at {real} NOT NULL, PRIMARY KEY (type, id))""",
+    "CREATE INDEX outbox_context_patient ON outbox_context (patient_ref)",
+]
+
+_CLAIMABLE = ("(state = 'pending' AND next_attempt_at <= ?) "
+              "OR (state = 'sending' AND lease_until < ?)")
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One queued resource and its delivery state (a row of `outbox_items`)."""
+
+    id: int
+    endpoint: str
+    base_url: str
+    resource_type: str
+    resource: dict[str, Any] = field(repr=False)
+    idempotency_key: str
+    patient_ref: str | None
+    recipient_ref: str | None
+    purpose: str | None
+    consent_ref: str | None
+    state: str
+    attempts: int
+    next_attempt_at: float
+    lease_owner: str | None
+    lease_until: float | None
+    last_error: str | None
+    hold_reason: str | None
+    server_id: str | None
+    server_version: str | None
+    server_location: str | None
+    delivered_by: str | None
+    delivered_at: float | None
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> OutboxItem:
+        body = row["resource"]
+        values = dict(row)
+        values["resource"] = jsonio.loads(body if isinstance(body, (bytes, str)) else bytes(body),
+                                          source=f"outbox item {row['id']}")
+        values["id"] = int(row["id"])
+        values["attempts"] = int(row["attempts"])
+        return cls(**values)
+
+    def summary(self) -> dict[str, Any]:
+        """The item without its resource body (safe to print: ids, states and times only)."""
+        out = {k: getattr(self, k) for k in (
+            "id", "endpoint", "base_url", "resource_type", "idempotency_key", "patient_ref",
+            "recipient_ref", "purpose", "consent_ref", "state", "attempts", "last_error",
+            "hold_reason", "server_id", "server_version", "server_location", "delivered_by",
+            "lease_owner")}
+        for k in ("next_attempt_at", "lease_until", "delivered_at", "created_at", "updated_at"):
+            out[k] = iso(getattr(self, k))
+        return out
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as an ISO 8601 UTC instant (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(float(ts), tz=UTC).isoformat(timespec="seconds")
+
+
+def idempotency_key_of(resource: dict[str, Any]) -> str:
+    """`SYSTEM|VALUE` of the resource's first business identifier (skipping `use: old`).
+
+    >>> idempotency_key_of({"identifier": [{"system": "http://x/sid", "value": "N1"}]})
+    'http://x/sid|N1'
+    """
+    found = business_identifier(resource)
+    if found is not None:
+        return "|".join(found)
+    rtype = resource.get("resourceType", "Resource")
+    raise InputError(f"{rtype} has no business identifier (system and value) to deliver it "
+                     "idempotently", pointer="/identifier", expression=f"{rtype}.identifier",
+                     rule="outbox:idempotency-key", code="required")
+
+
+
+
+class Outbox:
+    """The durable queue on a shared `Database` (SQLite or PostgreSQL).
+
+    `clock` gives "now" in epoch seconds for every operation that is not handed `now`.
+    """
+
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+        db.migrate("outbox-1", _MIGRATION)
+        db.migrate("outbox-2", _MIGRATION_2)
+        db.migrate("outbox-3", [], after=_rekey_consents)
+
+    def _now(self, now: float | None) -> float:
+        return float(self.clock() if now is None else now)
+
+    # ---- writing
+
+    def enqueue(self, resource: dict[str, Any], *, endpoint: str, base_url: str,
+                idempotency_key: str | None = None, patient_ref: str | None = None,
+                recipient_ref: str | None = None, purpose: str | None = None,
+                consent_ref: str | None = None, now: float | None = None) -> tuple[OutboxItem, bool]:
+        """Store a resource for delivery; durable (committed) before this returns.
+
+        Returns (item, created): when the endpoint already has an item with this idempotency
+        key (default: the resource's first business identifier), that item and False.
+        """
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            raise InputError("Only a FHIR resource (a JSON object with resourceType) can be queued",
+                             pointer="/resourceType", expression="resourceType",
+                             rule="fhir:resourceType")
+        if not endpoint or not base_url:
+            raise InputError("An outbox item needs a recipient endpoint name and base URL",
+                             rule="outbox:endpoint", code="required")
+        key = idempotency_key or idempotency_key_of(resource)
+        if "|" not in key:
+            raise InputError("Idempotency key must be SYSTEM|VALUE (got one without '|')",
+                             rule="outbox:idempotency-key")
+        ts = self._now(now)
+        body = jsonio.dumps(resource).decode()
+        with self.db.transaction() as tx:
+            inserted = tx.execute(
+                "INSERT INTO outbox_items (endpoint, base_url, resource_type, resource, "
+                "idempotency_key, patient_ref, recipient_ref, purpose, consent_ref, state, "
+                "attempts, next_attempt_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
+                "ON CONFLICT (endpoint, idempotency_key) DO NOTHING RETURNING id",
+                (endpoint, base_url, resource["resourceType"], body, key,
+                 patient_ref or patient_reference(resource), recipient_ref, purpose, consent_ref,
+                 ts, ts, ts))
+            rows = tx.execute("SELECT * FROM outbox_items WHERE endpoint = ? AND idempotency_key = ?",
+                              (endpoint, key))
+        return OutboxItem.from_row(rows[0]), bool(inserted)
+
+    def claim(self, worker_id: str, limit: int = 50, now: float | None = None,
+              lease_seconds: float = 300.0) -> list[OutboxItem]:
+        """Take up to `limit` due items for `worker_id`: state `sending`, leased until
+        now + lease_seconds, attempts + 1. Due means pending with next_attempt_at <= now, or
+        sending with an expired lease (its worker died). Oldest due first."""
+        ts = self._now(now)
+        lock = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
+        with self.db.transaction() as tx:
+            rows = tx.execute(
+                "UPDATE outbox_items SET state = 'sending', lease_owner = ?, lease_until = ?, "
+                "attempts = attempts + 1, updated_at = ? WHERE id IN ("
+                f"SELECT id FROM outbox_items WHERE {_CLAIMABLE} "
+                f"ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING *",
+                (worker_id, ts + lease_seconds, ts, ts, ts, int(limit)))
+        return sorted((OutboxItem.from_row(r) for r in rows), key=lambda i: (i.next_attempt_at, i.id))
+
+    def _leased_update(self, item: OutboxItem | int, sets: str, params: tuple[Any, ...],
+                       worker_id: str | None) -> bool:
+        item_id = item if isinstance(item, int) else item.id
+        owner = worker_id if worker_id is not None else (
+            None if isinstance(item, int) else item.lease_owner)
+        with self.db.transaction() as tx:
+            if owner is None:
+                rows = tx.execute(f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'sending' "
+                                  "RETURNING id", params + (item_id,))
+            else:
+                rows = tx.execute(f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'sending' "
+                                  "AND lease_owner = ? RETURNING id", params + (item_id, owner))
+        return bool(rows)
+
+    def mark_delivered(self, item: OutboxItem | int, *, server_id: str | None,
+                       server_version: str | None = None, location: str | None = None,
+                       worker_id: str | None = None, now: float | None = None) -> bool:
+        """Record a delivery. Only the lease holder may (False: the lease was lost)."""
+        ts = self._now(now)
+        return self._leased_update(
+            item, "state = 'delivered', server_id = ?, server_version = ?, server_location = ?, "
+            "delivered_by = lease_owner, delivered_at = ?, lease_owner = NULL, lease_until = NULL, "
+            "last_error = NULL, updated_at = ?",
+            (server_id, server_version, location, ts, ts), worker_id)
+
+    def renew_lease(self, item: OutboxItem | int, lease_seconds: float, *, worker_id: str | None = None,
+                    now: float | None = None) -> bool:
+        """Extend the holder's lease just before a send; False when the lease has passed to
+        another worker (then this worker must not send the item)."""
+        ts = self._now(now)
+        return self._leased_update(item, "lease_until = ?, updated_at = ?", (ts + float(lease_seconds), ts),
+                                   worker_id)
+
+    def mark_retry(self, item: OutboxItem | int, error: str, next_at: float, *,
+                   worker_id: str | None = None, now: float | None = None) -> bool:
+        """Back to pending, due again at `next_at`, with a one-line error summary."""
+        ts = self._now(now)
+        return self._leased_update(
+            item, "state = 'pending', next_attempt_at = ?, last_error = ?, lease_owner = NULL, "
+            "lease_until = NULL, updated_at = ?", (float(next_at), error[:MAX_ERROR_CHARS], ts),
+            worker_id)
+
+    def mark_dead(self, item: OutboxItem | int, error: str, *, worker_id: str | None = None,
+                  now: float | None = None) -> bool:
+        """Dead-letter: no further attempts until an operator retries it."""
+        ts = self._now(now)
+        return self._leased_update(
+            item, "state = 'dead', last_error = ?, lease_owner = NULL, lease_until = NULL, "
+            "updated_at = ?", (error[:MAX_ERROR_CHARS], ts), worker_id)
+
+    def hold(self, item: OutboxItem | int, reason: str, *, worker_id: str | None = None,
+             now: float | None = None) -> bool:
+        """Hold one item with a reason. A worker holds the item it leased (pass the claimed
+        item); an operator holds a pending item by id. False if it is in another state."""
+        ts = self._now(now)
+        sets = ("state = 'held', hold_reason = ?, lease_owner = NULL, lease_until = NULL, "
+                "updated_at = ?")
+        if isinstance(item, OutboxItem) and item.state == "sending":
+            # nothing was sent: the claim's attempt is given back, so holds never dead-letter
+            return self._leased_update(item, sets + ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 "
+                                       "ELSE 0 END", (reason[:MAX_ERROR_CHARS], ts), worker_id)
+        item_id = item if isinstance(item, int) else item.id
+        with self.db.transaction() as tx:
+            rows = tx.execute(f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'pending' "
+                              "RETURNING id", (reason[:MAX_ERROR_CHARS], ts, item_id))
+        return bool(rows)
+
+    def hold_recipient(self, recipient_ref: str, reason: str, *, now: float | None = None) -> int:
+        """Hold every pending item for a recipient (e.g. its consent was revoked); returns how
+        many. Items being sent right now are caught by the worker's send-time re-check."""
+        ts = self._now(now)
+        with self.db.transaction() as tx:
+            rows = tx.execute("UPDATE outbox_items SET state = 'held', hold_reason = ?, "
+                              "updated_at = ? WHERE recipient_ref = ? AND state = 'pending' "
+                              "RETURNING id", (reason[:MAX_ERROR_CHARS], ts, recipient_ref))
+        return len(rows)
+
+    def release(self, item_id: int, *, now: float | None = None) -> OutboxItem:
+        """A held item goes back to pending, due now (attempts kept)."""
+        return self._operator_move(item_id, ("held",), "hold_reason = NULL", now)
+
+    def retry(self, item_id: int, *, now: float | None = None) -> OutboxItem:
+        """A dead or held item goes back to pending, due now, with attempts reset to 0."""
+        return self._operator_move(item_id, ("dead", "held"),
+                                   "attempts = 0, hold_reason = NULL", now)
+
+    def _operator_move(self, item_id: int, from_states: tuple[str, ...], extra: str,
+                       now: float | None) -> OutboxItem:
+        ts = self._now(now)
+        marks = ", ".join("?" for _ in from_states)
+        with self.db.transaction() as tx:
+            rows = tx.execute(f"UPDATE outbox_items SET state = 'pending', next_attempt_at = ?, "
+                              f"updated_at = ?, {extra} WHERE id = ? AND state IN ({marks}) "
+                              "RETURNING *", (ts, ts, int(item_id)) + from_states)
+            if not rows:
+                current = tx.execute("SELECT state FROM outbox_items WHERE id = ?", (int(item_id),))
+        if rows:
+            return OutboxItem.from_row(rows[0])
+        if not current:
+            raise NotFound(f"Outbox item {item_id} does not exist", rule="outbox:item")
+        raise Conflict(f"Outbox item {item_id} is {current[0]['state']}; only "
+                       f"{' or '.join(from_states)} items can be moved back to pending",
+                       rule="outbox:state")
+
+    def recover(self, worker_id: str, *, now: float | None = None) -> int:
+        """Give back every lease `worker_id` holds (a restarted worker with the same id does
+        not wait for its old leases to expire); returns how many items became pending."""
+        ts = self._now(now)
+        with self.db.transaction() as tx:
+            rows = tx.execute("UPDATE outbox_items SET state = 'pending', lease_owner = NULL, "
+                              "lease_until = NULL, next_attempt_at = ?, updated_at = ? "
+                              "WHERE state = 'sending' AND lease_owner = ? RETURNING id",
+                              (ts, ts, worker_id))
+        return len(rows)
+
+    def purge_delivered(self, older_than: float) -> int:
+        """Delete delivered items delivered before `older_than` (epoch seconds); returns how many.
+        The server's conditional create still prevents duplicates if one is queued again."""
+        with self.db.transaction() as tx:
+            rows = tx.execute("DELETE FROM outbox_items WHERE state = 'delivered' "
+                              "AND delivered_at < ? RETURNING id", (float(older_than),))
+        return len(rows)
+
+    # ---- reading
+
+    def get(self, item_id: int) -> OutboxItem | None:
+        """One item by id, or None."""
+        rows = self.db.query("SELECT * FROM outbox_items WHERE id = ?", (int(item_id),))
+        return OutboxItem.from_row(rows[0]) if rows else None
+
+    def list(self, state: str | None = None, *, endpoint: str | None = None,
+             limit: int = 100) -> list[OutboxItem]:
+        """Items in id order, optionally of one state and/or endpoint."""
+        if state is not None and state not in STATES:
+            raise InputError(f"Unknown outbox state '{state}': use one of {', '.join(STATES)}",
+                             rule="outbox:state", code="value")
+        where, params = [], []
+        if state:
+            where.append("state = ?")
+            params.append(state)
+        if endpoint:
+            where.append("endpoint = ?")
+            params.append(endpoint)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self.db.query(f"SELECT * FROM outbox_items {clause}ORDER BY id LIMIT ?",
+                               (*params, int(limit)))
+        return [OutboxItem.from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """How many items are in each state (every state present, zero included)."""
+        out = dict.fromkeys(STATES, 0)
+        for row in self.db.query("SELECT state, COUNT(*) AS n FROM outbox_items GROUP BY state"):
+            out[row["state"]] = int(row["n"])
+        return out
+
+    # ---- consent context for the send-time re-check
+
+    def put_context(self, resource: dict[str, Any], *, now: float | None = None) -> bool:
+        """Keep the latest version of a Consent / PractitionerRole / Organization /
+        Practitioner / Patient by (type, id). An older `meta.versionId` than the stored one is
+        ignored; a Consent replaces any stored Consent with the same business identifier (an EHR
+        re-posting a revoked consent gets a new server id). Returns True when stored."""
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        if rtype not in CONTEXT_TYPES:
+            raise InputError(f"Consent context must be one of {', '.join(CONTEXT_TYPES)}, "
+                             f"not {quote(rtype)}", pointer="/resourceType", expression="resourceType",
+                             rule="outbox:context-type")
+        rid = resource.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise InputError(f"{rtype} in the consent context needs an id", pointer="/id",
+                             expression=f"{rtype}.id", rule="outbox:context-id", code="required")
+        meta = resource.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise InputError(f"{rtype}.meta must be an object", pointer="/meta", expression=f"{rtype}.meta",
+                             rule="fhir:meta")
+        version = (meta or {}).get("versionId")
+        if version is not None and not isinstance(version, str):
+            raise InputError(f"{rtype}.meta.versionId must be a string", pointer="/meta/versionId",
+                             expression=f"{rtype}.meta.versionId", rule="fhir:meta")
+        if rtype == "Consent" and patient_reference(resource) is None:
+            # unreadable here would mean "applies to every client": refuse it instead
+            raise InputError("Consent needs a literal patient (R4 patient / R5 subject) reference",
+                             pointer="/patient", expression="Consent.patient", rule="outbox:context-patient",
+                             code="required")
+        patient = patient_reference(resource) if rtype == "Consent" else (
+            f"Patient/{rid}" if rtype == "Patient" else None)
+        ident = _consent_key(resource) if rtype == "Consent" else None
+        ts = self._now(now)
+        body = jsonio.dumps(resource).decode()
+        with self.db.transaction() as tx:
+            old = tx.execute("SELECT version FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid))
+            if old and _older(version, old[0]["version"]):
+                return False
+            if ident:  # the same client's consent under another server id: this arrival replaces it
+                tx.execute("DELETE FROM outbox_context WHERE type = ? AND ident = ? AND patient_ref = ? "
+                           "AND id <> ?", (rtype, ident, patient, rid))
+            if old:
+                tx.execute("UPDATE outbox_context SET version = ?, patient_ref = ?, body = ?, ident = ?, "
+                           "updated_at = ? WHERE type = ? AND id = ?",
+                           (version, patient, body, ident, ts, rtype, rid))
+            else:
+                tx.execute("INSERT INTO outbox_context (type, id, version, patient_ref, body, ident, "
+                           "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (rtype, rid, version, patient, body, ident, ts))
+        return True
+
+    def context_for(self, patient_ref: str) -> builtins.list[dict[str, Any]]:  # `list` names a method here
+        """The consent context for one patient: that patient's Consents (and Patient resource)
+        plus every stored PractitionerRole, Organization and Practitioner."""
+        rows = self.db.query("SELECT body FROM outbox_context WHERE patient_ref = ? "
+                               "OR patient_ref IS NULL ORDER BY type, id", (patient_ref,))
+        return [jsonio.loads(r["body"], source="outbox context") for r in rows]
+
+
+def _consent_key(resource: dict[str, Any]) -> str | None:
+    """`SYSTEM|VALUE` under which a Consent in the context is one consent (`business_identifier`)."""
+    found = business_identifier(resource)
+    return "|".join(found) if found else None
+
+
+def _rekey_consents(tx: Tx) -> None:
+    """outbox-3: key stored Consents by `_consent_key` (earlier keys also took a `use: old`
+    identifier, so a re-posted consent would not replace its earlier copy)."""
+    for row in tx.execute("SELECT id, body FROM outbox_context WHERE type = 'Consent'"):
+        key = _consent_key(jsonio.loads(row["body"], source="outbox context"))
+        tx.execute("UPDATE outbox_context SET ident = ? WHERE type = 'Consent' AND id = ?", (key, row["id"]))
+
+
+def _older(new: str | None, old: str | None) -> bool:
+    """True when version `new` is known to be older than `old` (numeric versionIds)."""
+    try:
+        return new is not None and old is not None and int(new) < int(old)
+    except ValueError:
+        return False

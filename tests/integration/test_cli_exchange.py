@@ -1,0 +1,180 @@
+"""`fhir-kap deliver` and `fhir-kap outbox ...`: end to end through the command line, against
+SEKMET with bearer auth configured from a settings file and an environment variable."""
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fhir_kap.storage.auditlog import AuditLog
+from fhir_kap.cli import main
+from fhir_kap.storage.db import Database
+from fhir_kap.storage.outbox import Outbox
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TOKEN_ENV = "KAP_CLI_TEST_TOKEN"
+NOTE = json.loads((DATA / "delivery" / "Communication-continuity-note.json").read_text())
+CONTEXT = [DATA / "delivery" / "Consent-open-ended.json",
+           DATA / "bridge" / "Example-PractitionerRole-ref-therapist-role.json",
+           DATA / "bridge" / "Example-Practitioner-ref-therapist.json",
+           DATA / "bridge" / "Example-Organization-kap-clinic.json"]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Settings for the CLI: a tmp SQLite outbox and one endpoint 'practice' (SEKMET, bearer)."""
+    def configure(base_url: str, token: str | None) -> Outbox:
+        config = tmp_path / "fhir-kap.toml"
+        config.write_text(f'[endpoints.practice]\nbase_url = "{base_url}"\nauth = "bearer"\n'
+                          f'token_env = "{TOKEN_ENV}"\n')
+        for name in ("FHIR_KAP_DATABASE_URL", "FHIR_KAP_BATCH_SIZE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("FHIR_KAP_CONFIG", str(config))
+        monkeypatch.setenv("FHIR_KAP_DATA_DIR", str(tmp_path / "data"))
+        if token is None:
+            monkeypatch.delenv(TOKEN_ENV, raising=False)
+        else:
+            monkeypatch.setenv(TOKEN_ENV, token)
+        return Outbox(Database(f"sqlite:///{tmp_path / 'data' / 'fhir-kap.sqlite3'}"))
+    return configure
+
+
+def enqueue(outbox: Outbox, n: int, base_url: str, endpoint: str = "practice") -> list[int]:
+    ids = []
+    for _ in range(n):
+        res = copy.deepcopy(NOTE)
+        res["identifier"][0]["value"] = f"CLI-{uuid.uuid4().hex[:10]}"
+        ids.append(outbox.enqueue(res, endpoint=endpoint, base_url=base_url,
+                                  recipient_ref="Practitioner/ref-therapist", purpose="TREAT")[0].id)
+    return ids
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.sekmet
+def test_deliver_once__sends_with_bearer_from_env_and_audits_each_permit(sekmet_auth, env, capsys):
+    outbox = env(sekmet_auth.base_url, sekmet_auth.token)
+    assert run(capsys, "outbox", "add-context", *map(str, CONTEXT))[0] == 0
+    ids = enqueue(outbox, 3, sekmet_auth.base_url)
+    rc, out, err = run(capsys, "deliver", "--once", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["stats"]["delivered"] == 3 and report["outbox"]["delivered"] == 3
+    assert all(outbox.get(i).server_id for i in ids)
+    permits = AuditLog(outbox.db).query(resource_type="AuditEvent", outcome="0")
+    assert len(permits) == 3
+    assert sekmet_auth.token not in out + err
+
+
+@pytest.mark.sekmet
+def test_deliver_once__revoked_consent_holds_items_and_audits_the_deny(sekmet_auth, env, capsys, tmp_path):
+    outbox = env(sekmet_auth.base_url, sekmet_auth.token)
+    run(capsys, "outbox", "add-context", *map(str, CONTEXT))
+    revoked = json.loads(CONTEXT[0].read_text())
+    revoked.update(status="inactive", meta=dict(revoked["meta"], versionId="2"))
+    path = tmp_path / "Consent-revoked.json"
+    path.write_text(json.dumps(revoked))
+    rc, out, _ = run(capsys, "outbox", "add-context", str(path))
+    assert rc == 0 and "stored 1" in out
+    [item_id] = enqueue(outbox, 1, sekmet_auth.base_url)
+    rc, out, err = run(capsys, "deliver", "--once")
+    assert rc == 0, err
+    item = outbox.get(item_id)
+    assert item.state == "held" and "consent re-check at send time" in item.hold_reason
+    [deny] = AuditLog(outbox.db).query(resource_type="AuditEvent", outcome="4")
+    assert deny["agent"][1]["who"]["reference"] == "Practitioner/ref-therapist"
+    rc, out, _ = run(capsys, "outbox", "list", "--state", "held")
+    assert out.splitlines()[1].split()[:2] == [str(item_id), "held"]
+
+
+def test_deliver_once__missing_token_variable_is_named_and_items_wait(env, capsys):
+    outbox = env("http://127.0.0.1:9/fhir", None)
+    run(capsys, "outbox", "add-context", *map(str, CONTEXT))
+    [item_id] = enqueue(outbox, 1, "http://127.0.0.1:9/fhir")
+    assert run(capsys, "deliver", "--once")[0] == 0
+    item = outbox.get(item_id)
+    assert item.state == "pending" and f"'{TOKEN_ENV}'" in item.last_error
+
+
+def test_deliver_once__unknown_endpoint_names_it(env, capsys):
+    outbox = env("http://127.0.0.1:9/fhir", "irrelevant")
+    run(capsys, "outbox", "add-context", *map(str, CONTEXT))
+    [item_id] = enqueue(outbox, 1, "http://elsewhere.test/fhir", endpoint="elsewhere")
+    assert run(capsys, "deliver", "--once")[0] == 0
+    assert "Endpoint 'elsewhere' is not configured" in outbox.get(item_id).last_error
+
+
+def test_outbox_list__table_and_json(env, capsys):
+    outbox = env("http://127.0.0.1:9/fhir", "t")
+    ids = enqueue(outbox, 2, "http://127.0.0.1:9/fhir")
+    outbox.hold(ids[1], "checking the recipient")
+    rc, out, _ = run(capsys, "outbox", "list")
+    lines = out.splitlines()
+    assert rc == 0 and lines[0].split() == ["ID", "STATE", "ENDPOINT", "TYPE", "KEY", "TRIES", "WHEN", "NOTE"]
+    assert lines[1].split()[:4] == [str(ids[0]), "pending", "practice", "Communication"]
+    assert lines[2].split()[:2] == [str(ids[1]), "held"] and lines[2].endswith("checking the recipient")
+    assert lines[-1] == "pending 1  sending 0  delivered 0  held 1  dead 0"
+    rc, out, _ = run(capsys, "outbox", "list", "--state", "pending", "--json")
+    data = json.loads(out)
+    assert [i["id"] for i in data["items"]] == [ids[0]] and data["counts"]["held"] == 1
+
+
+def test_outbox_show__hides_the_resource_unless_asked(env, capsys):
+    outbox = env("http://127.0.0.1:9/fhir", "t")
+    [item_id] = enqueue(outbox, 1, "http://127.0.0.1:9/fhir")
+    rc, out, _ = run(capsys, "outbox", "show", str(item_id), "--json")
+    assert rc == 0 and "resource" not in json.loads(out) and "Dosing session" not in out
+    rc, out, _ = run(capsys, "outbox", "show", str(item_id), "--json", "--resource")
+    assert json.loads(out)["resource"]["payload"] == NOTE["payload"]
+    rc, out, _ = run(capsys, "outbox", "show", str(item_id))
+    assert ["state", "pending"] in [line.split() for line in out.splitlines()]
+
+
+def test_outbox_hold_release_retry__move_items_and_refuse_wrong_states(env, capsys):
+    outbox = env("http://127.0.0.1:9/fhir", "t")
+    [item_id] = enqueue(outbox, 1, "http://127.0.0.1:9/fhir")
+    assert run(capsys, "outbox", "hold", str(item_id), "--reason", "wrong practice")[0] == 0
+    assert outbox.get(item_id).hold_reason == "wrong practice"
+    rc, _, err = run(capsys, "outbox", "hold", str(item_id))
+    assert rc == 1 and "is held; only pending items can be held" in err
+    rc, out, _ = run(capsys, "outbox", "release", str(item_id), "--json")
+    assert rc == 0 and json.loads(out)["state"] == "pending"
+    [claimed] = outbox.claim("w", now=outbox.clock())
+    outbox.mark_dead(claimed, "POST Communication: 400 Bad Request")
+    rc, out, _ = run(capsys, "outbox", "retry", str(item_id))
+    assert rc == 0 and "pending again (attempts 0)" in out
+    rc, _, err = run(capsys, "outbox", "retry", "999")
+    assert rc == 1 and json.loads(err)["issue"][0]["code"] == "not-found"
+
+
+def test_outbox_purge_delivered__removes_old_delivered_items(env, capsys):
+    outbox = env("http://127.0.0.1:9/fhir", "t")
+    ids = enqueue(outbox, 2, "http://127.0.0.1:9/fhir")
+    [first, _] = outbox.claim("w")
+    outbox.mark_delivered(first, server_id="s1", now=outbox.clock() - 3 * 86_400)
+    rc, out, _ = run(capsys, "outbox", "purge-delivered", "--older-than", "2")
+    assert rc == 0 and out.startswith("purged 1 delivered item(s)")
+    assert outbox.get(ids[0]) is None and outbox.get(ids[1]) is not None
+
+
+@pytest.mark.parametrize("content, rule", [
+    (json.dumps(NOTE), "outbox:context-type"),
+    ('{"resourceType": "Consent"}', "outbox:context-id"),
+    ("{not json", "json:syntax"),
+])
+def test_outbox_add_context__bad_input_exits_2_with_operation_outcome(env, capsys, tmp_path, content, rule):
+    env("http://127.0.0.1:9/fhir", "t")
+    path = tmp_path / "context.json"
+    path.write_text(content)
+    rc, _, err = run(capsys, "outbox", "add-context", str(path))
+    outcome = json.loads(err)
+    assert rc == 2 and outcome["resourceType"] == "OperationOutcome"
+    assert any(e["valueString"] == rule for e in outcome["issue"][0]["extension"])
+    assert "Traceback" not in err
