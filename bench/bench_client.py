@@ -89,7 +89,7 @@ def run(server_base_url: str | None = None, n: int = 2000, *, quick: bool = Fals
         order = [("s", singles[part]), ("b", batched[part])]
         walls = {}
         for kind, items in (order if k % 2 == 0 else order[::-1]):
-            done, wall, cpu = _timed(lambda: (single if kind == "s" else transactions)(items))
+            done, wall, cpu = _timed(lambda: (single if kind == "s" else transactions)(items))  # noqa: B023 - called at once
             walls[kind] = wall
             if kind == "s":
                 s_n, s_wall, s_cpu = s_n + done, s_wall + wall, s_cpu + cpu

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             module = importlib.import_module(f"bench_{name}")
             got = module.run(quick=args.quick)
-        except Exception as exc:  # a broken suite is reported, the others still run
+        except Exception as exc:  # noqa: BLE001 - a broken suite is reported, the others still run
             got = [{"name": f"{name}: FAILED ({type(exc).__name__}: {exc})", "value": None}]
         for row in got:
             row.setdefault("suite", name)

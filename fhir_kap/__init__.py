@@ -53,8 +53,15 @@ if TYPE_CHECKING:
     from .config import EndpointConfig, Release, Settings, load_settings
     from .conformance import CheckConfig, run_checks
     from .consent import ConsentGate, Recipient
-    from .errors import (InputError, Issue, KapError, MappingError, ProfileError, ServerError,
-                         operation_outcome)
+    from .errors import (
+        InputError,
+        Issue,
+        KapError,
+        MappingError,
+        ProfileError,
+        ServerError,
+        operation_outcome,
+    )
     from .exchange.delivery import DeliveryWorker
     from .records.mapping import Mapper
     from .records.pipeline import Pipeline

@@ -3,14 +3,17 @@
 This is the one place where the project's pins live: the FHIR releases it speaks, the
 canonical base of its profiles, and the code systems it uses. Settings are built once
 (`load_settings`) and passed down; nothing here is read from a global at call time.
+
+Room: config (layer 0, base): imports only errors.
 """
 from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -26,7 +29,7 @@ class Release(str, enum.Enum):
     R5 = "5.0.0"
 
     @classmethod
-    def parse(cls, value: "str | Release | None") -> "Release":
+    def parse(cls, value: str | Release | None) -> Release:
         """Accept '4.0.1', '4.0', 'R4', 'r4', '5.0.0', 'R5', ...; default R4.
 
         >>> Release.parse("R5"), Release.parse("4.0.1")

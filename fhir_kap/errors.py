@@ -3,11 +3,14 @@
 Each stage raises its own subclass (input, mapping, profile, consent, server, ...),
 and every issue says *where* (a JSON pointer into the source and a FHIRPath expression)
 and *why* (the rule broken, in a sentence). Messages carry ids, never patient data.
+
+Room: errors (layer 0, base): imports nothing of ours.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "Issue",
@@ -50,7 +53,7 @@ class Issue:
     pointer: str | None = None  # RFC 6901 JSON pointer into the source document
     rule: str | None = None  # id of the rule broken, e.g. "schema:enum", "kap-sr-1"
 
-    def prefixed(self, expression_prefix: str | None = None, pointer_prefix: str = "") -> "Issue":
+    def prefixed(self, expression_prefix: str | None = None, pointer_prefix: str = "") -> Issue:
         """The same issue seen from a parent: both paths get the parent's prefix."""
         expr = self.expression
         if expression_prefix:

@@ -63,9 +63,9 @@ def sekmet_auth(tmp_path_factory: pytest.TempPathFactory):
     Attributes added: `.token` (static bearer), `.client_id`/`.client_secret` (symmetric SMART
     client), `.jwt_client_id`/`.private_key_pem` (private_key_jwt client, RS384).
     """
+    import jwt
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    import jwt
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

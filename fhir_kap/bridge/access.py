@@ -12,6 +12,8 @@ The gate decides on consent context from consent authorities only (clinic system
 partners with `kap/consent-authority`): the outbox context, which `Inbound` fills with what
 those send. A Consent or PractitionerRole any other partner posts is in the store, readable
 by its sender, and ignored here.
+
+Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import Release
-from ..fhir.identifiers import patient_reference
 from ..exchange.inbound import addressed_to
+from ..fhir.identifiers import patient_reference
 from ..storage.partners import Partner
 from ..storage.store import MAX_ALTERNATIVES, Store, StoredResource
 
@@ -68,7 +70,7 @@ class Access:
             self.audit.append(event)
         return allowed
 
-    def searcher(self, partner: Partner) -> "SearchVisibility":
+    def searcher(self, partner: Partner) -> SearchVisibility:
         """Visibility for the rows of one search: one consent gate per client for the whole
         search, and audit records only for what is disclosed (the page returned) and for denials."""
         return SearchVisibility(self, partner)

@@ -5,6 +5,8 @@ partners, validator, mapper, inbound pipeline and access rules, and the route mo
 them through `services()`. Every error leaves as an OperationOutcome: a `KapError` with its
 own HTTP status, a werkzeug HTTP error with its status, anything else as a 500 that names
 only the request id (the details go to the log, without patient data).
+
+Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ from werkzeug.sansio.utils import get_current_url
 
 from .. import jsonio
 from ..config import Release, Settings
-from ..storage.db import Database
 from ..errors import Forbidden, Issue, KapError, Unauthorized, operation_outcome
 from ..exchange.inbound import Inbound
 from ..exchange.webhooks import Notifier
+from ..storage.db import Database
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store
 from .access import Access
@@ -89,9 +91,9 @@ def services() -> Services:
 
 def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flask:
     """A Flask app serving the FHIR facade (/fhir), the KAP API (/kap), /healthz and /readyz."""
-    from ..storage.auditlog import AuditLog
     from ..records.inputs import load_input_schemas
     from ..records.mapping import Mapper
+    from ..storage.auditlog import AuditLog
     from ..storage.outbox import Outbox
     from ..validation import Validator
 

@@ -1,4 +1,7 @@
-"""The FHIR facade under /fhir: metadata, create, transaction/batch, read, vread, history, search."""
+"""The FHIR facade under /fhir: metadata, create, transaction/batch, read, vread, history, search.
+
+Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
+"""
 from __future__ import annotations
 
 import re
@@ -11,7 +14,14 @@ from .. import jsonio
 from ..errors import Forbidden, Gone, InputError, NotFound, UnsupportedMediaType
 from ..exchange.inbound import WRITE_TYPES, parse_query
 from ..storage.partners import Partner
-from ..storage.store import DEFAULT_COUNT, ID_PATTERN, MAX_COUNT, REFERENCE_PARAMS, SEARCH_PARAMS, StoredResource
+from ..storage.store import (
+    DEFAULT_COUNT,
+    ID_PATTERN,
+    MAX_COUNT,
+    REFERENCE_PARAMS,
+    SEARCH_PARAMS,
+    StoredResource,
+)
 from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date, services
 
 __all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]

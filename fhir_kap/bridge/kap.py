@@ -10,6 +10,8 @@ Context records (consents, people, organisations, clients) go to the consent con
 Records naming no recipient (sessions) are stored here for the clinic and disclosed to no one.
 The answer lists every record as `queued`, `stored`, `context`, `held` or `refused`, with why;
 the consent path (gate, AuditEvent, Provenance, labels, outbox) is fhir_kap.exchange.outbound's.
+
+Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ from flask import Flask, Response, request
 from .. import jsonio
 from ..consent import apply_security_labels
 from ..errors import InputError, KapError, UnsupportedMediaType
-from ..fhir.identifiers import business_identifier
 from ..exchange.inbound import addressed_to
 from ..exchange.outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
-from ..storage.partners import Partner
+from ..fhir.identifiers import business_identifier
 from ..records.pipeline import Pipeline
+from ..storage.partners import Partner
 from .app import current_partner, json_response, services
 from .fhir import read_json_body
 

@@ -16,6 +16,8 @@ request's Host header, which a caller controls. Without it they answer 404.
 
 Errors follow RFC 6749 section 5.2 (what OAuth clients parse): `{"error": ..., "error_description": ...}`
 with 400, or 401 for `invalid_client`; the description names the rule, never a key or a claim value.
+
+Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
 from __future__ import annotations
 

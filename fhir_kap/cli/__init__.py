@@ -11,9 +11,9 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from ..errors import KapError, operation_outcome, Issue
+from ..errors import Issue, KapError, operation_outcome
 
 __all__ = ["main", "build_parser"]
 

@@ -1,11 +1,14 @@
-"""Shared plumbing for command modules: open inputs ('-' is stdin), write JSON out, bounded numbers."""
+"""Shared plumbing for command modules: open inputs ('-' is stdin), write JSON out, bounded numbers.
+
+Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO
 
 from ..errors import InputError
 

@@ -1,4 +1,7 @@
-"""`fhir-kap serve` (the bridge under gunicorn, or Flask's server with --dev) and `fhir-kap partners`."""
+"""`fhir-kap serve` (the bridge under gunicorn, or Flask's server with --dev) and `fhir-kap partners`.
+
+Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -42,7 +45,7 @@ def register(subparsers: Any) -> None:
     # (2026-11-24, WAL sync after the locks): 3 workers 0.45-0.48x the floor, 2 workers
     # 0.43-0.44x, 4 the same ratio as 3 (both endpoints ~3 % faster), 5 lower; gthread 3x2,
     # 2x4 and 1x8 0.38-0.43x. The round before (WAL checkpoints on their own thread,
-    # db.WalCheckpointer): 3 sync workers gave 1020-1080 and 2 gave 965-990 over four
+    # storage.sql.checkpoint.WalCheckpointer): 3 sync workers gave 1020-1080 and 2 gave 965-990 over four
     # alternating pairs; 4 gave 845-935. An earlier round, before the
     # checkpointer, had 2 ahead of 3 (960-970 vs 790-830); gthread 2x8 640-700 and 2x2 610-680,
     # and 2 sync with reuse_port 880-900. gthread loses because its workers race to accept: all
@@ -172,9 +175,9 @@ def _partners_revoke(args: argparse.Namespace, settings: Any) -> int:
 def _partners_webhooks(args: argparse.Namespace, settings: Any) -> int:
     from dataclasses import asdict
 
-    from ..storage.db import Database
     from ..errors import NotFound
     from ..exchange.webhooks import Notifier
+    from ..storage.db import Database
     from ._io import write_json
 
     notifier = Notifier(db=Database(settings.db_url))
@@ -193,7 +196,6 @@ def _partners_webhooks(args: argparse.Namespace, settings: Any) -> int:
 
 def _serve(args: argparse.Namespace, settings: Any) -> int:
     from ..bridge import BridgeOptions, create_app
-
     from ..bridge.app import JsonLines
 
     handler = logging.StreamHandler(sys.stderr)

@@ -2,6 +2,8 @@
 
 Exit codes: 0 every required check passed, 1 a required check failed, 2 the server could not
 be reached (or the command was misused). Secrets come only from environment variables and files.
+
+Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
 from __future__ import annotations
 
@@ -111,8 +113,8 @@ def _write(path: str, text: str) -> None:
 
 def handler(args: argparse.Namespace, settings: Any) -> int:
     from ..conformance import CheckConfig, run_checks
-    from ..jsonio import dumps
     from ..conformance.reports import console_table, html_report, junit_xml
+    from ..jsonio import dumps
 
     auth, secrets = _auth(args)
     config = CheckConfig(server=args.server.rstrip("/"), auth=auth, auth_kind=args.auth,

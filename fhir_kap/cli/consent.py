@@ -1,12 +1,14 @@
 """`fhir-kap consent evaluate|preview`: consent decisions from the command line.
 
 evaluate exits 0 on permit, 1 on deny, 2 on bad input (OperationOutcome on stderr).
+
+Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from ..errors import InputError
@@ -84,7 +86,7 @@ def _evaluate(args: argparse.Namespace, settings: Any) -> int:
     gate = ConsentGate(context)
     decision = gate.decide(resource, recipient, args.purpose, on)
     if args.audit_out:
-        recorded = datetime.now(timezone.utc)
+        recorded = datetime.now(UTC)
         entries = [audit_event(decision, resource, recipient, args.purpose, release=release, recorded=recorded)]
         if decision.permit:
             rid = resource.get("id")

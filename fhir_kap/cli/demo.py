@@ -1,4 +1,7 @@
-"""`fhir-kap demo`: the KAP journey end to end (see fhir_kap/demo.py)."""
+"""`fhir-kap demo`: the KAP journey end to end (see fhir_kap/demo/journey.py).
+
+Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
+"""
 from __future__ import annotations
 
 import argparse

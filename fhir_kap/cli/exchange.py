@@ -4,6 +4,8 @@ Endpoints come from the settings (`[endpoints.NAME]` tables); their secrets only
 environment variable each endpoint names in `token_env`, never from the command line, and
 they are never printed. Every delivery re-checks consent at send time against the consent
 context stored beside the outbox (`outbox add-context`), and audits the decision.
+
+Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, Conflict, InputError, NotFound
+from ..errors import ConfigError, InputError
 from ._io import bounded_int
+from .outbox import open_outbox, outbox_handler
+from .outbox import write_json_out as _write_json
 
 if TYPE_CHECKING:  # heavy imports stay inside the handlers
     from ..client import FhirClient
@@ -22,9 +26,6 @@ if TYPE_CHECKING:  # heavy imports stay inside the handlers
     from ..storage.outbox import Outbox, OutboxItem
 
 __all__ = ["client_factory", "consent_checker", "register"]
-
-DAY = 86_400.0
-
 
 _count = bounded_int("the limit", 1, 100_000)
 _item_id = bounded_int("the item id", 1, 2**62)
@@ -113,15 +114,6 @@ def register(subparsers: Any) -> None:
 
 
 # ---------------------------------------------------------------- shared wiring
-
-def _open(settings: Settings) -> tuple[Outbox, Any]:
-    from ..storage.auditlog import AuditLog
-    from ..storage.db import Database
-    from ..storage.outbox import Outbox
-
-    db = Database(settings.db_url)
-    return Outbox(db), AuditLog(db)
-
 
 def _secret(ep: EndpointConfig, what: str, env: Any) -> str:
     if not ep.token_env:
@@ -229,7 +221,7 @@ _OUTCOME_CODES = {"permit": "0", "deny": "4", "malformed": "8"}
 
 
 def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
-    _, audit = _open(settings)
+    _, audit = open_outbox(settings)
     if args.limit < 1:
         raise InputError("--limit must be at least 1", rule="cli:argument")
     rows = audit.query(args.resource_type, args.patient,
@@ -278,13 +270,13 @@ def _target(settings: Settings, to: str | None) -> Any:
 
 
 def send_handler(args: argparse.Namespace, settings: Settings) -> int:
-    from ..jsonio import iter_documents
     from ..exchange.outbound import Outbound
+    from ..jsonio import iter_documents
     from ..records.pipeline import Pipeline
     from ._io import open_input, write_json
 
     target = _target(settings, args.to)
-    outbox, audit = _open(settings)
+    outbox, audit = open_outbox(settings)
     out = Outbound(Pipeline.load(), outbox, audit, release=settings.fhir_version,
                    purpose=args.purpose, actor="fhir-kap send")
     docs = []  # read every input first: a malformed line refuses the run before anything is queued
@@ -312,7 +304,7 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.poll <= 0 or args.lease <= 0:
         raise InputError("--poll and --lease must be positive numbers of seconds", rule="cli:argument")
-    outbox, audit = _open(settings)
+    outbox, audit = open_outbox(settings)
     worker = DeliveryWorker(
         outbox, client_factory(settings, partner_endpoint=partner_endpoints(outbox.db)),
         consent_checker(outbox, audit, settings),
@@ -346,133 +338,3 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
         print(f"worker {worker.worker_id}: {done}")
         print("outbox: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
-
-
-# ---------------------------------------------------------------- outbox
-
-def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
-    outbox, _ = _open(settings)
-    action = args.outbox_command
-    if action == "list":
-        items = outbox.list(args.state, endpoint=args.endpoint, limit=args.limit)
-        if args.json:
-            _write_json({"items": [i.summary() for i in items], "counts": outbox.counts()})
-        else:
-            _table(items)
-            print("\n" + "  ".join(f"{k} {v}" for k, v in outbox.counts().items()))
-        return 0
-    if action == "show":
-        item = outbox.get(args.id)
-        if item is None:
-            raise NotFound(f"Outbox item {args.id} does not exist", rule="outbox:item")
-        data = item.summary()
-        if args.resource:
-            data["resource"] = item.resource
-        if args.json:
-            _write_json(data)
-        else:
-            width = max(len(k) for k in data)
-            for key, value in data.items():
-                if key == "resource":
-                    from ..jsonio import dumps
-                    value = dumps(value, pretty=True).decode()
-                print(f"{key:<{width}}  {'-' if value is None else value}")
-        return 0
-    if action in ("retry", "release"):
-        item = getattr(outbox, action)(args.id)
-        return _report(args, item, f"item {item.id}: pending again (attempts {item.attempts})")
-    if action == "hold":
-        if not outbox.hold(args.id, args.reason):
-            current = outbox.get(args.id)
-            if current is None:
-                raise NotFound(f"Outbox item {args.id} does not exist", rule="outbox:item")
-            raise Conflict(f"Outbox item {args.id} is {current.state}; only pending items can be held",
-                           rule="outbox:state")
-        held = outbox.get(args.id)
-        assert held is not None
-        return _report(args, held, f"item {args.id}: held ({args.reason})")
-    if action == "purge-delivered":
-        if args.older_than < 0:
-            raise InputError("--older-than must be zero or more days", rule="cli:argument")
-        n = outbox.purge_delivered(outbox.clock() - args.older_than * DAY)
-        if args.json:
-            _write_json({"purged": n})
-        else:
-            print(f"purged {n} delivered item(s) older than {args.older_than:g} day(s)")
-        return 0
-    if action == "add-context":
-        return _add_context(args, outbox)
-    raise InputError(f"unknown outbox action '{action}'", rule="cli:argument")  # argparse prevents it
-
-
-def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
-    from dataclasses import replace
-
-    from ..jsonio import iter_documents
-    from ._io import open_input
-
-    stored = skipped = 0
-    found: list[tuple[str, Any]] = []  # read everything first: all of it is stored, or none
-    for path in args.files:
-        with open_input(path) as fh:
-            for label, doc in iter_documents(fh, source=path):
-                if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
-                    entries = doc.get("entry") or []
-                    if not isinstance(entries, list):
-                        raise InputError(f"{label}: Bundle.entry must be a list", pointer="/entry",
-                                         expression="Bundle.entry", rule="fhir:bundle")
-                    for i, entry in enumerate(entries):
-                        found.append((f"{label}#entry[{i}]",
-                                      entry.get("resource") if isinstance(entry, dict) else None))
-                else:
-                    found.append((label, doc))
-    with outbox.db.transaction():
-        for label, res in found:
-            try:
-                ok = outbox.put_context(res)
-            except InputError as exc:
-                raise InputError([replace(i, message=f"{label}: {i.message}")
-                                  for i in exc.issues]) from None
-            stored, skipped = (stored + 1, skipped) if ok else (stored, skipped + 1)
-    if args.json:
-        _write_json({"stored": stored, "older_versions_skipped": skipped})
-    else:
-        print(f"stored {stored} context resource(s); {skipped} older version(s) skipped")
-    return 0
-
-
-def _report(args: argparse.Namespace, item: OutboxItem, text: str) -> int:
-    if args.json:
-        _write_json(item.summary())
-    else:
-        print(text)
-    return 0
-
-
-def _write_json(obj: Any) -> None:
-    from ._io import write_json
-
-    write_json(obj)
-
-
-def _table(items: list[OutboxItem]) -> None:
-    from ..storage.outbox import iso
-
-    headers = ("ID", "STATE", "ENDPOINT", "TYPE", "KEY", "TRIES", "WHEN", "NOTE")
-    rows = []
-    for i in items:
-        when = i.delivered_at if i.state == "delivered" else i.next_attempt_at
-        note = (f"server id {i.server_id}" if i.server_id else "") if i.state == "delivered" else (
-            (i.hold_reason if i.state == "held" else i.last_error) or "")
-        key = i.idempotency_key.rsplit("/", 1)[-1]
-        rows.append((str(i.id), i.state, i.endpoint, i.resource_type, key, str(i.attempts),
-                     (iso(when) or "")[:19].replace("T", " "), _clip(note, 60)))
-    widths = [max(len(h), *(len(r[n]) for r in rows)) if rows else len(h) for n, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-
-
-def _clip(text: str, n: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"

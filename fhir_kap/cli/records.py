@@ -1,9 +1,13 @@
-"""`fhir-kap map | import | validate`: KAP records ⇄ FHIR, and FHIR validation."""
+"""`fhir-kap map | import | validate`: KAP records ⇄ FHIR, and FHIR validation.
+
+Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ._io import open_input, write_json
 

@@ -6,13 +6,15 @@ Imports only the base rooms (errors, config, jsonio, fhir/) and the standard lib
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date, datetime
-from typing import Any, Iterable
+from typing import Any
 
 from .audit import audit_event, provenance
 from .categories import categories_of
-from .decide import CONTEXT_TYPES, ConsentGate as _Gate, Decision, Reason
-from .labels import apply_security_labels, envelope_reveals_sensitivity, label_envelope, envelope_labels
+from .decide import CONTEXT_TYPES, Decision, Reason
+from .decide import ConsentGate as _Gate
+from .labels import apply_security_labels, envelope_labels, envelope_reveals_sensitivity, label_envelope
 from .preview import preview as _preview
 from .recipients import Recipient
 

@@ -4,6 +4,8 @@ Both are built for the release the receiver speaks. R4: AuditEvent.type / subtyp
 code 0|4|8, agent.purposeOfUse. R5: category / code, outcome.code, authorization. The
 Provenance cites the exact Consent version as policy and as a `source` entity. The time
 is always handed in (`recorded`): this module reads no clock.
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ codes of the information-category CodeSystem (config.CS.INFO_CATEGORY). Fail clo
 - a category-source coding with a missing or unrecognised system is an *unknown* category
   (denied), except the few base systems listed in IGNORED_SYSTEMS (communication-category
   `notification` beside our own code).
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
 from __future__ import annotations
 

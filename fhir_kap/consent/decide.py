@@ -5,12 +5,15 @@ information category of the resource, an active current Consent version for the 
 within its period, names the recipient and permits that category and purpose, and no
 applicable deny provision (nested, or in any other consent) excludes it — and the content
 is not a psychotherapy note. Policies are compiled once, when the gate is built.
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..errors import InputError
 from .categories import categories_of
@@ -316,7 +319,7 @@ def _evaluate(policy: Policy, ident: Identity, purpose: str, cat: str, on: date 
         code = "nested-deny" if rule.depth > 0 else "deny-provision"
         return _Verdict("deny", Reason(code, f"{rule.path} of {ref} denies category {cat} for purpose {_short(purpose)}",
                                        ref, rule.path))
-    fill = dict(purpose=_short(purpose), cat=cat)
+    fill = {"purpose": _short(purpose), "cat": cat}
     for m in matches:
         missing = ("recipient-not-named" if not (grantee_ok and (m.named or policy.grantees)) else
                    "purpose-not-permitted" if not m.has_purpose else

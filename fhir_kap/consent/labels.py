@@ -1,8 +1,10 @@
 """Security labels: resources carry R + PSY; envelopes reveal no sensitivity (at most R).
 
-DOMAIN.md "Security labels": confidentiality v3-Confidentiality `R` on everything clinical,
+The KAP security-label rule (docs/consent.md, "Security labels"): confidentiality v3-Confidentiality `R` on everything clinical,
 sensitivity v3-ActCode `PSY` on mental-health content; transport metadata (Bundle-level
 labels, message headers, URLs, log lines) may carry confidentiality `R` and nothing more.
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
 from __future__ import annotations
 

@@ -3,13 +3,15 @@
 A date-only (or year / year-month) bound covers its whole day (month, year); datetimes
 carry a timezone and are compared as instants. A disclosure given as a date lies inside a
 period only when the whole day does (fail closed at datetime bounds).
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
 from __future__ import annotations
 
 import calendar
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 __all__ = ["Bound", "Period", "PeriodError", "parse_period", "parse_bound"]
@@ -47,7 +49,7 @@ def parse_bound(value: Any, *, end: bool) -> Bound:
         m = _DATETIME.match(value)
         if m:
             frac = (m.group(7) or "0")[:6].ljust(6, "0")
-            tz = timezone.utc if m.group(8) == "Z" else _offset(m.group(8))
+            tz = UTC if m.group(8) == "Z" else _offset(m.group(8))
             return Bound(instant=datetime(int(m.group(1)), int(m.group(2)), int(m.group(3)),
                                           int(m.group(4)), int(m.group(5)), int(m.group(6) or 0),
                                           int(frac), tzinfo=tz))

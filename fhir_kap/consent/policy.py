@@ -11,6 +11,8 @@ OPTOUT / OPTOUTE — is a blanket deny of everything it covers (`Policy.blanket_
 only count with their system: an actor is a recipient only with role v3-ParticipationType
 `IRCP`, and an action is `disclose` only in the consentaction system. Anything that cannot be
 read with certainty compiles to a *malformed* policy, which can only deny.
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class Rule:
     actions: frozenset[str] | None = None  # "system|code" (system empty when the coding has none)
     purposes: frozenset[str] | None = None
     categories: frozenset[str] | None = None
-    children: tuple["Rule", ...] = ()
+    children: tuple[Rule, ...] = ()
     depth: int = 0
 
 
@@ -112,7 +114,7 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
     patient = actor_ref(consent.get(patient_field))
     patient_ref = patient.reference if patient else None
     status = _str(consent.get("status"))
-    base = dict(id=cid, version=version, release=release, status=status, patient=patient_ref)
+    base = {"id": cid, "version": version, "release": release, "status": status, "patient": patient_ref}
     try:
         if release is None:
             raise _Bad("Consent mixes R4 and R5 elements", "Consent")

@@ -1,8 +1,12 @@
-"""Dry run: what would this recipient receive, candidate by candidate, and why."""
+"""Dry run: what would this recipient receive, candidate by candidate, and why.
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .policy import normalise_purpose
 
@@ -15,7 +19,7 @@ __all__ = ["preview"]
 DEFAULT_PURPOSE = "TREAT"
 
 
-def preview(gate: "ConsentGate", candidates: Iterable[dict[str, Any]], recipient: "Recipient",
+def preview(gate: ConsentGate, candidates: Iterable[dict[str, Any]], recipient: Recipient,
             purpose: str | None, on: date | datetime) -> list[dict[str, Any]]:
     """Each candidate with its decision. Without a purpose, every purpose any consent names
     (and TREAT) is tried; `purposes` lists those that would permit."""

@@ -6,13 +6,16 @@ them (and within the role's period when it has one); a grant to a Practitioner n
 covers her Organization. A party's identity is its own resource's identifiers only (never
 joined across resources); an identifier names a party only when the types agree, and an
 absolute reference matches only the same absolute reference (never a relative `Type/id`).
+
+Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import InputError
 from .periods import Period, PeriodError, parse_period
@@ -60,7 +63,7 @@ class Recipient:
     identifiers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "Recipient":
+    def parse(cls, text: str) -> Recipient:
         """`Practitioner/abc` (or an absolute URL) or an identifier `system|value`.
 
         >>> Recipient.parse("http://hl7.org/fhir/sid/us-npi|1234567893").identifiers

@@ -7,6 +7,8 @@ referral's Task and records its sessions; continuity notes of each permitted cat
 practice's EHR; a psychotherapy note, a note to a therapist the consent does not name, and a
 note queued just before the client revokes consent are refused or held. Everything printed is
 ids, codes and reasons — never clinical text.
+
+Room: demo/ (layer 3, orchestration): may import layers 0-2.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..client import BearerAuth, FhirClient
 from ..config import Settings, data_path

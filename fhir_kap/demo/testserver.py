@@ -2,6 +2,8 @@
 
 SEKMET (`sekmet-fhir`, pinned in the `test` extra) runs as a child process on 127.0.0.1 with its
 simulator off and a fresh data directory; `start()` polls `/fhir/metadata` until it answers.
+
+Room: demo/ (layer 3, orchestration): may import layers 0-2.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class SekmetServer:
             "own_private_key_path": str(Path(str(self.data_dir)) / "keys" / "sekmet_private.pem"),
         }
 
-    def start(self) -> "SekmetServer":
+    def start(self) -> SekmetServer:
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="sekmet-"))
             self._own_dir = True
@@ -119,7 +121,7 @@ class SekmetServer:
         if self._own_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> "SekmetServer":
+    def __enter__(self) -> SekmetServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

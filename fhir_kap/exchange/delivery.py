@@ -14,6 +14,8 @@ losing its database answers 500 too, and the conditional create makes a repeat h
 Delivery is at-least-once on the wire (a worker killed after the POST and before the outbox
 commit sends again) and exactly-once in effect (the repeated conditional create finds the
 first copy). Logs name item ids, endpoints and statuses, never resource content.
+
+Room: exchange/ (layer 3, orchestration): may import layers 0-2.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from itertools import groupby
 from typing import Self
 
 from ..client import FhirClient, WriteResult, entry_results, token_query, transaction_bundle
-from ..fhir.retry import Backoff, retry_later
 from ..errors import KapError, ServerError
+from ..fhir.retry import Backoff, retry_later
 from ..storage.outbox import Outbox, OutboxItem
 
 __all__ = ["Backoff", "ConsentCheck", "DeliveryWorker", "Stats", "default_worker_id", "if_none_exist"]

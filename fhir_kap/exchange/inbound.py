@@ -1,4 +1,6 @@
-"""Inbound FHIR: what the bridge does with a resource a partner sends, and referral status Tasks.
+"""Inbound FHIR: what the bridge does with a resource a partner sends, and referral status Tasks
+(exchange/, layer 3: orchestration; imports base, pure core and storage/, and `webhooks` and
+`inbound_rules` of its own room).
 
     request body ─▶ shape checks ─▶ profile check (Validator) ─▶ map to a KAP record (Mapper)
       ─▶ ONE group-committed transaction: store, the referral's Task, consent context,
@@ -9,15 +11,13 @@ Checking and mapping run on the request's thread; the writes run as one unit of 
 through `Store.write` (group commit: several requests share one fsync, each still answered
 only once its writes are durable, a failing one rolled back alone). Webhooks never run
 inside the request: their jobs are committed with the write they announce, and the
-notifier's sender thread posts them (with retries) after the commit.
+notifier's sender thread posts them (with retries) after the commit. The rules themselves
+(write types, Bundle entries, conditions, recipients, the referral flow) are pure functions in
+`inbound_rules`; this module applies them.
 
-A referral (ServiceRequest) gets a BSeR-style Task when it first arrives: `focus` and
-`basedOn` the referral, `for` its subject, `requester` the referring practitioner, `owner`
-the clinic, `businessStatus` `received`. The clinic moves it along `REFERRAL_FLOW`; FHIR
-`Task.status` follows in step (`TASK_STATUS`). The Task keeps the referral's source
-partner, so the practice that sent the referral can read its progress. Because that read
-needs no consent, the Task carries status only: never free text. A reason for a status is
-one code of `REFERRAL_REASONS` (Task.statusReason as a coding).
+A referral (ServiceRequest) gets a BSeR-style Task when it first arrives, in the same
+commit; the clinic moves it along `REFERRAL_FLOW` (`referral_status`). The Task carries
+status only, never free text (why: `inbound_rules`, where the Task is made and moved).
 
 Consent context: a created Consent / Practitioner / PractitionerRole / Organization / Patient
 becomes consent context (what the gate decides on) only when its sender is a consent
@@ -32,19 +32,38 @@ partner about a note it would get 404 for.
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..config import CANONICAL, CS, Release
+from ..config import CANONICAL, Release
 from ..consent import CONTEXT_TYPES
-from ..errors import Conflict, InputError, Issue, KapError, MappingError, NotFound, ProfileError
+from ..errors import InputError, Issue, KapError, MappingError, NotFound, ProfileError
 from ..fhir.identifiers import new_id
-from .webhooks import EVENT_COMMUNICATION, EVENT_TASK, Notifier
 from ..storage.partners import Partner, Partners
-from ..storage.store import ID_PATTERN, Store, StoredResource, check_condition, instant_now
+from ..storage.store import Store, StoredResource
+from .inbound_rules import (
+    MAX_DEPTH,
+    REFERRAL_FLOW,
+    REFERRAL_REASON_SYSTEM,
+    REFERRAL_REASONS,
+    REFERRAL_STATUS_SYSTEM,
+    TASK_STATUS,
+    URN_UUID,
+    WRITE_TYPES,
+    addressed_to,
+    bundle_entries,
+    bundle_entry,
+    check_status_move,
+    moved_task,
+    parse_query,
+    referral_task,
+    rewrite_references,
+)
+from .webhooks import EVENT_COMMUNICATION, EVENT_TASK, Notifier
 
+# The rules and constants of `inbound_rules` stay importable from here, where the bridge and
+# the tests have always found them.
 __all__ = [
     "CONTEXT_TYPES",
     "MAX_DEPTH",
@@ -61,37 +80,6 @@ __all__ = [
     "parse_query",
     "referral_task",
 ]
-
-#: Resource types partners may create: the four KAP resources and the context they reference.
-WRITE_TYPES = ("ServiceRequest", "Consent", "Communication", "Procedure",
-               "Patient", "Practitioner", "PractitionerRole", "Organization")
-#: Types kept as consent context (the gate reads them to match recipients and grants).
-REFERRAL_STATUS_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status"
-#: businessStatus -> the business statuses it may move to.
-REFERRAL_FLOW: dict[str, tuple[str, ...]] = {
-    "received": ("accepted", "declined", "cancelled"),
-    "accepted": ("scheduled", "in-progress", "cancelled"),
-    "scheduled": ("scheduled", "in-progress", "cancelled"),
-    "in-progress": ("completed", "cancelled"),
-    "declined": (),
-    "completed": (),
-    "cancelled": (),
-}
-#: businessStatus -> FHIR Task.status.
-TASK_STATUS = {"received": "received", "accepted": "accepted", "declined": "rejected",
-               "scheduled": "accepted", "in-progress": "in-progress", "completed": "completed",
-               "cancelled": "cancelled"}
-_DISPLAY = {"received": "Referral received", "accepted": "Referral accepted", "declined": "Referral declined",
-            "scheduled": "Intake scheduled", "in-progress": "Care in progress", "completed": "Care completed",
-            "cancelled": "Referral cancelled"}
-#: Reason codes a status move may carry (the only reason a referring practice sees; no free text).
-REFERRAL_REASON_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status-reason"
-REFERRAL_REASONS = {"not-eligible": "Not eligible for KAP", "client-declined": "Client declined",
-                    "client-unreachable": "Client could not be reached", "capacity": "No capacity",
-                    "duplicate": "Duplicate referral", "other": "Other reason"}
-#: Deepest JSON nesting accepted in a Bundle entry (FHIR resources need far less).
-MAX_DEPTH = 64
-_URN = re.compile(r"^urn:uuid:[0-9a-fA-F-]{36}$")
 
 
 class ContextSink(Protocol):
@@ -265,59 +253,11 @@ class Inbound:
 
         `authority` as for `accept`: whether the context resources in it feed the consent gate.
         """
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-            raise InputError("POST /fhir takes a Bundle of type transaction or batch", pointer="/resourceType",
-                             rule="bridge:bundle")
-        kind = bundle.get("type")
-        if kind not in ("transaction", "batch"):
-            raise InputError(f"Bundle.type must be transaction or batch, not '{str(kind)[:30]}'",
-                             pointer="/type", expression="Bundle.type", rule="bridge:bundle-type")
-        entries = bundle.get("entry", [])
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise InputError("Bundle.entry must be a list of objects", pointer="/entry",
-                             expression="Bundle.entry", rule="bridge:bundle-entry")
-        if len(entries) > 500:
-            raise InputError("a Bundle may carry at most 500 entries", pointer="/entry",
-                             rule="bridge:bundle-size", code="too-costly")
+        kind, entries = bundle_entries(bundle)
         trusted = self._trusted(source, authority, [e.get("resource") for e in entries])
         if kind == "transaction":
             return self._transaction(entries, source, trusted)
         return self._batch(entries, source, trusted)
-
-    def _entry(self, entry: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[str, list[str]] | None]:
-        ptr = f"/entry/{i}"
-        req = entry.get("request")
-        if not isinstance(req, dict) or req.get("method") != "POST":
-            raise InputError("only entries with request.method POST are supported", pointer=f"{ptr}/request/method",
-                             expression=f"Bundle.entry[{i}].request.method", rule="bridge:bundle-method",
-                             code="not-supported")
-        resource = entry.get("resource")
-        if not isinstance(resource, dict):
-            raise InputError("entry.resource must be a FHIR resource", pointer=f"{ptr}/resource",
-                             expression=f"Bundle.entry[{i}].resource", rule="bridge:bundle-entry")
-        full = entry.get("fullUrl")
-        if full is not None and not isinstance(full, str):
-            raise InputError(f"Bundle.entry[{i}].fullUrl must be a string (a URI)", pointer=f"{ptr}/fullUrl",
-                             expression=f"Bundle.entry[{i}].fullUrl", rule="bridge:bundle-fullurl")
-        if _too_deep(resource, MAX_DEPTH):
-            raise InputError(f"Bundle.entry[{i}].resource is nested deeper than {MAX_DEPTH} levels",
-                             pointer=f"{ptr}/resource", expression=f"Bundle.entry[{i}].resource",
-                             rule="bridge:nesting", code="too-costly")
-        url = req.get("url")
-        if url != resource.get("resourceType"):
-            raise InputError(f"request.url must be the resource type '{str(resource.get('resourceType'))[:40]}'",
-                             pointer=f"{ptr}/request/url", expression=f"Bundle.entry[{i}].request.url",
-                             rule="bridge:bundle-url")
-        cond = req.get("ifNoneExist")
-        if cond is not None and not isinstance(cond, str):
-            raise InputError("request.ifNoneExist must be a string", pointer=f"{ptr}/request/ifNoneExist",
-                             rule="bridge:bundle-entry")
-        if cond is None:
-            return resource, None
-        try:
-            return resource, parse_query(cond)
-        except KapError as exc:
-            raise type(exc)([i.prefixed(pointer_prefix=f"{ptr}/request/ifNoneExist") for i in exc.issues]) from None
 
     def _transaction(self, entries: list[dict[str, Any]], source: str | None, trusted: bool) -> BundleResult:
         parsed = []
@@ -325,12 +265,12 @@ class Inbound:
         ids: dict[str, str] = {}
         for i, entry in enumerate(entries):
             try:
-                resource, cond = self._entry(entry, i)
+                resource, cond = bundle_entry(entry, i)
             except KapError as exc:
                 issues += exc.issues
                 continue
             full = entry.get("fullUrl")
-            if isinstance(full, str) and _URN.match(full):
+            if isinstance(full, str) and URN_UUID.match(full):
                 if full in ids:
                     issues.append(Issue("error", "duplicate", "fullUrl is used twice", f"Bundle.entry[{i}].fullUrl",
                                         f"/entry/{i}/fullUrl", "bridge:bundle-fullurl"))
@@ -342,7 +282,7 @@ class Inbound:
         records = []
         worst: type[KapError] = InputError
         for i, full, resource, cond in parsed:
-            resource = _rewrite(resource, refs)
+            resource = rewrite_references(resource, refs)
             if full in ids:
                 resource["id"] = ids[full]
             try:
@@ -363,7 +303,7 @@ class Inbound:
         checked: list[tuple[int, dict[str, Any], dict[str, list[str]] | None, dict[str, Any] | None]] = []
         for i, entry in enumerate(entries):
             try:
-                resource, cond = self._entry(entry, i)
+                resource, cond = bundle_entry(entry, i)
                 checked.append((i, resource, cond, self.check(resource)))
             except KapError as exc:
                 out[i] = _error_response(exc)
@@ -394,15 +334,7 @@ class Inbound:
         `concept`); anything else is refused (InputError, rule `referral:reason`). Clinical
         detail behind a decision goes to the practice as a consent-gated Communication instead.
         """
-        if business_status not in REFERRAL_FLOW:
-            raise InputError(f"status '{business_status[:40]}' is not one of {', '.join(REFERRAL_FLOW)}",
-                             pointer="/status", rule="referral:status", code="value")
-        if reason is not None and (not isinstance(reason, str) or reason not in REFERRAL_REASONS):
-            raise InputError("reason must be one of the codes " + ", ".join(REFERRAL_REASONS) + " (no free text: "
-                             "the referring practice sees it without a consent check)", pointer="/reason",
-                             rule="referral:reason", code="value")
-        if not ID_PATTERN.match(referral_id):
-            raise NotFound("no such referral", rule="referral:unknown")
+        check_status_move(referral_id, business_status, reason)
         queued = [False]
 
         def unit(tx: Any) -> StoredResource:
@@ -420,21 +352,7 @@ class Inbound:
         if not found:
             raise NotFound("no such referral", rule="referral:unknown")
         cur = found[0]
-        now_status = _business_status(cur.resource)
-        if business_status not in REFERRAL_FLOW.get(now_status, ()):
-            raise Conflict(f"a referral that is '{now_status}' cannot become '{business_status}'; allowed: "
-                           f"{', '.join(REFERRAL_FLOW.get(now_status, ())) or 'none (final)'}",
-                           pointer="/status", rule="referral:transition")
-        task = dict(cur.resource)
-        task["status"] = TASK_STATUS[business_status]
-        task["businessStatus"] = _business_concept(business_status)
-        task["lastModified"] = instant_now()
-        if reason:
-            concept = {"coding": [{"system": REFERRAL_REASON_SYSTEM, "code": reason,
-                                   "display": REFERRAL_REASONS[reason]}]}
-            task["statusReason"] = {"concept": concept} if self.release is Release.R5 else concept
-        else:
-            task.pop("statusReason", None)
+        task = moved_task(cur.resource, business_status, reason, self.release)
         # Read and update in one transaction; if_match keeps the guard should that ever change.
         updated, _ = self.store.update("Task", cur.id, task, if_match=cur.version, tx=tx)
         return updated
@@ -447,148 +365,6 @@ class Inbound:
         if partner and partner.webhook_url and not partner.revoked:
             return self.notifier.enqueue(partner.name, EVENT_TASK, f"Task/{task.id}", str(task.version))
         return False
-
-
-def referral_task(referral: StoredResource, owner: dict[str, Any]) -> dict[str, Any]:
-    """The BSeR-style Task that tracks a new referral (businessStatus `received`)."""
-    sr = referral.resource
-    now = instant_now()
-    task: dict[str, Any] = {
-        "resourceType": "Task",
-        "meta": {"tag": [{"system": CS.INFO_CATEGORY, "code": "care-coordination"}],
-                 "security": [{"system": CS.V3_CONFIDENTIALITY, "code": "R"}]},
-        "basedOn": [{"reference": f"ServiceRequest/{referral.id}"}],
-        "status": TASK_STATUS["received"],
-        "businessStatus": _business_concept("received"),
-        "intent": "order",
-        "code": {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]},
-        "focus": {"reference": f"ServiceRequest/{referral.id}"},
-        "authoredOn": now,
-        "lastModified": now,
-        "owner": owner,
-    }
-    if isinstance(sr.get("subject"), dict):
-        task["for"] = sr["subject"]
-    if isinstance(sr.get("requester"), dict):
-        task["requester"] = sr["requester"]
-    return task
-
-
-def _business_concept(code: str) -> dict[str, Any]:
-    return {"coding": [{"system": REFERRAL_STATUS_SYSTEM, "code": code, "display": _DISPLAY[code]}],
-            "text": _DISPLAY[code]}
-
-
-def _business_status(task: dict[str, Any]) -> str:
-    for c in (task.get("businessStatus") or {}).get("coding") or []:
-        if c.get("system") == REFERRAL_STATUS_SYSTEM:
-            return str(c.get("code"))
-    return "received"
-
-
-def addressed_to(resource: dict[str, Any], partner: Partner,
-                 resolve: Callable[[str, str], StoredResource | None]) -> str | None:
-    """The key naming `partner` among the resource's recipients, or None.
-
-    Recipients: Communication.recipient, Task.requester and Task.restriction.recipient. A
-    recipient matches by literal reference (the partner's `references`), by a logical
-    identifier, or by the identifiers (NPI, organisation id) of the resource it references,
-    looked up with `resolve(type, id)`; a PractitionerRole also matches through its
-    practitioner and organization.
-    """
-    keys = set(partner.recipient_keys)
-    for ref in _recipients(resource):
-        hit = _match(ref, keys, resolve, depth=0)
-        if hit:
-            return hit
-    return None
-
-
-def _recipients(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    rt = resource.get("resourceType")
-    candidates: list[Any] = []
-    if rt == "Communication":
-        candidates = list(resource.get("recipient") or [])
-    elif rt == "Task":
-        candidates = [resource.get("requester")]
-        candidates += list((resource.get("restriction") or {}).get("recipient") or [])
-    for c in candidates:
-        if isinstance(c, dict):
-            yield c
-
-
-def _match(ref: dict[str, Any], keys: set[str], resolve: Callable[[str, str], StoredResource | None],
-           depth: int) -> str | None:
-    literal = ref.get("reference")
-    if isinstance(literal, str) and literal in keys:
-        return literal
-    ident = ref.get("identifier")
-    if isinstance(ident, dict) and f"{ident.get('system')}|{ident.get('value')}" in keys:
-        return f"{ident.get('system')}|{ident.get('value')}"
-    if not isinstance(literal, str) or literal.count("/") != 1 or depth > 1:
-        return None
-    rtype, rid = literal.split("/")
-    target = resolve(rtype, rid) if ID_PATTERN.match(rid) else None
-    if target is None or target.deleted:
-        return None
-    for i in target.resource.get("identifier") or []:
-        if isinstance(i, dict) and f"{i.get('system')}|{i.get('value')}" in keys:
-            return f"{i.get('system')}|{i.get('value')}"
-    if rtype == "PractitionerRole" and target.resource.get("active", True):
-        for sub in (target.resource.get("practitioner"), target.resource.get("organization")):
-            if isinstance(sub, dict):
-                hit = _match(sub, keys, resolve, depth + 1)
-                if hit:
-                    return hit
-    return None
-
-
-def parse_query(query: str) -> dict[str, list[str]]:
-    """`a=1&b=2` (an If-None-Exist value) -> {"a": ["1"], "b": ["2"]}.
-
-    A condition must select something: at least one search criterion, and no result
-    parameters (`_sort`, `_count`, `_include`, ...), which select nothing and would otherwise
-    make it match every resource of the sender (InputError, rule `http:if-none-exist`).
-    """
-    from urllib.parse import parse_qs
-
-    query = query.split("?", 1)[1] if "?" in query else query
-    try:
-        parsed = parse_qs(query, keep_blank_values=True, strict_parsing=True, max_num_fields=20)
-    except ValueError:
-        raise InputError("If-None-Exist must be a search query such as identifier=SYSTEM|VALUE",
-                         expression="If-None-Exist", rule="http:if-none-exist") from None
-    check_condition(parsed)
-    return parsed
-
-
-def _too_deep(node: Any, limit: int) -> bool:
-    """Whether JSON `node` nests objects/arrays more than `limit` levels (iterative: no recursion)."""
-    stack: list[tuple[Any, int]] = [(node, 1)]
-    while stack:
-        cur, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(cur, dict):
-            stack.extend((v, depth + 1) for v in cur.values() if isinstance(v, (dict, list)))
-        elif isinstance(cur, list):
-            stack.extend((v, depth + 1) for v in cur if isinstance(v, (dict, list)))
-    return False
-
-
-def _rewrite(node: Any, refs: Mapping[str, str], depth: int = 0) -> Any:
-    """A copy of `node` with `reference`s found in `refs` replaced (callers bound the depth: `_too_deep`)."""
-    if depth > MAX_DEPTH:
-        raise InputError(f"a resource is nested deeper than {MAX_DEPTH} levels", rule="bridge:nesting",
-                         code="too-costly")
-    if isinstance(node, dict):
-        out = {k: _rewrite(v, refs, depth + 1) for k, v in node.items()}
-        if isinstance(out.get("reference"), str) and out["reference"] in refs:
-            out["reference"] = refs[out["reference"]]
-        return out
-    if isinstance(node, list):
-        return [_rewrite(v, refs, depth + 1) for v in node]
-    return node
 
 
 _REASON = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 409: "Conflict",

@@ -7,6 +7,8 @@ Nothing is queued without a permit from the ConsentGate over the client's stored
 context; every decision writes an AuditEvent, every permitted disclosure a Provenance citing the
 exact Consent version, and the queued resource carries the R and PSY security labels.
 `send_time_check` is the same gate again at delivery time, so a revocation holds queued items.
+
+Room: exchange/ (layer 3, orchestration): may import layers 0-2.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from ..config import Release
 from ..consent import CONTEXT_TYPES, ConsentGate, Recipient, apply_security_labels, audit_event, provenance
 from ..errors import Issue, KapError
 from ..fhir.identifiers import patient_reference
-from ..storage.outbox import Outbox, OutboxItem
 from ..records.pipeline import Pipeline
+from ..storage.outbox import Outbox, OutboxItem
 
 __all__ = ["CONTEXT_TYPES", "Outbound", "SendResult", "Target", "send_time_check"]
 

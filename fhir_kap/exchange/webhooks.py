@@ -1,4 +1,5 @@
-"""Rest-hook notifications for partners without a FHIR server of their own.
+"""Rest-hook notifications for partners without a FHIR server of their own (exchange/, layer 3:
+orchestration; imports base and storage: the job table is storage/webhooks.py).
 
 The payload names an event and a resource id, nothing else: no patient data ever goes into a
 webhook. The partner fetches the resource from the bridge with its token, which is where
@@ -7,9 +8,10 @@ consent is checked and the read audited. Each notification is signed:
 secret, and `X-KAP-Timestamp` (Unix seconds) so a receiver can refuse replays.
 
 Durable, and never on the request path: `Notifier.enqueue` writes a job row into
-`webhook_jobs` inside the same transaction as the write it announces (so a job exists exactly
-when that write is committed), and one sender thread per process claims due jobs with a lease,
-posts them and records the outcome:
+`webhook_jobs` (storage/webhooks.py) inside the same transaction as the write it announces (so
+a job exists exactly when that write is committed), and one sender thread per process claims
+due jobs with a lease (storage/queue.py, as the outbox does), posts them and records the
+outcome:
 - 2xx: `delivered`;
 - 408, 429, 5xx but 501/505 (`fhir.retry.retry_later`, the outbox's rule too), a timeout or a
   refused connection: `pending` again, after an exponential
@@ -37,12 +39,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 from .. import jsonio
 from ..fhir.retry import Backoff, retry_after_seconds, retry_later
 from ..storage.db import Database
+from ..storage.webhooks import WebhookJob, WebhookJobs
 
 __all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "WebhookJob", "sign"]
 
@@ -59,39 +61,12 @@ class NotifyResult:
     retry_after: float | None = None
 
 
-@dataclass(frozen=True)
-class WebhookJob:
-    """One queued notification (a row of `webhook_jobs`): ids, states and times only."""
-
-    id: int
-    partner: str
-    event: str
-    resource: str
-    version: str
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_status: int | None
-    last_error: str | None
-
-
-_MIGRATION = [
-    """CREATE TABLE webhook_jobs (
-        id {pk}, partner TEXT NOT NULL, event TEXT NOT NULL, resource TEXT NOT NULL,
-        version TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', attempts {bigint} NOT NULL DEFAULT 0,
-        next_attempt_at {real} NOT NULL, lease_owner TEXT, lease_until {real},
-        last_status {bigint}, last_error TEXT, created_at {real} NOT NULL, updated_at {real} NOT NULL,
-        UNIQUE (partner, event, resource, version))""",
-    "CREATE INDEX webhook_jobs_due ON webhook_jobs (state, next_attempt_at)",
-]
-_COLUMNS = "id, partner, event, resource, version, state, attempts, next_attempt_at, last_status, last_error"
 #: What a partner name resolves to at send time: (webhook URL, secret), or None when it has none.
 Resolver = Callable[[str], "tuple[str, str | None] | None"]
 #: Whether a partner may still hear of a resource (partner name, "Type/id"), asked at send time.
 Allowed = Callable[[str, str], bool]
-
-
-
+#: The default back-off between attempts (a longer Retry-After wins).
+_BACKOFF = Backoff(base=2.0, cap=300.0)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -109,7 +84,7 @@ class Notifier:
 
     def __init__(self, timeout: float = 5.0, user_agent: str = "fhir-kap-bridge", *,
                  db: Database | None = None, resolve: Resolver | None = None, allowed: Allowed | None = None,
-                 max_attempts: int = 15, backoff: Backoff = Backoff(base=2.0, cap=300.0), poll_seconds: float = 5.0,
+                 max_attempts: int = 15, backoff: Backoff = _BACKOFF, poll_seconds: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.timeout = timeout
         self.user_agent = user_agent
@@ -127,59 +102,26 @@ class Notifier:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._worker_id = ""
-        if db is not None:
-            db.migrate("webhooks-1", _MIGRATION)
+        self.webhook_jobs = WebhookJobs(db) if db is not None else None
 
-    # ---- queue
+    # ---- the job table (storage/webhooks.py)
 
     def enqueue(self, partner: str, event: str, resource_ref: str, version: str) -> bool:
         """Queue one notification of `resource_ref` at `version`; True if new (the same partner,
         event, resource and version is queued once). Inside a transaction of this thread it joins
         it (a SAVEPOINT), so the job is committed exactly when the write it announces is."""
-        db = self._need_db()
-        now = self.clock()
-        with db.transaction() as tx:
-            rows = tx.execute(
-                "INSERT INTO webhook_jobs (partner, event, resource, version, state, attempts, next_attempt_at, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
-                "ON CONFLICT (partner, event, resource, version) DO NOTHING RETURNING id",
-                (partner, event, resource_ref, version, now, now, now))
-        return bool(rows)
+        return self._need_jobs().enqueue(partner, event, resource_ref, version, now=self.clock())
 
     def jobs(self, state: str | None = None, limit: int = 100, *, partner: str | None = None) -> list[WebhookJob]:
         """Queued notifications, oldest first (all states or one; all partners or one)."""
-        db = self._need_db()
-        conds: list[str] = []
-        params: list[Any] = []
-        for column, value in (("state", state), ("partner", partner)):
-            if value is not None:
-                conds.append(f"{column} = ?")
-                params.append(value)
-        where = f"WHERE {' AND '.join(conds)}" if conds else ""
-        rows = db.query(f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?",
-                          (*params, int(limit)))
-        return [_job(r) for r in rows]
+        return self._need_jobs().jobs(state, limit, partner=partner)
 
     def retry(self, job_id: int | None = None, *, partner: str | None = None) -> list[WebhookJob]:
         """Put dead jobs back in the queue: one by id, or every dead one (of `partner`, if given).
 
         Attempts start from zero, the job is due now, and the last status and error are cleared.
         Returns the jobs moved (none when no dead job matches)."""
-        db = self._need_db()
-        now = self.clock()
-        where = "state = 'dead'"
-        params: list[Any] = [now, now]
-        if job_id is not None:
-            where += " AND id = ?"
-            params.append(int(job_id))
-        if partner is not None:
-            where += " AND partner = ?"
-            params.append(partner)
-        with db.transaction() as tx:
-            rows = tx.execute("UPDATE webhook_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                              f"last_status = NULL, last_error = NULL, updated_at = ? WHERE {where} "
-                              f"RETURNING {_COLUMNS}", tuple(params))
-        return sorted((_job(r) for r in rows), key=lambda j: j.id)
+        return self._need_jobs().retry(job_id, partner=partner, now=self.clock())
 
     def wake(self) -> None:
         """Make sure this process's sender runs, and have it look for due jobs now."""
@@ -198,16 +140,12 @@ class Notifier:
         """Wait until no job is due or being sent (tests, shutdown); False on timeout.
 
         Jobs waiting for a later retry do not count."""
-        if self.db is None:
+        if self.webhook_jobs is None:
             return True
         deadline = time.monotonic() + timeout
         while True:
             self.wake()
-            now = self.clock()
-            busy = self.db.query(
-                "SELECT COUNT(*) AS n FROM webhook_jobs WHERE (state = 'pending' AND next_attempt_at <= ?) "
-                "OR state = 'sending'", (now,))[0]["n"]
-            if not busy:
+            if not self.webhook_jobs.busy(self.clock()):
                 return True
             if time.monotonic() > deadline:
                 return False
@@ -223,20 +161,9 @@ class Notifier:
 
     def run_due(self, limit: int = 20) -> int:
         """Claim and post the jobs due now (what the sender thread does each round); how many."""
-        db = self._need_db()
-        now = self.clock()
-        lock = " FOR UPDATE SKIP LOCKED" if db.dialect == "postgresql" else ""
         worker = self._worker_id or self._new_worker_id()
-        due = ("(state = 'pending' AND next_attempt_at <= ?) OR (state = 'sending' AND lease_until < ?)")
-        if not db.query(f"SELECT id FROM webhook_jobs WHERE {due} LIMIT 1", (now, now)):
-            return 0  # a read first: no write lock while idle
-        with db.transaction() as tx:
-            rows = tx.execute(
-                "UPDATE webhook_jobs SET state = 'sending', lease_owner = ?, lease_until = ?, "
-                "attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM webhook_jobs WHERE "
-                f"{due} ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING {_COLUMNS}",
-                (worker, now + self.lease_seconds, now, now, now, int(limit)))
-        for job in sorted((_job(r) for r in rows), key=lambda j: j.id):
+        jobs = self._need_jobs().claim(worker, limit, self.clock(), self.lease_seconds)
+        for job in jobs:
             if not self._renew(job, worker):
                 continue  # its lease ran out while earlier jobs were sent: another worker has it
             try:
@@ -244,14 +171,10 @@ class Notifier:
             except Exception as exc:  # noqa: BLE001 - one job's failure must not strand the others
                 log.warning("webhook job failed", extra={"job": job.id, "error": type(exc).__name__})
                 self._retry_or_give_up(job, worker, None, type(exc).__name__, None)
-        return len(rows)
+        return len(jobs)
 
     def _renew(self, job: WebhookJob, worker: str) -> bool:
-        db = self._need_db()
-        now = self.clock()
-        with db.transaction() as tx:
-            return bool(tx.execute("UPDATE webhook_jobs SET lease_until = ? WHERE id = ? AND state = 'sending' "
-                                   "AND lease_owner = ? RETURNING id", (now + self.lease_seconds, job.id, worker)))
+        return self._need_jobs().renew(job, worker, self.clock() + self.lease_seconds)
 
     def _new_worker_id(self) -> str:
         return f"{os.getpid()}-{uuid.uuid4().hex}"
@@ -287,21 +210,16 @@ class Notifier:
 
     def _finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
                 next_at: float | None = None) -> None:
-        db = self._need_db()
-        now = self.clock()
-        with db.transaction() as tx:  # only while this sender still holds the lease
-            tx.execute("UPDATE webhook_jobs SET state = ?, lease_owner = NULL, lease_until = NULL, "
-                       "last_status = ?, last_error = ?, next_attempt_at = ?, updated_at = ? "
-                       "WHERE id = ? AND state = 'sending' AND lease_owner = ?",
-                       (state, status, error, next_at if next_at is not None else job.next_attempt_at, now,
-                        job.id, worker))
+        # only while this sender still holds the lease
+        self._need_jobs().finish(job, worker, state, status, error,
+                                  next_at=next_at if next_at is not None else job.next_attempt_at, now=self.clock())
         if state == "dead":
             log.warning("webhook given up", extra={"job": job.id, "event": job.event, "status": status})
 
-    def _need_db(self) -> Database:
-        if self.db is None:
+    def _need_jobs(self) -> WebhookJobs:
+        if self.webhook_jobs is None:
             raise RuntimeError("this Notifier has no database: it can only notify()")
-        return self.db
+        return self.webhook_jobs
 
     def _started(self) -> None:
         if self._thread is not None and self._pid == os.getpid():
@@ -379,9 +297,3 @@ class Notifier:
         finally:
             deadline.cancel()
             conn.close()
-
-
-def _job(row: dict[str, Any]) -> WebhookJob:
-    return WebhookJob(int(row["id"]), row["partner"], row["event"], row["resource"], row["version"], row["state"],
-                      int(row["attempts"]), float(row["next_attempt_at"]),
-                      None if row["last_status"] is None else int(row["last_status"]), row["last_error"])

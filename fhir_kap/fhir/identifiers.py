@@ -4,6 +4,8 @@ resource is about, and new resource ids.
 Used wherever a resource must be recognised again: the outbox's idempotency key, the
 conditional create (`If-None-Exist: identifier=SYSTEM|VALUE`) sent to a server, the consent
 context's "one consent per business identifier", and the bridge's own conditional store.
+
+Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
 from __future__ import annotations
 

@@ -2,14 +2,16 @@
 that tells a resource's release from its shape (`detect_release`).
 
 fhir.resources has no 4.0.1 package; R4B (4.3) is the closest and agrees with R4 for the
-resources fhir-kap exchanges except where the README's "R4 vs R4B" table says otherwise.
+resources fhir-kap exchanges except where docs/validation.md says otherwise.
 Imports are lazy: fhir.resources costs ~250 ms to import.
+
+Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from ..config import Release
@@ -17,7 +19,7 @@ from ..config import Release
 __all__ = ["detect_release", "model_class", "parse_model", "release_signals"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_class(release: Release, resource_type: str) -> Any:
     """The pydantic model class for `resource_type` in `release`.
 

@@ -4,6 +4,8 @@ to wait, and how to read `Retry-After`.
 Two kinds of repeat use it: the client's at-once repeats of one request (`RETRY_STATUSES`,
 `RETRY_STATUSES_UNSAFE`) and the back-off schedule of the durable queues (`retry_later` and
 `Backoff`, used by the outbox's delivery worker and by the webhook sender).
+
+Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
 from __future__ import annotations
 

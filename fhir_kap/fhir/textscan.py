@@ -7,6 +7,8 @@ blank lines and two colons took 26 s. `turns` finds the same non-overlapping mat
 linear in the text: every candidate start inside one whitespace run leads to the same first
 non-whitespace character, where the label must begin, so each run is crossed once and each
 label position is tried once.
+
+Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@
 
 Messages never quote the offending value (it may be patient data): they name the field, the
 rule (`schema:<keyword>`) and what the schema expects.
+
+Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ FHIR paths: `a.b` walks objects; `a[0]` an index; `a[1:]` a slice (groups); `a[k
 `a[k!=v]` select list elements by a key (find-or-create when writing). Strings `{C}` and
 `cs:NAME` in the data resolve to config.CANONICAL and config.CS.NAME at load. Output is
 plain dicts built in rule order, so it is deterministic (no key sorting needed).
+
+Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
 from __future__ import annotations
 
@@ -31,205 +33,16 @@ import orjson
 from ..config import CANONICAL, CS, Release, data_path
 from ..errors import Issue, MappingError
 from ..fhir.release import detect_release as _detect_release
+from .paths import Seg, append_at, get_all, get_field, get_first, parse_path, path_str, set_at, set_field
 from .transforms import TRANSFORMS, CodeTable, CodeTables, Transform, TransformError
 
 __all__ = ["Mapper", "detect_release", "load_mapping_schema"]
 
-_SEG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[[^\[\]]+\])*)$")
-_BRACKET = re.compile(r"\[([^\[\]]+)\]")
-
-
-@dataclass(frozen=True)
-class _Seg:
-    name: str
-    index: int | None = None  # [N]
-    start: int | None = None  # [N:]
-    eq: tuple[tuple[str, str], ...] = ()  # [k=v]
-    ne: tuple[tuple[str, str], ...] = ()  # [k!=v]
-    is_list: bool = False
-
-    def matches(self, elem: Any) -> bool:
-        if not isinstance(elem, dict):
-            return not self.eq and not self.ne
-        for k, v in self.eq:
-            if elem.get(k) != v:
-                return False
-        for k, v in self.ne:
-            if elem.get(k) == v:
-                return False
-        return True
-
-
-def _split_path(path: str) -> list[str]:
-    parts: list[str] = []
-    cur: list[str] = []
-    depth = 0
-    for ch in path:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if ch == "." and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
-def _parse_path(path: str) -> tuple[_Seg, ...]:
-    """'a.b[url=x].c[0]' -> segments; '.' -> () (the element itself)."""
-    if path == ".":
-        return ()
-    segs = []
-    for part in _split_path(path):
-        m = _SEG.match(part)
-        if not m:
-            raise ValueError(f"bad path segment '{part}'")
-        index = start = None
-        eq: list[tuple[str, str]] = []
-        ne: list[tuple[str, str]] = []
-        for sel in _BRACKET.findall(m.group(2)):
-            if sel.isdigit():
-                index = int(sel)
-            elif sel.endswith(":") and sel[:-1].isdigit():
-                start = int(sel[:-1])
-            elif "!=" in sel:
-                k, v = sel.split("!=", 1)
-                ne.append((k, v))
-            elif "=" in sel:
-                k, v = sel.split("=", 1)
-                eq.append((k, v))
-            else:
-                raise ValueError(f"bad selector '[{sel}]'")
-        segs.append(_Seg(m.group(1), index, start, tuple(eq), tuple(ne),
-                         index is not None or start is not None or bool(eq) or bool(ne)))
-    return tuple(segs)
-
-
-def _merge(node: dict[str, Any], key: str, value: Any) -> None:
-    old = node.get(key)
-    if isinstance(old, list) and isinstance(value, list):
-        old.extend(v for v in value if v not in old)
-    elif isinstance(old, dict) and isinstance(value, dict):
-        old.update(value)
-    else:
-        node[key] = value
-
-
-def _walk_create(node: dict[str, Any], seg: _Seg) -> dict[str, Any]:
-    """The child object at `seg`, created if missing (find-or-create for list selectors)."""
-    if not seg.is_list:
-        child = node.get(seg.name)
-        if not isinstance(child, dict):
-            child = node[seg.name] = {}
-        return child
-    lst = node.setdefault(seg.name, [])
-    if seg.index is not None:
-        if seg.index < len(lst):
-            return lst[seg.index]
-        if seg.index == len(lst):
-            lst.append({})
-            return lst[-1]
-        raise ValueError(f"mapping writes {seg.name}[{seg.index}] before {seg.name}[{len(lst)}]")
-    for elem in lst[seg.start or 0:]:
-        if seg.matches(elem):
-            return elem
-    new = dict(seg.eq)
-    lst.append(new)
-    return new
-
-
-def _set(node: dict[str, Any], segs: tuple[_Seg, ...], value: Any) -> None:
-    if not segs:
-        if isinstance(value, dict):
-            node.update(value)
-            return
-        raise ValueError("path '.' needs an object value")
-    for seg in segs[:-1]:
-        node = _walk_create(node, seg)
-    last = segs[-1]
-    if last.is_list:
-        target = _walk_create(node, last)
-        if not isinstance(value, dict):
-            raise ValueError(f"a list element at '{last.name}' needs an object value")
-        target.update(value)
-    else:
-        _merge(node, last.name, value)
-
-
-def _append(node: dict[str, Any], segs: tuple[_Seg, ...], elem: dict[str, Any], unique: bool) -> None:
-    for seg in segs[:-1]:
-        node = _walk_create(node, seg)
-    last = segs[-1]
-    lst = node.setdefault(last.name, [])
-    new = {**dict(last.eq), **elem} if last.eq else elem
-    if not (unique and new in lst):
-        lst.append(new)
-
-
-def _get_all(node: Any, segs: tuple[_Seg, ...]) -> list[Any]:
-    """Every value at the path (list elements fan out)."""
-    current = [node]
-    for seg in segs:
-        nxt: list[Any] = []
-        for n in current:
-            if not isinstance(n, dict) or seg.name not in n:
-                continue
-            v = n[seg.name]
-            if isinstance(v, list):
-                items = v
-            elif seg.is_list:
-                items = [v]  # a 0..1 element addressed as a list
-            else:
-                nxt.append(v)
-                continue
-            if seg.index is not None:
-                items = items[seg.index:seg.index + 1]
-            elif seg.start is not None:
-                items = items[seg.start:]
-            nxt.extend(e for e in items if seg.matches(e))
-        current = nxt
-    return current
-
-
-def _get_first(node: Any, segs: tuple[_Seg, ...]) -> Any:
-    """The first value at the path; a list of primitives at a plain last segment comes back whole."""
-    if not segs:
-        return node
-    last = segs[-1]
-    if last.is_list:
-        vals = _get_all(node, segs)
-        return vals[0] if vals else None
-    for parent in _get_all(node, segs[:-1]):
-        if isinstance(parent, dict) and last.name in parent:
-            return parent[last.name]
-    return None
-
-
-def _get_field(record: Mapping[str, Any], field: tuple[str, ...]) -> Any:
-    v: Any = record
-    for k in field:
-        if not isinstance(v, dict) or k not in v:
-            return None
-        v = v[k]
-    return v
-
-
-def _set_field(record: dict[str, Any], field: tuple[str, ...], value: Any) -> None:
-    node = record
-    for k in field[:-1]:
-        node = node.setdefault(k, {})
-    if field[-1] not in node:
-        node[field[-1]] = value
-
-
 @dataclass(frozen=True)
 class _Rule:
     field: tuple[str, ...]  # () = the item itself (inside items)
-    segs: tuple[_Seg, ...]
-    read_also: tuple[tuple[_Seg, ...], ...]
+    segs: tuple[Seg, ...]
+    read_also: tuple[tuple[Seg, ...], ...]
     transform: Transform | None
     args: Mapping[str, Any]
     value: Any
@@ -345,9 +158,9 @@ class Mapper:
                issues: list[Issue]) -> None:
         for r in rules:
             if r.has_value:
-                _set(out, r.segs, orjson.loads(r.value_json) if r.value_json else r.value)
+                set_at(out, r.segs, orjson.loads(r.value_json) if r.value_json else r.value)
                 continue
-            value = _get_field(src, r.field) if r.field else src
+            value = get_field(src, r.field) if r.field else src
             if value is None:
                 continue
             if r.items is not None:
@@ -358,14 +171,14 @@ class Mapper:
                     iptr, iexpr = (f"{fptr}/{i}", f"{fexpr}[{i}]") if isinstance(value, list) else (fptr, fexpr)
                     self._write(r.items, item, elem, iptr, iexpr, issues)
                     if elem:
-                        _append(out, r.segs, elem, r.unique)
+                        append_at(out, r.segs, elem, r.unique)
                 continue
             try:
                 if r.transform is not None:
                     value = r.transform.forward(value, r.args, self._tables)  # fresh objects
                 elif isinstance(value, (dict, list)):
                     value = _copy(value)
-                _set(out, r.segs, value)
+                set_at(out, r.segs, value)
             except TransformError as exc:
                 issues.append(_issue(exc, ptr + "".join("/" + f for f in r.field), ".".join((expr,) + r.field), r))
             except ValueError as exc:
@@ -396,7 +209,7 @@ class Mapper:
             if r.has_value or r.write_only:
                 continue
             if r.items is not None:
-                elems = _get_all(src, r.segs)
+                elems = get_all(src, r.segs)
                 got = []
                 for elem in elems:
                     sub: dict[str, Any] = {}
@@ -407,19 +220,19 @@ class Mapper:
                 if not got:
                     continue
                 if r.field:
-                    existing = _get_field(record, r.field)
+                    existing = get_field(record, r.field)
                     if isinstance(existing, list) and r.single is False:
                         for i, item in enumerate(got):
                             if i < len(existing) and isinstance(existing[i], dict) and isinstance(item, dict):
                                 existing[i].update(item)
                     else:
-                        _set_field(record, r.field, got if not r.single else got[0])
+                        set_field(record, r.field, got if not r.single else got[0])
                 else:
                     item_value = got
                 continue
             found = None
             for segs in (r.segs,) + r.read_also:
-                found = _get_first(src, segs)
+                found = get_first(src, segs)
                 if found is not None:
                     break
             if found is None:
@@ -427,19 +240,15 @@ class Mapper:
             try:
                 value = r.transform.inverse(found, r.args, self._tables) if r.transform else _copy(found)
             except TransformError as exc:
-                issues.append(_issue(exc, None, expr + "." + ".".join(_path_str(s) for s in r.segs), r,
+                issues.append(_issue(exc, None, expr + "." + ".".join(path_str(s) for s in r.segs), r,
                                      reading=True))
                 continue
             if r.field:
-                if _get_field(record, r.field) is None:
-                    _set_field(record, r.field, value)
+                if get_field(record, r.field) is None:
+                    set_field(record, r.field, value)
             elif item_value is None:
                 item_value = value
         return item_value
-
-
-def _path_str(seg: _Seg) -> str:
-    return seg.name + (f"[{seg.index}]" if seg.index is not None else "")
 
 
 def _issue(exc: TransformError, ptr: str | None, expr: str, r: _Rule, reading: bool = False) -> Issue:
@@ -487,8 +296,8 @@ def _schema_message(e: Any) -> str:
 def _compile(doc: dict[str, Any], f: Path, tables: Mapping[str, CodeTable]) -> _Mapping:
     def rule(raw: dict[str, Any], where: str, rel: Release) -> _Rule:
         try:
-            segs = _parse_path(_resolve_path(raw["path"]))
-            read_also = tuple(_parse_path(_resolve_path(p)) for p in raw.get("read_also", []))
+            segs = parse_path(_resolve_path(raw["path"]))
+            read_also = tuple(parse_path(_resolve_path(p)) for p in raw.get("read_also", []))
         except (ValueError, AttributeError) as exc:
             raise MappingError(f"Mapping file {f.name} {where}/path: {exc}", pointer=f"{where}/path",
                                rule="mapping:path") from None

@@ -5,19 +5,22 @@
     record = pipeline.from_fhir(resource)                # release detected from the resource's shape
 
 Everything here is pure (layer 1 parts, composed); the CLI and the bridge do the IO.
+
+Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..config import Release
 from ..errors import InputError, Issue, KapError, ProfileError
-from .inputs import InputSchemas, load_input_schemas
 from ..fhir.release import detect_release
-from .mapping import Mapper
 from ..validation import Validator
+from .inputs import InputSchemas, load_input_schemas
+from .mapping import Mapper
 
 __all__ = ["Pipeline", "Outcome"]
 
@@ -41,7 +44,7 @@ class Pipeline:
     mapper: Mapper
 
     @classmethod
-    def load(cls, profiles: Path | None = None, mappings: Path | None = None) -> "Pipeline":
+    def load(cls, profiles: Path | None = None, mappings: Path | None = None) -> Pipeline:
         return cls(load_input_schemas(profiles / "input" if profiles else None), Mapper.load(mappings))
 
     @staticmethod

@@ -7,6 +7,8 @@ A mapping rule names a transform (`transform: concept`) and its `args`; `to_fhir
 
 Failures raise `TransformError` (a plain ValueError subclass carrying the code table name);
 the mapper turns it into a MappingError naming the record field.
+
+Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
 from __future__ import annotations
 

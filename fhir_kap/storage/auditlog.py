@@ -1,11 +1,12 @@
-"""Append-only store of AuditEvent and Provenance resources.
+"""Append-only store of AuditEvent and Provenance resources (storage/, layer 2: IO adapter;
+imports base only).
 
 Every consent decision (permit or deny) leaves an AuditEvent, every disclosed resource a
 Provenance; both are kept here as JSON with a few indexed columns for queries (type,
 recorded, patient, recipient, outcome, consent reference). The database itself refuses to
 change history: SQLite triggers and a PostgreSQL trigger raise on UPDATE and DELETE (and
 TRUNCATE), so a bug or a careless operator cannot rewrite the log through this database
-connection either.
+connection either (storage/sql/schema/auditlog-1*.sql).
 """
 from __future__ import annotations
 
@@ -15,43 +16,15 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from .. import jsonio
-from .db import Database
 from ..errors import InputError, quote
+from .db import Database
+from .sql import migrations
 
 __all__ = ["AUDIT_TYPES", "AuditLog", "AuditRecord", "extract"]
 
 
 AUDIT_TYPES = ("AuditEvent", "Provenance")
 RECIPIENT_ROLES = frozenset({"IRCP", "PRCP", "RCV", "recipient"})
-
-_TABLE = [
-    """CREATE TABLE audit_log (
-        seq {pk}, resource_type TEXT NOT NULL, resource_id TEXT, recorded TEXT NOT NULL,
-        recorded_epoch {real} NOT NULL, patient TEXT, recipient TEXT, outcome TEXT,
-        consent_ref TEXT, body TEXT NOT NULL)""",
-    "CREATE INDEX audit_log_type ON audit_log (resource_type, recorded_epoch)",
-    "CREATE INDEX audit_log_patient ON audit_log (patient, recorded_epoch)",
-    "CREATE INDEX audit_log_recipient ON audit_log (recipient, recorded_epoch)",
-    "CREATE INDEX audit_log_outcome ON audit_log (outcome, recorded_epoch)",
-    "CREATE INDEX audit_log_consent ON audit_log (consent_ref)",
-]
-_GUARDS = {
-    "sqlite": [
-        """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
-           BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
-        """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
-           BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
-    ],
-    "postgresql": [
-        """CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$""",
-        """CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
-           FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()""",
-        """CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
-           FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()""",
-    ],
-}
-
 
 @dataclass(frozen=True)
 class AuditRecord:
@@ -163,7 +136,7 @@ class AuditLog:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        db.migrate("auditlog-1", _TABLE + _GUARDS[db.dialect])
+        migrations.ensure(db, "auditlog")
 
     def append(self, resource: dict[str, Any]) -> int:
         """Store one AuditEvent or Provenance (committed before returning); its sequence number."""

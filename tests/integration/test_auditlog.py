@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fhir_kap.storage.auditlog import AuditLog, extract
 from fhir_kap.errors import InputError
+from fhir_kap.storage.auditlog import AuditLog, extract
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "delivery"
 

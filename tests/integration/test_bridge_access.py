@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from testkit.bridge import is_outcome, load, make_bridge
 
+from testkit.bridge import is_outcome, load, make_bridge
 
 pytestmark = pytest.mark.bridge(consent="Consent-open-ended.json")
 

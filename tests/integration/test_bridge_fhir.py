@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+
 from testkit.bridge import FHIR, is_outcome, load, make_bridge
 
 
@@ -218,7 +219,7 @@ def test_health_and_readiness(bridge):
 def test_after_a_failed_disk_sync_writes_get_503_and_readiness_fails(bridge, monkeypatch):
     import errno
 
-    from fhir_kap.storage import db as dbmod
+    from fhir_kap.storage.sql import walsync as dbmod
 
     def failing(fd: int) -> None:
         raise OSError(errno.EIO, "simulated")

@@ -6,6 +6,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from testkit.bridge import FHIR, load
 
 NOTE = load("Example-Communication-note-1.json")

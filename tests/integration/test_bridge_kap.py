@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from testkit.bridge import load, make_bridge
 
 

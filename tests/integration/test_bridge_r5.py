@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from testkit.bridge import is_outcome, load
 
 from fhir_kap.config import Release
 from fhir_kap.records.mapping import Mapper
 from fhir_kap.validation import Validator
+from testkit.bridge import is_outcome, load
 
 
 def _as_r5(name: str) -> dict:

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
+
 from testkit.bridge import FHIR, is_outcome, load, make_bridge
 
 URN = "urn:uuid:11111111-1111-1111-1111-111111111111"

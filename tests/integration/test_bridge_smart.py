@@ -15,13 +15,13 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from testkit.bridge import load
 from werkzeug.serving import make_server
 
 from fhir_kap.client import FhirClient, SmartBackendAuth
-from fhir_kap.storage.db import Database
 from fhir_kap.errors import InputError, ServerError
+from fhir_kap.storage.db import Database
 from fhir_kap.storage.partners import Partners, check_jwks
+from testkit.bridge import load
 
 
 def _rsa() -> Any:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fhir_kap.storage.auditlog import AuditLog
 from fhir_kap.cli import main
+from fhir_kap.storage.auditlog import AuditLog
 from fhir_kap.storage.db import Database
 from fhir_kap.storage.outbox import Outbox
 

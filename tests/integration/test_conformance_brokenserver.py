@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from testkit.brokenserver import BrokenServer
 
 from fhir_kap.client import BearerAuth, NoAuth
 from fhir_kap.conformance import CheckConfig, run_checks
+from testkit.brokenserver import BrokenServer
 
 ROOT = Path(__file__).resolve().parents[2]
 # The KAP examples shipped with the profiles; the minimal set in tests/data/check until they land.

@@ -13,9 +13,9 @@ import requests
 import responses
 
 from fhir_kap.client import BearerAuth, FhirClient, RetryPolicy, SmartBackendAuth
-from fhir_kap.storage.db import Database
-from fhir_kap.exchange.delivery import Backoff, DeliveryWorker, Stats, if_none_exist
 from fhir_kap.errors import ConfigError
+from fhir_kap.exchange.delivery import Backoff, DeliveryWorker, Stats, if_none_exist
+from fhir_kap.storage.db import Database
 from fhir_kap.storage.outbox import Outbox
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "delivery"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fhir_kap.storage.db import Database
 from fhir_kap.errors import Conflict, InputError, NotFound
+from fhir_kap.storage.db import Database
 from fhir_kap.storage.outbox import STATES, Outbox, idempotency_key_of
 
 DATA = Path(__file__).resolve().parents[1] / "data"

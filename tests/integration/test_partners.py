@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fhir_kap.storage.db import Database
 from fhir_kap.errors import Conflict, InputError, NotFound
+from fhir_kap.storage.db import Database
 from fhir_kap.storage.partners import NPI_SYSTEM, Partners
 
 

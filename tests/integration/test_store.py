@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fhir_kap.storage.db import Database
 from fhir_kap.errors import InputError, PreconditionFailed
+from fhir_kap.storage.db import Database
+from fhir_kap.storage.sql import migrations
 from fhir_kap.storage.store import Store
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bridge"
@@ -210,11 +211,9 @@ def test_an_index_of_the_old_layout_is_rebuilt_on_open(tmp_path):
     """A store-1 database (one row per normalised value) is migrated and every resource stays findable."""
     import sqlite3
 
-    from fhir_kap.storage.store import _MIGRATION
-
     path = tmp_path / "old.sqlite3"
     db = Database(f"sqlite:///{path}")
-    db.migrate("store-1", _MIGRATION)
+    migrations.apply(db, "store-1")
     note = load("Example-Communication-note-1.json")
     note["meta"] = {"versionId": "1", "lastUpdated": "2025-01-01T00:00:00.000000Z"}
     with db.transaction() as tx:
@@ -234,10 +233,10 @@ def test_an_index_of_the_old_layout_is_rebuilt_on_open(tmp_path):
 def test_a_store_2_database_moves_to_one_body_per_version_and_keeps_everything(db):
     """store-3: bodies only in the history, fhir_current WITHOUT ROWID and no AUTOINCREMENT on SQLite;
     every version, search and sequence number survive."""
-    from fhir_kap.storage.store import _MIGRATION, _MIGRATION_2, index_values
+    from fhir_kap.storage.search import index_values
 
-    db.migrate("store-1", _MIGRATION)
-    db.migrate("store-2", _MIGRATION_2)
+    migrations.apply(db, "store-1")
+    migrations.apply(db, "store-2")
     note = load("Example-Communication-note-1.json")
     rows = []  # (seq, id, version, deleted, body): note-1 twice, note-2 created then deleted
     for seq, (rid, version, deleted) in enumerate([("note-1", 1, 0), ("note-2", 1, 0), ("note-1", 2, 0),
@@ -293,10 +292,8 @@ def test_server_assigned_ids_are_time_ordered(store):
 
 def test_the_layout_migration_refuses_a_current_row_without_its_history_and_changes_nothing(db):
     from fhir_kap.errors import ConfigError
-    from fhir_kap.storage.store import _MIGRATION, _MIGRATION_2
-
-    db.migrate("store-1", _MIGRATION)
-    db.migrate("store-2", _MIGRATION_2)
+    migrations.apply(db, "store-1")
+    migrations.apply(db, "store-2")
     db.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
                "VALUES ('Communication', 'orphan', 1, 99, '2025-01-01T00:00:00.000000Z', 0, NULL, '{}')")
     with pytest.raises(ConfigError, match="no matching history row") as err:

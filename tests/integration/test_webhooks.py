@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testkit.bridge import FHIR, load
 
+from fhir_kap.exchange.webhooks import EVENT_COMMUNICATION, EVENT_TASK, Notifier, sign
 from fhir_kap.fhir.retry import Backoff
 from fhir_kap.storage.db import Database
-from fhir_kap.exchange.webhooks import EVENT_COMMUNICATION, EVENT_TASK, Notifier, sign
+from testkit.bridge import FHIR, load
 
 
 class Receiver:

@@ -13,9 +13,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import ClassVar
 
 import pytest
-from testkit.bridge import load
 
 from fhir_kap.exchange.webhooks import EVENT_COMMUNICATION, Notifier, sign
+from testkit.bridge import load
 
 
 def _free_port() -> int:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "consent"
-RECORDED = datetime(2024, 5, 1, 12, 30, tzinfo=timezone.utc)
+RECORDED = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
 
 
 def load(name: str) -> dict:

@@ -304,7 +304,7 @@ class BrokenServer:
         def search(rtype: str) -> Response:
             if rtype not in TYPES:
                 return self._outcome(404, "not-supported", f"unknown resource type {rtype}")
-            params = {k: v for k, v in request.args.items()}
+            params = dict(request.args.items())
             hits = sorted((r for r in self._all(rtype) if self._matches(r, params)),
                           key=lambda r: r["meta"]["lastUpdated"])
             count = int(params.get("_count", 50))

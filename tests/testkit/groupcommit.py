@@ -1,6 +1,7 @@
 """Write units for the group-commit tests' table `t (k)` (the `db` fixture is in their conftest.py)."""
 from __future__ import annotations
 
+
 def _insert(key: str, fail: bool = False):
     def work(tx):
         tx.execute("INSERT INTO t (k) VALUES (?)", (key,))

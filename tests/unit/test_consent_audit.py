@@ -7,11 +7,19 @@ from datetime import date, datetime
 import pytest
 
 from fhir_kap.config import Release
-from fhir_kap.consent import (ConsentGate, Recipient, apply_security_labels, audit_event,
-                              envelope_reveals_sensitivity, label_envelope, provenance)
+from fhir_kap.consent import (
+    ConsentGate,
+    Recipient,
+    apply_security_labels,
+    audit_event,
+    envelope_reveals_sensitivity,
+    label_envelope,
+    provenance,
+)
 from fhir_kap.errors import InputError
 from fhir_kap.fhir.release import parse_model
 from testkit.audit_cases import DATA, DIRECTORY, RECORDED, REQUESTS, load
+
 
 def _decide(consent: str, res: str, rec: str):
     gate = ConsentGate([load(consent)] + DIRECTORY)

@@ -6,7 +6,8 @@ import json
 from datetime import date, timedelta
 from pathlib import Path
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fhir_kap.config import CS
 from fhir_kap.consent import ConsentGate, Recipient
@@ -54,7 +55,7 @@ def _with_extra_deny(consent: dict, deny: dict, as_separate: bool) -> list[dict]
     if as_separate:
         extra = load("r4-consent-separate-deny")
         extra["id"] = "con-extra-deny"
-        body = {k: v for k, v in deny.items()}
+        body = dict(deny.items())
         body["type"] = "deny"
         extra["provision"] = body
         return [consent, extra]

@@ -36,7 +36,8 @@ def test_journey_ndjson__holds_the_same_records_as_the_json_files():
     with open(RECORDS / "journey.ndjson", "rb") as fh:
         streamed = [doc for _, doc in jsonio.iter_documents(fh, source="journey.ndjson")]
     singles = [json.loads(p.read_text()) for p in RECORDS.glob("*.json")]
-    key = lambda r: (r["record"], r["id"])
+    def key(r):
+        return (r["record"], r["id"])
     assert sorted(streamed, key=key) == sorted(singles, key=key)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -200,17 +199,6 @@ def test_unparseable_yaml__is_a_clear_mapping_error(tmp_path):
         Mapper.load(root)
 
 
-def test_to_fhir__is_fast_enough_for_bulk_mapping(mapper):
-    record = _record("session-ses-dose-02.json")
-    n = 2000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        mapper.to_fhir(record, Release.R4)
-    rate = n / (time.perf_counter() - t0)
-    print(f"to_fhir dosing session: {rate:,.0f} records/s")
-    assert rate > 2000  # loose floor on a shared 2-core machine; measured figure is in the README
-
-
 def test_r4_consent_signed_with_a_time__imports_and_keeps_the_day_in_r5():
     """EHRs send Consent.dateTime with a time; R5 Consent.date only holds the day."""
     from fhir_kap.records.pipeline import Pipeline
@@ -242,7 +230,7 @@ def test_session_tags__name_every_kind_of_information_present(mapper, release, e
     codes = [t["code"] for t in resource["meta"]["tag"]]
     assert set(codes) == tags and len(codes) == len(tags)  # one tag per category, however many items
     assert all(t["system"] == CS.INFO_CATEGORY for t in resource["meta"]["tag"])
-    assert "meta" not in {k for k in mapper.from_fhir(resource, release)}  # tags are derived, never read back
+    assert "meta" not in set(mapper.from_fhir(resource, release))  # tags are derived, never read back
 
 
 @pytest.mark.parametrize("release", list(Release))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,8 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fhir_kap.config import Release
-from fhir_kap.validation import (IMPLEMENTED_CONSTRAINTS, Validator, detect_release, load_profile_rules,
-                               looks_like_transcript)
+from fhir_kap.validation import (
+    IMPLEMENTED_CONSTRAINTS,
+    Validator,
+    detect_release,
+    load_profile_rules,
+    looks_like_transcript,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FHIR = Path(__file__).resolve().parents[1] / "data" / "fhir"
@@ -129,9 +136,9 @@ def test_detect_release__undecidable_is_none() -> None:
 ])
 def test_detect_release__one_rule_for_validator_mapper_and_consent(resource, expected) -> None:
     """Validation, mapping and the consent compiler tell a release by the same elements."""
+    from fhir_kap.consent import policy
     from fhir_kap.fhir import release as fhirmodel
     from fhir_kap.records import mapping
-    from fhir_kap.consent import policy
 
     assert detect_release(resource) is fhirmodel.detect_release(resource) is expected
     assert mapping.detect_release(resource) is (expected or Release.R4)
@@ -166,6 +173,29 @@ def test_generated_code_is_up_to_date_with_its_generator(module: Path) -> None:
     assert f"GENERATOR_SHA256 = {expected!r}" in module.read_text()
 
 
+def _regenerate_script():
+    spec = importlib.util.spec_from_file_location("regenerate", ROOT / "profiles" / "build" / "regenerate.py")
+    assert spec and spec.loader
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_generated_code_records_the_pinned_input_packages_and_compiler() -> None:
+    """Every generated module names the tarballs it was built from, by the hashes
+    profiles/build/regenerate.py pins; together they cover every pin."""
+    script = _regenerate_script()
+    covered: set[str] = set()
+    for module in ("r4", "r4.structure", "r5", "r5.structure"):
+        generated = importlib.import_module(f"fhir_kap.validation._generated.{module}")
+        assert generated.INPUTS_SHA256, module
+        assert {spec: script.PINS.get(spec) for spec in generated.INPUTS_SHA256} == generated.INPUTS_SHA256, module
+        covered |= set(generated.INPUTS_SHA256)
+        if module.endswith("structure"):
+            assert generated.FASTJSONSCHEMA == script.FASTJSONSCHEMA, module
+    assert covered == set(script.PINS)
+
+
 def test_a_hostile_unknown_element_name_is_shown_shortened():
     resource = _load(FHIR / "valid" / "r4" / "Procedure-ses-004.json")
     resource["y" * 5000] = 1
@@ -175,11 +205,11 @@ def test_a_hostile_unknown_element_name_is_shown_shortened():
 
 @pytest.mark.parametrize("release", [Release.R4, Release.R5])
 def test_the_fast_string_patterns_answer_exactly_as_the_official_regexes(release):
-    """profiles._StringPattern stands in for three whole-string patterns of the generated code: same
+    """structure._StringPattern stands in for three whole-string patterns of the generated code: same
     truthiness on every ASCII character, on the empty string, and on non-ASCII (the regex itself)."""
     import re
 
-    from fhir_kap.validation.validator import _FAST_PATTERNS, _StringPattern, _structure_module
+    from fhir_kap.validation.structure import _FAST_PATTERNS, _StringPattern, _structure_module
 
     table = _structure_module(release).REGEX_PATTERNS
     installed = {k: v for k, v in table.items() if k in _FAST_PATTERNS}
@@ -197,7 +227,7 @@ def test_the_fast_string_patterns_answer_exactly_as_the_official_regexes(release
 def test_the_fast_string_patterns_agree_on_generated_text(text):
     import re
 
-    from fhir_kap.validation.validator import _FAST_PATTERNS, _structure_module
+    from fhir_kap.validation.structure import _FAST_PATTERNS, _structure_module
 
     for release in (Release.R4, Release.R5):
         for key, fast in _structure_module(release).REGEX_PATTERNS.items():
@@ -250,5 +280,15 @@ def test_fhirmodel_and_mapping_examples() -> None:
     from fhir_kap.records import mapping
 
     for module in (fhirmodel, mapping):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_validation_examples() -> None:
+    import doctest
+
+    from fhir_kap.validation import structure, validator
+
+    for module in (structure, validator):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__

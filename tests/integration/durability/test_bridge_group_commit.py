@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
+
+from fhir_kap.exchange.webhooks import EVENT_COMMUNICATION, sign
+from fhir_kap.storage.db import Database
+from fhir_kap.storage.store import Store
 from testkit.bridge import FHIR, load, make_bridge
 from testkit.groupcommit import _insert
-
-from fhir_kap.storage.db import Database
-from fhir_kap.exchange.webhooks import EVENT_COMMUNICATION, sign
-from fhir_kap.storage.store import Store
 
 
 def _rows(db_path) -> set[str]:
@@ -75,7 +75,7 @@ def test_concurrent_writes_share_one_commit_and_each_is_durable_when_answered(db
 
 @pytest.mark.parametrize("max_batch", [1, 2, 3])
 def test_a_leader_always_runs_its_own_unit_even_when_the_queue_is_longer_than_a_batch(db, tmp_path, max_batch):
-    from fhir_kap.storage.db import GroupCommitter
+    from fhir_kap.storage.sql.groupcommit import GroupCommitter
 
     db._committer = GroupCommitter(db, max_batch=max_batch)
     gate = threading.Event()
@@ -277,7 +277,7 @@ def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
 
 
 def test_wal_checkpoints_run_on_their_own_thread_not_inside_a_commit(db, tmp_path):
-    from fhir_kap.storage.db import GroupCommitter
+    from fhir_kap.storage.sql.groupcommit import GroupCommitter
 
     db._committer = committer = GroupCommitter(db, checkpoint_rows=20)
     checkpointer = committer.checkpointer
@@ -311,7 +311,7 @@ def test_wal_checkpoints_run_on_their_own_thread_not_inside_a_commit(db, tmp_pat
 
 
 def test_a_bundle_counts_as_the_rows_it_writes_toward_the_next_checkpoint(db):
-    from fhir_kap.storage.db import GroupCommitter
+    from fhir_kap.storage.sql.groupcommit import GroupCommitter
 
     db._committer = committer = GroupCommitter(db, checkpoint_rows=50)
 
@@ -325,7 +325,7 @@ def test_a_bundle_counts_as_the_rows_it_writes_toward_the_next_checkpoint(db):
 
 
 def test_the_checkpointer_never_creates_a_database_that_is_gone(tmp_path):
-    from fhir_kap.storage.db import WalCheckpointer
+    from fhir_kap.storage.sql.checkpoint import WalCheckpointer
 
     database = Database(f"sqlite:///{tmp_path / 'gone.sqlite3'}")
     checkpointer = WalCheckpointer(database, every_rows=1)
@@ -367,7 +367,7 @@ def test_a_forked_child_opens_its_own_connection(db, tmp_path):
 def test_an_abandoned_database_leaves_no_checkpoint_thread_behind(tmp_path):
     import gc
 
-    from fhir_kap.storage.db import GroupCommitter
+    from fhir_kap.storage.sql.groupcommit import GroupCommitter
 
     database = Database(f"sqlite:///{tmp_path / 'abandoned.sqlite3'}")
     database.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")

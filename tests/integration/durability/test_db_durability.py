@@ -12,12 +12,12 @@ import time
 import uuid
 
 import pytest
-from testkit.groupcommit import _insert
 
-from fhir_kap.storage import db as dbmod
+from fhir_kap.errors import CommitUnavailable
 from fhir_kap.fhir import identifiers
 from fhir_kap.storage.db import Database
-from fhir_kap.errors import CommitUnavailable
+from fhir_kap.storage.sql import walsync as dbmod
+from testkit.groupcommit import _insert
 
 
 @pytest.fixture
@@ -224,32 +224,32 @@ def test_a_new_wal_file_is_reopened_and_its_directory_synced(path, monkeypatch):
     try:
         second.execute("INSERT INTO t (k) VALUES ('after')")
         assert spy.calls[-1]["same_file"] and "after" in spy.calls[-1]["committed"]
-        assert second._wal is not None and second._wal[0] == os.getpid()
+        assert second._wal_sync.current is not None and second._wal_sync.current[0] == os.getpid()
         assert dirs == [str(path.parent), str(path.parent)]  # once per WAL file seen, never per commit
         second.execute("INSERT INTO t (k) VALUES ('again')")
         assert len(dirs) == 2
     finally:
         second.close()
-    assert second._wal is None  # close() gives the descriptor back
+    assert second._wal_sync.current is None  # close() gives the descriptor back
 
 
 def test_a_forked_child_syncs_through_its_own_descriptor(db, path):
     db.write(_insert("parent"))
-    parent_fd = db._wal[1]
+    parent_fd = db._wal_sync.current[1]
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         ok = b"0"
         try:
             db.write(_insert("child"))
-            ok = b"1" if db._wal[0] == os.getpid() and db._wal[1] != parent_fd else b"2"
+            ok = b"1" if db._wal_sync.current[0] == os.getpid() and db._wal_sync.current[1] != parent_fd else b"2"
         finally:
             os.write(w, ok)
             os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
     assert os.read(r, 4) == b"1"
-    assert db._wal[0] == os.getpid() and db._wal[1] == parent_fd
+    assert db._wal_sync.current[0] == os.getpid() and db._wal_sync.current[1] == parent_fd
     assert {r["k"] for r in db.query("SELECT k FROM t")} == {"parent", "child"}
 
 

@@ -1,0 +1,191 @@
+"""FHIR invariants and the KAP profile constraints (validation/, layer 1: pure core; imports base
+only).
+
+Core invariants checked in code: choice types given once (`choice:one-of`), Period start <= end
+(per-1) everywhere in a resource, and the R4 Consent's ppc-1..5. The kap-* constraints the KAP
+StructureDefinitions declare (FHIRPath expressions there, for readers and other validators) are
+implemented here by key in `_constraint_holds`; IMPLEMENTED_CONSTRAINTS lists them and a test
+keeps it equal to the keys the profiles declare.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ..config import CANONICAL, CS, Release
+from ..errors import Issue, ProfileError
+from ..fhir.textscan import looks_like_transcript
+from .paths import _at, _codes, _expr, _in_vs, _pointer
+
+if TYPE_CHECKING:
+    from .rules import _Terminology
+
+_DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?")
+
+
+def _period_out_of_order(start: str, end: str) -> bool:
+    try:
+        if "T" in start and "T" in end:
+            return datetime.fromisoformat(start.replace("Z", "+00:00")) > \
+                datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except (ValueError, TypeError):
+        return False
+    n = min(len(start), len(end), 10)
+    return start[:n] > end[:n]
+
+
+def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> bool:
+    """A path-free pre-pass of `_walk_checks` (no tuples built): True when it would report."""
+    choice_keys = choices.keys()
+    stack: list[Any] = [resource]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if type(node) is dict:
+            hits = node.keys() & choice_keys
+            if len(hits) > 1 and len({choices[k] for k in hits}) < len(hits):
+                return True
+            for k, v in node.items():
+                t = type(v)
+                if (t is dict or t is list) and k != "contained" and k != "resource":
+                    push(v)
+            if "start" in node and "end" in node:
+                s, e = node["start"], node["end"]
+                if isinstance(s, str) and isinstance(e, str) and _DATE_RE.match(s) and _DATE_RE.match(e) \
+                        and _period_out_of_order(s, e):
+                    return True
+        else:
+            for v in node:
+                t = type(v)
+                if t is dict or t is list:
+                    push(v)
+    return False
+
+
+def _walk_checks(node: Any, rt: str, path: tuple[Any, ...], choices: dict[str, str],
+                 out: list[Issue]) -> None:
+    """Choice-type conflicts and Period start <= end, everywhere in the resource (not contained)."""
+    if isinstance(node, dict):
+        seen: dict[str, str] = {}
+        for k, v in node.items():
+            stem = choices.get(k)
+            if stem is not None:
+                if stem in seen:
+                    out.append(Issue("error", "structure",
+                                     f"Only one of {stem}[x] may be given: '{seen[stem]}' and '{k}' both are",
+                                     _expr(rt, path + (k,)), _pointer(path + (k,)), "choice:one-of"))
+                else:
+                    seen[stem] = k
+            if isinstance(v, (dict, list)) and k not in ("contained", "resource"):
+                _walk_checks(v, rt, path + (k,), choices, out)
+        s, e = node.get("start"), node.get("end")
+        if isinstance(s, str) and isinstance(e, str) and _DATE_RE.match(s) and _DATE_RE.match(e) \
+                and _period_out_of_order(s, e):
+            out.append(Issue("error", "invariant", "Period start is after its end", _expr(rt, path),
+                             _pointer(path), "per-1"))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, (dict, list)):
+                _walk_checks(v, rt, path + (i,), choices, out)
+
+
+def _core_invariants(resource: dict[str, Any], rt: str, release: Release) -> list[Issue]:
+    out: list[Issue] = []
+    if rt == "Consent" and release is Release.R4:
+        if not resource.get("policy") and not resource.get("policyRule"):
+            out.append(Issue("error", "invariant", "Either a policy or a policyRule is required", "Consent",
+                             "", "ppc-1"))
+        scope_codes = {c for _s, c in _codes(resource.get("scope"))}
+        for key, code in (("ppc-2", "patient-privacy"), ("ppc-3", "research"), ("ppc-4", "adr"),
+                          ("ppc-5", "treatment")):
+            if code in scope_codes and not resource.get("patient"):
+                out.append(Issue("error", "invariant", f"A consent with scope '{code}' must name a patient",
+                                 "Consent.patient", "/patient", key))
+    return out
+
+
+
+def _note_texts(resource: dict[str, Any]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    for i, p in enumerate(resource.get("payload") or []):
+        if not isinstance(p, dict):
+            continue
+        if isinstance(p.get("contentString"), str):
+            yield p["contentString"], ("payload", i, "contentString")
+        cc = p.get("contentCodeableConcept")
+        if isinstance(cc, dict) and isinstance(cc.get("text"), str):
+            yield cc["text"], ("payload", i, "contentCodeableConcept", "text")
+        att = p.get("contentAttachment")
+        if isinstance(att, dict) and str(att.get("contentType", "")).startswith("text/") and \
+                isinstance(att.get("data"), str):
+            try:
+                yield base64.b64decode(att["data"], validate=True).decode("utf-8", "replace"), \
+                    ("payload", i, "contentAttachment", "data")
+            except (binascii.Error, ValueError):
+                pass
+
+
+_SYSTEM_IN_EXPR = re.compile(r"system='([^']+)'")
+
+
+def _constraint_holds(key: str, expression: str, resource: dict[str, Any], rt: str, release: Release,
+                      term: _Terminology) -> list[tuple[str, tuple[Any, ...]]]:
+    """Evaluate a kap-* constraint; returns (message suffix, json path) for each violation."""
+    raw_meta = resource.get("meta")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    security = {(s.get("system"), s.get("code")) for s in meta.get("security") or [] if isinstance(s, dict)}
+    if key == "kap-sec-1":
+        need = {(CS.V3_CONFIDENTIALITY, "R"), (CS.V3_ACTCODE, "PSY")}
+        return [] if need <= security else [("", ("meta", "security"))]
+    if key == "kap-id-1":
+        system = _SYSTEM_IN_EXPR.search(expression).group(1)  # type: ignore[union-attr]
+        ok = any(isinstance(i, dict) and i.get("system") == system and i.get("value")
+                 for i in resource.get("identifier") or [])
+        return [] if ok else [(f" (system {system})", ("identifier",))]
+    if key == "kap-referral-1":
+        tags = {(t.get("system"), t.get("code")) for t in meta.get("tag") or [] if isinstance(t, dict)}
+        return [] if (CS.INFO_CATEGORY, "care-coordination") in tags else [("", ("meta", "tag"))]
+    if key == "kap-session-1":
+        cats = resource.get("category")
+        cats = cats if isinstance(cats, list) else [cats]
+        dosing = any((CS.SESSION_KIND, "dosing") in _codes(c) for c in cats)
+        n = sum(1 for e in resource.get("extension") or []
+                if isinstance(e, dict) and e.get("url") == f"{CANONICAL}/StructureDefinition/kap-dose")
+        return [("", ("extension",))] if dosing and n != 1 else []
+    if key == "kap-session-2":
+        stem = "performed" if release is Release.R4 else "occurrence"
+        return [] if any(k.startswith(stem) and not k.startswith("_") for k in resource) else [("", (stem,))]
+    if key == "kap-roi-1":
+        for prov, p in _at(resource, ["provision"], ()):
+            for actor, _ap in _at(prov, ["actor"], p):
+                if (CS.V3_PARTICIPATION, "IRCP") in {x for r in ([actor.get("role")] if isinstance(
+                        actor, dict) else []) for x in _codes(r)}:
+                    return []
+        return [("", ("provision",))]
+    if key == "kap-roi-2":
+        return [("", p) for c, p in _at(resource, ["provision", "code"], ())
+                if (CS.INFO_CATEGORY, "psychotherapy-note") in _codes(c)]
+    if key == "kap-note-1":
+        bad: list[tuple[str, tuple[Any, ...]]] = []
+        for c, p in _at(resource, ["category"], ()):
+            if (CS.INFO_CATEGORY, "psychotherapy-note") in _codes(c):
+                bad.append((": category psychotherapy-note", p))
+        if any(code == "PSYTHPN" for _s, code in security):
+            bad.append((": PSYTHPN security label", ("meta", "security")))
+        for text, p in _note_texts(resource):
+            if looks_like_transcript(text):
+                bad.append((": the payload reads as a transcript", p))
+        return bad
+    if key == "kap-note-2":
+        vs = term.value_sets[f"{CANONICAL}/ValueSet/kap-note-category"]
+        ok = any(_in_vs(c, vs) for c, _p in _at(resource, ["category"], ()))
+        return [] if ok else [("", ("category",))]
+    raise ProfileError(f"No implementation for profile constraint {key}", rule="profile:unknown-constraint")
+
+
+IMPLEMENTED_CONSTRAINTS = frozenset({"kap-sec-1", "kap-id-1", "kap-referral-1", "kap-session-1",
+                                     "kap-session-2", "kap-roi-1", "kap-roi-2", "kap-note-1", "kap-note-2"})
+

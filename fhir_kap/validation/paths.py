@@ -1,0 +1,78 @@
+"""JSON paths and element lookups the validation checks share (validation/, layer 1: pure core;
+imports base only).
+
+An issue names where it is twice: as a JSON pointer (`/provision/0/actor`) and as a FHIR-style
+expression (`Consent.provision[0].actor`). `_at` and `_count` find the values at an element path,
+matching a choice stem (`performed`) to its variants (`performedPeriod`); `_codes`, `_in_vs` and
+`_matches_pattern` read codings.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+
+def _pointer(parts: tuple[Any, ...]) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _expr(root: str, parts: tuple[Any, ...]) -> str:
+    out = root
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def _codes(cc: Any) -> list[tuple[Any, Any]]:
+    if not isinstance(cc, dict):
+        return []
+    return [(c.get("system"), c.get("code")) for c in cc.get("coding") or [] if isinstance(c, dict)]
+
+
+
+def _at(node: Any, parts: list[str], path: tuple[Any, ...]) -> Iterator[tuple[Any, tuple[Any, ...]]]:
+    """Values at an element path (lists flattened), with their JSON paths. A stem matches choices."""
+    if not parts:
+        yield node, path
+        return
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _at(item, parts, path + (i,))
+        return
+    if not isinstance(node, dict):
+        return
+    head = parts[0]
+    keys = [head] if head in node else [k for k in node if k.startswith(head) and k[len(head):][:1].isupper()]
+    for k in keys:
+        v = node[k]
+        if isinstance(v, list):
+            for i, item in enumerate(v):
+                yield from _at(item, parts[1:], path + (k, i))
+        else:
+            yield from _at(v, parts[1:], path + (k,))
+
+
+def _count(node: Any, name: str) -> int:
+    if not isinstance(node, dict):
+        return 0
+    keys = [name] if name in node else [k for k in node if k.startswith(name) and k[len(name):][:1].isupper()]
+    n = 0
+    for k in keys:
+        v = node[k]
+        n += len(v) if isinstance(v, list) else 1
+    return n
+
+
+def _matches_pattern(value: Any, pattern: dict[str, Any]) -> bool:
+    have = set(_codes(value))
+    return all((c.get("system"), c.get("code")) in have for c in pattern.get("coding", []))
+
+
+def _in_vs(value: Any, vs: tuple[str, frozenset[str]]) -> bool:
+    system, codes = vs
+    if isinstance(value, str):
+        return value in codes
+    if isinstance(value, dict) and "code" in value and "coding" not in value:
+        return value.get("system") == system and value.get("code") in codes
+    return any(s == system and c in codes for s, c in _codes(value))
+

@@ -1,0 +1,244 @@
+"""FHIR structure checks (validation/, layer 1: pure core; imports base only, and its own
+generated code in `_generated/`).
+
+Fast path: the fastjsonschema code in `fhir_kap/validation/_generated/<release>/structure.py`
+(generated from the official FHIR JSON Schemas with required-binding code lists injected, see
+profiles/build/gen_validators.py and profiles/build/regenerate.py). Only when it fails is the slower
+jsonschema validator run on the same schema to list every error with its path (`_schema_issues`).
+The generated code calls `calendar_date_ok` (the `fhir-calendar-date` format) and runs its string
+patterns through `_StringPattern`, installed here when a module is first loaded.
+
+Messages never quote free text from the resource (codes are quoted, truncated).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from functools import cache
+from typing import Any
+
+import orjson
+
+from ..config import Release
+from ..errors import Issue, quote
+from .paths import _expr, _pointer
+
+# Elements renamed between R4 and R5 (resource, element stem) -> hint shown with "not an element".
+_R5_ONLY = {
+    ("Procedure", "occurrence"): "it is R5; R4 uses performed[x]",
+    ("Procedure", "reason"): "it is R5; R4 uses reasonCode / reasonReference",
+    ("ServiceRequest", "reason"): "it is R5; R4 uses reasonCode / reasonReference",
+    ("Consent", "subject"): "it is R5; R4 uses patient",
+    ("Consent", "decision"): "it is R5; R4 uses provision.type",
+    ("Consent", "grantor"): "it is R5; R4 uses performer",
+    ("Consent", "grantee"): "it is R5; R4 names recipients as provision.actor",
+    ("Consent", "controller"): "it is R5; R4 uses organization",
+    ("Consent", "date"): "it is R5; R4 uses dateTime",
+    ("Consent", "regulatoryBasis"): "it is R5; R4 uses policyRule",
+    ("Communication", "contentCodeableConcept"): "it is R5; R4 uses contentString",
+}
+_R4_ONLY = {
+    ("Procedure", "performed"): "it is R4; R5 uses occurrence[x]",
+    ("Procedure", "reasonCode"): "it is R4; R5 uses reason",
+    ("Procedure", "reasonReference"): "it is R4; R5 uses reason",
+    ("ServiceRequest", "reasonCode"): "it is R4; R5 uses reason",
+    ("ServiceRequest", "reasonReference"): "it is R4; R5 uses reason",
+    ("Consent", "scope"): "it is R4; R5 has no scope",
+    ("Consent", "patient"): "it is R4; R5 uses subject",
+    ("Consent", "dateTime"): "it is R4; R5 uses date",
+    ("Consent", "performer"): "it is R4; R5 uses grantor",
+    ("Consent", "organization"): "it is R4; R5 uses controller",
+    ("Consent", "policyRule"): "it is R4; R5 uses regulatoryBasis",
+    ("Communication", "contentString"): "it is R4; R5 uses contentAttachment or contentCodeableConcept",
+}
+
+CALENDAR_FORMAT = "fhir-calendar-date"  # set on date/dateTime/instant by profiles/build/gen_validators.py
+
+
+def calendar_date_ok(value: Any) -> bool:
+    """True unless `value` names a day the calendar lacks (the FHIR regexes allow 2024-02-30).
+
+    >>> calendar_date_ok("2024-02-29"), calendar_date_ok("2023-02-29"), calendar_date_ok("2024-02")
+    (True, False, True)
+    """
+    if not isinstance(value, str) or len(value) < 10:
+        return True
+    try:
+        date(int(value[:4]), int(value[5:7]), int(value[8:10]))
+    except ValueError:
+        return False
+    return True
+
+
+_FORMATS = {CALENDAR_FORMAT: calendar_date_ok}
+
+@dataclass
+class _Structure:
+    """One root type's generated validator (`fast`) and, built on first failure only, a
+    jsonschema validator over the same definitions that lists every error (`slow`)."""
+
+    fast: Callable[..., Any]
+    root: str
+    module: Any
+    _slow: Any = None
+    _patterns: dict[str, str] | None = None
+
+    def slow(self) -> Any:
+        if self._slow is None:
+            import jsonschema
+            definitions = _definitions(self.module)
+            checker = jsonschema.FormatChecker(formats=())
+            checker.checks(CALENDAR_FORMAT)(calendar_date_ok)
+            self._slow = jsonschema.Draft6Validator(
+                {"$ref": f"#/definitions/{self.root}", "definitions": definitions}, format_checker=checker)
+            self._patterns = {d["pattern"]: n for n, d in definitions.items()
+                              if isinstance(d, dict) and "pattern" in d and "properties" not in d}
+        return self._slow
+
+
+@cache
+def _definitions(module: Any) -> dict[str, Any]:
+    return dict(orjson.loads(module.DEFINITIONS_JSON))
+
+
+@cache
+def _structure(release: Release, resource_type: str) -> _Structure:
+    mod = _structure_module(release)
+    return _Structure(fast=getattr(mod, f"validate___definitions_{resource_type.lower()}"),
+                      root=resource_type, module=mod)
+
+
+def _other_space(t: str) -> bool:
+    """Whether ASCII `t` holds whitespace other than ' ', TAB, CR, LF (str.isspace and re's \\s agree
+    below 128: also VT, FF and \\x1c-\\x1f). Plain `in` tests: a generator here cost twice as much."""
+    return "\x0b" in t or "\x0c" in t or "\x1c" in t or "\x1d" in t or "\x1e" in t or "\x1f" in t
+
+
+def _any_space(t: str) -> bool:
+    """Whether ASCII `t` holds any whitespace at all."""
+    return " " in t or "\t" in t or "\n" in t or "\r" in t or _other_space(t)
+
+
+class _StringPattern:
+    """A stand-in for one of the official schemas' whole-string patterns, with its exact result
+    (truthy when it matches, else None) and a plain-string fast path for ASCII text.
+
+    The generated code runs `^[ \\r\\n\\t\\S]+$` (R4 `string`), `^^[\\s\\S]+$$` (R5 `string`) and
+    `^\\S*$` (`uri`, `id`-like types) over every string it meets; on a 3 KB note that regex loop
+    was a quarter of the validation time. For ASCII text the same answer is a few substring
+    scans; anything else goes to the original compiled pattern. A test compares both on every
+    ASCII character and on generated strings.
+    """
+
+    def __init__(self, original: Any, kind: str) -> None:
+        self.original = original
+        self.pattern = original.pattern
+        self.kind = kind
+
+    def search(self, text: str) -> Any:
+        if not text.isascii():
+            return self.original.search(text)
+        kind = self.kind
+        if kind == "fhir-string":  # non-empty, no whitespace but space, TAB, CR and LF
+            ok = bool(text) and not _other_space(text)
+        elif kind == "no-space":
+            ok = not _any_space(text)
+        else:  # "non-empty"
+            ok = bool(text)
+        return True if ok else None
+
+
+_FAST_PATTERNS = {"^[ \\r\\n\\t\\S]+$": "fhir-string", "^^[\\s\\S]+$$": "non-empty", "^\\S*$": "no-space"}
+
+
+@cache
+def _structure_module(release: Release) -> Any:
+    """The generated structure module of `release`, with `_StringPattern`s in its pattern table."""
+    mod = importlib.import_module(f"fhir_kap.validation._generated.{release.short}.structure")
+    table = mod.REGEX_PATTERNS
+    for key, kind in _FAST_PATTERNS.items():
+        if key in table and not isinstance(table[key], _StringPattern):
+            table[key] = _StringPattern(table[key], kind)
+    return mod
+
+
+@cache
+def _choice_index(release: Release) -> dict[str, str]:
+    """JSON name of a choice variant -> its stem ('performedPeriod' -> 'performed')."""
+    mod = importlib.import_module(f"fhir_kap.validation._generated.{release.short}")
+    out: dict[str, str] = {}
+    for stem_path, names in mod.CHOICES.items():
+        stem = stem_path.rsplit(".", 1)[1]
+        for n in names:
+            out[n] = stem
+    return out
+
+
+def _schema_issues(st: _Structure, resource: dict[str, Any], rt: str, release: Release) -> list[Issue]:
+    issues: list[Issue] = []
+    validator = st.slow()
+    patterns = st._patterns or {}
+    rel = "R4" if release is Release.R4 else "R5"
+    for err in validator.iter_errors(resource):
+        path = tuple(err.absolute_path)
+        kw = err.validator
+        if kw == "additionalProperties":
+            extra = [k for k in err.instance if k not in err.schema.get("properties", {})]
+            for k in extra:
+                hint = ""
+                table = _R5_ONLY if release is Release.R4 else _R4_ONLY
+                for (t, stem), h in table.items():
+                    if t == rt and (k == stem or k.startswith(stem) and k[len(stem):][:1].isupper()):
+                        hint = f" ({h})"
+                owner = _expr(rt, path)
+                issues.append(Issue("error", "structure", f"{quote(k)} is not an {rel} element of {owner}{hint}",
+                                    _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:additional"))
+        elif kw == "required":
+            missing = [k for k in err.validator_value if k not in err.instance]
+            for k in missing:
+                issues.append(Issue("error", "required", f"Missing required element '{k}'",
+                                    _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:required"))
+        elif kw == "anyOf" and all(set(s) == {"required"} for s in err.validator_value):
+            k = err.validator_value[0]["required"][0]
+            issues.append(Issue("error", "required", f"Missing required element '{k}'",
+                                _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:required"))
+        elif kw == "enum" and not isinstance(err.instance, str):
+            issues.append(Issue("error", "structure", f"Wrong JSON type: expected a code (string), "
+                                f"got {type(err.instance).__name__}", _expr(rt, path), _pointer(path),
+                                "schema:type"))
+        elif kw == "enum":
+            issues.append(Issue("error", "code-invalid",
+                                f"Code {quote(err.instance)} is not in the required value set "
+                                f"(allowed: {', '.join(map(str, err.validator_value[:12]))}"
+                                f"{', ...' if len(err.validator_value) > 12 else ''})",
+                                _expr(rt, path), _pointer(path), "binding:required"))
+        elif kw == "type":
+            issues.append(Issue("error", "structure", f"Wrong JSON type: expected {err.validator_value}, "
+                                f"got {type(err.instance).__name__}", _expr(rt, path), _pointer(path),
+                                "schema:type"))
+        elif kw == "pattern":
+            kind = patterns.get(err.validator_value, "primitive")
+            issues.append(Issue("error", "value", f"Value is not a valid FHIR {kind}",
+                                _expr(rt, path), _pointer(path), "schema:pattern"))
+        elif kw == "format":
+            issues.append(Issue("error", "value", "Date is not a calendar date (no such day in that month)",
+                                _expr(rt, path), _pointer(path), "schema:calendar-date"))
+        elif kw == "minItems":
+            issues.append(Issue("error", "structure", "Arrays must not be empty in FHIR JSON",
+                                _expr(rt, path), _pointer(path), "schema:minItems"))
+        elif kw == "const":
+            issues.append(Issue("error", "structure", f"Expected {quote(err.validator_value)}",
+                                _expr(rt, path), _pointer(path), "schema:const"))
+        elif kw in ("minimum", "maximum"):
+            issues.append(Issue("error", "value", f"Number out of range ({kw} {err.validator_value})",
+                                _expr(rt, path), _pointer(path), f"schema:{kw}"))
+        else:
+            issues.append(Issue("error", "structure", f"Breaks the FHIR schema ({kw})",
+                                _expr(rt, path), _pointer(path), f"schema:{kw}"))
+    if not issues:  # fastjsonschema and jsonschema disagree: never let that pass silently
+        issues.append(Issue("error", "structure", f"Breaks the FHIR {rel} schema of {rt}", rt, "",
+                            "schema:structure"))
+    return issues
+
