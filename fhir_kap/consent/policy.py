@@ -114,7 +114,7 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
     patient = actor_ref(consent.get(patient_field))
     patient_ref = patient.reference if patient else None
     status = _str(consent.get("status"))
-    base = {"id": cid, "version": version, "release": release, "status": status, "patient": patient_ref}
+    base: dict[str, Any] = {"id": cid, "version": version, "release": release, "status": status, "patient": patient_ref}
     try:
         if release is None:
             raise _Bad("Consent mixes R4 and R5 elements", "Consent")
