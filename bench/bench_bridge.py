@@ -8,6 +8,7 @@ both in four interleaved rounds (ABBA) and reports req/s and p50/p99 for each. T
 Other worker models for comparison: `BENCH_BRIDGE_WORKERS=N`, `BENCH_BRIDGE_THREADS=N` (N > 1:
 gthread workers with keep-alive) and `BENCH_BRIDGE_SERVE_ARGS="--reuse-port"`.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -40,8 +41,9 @@ def _body() -> bytes:
     return json.dumps(note).encode()
 
 
-def _load(port: int, path: str, body: bytes, headers: dict[str, str], n: int, threads: int,
-          cap_s: float) -> dict[str, float]:
+def _load(
+    port: int, path: str, body: bytes, headers: dict[str, str], n: int, threads: int, cap_s: float
+) -> dict[str, float]:
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -79,26 +81,38 @@ def _load(port: int, path: str, body: bytes, headers: dict[str, str], n: int, th
 
 def _summary(latencies: list[float], elapsed: float, errors: int) -> dict:
     ordered = sorted(latencies)
-    return {"rps": len(ordered) / elapsed, "p50": statistics.median(ordered) * 1000,
-            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
-            "n": len(ordered), "errors": errors, "latencies": latencies, "elapsed": elapsed}
+    return {
+        "rps": len(ordered) / elapsed,
+        "p50": statistics.median(ordered) * 1000,
+        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        "n": len(ordered),
+        "errors": errors,
+        "latencies": latencies,
+        "elapsed": elapsed,
+    }
 
 
-def _rounds(port: int, body: bytes, headers: dict[str, str], n: int, threads: int, cap_s: float,
-            rounds: int = 4) -> tuple[dict, dict]:
+def _rounds(
+    port: int, body: bytes, headers: dict[str, str], n: int, threads: int, cap_s: float, rounds: int = 4
+) -> tuple[dict, dict]:
     """Floor and POST in interleaved rounds (ABBA): a slow spell of the shared machine then
     falls on both instead of on whichever ran at the time. Rates are requests over summed
     time; percentiles over all latencies of the kind."""
     got: dict[str, list[dict]] = {"/bench/echo": [], "/fhir/Communication": []}
     order = list(got)
     for k in range(rounds):
-        for path in (order if k % 2 == 0 else order[::-1]):
+        for path in order if k % 2 == 0 else order[::-1]:
             got[path].append(_load(port, path, body, headers, n // rounds, threads, cap_s / rounds))
     merged = []
     for path in order:
         parts = got[path]
-        merged.append(_summary([x for p in parts for x in p["latencies"]], sum(p["elapsed"] for p in parts),
-                               sum(p["errors"] for p in parts)))
+        merged.append(
+            _summary(
+                [x for p in parts for x in p["latencies"]],
+                sum(p["elapsed"] for p in parts),
+                sum(p["errors"] for p in parts),
+            )
+        )
     return merged[0], merged[1]
 
 
@@ -107,23 +121,49 @@ def run(quick: bool = False) -> list[dict]:
     threads = 4
     cap = 20.0 if quick else 60.0
     with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
-        env = {**os.environ, "FHIR_KAP_DATA_DIR": tmp, "PYTHONPATH": str(ROOT), "FHIR_KAP_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "FHIR_KAP_DATA_DIR": tmp,
+            "PYTHONPATH": str(ROOT),
+            "FHIR_KAP_LOG_LEVEL": "WARNING",
+        }
         env.pop("FHIR_KAP_DATABASE_URL", None)
-        added = subprocess.run([sys.executable, "-m", "fhir_kap.cli", "partners", "add", "bench"], env=env,
-                               capture_output=True, text=True, check=True)
+        added = subprocess.run(
+            [sys.executable, "-m", "fhir_kap.cli", "partners", "add", "bench"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         token = json.loads(added.stdout)["token"]
         port = _free_port()
         workers = os.environ.get("BENCH_BRIDGE_WORKERS")
-        server = subprocess.Popen([sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port),
-                                   *(["--workers", workers] if workers else []),
-                                   "--threads", os.environ.get("BENCH_BRIDGE_THREADS", "1"), "--bench-echo",
-                                   *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split()], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fhir_kap.cli",
+                "serve",
+                "--port",
+                str(port),
+                *(["--workers", workers] if workers else []),
+                "--threads",
+                os.environ.get("BENCH_BRIDGE_THREADS", "1"),
+                "--bench-echo",
+                *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split(),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             _wait(port, server)
             body = _body()
-            headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {token}",
-                       "Prefer": "return=minimal"}
+            headers = {
+                "Content-Type": "application/fhir+json",
+                "Authorization": f"Bearer {token}",
+                "Prefer": "return=minimal",
+            }
             _load(port, "/bench/echo", body, headers, 100, threads, cap)  # warm-up
             _load(port, "/fhir/Communication", body, headers, 100, threads, cap)
             floor, fhir = _rounds(port, body, headers, n, threads, 2 * cap)
@@ -134,13 +174,29 @@ def run(quick: bool = False) -> list[dict]:
         raise RuntimeError(f"bench requests failed: {fhir['errors']} POST, {floor['errors']} echo")
     size = f"{len(body) / 1024:.1f} KB"
     return [
-        {"name": f"bridge POST /fhir/Communication ({size}, validated, stored) req/s", "value": fhir["rps"],
-         "unit": "req/s", "baseline_name": "gunicorn JSON-only endpoint req/s", "baseline": floor["rps"],
-         "target": {"ratio_min": 0.5}},
-        {"name": "bridge POST /fhir/Communication p50", "value": fhir["p50"], "unit": "ms",
-         "baseline_name": "JSON-only p50", "baseline": floor["p50"]},
-        {"name": "bridge POST /fhir/Communication p99", "value": fhir["p99"], "unit": "ms",
-         "baseline_name": "JSON-only p99", "baseline": floor["p99"], "target": {"ratio_max": 4}},
+        {
+            "name": f"bridge POST /fhir/Communication ({size}, validated, stored) req/s",
+            "value": fhir["rps"],
+            "unit": "req/s",
+            "baseline_name": "gunicorn JSON-only endpoint req/s",
+            "baseline": floor["rps"],
+            "target": {"ratio_min": 0.5},
+        },
+        {
+            "name": "bridge POST /fhir/Communication p50",
+            "value": fhir["p50"],
+            "unit": "ms",
+            "baseline_name": "JSON-only p50",
+            "baseline": floor["p50"],
+        },
+        {
+            "name": "bridge POST /fhir/Communication p99",
+            "value": fhir["p99"],
+            "unit": "ms",
+            "baseline_name": "JSON-only p99",
+            "baseline": floor["p99"],
+            "target": {"ratio_max": 4},
+        },
     ]
 
 

@@ -1,5 +1,6 @@
 """Bulk mapping: N records as NDJSON streamed through `fhir-kap map --ndjson`, with peak memory,
 beside a streamed orjson parse+dump of the same file (same process shape, same run)."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "profiles" / "examples" / "records"
 
-FLOOR = ("import sys, orjson\n"
-         "out = sys.stdout.buffer\n"
-         "for line in sys.stdin.buffer:\n"
-         "    out.write(orjson.dumps(orjson.loads(line)) + b'\\n')\n")
+FLOOR = (
+    "import sys, orjson\n"
+    "out = sys.stdout.buffer\n"
+    "for line in sys.stdin.buffer:\n"
+    "    out.write(orjson.dumps(orjson.loads(line)) + b'\\n')\n"
+)
 
 
 def _make(path: Path, n: int) -> None:
-    base = [json.loads(p.read_text()) for p in sorted(RECORDS.glob("*.json"))
-            if json.loads(p.read_text())["record"] in ("session", "note")]
+    base = [
+        json.loads(p.read_text())
+        for p in sorted(RECORDS.glob("*.json"))
+        if json.loads(p.read_text())["record"] in ("session", "note")
+    ]
     with path.open("w") as fh:
         for i in range(n):
             rec = dict(base[i % len(base)])
@@ -29,12 +35,14 @@ def _make(path: Path, n: int) -> None:
 
 def _run(cmd: list[str], src: Path) -> tuple[float, float]:
     """(seconds, peak RSS MiB) of one child process."""
-    code = ("import resource, subprocess, sys, time\n"
-            "t = time.perf_counter()\n"
-            f"p = subprocess.run({cmd!r}, stdin=open({str(src)!r}, 'rb'), stdout=subprocess.DEVNULL)\n"
-            "el = time.perf_counter() - t\n"
-            "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-            "print(p.returncode, el, rss)\n")
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        f"p = subprocess.run({cmd!r}, stdin=open({str(src)!r}, 'rb'), stdout=subprocess.DEVNULL)\n"
+        "el = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(p.returncode, el, rss)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     rc, el, rss = out.stdout.split()
     if rc != "0":
@@ -51,10 +59,20 @@ def run(quick: bool = False) -> list[dict]:
         ours_s, ours_mb = _run(env_py, src)
         floor_s, floor_mb = _run([sys.executable, "-c", FLOOR], src)
     return [
-        {"name": f"bulk map {n:,} records (NDJSON streamed, R4)", "value": n / ours_s, "unit": "records/s",
-         "baseline_name": "orjson parse+dump stream", "baseline": n / floor_s},
-        {"name": f"bulk map {n:,} records: peak memory", "value": ours_mb, "unit": "MiB RSS",
-         "baseline_name": "orjson stream peak", "baseline": floor_mb},
+        {
+            "name": f"bulk map {n:,} records (NDJSON streamed, R4)",
+            "value": n / ours_s,
+            "unit": "records/s",
+            "baseline_name": "orjson parse+dump stream",
+            "baseline": n / floor_s,
+        },
+        {
+            "name": f"bulk map {n:,} records: peak memory",
+            "value": ours_mb,
+            "unit": "MiB RSS",
+            "baseline_name": "orjson stream peak",
+            "baseline": floor_mb,
+        },
     ]
 
 

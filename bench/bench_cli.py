@@ -1,4 +1,5 @@
 """CLI cold start (`fhir-kap --help`, `fhir-kap --version`) vs a bare interpreter, same run."""
+
 from __future__ import annotations
 
 import statistics
@@ -22,8 +23,15 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for label, argv in (("fhir-kap --version", ["--version"]), ("fhir-kap --help", ["--help"])):
         ms = _median_ms([sys.executable, "-m", "fhir_kap.cli", *argv], n)
-        rows.append({"name": f"cold start {label}", "value": ms, "unit": "ms (median)",
-                     "baseline_name": "python -c pass", "baseline": bare})
+        rows.append(
+            {
+                "name": f"cold start {label}",
+                "value": ms,
+                "unit": "ms (median)",
+                "baseline_name": "python -c pass",
+                "baseline": bare,
+            }
+        )
     return rows
 
 

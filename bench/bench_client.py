@@ -7,6 +7,7 @@ Targets (issue 4): batching >= 5x single-POST throughput; the adapter is not the
 (client CPU per resource well under -- here at most half of -- the server's time per resource,
 estimated as wall time minus client CPU, since client and server share the same cores).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
     return delivered, time.perf_counter() - w0, time.process_time() - c0
 
 
-def run(server_base_url: str | None = None, n: int = 2000, *, quick: bool = False,
-        batch_size: int = 100) -> list[dict[str, Any]]:
+def run(
+    server_base_url: str | None = None, n: int = 2000, *, quick: bool = False, batch_size: int = 100
+) -> list[dict[str, Any]]:
     """Rows {"name", "value", "unit", "baseline_name", "baseline", "target"} for bench/run.py."""
     if quick:
         n = min(n, 100)
@@ -73,7 +75,7 @@ def run(server_base_url: str | None = None, n: int = 2000, *, quick: bool = Fals
     def transactions(part: list[dict[str, Any]]) -> int:
         done = 0
         for i in range(0, len(part), batch_size):
-            response = client.transaction(transaction_bundle(part[i:i + batch_size]), prefer=PREFER)
+            response = client.transaction(transaction_bundle(part[i : i + batch_size]), prefer=PREFER)
             done += sum(r.created for r in entry_results(response))
         return done
 
@@ -88,7 +90,7 @@ def run(server_base_url: str | None = None, n: int = 2000, *, quick: bool = Fals
         part = slice(k * size, (k + 1) * size)
         order = [("s", singles[part]), ("b", batched[part])]
         walls = {}
-        for kind, items in (order if k % 2 == 0 else order[::-1]):
+        for kind, items in order if k % 2 == 0 else order[::-1]:
             done, wall, cpu = _timed(lambda: (single if kind == "s" else transactions)(items))  # noqa: B023 - called at once
             walls[kind] = wall
             if kind == "s":
@@ -102,18 +104,36 @@ def run(server_base_url: str | None = None, n: int = 2000, *, quick: bool = Fals
     us = 1e6 / n
     return [
         {"name": "single POSTs (conditional create)", "value": s_rate, "unit": "resources/s"},
-        {"name": f"transaction Bundles of {batch_size} (conditional)", "value": b_rate,
-         "unit": "resources/s", "baseline_name": "single POSTs", "baseline": s_rate,
-         "target": {"ratio_min": 5}},
-        {"name": "batching ratio by round, median", "value": statistics.median(per_round),
-         "unit": f"× (min {min(per_round):.2f}, max {max(per_round):.2f}; {rounds} rounds of {size})",
-         "rounds": [round(r, 3) for r in per_round]},
-        {"name": "client CPU per resource, single POSTs", "value": s_cpu * us, "unit": "µs",
-         "baseline_name": "server time per resource (wall − client CPU)",
-         "baseline": (s_wall - s_cpu) * us, "target": {"ratio_max": 0.5}},
-        {"name": f"client CPU per resource, Bundles of {batch_size}", "value": b_cpu * us, "unit": "µs",
-         "baseline_name": "server time per resource (wall − client CPU)",
-         "baseline": (b_wall - b_cpu) * us, "target": {"ratio_max": 0.5}},
+        {
+            "name": f"transaction Bundles of {batch_size} (conditional)",
+            "value": b_rate,
+            "unit": "resources/s",
+            "baseline_name": "single POSTs",
+            "baseline": s_rate,
+            "target": {"ratio_min": 5},
+        },
+        {
+            "name": "batching ratio by round, median",
+            "value": statistics.median(per_round),
+            "unit": f"× (min {min(per_round):.2f}, max {max(per_round):.2f}; {rounds} rounds of {size})",
+            "rounds": [round(r, 3) for r in per_round],
+        },
+        {
+            "name": "client CPU per resource, single POSTs",
+            "value": s_cpu * us,
+            "unit": "µs",
+            "baseline_name": "server time per resource (wall − client CPU)",
+            "baseline": (s_wall - s_cpu) * us,
+            "target": {"ratio_max": 0.5},
+        },
+        {
+            "name": f"client CPU per resource, Bundles of {batch_size}",
+            "value": b_cpu * us,
+            "unit": "µs",
+            "baseline_name": "server time per resource (wall − client CPU)",
+            "baseline": (b_wall - b_cpu) * us,
+            "target": {"ratio_max": 0.5},
+        },
     ]
 
 
@@ -128,9 +148,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
             ok = ratio >= tgt.get("ratio_min", float("-inf")) and ratio <= tgt.get("ratio_max", float("inf"))
             sign = f"≥{tgt['ratio_min']}×" if "ratio_min" in tgt else f"≤{tgt['ratio_max']}×"
             verdict = f"{sign} {'ok' if ok else 'MISSED'}"
-        lines.append(f"{r['name']:<44} {r['value']:>12,.1f} {r['unit']:<12} "
-                     f"{'' if base is None else f'{base:,.1f}':>12}  "
-                     f"{'' if ratio is None else f'{ratio:5.2f}×':<6}  {verdict}")
+        lines.append(
+            f"{r['name']:<44} {r['value']:>12,.1f} {r['unit']:<12} "
+            f"{'' if base is None else f'{base:,.1f}':>12}  "
+            f"{'' if ratio is None else f'{ratio:5.2f}×':<6}  {verdict}"
+        )
     return "\n".join(lines)
 
 

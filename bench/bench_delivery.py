@@ -4,6 +4,7 @@ Runs on SQLite (WAL, synchronous=FULL) and, when FHIR_KAP_TEST_PG_URL is set, on
 (FOR UPDATE SKIP LOCKED), each in a fresh database / schema. Items are 3 KB Communications
 with distinct business identifiers. (Delivery to SEKMET itself is in bench_client.py.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,6 +49,7 @@ def _backend(kind: str) -> tuple[str, Callable[[], None]]:
     def drop() -> None:
         admin.execute(f"DROP SCHEMA {schema} CASCADE")
         admin.close()
+
     return url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}", drop
 
 
@@ -64,8 +66,13 @@ def _measure(kind: str, n: int) -> dict[str, float]:
             outbox = Outbox(db)
             t = time.perf_counter()
             for res in notes:
-                outbox.enqueue(res, endpoint="bench", base_url="http://bench.invalid/fhir",
-                               recipient_ref="Practitioner/t", purpose="TREAT")
+                outbox.enqueue(
+                    res,
+                    endpoint="bench",
+                    base_url="http://bench.invalid/fhir",
+                    recipient_ref="Practitioner/t",
+                    purpose="TREAT",
+                )
             rates.setdefault("enqueue", n / (time.perf_counter() - t))
             claimed = 0
             t = time.perf_counter()
@@ -88,12 +95,26 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for kind in kinds:
         r = _measure(kind, n)
-        rows.append({"name": f"outbox claim, batches of 50 ({kind})", "value": r["batch"],
-                     "unit": "items/s", "baseline_name": f"claim one at a time ({kind})",
-                     "baseline": r["single"], "ratio": r["batch"] / r["single"]})
-        rows.append({"name": f"outbox durable enqueue ({kind})", "value": r["enqueue"],
-                     "unit": "items/s", "baseline_name": f"claim one at a time ({kind})",
-                     "baseline": r["single"], "ratio": r["enqueue"] / r["single"]})
+        rows.append(
+            {
+                "name": f"outbox claim, batches of 50 ({kind})",
+                "value": r["batch"],
+                "unit": "items/s",
+                "baseline_name": f"claim one at a time ({kind})",
+                "baseline": r["single"],
+                "ratio": r["batch"] / r["single"],
+            }
+        )
+        rows.append(
+            {
+                "name": f"outbox durable enqueue ({kind})",
+                "value": r["enqueue"],
+                "unit": "items/s",
+                "baseline_name": f"claim one at a time ({kind})",
+                "baseline": r["single"],
+                "ratio": r["enqueue"] / r["single"],
+            }
+        )
     return rows
 
 
@@ -101,5 +122,7 @@ if __name__ == "__main__":
     quick = "--quick" in sys.argv
     print(f"{'benchmark':<40} {'value':>10} {'unit':<8} {'baseline':<32} {'value':>10} {'ratio':>7}")
     for row in run(quick):
-        print(f"{row['name']:<40} {row['value']:>10,.0f} {row['unit']:<8} {row['baseline_name']:<32} "
-              f"{row['baseline']:>10,.0f} {row['ratio']:>7.1f}")
+        print(
+            f"{row['name']:<40} {row['value']:>10,.0f} {row['unit']:<8} {row['baseline_name']:<32} "
+            f"{row['baseline']:>10,.0f} {row['ratio']:>7.1f}"
+        )

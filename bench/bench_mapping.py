@@ -1,5 +1,6 @@
 """Map + validate + serialize KAP records to R4 JSON, beside the plain fhir.resources path
 (model_validate + model_dump_json of the same FHIR resources) and the orjson floor (parse + dump)."""
+
 from __future__ import annotations
 
 import json
@@ -59,12 +60,21 @@ def run(quick: bool = False) -> list[dict]:
     ours_rate, plain_rate, floor_rate = _rate(ours, secs), _rate(plain, secs), _rate(floor, secs)
     avg = sum(map(len, fhir_raw)) / len(fhir_raw)
     return [
-        {"name": f"map+validate+serialize R4 ({len(records)} record kinds, avg {avg / 1024:.1f} KB out)",
-         "value": ours_rate, "unit": "records/s",
-         "baseline_name": "fhir.resources model_validate+model_dump_json", "baseline": plain_rate,
-         "target": {"ratio_min": 5}},
-        {"name": "map+validate+serialize R4", "value": ours_rate, "unit": "records/s",
-         "baseline_name": "orjson parse+dump floor", "baseline": floor_rate},
+        {
+            "name": f"map+validate+serialize R4 ({len(records)} record kinds, avg {avg / 1024:.1f} KB out)",
+            "value": ours_rate,
+            "unit": "records/s",
+            "baseline_name": "fhir.resources model_validate+model_dump_json",
+            "baseline": plain_rate,
+            "target": {"ratio_min": 5},
+        },
+        {
+            "name": "map+validate+serialize R4",
+            "value": ours_rate,
+            "unit": "records/s",
+            "baseline_name": "orjson parse+dump floor",
+            "baseline": floor_rate,
+        },
     ]
 
 

@@ -7,6 +7,7 @@
 Each row is a figure beside its same-run baseline: ratio = value / baseline, and the target
 (where the issue sets one) is checked against that ratio, never against absolute numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,19 +75,28 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         tgt = r.get("target") or {}
         tdesc = ", ".join(f"{'≥' if k == 'ratio_min' else '≤'}{v}×" for k, v in tgt.items())
-        table.append((r["suite"], r["name"], _fmt(r.get("value")), r.get("unit", ""),
-                      r.get("baseline_name", ""), _fmt(r.get("baseline")),
-                      f"{r['ratio']:.2f}×" if r.get("ratio") is not None else "-",
-                      f"{tdesc} {r['verdict']}".strip()))
+        table.append(
+            (
+                r["suite"],
+                r["name"],
+                _fmt(r.get("value")),
+                r.get("unit", ""),
+                r.get("baseline_name", ""),
+                _fmt(r.get("baseline")),
+                f"{r['ratio']:.2f}×" if r.get("ratio") is not None else "-",
+                f"{tdesc} {r['verdict']}".strip(),
+            )
+        )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\n{len(rows)} figures in {elapsed:.0f}s on {platform.python_implementation()} "
-          f"{platform.python_version()}, {platform.machine()}")
-    Path(args.out).write_text(json.dumps({"elapsed_s": elapsed, "quick": args.quick, "rows": rows},
-                                         indent=2))
+    print(
+        f"\n{len(rows)} figures in {elapsed:.0f}s on {platform.python_implementation()} "
+        f"{platform.python_version()}, {platform.machine()}"
+    )
+    Path(args.out).write_text(json.dumps({"elapsed_s": elapsed, "quick": args.quick, "rows": rows}, indent=2))
     print(f"written {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ conformance/, demo/) -> entry points (bridge/, cli/).
 The names below are the public API, pinned by tests/unit/test_exports.py. They are imported on
 first use, so `import fhir_kap` (and the `fhir-kap` command) stays fast.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,18 +18,35 @@ __version__ = "0.1.0"
 
 # name -> module (under fhir_kap) that defines it
 _EXPORTS = {
-    "Release": "config", "Settings": "config", "EndpointConfig": "config", "load_settings": "config",
-    "Issue": "errors", "KapError": "errors", "InputError": "errors", "MappingError": "errors",
-    "ProfileError": "errors", "ServerError": "errors", "operation_outcome": "errors",
-    "Pipeline": "records.pipeline", "Mapper": "records.mapping",
+    "Release": "config",
+    "Settings": "config",
+    "EndpointConfig": "config",
+    "load_settings": "config",
+    "Issue": "errors",
+    "KapError": "errors",
+    "InputError": "errors",
+    "MappingError": "errors",
+    "ProfileError": "errors",
+    "ServerError": "errors",
+    "operation_outcome": "errors",
+    "Pipeline": "records.pipeline",
+    "Mapper": "records.mapping",
     "Validator": "validation",
-    "ConsentGate": "consent", "Recipient": "consent",
-    "Database": "storage.db", "Outbox": "storage.outbox", "AuditLog": "storage.auditlog",
-    "FhirClient": "client", "NoAuth": "client", "BearerAuth": "client", "SmartBackendAuth": "client",
+    "ConsentGate": "consent",
+    "Recipient": "consent",
+    "Database": "storage.db",
+    "Outbox": "storage.outbox",
+    "AuditLog": "storage.auditlog",
+    "FhirClient": "client",
+    "NoAuth": "client",
+    "BearerAuth": "client",
+    "SmartBackendAuth": "client",
     "RetryPolicy": "client",
     "DeliveryWorker": "exchange.delivery",
-    "CheckConfig": "conformance", "run_checks": "conformance",
-    "BridgeOptions": "bridge", "create_app": "bridge",
+    "CheckConfig": "conformance",
+    "run_checks": "conformance",
+    "BridgeOptions": "bridge",
+    "create_app": "bridge",
 }
 
 __all__ = ["__version__", *_EXPORTS]

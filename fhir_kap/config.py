@@ -6,6 +6,7 @@ canonical base of its profiles, and the code systems it uses. Settings are built
 
 Room: config (layer 0, base): imports only errors.
 """
+
 from __future__ import annotations
 
 import enum
@@ -44,8 +45,9 @@ class Release(str, enum.Enum):
             return cls.R4
         if v.startswith("5.0") or v == "5":
             return cls.R5
-        raise ConfigError(f"Unsupported FHIR version '{value}': use 4.0.1 (R4) or 5.0.0 (R5)",
-                          rule="fhir-version")
+        raise ConfigError(
+            f"Unsupported FHIR version '{value}': use 4.0.1 (R4) or 5.0.0 (R5)", rule="fhir-version"
+        )
 
     @property
     def short(self) -> str:
@@ -157,12 +159,14 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         return None if value in ("", None) and name == "database_url" else str(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"Setting '{name}' has a value of the wrong type ({type(value).__name__})",
-                          rule="settings") from exc
+        raise ConfigError(
+            f"Setting '{name}' has a value of the wrong type ({type(value).__name__})", rule="settings"
+        ) from exc
 
 
-def load_settings(path: str | os.PathLike[str] | None = None,
-                  env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Settings from an optional TOML file, then `FHIR_KAP_*` environment variables, then overrides.
 
     TOML keys are the field names (`data_dir = "..."`), endpoints as tables:
@@ -210,16 +214,19 @@ def _endpoint(name: str, raw: Any) -> EndpointConfig:
     known = {f.name for f in fields(EndpointConfig)} - {"name"}
     unknown = set(raw) - known
     if unknown:
-        raise ConfigError(f"Endpoint '{name}' has unknown keys: {', '.join(sorted(unknown))}",
-                          rule="settings")
+        raise ConfigError(
+            f"Endpoint '{name}' has unknown keys: {', '.join(sorted(unknown))}", rule="settings"
+        )
     if raw.get("auth", "none") not in ("none", "bearer", "smart"):
         raise ConfigError(f"Endpoint '{name}': auth must be none, bearer or smart", rule="settings")
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "recipients":
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise ConfigError(f"Endpoint '{name}': recipients must be a list of references or "
-                                  "SYSTEM|VALUE identifiers", rule="settings")
+                raise ConfigError(
+                    f"Endpoint '{name}': recipients must be a list of references or SYSTEM|VALUE identifiers",
+                    rule="settings",
+                )
             values[key] = tuple(value)
         else:
             values[key] = str(value)

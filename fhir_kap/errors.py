@@ -6,6 +6,7 @@ and *why* (the rule broken, in a sentence). Messages carry ids, never patient da
 
 Room: errors (layer 0, base): imports nothing of ours.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -66,8 +67,11 @@ class Issue:
         return self.severity in ("error", "fatal")
 
     def to_fhir(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"severity": self.severity, "code": self.code,
-                               "details": {"text": self.message}}
+        out: dict[str, Any] = {
+            "severity": self.severity,
+            "code": self.code,
+            "details": {"text": self.message},
+        }
         ext = []
         if self.pointer is not None:
             ext.append({"url": POINTER_EXTENSION, "valueString": self.pointer})
@@ -75,8 +79,14 @@ class Issue:
             ext.append({"url": RULE_EXTENSION, "valueString": self.rule})
         if ext:
             out["extension"] = ext
-        diag = [x for x in (f"rule {self.rule}" if self.rule else None,
-                            f"at {self.pointer}" if self.pointer else None) if x]
+        diag = [
+            x
+            for x in (
+                f"rule {self.rule}" if self.rule else None,
+                f"at {self.pointer}" if self.pointer else None,
+            )
+            if x
+        ]
         if diag:
             out["diagnostics"] = "; ".join(diag)
         if self.expression:
@@ -95,15 +105,14 @@ def quote(value: Any, limit: int = 40) -> str:
     if not isinstance(value, (str, int, float)):  # bool is an int
         return f"<{type(value).__name__}>"
     s = str(value)
-    return repr(s if len(s) <= limit else s[:limit - 3] + "...")
+    return repr(s if len(s) <= limit else s[: limit - 3] + "...")
 
 
 def operation_outcome(issues: Iterable[Issue], *, id: str | None = None) -> dict[str, Any]:
     """Render issues as a FHIR OperationOutcome (valid in R4 and R5)."""
     rendered = [i.to_fhir() for i in issues]
     if not rendered:
-        rendered = [{"severity": "information", "code": "informational",
-                     "details": {"text": "All OK"}}]
+        rendered = [{"severity": "information", "code": "informational", "details": {"text": "All OK"}}]
     oo: dict[str, Any] = {"resourceType": "OperationOutcome"}
     if id:
         oo["id"] = id
@@ -121,12 +130,19 @@ class KapError(Exception):
     exit_code: int = 2
     default_code: str = "invalid"
 
-    def __init__(self, message_or_issues: str | Issue | Sequence[Issue], *,
-                 expression: str | None = None, pointer: str | None = None,
-                 rule: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message_or_issues: str | Issue | Sequence[Issue],
+        *,
+        expression: str | None = None,
+        pointer: str | None = None,
+        rule: str | None = None,
+        code: str | None = None,
+    ) -> None:
         if isinstance(message_or_issues, str):
-            issues: tuple[Issue, ...] = (Issue("error", code or self.default_code, message_or_issues,
-                                               expression, pointer, rule),)
+            issues: tuple[Issue, ...] = (
+                Issue("error", code or self.default_code, message_or_issues, expression, pointer, rule),
+            )
         elif isinstance(message_or_issues, Issue):
             issues = (message_or_issues,)
         else:
@@ -237,9 +253,16 @@ class ServerError(KapError):
     http_status = 502
     exit_code = 1
 
-    def __init__(self, summary: str, *, status: int | None = None,
-                 remote_outcome: dict[str, Any] | None = None, retryable: bool = False,
-                 url: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        summary: str,
+        *,
+        status: int | None = None,
+        remote_outcome: dict[str, Any] | None = None,
+        retryable: bool = False,
+        url: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         self.status = status
         self.retry_after = retry_after  # seconds the server asked us to wait (429/503), if any
         self.remote_outcome = remote_outcome
@@ -249,8 +272,9 @@ class ServerError(KapError):
         # the server's issue codes and locations, whoever builds the error: never its free text
         self.summary = summary + (f" (server issues: {said})" if said else "")
         self.url = url
-        super().__init__([Issue("error", "exception", self.summary, rule="remote-server")] + remote,
-                         code="exception")
+        super().__init__(
+            [Issue("error", "exception", self.summary, rule="remote-server")] + remote, code="exception"
+        )
 
 
 def _remote_issues(oo: dict[str, Any] | None) -> list[Issue]:
@@ -265,9 +289,15 @@ def _remote_issues(oo: dict[str, Any] | None) -> list[Issue]:
         code = str(raw.get("code", "exception"))[:40]
         expr = raw.get("expression") or []
         where = expr[0][:120] if expr and isinstance(expr[0], str) else None
-        out.append(Issue(str(raw.get("severity", "error"))[:20], code,
-                         f"server reported {code}" + (f" at {where}" if where else ""),
-                         expression=where, rule="remote-server"))
+        out.append(
+            Issue(
+                str(raw.get("severity", "error"))[:20],
+                code,
+                f"server reported {code}" + (f" at {where}" if where else ""),
+                expression=where,
+                rule="remote-server",
+            )
+        )
     return out
 
 

@@ -5,6 +5,7 @@ orjson does the parsing and writing: it is ~60x faster than building models.
 
 Room: jsonio (layer 0, base): imports only errors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -24,7 +25,9 @@ def loads(data: bytes | str, *, source: str = "input") -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise InputError(f"{source}: malformed JSON ({_short(exc)})", pointer="", rule="json:syntax") from None
+        raise InputError(
+            f"{source}: malformed JSON ({_short(exc)})", pointer="", rule="json:syntax"
+        ) from None
 
 
 def dumps(obj: Any, *, pretty: bool = False) -> bytes:
@@ -36,8 +39,9 @@ def _short(exc: Exception) -> str:
     return str(exc).split("\n")[0][:200]
 
 
-def iter_documents(stream: IO[bytes], *, source: str = "input",
-                   max_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[tuple[str, Any]]:
+def iter_documents(
+    stream: IO[bytes], *, source: str = "input", max_bytes: int = MAX_DOCUMENT_BYTES
+) -> Iterator[tuple[str, Any]]:
     """Yield (label, document) from a stream holding one JSON document or NDJSON.
 
     NDJSON is read line by line (constant memory); a single document may span lines.
@@ -59,8 +63,12 @@ def iter_documents(stream: IO[bytes], *, source: str = "input",
         rest = stream.read(max_bytes + 1)
         whole = first + rest
         if len(whole) > max_bytes:
-            raise InputError(f"{source}: document larger than {max_bytes} bytes", pointer="",
-                             rule="json:size", code="too-long") from None
+            raise InputError(
+                f"{source}: document larger than {max_bytes} bytes",
+                pointer="",
+                rule="json:size",
+                code="too-long",
+            ) from None
         yield source, loads(whole, source=source)
         return
     nxt, nxt_no = _next_nonblank(stream, first_no)
@@ -81,4 +89,3 @@ def _next_nonblank(stream: IO[bytes], line_no: int) -> tuple[bytes | None, int]:
         if raw.strip():
             return raw, line_no
     return None, line_no
-

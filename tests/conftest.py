@@ -5,6 +5,7 @@ the bridge app, the CLI, local HTTP servers), tests/system (SEKMET, gunicorn, cr
 the demo, a browser, the benchmarks). Each test gets its tier's marker, plus `sekmet` or
 `postgres` from the fixtures it uses, so `-m "not sekmet"` or `tests/unit` both work.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.path)).relative_to(Path(__file__).parent).parts
         tier = parts[0] if parts and parts[0] in TIERS else None
         if tier is None:
-            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/system")
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/system"
+            )
         item.add_marker(getattr(pytest.mark, tier))
         used = set(getattr(item, "fixturenames", ()))
         if used & {"sekmet", "sekmet_auth"}:
@@ -34,7 +37,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "pg_url" in used:
             item.add_marker(pytest.mark.postgres)
         if tier == "unit" and used & IO_FIXTURES:
-            raise pytest.UsageError(f"{item.nodeid} uses {sorted(used & IO_FIXTURES)}: move it out of tests/unit")
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {sorted(used & IO_FIXTURES)}: move it out of tests/unit"
+            )
 
 
 @pytest.fixture
@@ -68,8 +73,9 @@ def sekmet_auth(tmp_path_factory: pytest.TempPathFactory):
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
     jwk.update({"kid": "kap-test-1", "alg": "RS384", "use": "sig"})
     token = secrets.token_urlsafe(24)

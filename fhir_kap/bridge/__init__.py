@@ -2,6 +2,7 @@
 
 `create_app(settings, options)` builds everything; nothing is kept in module globals.
 """
+
 from __future__ import annotations
 
 from .app import BridgeOptions, create_app

@@ -15,6 +15,7 @@ by its sender, and ignored here.
 
 Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,8 +34,15 @@ __all__ = ["Access", "SearchVisibility"]
 class Access:
     """Visibility checks for partner reads, consent-gated and audited."""
 
-    def __init__(self, store: Store, *, release: Release, purpose: str, audit: Any | None,
-                 context_source: Callable[[str], list[dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        release: Release,
+        purpose: str,
+        audit: Any | None,
+        context_source: Callable[[str], list[dict[str, Any]]],
+    ) -> None:
         """`context_source(patient_ref)`: a client's consent context (the outbox's, which only the
         clinic and consent authorities fill)."""
         self.store = store
@@ -57,8 +65,10 @@ class Access:
                 prefix = "Practitioner/" if param == "practitioner" else "Organization/"
                 wanted = sorted(r for r in refs if r.startswith(prefix))
                 for start in range(0, len(wanted), MAX_ALTERNATIVES):  # a search takes 100 values at most
-                    chunk = wanted[start:start + MAX_ALTERNATIVES]
-                    for s in self.store.search("PractitionerRole", {param: [",".join(chunk)]}, count=200).items:
+                    chunk = wanted[start : start + MAX_ALTERNATIVES]
+                    for s in self.store.search(
+                        "PractitionerRole", {param: [",".join(chunk)]}, count=200
+                    ).items:
                         if s.resource.get("active", True):
                             refs.add(f"PractitionerRole/{s.id}")
         return sorted(refs)
@@ -75,8 +85,9 @@ class Access:
         search, and audit records only for what is disclosed (the page returned) and for denials."""
         return SearchVisibility(self, partner)
 
-    def check(self, partner: Partner, stored: StoredResource,
-              gates: dict[str | None, Any] | None = None) -> tuple[bool, dict[str, Any] | None]:
+    def check(
+        self, partner: Partner, stored: StoredResource, gates: dict[str | None, Any] | None = None
+    ) -> tuple[bool, dict[str, Any] | None]:
         """(visible, the AuditEvent of the gate's decision or None when no consent decision was
         needed), without writing anything. `gates` caches one gate per client across calls."""
         if partner.is_clinic:
@@ -90,8 +101,9 @@ class Access:
             return False, None
         return self._gate(partner, stored, key, gates)
 
-    def _gate(self, partner: Partner, stored: StoredResource, key: str,
-              gates: dict[str | None, Any] | None) -> tuple[bool, dict[str, Any]]:
+    def _gate(
+        self, partner: Partner, stored: StoredResource, key: str, gates: dict[str | None, Any] | None
+    ) -> tuple[bool, dict[str, Any]]:
         from ..consent import ConsentGate, Recipient, audit_event
 
         resource = stored.resource
@@ -104,8 +116,15 @@ class Access:
             if gates is not None:
                 gates[patient] = gate
         decision = gate.decide(resource, recipient, self.purpose, on=now.date())
-        return bool(decision.permit), audit_event(decision, resource, recipient, self.purpose, release=self.release,
-                                                  recorded=now, actor=f"partner:{partner.name}")
+        return bool(decision.permit), audit_event(
+            decision,
+            resource,
+            recipient,
+            self.purpose,
+            release=self.release,
+            recorded=now,
+            actor=f"partner:{partner.name}",
+        )
 
     def context(self, patient_ref: str | None) -> list[dict[str, Any]]:
         """Consents for the client, and the people and organisations they name."""
@@ -138,5 +157,3 @@ class SearchVisibility:
             return
         events = [self._permits[key] for key in ((s.type, s.id) for s in items) if key in self._permits]
         self.access.audit.append_many(events)  # one commit for the page
-
-

@@ -8,6 +8,7 @@ only the request id (the details go to the log, without patient data).
 
 Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,14 +37,36 @@ from ..storage.partners import Partner, Partners
 from ..storage.store import Store
 from .access import Access
 
-__all__ = ["BridgeOptions", "JsonLines", "Services", "create_app", "fhir_response", "outcome_response", "services"]
+__all__ = [
+    "BridgeOptions",
+    "JsonLines",
+    "Services",
+    "create_app",
+    "fhir_response",
+    "outcome_response",
+    "services",
+]
 
 log = logging.getLogger("fhir_kap.bridge")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-_HTTP_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
-               406: "not-supported", 409: "conflict", 410: "deleted", 411: "required", 412: "conflict",
-               413: "too-long", 414: "too-long", 415: "not-supported", 422: "processing",
-               429: "throttled", 431: "too-long"}
+_HTTP_CODES = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    411: "required",
+    412: "conflict",
+    413: "too-long",
+    414: "too-long",
+    415: "not-supported",
+    422: "processing",
+    429: "throttled",
+    431: "too-long",
+}
 
 
 @dataclass(frozen=True)
@@ -106,22 +129,47 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     mapper = Mapper.load()
     outbox = Outbox(db)
     audit = AuditLog(db)
-    notifier = Notifier(timeout=options.webhook_timeout, db=db, resolve=_webhook_of(partners)) \
-        if options.notify else None
-    access = Access(store, release=release, purpose=options.read_purpose, audit=audit,
-                    context_source=outbox.context_for)
+    notifier = (
+        Notifier(timeout=options.webhook_timeout, db=db, resolve=_webhook_of(partners))
+        if options.notify
+        else None
+    )
+    access = Access(
+        store, release=release, purpose=options.read_purpose, audit=audit, context_source=outbox.context_for
+    )
     # Rest-hooks only for recipients the consent gate lets read the note (audited like a read).
-    inbound = Inbound(store, validator, release=release, mapper=mapper, context=outbox, partners=partners,
-                      notifier=notifier, clinic_org_identifier=settings.clinic_org_identifier,
-                      may_read=access.can_read)
+    inbound = Inbound(
+        store,
+        validator,
+        release=release,
+        mapper=mapper,
+        context=outbox,
+        partners=partners,
+        notifier=notifier,
+        clinic_org_identifier=settings.clinic_org_identifier,
+        may_read=access.can_read,
+    )
     if notifier is not None:
         notifier.allowed = _still_readable(partners, store, access)
 
     app = Flask("fhir_kap.bridge")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["fhir_kap"] = Services(settings, options, release, db, store, partners, inbound, access,
-                                          validator, mapper, load_input_schemas(), outbox, audit)
+    app.extensions["fhir_kap"] = Services(
+        settings,
+        options,
+        release,
+        db,
+        store,
+        partners,
+        inbound,
+        access,
+        validator,
+        mapper,
+        load_input_schemas(),
+        outbox,
+        audit,
+    )
     _hooks(app)
     from . import fhir, kap, smart
 
@@ -145,6 +193,7 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
         return json_response({"status": "ready", "database": db.dialect})
 
     if options.bench_echo:
+
         @app.post("/bench/echo")
         def bench_echo() -> Response:
             body = jsonio.loads(request.get_data(cache=False), source="body")
@@ -159,12 +208,14 @@ def _webhook_of(partners: Partners) -> Callable[[str], tuple[str, str | None] | 
         if partner is None or partner.revoked or not partner.webhook_url:
             return None
         return partner.webhook_url, partner.webhook_secret
+
     return resolve
 
 
 def _still_readable(partners: Partners, store: Store, access: Access) -> Callable[[str, str], bool]:
     """At send time: may the partner still read the note a rest-hook announces (consent-checked,
     audited like a read)? A Task event needs no consent (the Task carries status only)."""
+
     def allowed(name: str, ref: str) -> bool:
         rtype, _, rid = ref.partition("/")
         if rtype != "Communication":
@@ -172,6 +223,7 @@ def _still_readable(partners: Partners, store: Store, access: Access) -> Callabl
         partner = partners.get(name)
         stored = store.get(rtype, rid)
         return partner is not None and stored is not None and access.can_read(partner, stored)
+
     return allowed
 
 
@@ -192,10 +244,17 @@ def _hooks(app: Flask) -> None:
         if not log.isEnabledFor(logging.INFO):  # the line costs ~20 µs to build: only when it is kept
             return resp
         partner = g.get("partner")
-        log.info(_line(event="request", request_id=g.get("request_id"), method=request.method,
-                       route=request.url_rule.rule if request.url_rule else "(unmatched)",
-                       status=resp.status_code, partner=partner.name if partner else None,
-                       duration_ms=round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2)))
+        log.info(
+            _line(
+                event="request",
+                request_id=g.get("request_id"),
+                method=request.method,
+                route=request.url_rule.rule if request.url_rule else "(unmatched)",
+                status=resp.status_code,
+                partner=partner.name if partner else None,
+                duration_ms=round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
+            )
+        )
         return resp
 
     @app.errorhandler(KapError)
@@ -208,11 +267,17 @@ def _hooks(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        text = {404: "No such endpoint", 405: f"Method {request.method} is not allowed here",
-                413: f"Request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes"}.get(
-                    status, exc.name)
-        resp = outcome_response(operation_outcome([Issue("error", _HTTP_CODES.get(status, "exception"), text,
-                                                         rule=f"http:{status}")]), status)
+        text = {
+            404: "No such endpoint",
+            405: f"Method {request.method} is not allowed here",
+            413: f"Request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
+        }.get(status, exc.name)
+        resp = outcome_response(
+            operation_outcome(
+                [Issue("error", _HTTP_CODES.get(status, "exception"), text, rule=f"http:{status}")]
+            ),
+            status,
+        )
         if status == 405 and exc.get_response().headers.get("Allow"):
             resp.headers["Allow"] = exc.get_response().headers["Allow"]
         return resp
@@ -221,11 +286,17 @@ def _hooks(app: Flask) -> None:
     def internal_error(exc: Exception) -> Response:
         rid = g.get("request_id", "-")
         # Type and frames only: an exception's message may quote data.
-        frames = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}"
-                  for f in traceback.extract_tb(exc.__traceback__)]
+        frames = [
+            f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}"
+            for f in traceback.extract_tb(exc.__traceback__)
+        ]
         log.error(_line(event="internal-error", request_id=rid, error=type(exc).__name__, frames=frames[-8:]))
-        return outcome_response(operation_outcome([Issue(
-            "fatal", "exception", f"Internal error; request id {rid}", rule="internal")]), 500)
+        return outcome_response(
+            operation_outcome(
+                [Issue("fatal", "exception", f"Internal error; request id {rid}", rule="internal")]
+            ),
+            500,
+        )
 
 
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -240,8 +311,12 @@ class JsonLines(logging.Formatter):
         message = record.getMessage()
         if message.startswith("{"):
             return message  # already a JSON line (_line)
-        fields: dict[str, Any] = {"ts": datetime.fromtimestamp(record.created).astimezone().isoformat(
-            timespec="milliseconds"), "level": record.levelname.lower(), "logger": record.name, "event": message}
+        fields: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": message,
+        }
         for key, value in vars(record).items():
             if key not in _RECORD_ATTRS and isinstance(value, (str, int, float, bool, type(None))):
                 fields[key] = value
@@ -251,7 +326,9 @@ class JsonLines(logging.Formatter):
 
 
 def _line(**fields: Any) -> str:
-    return jsonio.dumps({"ts": datetime.now().astimezone().isoformat(timespec="milliseconds"), **fields}).decode()
+    return jsonio.dumps(
+        {"ts": datetime.now().astimezone().isoformat(timespec="milliseconds"), **fields}
+    ).decode()
 
 
 FHIR_JSON = "application/fhir+json"
@@ -285,8 +362,12 @@ _URI_SAFE = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]+\Z")
 
 
 def fhir_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return FhirResponse(b"" if body is None else jsonio.dumps(body), status=status, headers=headers,
-                        content_type=f"{FHIR_JSON}; charset=utf-8")
+    return FhirResponse(
+        b"" if body is None else jsonio.dumps(body),
+        status=status,
+        headers=headers,
+        content_type=f"{FHIR_JSON}; charset=utf-8",
+    )
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -340,5 +421,7 @@ def current_partner(scopes: Iterable[str] = ()) -> Partner:
     g.partner = partner
     for scope in scopes:
         if scope not in partner.scopes:
-            raise Forbidden(f"This partner's scopes do not include {scope}", rule="auth:scope", code="forbidden")
+            raise Forbidden(
+                f"This partner's scopes do not include {scope}", rule="auth:scope", code="forbidden"
+            )
     return partner

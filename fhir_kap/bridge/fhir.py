@@ -2,6 +2,7 @@
 
 Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,12 @@ from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date
 __all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]
 
 READ_TYPES = WRITE_TYPES + ("Task",)
-KAP_PROFILE = {"ServiceRequest": "kap-referral", "Procedure": "kap-session",
-               "Consent": "kap-release-of-information", "Communication": "kap-continuity-note"}
+KAP_PROFILE = {
+    "ServiceRequest": "kap-referral",
+    "Procedure": "kap-session",
+    "Consent": "kap-release-of-information",
+    "Communication": "kap-continuity-note",
+}
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
 _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
@@ -39,8 +44,9 @@ def read_json_body(accepted: tuple[str, ...] = _ACCEPTED_TYPES) -> Any:
     mimetype = request.mimetype
     if mimetype not in accepted:
         shown = mimetype[:60] if mimetype else "none"
-        raise UnsupportedMediaType(f"Content-Type '{shown}' is not supported; send {accepted[0]}",
-                                   rule="http:content-type")
+        raise UnsupportedMediaType(
+            f"Content-Type '{shown}' is not supported; send {accepted[0]}", rule="http:content-type"
+        )
     charset = request.mimetype_params.get("charset")
     if charset and charset.lower().replace("-", "") != "utf8":
         raise UnsupportedMediaType("Only the UTF-8 charset is supported", rule="http:charset")
@@ -67,14 +73,21 @@ def _visible(rtype: str, rid: str) -> tuple[Partner, Any, StoredResource]:
 def _check_type(rtype: str, types: tuple[str, ...] = READ_TYPES) -> None:
     if rtype not in types:
         shown = f"'{rtype}'" if _TYPE_NAME.match(rtype) else "given"
-        raise NotFound(f"Resource type {shown} is not supported here; supported: {', '.join(types)}",
-                       rule="fhir:resource-type", code="not-supported")
+        raise NotFound(
+            f"Resource type {shown} is not supported here; supported: {', '.join(types)}",
+            rule="fhir:resource-type",
+            code="not-supported",
+        )
 
 
 def _check_id(rtype: str, rid: str) -> None:
     if not ID_PATTERN.match(rid):
-        raise InputError("A resource id is 1-64 characters of A-Z, a-z, 0-9, '-' and '.'",
-                         expression=f"{rtype}.id", rule="fhir:id", code="value")
+        raise InputError(
+            "A resource id is 1-64 characters of A-Z, a-z, 0-9, '-' and '.'",
+            expression=f"{rtype}.id",
+            rule="fhir:id",
+            code="value",
+        )
 
 
 def _scope(partner: Partner, rtype: str, interaction: str) -> None:
@@ -113,9 +126,18 @@ def _created(s: StoredResource, created: bool) -> Response:
     if prefer == "minimal":
         return fhir_response(None, status, _headers(s, location=True))
     if prefer == "OperationOutcome":
-        oo = {"resourceType": "OperationOutcome", "issue": [{
-            "severity": "information", "code": "informational",
-            "details": {"text": f"{s.type}/{s.id} {'created' if created else 'already exists (If-None-Exist)'}"}}]}
+        oo = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "information",
+                    "code": "informational",
+                    "details": {
+                        "text": f"{s.type}/{s.id} {'created' if created else 'already exists (If-None-Exist)'}"
+                    },
+                }
+            ],
+        }
         return fhir_response(oo, status, _headers(s, location=True))
     return fhir_response(s.resource, status, _headers(s, location=True))
 
@@ -130,8 +152,11 @@ def register(app: Flask) -> None:
         partner = current_partner()
         body = read_json_body()
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
-            raise InputError("POST /fhir takes a Bundle of type transaction or batch", pointer="/resourceType",
-                             rule="bridge:bundle")
+            raise InputError(
+                "POST /fhir takes a Bundle of type transaction or batch",
+                pointer="/resourceType",
+                rule="bridge:bundle",
+            )
         raw_entries = body.get("entry")
         entries: list[Any] = raw_entries if isinstance(raw_entries, list) else []
         for e in entries:
@@ -139,8 +164,9 @@ def register(app: Flask) -> None:
             rt = res.get("resourceType") if isinstance(res, dict) else None
             if isinstance(rt, str) and rt in WRITE_TYPES:
                 _scope(partner, rt, "write")
-        result = services().inbound.accept_bundle(body, source=partner.name,
-                                                  authority=partner.is_consent_authority)
+        result = services().inbound.accept_bundle(
+            body, source=partner.name, authority=partner.is_consent_authority
+        )
         for entry in result.bundle["entry"]:
             if "fullUrl" in entry:
                 entry["fullUrl"] = f"{_base()}/{entry['fullUrl']}"
@@ -153,17 +179,26 @@ def register(app: Flask) -> None:
         _scope(partner, rtype, "write")
         body = read_json_body()
         if not isinstance(body, dict):
-            raise InputError("The body must be a FHIR resource (a JSON object)", pointer="", rule="fhir:resource")
+            raise InputError(
+                "The body must be a FHIR resource (a JSON object)", pointer="", rule="fhir:resource"
+            )
         if body.get("resourceType") != rtype:
             given = body.get("resourceType")
-            shown = f"'{given}'" if isinstance(given, str) and _TYPE_NAME.match(given) else "missing or invalid"
-            raise InputError(f"resourceType {shown} does not match the URL ({rtype})", pointer="/resourceType",
-                             expression="resourceType", rule="http:type-mismatch")
+            shown = (
+                f"'{given}'" if isinstance(given, str) and _TYPE_NAME.match(given) else "missing or invalid"
+            )
+            raise InputError(
+                f"resourceType {shown} does not match the URL ({rtype})",
+                pointer="/resourceType",
+                expression="resourceType",
+                rule="http:type-mismatch",
+            )
         cond_header = request.headers.get("If-None-Exist")
         cond = parse_query(cond_header) if cond_header else None
         # Only a consent authority's Consents, people and organisations feed the consent gate.
-        acc = services().inbound.accept(body, source=partner.name, if_none_exist=cond,
-                                        authority=partner.is_consent_authority)
+        acc = services().inbound.accept(
+            body, source=partner.name, if_none_exist=cond, authority=partner.is_consent_authority
+        )
         return _created(acc.stored, acc.created)
 
     @app.get("/fhir/<rtype>/<rid>")
@@ -179,7 +214,9 @@ def register(app: Flask) -> None:
         if not _VERSION.match(vid):
             raise InputError("A version id is a positive integer", rule="fhir:version-id", code="value")
         stored = svc.store.vread(rtype, rid, int(vid))
-        if stored is None or not (stored.deleted and partner.is_clinic or svc.access.can_read(partner, stored)):
+        if stored is None or not (
+            stored.deleted and partner.is_clinic or svc.access.can_read(partner, stored)
+        ):
             raise NotFound(f"{rtype}/{rid} has no version {vid}", rule="fhir:not-found")
         return fhir_response(stored.resource, 200, _headers(stored))
 
@@ -194,14 +231,25 @@ def register(app: Flask) -> None:
             entry: dict[str, Any] = {"fullUrl": f"{base}/{rtype}/{rid}"}
             if not s.deleted:
                 entry["resource"] = s.resource
-            entry["request"] = {"method": "DELETE" if s.deleted else ("POST" if s.version == 1 else "PUT"),
-                                "url": rtype if s.version == 1 else f"{rtype}/{rid}"}
-            entry["response"] = {"status": "200" if not s.deleted else "204", "etag": s.etag,
-                                 "lastModified": s.last_updated}
+            entry["request"] = {
+                "method": "DELETE" if s.deleted else ("POST" if s.version == 1 else "PUT"),
+                "url": rtype if s.version == 1 else f"{rtype}/{rid}",
+            }
+            entry["response"] = {
+                "status": "200" if not s.deleted else "204",
+                "etag": s.etag,
+                "lastModified": s.last_updated,
+            }
             entries.append(entry)
-        return fhir_response({"resourceType": "Bundle", "type": "history", "total": len(entries),
-                              "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
-                              "entry": entries})
+        return fhir_response(
+            {
+                "resourceType": "Bundle",
+                "type": "history",
+                "total": len(entries),
+                "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
+                "entry": entries,
+            }
+        )
 
     @app.get("/fhir/<rtype>")
     def search(rtype: str) -> Response:
@@ -216,13 +264,22 @@ def register(app: Flask) -> None:
             result = svc.store.search(rtype, params, count=count, offset=offset)
         else:
             visible = svc.access.searcher(partner)
-            result = svc.store.search(rtype, params, count=count, offset=offset,
-                                      audience=(partner.name, svc.access.partner_refs(partner)), where=visible)
+            result = svc.store.search(
+                rtype,
+                params,
+                count=count,
+                offset=offset,
+                audience=(partner.name, svc.access.partner_refs(partner)),
+                where=visible,
+            )
             visible.disclosed(result.items)
         base = _base()
 
         def link(relation: str, off: int) -> dict[str, str]:
-            query = [(k, v) for k, vs in params.items() for v in vs] + [("_count", str(count)), ("_offset", str(off))]
+            query = [(k, v) for k, vs in params.items() for v in vs] + [
+                ("_count", str(count)),
+                ("_offset", str(off)),
+            ]
             return {"relation": relation, "url": f"{base}/{rtype}?{urlencode(query)}"}
 
         links = [link("self", offset)]
@@ -230,15 +287,30 @@ def register(app: Flask) -> None:
             links.append(link("next", offset + count))
         if offset > 0:
             links.append(link("previous", max(0, offset - count)))
-        return fhir_response({
-            "resourceType": "Bundle", "type": "searchset", "total": result.total, "link": links,
-            "entry": [{"fullUrl": f"{base}/{s.type}/{s.id}", "resource": s.resource, "search": {"mode": "match"}}
-                      for s in result.items]})
+        return fhir_response(
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": result.total,
+                "link": links,
+                "entry": [
+                    {
+                        "fullUrl": f"{base}/{s.type}/{s.id}",
+                        "resource": s.resource,
+                        "search": {"mode": "match"},
+                    }
+                    for s in result.items
+                ],
+            }
+        )
 
     @app.route("/fhir/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unsupported(rest: str) -> Response:
-        raise NotFound(f"{request.method} on this path is not supported by this server", rule="fhir:interaction",
-                       code="not-supported")
+        raise NotFound(
+            f"{request.method} on this path is not supported by this server",
+            rule="fhir:interaction",
+            code="not-supported",
+        )
 
 
 def _int_param(values: list[str] | None, name: str, default: int, maximum: int) -> int:
@@ -246,7 +318,9 @@ def _int_param(values: list[str] | None, name: str, default: int, maximum: int) 
         return default
     value = values[-1]
     if not value.isdigit() or int(value) > maximum:
-        raise InputError(f"{name} must be an integer from 0 to {maximum}", rule=f"search:{name}", code="value")
+        raise InputError(
+            f"{name} must be an integer from 0 to {maximum}", rule=f"search:{name}", code="value"
+        )
     return int(value)
 
 
@@ -286,19 +360,30 @@ def capability_statement(base: str) -> dict[str, Any]:
         "implementation": {"description": "fhir-kap bridge for KAP collaborative care", "url": base},
         "fhirVersion": release.value,
         "format": [FHIR_JSON, "json"],
-        "rest": [{
-            "mode": "server",
-            "documentation": "Partners authenticate with a bearer token; each reads only what it sent and what "
-                             "is addressed to it and permitted by consent. _count (max 200) and _offset page "
-                             "searches.",
-            "security": {
-                "cors": False,
-                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                         "code": "SMART-on-FHIR"}]}],
-                "description": "Bearer tokens: one issued per partner (fhir-kap partners add), or short-lived "
-                               "SMART Backend Services tokens (private_key_jwt; see "
-                               ".well-known/smart-configuration)"},
-            "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}],
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Partners authenticate with a bearer token; each reads only what it sent and what "
+                "is addressed to it and permitted by consent. _count (max 200) and _offset page "
+                "searches.",
+                "security": {
+                    "cors": False,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "Bearer tokens: one issued per partner (fhir-kap partners add), or short-lived "
+                    "SMART Backend Services tokens (private_key_jwt; see "
+                    ".well-known/smart-configuration)",
+                },
+                "resource": resources,
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            }
+        ],
     }

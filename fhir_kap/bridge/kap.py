@@ -13,6 +13,7 @@ the consent path (gate, AuditEvent, Provenance, labels, outbox) is fhir_kap.exch
 
 Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,23 +58,33 @@ def register(app: Flask) -> None:
         current_partner(["kap/referrals.write"])
         body = read_json_body(("application/json", "application/fhir+json"))
         if not isinstance(body, dict) or not isinstance(body.get("status"), str):
-            raise InputError("The body must be an object with a string 'status'", pointer="/status",
-                             rule="referral:body")
+            raise InputError(
+                "The body must be an object with a string 'status'", pointer="/status", rule="referral:body"
+            )
         unknown = set(body) - {"status", "reason"}
         if unknown:
-            raise InputError(f"Unknown field '{min(unknown)[:40]}'; allowed: status, reason",
-                             rule="referral:body")
+            raise InputError(
+                f"Unknown field '{min(unknown)[:40]}'; allowed: status, reason", rule="referral:body"
+            )
         task = services().inbound.referral_status(rid, body["status"], reason=body.get("reason"))
-        return json_response({"task": f"Task/{task.id}", "version": task.version,
-                              "status": task.resource["status"],
-                              "businessStatus": task.resource["businessStatus"]["coding"][0]["code"]})
+        return json_response(
+            {
+                "task": f"Task/{task.id}",
+                "version": task.version,
+                "status": task.resource["status"],
+                "businessStatus": task.resource["businessStatus"]["coding"][0]["code"],
+            }
+        )
 
 
 def _documents() -> list[tuple[str, Any]]:
     mimetype = request.mimetype
     if mimetype not in ("application/json", "application/x-ndjson", "application/ndjson"):
-        raise UnsupportedMediaType(f"Content-Type '{(mimetype or 'none')[:60]}' is not supported; send "
-                                   "application/json or application/x-ndjson", rule="http:content-type")
+        raise UnsupportedMediaType(
+            f"Content-Type '{(mimetype or 'none')[:60]}' is not supported; send "
+            "application/json or application/x-ndjson",
+            rule="http:content-type",
+        )
     data = request.get_data(cache=False)
     if not data.strip():
         raise InputError("The request body is empty", pointer="", rule="json:empty")
@@ -81,14 +92,22 @@ def _documents() -> list[tuple[str, Any]]:
         return [("record", jsonio.loads(data, source="body"))]
     docs = list(jsonio.iter_documents(io.BytesIO(data), source="line"))
     if len(docs) > _MAX_RECORDS:
-        raise InputError(f"At most {_MAX_RECORDS} records per request", rule="kap:records-size", code="too-costly")
+        raise InputError(
+            f"At most {_MAX_RECORDS} records per request", rule="kap:records-size", code="too-costly"
+        )
     return docs
 
 
 def _outbound(source: str) -> Outbound:
     svc = services()
-    return Outbound(Pipeline(svc.inputs, svc.mapper), svc.outbox, svc.audit, release=svc.release,
-                    purpose=svc.options.read_purpose, actor=f"partner:{source}")
+    return Outbound(
+        Pipeline(svc.inputs, svc.mapper),
+        svc.outbox,
+        svc.audit,
+        release=svc.release,
+        purpose=svc.options.read_purpose,
+        actor=f"partner:{source}",
+    )
 
 
 def _one(label: str, doc: Any, partner: Partner) -> dict[str, Any]:
@@ -103,39 +122,68 @@ def _one(label: str, doc: Any, partner: Partner) -> dict[str, Any]:
     outbound = _outbound(source)
     resource = outbound.prepare(doc)
     if isinstance(resource, KapError):
-        return {**out, "outcome": "refused", "status": resource.http_status,
-                "reasons": [issue_reason(i) for i in resource.issues]}
+        return {
+            **out,
+            "outcome": "refused",
+            "status": resource.http_status,
+            "reasons": [issue_reason(i) for i in resource.issues],
+        }
     rtype = resource["resourceType"]
     if rtype in CONTEXT_TYPES:
         # Only consent authorities feed the consent gate: by this request's scopes (a SMART
         # token may carry fewer than the partner holds), never by the partner's registration.
         if not partner.is_consent_authority:
-            return {**out, "outcome": "refused", "status": 403, "reasons": [{
-                "message": "consents and parties are taken only from the clinic or a consent authority",
-                "rule": "kap:consent-authority"}]}
+            return {
+                **out,
+                "outcome": "refused",
+                "status": 403,
+                "reasons": [
+                    {
+                        "message": "consents and parties are taken only from the clinic or a consent authority",
+                        "rule": "kap:consent-authority",
+                    }
+                ],
+            }
         svc.outbox.put_context(resource)
         return {**out, "outcome": "context", "resource": f"{rtype}/{resource.get('id')}"}
     recipients = [r for r in resource.get("recipient") or [] if isinstance(r, dict)]
     if not recipients:  # the clinic's own record (a session): kept here, disclosed to no one
-        acc = svc.inbound.accept(apply_security_labels(resource), source=source,
-                                 if_none_exist=_identifier_condition(resource))
-        return {**out, "outcome": "stored", "resource": f"{acc.stored.type}/{acc.stored.id}",
-                "new": acc.created}
+        acc = svc.inbound.accept(
+            apply_security_labels(resource), source=source, if_none_exist=_identifier_condition(resource)
+        )
+        return {
+            **out,
+            "outcome": "stored",
+            "resource": f"{acc.stored.type}/{acc.stored.id}",
+            "new": acc.created,
+        }
     deliveries = [_deliver(outbound, resource, ref, source) for ref in recipients]
     outcomes = {d["outcome"] for d in deliveries}
     overall = next(o for o in ("queued", "already-queued", "stored", "held", "refused") if o in outcomes)
     return {**out, "outcome": overall, "deliveries": deliveries}
 
 
-def _deliver(outbound: Outbound, resource: dict[str, Any], ref: dict[str, Any], source: str) -> dict[str, Any]:
+def _deliver(
+    outbound: Outbound, resource: dict[str, Any], ref: dict[str, Any], source: str
+) -> dict[str, Any]:
     """One recipient: the partner answering to it, the consent gate, then its outbox or our store."""
     svc = services()
     shown = ref.get("reference") if isinstance(ref.get("reference"), str) else "(identifier)"
     single = dict(resource, recipient=[ref])
-    partner = next((p for p in svc.partners.list() if not p.revoked and not p.is_clinic
-                    and addressed_to(single, p, svc.store.get) is not None), None)
+    partner = next(
+        (
+            p
+            for p in svc.partners.list()
+            if not p.revoked and not p.is_clinic and addressed_to(single, p, svc.store.get) is not None
+        ),
+        None,
+    )
     if partner is None:
-        return {"recipient": shown, "outcome": "held", "reasons": ["no registered partner answers to this recipient"]}
+        return {
+            "recipient": shown,
+            "outcome": "held",
+            "reasons": ["no registered partner answers to this recipient"],
+        }
     key = addressed_to(single, partner, svc.store.get) or ""
     if partner.endpoint_url:
         target = Target(partner.name, partner.endpoint_url)

@@ -19,6 +19,7 @@ with 400, or 401 for `invalid_client`; the description names the rule, never a k
 
 Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,13 +56,16 @@ def token_url() -> str | None:
     if not given:
         return None
     parts = urlsplit(given.rstrip("/"))
-    path = parts.path[:-len("/fhir")] if parts.path.endswith("/fhir") else parts.path
+    path = parts.path[: -len("/fhir")] if parts.path.endswith("/fhir") else parts.path
     return f"{parts.scheme}://{parts.netloc}{path}{TOKEN_PATH}"
 
 
 def _not_configured() -> NotFound:
-    return NotFound("SMART backend services need the bridge's public base URL: serve with --base-url",
-                    rule="smart:base-url", code="not-supported")
+    return NotFound(
+        "SMART backend services need the bridge's public base URL: serve with --base-url",
+        rule="smart:base-url",
+        code="not-supported",
+    )
 
 
 def register(app: Flask) -> None:
@@ -70,16 +74,26 @@ def register(app: Flask) -> None:
         endpoint = token_url()
         if endpoint is None:
             raise _not_configured()
-        return json_response({
-            "token_endpoint": endpoint,
-            "grant_types_supported": ["client_credentials"],
-            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": list(ALGS),
-            "scopes_supported": ["system/*.read", "system/*.write", "system/*.*", "system/*.rs",
-                                 "system/*.cruds", "kap/records.write", "kap/referrals.write", "kap/clinic",
-                                 "kap/consent-authority"],
-            "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
-        })
+        return json_response(
+            {
+                "token_endpoint": endpoint,
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported": list(ALGS),
+                "scopes_supported": [
+                    "system/*.read",
+                    "system/*.write",
+                    "system/*.*",
+                    "system/*.rs",
+                    "system/*.cruds",
+                    "kap/records.write",
+                    "kap/referrals.write",
+                    "kap/clinic",
+                    "kap/consent-authority",
+                ],
+                "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+            }
+        )
 
     @app.post(TOKEN_PATH)
     def token() -> Response:
@@ -103,7 +117,9 @@ def _token() -> Response:
     if form.get("grant_type") != "client_credentials":
         raise _OAuthError("unsupported_grant_type", "only grant_type=client_credentials is supported")
     if form.get("client_assertion_type") != JWT_BEARER:
-        raise _OAuthError("invalid_client", f"client_assertion_type must be {JWT_BEARER} (private_key_jwt)", 401)
+        raise _OAuthError(
+            "invalid_client", f"client_assertion_type must be {JWT_BEARER} (private_key_jwt)", 401
+        )
     assertion = form.get("client_assertion") or ""
     if not assertion or len(assertion) > _MAX_ASSERTION_BYTES:
         raise _OAuthError("invalid_client", "a client_assertion (a signed JWT) is required", 401)
@@ -115,18 +131,27 @@ def _token() -> Response:
     alg, kid, client_id = header.get("alg"), header.get("kid"), unverified.get("iss")
     if alg not in ALGS:
         raise _OAuthError("invalid_client", f"the assertion must be signed with {' or '.join(ALGS)}", 401)
-    partner = services().partners.get(client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None
+    partner = (
+        services().partners.get(client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None
+    )
     jwk = partner.key(kid) if partner is not None and isinstance(kid, str) else None
     # One answer for an unknown client, a revoked one, an unknown key and a bad signature:
     # nothing to learn about which partners and key ids exist.
-    unknown = _OAuthError("invalid_client", "no registered client key verifies this assertion (iss, kid)", 401)
+    unknown = _OAuthError(
+        "invalid_client", "no registered client key verifies this assertion (iss, kid)", 401
+    )
     if partner is None or partner.revoked or jwk is None or jwk.get("alg") != alg:
         raise unknown
     audience = token_url()
     try:
         claims: dict[str, Any] = jwt.decode(
-            assertion, jwt.PyJWK(jwk).key, algorithms=[alg], audience=audience, leeway=LEEWAY_SECONDS,
-            options={"require": ["iss", "sub", "aud", "exp", "jti"]})
+            assertion,
+            jwt.PyJWK(jwk).key,
+            algorithms=[alg],
+            audience=audience,
+            leeway=LEEWAY_SECONDS,
+            options={"require": ["iss", "sub", "aud", "exp", "jti"]},
+        )
     except (jwt.InvalidSignatureError, jwt.DecodeError):
         raise unknown from None
     except jwt.InvalidAudienceError:
@@ -134,11 +159,16 @@ def _token() -> Response:
     except jwt.ExpiredSignatureError:
         raise _OAuthError("invalid_client", "the assertion has expired", 401) from None
     except jwt.PyJWTError as exc:
-        raise _OAuthError("invalid_client", f"the assertion is not valid ({type(exc).__name__})", 401) from None
+        raise _OAuthError(
+            "invalid_client", f"the assertion is not valid ({type(exc).__name__})", 401
+        ) from None
     now = time.time()
     if claims["sub"] != claims["iss"]:
         raise _OAuthError("invalid_client", "the assertion's sub must equal its iss (the client id)", 401)
-    if not isinstance(claims["exp"], (int, float)) or claims["exp"] > now + MAX_ASSERTION_SECONDS + LEEWAY_SECONDS:
+    if (
+        not isinstance(claims["exp"], (int, float))
+        or claims["exp"] > now + MAX_ASSERTION_SECONDS + LEEWAY_SECONDS
+    ):
         raise _OAuthError("invalid_client", "the assertion's exp may be at most 5 minutes ahead", 401)
     jti = claims["jti"]
     if not isinstance(jti, str) or not 1 <= len(jti) <= 256:
@@ -151,12 +181,19 @@ def _token() -> Response:
         raise _OAuthError("invalid_scope", "none of the requested scopes is granted to this client")
     try:
         # The jti is kept as long as the assertion could still be accepted (exp plus the leeway).
-        access = services().partners.grant(partner, granted, jti=jti, now=now,
-                                           assertion_expires=float(claims["exp"]) + LEEWAY_SECONDS + 1)
+        access = services().partners.grant(
+            partner, granted, jti=jti, now=now, assertion_expires=float(claims["exp"]) + LEEWAY_SECONDS + 1
+        )
     except Conflict:
         raise _OAuthError("invalid_grant", "this client assertion was used before (jti)") from None
-    resp = json_response({"access_token": access, "token_type": "bearer", "expires_in": ACCESS_TOKEN_SECONDS,
-                          "scope": " ".join(granted)})
+    resp = json_response(
+        {
+            "access_token": access,
+            "token_type": "bearer",
+            "expires_in": ACCESS_TOKEN_SECONDS,
+            "scope": " ".join(granted),
+        }
+    )
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["Pragma"] = "no-cache"
     return resp

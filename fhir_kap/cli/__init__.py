@@ -5,6 +5,7 @@ parsers: `handler(args, settings) -> int`. Modules keep heavy imports (fhir.reso
 flask, requests) inside their handlers so `fhir-kap --help` starts fast.
 Every KapError is printed as an OperationOutcome on stderr; no traceback for bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = argparse.ArgumentParser(
-        prog="fhir-kap",
-        description="FHIR adapter for Ketamine-Assisted Psychotherapy collaborative care.")
+        prog="fhir-kap", description="FHIR adapter for Ketamine-Assisted Psychotherapy collaborative care."
+    )
     parser.add_argument("--version", action="version", version=f"fhir-kap {__version__}")
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="settings file (TOML); default $FHIR_KAP_CONFIG")
+    parser.add_argument(
+        "--config", metavar="FILE", default=None, help="settings file (TOML); default $FHIR_KAP_CONFIG"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -63,10 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: say so without a traceback unless asked
         if os.environ.get("FHIR_KAP_DEBUG"):
             raise
-        print_outcome(operation_outcome([Issue(
-            "fatal", "exception",
-            f"internal error ({type(exc).__name__}); rerun with FHIR_KAP_DEBUG=1 for details",
-            rule="internal")]))
+        print_outcome(
+            operation_outcome(
+                [
+                    Issue(
+                        "fatal",
+                        "exception",
+                        f"internal error ({type(exc).__name__}); rerun with FHIR_KAP_DEBUG=1 for details",
+                        rule="internal",
+                    )
+                ]
+            )
+        )
         return 70
 
 

@@ -2,6 +2,7 @@
 
 Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ __all__ = ["bounded_int", "open_input", "write_json"]
 
 def bounded_int(name: str, low: int, high: int) -> Callable[[str], int]:
     """An argparse `type`: a whole number from `low` to `high` (anything else is a usage error)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -25,6 +27,7 @@ def bounded_int(name: str, low: int, high: int) -> Callable[[str], int]:
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{name} must be between {low} and {high}")
         return value
+
     return parse
 
 
@@ -37,8 +40,9 @@ def open_input(path: str) -> Iterator[IO[bytes]]:
     try:
         fh = open(path, "rb")
     except OSError as exc:
-        raise InputError(f"cannot read '{path}': {exc.strerror}", rule="input:unreadable",
-                         code="not-found") from None
+        raise InputError(
+            f"cannot read '{path}': {exc.strerror}", rule="input:unreadable", code="not-found"
+        ) from None
     with fh:
         yield fh
 

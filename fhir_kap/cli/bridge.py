@@ -2,6 +2,7 @@
 
 Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,17 +56,31 @@ def register(subparsers: Any) -> None:
     # whichever is free, and one worker's fsync wait is another's CPU time. Many slow clients
     # (keep-alive, long uploads) favour --threads N (gthread): concurrent writes of one worker
     # then share one commit.
-    serve.add_argument("--workers", type=int, default=_default_workers(),
-                       help="gunicorn worker processes (default: usable CPUs + 1, at most 8)")
-    serve.add_argument("--threads", type=int, default=1,
-                       help="threads per worker (default 1: sync workers); with N > 1 gthread workers, and "
-                            "concurrent writes of a worker share one commit")
-    serve.add_argument("--reuse-port", action="store_true",
-                       help="one SO_REUSEPORT listening socket per worker (the kernel spreads connections)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_default_workers(),
+        help="gunicorn worker processes (default: usable CPUs + 1, at most 8)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per worker (default 1: sync workers); with N > 1 gthread workers, and "
+        "concurrent writes of a worker share one commit",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="one SO_REUSEPORT listening socket per worker (the kernel spreads connections)",
+    )
     serve.add_argument("--dev", action="store_true", help="Flask's development server (one process)")
-    serve.add_argument("--base-url", default=None,
-                       help="public base URL of /fhir, e.g. https://bridge.example/fhir (default: from each "
-                            "request's Host header; SMART backend services need it set)")
+    serve.add_argument(
+        "--base-url",
+        default=None,
+        help="public base URL of /fhir, e.g. https://bridge.example/fhir (default: from each "
+        "request's Host header; SMART backend services need it set)",
+    )
     serve.add_argument("--bench-echo", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
 
@@ -75,23 +90,39 @@ def register(subparsers: Any) -> None:
     add.add_argument("name")
     add.add_argument("--org-identifier", metavar="SYSTEM|VALUE", default=None)
     add.add_argument("--npi", nargs="+", default=[], metavar="NPI")
-    add.add_argument("--reference", nargs="+", default=[], metavar="TYPE/ID",
-                     help="literal references naming the partner, e.g. Organization/practice-a")
-    add.add_argument("--scopes", nargs="+", default=None,
-                     help="system/<Type|*>.<read|write|*>, kap/records.write, kap/referrals.write, kap/clinic "
-                          "(a clinic system: reads everything), kap/consent-authority (a practice that collects "
-                          "the client's signed releases: the Consents, Practitioners, PractitionerRoles and "
-                          "Organizations it posts feed the consent gate; without it they are stored but decide "
-                          "nothing). Default: system/*.read system/*.write")
+    add.add_argument(
+        "--reference",
+        nargs="+",
+        default=[],
+        metavar="TYPE/ID",
+        help="literal references naming the partner, e.g. Organization/practice-a",
+    )
+    add.add_argument(
+        "--scopes",
+        nargs="+",
+        default=None,
+        help="system/<Type|*>.<read|write|*>, kap/records.write, kap/referrals.write, kap/clinic "
+        "(a clinic system: reads everything), kap/consent-authority (a practice that collects "
+        "the client's signed releases: the Consents, Practitioners, PractitionerRoles and "
+        "Organizations it posts feed the consent gate; without it they are stored but decide "
+        "nothing). Default: system/*.read system/*.write",
+    )
     add.add_argument("--endpoint", metavar="FHIR_BASE_URL", default=None)
     add.add_argument("--endpoint-auth", default=None, metavar="none|bearer:ENVVAR|smart:CLIENT_ID")
     add.add_argument("--webhook", metavar="URL", default=None)
-    add.add_argument("--jwks", metavar="FILE", default=None,
-                     help="the partner's PUBLIC keys (a JWKS JSON file, RS384 or ES384, each with a kid): it may "
-                          "then get short-lived SMART backend services tokens from /auth/token")
-    add.add_argument("--keys-only", action="store_true",
-                     help="with --jwks: no long-lived token is shown (it is made and stored hashed, and never "
-                          "usable); the partner authenticates with SMART tokens only")
+    add.add_argument(
+        "--jwks",
+        metavar="FILE",
+        default=None,
+        help="the partner's PUBLIC keys (a JWKS JSON file, RS384 or ES384, each with a kid): it may "
+        "then get short-lived SMART backend services tokens from /auth/token",
+    )
+    add.add_argument(
+        "--keys-only",
+        action="store_true",
+        help="with --jwks: no long-lived token is shown (it is made and stored hashed, and never "
+        "usable); the partner authenticates with SMART tokens only",
+    )
     add.set_defaults(handler=_partners_add)
     lst = psub.add_parser("list", help="list partners (no secrets)")
     lst.set_defaults(handler=_partners_list)
@@ -105,10 +136,18 @@ def register(subparsers: Any) -> None:
     hooks = psub.add_parser("webhooks", help="the rest-hook queue: list jobs, or put a dead one back")
     hooks.add_argument("--state", choices=["pending", "sending", "delivered", "dead"], default=None)
     hooks.add_argument("--limit", type=bounded_int("the limit", 1, 100_000), default=100)
-    hooks.add_argument("--retry", type=bounded_int("the job id", 1, 2**62), metavar="JOB_ID", default=None,
-                       help="send a dead job again (the bridge's workers pick it up within seconds)")
-    hooks.add_argument("--retry-dead", action="store_true",
-                       help="send every dead job again (with --partner NAME: only that partner's)")
+    hooks.add_argument(
+        "--retry",
+        type=bounded_int("the job id", 1, 2**62),
+        metavar="JOB_ID",
+        default=None,
+        help="send a dead job again (the bridge's workers pick it up within seconds)",
+    )
+    hooks.add_argument(
+        "--retry-dead",
+        action="store_true",
+        help="send every dead job again (with --partner NAME: only that partner's)",
+    )
     hooks.add_argument("--partner", metavar="NAME", default=None)
     hooks.set_defaults(handler=_partners_webhooks)
 
@@ -125,12 +164,21 @@ def _partners_add(args: argparse.Namespace, settings: Any) -> int:
     from ._io import write_json
 
     if args.keys_only and args.jwks is None:
-        raise InputError("--keys-only needs --jwks (the keys the partner signs its token requests with)",
-                         rule="partner:keys-only")
+        raise InputError(
+            "--keys-only needs --jwks (the keys the partner signs its token requests with)",
+            rule="partner:keys-only",
+        )
     partner, token = _partners(settings).add(
-        args.name, scopes=args.scopes, org_identifier=args.org_identifier, npis=args.npi,
-        references=args.reference, endpoint_url=args.endpoint, endpoint_auth=args.endpoint_auth,
-        webhook_url=args.webhook, jwks=None if args.jwks is None else _read_jwks(args.jwks))
+        args.name,
+        scopes=args.scopes,
+        org_identifier=args.org_identifier,
+        npis=args.npi,
+        references=args.reference,
+        endpoint_url=args.endpoint,
+        endpoint_auth=args.endpoint_auth,
+        webhook_url=args.webhook,
+        jwks=None if args.jwks is None else _read_jwks(args.jwks),
+    )
     out: dict[str, Any] = {"partner": partner.public()}
     if not args.keys_only:
         out["token"] = token
@@ -200,7 +248,9 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
-    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler])
+    logging.basicConfig(
+        level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler]
+    )
     options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
     if args.dev:
         create_app(settings, options).run(host=args.host, port=args.port, threaded=True)
@@ -210,10 +260,18 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             threads = max(1, args.threads)
-            cfg = {"bind": f"{args.host}:{args.port}", "workers": max(1, args.workers),
-                   "worker_class": "gthread" if threads > 1 else "sync", "threads": threads,
-                   "accesslog": None, "errorlog": "-", "loglevel": "warning", "timeout": 60, "keepalive": 5,
-                   "reuse_port": bool(args.reuse_port)}
+            cfg = {
+                "bind": f"{args.host}:{args.port}",
+                "workers": max(1, args.workers),
+                "worker_class": "gthread" if threads > 1 else "sync",
+                "threads": threads,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": "warning",
+                "timeout": 60,
+                "keepalive": 5,
+                "reuse_port": bool(args.reuse_port),
+            }
             for key, value in cfg.items():
                 self.cfg.set(key, value)
 

@@ -5,6 +5,7 @@ be reached (or the command was misused). Secrets come only from environment vari
 
 Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,28 +23,46 @@ GROUP_NAMES = ("capability", "round-trip", "idempotency", "search", "errors", "v
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "check", help="run conformance checks against a FHIR server",
+        "check",
+        help="run conformance checks against a FHIR server",
         description="Check that a FHIR server can hold KAP referrals, sessions, consents and notes "
-                    "(capability, round-trip, idempotency, search, errors, validation, security). "
-                    "Exit 0 when every required check passes, 1 otherwise, 2 when the server "
-                    "cannot be reached.")
-    p.add_argument("--server", required=True, metavar="URL", help="FHIR base URL, e.g. https://ehr.example/fhir")
+        "(capability, round-trip, idempotency, search, errors, validation, security). "
+        "Exit 0 when every required check passes, 1 otherwise, 2 when the server "
+        "cannot be reached.",
+    )
+    p.add_argument(
+        "--server", required=True, metavar="URL", help="FHIR base URL, e.g. https://ehr.example/fhir"
+    )
     p.add_argument("--auth", choices=("none", "bearer", "smart"), default="none")
-    p.add_argument("--token-env", metavar="VAR",
-                   help="environment variable holding the bearer token (--auth bearer)")
+    p.add_argument(
+        "--token-env", metavar="VAR", help="environment variable holding the bearer token (--auth bearer)"
+    )
     p.add_argument("--client-id", metavar="ID", help="SMART backend client id (--auth smart)")
-    p.add_argument("--client-secret-env", metavar="VAR",
-                   help="environment variable holding the SMART client secret")
+    p.add_argument(
+        "--client-secret-env", metavar="VAR", help="environment variable holding the SMART client secret"
+    )
     p.add_argument("--private-key", metavar="FILE", help="PEM private key for SMART private_key_jwt")
     p.add_argument("--key-id", metavar="KID", help="'kid' of the registered public key (with --private-key)")
-    p.add_argument("--alg", choices=("RS384", "ES384"), default="RS384",
-                   help="signing algorithm of the private_key_jwt assertion (RSA or EC P-384 key)")
-    p.add_argument("--scope", default="system/*.read system/*.write",
-                   help="scopes asked for with --auth smart (default: %(default)s)")
+    p.add_argument(
+        "--alg",
+        choices=("RS384", "ES384"),
+        default="RS384",
+        help="signing algorithm of the private_key_jwt assertion (RSA or EC P-384 key)",
+    )
+    p.add_argument(
+        "--scope",
+        default="system/*.read system/*.write",
+        help="scopes asked for with --auth smart (default: %(default)s)",
+    )
     p.add_argument("--token-url", metavar="URL", help="SMART token endpoint (default: discovered)")
     p.add_argument("--fhir-version", choices=("auto", "4.0.1", "5.0.0"), default="auto")
-    p.add_argument("--only", nargs="+", choices=GROUP_NAMES, metavar="GROUP",
-                   help=f"run only these groups ({', '.join(GROUP_NAMES)})")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=GROUP_NAMES,
+        metavar="GROUP",
+        help=f"run only these groups ({', '.join(GROUP_NAMES)})",
+    )
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here (for CI)")
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report here")
@@ -75,13 +94,23 @@ def _auth(args: argparse.Namespace) -> tuple[Any, list[str]]:
         try:
             pem = Path(args.private_key).read_bytes()
         except OSError as exc:
-            raise InputError(f"cannot read private key '{args.private_key}': {exc.strerror}",
-                             rule="input:unreadable", code="not-found") from None
-        return SmartBackendAuth(args.client_id, token_url=args.token_url, private_key_pem=pem,
-                                key_id=args.key_id, alg=args.alg, scope=args.scope), []
+            raise InputError(
+                f"cannot read private key '{args.private_key}': {exc.strerror}",
+                rule="input:unreadable",
+                code="not-found",
+            ) from None
+        return SmartBackendAuth(
+            args.client_id,
+            token_url=args.token_url,
+            private_key_pem=pem,
+            key_id=args.key_id,
+            alg=args.alg,
+            scope=args.scope,
+        ), []
     secret = _env_secret(args.client_secret_env, "--auth smart needs --client-secret-env or --private-key")
-    return SmartBackendAuth(args.client_id, token_url=args.token_url, client_secret=secret,
-                            scope=args.scope), [secret]
+    return SmartBackendAuth(
+        args.client_id, token_url=args.token_url, client_secret=secret, scope=args.scope
+    ), [secret]
 
 
 class _Progress:
@@ -117,10 +146,16 @@ def handler(args: argparse.Namespace, settings: Any) -> int:
     from ..jsonio import dumps
 
     auth, secrets = _auth(args)
-    config = CheckConfig(server=args.server.rstrip("/"), auth=auth, auth_kind=args.auth,
-                         fhir_version=args.fhir_version, only=tuple(args.only or ()),
-                         keep_data=args.keep_data, secrets=tuple(secrets),
-                         examples_dir=Path(args.examples) if args.examples else None)
+    config = CheckConfig(
+        server=args.server.rstrip("/"),
+        auth=auth,
+        auth_kind=args.auth,
+        fhir_version=args.fhir_version,
+        only=tuple(args.only or ()),
+        keep_data=args.keep_data,
+        secrets=tuple(secrets),
+        examples_dir=Path(args.examples) if args.examples else None,
+    )
     report = run_checks(config, progress=_Progress(sys.stderr)).to_dict()
     sys.stdout.write(console_table(report))
     sys.stdout.flush()

@@ -5,6 +5,7 @@ handler and the table and JSON output.
 
 Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
             for key, value in data.items():
                 if key == "resource":
                     from ..jsonio import dumps
+
                     value = dumps(value, pretty=True).decode()
                 print(f"{key:<{width}}  {'-' if value is None else value}")
         return 0
@@ -65,8 +67,10 @@ def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
             current = outbox.get(args.id)
             if current is None:
                 raise NotFound(f"Outbox item {args.id} does not exist", rule="outbox:item")
-            raise Conflict(f"Outbox item {args.id} is {current.state}; only pending items can be held",
-                           rule="outbox:state")
+            raise Conflict(
+                f"Outbox item {args.id} is {current.state}; only pending items can be held",
+                rule="outbox:state",
+            )
         held = outbox.get(args.id)
         assert held is not None
         return _report(args, held, f"item {args.id}: held ({args.reason})")
@@ -98,11 +102,19 @@ def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
                 if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
                     entries = doc.get("entry") or []
                     if not isinstance(entries, list):
-                        raise InputError(f"{label}: Bundle.entry must be a list", pointer="/entry",
-                                         expression="Bundle.entry", rule="fhir:bundle")
+                        raise InputError(
+                            f"{label}: Bundle.entry must be a list",
+                            pointer="/entry",
+                            expression="Bundle.entry",
+                            rule="fhir:bundle",
+                        )
                     for i, entry in enumerate(entries):
-                        found.append((f"{label}#entry[{i}]",
-                                      entry.get("resource") if isinstance(entry, dict) else None))
+                        found.append(
+                            (
+                                f"{label}#entry[{i}]",
+                                entry.get("resource") if isinstance(entry, dict) else None,
+                            )
+                        )
                 else:
                     found.append((label, doc))
     with outbox.db.transaction():
@@ -110,8 +122,7 @@ def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
             try:
                 ok = outbox.put_context(res)
             except InputError as exc:
-                raise InputError([replace(i, message=f"{label}: {i.message}")
-                                  for i in exc.issues]) from None
+                raise InputError([replace(i, message=f"{label}: {i.message}") for i in exc.issues]) from None
             stored, skipped = (stored + 1, skipped) if ok else (stored, skipped + 1)
     if args.json:
         write_json_out({"stored": stored, "older_versions_skipped": skipped})
@@ -141,11 +152,24 @@ def _table(items: list[OutboxItem]) -> None:
     rows = []
     for i in items:
         when = i.delivered_at if i.state == "delivered" else i.next_attempt_at
-        note = (f"server id {i.server_id}" if i.server_id else "") if i.state == "delivered" else (
-            (i.hold_reason if i.state == "held" else i.last_error) or "")
+        note = (
+            (f"server id {i.server_id}" if i.server_id else "")
+            if i.state == "delivered"
+            else ((i.hold_reason if i.state == "held" else i.last_error) or "")
+        )
         key = i.idempotency_key.rsplit("/", 1)[-1]
-        rows.append((str(i.id), i.state, i.endpoint, i.resource_type, key, str(i.attempts),
-                     (iso(when) or "")[:19].replace("T", " "), _clip(note, 60)))
+        rows.append(
+            (
+                str(i.id),
+                i.state,
+                i.endpoint,
+                i.resource_type,
+                key,
+                str(i.attempts),
+                (iso(when) or "")[:19].replace("T", " "),
+                _clip(note, 60),
+            )
+        )
     widths = [max(len(h), *(len(r[n]) for r in rows)) if rows else len(h) for n, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:

@@ -2,6 +2,7 @@
 
 Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,34 +16,60 @@ VERSIONS = ("4.0.1", "5.0.0", "R4", "R5")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("map", help="KAP records (JSON or NDJSON) → FHIR JSON",
-                       description="Check KAP records, map them to FHIR and validate the result. "
-                                   "Writes a collection Bundle (or NDJSON) to stdout; problems go to "
-                                   "stderr as one OperationOutcome. Exit 0 all mapped, 1 any invalid.")
+    p = sub.add_parser(
+        "map",
+        help="KAP records (JSON or NDJSON) → FHIR JSON",
+        description="Check KAP records, map them to FHIR and validate the result. "
+        "Writes a collection Bundle (or NDJSON) to stdout; problems go to "
+        "stderr as one OperationOutcome. Exit 0 all mapped, 1 any invalid.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="JSON or NDJSON files; - for stdin")
-    p.add_argument("--fhir-version", choices=VERSIONS, default=None,
-                   help="FHIR release to write (default from settings: 4.0.1)")
+    p.add_argument(
+        "--fhir-version",
+        choices=VERSIONS,
+        default=None,
+        help="FHIR release to write (default from settings: 4.0.1)",
+    )
     p.add_argument("--ndjson", action="store_true", help="one resource per line instead of a Bundle")
     p.set_defaults(handler=cmd_map)
 
-    p = sub.add_parser("import", help="FHIR resources or Bundles (R4 or R5) → KAP records",
-                       description="Validate FHIR resources and map them back to KAP records "
-                                   "(NDJSON on stdout). Exit 0 all imported, 1 any invalid.")
+    p = sub.add_parser(
+        "import",
+        help="FHIR resources or Bundles (R4 or R5) → KAP records",
+        description="Validate FHIR resources and map them back to KAP records "
+        "(NDJSON on stdout). Exit 0 all imported, 1 any invalid.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--fhir-version", choices=VERSIONS, default=None,
-                   help="release of the input (default: detected per resource)")
+    p.add_argument(
+        "--fhir-version",
+        choices=VERSIONS,
+        default=None,
+        help="release of the input (default: detected per resource)",
+    )
     p.set_defaults(handler=cmd_import)
 
-    p = sub.add_parser("validate", help="validate FHIR resources against base FHIR and the KAP profiles",
-                       description="Prints one OperationOutcome per document. Exit 0 all valid, "
-                                   "1 any invalid, 2 unreadable input.")
+    p = sub.add_parser(
+        "validate",
+        help="validate FHIR resources against base FHIR and the KAP profiles",
+        description="Prints one OperationOutcome per document. Exit 0 all valid, "
+        "1 any invalid, 2 unreadable input.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--fhir-version", choices=VERSIONS, default=None,
-                   help="release to validate against (default: detected per resource, else settings)")
-    p.add_argument("--profile", choices=("kap", "base"), default="kap",
-                   help="kap: base FHIR + KAP profiles (default); base: base FHIR only")
-    p.add_argument("--no-models", action="store_true",
-                   help="skip the extra fhir.resources model check (faster)")
+    p.add_argument(
+        "--fhir-version",
+        choices=VERSIONS,
+        default=None,
+        help="release to validate against (default: detected per resource, else settings)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("kap", "base"),
+        default="kap",
+        help="kap: base FHIR + KAP profiles (default); base: base FHIR only",
+    )
+    p.add_argument(
+        "--no-models", action="store_true", help="skip the extra fhir.resources model check (faster)"
+    )
     p.set_defaults(handler=cmd_validate)
 
 
@@ -134,18 +161,27 @@ def cmd_validate(args: argparse.Namespace, settings: Any) -> int:
     any_invalid = False
     for label, doc in _documents(args.files):
         if not isinstance(doc, dict) or not isinstance(doc.get("resourceType"), str):
-            issues = [Issue("error", "structure", "not a FHIR resource: a JSON object with a "
-                            "resourceType is expected", expression=None, pointer="",
-                            rule="fhir:resourceType")]
+            issues = [
+                Issue(
+                    "error",
+                    "structure",
+                    "not a FHIR resource: a JSON object with a resourceType is expected",
+                    expression=None,
+                    pointer="",
+                    rule="fhir:resourceType",
+                )
+            ]
             release = given or settings.fhir_version
         else:
             release = given or detect_release(doc) or settings.fhir_version
-            issues = Validator.load(release).validate(doc, profile=args.profile == "kap",
-                                                      models=not args.no_models)
+            issues = Validator.load(release).validate(
+                doc, profile=args.profile == "kap", models=not args.no_models
+            )
         any_invalid |= any(i.is_error for i in issues)
         outcome = operation_outcome(issues)
         outcome["extension"] = [
             {"url": "http://fhir-kap.example/StructureDefinition/validated-document", "valueString": label},
-            {"url": "http://fhir-kap.example/StructureDefinition/fhir-version", "valueString": release.value}]
+            {"url": "http://fhir-kap.example/StructureDefinition/fhir-version", "valueString": release.value},
+        ]
         write_json(outcome)
     return 1 if any_invalid else 0

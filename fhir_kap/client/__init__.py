@@ -8,6 +8,7 @@ Bundles, conditions, write results), `answers` (JSON bodies and statuses as Serv
 
 May import layers 0-1.
 """
+
 from __future__ import annotations
 
 from .auth import JWT_BEARER, Auth, BearerAuth, NoAuth, SmartBackendAuth
@@ -15,6 +16,19 @@ from .bundles import WriteResult, entry_results, identifier_query, token_query, 
 from .capabilities import Capabilities, parse_capabilities
 from .client import FhirClient, RetryPolicy
 
-__all__ = ["JWT_BEARER", "Auth", "BearerAuth", "Capabilities", "FhirClient", "NoAuth", "RetryPolicy",
-           "SmartBackendAuth", "WriteResult", "entry_results", "identifier_query", "parse_capabilities",
-           "token_query", "transaction_bundle"]
+__all__ = [
+    "JWT_BEARER",
+    "Auth",
+    "BearerAuth",
+    "Capabilities",
+    "FhirClient",
+    "NoAuth",
+    "RetryPolicy",
+    "SmartBackendAuth",
+    "WriteResult",
+    "entry_results",
+    "identifier_query",
+    "parse_capabilities",
+    "token_query",
+    "transaction_bundle",
+]

@@ -4,6 +4,7 @@ Shared by the client and the SMART token exchange: a JSON body (or a ServerError
 not JSON), a failure status as one `ServerError` carrying the server's OperationOutcome and its
 `Retry-After`, and URLs shown without their query strings (they hold business identifiers).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,13 +31,17 @@ def _json_body(resp: requests.Response, method: str, what: str) -> Any:
         return loads(resp.content, source="response")
     except InputError:
         ctype = (resp.headers.get("Content-Type") or "unknown").split(";")[0]
-        raise ServerError(f"{method} {what}: {resp.status_code} answer is not JSON ({ctype})",
-                          status=resp.status_code, retryable=False,
-                          url=_strip_query(resp.url or "")) from None
+        raise ServerError(
+            f"{method} {what}: {resp.status_code} answer is not JSON ({ctype})",
+            status=resp.status_code,
+            retryable=False,
+            url=_strip_query(resp.url or ""),
+        ) from None
 
 
-def _status_error(method: str, what: str, resp: requests.Response, *,
-                  retryable: bool | None = None, note: str = "") -> ServerError:
+def _status_error(
+    method: str, what: str, resp: requests.Response, *, retryable: bool | None = None, note: str = ""
+) -> ServerError:
     outcome = None
     try:
         body = loads(resp.content, source="response") if resp.content else None
@@ -48,6 +53,11 @@ def _status_error(method: str, what: str, resp: requests.Response, *,
     if retryable is None:
         retryable = status in RETRY_STATUSES
     summary = f"{method} {what}: {status} {resp.reason or ''}".rstrip() + note  # + the server's issue codes
-    return ServerError(summary, status=status, remote_outcome=outcome, retryable=retryable,
-                       url=_strip_query(resp.url or ""),
-                       retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
+    return ServerError(
+        summary,
+        status=status,
+        remote_outcome=outcome,
+        retryable=retryable,
+        url=_strip_query(resp.url or ""),
+        retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
+    )

@@ -5,6 +5,7 @@ Services (client_credentials with a client secret or `private_key_jwt`), whose t
 cached and renewed before expiry, and renewed once when the server answers 401. Tokens and
 secrets never appear in repr, messages or logs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,8 +35,14 @@ class Auth(Protocol):
     """Adds credentials to a request. `invalidate()` drops cached credentials after a 401 and
     says whether trying again with fresh ones makes sense."""
 
-    def apply(self, session: requests.Session, headers: MutableMapping[str, str], *,
-              base_url: str, timeout: float | tuple[float, float]) -> None: ...
+    def apply(
+        self,
+        session: requests.Session,
+        headers: MutableMapping[str, str],
+        *,
+        base_url: str,
+        timeout: float | tuple[float, float],
+    ) -> None: ...
 
     def invalidate(self) -> bool: ...
 
@@ -43,8 +50,14 @@ class Auth(Protocol):
 class NoAuth:
     """No credentials."""
 
-    def apply(self, session: requests.Session, headers: MutableMapping[str, str], *,
-              base_url: str, timeout: float | tuple[float, float]) -> None:
+    def apply(
+        self,
+        session: requests.Session,
+        headers: MutableMapping[str, str],
+        *,
+        base_url: str,
+        timeout: float | tuple[float, float],
+    ) -> None:
         return None
 
     def invalidate(self) -> bool:
@@ -62,8 +75,14 @@ class BearerAuth:
     def __repr__(self) -> str:
         return "BearerAuth(token=***)"
 
-    def apply(self, session: requests.Session, headers: MutableMapping[str, str], *,
-              base_url: str, timeout: float | tuple[float, float]) -> None:
+    def apply(
+        self,
+        session: requests.Session,
+        headers: MutableMapping[str, str],
+        *,
+        base_url: str,
+        timeout: float | tuple[float, float],
+    ) -> None:
         headers["Authorization"] = f"Bearer {self._token}"
 
     def invalidate(self) -> bool:
@@ -84,18 +103,29 @@ class SmartBackendAuth:
 
     ASSERTION_LIFETIME = 240  # seconds; SMART allows at most 300, leave room for clock skew
 
-    def __init__(self, client_id: str, *, token_url: str | None = None, client_secret: str | None = None,
-                 private_key_pem: bytes | None = None, key_id: str | None = None, alg: str = "RS384",
-                 scope: str = "system/*.read system/*.write",
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        token_url: str | None = None,
+        client_secret: str | None = None,
+        private_key_pem: bytes | None = None,
+        key_id: str | None = None,
+        alg: str = "RS384",
+        scope: str = "system/*.read system/*.write",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not client_id:
             raise ConfigError("SMART auth needs a client_id", rule="auth")
         if (client_secret is None) == (private_key_pem is None):
-            raise ConfigError(f"SMART client '{client_id}': give exactly one of client_secret or "
-                              "private_key_pem", rule="auth")
+            raise ConfigError(
+                f"SMART client '{client_id}': give exactly one of client_secret or private_key_pem",
+                rule="auth",
+            )
         if alg not in ("RS384", "ES384"):
-            raise ConfigError(f"SMART client '{client_id}': alg must be RS384 or ES384, not '{alg}'",
-                              rule="auth")
+            raise ConfigError(
+                f"SMART client '{client_id}': alg must be RS384 or ES384, not '{alg}'", rule="auth"
+            )
         self.client_id = client_id
         self.token_url = token_url
         self.scope = scope
@@ -105,8 +135,11 @@ class SmartBackendAuth:
         self._key: Any = None
         if private_key_pem is not None:
             if not key_id:
-                raise ConfigError(f"SMART client '{client_id}': private_key_jwt needs key_id (the "
-                                  "'kid' of the registered public key)", rule="auth")
+                raise ConfigError(
+                    f"SMART client '{client_id}': private_key_jwt needs key_id (the "
+                    "'kid' of the registered public key)",
+                    rule="auth",
+                )
             self._key = _load_private_key(private_key_pem, alg, client_id)
         self._clock = clock
         self._lock = threading.Lock()
@@ -118,8 +151,14 @@ class SmartBackendAuth:
         kind = "private_key_jwt" if self._key is not None else "client_secret"
         return f"SmartBackendAuth(client_id={self.client_id!r}, method={kind})"
 
-    def apply(self, session: requests.Session, headers: MutableMapping[str, str], *,
-              base_url: str, timeout: float | tuple[float, float]) -> None:
+    def apply(
+        self,
+        session: requests.Session,
+        headers: MutableMapping[str, str],
+        *,
+        base_url: str,
+        timeout: float | tuple[float, float],
+    ) -> None:
         with self._lock:
             if self._token is None or self._clock() >= self._renew_at:
                 self._fetch(session, base_url, timeout)
@@ -135,15 +174,21 @@ class SmartBackendAuth:
         try:
             resp = session.get(url, headers={"Accept": "application/json"}, timeout=timeout)
         except requests.RequestException as exc:
-            raise ServerError(f"GET .well-known/smart-configuration: could not reach server "
-                              f"({type(exc).__name__})", retryable=True, url=url) from None
+            raise ServerError(
+                f"GET .well-known/smart-configuration: could not reach server ({type(exc).__name__})",
+                retryable=True,
+                url=url,
+            ) from None
         if resp.status_code != 200:
             raise _status_error("GET", ".well-known/smart-configuration", resp)
         doc = _json_body(resp, "GET", ".well-known/smart-configuration")
         endpoint = doc.get("token_endpoint") if isinstance(doc, dict) else None
         if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
-            raise ServerError("GET .well-known/smart-configuration: no token_endpoint in the answer",
-                              retryable=False, url=url)
+            raise ServerError(
+                "GET .well-known/smart-configuration: no token_endpoint in the answer",
+                retryable=False,
+                url=url,
+            )
         return endpoint
 
     def _fetch(self, session: requests.Session, base_url: str, timeout: Any) -> None:
@@ -162,16 +207,23 @@ class SmartBackendAuth:
         try:
             resp = session.post(self.token_url, data=form, headers=headers, timeout=timeout)
         except requests.RequestException as exc:
-            raise ServerError(f"POST token endpoint: could not reach server ({type(exc).__name__})",
-                              retryable=True, url=_strip_query(self.token_url)) from None
+            raise ServerError(
+                f"POST token endpoint: could not reach server ({type(exc).__name__})",
+                retryable=True,
+                url=_strip_query(self.token_url),
+            ) from None
         self.token_requests += 1
         if resp.status_code != 200:
             raise _token_error(resp, self.client_id)
         doc = _json_body(resp, "POST", "token endpoint")
         token = doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
-            raise ServerError("POST token endpoint: answer has no access_token", status=resp.status_code,
-                              retryable=False, url=_strip_query(self.token_url))
+            raise ServerError(
+                "POST token endpoint: answer has no access_token",
+                status=resp.status_code,
+                retryable=False,
+                url=_strip_query(self.token_url),
+            )
         try:
             lifetime = float(doc.get("expires_in", 300))
         except (TypeError, ValueError):
@@ -184,10 +236,15 @@ class SmartBackendAuth:
         import jwt  # PyJWT; only needed for private_key_jwt
 
         now = int(time.time())  # the token server checks these against real time, not self._clock
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
-                  "iat": now, "exp": now + self.ASSERTION_LIFETIME, "jti": uuid.uuid4().hex}
-        return jwt.encode(claims, self._key, algorithm=self.alg,
-                          headers={"kid": self.key_id, "typ": "JWT"})
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": self.token_url,
+            "iat": now,
+            "exp": now + self.ASSERTION_LIFETIME,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self._key, algorithm=self.alg, headers={"kid": self.key_id, "typ": "JWT"})
 
 
 def _load_private_key(pem: bytes, alg: str, client_id: str) -> Any:
@@ -197,12 +254,17 @@ def _load_private_key(pem: bytes, alg: str, client_id: str) -> Any:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"SMART client '{client_id}': private key is not an unencrypted PEM key "
-                          f"({type(exc).__name__})", rule="auth") from None
+        raise ConfigError(
+            f"SMART client '{client_id}': private key is not an unencrypted PEM key ({type(exc).__name__})",
+            rule="auth",
+        ) from None
     wanted = rsa.RSAPrivateKey if alg == "RS384" else ec.EllipticCurvePrivateKey
     if not isinstance(key, wanted):
-        raise ConfigError(f"SMART client '{client_id}': alg {alg} needs an "
-                          f"{'RSA' if alg == 'RS384' else 'EC P-384'} private key", rule="auth")
+        raise ConfigError(
+            f"SMART client '{client_id}': alg {alg} needs an "
+            f"{'RSA' if alg == 'RS384' else 'EC P-384'} private key",
+            rule="auth",
+        )
     return key
 
 
@@ -216,7 +278,10 @@ def _token_error(resp: requests.Response, client_id: str) -> ServerError:
     except ValueError:
         pass
     detail = f" — {error}: {desc}" if error or desc else ""
-    return ServerError(f"POST token endpoint for client {client_id}: {resp.status_code} "
-                       f"{resp.reason or ''}".rstrip() + detail,
-                       status=resp.status_code, retryable=resp.status_code in RETRY_STATUSES,
-                       url=_strip_query(resp.url or ""))
+    return ServerError(
+        f"POST token endpoint for client {client_id}: {resp.status_code} {resp.reason or ''}".rstrip()
+        + detail,
+        status=resp.status_code,
+        retryable=resp.status_code in RETRY_STATUSES,
+        url=_strip_query(resp.url or ""),
+    )

@@ -6,6 +6,7 @@ strings for those conditions (`identifier_query`, `token_query`), and reading wh
 answered to a create, an update or each entry of a transaction/batch (`WriteResult`,
 `entry_results`). Delivery uses these with `FhirClient.transaction` and `batch`.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -67,8 +68,15 @@ def _write_result(status: int, body: Any, location: str | None, etag: str | None
         rid = resource.get("id") or rid
         vid = (resource.get("meta") or {}).get("versionId") or vid
     vid = vid or _etag_version(etag)
-    return WriteResult(status=status, id=rid, version_id=vid, location=location,
-                       created=status == 201, resource=resource, outcome=outcome)
+    return WriteResult(
+        status=status,
+        id=rid,
+        version_id=vid,
+        location=location,
+        created=status == 201,
+        resource=resource,
+        outcome=outcome,
+    )
 
 
 def entry_results(response_bundle: Mapping[str, Any]) -> list[WriteResult]:
@@ -87,17 +95,25 @@ def entry_results(response_bundle: Mapping[str, Any]) -> list[WriteResult]:
         body = entry.get("resource")
         res = _write_result(status, body, resp.get("location"), resp.get("etag"))
         if resp.get("outcome") and res.outcome is None:
-            res = WriteResult(res.status, res.id, res.version_id, res.location, res.created,
-                              res.resource, resp["outcome"])
+            res = WriteResult(
+                res.status, res.id, res.version_id, res.location, res.created, res.resource, resp["outcome"]
+            )
         out.append(res)
     return out
 
 
 def _require_resource(resource: Any, what: str) -> str:
-    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str) \
-            or not resource["resourceType"].isalpha():
-        raise InputError(f"{what} needs a FHIR resource (a JSON object with resourceType)",
-                         pointer="/resourceType", expression="resourceType", rule="fhir:resourceType")
+    if (
+        not isinstance(resource, dict)
+        or not isinstance(resource.get("resourceType"), str)
+        or not resource["resourceType"].isalpha()
+    ):
+        raise InputError(
+            f"{what} needs a FHIR resource (a JSON object with resourceType)",
+            pointer="/resourceType",
+            expression="resourceType",
+            rule="fhir:resourceType",
+        )
     return resource["resourceType"]
 
 
@@ -123,7 +139,9 @@ def token_query(system: str, value: str, param: str = "identifier") -> str:
     >>> token_query("http://x/sid", "N 1")
     'identifier=http://x/sid|N%201'
     """
-    return f"{param}=" + quote(_search_escape(system), safe=":/@") + "|" + quote(_search_escape(value), safe="")
+    return (
+        f"{param}=" + quote(_search_escape(system), safe=":/@") + "|" + quote(_search_escape(value), safe="")
+    )
 
 
 def identifier_query(resource: Mapping[str, Any]) -> str | None:
@@ -150,8 +168,12 @@ def _rewrite_references(node: Any, mapping: Mapping[str, str]) -> None:
             _rewrite_references(item, mapping)
 
 
-def transaction_bundle(resources: Sequence[Mapping[str, Any]], *, conditional: bool = True,
-                       new_uuid: Callable[[], str] = lambda: str(uuid.uuid4())) -> dict[str, Any]:
+def transaction_bundle(
+    resources: Sequence[Mapping[str, Any]],
+    *,
+    conditional: bool = True,
+    new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> dict[str, Any]:
     """A transaction Bundle POSTing `resources` (copied, never changed in place).
 
     Each entry gets `fullUrl: urn:uuid:...`; literal references between the resources

@@ -6,6 +6,7 @@ the release (R4 or R5, from `fhirVersion` or the MIME parameter), the types and 
 interactions, conditional create/update, transaction/batch. `FhirClient.preflight` uses it to
 refuse early, naming what is missing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -43,8 +44,11 @@ def _release_of(version: str | None) -> Release:
         return Release.R4
     if v == "5.0" or v.startswith("5.0."):
         return Release.R5
-    raise ServerError(f"Server speaks an unsupported FHIR version '{v[:20] or 'none given'}' "
-                      "(fhir-kap speaks 4.0.x = R4 and 5.0.x = R5)", retryable=False)
+    raise ServerError(
+        f"Server speaks an unsupported FHIR version '{v[:20] or 'none given'}' "
+        "(fhir-kap speaks 4.0.x = R4 and 5.0.x = R5)",
+        retryable=False,
+    )
 
 
 def _mime_fhir_version(content_type: str | None) -> str | None:
@@ -63,8 +67,9 @@ def parse_capabilities(cs: Mapping[str, Any], *, content_type: str | None = None
     of the response. Anything but 4.0.x / 5.0.x raises ServerError (not retryable).
     """
     if not isinstance(cs, Mapping) or cs.get("resourceType") != "CapabilityStatement":
-        raise ServerError("GET metadata: the server did not answer with a CapabilityStatement",
-                          retryable=False)
+        raise ServerError(
+            "GET metadata: the server did not answer with a CapabilityStatement", retryable=False
+        )
     release = _release_of(cs.get("fhirVersion") or _mime_fhir_version(content_type))
     resources: dict[str, frozenset[str]] = {}
     cond_create: set[str] = set()
@@ -78,8 +83,11 @@ def parse_capabilities(cs: Mapping[str, Any], *, content_type: str | None = None
             if not isinstance(res, Mapping) or not isinstance(res.get("type"), str):
                 continue
             rtype = res["type"]
-            codes = frozenset(str(i.get("code")) for i in res.get("interaction") or []
-                              if isinstance(i, Mapping) and i.get("code"))
+            codes = frozenset(
+                str(i.get("code"))
+                for i in res.get("interaction") or []
+                if isinstance(i, Mapping) and i.get("code")
+            )
             resources[rtype] = resources.get(rtype, frozenset()) | codes
             if res.get("conditionalCreate") is True:
                 cond_create.add(rtype)
@@ -88,7 +96,13 @@ def parse_capabilities(cs: Mapping[str, Any], *, content_type: str | None = None
     sw: Mapping[str, Any] = cs["software"] if isinstance(cs.get("software"), Mapping) else {}
     software = " ".join(str(x) for x in (sw.get("name"), sw.get("version")) if x) or None
     return Capabilities(
-        fhir_version=release, software=software, resources=resources,
-        conditional_create=frozenset(cond_create), conditional_update=frozenset(cond_update),
-        transaction="transaction" in system, batch="batch" in system,
-        formats=frozenset(str(f) for f in cs.get("format") or []), raw=dict(cs))
+        fhir_version=release,
+        software=software,
+        resources=resources,
+        conditional_create=frozenset(cond_create),
+        conditional_update=frozenset(cond_update),
+        transaction="transaction" in system,
+        batch="batch" in system,
+        formats=frozenset(str(f) for f in cs.get("format") or []),
+        raw=dict(cs),
+    )

@@ -15,6 +15,7 @@ What it adds to plain HTTP (with `capabilities`, `auth`, `bundles` and `answers`
 Messages and logs name the method, resource type, status and ids -- never bodies, query
 strings (they hold business identifiers), tokens or secrets.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,8 +70,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.base < 0 or self.cap < 0 or not 0 <= self.jitter <= 1:
-            raise ConfigError("RetryPolicy needs attempts >= 1, base/cap >= 0 and 0 <= jitter <= 1",
-                              rule="settings")
+            raise ConfigError(
+                "RetryPolicy needs attempts >= 1, base/cap >= 0 and 0 <= jitter <= 1", rule="settings"
+            )
 
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
@@ -89,18 +91,25 @@ def _never_sent(exc: Exception) -> bool:
         return True
     text = repr(exc)
     return isinstance(exc, requests.ConnectionError) and any(
-        marker in text for marker in ("NewConnectionError", "ConnectionRefusedError", "NameResolutionError"))
-
+        marker in text for marker in ("NewConnectionError", "ConnectionRefusedError", "NameResolutionError")
+    )
 
 
 class FhirClient:
     """A FHIR REST client for one server base URL. Thread-safe if the session is."""
 
-    def __init__(self, base_url: str, *, session: requests.Session | None = None,
-                 auth: Auth | None = None, timeout: float | tuple[float, float] = (5, 30),
-                 retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
-                 user_agent: str = f"fhir-kap/{_VERSION}",
-                 rand: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: requests.Session | None = None,
+        auth: Auth | None = None,
+        timeout: float | tuple[float, float] = (5, 30),
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        user_agent: str = f"fhir-kap/{_VERSION}",
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ConfigError("FHIR base URL must start with http:// or https://", rule="settings")
         self.base_url = base_url.rstrip("/")
@@ -127,7 +136,9 @@ class FhirClient:
             return path
         return f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
 
-    def _headers(self, extra: Mapping[str, str | None] | None = None, *, body: bool = False) -> dict[str, str]:
+    def _headers(
+        self, extra: Mapping[str, str | None] | None = None, *, body: bool = False
+    ) -> dict[str, str]:
         h = {"Accept": FHIR_JSON, "User-Agent": self.user_agent}
         if body:
             h["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
@@ -135,15 +146,26 @@ class FhirClient:
             h.update({k: v for k, v in extra.items() if v is not None})
         return h
 
-    def _request(self, method: str, path: str, what: str, *, params: Any = None,
-                 body: Any = None, headers: Mapping[str, str | None] | None = None,
-                 idempotent: bool = True) -> requests.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        params: Any = None,
+        body: Any = None,
+        headers: Mapping[str, str | None] | None = None,
+        idempotent: bool = True,
+    ) -> requests.Response:
         """Send with auth, timeout and retries; return a 2xx response or raise ServerError."""
         url = self._url(path)
         if urlsplit(url)[:2] != self._origin:
             # never send credentials to another host (a hostile `next` link, say)
-            raise ServerError(f"{method} {what}: refusing to follow a URL on another host",
-                              retryable=False, url=_strip_query(url))
+            raise ServerError(
+                f"{method} {what}: refusing to follow a URL on another host",
+                retryable=False,
+                url=_strip_query(url),
+            )
         data = dumps(body) if body is not None else None
         retry_on = RETRY_STATUSES if idempotent else RETRY_STATUSES_UNSAFE
         renewed = False
@@ -154,29 +176,47 @@ class FhirClient:
             self.auth.apply(self.session, hdrs, base_url=self.base_url, timeout=self.timeout)
             try:
                 prepared = self.session.prepare_request(
-                    requests.Request(method, url, params=params, data=data, headers=hdrs))
-                resp = self.session.send(prepared, timeout=self.timeout, allow_redirects=True,
-                                         **self._send_kw)
+                    requests.Request(method, url, params=params, data=data, headers=hdrs)
+                )
+                resp = self.session.send(
+                    prepared, timeout=self.timeout, allow_redirects=True, **self._send_kw
+                )
                 if resp.status_code < 300:
                     _ = resp.content  # read the body now so a reset mid-body is retried here
                     log.debug("%s %s -> %s (attempt %d)", method, what, resp.status_code, attempt)
                     return resp
             except requests.exceptions.SSLError as exc:
                 # a certificate problem does not heal by itself: fail now, name the cause
-                raise ServerError(f"{method} {what}: TLS failure ({type(exc).__name__})",
-                                  retryable=False, url=_strip_query(url)) from None
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
+                raise ServerError(
+                    f"{method} {what}: TLS failure ({type(exc).__name__})",
+                    retryable=False,
+                    url=_strip_query(url),
+                ) from None
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as exc:
                 retry_ok = idempotent or _never_sent(exc)
                 if retry_ok and attempt < self.retry.attempts:
                     wait = self.retry.backoff(attempt, self._rand)
-                    log.warning("%s %s: %s, retrying in %.2f s (attempt %d/%d)", method, what,
-                                type(exc).__name__, wait, attempt, self.retry.attempts)
+                    log.warning(
+                        "%s %s: %s, retrying in %.2f s (attempt %d/%d)",
+                        method,
+                        what,
+                        type(exc).__name__,
+                        wait,
+                        attempt,
+                        self.retry.attempts,
+                    )
                     self._sleep(wait)
                     continue
-                raise ServerError(f"{method} {what}: could not complete the request "
-                                  f"({type(exc).__name__}) after {attempt} attempt(s)",
-                                  retryable=True, url=_strip_query(url)) from None
+                raise ServerError(
+                    f"{method} {what}: could not complete the request "
+                    f"({type(exc).__name__}) after {attempt} attempt(s)",
+                    retryable=True,
+                    url=_strip_query(url),
+                ) from None
             status = resp.status_code
             if status == 401 and not renewed and self.auth.invalidate():
                 renewed = True
@@ -188,17 +228,29 @@ class FhirClient:
                 after = RetryPolicy.retry_after(resp.headers.get("Retry-After"))
                 if after is not None:
                     if after > self.retry.max_retry_after:
-                        raise _status_error(method, what, resp, retryable=True,
-                                            note=f" (Retry-After {after:.0f} s)")
+                        raise _status_error(
+                            method, what, resp, retryable=True, note=f" (Retry-After {after:.0f} s)"
+                        )
                     wait = after
                 if attempt < self.retry.attempts:
-                    log.warning("%s %s: %s, retrying in %.2f s (attempt %d/%d)", method, what,
-                                status, wait, attempt, self.retry.attempts)
+                    log.warning(
+                        "%s %s: %s, retrying in %.2f s (attempt %d/%d)",
+                        method,
+                        what,
+                        status,
+                        wait,
+                        attempt,
+                        self.retry.attempts,
+                    )
                     self._sleep(wait)
                     continue
-            raise _status_error(method, what, resp,
-                                retryable=status in RETRY_STATUSES,
-                                note=f" after {attempt} attempts" if status in retry_on and attempt > 1 else "")
+            raise _status_error(
+                method,
+                what,
+                resp,
+                retryable=status in RETRY_STATUSES,
+                note=f" after {attempt} attempts" if status in retry_on and attempt > 1 else "",
+            )
 
     def _json(self, resp: requests.Response, method: str, what: str) -> Any:
         return _json_body(resp, method, what)
@@ -209,15 +261,26 @@ class FhirClient:
         """The server's Capabilities from `GET [base]/metadata` (cached after the first call)."""
         if self._caps is None or refresh:
             resp = self._request("GET", "metadata", "metadata")
-            self._caps = parse_capabilities(self._json(resp, "GET", "metadata") or {},
-                                            content_type=resp.headers.get("Content-Type"))
-            log.info("server %s: FHIR %s, %d resource types", self.base_url,
-                     self._caps.fhir_version.value, len(self._caps.resources))
+            self._caps = parse_capabilities(
+                self._json(resp, "GET", "metadata") or {}, content_type=resp.headers.get("Content-Type")
+            )
+            log.info(
+                "server %s: FHIR %s, %d resource types",
+                self.base_url,
+                self._caps.fhir_version.value,
+                len(self._caps.resources),
+            )
         return self._caps
 
-    def preflight(self, resource_types: Iterable[str], *, interactions: Sequence[str] = ("create",),
-                  conditional_create: bool = True, transaction: bool = False,
-                  release: Release | None = None) -> Capabilities:
+    def preflight(
+        self,
+        resource_types: Iterable[str],
+        *,
+        interactions: Sequence[str] = ("create",),
+        conditional_create: bool = True,
+        transaction: bool = False,
+        release: Release | None = None,
+    ) -> Capabilities:
         """Check that the server can do what is needed; raise ServerError naming every gap."""
         caps = self.capabilities()
         missing: list[str] = []
@@ -235,41 +298,72 @@ class FhirClient:
         if transaction and not caps.transaction:
             missing.append("transaction Bundles not supported")
         if missing:
-            raise ServerError(f"Server {self.base_url} cannot be used: " + "; ".join(missing),
-                              retryable=False, url=f"{self.base_url}/metadata")
+            raise ServerError(
+                f"Server {self.base_url} cannot be used: " + "; ".join(missing),
+                retryable=False,
+                url=f"{self.base_url}/metadata",
+            )
         return caps
 
     # ---- instance and type interactions
 
-    def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None,
-               prefer: str = "return=representation") -> WriteResult:
+    def create(
+        self,
+        resource: dict[str, Any],
+        *,
+        if_none_exist: str | None = None,
+        prefer: str = "return=representation",
+    ) -> WriteResult:
         """POST a resource. With `if_none_exist` (e.g. `identifier_query(resource)`) the server
         creates it only if nothing matches: 201 created, 200 = the existing match (created=False);
         several matches is a 412 ServerError. Only conditional creates are retried after a
         failure that may have reached the server."""
         rtype = _require_resource(resource, "create")
-        resp = self._request("POST", rtype, rtype, body=resource,
-                             headers={"If-None-Exist": if_none_exist, "Prefer": prefer},
-                             idempotent=bool(if_none_exist))
-        return _write_result(resp.status_code, self._json(resp, "POST", rtype),
-                             resp.headers.get("Location"), resp.headers.get("ETag"))
+        resp = self._request(
+            "POST",
+            rtype,
+            rtype,
+            body=resource,
+            headers={"If-None-Exist": if_none_exist, "Prefer": prefer},
+            idempotent=bool(if_none_exist),
+        )
+        return _write_result(
+            resp.status_code,
+            self._json(resp, "POST", rtype),
+            resp.headers.get("Location"),
+            resp.headers.get("ETag"),
+        )
 
-    def update(self, resource: dict[str, Any], *, if_match: str | None = None,
-               prefer: str = "return=representation") -> WriteResult:
+    def update(
+        self, resource: dict[str, Any], *, if_match: str | None = None, prefer: str = "return=representation"
+    ) -> WriteResult:
         """PUT a resource at its id. `if_match` is a version ("3") or an ETag ('W/"3"'); a stale
         one gives a ServerError with status 412."""
         rtype = _require_resource(resource, "update")
         rid = resource.get("id")
         if not isinstance(rid, str) or not rid:
-            raise InputError("update needs the resource's id", pointer="/id", expression=f"{rtype}.id",
-                             rule="fhir:update-id")
+            raise InputError(
+                "update needs the resource's id",
+                pointer="/id",
+                expression=f"{rtype}.id",
+                rule="fhir:update-id",
+            )
         if if_match is not None and not if_match.startswith(("W/", '"')):
             if_match = f'W/"{if_match}"'
         what = f"{rtype}/{rid}"
-        resp = self._request("PUT", f"{rtype}/{quote(rid, safe='')}", what, body=resource,
-                             headers={"If-Match": if_match, "Prefer": prefer})
-        return _write_result(resp.status_code, self._json(resp, "PUT", what),
-                             resp.headers.get("Location"), resp.headers.get("ETag"))
+        resp = self._request(
+            "PUT",
+            f"{rtype}/{quote(rid, safe='')}",
+            what,
+            body=resource,
+            headers={"If-Match": if_match, "Prefer": prefer},
+        )
+        return _write_result(
+            resp.status_code,
+            self._json(resp, "PUT", what),
+            resp.headers.get("Location"),
+            resp.headers.get("ETag"),
+        )
 
     def read(self, resource_type: str, id: str) -> dict[str, Any]:
         """GET [base]/Type/id."""
@@ -280,8 +374,9 @@ class FhirClient:
     def vread(self, resource_type: str, id: str, version: str) -> dict[str, Any]:
         """GET [base]/Type/id/_history/version."""
         what = f"{resource_type}/{id}/_history/{version}"
-        resp = self._request("GET", f"{resource_type}/{quote(id, safe='')}/_history/"
-                             f"{quote(str(version), safe='')}", what)
+        resp = self._request(
+            "GET", f"{resource_type}/{quote(id, safe='')}/_history/{quote(str(version), safe='')}", what
+        )
         return self._json(resp, "GET", what)
 
     def delete(self, resource_type: str, id: str) -> int:
@@ -289,15 +384,21 @@ class FhirClient:
         what = f"{resource_type}/{id}"
         return self._request("DELETE", f"{resource_type}/{quote(id, safe='')}", what).status_code
 
-    def search_bundle(self, resource_type: str,
-                      params: Mapping[str, str] | Sequence[tuple[str, str]]) -> dict[str, Any]:
+    def search_bundle(
+        self, resource_type: str, params: Mapping[str, str] | Sequence[tuple[str, str]]
+    ) -> dict[str, Any]:
         """The first searchset Bundle of GET [base]/Type?params."""
         what = f"{resource_type} search"
         resp = self._request("GET", resource_type, what, params=params)
         return self._json(resp, "GET", what)
 
-    def search(self, resource_type: str, params: Mapping[str, str] | Sequence[tuple[str, str]],
-               *, max_pages: int = 10_000) -> Iterator[dict[str, Any]]:
+    def search(
+        self,
+        resource_type: str,
+        params: Mapping[str, str] | Sequence[tuple[str, str]],
+        *,
+        max_pages: int = 10_000,
+    ) -> Iterator[dict[str, Any]]:
         """Every matching resource (search mode `match`), following `next` links to the end.
 
         A `next` link seen before (a loop) or on another host raises ServerError."""
@@ -309,33 +410,57 @@ class FhirClient:
                 mode = (entry.get("search") or {}).get("mode", "match")
                 if mode == "match" and isinstance(entry.get("resource"), dict):
                     yield entry["resource"]
-            nxt = next((link.get("url") for link in page.get("link") or []
-                        if link.get("relation") == "next" and link.get("url")), None)
+            nxt = next(
+                (
+                    link.get("url")
+                    for link in page.get("link") or []
+                    if link.get("relation") == "next" and link.get("url")
+                ),
+                None,
+            )
             if not nxt:
                 return
             if nxt in seen:
-                raise ServerError(f"GET {what}: the server's next links loop (page {len(seen) + 1} "
-                                  "points back to an earlier page)", retryable=False,
-                                  url=_strip_query(self._url(nxt)))
+                raise ServerError(
+                    f"GET {what}: the server's next links loop (page {len(seen) + 1} "
+                    "points back to an earlier page)",
+                    retryable=False,
+                    url=_strip_query(self._url(nxt)),
+                )
             seen.add(nxt)
             resp = self._request("GET", nxt, what)
             page = self._json(resp, "GET", what) or {}
-        raise ServerError(f"GET {what}: more than {max_pages} pages", retryable=False,
-                          url=f"{self.base_url}/{resource_type}")
+        raise ServerError(
+            f"GET {what}: more than {max_pages} pages",
+            retryable=False,
+            url=f"{self.base_url}/{resource_type}",
+        )
 
     # ---- bundles
 
     def _post_bundle(self, bundle: dict[str, Any], kind: str, prefer: str | None) -> dict[str, Any]:
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" \
-                or bundle.get("type") != kind:
-            raise InputError(f"{kind} needs a Bundle of type '{kind}'", pointer="/type",
-                             expression="Bundle.type", rule="fhir:bundle-type")
-        resp = self._request("POST", "", kind, body=bundle, headers={"Prefer": prefer},
-                             idempotent=_bundle_idempotent(bundle))
+        if (
+            not isinstance(bundle, dict)
+            or bundle.get("resourceType") != "Bundle"
+            or bundle.get("type") != kind
+        ):
+            raise InputError(
+                f"{kind} needs a Bundle of type '{kind}'",
+                pointer="/type",
+                expression="Bundle.type",
+                rule="fhir:bundle-type",
+            )
+        resp = self._request(
+            "POST", "", kind, body=bundle, headers={"Prefer": prefer}, idempotent=_bundle_idempotent(bundle)
+        )
         out = self._json(resp, "POST", kind)
         if not isinstance(out, dict) or out.get("type") != f"{kind}-response":
-            raise ServerError(f"POST {kind}: the server did not answer with a {kind}-response Bundle",
-                              status=resp.status_code, retryable=False, url=self.base_url)
+            raise ServerError(
+                f"POST {kind}: the server did not answer with a {kind}-response Bundle",
+                status=resp.status_code,
+                retryable=False,
+                url=self.base_url,
+            )
         return out
 
     def transaction(self, bundle: dict[str, Any], *, prefer: str | None = None) -> dict[str, Any]:

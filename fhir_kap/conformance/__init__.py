@@ -14,6 +14,7 @@ JUnit, HTML):
 
 May import layers 0-2.
 """
+
 from __future__ import annotations
 
 from .checks.capability import KAP_TYPES
@@ -23,6 +24,23 @@ from .masking import compare_resources, mask_body, mask_headers
 from .registry import GROUPS, all_checks
 from .runner import CheckResult, RunReport, ServerUnreachable, run_checks
 
-__all__ = ["GROUPS", "KAP_TYPES", "Check", "CheckConfig", "CheckResult", "Context", "Exchange", "Failed",
-           "RunReport", "ServerUnreachable", "Skipped", "all_checks", "compare_resources", "load_examples",
-           "load_invalid_examples", "mask_body", "mask_headers", "run_checks"]
+__all__ = [
+    "GROUPS",
+    "KAP_TYPES",
+    "Check",
+    "CheckConfig",
+    "CheckResult",
+    "Context",
+    "Exchange",
+    "Failed",
+    "RunReport",
+    "ServerUnreachable",
+    "Skipped",
+    "all_checks",
+    "compare_resources",
+    "load_examples",
+    "load_invalid_examples",
+    "mask_body",
+    "mask_headers",
+    "run_checks",
+]

@@ -7,6 +7,7 @@ status codes and bodies, and records each exchange masked (masking.py), noting a
 response echoes. Test data is created under a run-specific identifier system
 (`http://fhir-kap.example/sid/check-run/<uuid>`) and remembered for clean-up.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,10 +49,16 @@ class Exchange:
     response_body: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "url": self.url,
-                "request": {"headers": dict(self.request_headers), "body": self.request_body},
-                "response": {"status": self.status, "headers": dict(self.response_headers),
-                             "body": self.response_body}}
+        return {
+            "method": self.method,
+            "url": self.url,
+            "request": {"headers": dict(self.request_headers), "body": self.request_body},
+            "response": {
+                "status": self.status,
+                "headers": dict(self.response_headers),
+                "body": self.response_body,
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -124,9 +131,17 @@ class Context:
     def run_system(self) -> str:
         return RUN_SYSTEM_BASE + self.run_id
 
-    def request(self, method: str, path: str, *, body: Any = None, raw_body: bytes | None = None,
-                headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
-                client: Any = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        raw_body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        client: Any = None,
+    ) -> Response:
         """Send one request through `FhirClient.raw`, record the masked exchange, return it."""
         hdrs = {"Accept": FHIR_JSON}
         if body is not None or raw_body is not None:
@@ -146,14 +161,21 @@ class Context:
         content = resp.content or b""
         self.responses_seen += 1
         for secret in self.secrets:
-            if secret and (secret.encode() in content or any(secret in str(v) for v in resp.headers.values())):
+            if secret and (
+                secret.encode() in content or any(secret in str(v) for v in resp.headers.values())
+            ):
                 self.echoed.append(f"{method} {path}")
-        self.exchanges.append(Exchange(
-            method=method, url=mask_text(str(getattr(resp, "url", path)), self.secrets),
-            request_headers=mask_headers(sent_headers, self.secrets),
-            request_body=mask_body(data, self.secrets),
-            status=resp.status_code, response_headers=mask_headers(resp.headers, self.secrets),
-            response_body=mask_body(content, self.secrets)))
+        self.exchanges.append(
+            Exchange(
+                method=method,
+                url=mask_text(str(getattr(resp, "url", path)), self.secrets),
+                request_headers=mask_headers(sent_headers, self.secrets),
+                request_body=mask_body(data, self.secrets),
+                status=resp.status_code,
+                response_headers=mask_headers(resp.headers, self.secrets),
+                response_body=mask_body(content, self.secrets),
+            )
+        )
         return Response(resp.status_code, resp.headers, content)
 
     def examples(self) -> list[dict[str, Any]]:
@@ -171,7 +193,9 @@ class Context:
         ids.append({"system": self.run_system, "value": value})
         return resource
 
-    def create(self, resource: dict[str, Any], headers: Mapping[str, str] | None = None) -> tuple[Response, dict[str, Any] | None]:
+    def create(
+        self, resource: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> tuple[Response, dict[str, Any] | None]:
         """POST a resource; remember it for clean-up; return (response, stored resource or None)."""
         rtype = resource["resourceType"]
         resp = self.request("POST", rtype, body=resource, headers=headers)
@@ -184,7 +208,8 @@ class Context:
         if isinstance(stored, dict) and not stored.get("id") and rid:
             stored["id"] = rid
         return resp, stored if isinstance(stored, dict) and stored.get("resourceType") == rtype else (
-            {**resource, "id": rid} if rid else None)
+            {**resource, "id": rid} if rid else None
+        )
 
     def create_journey(self, label: str) -> dict[str, dict[str, Any]]:
         """Create the KAP examples (references rewritten to the new ids); key 'Type/exampleId'."""
@@ -196,14 +221,18 @@ class Context:
             self.tag(res, f"{label}-{n}")
             resp, stored = self.create(res)
             if resp.status not in (200, 201) or not stored or not stored.get("id"):
-                raise Failed(f"creating {example['resourceType']} (example {example.get('id')}) "
-                             f"answered {resp.status}{outcome_hint(resp)}")
+                raise Failed(
+                    f"creating {example['resourceType']} (example {example.get('id')}) "
+                    f"answered {resp.status}{outcome_hint(resp)}"
+                )
             idmap[key] = f"{stored['resourceType']}/{stored['id']}"
             out[key] = {"sent": res, "stored": stored}
         self.state.setdefault("idmaps", {})[label] = idmap
         return out
 
-    def search_all(self, rtype: str, params: Mapping[str, str], max_pages: int = 50) -> tuple[list[dict[str, Any]], list[int]]:
+    def search_all(
+        self, rtype: str, params: Mapping[str, str], max_pages: int = 50
+    ) -> tuple[list[dict[str, Any]], list[int]]:
         """Search and follow `next` links; return (matching resources, entries per page)."""
         resp = self.request("GET", rtype, params=params)
         items: list[dict[str, Any]] = []
@@ -211,12 +240,19 @@ class Context:
         for _ in range(max_pages):
             bundle = resp.json()
             if resp.status != 200 or not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                raise Failed(f"search {rtype}?{query_text(params)} answered {resp.status}{outcome_hint(resp)}")
-            found = [e.get("resource") for e in bundle.get("entry") or []
-                     if isinstance(e, dict) and (e.get("search") or {}).get("mode", "match") == "match"]
+                raise Failed(
+                    f"search {rtype}?{query_text(params)} answered {resp.status}{outcome_hint(resp)}"
+                )
+            found = [
+                e.get("resource")
+                for e in bundle.get("entry") or []
+                if isinstance(e, dict) and (e.get("search") or {}).get("mode", "match") == "match"
+            ]
             pages.append(len(found))
             items += [r for r in found if isinstance(r, dict)]
-            nxt = next((link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+            nxt = next(
+                (link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None
+            )
             if not nxt:
                 return items, pages
             if urlsplit(nxt)[:2] != urlsplit(ctx_base := self.client.base_url)[:2] and "://" in nxt:

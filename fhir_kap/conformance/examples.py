@@ -5,6 +5,7 @@ Valid examples come from `profiles/examples/<r4|r5>` (or `CheckConfig.examples_d
 creation order so every reference points at something already created; invalid ones are listed
 with their reason and rule in `profiles/examples/invalid/manifest.json`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,16 @@ from .. import jsonio
 from ..errors import ConfigError
 
 # Creation order so that every reference points at something already created.
-CREATE_ORDER = ("Organization", "Practitioner", "PractitionerRole", "Patient", "Consent",
-                "ServiceRequest", "Procedure", "Communication")
+CREATE_ORDER = (
+    "Organization",
+    "Practitioner",
+    "PractitionerRole",
+    "Patient",
+    "Consent",
+    "ServiceRequest",
+    "Procedure",
+    "Communication",
+)
 
 
 def load_examples(directory: Path) -> list[dict[str, Any]]:

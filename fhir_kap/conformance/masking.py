@@ -7,6 +7,7 @@ kept with credentials replaced by '***' (the auth scheme stays), JSON patient da
 keys are masked, bodies are cut to 2 KB. `compare_resources` tells what a server lost, changed
 or added on a round trip, ignoring server-managed elements.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,14 +20,50 @@ from ..errors import InputError
 BODY_LIMIT = 2048
 
 # Keys whose values are patient data (or free text that may be) and are masked in reports.
-_PATIENT_KEYS = frozenset({"name", "given", "family", "birthDate", "telecom", "address", "text",
-                           "contentString", "valueString", "data", "div", "photo", "contact",
-                           "description", "note", "summary"})
-_SECRET_KEYS = frozenset({"access_token", "refresh_token", "id_token", "token", "client_secret",
-                          "client_assertion", "password", "assertion"})
+_PATIENT_KEYS = frozenset(
+    {
+        "name",
+        "given",
+        "family",
+        "birthDate",
+        "telecom",
+        "address",
+        "text",
+        "contentString",
+        "valueString",
+        "data",
+        "div",
+        "photo",
+        "contact",
+        "description",
+        "note",
+        "summary",
+    }
+)
+_SECRET_KEYS = frozenset(
+    {
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "token",
+        "client_secret",
+        "client_assertion",
+        "password",
+        "assertion",
+    }
+)
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-_KEPT_HEADERS = ("content-type", "location", "etag", "last-modified", "www-authenticate",
-                 "if-match", "if-none-exist", "prefer", "authorization")
+_KEPT_HEADERS = (
+    "content-type",
+    "location",
+    "etag",
+    "last-modified",
+    "www-authenticate",
+    "if-match",
+    "if-none-exist",
+    "prefer",
+    "authorization",
+)
 MASK = "***"
 
 
@@ -86,8 +123,10 @@ def mask_body(body: bytes | str | None, secrets: Iterable[str] = (), limit: int 
     except InputError:
         text = raw.decode("utf-8", "replace")
         if "=" in text and "&" in text or text.startswith("grant_type"):
-            text = "&".join(f"{p.split('=', 1)[0]}={MASK}" if p.split("=", 1)[0] in _SECRET_KEYS else p
-                            for p in text.split("&"))
+            text = "&".join(
+                f"{p.split('=', 1)[0]}={MASK}" if p.split("=", 1)[0] in _SECRET_KEYS else p
+                for p in text.split("&")
+            )
     text = mask_text(text, secrets)
     if len(text) > limit:
         text = text[:limit] + f"... ({len(text) - limit} more characters)"
@@ -112,12 +151,16 @@ def _same_instant(a: Any, b: Any) -> bool:
     if not (isinstance(a, str) and isinstance(b, str)) or "T" not in a or "T" not in b:
         return False
     try:
-        return datetime.fromisoformat(a.replace("Z", "+00:00")) == datetime.fromisoformat(b.replace("Z", "+00:00"))
+        return datetime.fromisoformat(a.replace("Z", "+00:00")) == datetime.fromisoformat(
+            b.replace("Z", "+00:00")
+        )
     except ValueError:
         return False
 
 
-def compare_resources(sent: Mapping[str, Any], returned: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+def compare_resources(
+    sent: Mapping[str, Any], returned: Mapping[str, Any]
+) -> tuple[list[str], list[str], list[str]]:
     """(lost, changed, added) JSON pointers between what was sent and what came back.
 
     Server-managed elements (id, meta.versionId, meta.lastUpdated, meta.source, text) are ignored;
@@ -129,6 +172,8 @@ def compare_resources(sent: Mapping[str, Any], returned: Mapping[str, Any]) -> t
     mine = {p: v for p, v in _leaves(sent) if not any(p.startswith(x) for x in _VOLATILE)}
     theirs = {p: v for p, v in _leaves(returned) if not any(p.startswith(x) for x in _VOLATILE)}
     lost = [p for p in mine if p not in theirs]
-    changed = [p for p in mine if p in theirs and theirs[p] != mine[p] and not _same_instant(mine[p], theirs[p])]
+    changed = [
+        p for p in mine if p in theirs and theirs[p] != mine[p] and not _same_instant(mine[p], theirs[p])
+    ]
     added = [p for p in theirs if p not in mine]
     return lost, changed, added

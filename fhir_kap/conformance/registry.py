@@ -5,6 +5,7 @@ The order of `GROUPS` is the order of the report; `_checks` names each group mod
 `checks/` in that order, so a new check is added to its group module's `CHECKS` and a new group
 both here and in `GROUPS`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -20,8 +21,15 @@ GROUPS = ("capability", "round-trip", "idempotency", "search", "errors", "valida
 
 
 def _checks(invalid: Sequence[Mapping[str, Any]]) -> list[Check]:
-    return [*capability.CHECKS, *round_trip.CHECKS, *idempotency.CHECKS, *search.CHECKS, *errors.CHECKS,
-            *validation.checks(invalid), *security.CHECKS]
+    return [
+        *capability.CHECKS,
+        *round_trip.CHECKS,
+        *idempotency.CHECKS,
+        *search.CHECKS,
+        *errors.CHECKS,
+        *validation.checks(invalid),
+        *security.CHECKS,
+    ]
 
 
 def all_checks(invalid_dir: Path | None = None) -> list[Check]:

@@ -19,6 +19,7 @@ JSON report schema (version 1), as written by `fhir-kap check --json`:
 
 Exchanges are kept for failures only; bodies are masked excerpts of at most 2 KB.
 """
+
 from __future__ import annotations
 
 import html
@@ -49,14 +50,18 @@ def console_table(report: Mapping[str, Any], *, reason_width: int = 70) -> str:
         label = _LABEL[r["outcome"]] + ("" if r["required"] or r["outcome"] == "pass" else "*")
         rows.append((r["id"], r["group"], _clip(r["title"], 48), label, _clip(r["reason"], reason_width)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(row)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(row)).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
     s = report["summary"]
     verdict = "PASSED" if report["passed"] else "FAILED"
     lines.append("")
-    lines.append(f"{verdict}: {s['pass']} passed, {s['fail']} failed ({s['required_failed']} required), "
-                 f"{s['skip']} skipped of {s['total']} — {report['server']} (FHIR {report.get('fhir_version') or '?'})")
+    lines.append(
+        f"{verdict}: {s['pass']} passed, {s['fail']} failed ({s['required_failed']} required), "
+        f"{s['skip']} skipped of {s['total']} — {report['server']} (FHIR {report.get('fhir_version') or '?'})"
+    )
     if any(not r["required"] and r["outcome"] == "fail" for r in report["results"]):
         lines.append("* optional check: a failure is reported but does not fail the run")
     for problem in report.get("cleanup_problems") or []:
@@ -91,15 +96,21 @@ def junit_xml(report: Mapping[str, Any]) -> str:
         results = [r for r in report["results"] if r["group"] == group]
         if not results:
             continue
-        suite = ET.SubElement(root, "testsuite", name=group, tests=str(len(results)),
-                              timestamp=str(report["started"])[:19])
+        suite = ET.SubElement(
+            root, "testsuite", name=group, tests=str(len(results)), timestamp=str(report["started"])[:19]
+        )
         fails = skips = 0
         seconds = 0.0
         for r in results:
             secs = r.get("duration_ms", 0) / 1000
             seconds += secs
-            case = ET.SubElement(suite, "testcase", name=f"{r['id']} {r['title']}",
-                                 classname=f"fhir_kap.check.{group}", time=f"{secs:.3f}")
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                name=f"{r['id']} {r['title']}",
+                classname=f"fhir_kap.check.{group}",
+                time=f"{secs:.3f}",
+            )
             if r["outcome"] == "fail" and r["required"]:
                 fails += 1
                 el = ET.SubElement(case, "failure", message=r["reason"], type=r["rule"])
@@ -163,41 +174,52 @@ def html_report(report: Mapping[str, Any]) -> str:
     e = html.escape
     s = report["summary"]
     ok = report["passed"]
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>fhir-kap check — {e(str(report['server']))}</title>",
-           f"<style>{_CSS}</style></head><body><main>",
-           "<header>",
-           f'<h1>FHIR server check<span class="verdict {"ok" if ok else "bad"}" id="verdict">'
-           f'{"PASSED" if ok else "FAILED"}</span></h1>',
-           f'<div class="meta">{e(str(report["server"]))} · FHIR {e(str(report.get("fhir_version") or "?"))}'
-           f' · auth {e(str(report["auth"]))} · {e(str(report["started"]))} → {e(str(report["finished"]))}</div>',
-           '<div class="counts" id="summary">',
-           f'<div class="count total"><b data-count="total">{s["total"]}</b>checks</div>',
-           f'<div class="count pass"><b data-count="pass">{s["pass"]}</b>passed</div>',
-           f'<div class="count fail"><b data-count="fail">{s["fail"]}</b>failed</div>',
-           f'<div class="count req"><b data-count="required_failed">{s["required_failed"]}</b>required failed</div>',
-           f'<div class="count skip"><b data-count="skip">{s["skip"]}</b>skipped</div>',
-           "</div></header>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>fhir-kap check — {e(str(report['server']))}</title>",
+        f"<style>{_CSS}</style></head><body><main>",
+        "<header>",
+        f'<h1>FHIR server check<span class="verdict {"ok" if ok else "bad"}" id="verdict">'
+        f"{'PASSED' if ok else 'FAILED'}</span></h1>",
+        f'<div class="meta">{e(str(report["server"]))} · FHIR {e(str(report.get("fhir_version") or "?"))}'
+        f" · auth {e(str(report['auth']))} · {e(str(report['started']))} → {e(str(report['finished']))}</div>",
+        '<div class="counts" id="summary">',
+        f'<div class="count total"><b data-count="total">{s["total"]}</b>checks</div>',
+        f'<div class="count pass"><b data-count="pass">{s["pass"]}</b>passed</div>',
+        f'<div class="count fail"><b data-count="fail">{s["fail"]}</b>failed</div>',
+        f'<div class="count req"><b data-count="required_failed">{s["required_failed"]}</b>required failed</div>',
+        f'<div class="count skip"><b data-count="skip">{s["skip"]}</b>skipped</div>',
+        "</div></header>",
+    ]
     for group in report["groups"]:
         results = [r for r in report["results"] if r["group"] == group]
         if not results:
             continue
         counts = {k: sum(1 for r in results if r["outcome"] == k) for k in ("pass", "fail", "skip")}
-        out.append(f'<section id="group-{e(group)}"><h2>{e(group)} <small>{counts["pass"]} passed · '
-                   f'{counts["fail"]} failed · {counts["skip"]} skipped</small></h2>')
-        out.append("<table><thead><tr><th>ID</th><th>Check</th><th>Result</th><th>Reason</th></tr></thead><tbody>")
+        out.append(
+            f'<section id="group-{e(group)}"><h2>{e(group)} <small>{counts["pass"]} passed · '
+            f"{counts['fail']} failed · {counts['skip']} skipped</small></h2>"
+        )
+        out.append(
+            "<table><thead><tr><th>ID</th><th>Check</th><th>Result</th><th>Reason</th></tr></thead><tbody>"
+        )
         for r in results:
             cls = r["outcome"] if r["required"] or r["outcome"] != "fail" else "optfail"
             label = _LABEL[r["outcome"]] + ("" if cls != "optfail" else " (optional)")
-            out.append(f'<tr class="result {e(r["outcome"])}" data-outcome="{e(r["outcome"])}">'
-                       f'<td class="id">{e(r["id"])}</td>'
-                       f'<td>{e(r["title"])}<div class="rule">{e(r["rule"])}'
-                       f'{"" if r["required"] else " · optional"}</div></td>'
-                       f'<td><span class="badge {cls}">{e(label)}</span></td><td class="reason">{e(r["reason"])}')
+            out.append(
+                f'<tr class="result {e(r["outcome"])}" data-outcome="{e(r["outcome"])}">'
+                f'<td class="id">{e(r["id"])}</td>'
+                f'<td>{e(r["title"])}<div class="rule">{e(r["rule"])}'
+                f"{'' if r['required'] else ' · optional'}</div></td>"
+                f'<td><span class="badge {cls}">{e(label)}</span></td><td class="reason">{e(r["reason"])}'
+            )
             for n, ex in enumerate(r.get("exchanges") or [], start=1):
-                out.append(f"<details><summary>exchange {n}: {e(ex['method'])} {e(unquote(ex['url']))} → "
-                           f"{e(str(ex['response'].get('status')))}</summary><pre>{e(_exchange_text(ex))}</pre></details>")
+                out.append(
+                    f"<details><summary>exchange {n}: {e(ex['method'])} {e(unquote(ex['url']))} → "
+                    f"{e(str(ex['response'].get('status')))}</summary><pre>{e(_exchange_text(ex))}</pre></details>"
+                )
             out.append("</td></tr>")
         out.append("</tbody></table></section>")
     footer = f"Test data under {e(str(report['run_system']))}"

@@ -11,6 +11,7 @@ registry.py in order on one `Context` (context.py) and returns the `RunReport`. 
 created under a run-specific identifier system (`http://fhir-kap.example/sid/check-run/<uuid>`)
 and deleted afterwards unless `keep_data`.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,10 +42,17 @@ class CheckResult:
     duration_ms: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "group": self.group, "title": self.title, "rule": self.rule,
-                "required": self.required, "outcome": self.outcome, "reason": self.reason,
-                "duration_ms": self.duration_ms,
-                "exchanges": [e.to_dict() for e in self.exchanges]}
+        return {
+            "id": self.id,
+            "group": self.group,
+            "title": self.title,
+            "rule": self.rule,
+            "required": self.required,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "duration_ms": self.duration_ms,
+            "exchanges": [e.to_dict() for e in self.exchanges],
+        }
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,22 @@ class RunReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"report": "fhir-kap-check", "version": 1, "server": self.server,
-                "fhir_version": self.fhir_version, "auth": self.auth,
-                "run_system": self.run_system, "started": self.started, "finished": self.finished,
-                "passed": self.passed, "summary": self.summary(), "data_kept": self.data_kept,
-                "cleanup_problems": list(self.cleanup_problems),
-                "groups": list(GROUPS), "results": [r.to_dict() for r in self.results]}
+        return {
+            "report": "fhir-kap-check",
+            "version": 1,
+            "server": self.server,
+            "fhir_version": self.fhir_version,
+            "auth": self.auth,
+            "run_system": self.run_system,
+            "started": self.started,
+            "finished": self.finished,
+            "passed": self.passed,
+            "summary": self.summary(),
+            "data_kept": self.data_kept,
+            "cleanup_problems": list(self.cleanup_problems),
+            "groups": list(GROUPS),
+            "results": [r.to_dict() for r in self.results],
+        }
 
 
 class ServerUnreachable(ServerError):
@@ -93,28 +111,36 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def run_checks(config: CheckConfig, *, progress: Callable[[int, int, CheckResult | None, Check], None] | None = None,
-               client: Any = None) -> RunReport:
+def run_checks(
+    config: CheckConfig,
+    *,
+    progress: Callable[[int, int, CheckResult | None, Check], None] | None = None,
+    client: Any = None,
+) -> RunReport:
     """Run the checks against `config.server`; raise ServerUnreachable when it cannot be reached."""
     unknown = [g for g in config.only if g not in GROUPS]
     if unknown:
-        raise ConfigError(f"unknown check group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}",
-                          rule="check:only")
+        raise ConfigError(
+            f"unknown check group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}", rule="check:only"
+        )
     checks = all_checks(config.invalid_dir)
-    client = client or FhirClient(config.server, auth=config.auth or NoAuth(), timeout=config.timeout,
-                                  session=config.session)
+    client = client or FhirClient(
+        config.server, auth=config.auth or NoAuth(), timeout=config.timeout, session=config.session
+    )
     ctx = Context(config=config, client=client, run_id=str(uuid.uuid4()))
     ctx.secrets.update(s for s in config.secrets if s)
     started = _now()
     try:
         probe = ctx.request("GET", "metadata")
     except OSError as exc:  # requests' ConnectionError/Timeout are OSErrors
-        raise ServerUnreachable(f"cannot reach {config.server} ({type(exc).__name__})", retryable=True,
-                                url=config.server) from None
+        raise ServerUnreachable(
+            f"cannot reach {config.server} ({type(exc).__name__})", retryable=True, url=config.server
+        ) from None
     except ServerError as exc:
         if exc.status is None:
-            raise ServerUnreachable(f"cannot reach {config.server} ({exc.summary})", retryable=True,
-                                    url=config.server) from None
+            raise ServerUnreachable(
+                f"cannot reach {config.server} ({exc.summary})", retryable=True, url=config.server
+            ) from None
         raise
     ctx.exchanges.clear()
     doc = probe.json()
@@ -140,9 +166,17 @@ def run_checks(config: CheckConfig, *, progress: Callable[[int, int, CheckResult
     problems: list[str] = []
     if not config.keep_data:
         problems = _cleanup(ctx)
-    return RunReport(server=config.server, fhir_version=declared, auth=config.auth_kind,
-                     run_system=ctx.run_system, started=started, finished=_now(),
-                     results=tuple(results), data_kept=config.keep_data, cleanup_problems=tuple(problems))
+    return RunReport(
+        server=config.server,
+        fhir_version=declared,
+        auth=config.auth_kind,
+        run_system=ctx.run_system,
+        started=started,
+        finished=_now(),
+        results=tuple(results),
+        data_kept=config.keep_data,
+        cleanup_problems=tuple(problems),
+    )
 
 
 def _run_one(ctx: Context, check: Check) -> CheckResult:
@@ -163,8 +197,9 @@ def _run_one(ctx: Context, check: Check) -> CheckResult:
     kept = tuple(ctx.exchanges[-4:]) if outcome == "fail" else ()
     if outcome == "fail" and not kept and check.group == "capability" and "metadata_exchange" in ctx.state:
         kept = (ctx.state["metadata_exchange"],)  # the CapabilityStatement is the evidence
-    return CheckResult(check.id, check.group, check.title, check.rule, check.required, outcome,
-                       reason, kept, ms)
+    return CheckResult(
+        check.id, check.group, check.title, check.rule, check.required, outcome, reason, kept, ms
+    )
 
 
 def _cleanup(ctx: Context) -> list[str]:

@@ -7,6 +7,7 @@ is always handed in (`recorded`): this module reads no clock.
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -29,8 +30,11 @@ ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 PROV_AGENT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 AUDIT_ACTION_EXECUTE = "E"
 SECURITY_ALERT = {"system": DCM, "code": "110113", "display": "Security Alert"}
-AUTHZ_CONSENT = {"system": BALP_AUTHZ, "code": "AuthZ-Consent",
-                 "display": "Authorization Decision using Roles and Consent"}
+AUTHZ_CONSENT = {
+    "system": BALP_AUTHZ,
+    "code": "AuthZ-Consent",
+    "display": "Authorization Decision using Roles and Consent",
+}
 APPLICATION = {"system": DCM, "code": "110150", "display": "Application"}
 RECIPIENT_ROLE = {"system": CS.V3_PARTICIPATION, "code": "IRCP", "display": "information recipient"}
 
@@ -61,9 +65,11 @@ def _purpose_coding(purpose: str) -> dict[str, str]:
 
 def _reference(resource: dict[str, Any]) -> str:
     rid = resource.get("id")
-    return f"{resource.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else str(resource.get("resourceType"))
-
-
+    return (
+        f"{resource.get('resourceType')}/{rid}"
+        if isinstance(rid, str) and rid
+        else str(resource.get("resourceType"))
+    )
 
 
 def _detail(decision: Decision) -> str:
@@ -71,8 +77,16 @@ def _detail(decision: Decision) -> str:
     return f"{'permit' if decision.permit else 'deny'}: {codes}"
 
 
-def audit_event(decision: Decision, resource: dict[str, Any], recipient: Recipient, purpose: str, *,
-                release: Release, recorded: datetime, actor: str = "fhir-kap") -> dict[str, Any]:
+def audit_event(
+    decision: Decision,
+    resource: dict[str, Any],
+    recipient: Recipient,
+    purpose: str,
+    *,
+    release: Release,
+    recorded: datetime,
+    actor: str = "fhir-kap",
+) -> dict[str, Any]:
     """An AuditEvent recording a consent decision (permit or deny) for `release`."""
     when = _instant(recorded)
     purpose_cc = {"coding": [_purpose_coding(purpose)]}
@@ -85,8 +99,11 @@ def audit_event(decision: Decision, resource: dict[str, Any], recipient: Recipie
     def entity(ref: str, role: str, display: str) -> dict[str, Any]:
         role_coding = {"system": OBJECT_ROLE, "code": role, "display": display}
         if r4:
-            return {"what": {"reference": ref}, "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
-                    "role": role_coding}
+            return {
+                "what": {"reference": ref},
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "role": role_coding,
+            }
         return {"what": {"reference": ref}, "role": {"coding": [role_coding]}}
 
     if decision.consent:
@@ -102,39 +119,76 @@ def audit_event(decision: Decision, resource: dict[str, Any], recipient: Recipie
     if r4:
         for a in agents:
             a["purposeOfUse"] = [purpose_cc]
-        return {"resourceType": "AuditEvent", "type": SECURITY_ALERT, "subtype": [AUTHZ_CONSENT],
-                "action": AUDIT_ACTION_EXECUTE, "recorded": when, "outcome": _outcome(decision),
-                "outcomeDesc": _detail(decision), "purposeOfEvent": [purpose_cc], "agent": agents,
-                "source": {"site": CANONICAL, "observer": observer,
-                           "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
-                                     "code": "4", "display": "Application Server"}]},
-                "entity": entities}
+        return {
+            "resourceType": "AuditEvent",
+            "type": SECURITY_ALERT,
+            "subtype": [AUTHZ_CONSENT],
+            "action": AUDIT_ACTION_EXECUTE,
+            "recorded": when,
+            "outcome": _outcome(decision),
+            "outcomeDesc": _detail(decision),
+            "purposeOfEvent": [purpose_cc],
+            "agent": agents,
+            "source": {
+                "site": CANONICAL,
+                "observer": observer,
+                "type": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                        "code": "4",
+                        "display": "Application Server",
+                    }
+                ],
+            },
+            "entity": entities,
+        }
     out: dict[str, Any] = {
-        "resourceType": "AuditEvent", "category": [{"coding": [SECURITY_ALERT]}],
-        "code": {"coding": [AUTHZ_CONSENT]}, "action": AUDIT_ACTION_EXECUTE, "recorded": when,
-        "outcome": {"code": {"system": AUDIT_OUTCOME, "code": _outcome(decision)},
-                    "detail": [{"text": _detail(decision)}]},
-        "authorization": [purpose_cc], "agent": agents,
+        "resourceType": "AuditEvent",
+        "category": [{"coding": [SECURITY_ALERT]}],
+        "code": {"coding": [AUTHZ_CONSENT]},
+        "action": AUDIT_ACTION_EXECUTE,
+        "recorded": when,
+        "outcome": {
+            "code": {"system": AUDIT_OUTCOME, "code": _outcome(decision)},
+            "detail": [{"text": _detail(decision)}],
+        },
+        "authorization": [purpose_cc],
+        "agent": agents,
         "source": {"site": {"display": CANONICAL}, "observer": observer},
-        "entity": entities}
+        "entity": entities,
+    }
     if patient:
         out["patient"] = {"reference": patient}
     return out
 
 
-def provenance(target_ref: str, decision: Decision, *, release: Release, recorded: datetime,
-               agent: str = "Organization/kap-clinic") -> dict[str, Any]:
+def provenance(
+    target_ref: str,
+    decision: Decision,
+    *,
+    release: Release,
+    recorded: datetime,
+    agent: str = "Organization/kap-clinic",
+) -> dict[str, Any]:
     """A Provenance for a disclosed resource citing the exact Consent version (policy + source entity)."""
     if not decision.permit or not decision.consent:
-        raise InputError("a Provenance is only written for a permitted disclosure with a consent",
-                         rule="provenance:permit")
+        raise InputError(
+            "a Provenance is only written for a permitted disclosure with a consent", rule="provenance:permit"
+        )
     if not isinstance(target_ref, str) or not target_ref:
         raise InputError("the Provenance target must be a reference 'Type/id'", rule="provenance:target")
     when = _instant(recorded)
     consent_url = decision.consent
     prov_agent: dict[str, Any] = {
         "type": {"coding": [{"system": PROV_AGENT, "code": "custodian", "display": "Custodian"}]},
-        "who": {"reference": agent}}
+        "who": {"reference": agent},
+    }
     entity: dict[str, Any] = {"role": "source", "what": {"reference": consent_url}}
-    return {"resourceType": "Provenance", "target": [{"reference": target_ref}], "recorded": when,
-            "policy": [consent_url], "agent": [prov_agent], "entity": [entity]}
+    return {
+        "resourceType": "Provenance",
+        "target": [{"reference": target_ref}],
+        "recorded": when,
+        "policy": [consent_url],
+        "agent": [prov_agent],
+        "entity": [entity],
+    }

@@ -13,6 +13,7 @@ codes of the information-category CodeSystem (config.CS.INFO_CATEGORY). Fail clo
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,13 +21,28 @@ from typing import Any
 
 from ..config import CS
 
-__all__ = ["KNOWN_CATEGORIES", "PSYCHOTHERAPY_NOTE", "PSYTHPN", "CATEGORY_SOURCES", "IGNORED_SYSTEMS",
-           "Categories", "categories_of"]
+__all__ = [
+    "KNOWN_CATEGORIES",
+    "PSYCHOTHERAPY_NOTE",
+    "PSYTHPN",
+    "CATEGORY_SOURCES",
+    "IGNORED_SYSTEMS",
+    "Categories",
+    "categories_of",
+]
 
-KNOWN_CATEGORIES = frozenset({
-    "session-dates", "response-themes", "safety", "care-coordination",
-    "treatment-history", "risk-considerations", "contraindications", "psychotherapy-note",
-})
+KNOWN_CATEGORIES = frozenset(
+    {
+        "session-dates",
+        "response-themes",
+        "safety",
+        "care-coordination",
+        "treatment-history",
+        "risk-considerations",
+        "contraindications",
+        "psychotherapy-note",
+    }
+)
 PSYCHOTHERAPY_NOTE = "psychotherapy-note"
 PSYTHPN = "PSYTHPN"
 # Where each resource type carries its information category (data, not code paths).
@@ -122,5 +138,10 @@ def categories_of(resource: dict[str, Any]) -> Categories:
             else:  # a missing, misspelt or foreign system, or a code we do not know: fail closed
                 unknown.append(f"{str(system)[:128]}|{str(code)[:64]}")
     contained = resource.get("contained")
-    return Categories(frozenset(codes), tuple(unknown), _is_psychotherapy(resource), bool(sources),
-                      contained is not None and contained != [])
+    return Categories(
+        frozenset(codes),
+        tuple(unknown),
+        _is_psychotherapy(resource),
+        bool(sources),
+        contained is not None and contained != [],
+    )

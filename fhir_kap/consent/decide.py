@@ -8,6 +8,7 @@ is not a psychotherapy note. Policies are compiled once, when the gate is built.
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -60,9 +61,12 @@ class Decision:
     obligations: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"decision": "permit" if self.permit else "deny",
-                "reasons": [r.to_json() for r in self.reasons],
-                "consent": self.consent, "obligations": list(self.obligations)}
+        return {
+            "decision": "permit" if self.permit else "deny",
+            "reasons": [r.to_json() for r in self.reasons],
+            "consent": self.consent,
+            "obligations": list(self.obligations),
+        }
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -84,10 +88,17 @@ def _flatten(context: Iterable[Any]) -> Iterator[dict[str, Any]]:
                 raise InputError("Bundles nested too deeply in the context", rule="consent:context")
             entries = res.get("entry") or []
             if not isinstance(entries, list):
-                raise InputError("Bundle.entry must be a list", rule="consent:context",
-                                 expression="Bundle.entry", pointer="/entry")
-            stack += [(e.get("resource"), depth + 1) for e in reversed(entries)
-                      if isinstance(e, dict) and e.get("resource") is not None]
+                raise InputError(
+                    "Bundle.entry must be a list",
+                    rule="consent:context",
+                    expression="Bundle.entry",
+                    pointer="/entry",
+                )
+            stack += [
+                (e.get("resource"), depth + 1)
+                for e in reversed(entries)
+                if isinstance(e, dict) and e.get("resource") is not None
+            ]
         else:
             yield res
 
@@ -118,11 +129,14 @@ class ConsentGate:
                 ref = f"Patient/{res['id']}"
                 raw_ids = res.get("identifier")
                 ids: list[Any] = raw_ids if isinstance(raw_ids, list) else []
-                self._patients[ref] = {f"{i.get('system')}|{i.get('value')}" for i in ids if isinstance(i, dict)}
+                self._patients[ref] = {
+                    f"{i.get('system')}|{i.get('value')}" for i in ids if isinstance(i, dict)
+                }
         compiled = [compile_consent(r) for r in resources if r.get("resourceType") == "Consent"]
         self.policies: tuple[Policy, ...] = tuple(self._current(compiled))
         self.clinical: tuple[dict[str, Any], ...] = tuple(
-            r for r in resources if r.get("resourceType") not in CONTEXT_TYPES)
+            r for r in resources if r.get("resourceType") not in CONTEXT_TYPES
+        )
         self._by_patient: dict[str | None, list[Policy]] = {}
         for p in self.policies:
             key = None if p.problem and p.patient is None else p.patient
@@ -140,21 +154,41 @@ class ConsentGate:
         for i, p in enumerate(compiled):
             groups.setdefault(p.id or f"\x00anonymous-{i}", []).append(p)
         for versions in groups.values():
+
             def key(p: Policy) -> tuple[int, int, str]:
                 v = p.version or ""
                 return (1, int(v), "") if v.isdigit() else (0, 0, v)
+
             unordered = len(versions) > 1 and any(not (p.version or "").isdigit() for p in versions)
             if unordered and any(p.status in _REVOKED for p in versions):
                 first = versions[0]
-                yield Policy(first.id, None, first.release, first.status, first.patient,
-                             problem=("copies of this Consent without a numeric meta.versionId include a "
-                                      "revocation, so which copy is current cannot be told", "Consent.meta.versionId"))
+                yield Policy(
+                    first.id,
+                    None,
+                    first.release,
+                    first.status,
+                    first.patient,
+                    problem=(
+                        "copies of this Consent without a numeric meta.versionId include a "
+                        "revocation, so which copy is current cannot be told",
+                        "Consent.meta.versionId",
+                    ),
+                )
                 continue
             best = max(versions, key=key)
             same = [p for p in versions if key(p) == key(best)]
             if len(same) > 1 and any(p != best for p in same):
-                yield Policy(best.id, best.version, best.release, best.status, best.patient,
-                             problem=("several different copies of the same Consent version", "Consent.meta.versionId"))
+                yield Policy(
+                    best.id,
+                    best.version,
+                    best.release,
+                    best.status,
+                    best.patient,
+                    problem=(
+                        "several different copies of the same Consent version",
+                        "Consent.meta.versionId",
+                    ),
+                )
             else:
                 yield best
 
@@ -176,12 +210,17 @@ class ConsentGate:
         """Every purpose some compiled consent mentions (normalised system|code), sorted."""
         return tuple(sorted({p for pol in self.policies for p in pol.purposes_seen}))
 
-    def decide(self, resource: dict[str, Any], recipient: Recipient, purpose: str,
-               on: date | datetime) -> Decision:
+    def decide(
+        self, resource: dict[str, Any], recipient: Recipient, purpose: str, on: date | datetime
+    ) -> Decision:
         """Permit or deny disclosing `resource` to `recipient` for `purpose` on `on` (deny by default)."""
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            raise InputError("the resource to disclose must be a FHIR resource with a resourceType",
-                             rule="consent:resource", pointer="/resourceType", expression="resourceType")
+            raise InputError(
+                "the resource to disclose must be a FHIR resource with a resourceType",
+                rule="consent:resource",
+                pointer="/resourceType",
+                expression="resourceType",
+            )
         if not isinstance(recipient, Recipient) or not (recipient.reference or recipient.identifiers):
             raise InputError("a recipient is required", rule="consent:recipient")
         if not isinstance(purpose, str) or not purpose.strip() or purpose.strip().endswith("|"):
@@ -193,19 +232,35 @@ class ConsentGate:
         target = _target(resource)
         cats = categories_of(resource)
         if cats.psychotherapy:
-            return _deny(Reason("psychotherapy-note",
-                                f"{target} is or contains a psychotherapy note (code psychotherapy-note or label "
-                                "PSYTHPN, in any system); it is never disclosed, whatever any consent says"))
+            return _deny(
+                Reason(
+                    "psychotherapy-note",
+                    f"{target} is or contains a psychotherapy note (code psychotherapy-note or label "
+                    "PSYTHPN, in any system); it is never disclosed, whatever any consent says",
+                )
+            )
         if cats.contained:
-            return _deny(Reason("contained-resource",
-                                f"{target} carries contained resources; a KAP disclosure never does, and what they "
-                                "hold is not covered by the resource's own categories"))
+            return _deny(
+                Reason(
+                    "contained-resource",
+                    f"{target} carries contained resources; a KAP disclosure never does, and what they "
+                    "hold is not covered by the resource's own categories",
+                )
+            )
         if not cats.mapped:
-            return _deny(Reason("unknown-category",
-                                f"{target}: resource type {resource['resourceType']} has no information-category mapping"))
+            return _deny(
+                Reason(
+                    "unknown-category",
+                    f"{target}: resource type {resource['resourceType']} has no information-category mapping",
+                )
+            )
         if cats.unknown:
-            return _deny(Reason("unknown-category",
-                                f"{target} carries an information category code this gate does not know"))
+            return _deny(
+                Reason(
+                    "unknown-category",
+                    f"{target} carries an information category code this gate does not know",
+                )
+            )
         if not cats.codes:
             return _deny(Reason("unknown-category", f"{target} carries no information category"))
         patient = self._patient_of(resource)
@@ -269,8 +324,16 @@ class _Match:
     has_category: bool
 
 
-def _deepest(rule: Rule, ident: Identity, purpose: str, cat: str, on: date | datetime,
-             named: bool, has_purpose: bool, has_cat: bool) -> list[_Match]:
+def _deepest(
+    rule: Rule,
+    ident: Identity,
+    purpose: str,
+    cat: str,
+    on: date | datetime,
+    named: bool,
+    has_purpose: bool,
+    has_cat: bool,
+) -> list[_Match]:
     named = named or rule.recipients is not None
     has_purpose = has_purpose or rule.purposes is not None
     has_cat = has_cat or rule.categories is not None
@@ -285,26 +348,62 @@ def _evaluate(policy: Policy, ident: Identity, purpose: str, cat: str, on: date 
     ref = policy.ref
     if policy.problem:
         message, path = policy.problem
-        return _Verdict("deny", Reason("malformed-consent",
-                                       f"{ref or 'a Consent without id'} cannot be read ({message}); it denies every disclosure it might cover",
-                                       ref, path))
+        return _Verdict(
+            "deny",
+            Reason(
+                "malformed-consent",
+                f"{ref or 'a Consent without id'} cannot be read ({message}); it denies every disclosure it might cover",
+                ref,
+                path,
+            ),
+        )
     if policy.status != ACTIVE:
         return _Verdict("n/a", Reason("not-active", f"{ref} has status {policy.status}", ref))
     if policy.period is not None and not policy.period.contains(on):
-        return _Verdict("n/a", Reason("outside-period", f"the disclosure date is outside Consent.period of {ref}",
-                                      ref, "Consent.period"))
+        return _Verdict(
+            "n/a",
+            Reason(
+                "outside-period",
+                f"the disclosure date is outside Consent.period of {ref}",
+                ref,
+                "Consent.period",
+            ),
+        )
     grantee_ok = policy.grantees is None or any(ident.matches(g) for g in policy.grantees)
     if policy.blanket_deny:
         if not grantee_ok:
-            return _Verdict("n/a", Reason("recipient-not-named", f"{ref} denies only its grantees; this recipient "
-                                                                 "is not one of them", ref, "Consent.grantee"))
-        what = ("decision deny without any provision" if policy.blanket_deny == "Consent.decision"
-                else "an opt-out policyRule without any provision")
-        return _Verdict("deny", Reason("blanket-deny", f"{ref} has {what}: it denies every disclosure it covers",
-                                       ref, policy.blanket_deny))
+            return _Verdict(
+                "n/a",
+                Reason(
+                    "recipient-not-named",
+                    f"{ref} denies only its grantees; this recipient is not one of them",
+                    ref,
+                    "Consent.grantee",
+                ),
+            )
+        what = (
+            "decision deny without any provision"
+            if policy.blanket_deny == "Consent.decision"
+            else "an opt-out policyRule without any provision"
+        )
+        return _Verdict(
+            "deny",
+            Reason(
+                "blanket-deny",
+                f"{ref} has {what}: it denies every disclosure it covers",
+                ref,
+                policy.blanket_deny,
+            ),
+        )
     if not policy.rules:
-        return _Verdict("n/a", Reason("no-provision",
-                                      f"{ref} has no provision; a policy rule without a provision grants nothing", ref))
+        return _Verdict(
+            "n/a",
+            Reason(
+                "no-provision",
+                f"{ref} has no provision; a policy rule without a provision grants nothing",
+                ref,
+            ),
+        )
     matches: list[_Match] = []
     first_failure: tuple[str, Rule] | None = None
     for rule in policy.rules:
@@ -317,16 +416,36 @@ def _evaluate(policy: Policy, ident: Identity, purpose: str, cat: str, on: date 
     if denies:
         rule = denies[0].rule
         code = "nested-deny" if rule.depth > 0 else "deny-provision"
-        return _Verdict("deny", Reason(code, f"{rule.path} of {ref} denies category {cat} for purpose {_short(purpose)}",
-                                       ref, rule.path))
+        return _Verdict(
+            "deny",
+            Reason(
+                code,
+                f"{rule.path} of {ref} denies category {cat} for purpose {_short(purpose)}",
+                ref,
+                rule.path,
+            ),
+        )
     fill = {"purpose": _short(purpose), "cat": cat}
     for m in matches:
-        missing = ("recipient-not-named" if not (grantee_ok and (m.named or policy.grantees)) else
-                   "purpose-not-permitted" if not m.has_purpose else
-                   "category-not-permitted" if not m.has_category else None)
+        missing = (
+            "recipient-not-named"
+            if not (grantee_ok and (m.named or policy.grantees))
+            else "purpose-not-permitted"
+            if not m.has_purpose
+            else "category-not-permitted"
+            if not m.has_category
+            else None
+        )
         if missing is None:
-            return _Verdict("permit", Reason("permit", f"{m.rule.path} of {ref} permits category {cat} for "
-                                                       f"purpose {_short(purpose)}", ref, m.rule.path))
+            return _Verdict(
+                "permit",
+                Reason(
+                    "permit",
+                    f"{m.rule.path} of {ref} permits category {cat} for purpose {_short(purpose)}",
+                    ref,
+                    m.rule.path,
+                ),
+            )
         first_failure = first_failure or (missing, m.rule)
     if first_failure is None:  # pragma: no cover - every rule either matches or fails
         return _Verdict("n/a", Reason("recipient-not-named", f"{ref} grants nothing here", ref))

@@ -6,6 +6,7 @@ labels, message headers, URLs, log lines) may carry confidentiality `R` and noth
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,14 @@ from typing import Any
 
 from ..config import CS
 
-__all__ = ["apply_security_labels", "envelope_labels", "label_envelope", "envelope_reveals_sensitivity",
-           "CONFIDENTIALITY_R", "SENSITIVITY_PSY"]
+__all__ = [
+    "apply_security_labels",
+    "envelope_labels",
+    "label_envelope",
+    "envelope_reveals_sensitivity",
+    "CONFIDENTIALITY_R",
+    "SENSITIVITY_PSY",
+]
 
 CONFIDENTIALITY_R = {"system": CS.V3_CONFIDENTIALITY, "code": "R"}
 SENSITIVITY_PSY = {"system": CS.V3_ACTCODE, "code": "PSY"}
@@ -23,7 +30,9 @@ _CONF_ORDER = {"U": 0, "L": 1, "M": 2, "N": 3, "R": 4, "V": 5}
 # Sensitivity / privacy-marking words that must not appear in transport metadata.
 _SENSITIVE = re.compile(
     r"(?<![A-Za-z])(PSY|PSYTHPN|ETH|HIV|SUD|SDV|SEX|BH|MH|ETHUD|OPIOIDUD|psychotherapy[-_ ]?note|"
-    r"psychotherapy|ketamine|mental[-_ ]health|kap-information-category)(?![A-Za-z])", re.IGNORECASE)
+    r"psychotherapy|ketamine|mental[-_ ]health|kap-information-category)(?![A-Za-z])",
+    re.IGNORECASE,
+)
 _ENVELOPE_OK = {(CS.V3_CONFIDENTIALITY, c) for c in ("U", "L", "M", "N", "R")}
 
 
@@ -41,7 +50,9 @@ def apply_security_labels(resource: dict[str, Any]) -> dict[str, Any]:
     conf = [c for c in security if c.get("system") == CS.V3_CONFIDENTIALITY]
     others = [c for c in security if c.get("system") != CS.V3_CONFIDENTIALITY]
     highest = max((_CONF_ORDER.get(str(c.get("code")), -1) for c in conf), default=-1)
-    keep_conf = [c for c in conf if _CONF_ORDER.get(str(c.get("code")), -1) == highest and highest > _CONF_ORDER["R"]]
+    keep_conf = [
+        c for c in conf if _CONF_ORDER.get(str(c.get("code")), -1) == highest and highest > _CONF_ORDER["R"]
+    ]
     labels = (keep_conf[:1] or [dict(CONFIDENTIALITY_R)]) + others
     if not any(c.get("system") == CS.V3_ACTCODE and c.get("code") == "PSY" for c in labels):
         labels.append(dict(SENSITIVITY_PSY))
@@ -73,7 +84,9 @@ def _reveals_meta(meta: Any) -> bool:
                 continue
             if key == "security" and (c.get("system"), c.get("code")) not in _ENVELOPE_OK:
                 return True
-            if key == "tag" and (c.get("system") == CS.INFO_CATEGORY or _SENSITIVE.search(str(c.get("code", "")))):
+            if key == "tag" and (
+                c.get("system") == CS.INFO_CATEGORY or _SENSITIVE.search(str(c.get("code", "")))
+            ):
                 return True
     return False
 
@@ -91,16 +104,30 @@ def envelope_reveals_sensitivity(obj: Any) -> bool:
     if _reveals_meta(obj.get("meta")):
         return True
     if obj.get("resourceType") != "Bundle":
-        return obj.get("resourceType") == "MessageHeader" and _SENSITIVE.search(
-            " ".join(str(obj.get(k, "")) for k in ("reason", "eventUri", "eventCoding", "definition"))) is not None
+        return (
+            obj.get("resourceType") == "MessageHeader"
+            and _SENSITIVE.search(
+                " ".join(str(obj.get(k, "")) for k in ("reason", "eventUri", "eventCoding", "definition"))
+            )
+            is not None
+        )
     for entry in obj.get("entry") or []:
         if not isinstance(entry, dict):
             continue
-        texts = [entry.get("fullUrl"), (entry.get("request") or {}).get("url") if isinstance(entry.get("request"), dict) else None,
-                 (entry.get("request") or {}).get("ifNoneExist") if isinstance(entry.get("request"), dict) else None]
+        texts = [
+            entry.get("fullUrl"),
+            (entry.get("request") or {}).get("url") if isinstance(entry.get("request"), dict) else None,
+            (entry.get("request") or {}).get("ifNoneExist")
+            if isinstance(entry.get("request"), dict)
+            else None,
+        ]
         if any(isinstance(t, str) and _SENSITIVE.search(t) for t in texts):
             return True
         res = entry.get("resource")
-        if isinstance(res, dict) and res.get("resourceType") == "MessageHeader" and envelope_reveals_sensitivity(res):
+        if (
+            isinstance(res, dict)
+            and res.get("resourceType") == "MessageHeader"
+            and envelope_reveals_sensitivity(res)
+        ):
             return True
     return False

@@ -6,6 +6,7 @@ period only when the whole day does (fail closed at datetime bounds).
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 import calendar
@@ -17,7 +18,9 @@ from typing import Any
 __all__ = ["Bound", "Period", "PeriodError", "parse_period", "parse_bound"]
 
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
-_DATETIME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2})$")
+_DATETIME = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2})$"
+)
 
 
 class PeriodError(ValueError):
@@ -50,9 +53,18 @@ def parse_bound(value: Any, *, end: bool) -> Bound:
         if m:
             frac = (m.group(7) or "0")[:6].ljust(6, "0")
             tz = UTC if m.group(8) == "Z" else _offset(m.group(8))
-            return Bound(instant=datetime(int(m.group(1)), int(m.group(2)), int(m.group(3)),
-                                          int(m.group(4)), int(m.group(5)), int(m.group(6) or 0),
-                                          int(frac), tzinfo=tz))
+            return Bound(
+                instant=datetime(
+                    int(m.group(1)),
+                    int(m.group(2)),
+                    int(m.group(3)),
+                    int(m.group(4)),
+                    int(m.group(5)),
+                    int(m.group(6) or 0),
+                    int(frac),
+                    tzinfo=tz,
+                )
+            )
     except (ValueError, calendar.IllegalMonthError) as exc:
         raise PeriodError(str(exc)) from None
     raise PeriodError("not a FHIR date or dateTime with timezone")

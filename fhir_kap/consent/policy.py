@@ -14,6 +14,7 @@ read with certainty compiles to a *malformed* policy, which can only deny.
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,8 +26,18 @@ from .categories import KNOWN_CATEGORIES
 from .periods import Period, PeriodError, parse_period
 from .recipients import ActorRef, actor_ref
 
-__all__ = ["Rule", "Policy", "compile_consent", "detect_release", "normalise_purpose", "MAX_DEPTH",
-           "ACTIVE", "KNOWN_STATUS", "DISCLOSE_KEY", "OPT_OUT"]
+__all__ = [
+    "Rule",
+    "Policy",
+    "compile_consent",
+    "detect_release",
+    "normalise_purpose",
+    "MAX_DEPTH",
+    "ACTIVE",
+    "KNOWN_STATUS",
+    "DISCLOSE_KEY",
+    "OPT_OUT",
+]
 
 MAX_DEPTH = 32
 MAX_NODES = 2000
@@ -34,8 +45,10 @@ RECIPIENT_ROLE = "IRCP"
 DISCLOSE = "disclose"
 DISCLOSE_KEY = f"{CS.CONSENT_ACTION}|{DISCLOSE}"  # how `Rule.actions` holds the disclose action
 OPT_OUT = frozenset({"OPTOUT", "OPTOUTE"})
-KNOWN_STATUS = {Release.R4: frozenset({"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}),
-                Release.R5: frozenset({"draft", "active", "inactive", "not-done", "entered-in-error"})}
+KNOWN_STATUS = {
+    Release.R4: frozenset({"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}),
+    Release.R5: frozenset({"draft", "active", "inactive", "not-done", "entered-in-error"}),
+}
 ACTIVE = "active"
 
 
@@ -114,24 +127,39 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
     patient = actor_ref(consent.get(patient_field))
     patient_ref = patient.reference if patient else None
     status = _str(consent.get("status"))
-    base: dict[str, Any] = {"id": cid, "version": version, "release": release, "status": status, "patient": patient_ref}
+    base: dict[str, Any] = {
+        "id": cid,
+        "version": version,
+        "release": release,
+        "status": status,
+        "patient": patient_ref,
+    }
     try:
         if release is None:
             raise _Bad("Consent mixes R4 and R5 elements", "Consent")
         if cid is None:
             raise _Bad("Consent has no id, so a disclosure could not cite it", "Consent.id")
         if status not in KNOWN_STATUS[release]:
-            raise _Bad(f"Consent status is not a {release.short.upper()} consent-state code", "Consent.status")
+            raise _Bad(
+                f"Consent status is not a {release.short.upper()} consent-state code", "Consent.status"
+            )
         if patient_ref is None:
-            raise _Bad(f"Consent.{patient_field} has no literal reference to the client",
-                       f"Consent.{patient_field}")
+            raise _Bad(
+                f"Consent.{patient_field} has no literal reference to the client", f"Consent.{patient_field}"
+            )
         purposes: set[str] = set()
         if release is Release.R4:
             raw = consent.get("provision")
-            rules: tuple[Rule, ...] = () if raw is None else (_rule(raw, None, "Consent.provision", 0, purposes, [0]),)
+            rules: tuple[Rule, ...] = (
+                () if raw is None else (_rule(raw, None, "Consent.provision", 0, purposes, [0]),)
+            )
             blanket = "Consent.policyRule" if not rules and _opt_out(consent.get("policyRule")) else None
-            return Policy(**base, rules=rules, blanket_deny=blanket,  # type: ignore[arg-type]
-                          purposes_seen=frozenset(purposes))
+            return Policy(
+                **base,
+                rules=rules,
+                blanket_deny=blanket,  # type: ignore[arg-type]
+                purposes_seen=frozenset(purposes),
+            )
         decision = consent.get("decision")
         if decision not in ("permit", "deny"):
             raise _Bad("R5 Consent.decision must be permit or deny (it is the base rule)", "Consent.decision")
@@ -149,10 +177,18 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
             raise _Bad("R5 Consent.provision must be a list", "Consent.provision")
         counter = [0]
         exception = "deny" if decision == "permit" else "permit"  # top-level provisions negate the base rule
-        rules = tuple(_rule(p, exception, f"Consent.provision[{i}]", 0, purposes, counter) for i, p in enumerate(raw))
+        rules = tuple(
+            _rule(p, exception, f"Consent.provision[{i}]", 0, purposes, counter) for i, p in enumerate(raw)
+        )
         blanket = "Consent.decision" if not rules and decision == "deny" else None
-        return Policy(**base, period=period, grantees=grantees, rules=rules,  # type: ignore[arg-type]
-                      blanket_deny=blanket, purposes_seen=frozenset(purposes))
+        return Policy(
+            **base,
+            period=period,
+            grantees=grantees,
+            rules=rules,  # type: ignore[arg-type]
+            blanket_deny=blanket,
+            purposes_seen=frozenset(purposes),
+        )
     except _Bad as bad:
         return Policy(**base, problem=(bad.message, bad.path))  # type: ignore[arg-type]
 
@@ -162,7 +198,8 @@ def _opt_out(policy_rule: Any) -> bool:
     codings = policy_rule.get("coding") if isinstance(policy_rule, dict) else None
     return isinstance(codings, list) and any(
         isinstance(c, dict) and isinstance(c.get("code"), str) and c["code"].strip().upper() in OPT_OUT
-        for c in codings)
+        for c in codings
+    )
 
 
 def _period(value: Any, path: str) -> Period | None:
@@ -187,8 +224,9 @@ def _codes(value: Any, path: str) -> list[tuple[str | None, str]]:
     return out
 
 
-def _rule(raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[str],
-          counter: list[int]) -> Rule:
+def _rule(
+    raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[str], counter: list[int]
+) -> Rule:
     if depth >= MAX_DEPTH:
         raise _Bad(f"provisions nested deeper than {MAX_DEPTH} levels", path)
     counter[0] += 1
@@ -221,8 +259,11 @@ def _rule(raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[st
                     raise _Bad(f"{path}.actor[{i}].reference names nobody", f"{path}.actor[{i}].reference")
                 named.append(ref)
         recipients = tuple(named) if named else None
-    actions = frozenset(f"{s or ''}|{c}" for s, c in _codes(raw["action"], f"{path}.action")) \
-        if "action" in raw else None
+    actions = (
+        frozenset(f"{s or ''}|{c}" for s, c in _codes(raw["action"], f"{path}.action"))
+        if "action" in raw
+        else None
+    )
     purpose_set = None
     if "purpose" in raw:
         if not isinstance(raw["purpose"], list):
@@ -239,8 +280,7 @@ def _rule(raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[st
         cats = set()
         for system, code in _codes(raw["code"], f"{path}.code"):
             if system != CS.INFO_CATEGORY or code not in KNOWN_CATEGORIES:
-                raise _Bad(f"{path}.code holds a code outside the KAP information categories",
-                           f"{path}.code")
+                raise _Bad(f"{path}.code holds a code outside the KAP information categories", f"{path}.code")
             cats.add(code)
         categories = frozenset(cats)
     children_raw = raw.get("provision")
@@ -249,7 +289,8 @@ def _rule(raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[st
         if not isinstance(children_raw, list):
             raise _Bad(f"{path}.provision must be a list", f"{path}.provision")
         child_kind = None if r5_kind is None else ("deny" if kind == "permit" else "permit")
-        children = tuple(_rule(c, child_kind, f"{path}.provision[{i}]", depth + 1, purposes, counter)
-                         for i, c in enumerate(children_raw))
+        children = tuple(
+            _rule(c, child_kind, f"{path}.provision[{i}]", depth + 1, purposes, counter)
+            for i, c in enumerate(children_raw)
+        )
     return Rule(kind, path, period, recipients, actions, purpose_set, categories, children, depth)
-

@@ -2,6 +2,7 @@
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -19,20 +20,30 @@ __all__ = ["preview"]
 DEFAULT_PURPOSE = "TREAT"
 
 
-def preview(gate: ConsentGate, candidates: Iterable[dict[str, Any]], recipient: Recipient,
-            purpose: str | None, on: date | datetime) -> list[dict[str, Any]]:
+def preview(
+    gate: ConsentGate,
+    candidates: Iterable[dict[str, Any]],
+    recipient: Recipient,
+    purpose: str | None,
+    on: date | datetime,
+) -> list[dict[str, Any]]:
     """Each candidate with its decision. Without a purpose, every purpose any consent names
     (and TREAT) is tried; `purposes` lists those that would permit."""
-    purposes = [purpose] if purpose else list(dict.fromkeys(
-        [normalise_purpose(DEFAULT_PURPOSE)] + list(gate.purposes())))
+    purposes = (
+        [purpose]
+        if purpose
+        else list(dict.fromkeys([normalise_purpose(DEFAULT_PURPOSE)] + list(gate.purposes())))
+    )
     rows = []
     for res in candidates:
         decisions = [(p, gate.decide(res, recipient, p, on)) for p in purposes]
         permitted = [(p, d) for p, d in decisions if d.permit]
         chosen = permitted[0][1] if permitted else decisions[0][1]
         rid = res.get("id")
-        row = {"resource": f"{res.get('resourceType')}/{rid if isinstance(rid, str) else '?'}",
-               **chosen.to_json(),
-               "purposes": [p.rpartition("|")[2] for p, _ in permitted]}
+        row = {
+            "resource": f"{res.get('resourceType')}/{rid if isinstance(rid, str) else '?'}",
+            **chosen.to_json(),
+            "purposes": [p.rpartition("|")[2] for p, _ in permitted],
+        }
         rows.append(row)
     return rows

@@ -9,6 +9,7 @@ absolute reference matches only the same absolute reference (never a relative `T
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,11 +21,21 @@ from typing import Any
 from ..errors import InputError
 from .periods import Period, PeriodError, parse_period
 
-__all__ = ["Recipient", "ActorRef", "Party", "Identity", "Directory", "normalise_reference", "reference_type",
-           "actor_ref"]
+__all__ = [
+    "Recipient",
+    "ActorRef",
+    "Party",
+    "Identity",
+    "Directory",
+    "normalise_reference",
+    "reference_type",
+    "actor_ref",
+]
 
-_REF = re.compile(r"^(?:(?P<base>[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s]+?)/)?(?P<type>[A-Z][A-Za-z]{1,63})/"
-                  r"(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+_REF = re.compile(
+    r"^(?:(?P<base>[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s]+?)/)?(?P<type>[A-Z][A-Za-z]{1,63})/"
+    r"(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$"
+)
 
 
 def normalise_reference(value: Any) -> str | None:
@@ -78,8 +89,11 @@ class Recipient:
             ref = normalise_reference(text)
             if ref:
                 return cls(reference=ref)
-        raise InputError("recipient must be a reference 'Type/id' or an identifier 'system|value'",
-                         rule="consent:recipient", code="value")
+        raise InputError(
+            "recipient must be a reference 'Type/id' or an identifier 'system|value'",
+            rule="consent:recipient",
+            code="value",
+        )
 
     def __str__(self) -> str:
         if self.reference:
@@ -109,7 +123,11 @@ def actor_ref(ref: Any) -> ActorRef | None:
 
 
 def _identifier(value: Any) -> tuple[str, str] | None:
-    if isinstance(value, dict) and isinstance(value.get("system"), str) and isinstance(value.get("value"), str):
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("system"), str)
+        and isinstance(value.get("value"), str)
+    ):
         return (value["system"], value["value"])
     return None
 
@@ -135,7 +153,9 @@ class Party:
             return False
         if actor.type and self.type and actor.type != self.type:
             return False  # an Organization's identifier never names a Practitioner, and vice versa
-        return not (actor.reference and self.reference)  # two literal references that differ: not the same party
+        return not (
+            actor.reference and self.reference
+        )  # two literal references that differ: not the same party
 
 
 @dataclass(frozen=True)
@@ -185,18 +205,32 @@ class Directory:
                     active = False  # an unreadable period never widens a grant
                 else:
                     active = res.get("active") is True
-                self._roles.append(_Role(ref, active, period, _typed(actor_ref(res.get("practitioner")), "Practitioner"),
-                                         _typed(actor_ref(res.get("organization")), "Organization")))
+                self._roles.append(
+                    _Role(
+                        ref,
+                        active,
+                        period,
+                        _typed(actor_ref(res.get("practitioner")), "Practitioner"),
+                        _typed(actor_ref(res.get("organization")), "Organization"),
+                    )
+                )
 
     def _holder(self, idents: frozenset[tuple[str, str]], rtype: str | None) -> str | None:
         """The one known party (of `rtype`, when given) carrying one of `idents`; None if none or several."""
-        holders = [ref for ref, ids in self._ids.items()
-                   if idents & ids and (rtype is None or reference_type(ref) == rtype)]
+        holders = [
+            ref
+            for ref, ids in self._ids.items()
+            if idents & ids and (rtype is None or reference_type(ref) == rtype)
+        ]
         return holders[0] if len(holders) == 1 else None
 
-    def _party(self, reference: str | None, rtype: str | None, idents: Iterable[tuple[str, str]] = ()) -> Party:
+    def _party(
+        self, reference: str | None, rtype: str | None, idents: Iterable[tuple[str, str]] = ()
+    ) -> Party:
         wanted = frozenset(idents)
-        if reference is None and wanted:  # named by identifier only: resolve to the single resource carrying it
+        if (
+            reference is None and wanted
+        ):  # named by identifier only: resolve to the single resource carrying it
             reference = self._holder(wanted, rtype)
         own = self._ids.get(reference, frozenset()) if reference else frozenset()
         return Party(reference, rtype or reference_type(reference), own | wanted)
@@ -212,16 +246,29 @@ class Directory:
             if not role.active or (role.period is not None and not role.period.contains(on)):
                 continue
             is_role = role.ref is not None and role.ref == me.reference
-            is_practitioner = role.practitioner is not None and me.type in (None, "Practitioner") \
+            is_practitioner = (
+                role.practitioner is not None
+                and me.type in (None, "Practitioner")
                 and me.matches(role.practitioner)
+            )
             if not (is_role or is_practitioner):
                 continue
             if role.organization:
-                parties.append(self._party(role.organization.reference, "Organization",
-                                           [role.organization.identifier] if role.organization.identifier else []))
+                parties.append(
+                    self._party(
+                        role.organization.reference,
+                        "Organization",
+                        [role.organization.identifier] if role.organization.identifier else [],
+                    )
+                )
             if is_role and role.practitioner:
-                parties.append(self._party(role.practitioner.reference, "Practitioner",
-                                           [role.practitioner.identifier] if role.practitioner.identifier else []))
+                parties.append(
+                    self._party(
+                        role.practitioner.reference,
+                        "Practitioner",
+                        [role.practitioner.identifier] if role.practitioner.identifier else [],
+                    )
+                )
             if role.ref and not is_role:
                 parties.append(self._party(role.ref, "PractitionerRole"))
         return Identity(tuple(dict.fromkeys(parties)))

@@ -10,6 +10,7 @@ ids, codes and reasons — never clinical text.
 
 Room: demo/ (layer 3, orchestration): may import layers 0-2.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -85,18 +86,42 @@ class Journey:
         settings = Settings(data_dir=data)
         partners = Partners(Database(settings.db_url))
         _, self.practice_token = partners.add(
-            "practice", scopes=["system/*.read", "system/*.write", "kap/consent-authority"], npis=["1234567893"],
-            references=PRACTICE_REFS, endpoint_url=self.ehr.base_url, endpoint_auth="none")
+            "practice",
+            scopes=["system/*.read", "system/*.write", "kap/consent-authority"],
+            npis=["1234567893"],
+            references=PRACTICE_REFS,
+            endpoint_url=self.ehr.base_url,
+            endpoint_auth="none",
+        )
         _, self.other_token = partners.add(
-            "other-practice", scopes=["system/*.read"], references=[OTHER_THERAPIST],
-            endpoint_url=self.ehr.base_url, endpoint_auth="none")
+            "other-practice",
+            scopes=["system/*.read"],
+            references=[OTHER_THERAPIST],
+            endpoint_url=self.ehr.base_url,
+            endpoint_auth="none",
+        )
         _, self.clinic_token = partners.add("clinic-ehr", scopes=CLINIC_SCOPES)
         port = free_port()
         self.bridge_url = f"http://127.0.0.1:{port}"
         log = open(self.root / "bridge.log", "wb")
         self.bridge = subprocess.Popen(
-            [sys.executable, "-m", "fhir_kap.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "fhir_kap.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         probe = FhirClient(self.bridge_url)
         deadline = time.monotonic() + 60
@@ -129,16 +154,26 @@ class Journey:
 
     def fhir_post(self, who: FhirClient, actor: str, resource: dict[str, Any], label: str) -> dict[str, Any]:
         rtype = resource["resourceType"]
-        resp = who.raw("POST", f"/fhir/{rtype}", data=json.dumps(resource),
-                       headers={"Content-Type": "application/fhir+json"})
+        resp = who.raw(
+            "POST",
+            f"/fhir/{rtype}",
+            data=json.dumps(resource),
+            headers={"Content-Type": "application/fhir+json"},
+        )
         body = resp.json() if resp.content else {}
         outcome = {201: "stored", 200: "exists"}.get(resp.status_code, f"HTTP {resp.status_code}")
-        self.note(actor, f"POST /fhir/{rtype} ({label})", outcome, _oo_text(body) if resp.status_code >= 400 else "")
+        self.note(
+            actor, f"POST /fhir/{rtype} ({label})", outcome, _oo_text(body) if resp.status_code >= 400 else ""
+        )
         return body
 
     def kap_post(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
-        resp = self.clinic.raw("POST", "/kap/records", data="\n".join(json.dumps(r) for r in records) + "\n",
-                               headers={"Content-Type": "application/x-ndjson"})
+        resp = self.clinic.raw(
+            "POST",
+            "/kap/records",
+            data="\n".join(json.dumps(r) for r in records) + "\n",
+            headers={"Content-Type": "application/x-ndjson"},
+        )
         body = resp.json()
         if "results" not in body:
             self.note("clinic", f"POST /kap/records ({label})", f"HTTP {resp.status_code}", _oo_text(body))
@@ -155,17 +190,29 @@ class Journey:
         self.note("practice", "GET /fhir/Task?focus=<referral>", ",".join(status) or "none")
 
     def task_status(self, status: str) -> None:
-        resp = self.clinic.raw("POST", f"/kap/referrals/{self.referral_id}/status",
-                               data=json.dumps({"status": status}),
-                               headers={"Content-Type": "application/json"})
+        resp = self.clinic.raw(
+            "POST",
+            f"/kap/referrals/{self.referral_id}/status",
+            data=json.dumps({"status": status}),
+            headers={"Content-Type": "application/json"},
+        )
         body = resp.json()
         shown = body.get("businessStatus") if resp.status_code == 200 else f"HTTP {resp.status_code}"
-        self.note("clinic", "referral Task → " + status, str(shown), "" if resp.status_code == 200
-                  else _oo_text(body))
+        self.note(
+            "clinic",
+            "referral Task → " + status,
+            str(shown),
+            "" if resp.status_code == 200 else _oo_text(body),
+        )
 
     def deliver(self) -> dict[str, Any]:
-        run = subprocess.run([sys.executable, "-m", "fhir_kap.cli", "deliver", "--once", "--json"],
-                             env=self.env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-m", "fhir_kap.cli", "deliver", "--once", "--json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         try:
             stats = json.loads(run.stdout)
         except ValueError:
@@ -187,8 +234,10 @@ class Journey:
 def _oo_text(body: Any) -> str:
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
         issue = (body.get("issue") or [{}])[0]
-        rule = next((e.get("valueString") for e in issue.get("extension", [])
-                     if e.get("url", "").endswith("/rule")), None)
+        rule = next(
+            (e.get("valueString") for e in issue.get("extension", []) if e.get("url", "").endswith("/rule")),
+            None,
+        )
         text = (issue.get("details") or {}).get("text", "")
         return f"{rule}: {text}" if rule else text
     return ""
@@ -205,7 +254,9 @@ def _why(result: dict[str, Any]) -> str:
     first = reasons[0]
     if not isinstance(first, dict):
         return str(first)
-    return str(first.get("rule") or first.get("code") or "") + (": " + first["message"] if first.get("message") else "")
+    return str(first.get("rule") or first.get("code") or "") + (
+        ": " + first["message"] if first.get("message") else ""
+    )
 
 
 def _examples() -> tuple[Path, Path]:
@@ -224,31 +275,53 @@ def play(j: Journey) -> bool:
     j.out("Timeline (ids and codes only)")
     j.out(f"  {'t':>6}  {'actor':<9} {'what':<52} {'outcome':<9} why")
 
-    for name in ("Patient-client-0001.json", "Practitioner-prac-ther-01.json",
-                 "Organization-org-practice-01.json", "PractitionerRole-role-ther-01.json"):
+    for name in (
+        "Patient-client-0001.json",
+        "Practitioner-prac-ther-01.json",
+        "Organization-org-practice-01.json",
+        "PractitionerRole-role-ther-01.json",
+    ):
         res = _load(r4, name)
         j.fhir_post(j.practice, "practice", res, f"{res['resourceType']}/{res['id']}")
     referral = _load(r4, "ServiceRequest-ref-0001.json")
-    j.referral_id = j.fhir_post(j.practice, "practice", referral, "referral with clinical context").get("id", "")
+    j.referral_id = j.fhir_post(j.practice, "practice", referral, "referral with clinical context").get(
+        "id", ""
+    )
     consent = _load(r4, "Consent-consent-0001.json")
     consent["dateTime"] = f"{today - dt.timedelta(days=1)}T15:00:00Z"
-    consent["provision"]["period"] = {"start": str(today - dt.timedelta(days=1)),
-                                      "end": str(today + dt.timedelta(days=365))}
+    consent["provision"]["period"] = {
+        "start": str(today - dt.timedelta(days=1)),
+        "end": str(today + dt.timedelta(days=365)),
+    }
     consent_id = j.fhir_post(j.practice, "practice", consent, "signed release of information").get("id", "")
     j.practice_task()
 
-    parties = [_load(records, n) for n in ("organization-org-clinic-01.json", "practitioner-prac-presc-01.json",
-                                           "practitioner-prac-cther-01.json", "practitioner-role-role-presc-01.json",
-                                           "practitioner-role-role-cther-01.json")]
+    parties = [
+        _load(records, n)
+        for n in (
+            "organization-org-clinic-01.json",
+            "practitioner-prac-presc-01.json",
+            "practitioner-prac-cther-01.json",
+            "practitioner-role-role-presc-01.json",
+            "practitioner-role-role-cther-01.json",
+        )
+    ]
     j.kap_post(parties, "clinic staff")
     j.task_status("accepted")
-    sessions = [_load(records, f"session-{n}.json") for n in (
-        "ses-intake-01", "ses-screen-01", "ses-prep-01", "ses-prep-02")]
+    sessions = [
+        _load(records, f"session-{n}.json")
+        for n in ("ses-intake-01", "ses-screen-01", "ses-prep-01", "ses-prep-02")
+    ]
     j.kap_post(sessions, "session")
     j.task_status("scheduled")
     j.task_status("in-progress")
-    j.kap_post([_load(records, f"session-{n}.json") for n in (
-        "ses-dose-01", "ses-dose-02", "ses-dose-03", "ses-integ-01", "ses-integ-02")], "session")
+    j.kap_post(
+        [
+            _load(records, f"session-{n}.json")
+            for n in ("ses-dose-01", "ses-dose-02", "ses-dose-03", "ses-integ-01", "ses-integ-02")
+        ],
+        "session",
+    )
 
     notes = [_load(records, f"note-note-000{i}.json") for i in (1, 2, 3, 4)]
     for n in notes:
@@ -264,8 +337,12 @@ def play(j: Journey) -> bool:
     followup = dict(base, id="note-followup-01")
     j.kap_post([followup], "continuity note")
     # the client revokes at the clinic: the clinic records a new state of that same consent
-    revoked = dict(_load(records, "consent-consent-0001.json"), id=consent_id, status="inactive",
-                   period={"start": str(today - dt.timedelta(days=1)), "end": str(today + dt.timedelta(days=365))})
+    revoked = dict(
+        _load(records, "consent-consent-0001.json"),
+        id=consent_id,
+        status="inactive",
+        period={"start": str(today - dt.timedelta(days=1)), "end": str(today + dt.timedelta(days=365))},
+    )
     j.kap_post([revoked], "client revokes consent")
     j.deliver()
     j.task_status("completed")
@@ -274,8 +351,10 @@ def play(j: Journey) -> bool:
     held = j.practice_sees()
     ok = held == sorted(EXPECTED_AT_PRACTICE)
     j.out("")
-    j.out(f"The practice's EHR holds {len(held)} continuity notes from fhir-kap: {', '.join(held) or 'none'}"
-          f"  ({'as expected' if ok else 'UNEXPECTED: wanted ' + ', '.join(EXPECTED_AT_PRACTICE)})")
+    j.out(
+        f"The practice's EHR holds {len(held)} continuity notes from fhir-kap: {', '.join(held) or 'none'}"
+        f"  ({'as expected' if ok else 'UNEXPECTED: wanted ' + ', '.join(EXPECTED_AT_PRACTICE)})"
+    )
     return ok
 
 

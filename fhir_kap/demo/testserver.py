@@ -5,6 +5,7 @@ simulator off and a fresh data directory; `start()` polls `/fhir/metadata` until
 
 Room: demo/ (layer 3, orchestration): may import layers 0-2.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,11 @@ class SekmetServer:
             "port": self.port,
             "data_dir": str(self.data_dir),
             "simulator": {"enabled": False},
-            "server_auth": {"types": types or ["none"], "tokens": list(self.tokens),
-                            "smart_clients": list(self.smart_clients)},
+            "server_auth": {
+                "types": types or ["none"],
+                "tokens": list(self.tokens),
+                "smart_clients": list(self.smart_clients),
+            },
             "log_inbound": self.log_inbound,
             "own_private_key_path": str(Path(str(self.data_dir)) / "keys" / "sekmet_private.pem"),
         }
@@ -87,15 +91,20 @@ class SekmetServer:
         if not exe:
             raise RuntimeError("SEKMET is not installed: pip install 'sekmet-fhir==0.1.1'")
         log = open(self.data_dir / "server.log", "wb")
-        self._proc = subprocess.Popen([exe, "serve", "-c", str(cfg)], cwd=self.data_dir,
-                                      stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen(
+            [exe, "serve", "-c", str(cfg)],
+            cwd=self.data_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"SEKMET exited early (code {self._proc.returncode}); "
-                                   f"see {self.data_dir / 'server.log'}")
+                raise RuntimeError(
+                    f"SEKMET exited early (code {self._proc.returncode}); see {self.data_dir / 'server.log'}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/metadata", timeout=2) as r:
                     if r.status == 200:

@@ -17,6 +17,7 @@ first copy). Logs name item ids, endpoints and statuses, never resource content.
 
 Room: exchange/ (layer 3, orchestration): may import layers 0-2.
 """
+
 from __future__ import annotations
 
 import logging
@@ -130,12 +131,14 @@ class DeliveryWorker:
         for endpoint, group in by_endpoint:
             self._deliver_endpoint(endpoint, list(group), stats)
         if items:
-            log.info("worker %s: %s", self.worker_id,
-                     ", ".join(f"{k} {v}" for k, v in stats.as_dict().items() if v))
+            log.info(
+                "worker %s: %s",
+                self.worker_id,
+                ", ".join(f"{k} {v}" for k, v in stats.as_dict().items() if v),
+            )
         return stats
 
-    def run_forever(self, stop_event: threading.Event | None = None,
-                    poll_interval: float = 1.0) -> Stats:
+    def run_forever(self, stop_event: threading.Event | None = None, poll_interval: float = 1.0) -> Stats:
         """Deliver until `stop_event` is set (forever without one); a pass that found less
         than a full batch waits `poll_interval` seconds (on the event, else with `sleep`).
         First gives back leases this worker id still holds from an earlier life."""
@@ -167,7 +170,7 @@ class DeliveryWorker:
         # against a slow server can outlast a revocation, or the lease.
         if self.use_transactions and len(items) > 1:
             for start in range(0, len(items), self.transaction_size):
-                chunk = [i for i in items[start:start + self.transaction_size] if self._may_send(i, stats)]
+                chunk = [i for i in items[start : start + self.transaction_size] if self._may_send(i, stats)]
                 if chunk:
                     self._send_transaction(client, chunk, stats)
         else:
@@ -189,8 +192,9 @@ class DeliveryWorker:
             ok, reason = False, f"consent re-check failed ({_summary(exc)})"
         if ok:
             return True
-        if self.outbox.hold(item, f"consent re-check at send time: {reason}",
-                            worker_id=self.worker_id, now=self.clock()):
+        if self.outbox.hold(
+            item, f"consent re-check at send time: {reason}", worker_id=self.worker_id, now=self.clock()
+        ):
             stats.held += 1
             log.info("item %d held: consent re-check refused delivery to %s", item.id, item.endpoint)
         else:
@@ -218,33 +222,50 @@ class DeliveryWorker:
             response = client.transaction(bundle)
             results = entry_results(response)
             if len(results) != len(items):
-                raise ServerError(f"POST transaction: {len(results)} entries answered for "
-                                  f"{len(items)} sent", retryable=False)
+                raise ServerError(
+                    f"POST transaction: {len(results)} entries answered for {len(items)} sent",
+                    retryable=False,
+                )
         except Exception as exc:  # noqa: BLE001 - refused or broken: retry or fall back
             if isinstance(exc, ServerError) and exc.retryable:
                 for item in items:
                     self._failed(item, exc, stats)
                 return
             stats.fallbacks += 1
-            log.warning("transaction of %d item(s) to %s refused (%s); sending them one by one",
-                        len(items), items[0].endpoint, getattr(exc, "status", None) or type(exc).__name__)
+            log.warning(
+                "transaction of %d item(s) to %s refused (%s); sending them one by one",
+                len(items),
+                items[0].endpoint,
+                getattr(exc, "status", None) or type(exc).__name__,
+            )
             for item in items:
                 self._send_single(client, item, stats)
             return
         for item, result in zip(items, results):
             if result.status >= 400 or result.status == 0:
-                self._failed(item, ServerError(f"transaction entry: {result.status}",
-                                               status=result.status,
-                                               remote_outcome=result.outcome), stats)
+                self._failed(
+                    item,
+                    ServerError(
+                        f"transaction entry: {result.status}",
+                        status=result.status,
+                        remote_outcome=result.outcome,
+                    ),
+                    stats,
+                )
             else:
                 self._delivered(item, result, stats)
 
     # ---- outcomes
 
     def _delivered(self, item: OutboxItem, result: WriteResult, stats: Stats) -> None:
-        ok = self.outbox.mark_delivered(item, server_id=result.id, server_version=result.version_id,
-                                        location=result.location, worker_id=self.worker_id,
-                                        now=self.clock())
+        ok = self.outbox.mark_delivered(
+            item,
+            server_id=result.id,
+            server_version=result.version_id,
+            location=result.location,
+            worker_id=self.worker_id,
+            now=self.clock(),
+        )
         if not ok:
             stats.lost_lease += 1
             log.warning("item %d: delivered but its lease had passed to another worker", item.id)
@@ -253,8 +274,9 @@ class DeliveryWorker:
         else:
             stats.existing += 1
 
-    def _failed(self, item: OutboxItem, exc: BaseException, stats: Stats, *,
-                retryable: bool | None = None) -> None:
+    def _failed(
+        self, item: OutboxItem, exc: BaseException, stats: Stats, *, retryable: bool | None = None
+    ) -> None:
         summary = _summary(exc)
         if retryable is None:
             retryable = _retry_later(exc)
@@ -266,14 +288,21 @@ class DeliveryWorker:
             done = self.outbox.mark_retry(item, summary, now + wait, worker_id=self.worker_id, now=now)
             if done:
                 stats.retried += 1
-                log.info("item %d to %s: attempt %d failed (%s), next in %.1f s", item.id,
-                         item.endpoint, item.attempts, status or type(exc).__name__, wait)
+                log.info(
+                    "item %d to %s: attempt %d failed (%s), next in %.1f s",
+                    item.id,
+                    item.endpoint,
+                    item.attempts,
+                    status or type(exc).__name__,
+                    wait,
+                )
         else:
             why = summary if not retryable else f"gave up after {item.attempts} attempts: {summary}"
             done = self.outbox.mark_dead(item, why, worker_id=self.worker_id, now=now)
             if done:
                 stats.dead += 1
-                log.warning("item %d to %s: dead-lettered (%s)", item.id, item.endpoint,
-                            status or type(exc).__name__)
+                log.warning(
+                    "item %d to %s: dead-lettered (%s)", item.id, item.endpoint, status or type(exc).__name__
+                )
         if not done:
             stats.lost_lease += 1

@@ -30,6 +30,7 @@ Rest-hooks for a new Communication go only to recipients the read check (`may_re
 bridge's consent-gated and audited `Access.can_read`) lets see it, so a hook never tells a
 partner about a note it would get 404 for.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -89,7 +90,9 @@ class ContextSink(Protocol):
 
 
 class ResourceValidator(Protocol):
-    def validate(self, resource: dict[str, Any], *, profile: bool = True, models: bool = False) -> list[Issue]: ...
+    def validate(
+        self, resource: dict[str, Any], *, profile: bool = True, models: bool = False
+    ) -> list[Issue]: ...
 
 
 class RecordMapper(Protocol):
@@ -115,11 +118,19 @@ class BundleResult:
 class Inbound:
     """Accepts resources from partners into the store. Build once per app; thread-safe."""
 
-    def __init__(self, store: Store, validator: ResourceValidator, *, release: Release,
-                 mapper: RecordMapper | None = None, context: ContextSink | None = None,
-                 partners: Partners | None = None, notifier: Notifier | None = None,
-                 clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic",
-                 may_read: Callable[[Partner, StoredResource], bool] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        validator: ResourceValidator,
+        *,
+        release: Release,
+        mapper: RecordMapper | None = None,
+        context: ContextSink | None = None,
+        partners: Partners | None = None,
+        notifier: Notifier | None = None,
+        clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic",
+        may_read: Callable[[Partner, StoredResource], bool] | None = None,
+    ) -> None:
         """`may_read(partner, stored)`: whether a recipient may read a new Communication (consent
         gate, audited); rest-hooks go only where it says yes (none without it)."""
         self.store = store
@@ -140,14 +151,21 @@ class Inbound:
         MappingError when the clinic could not read it as a KAP record.
         """
         if not isinstance(resource, dict):
-            raise InputError("the body must be a FHIR resource (a JSON object)", pointer=pointer or "",
-                             rule="fhir:resource")
+            raise InputError(
+                "the body must be a FHIR resource (a JSON object)",
+                pointer=pointer or "",
+                rule="fhir:resource",
+            )
         rtype = resource.get("resourceType")
         if rtype not in WRITE_TYPES:
             shown = rtype[:40] if isinstance(rtype, str) else type(rtype).__name__
-            raise InputError(f"resourceType '{shown}' cannot be created here; accepted: {', '.join(WRITE_TYPES)}",
-                             pointer=f"{pointer}/resourceType", expression="resourceType",
-                             rule="bridge:resource-type", code="not-supported")
+            raise InputError(
+                f"resourceType '{shown}' cannot be created here; accepted: {', '.join(WRITE_TYPES)}",
+                pointer=f"{pointer}/resourceType",
+                expression="resourceType",
+                rule="bridge:resource-type",
+                code="not-supported",
+            )
         errors = [i for i in self.validator.validate(resource) if i.is_error]
         if errors:
             raise ProfileError([i.prefixed(pointer_prefix=pointer) for i in errors])
@@ -160,9 +178,14 @@ class Inbound:
                 return None
             raise MappingError([i.prefixed(pointer_prefix=pointer) for i in exc.issues]) from None
 
-    def accept(self, resource: dict[str, Any], *, source: str | None,
-               if_none_exist: Mapping[str, Sequence[str]] | None = None,
-               authority: bool | None = None) -> Accepted:
+    def accept(
+        self,
+        resource: dict[str, Any],
+        *,
+        source: str | None,
+        if_none_exist: Mapping[str, Sequence[str]] | None = None,
+        authority: bool | None = None,
+    ) -> Accepted:
         """Check, then store with a Task for a new referral and the consent context in one commit; notify.
 
         `authority`: whether the sender is a consent authority (its context feeds the consent
@@ -170,7 +193,9 @@ class Inbound:
         """
         record = self.check(resource)
         trusted = self._trusted(source, authority, [resource])
-        return self._commit(lambda tx: [self._store_one(tx, resource, source, if_none_exist, record)], trusted)[0]
+        return self._commit(
+            lambda tx: [self._store_one(tx, resource, source, if_none_exist, record)], trusted
+        )[0]
 
     def is_authority(self, source: str | None) -> bool:
         """Whether the partner named `source` is a consent authority (unknown or revoked: no)."""
@@ -208,11 +233,18 @@ class Inbound:
         # (its transaction() nests as a SAVEPOINT); otherwise it keeps its own commit, after ours.
         return self.context is not None and getattr(self.context, "db", None) is self.store.db
 
-    def _store_one(self, tx: Any, resource: dict[str, Any], source: str | None,
-                   if_none_exist: Mapping[str, Sequence[str]] | None, record: dict[str, Any] | None,
-                   keep_id: bool = False) -> Accepted:
-        stored, created = self.store.create(resource, source=source, if_none_exist=if_none_exist,
-                                            keep_id=keep_id, tx=tx)
+    def _store_one(
+        self,
+        tx: Any,
+        resource: dict[str, Any],
+        source: str | None,
+        if_none_exist: Mapping[str, Sequence[str]] | None,
+        record: dict[str, Any] | None,
+        keep_id: bool = False,
+    ) -> Accepted:
+        stored, created = self.store.create(
+            resource, source=source, if_none_exist=if_none_exist, keep_id=keep_id, tx=tx
+        )
         task = None
         if created and stored.type == "ServiceRequest":
             task, _ = self.store.create(referral_task(stored, self.clinic_owner), source=source, tx=tx)
@@ -240,15 +272,21 @@ class Inbound:
             if not acc.created or stored.type != "Communication":
                 continue
             for partner in hooked:
-                if partner.name == stored.source or addressed_to(stored.resource, partner, self.store.get) is None:
+                if (
+                    partner.name == stored.source
+                    or addressed_to(stored.resource, partner, self.store.get) is None
+                ):
                     continue
                 # Only a recipient allowed to read it hears of it (consent-gated, audited like a read).
                 if self.may_read is None or self.may_read(partner, stored):
-                    n += self.notifier.enqueue(partner.name, EVENT_COMMUNICATION, f"Communication/{stored.id}",
-                                               str(stored.version))
+                    n += self.notifier.enqueue(
+                        partner.name, EVENT_COMMUNICATION, f"Communication/{stored.id}", str(stored.version)
+                    )
         return n
 
-    def accept_bundle(self, bundle: Any, *, source: str | None, authority: bool | None = None) -> BundleResult:
+    def accept_bundle(
+        self, bundle: Any, *, source: str | None, authority: bool | None = None
+    ) -> BundleResult:
         """A transaction (all or nothing, urn:uuid references resolved) or a batch Bundle.
 
         `authority` as for `accept`: whether the context resources in it feed the consent gate.
@@ -272,8 +310,16 @@ class Inbound:
             full = entry.get("fullUrl")
             if isinstance(full, str) and URN_UUID.match(full):
                 if full in ids:
-                    issues.append(Issue("error", "duplicate", "fullUrl is used twice", f"Bundle.entry[{i}].fullUrl",
-                                        f"/entry/{i}/fullUrl", "bridge:bundle-fullurl"))
+                    issues.append(
+                        Issue(
+                            "error",
+                            "duplicate",
+                            "fullUrl is used twice",
+                            f"Bundle.entry[{i}].fullUrl",
+                            f"/entry/{i}/fullUrl",
+                            "bridge:bundle-fullurl",
+                        )
+                    )
                 ids[full] = new_id()
             parsed.append((i, full, resource, cond))
         if issues:
@@ -286,16 +332,24 @@ class Inbound:
             if full in ids:
                 resource["id"] = ids[full]
             try:
-                records.append((i, full, resource, cond, self.check(resource, pointer=f"/entry/{i}/resource")))
+                records.append(
+                    (i, full, resource, cond, self.check(resource, pointer=f"/entry/{i}/resource"))
+                )
             except KapError as exc:
                 issues += exc.issues
                 worst = type(exc) if exc.http_status > worst.http_status else worst
         if issues:
             raise worst(issues)
-        accepted = self._commit(lambda tx: [self._store_one(tx, resource, source, cond, record, keep_id=full in ids)
-                                            for i, full, resource, cond, record in records], trusted)
-        return BundleResult(_response_bundle("transaction-response", [_entry_response(a) for a in accepted]),
-                            accepted)
+        accepted = self._commit(
+            lambda tx: [
+                self._store_one(tx, resource, source, cond, record, keep_id=full in ids)
+                for i, full, resource, cond, record in records
+            ],
+            trusted,
+        )
+        return BundleResult(
+            _response_bundle("transaction-response", [_entry_response(a) for a in accepted]), accepted
+        )
 
     def _batch(self, entries: list[dict[str, Any]], source: str | None, trusted: bool) -> BundleResult:
         """Each entry stands alone (its own SAVEPOINT), and all of them share one commit."""
@@ -324,7 +378,9 @@ class Inbound:
         accepted = self._commit(work, trusted) if checked else []
         return BundleResult(_response_bundle("batch-response", [o for o in out if o is not None]), accepted)
 
-    def referral_status(self, referral_id: str, business_status: str, *, reason: str | None = None) -> StoredResource:
+    def referral_status(
+        self, referral_id: str, business_status: str, *, reason: str | None = None
+    ) -> StoredResource:
         """Move the referral's Task to `business_status` (Conflict if the flow does not allow it).
 
         The referring practice reads this Task without a consent check (it sent the referral),
@@ -367,21 +423,37 @@ class Inbound:
         return False
 
 
-_REASON = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 409: "Conflict",
-           412: "Precondition Failed", 422: "Unprocessable Entity"}
+_REASON = {
+    200: "OK",
+    201: "Created",
+    400: "Bad Request",
+    404: "Not Found",
+    409: "Conflict",
+    412: "Precondition Failed",
+    422: "Unprocessable Entity",
+}
 
 
 def _error_response(exc: KapError) -> dict[str, Any]:
-    return {"response": {"status": f"{exc.http_status} {_REASON.get(exc.http_status, 'Error')}",
-                         "outcome": exc.operation_outcome()}}
+    return {
+        "response": {
+            "status": f"{exc.http_status} {_REASON.get(exc.http_status, 'Error')}",
+            "outcome": exc.operation_outcome(),
+        }
+    }
 
 
 def _entry_response(acc: Accepted) -> dict[str, Any]:
     s = acc.stored
-    return {"fullUrl": f"{s.type}/{s.id}",
-            "response": {"status": "201 Created" if acc.created else "200 OK",
-                         "location": f"{s.type}/{s.id}/_history/{s.version}", "etag": s.etag,
-                         "lastModified": s.last_updated}}
+    return {
+        "fullUrl": f"{s.type}/{s.id}",
+        "response": {
+            "status": "201 Created" if acc.created else "200 OK",
+            "location": f"{s.type}/{s.id}/_history/{s.version}",
+            "etag": s.etag,
+            "lastModified": s.last_updated,
+        },
+    }
 
 
 def _response_bundle(kind: str, entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ partner, so the practice that sent the referral can read its progress. Because t
 needs no consent, the Task carries status only: never free text. A reason for a status is
 one code of `REFERRAL_REASONS` (Task.statusReason as a coding).
 """
+
 from __future__ import annotations
 
 import re
@@ -46,8 +47,16 @@ __all__ = [
 ]
 
 #: Resource types partners may create: the four KAP resources and the context they reference.
-WRITE_TYPES = ("ServiceRequest", "Consent", "Communication", "Procedure",
-               "Patient", "Practitioner", "PractitionerRole", "Organization")
+WRITE_TYPES = (
+    "ServiceRequest",
+    "Consent",
+    "Communication",
+    "Procedure",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+)
 #: The code system of a referral Task's businessStatus.
 REFERRAL_STATUS_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status"
 #: businessStatus -> the business statuses it may move to.
@@ -61,17 +70,34 @@ REFERRAL_FLOW: dict[str, tuple[str, ...]] = {
     "cancelled": (),
 }
 #: businessStatus -> FHIR Task.status.
-TASK_STATUS = {"received": "received", "accepted": "accepted", "declined": "rejected",
-               "scheduled": "accepted", "in-progress": "in-progress", "completed": "completed",
-               "cancelled": "cancelled"}
-_DISPLAY = {"received": "Referral received", "accepted": "Referral accepted", "declined": "Referral declined",
-            "scheduled": "Intake scheduled", "in-progress": "Care in progress", "completed": "Care completed",
-            "cancelled": "Referral cancelled"}
+TASK_STATUS = {
+    "received": "received",
+    "accepted": "accepted",
+    "declined": "rejected",
+    "scheduled": "accepted",
+    "in-progress": "in-progress",
+    "completed": "completed",
+    "cancelled": "cancelled",
+}
+_DISPLAY = {
+    "received": "Referral received",
+    "accepted": "Referral accepted",
+    "declined": "Referral declined",
+    "scheduled": "Intake scheduled",
+    "in-progress": "Care in progress",
+    "completed": "Care completed",
+    "cancelled": "Referral cancelled",
+}
 #: Reason codes a status move may carry (the only reason a referring practice sees; no free text).
 REFERRAL_REASON_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status-reason"
-REFERRAL_REASONS = {"not-eligible": "Not eligible for KAP", "client-declined": "Client declined",
-                    "client-unreachable": "Client could not be reached", "capacity": "No capacity",
-                    "duplicate": "Duplicate referral", "other": "Other reason"}
+REFERRAL_REASONS = {
+    "not-eligible": "Not eligible for KAP",
+    "client-declined": "Client declined",
+    "client-unreachable": "Client could not be reached",
+    "capacity": "No capacity",
+    "duplicate": "Duplicate referral",
+    "other": "Other reason",
+}
 #: Deepest JSON nesting accepted in a Bundle entry (FHIR resources need far less).
 MAX_DEPTH = 64
 #: A transaction entry's fullUrl that other entries may reference (rewritten to the id assigned).
@@ -84,19 +110,34 @@ def bundle_entries(bundle: Any) -> tuple[str, list[dict[str, Any]]]:
     InputError for anything else, for entries that are not objects, and past 500 entries.
     """
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        raise InputError("POST /fhir takes a Bundle of type transaction or batch", pointer="/resourceType",
-                         rule="bridge:bundle")
+        raise InputError(
+            "POST /fhir takes a Bundle of type transaction or batch",
+            pointer="/resourceType",
+            rule="bridge:bundle",
+        )
     kind = bundle.get("type")
     if kind not in ("transaction", "batch"):
-        raise InputError(f"Bundle.type must be transaction or batch, not '{str(kind)[:30]}'",
-                         pointer="/type", expression="Bundle.type", rule="bridge:bundle-type")
+        raise InputError(
+            f"Bundle.type must be transaction or batch, not '{str(kind)[:30]}'",
+            pointer="/type",
+            expression="Bundle.type",
+            rule="bridge:bundle-type",
+        )
     entries = bundle.get("entry", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise InputError("Bundle.entry must be a list of objects", pointer="/entry",
-                         expression="Bundle.entry", rule="bridge:bundle-entry")
+        raise InputError(
+            "Bundle.entry must be a list of objects",
+            pointer="/entry",
+            expression="Bundle.entry",
+            rule="bridge:bundle-entry",
+        )
     if len(entries) > 500:
-        raise InputError("a Bundle may carry at most 500 entries", pointer="/entry",
-                         rule="bridge:bundle-size", code="too-costly")
+        raise InputError(
+            "a Bundle may carry at most 500 entries",
+            pointer="/entry",
+            rule="bridge:bundle-size",
+            code="too-costly",
+        )
     return kind, entries
 
 
@@ -109,69 +150,108 @@ def bundle_entry(entry: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[st
     ptr = f"/entry/{i}"
     req = entry.get("request")
     if not isinstance(req, dict) or req.get("method") != "POST":
-        raise InputError("only entries with request.method POST are supported", pointer=f"{ptr}/request/method",
-                         expression=f"Bundle.entry[{i}].request.method", rule="bridge:bundle-method",
-                         code="not-supported")
+        raise InputError(
+            "only entries with request.method POST are supported",
+            pointer=f"{ptr}/request/method",
+            expression=f"Bundle.entry[{i}].request.method",
+            rule="bridge:bundle-method",
+            code="not-supported",
+        )
     resource = entry.get("resource")
     if not isinstance(resource, dict):
-        raise InputError("entry.resource must be a FHIR resource", pointer=f"{ptr}/resource",
-                         expression=f"Bundle.entry[{i}].resource", rule="bridge:bundle-entry")
+        raise InputError(
+            "entry.resource must be a FHIR resource",
+            pointer=f"{ptr}/resource",
+            expression=f"Bundle.entry[{i}].resource",
+            rule="bridge:bundle-entry",
+        )
     full = entry.get("fullUrl")
     if full is not None and not isinstance(full, str):
-        raise InputError(f"Bundle.entry[{i}].fullUrl must be a string (a URI)", pointer=f"{ptr}/fullUrl",
-                         expression=f"Bundle.entry[{i}].fullUrl", rule="bridge:bundle-fullurl")
+        raise InputError(
+            f"Bundle.entry[{i}].fullUrl must be a string (a URI)",
+            pointer=f"{ptr}/fullUrl",
+            expression=f"Bundle.entry[{i}].fullUrl",
+            rule="bridge:bundle-fullurl",
+        )
     if _too_deep(resource, MAX_DEPTH):
-        raise InputError(f"Bundle.entry[{i}].resource is nested deeper than {MAX_DEPTH} levels",
-                         pointer=f"{ptr}/resource", expression=f"Bundle.entry[{i}].resource",
-                         rule="bridge:nesting", code="too-costly")
+        raise InputError(
+            f"Bundle.entry[{i}].resource is nested deeper than {MAX_DEPTH} levels",
+            pointer=f"{ptr}/resource",
+            expression=f"Bundle.entry[{i}].resource",
+            rule="bridge:nesting",
+            code="too-costly",
+        )
     url = req.get("url")
     if url != resource.get("resourceType"):
-        raise InputError(f"request.url must be the resource type '{str(resource.get('resourceType'))[:40]}'",
-                         pointer=f"{ptr}/request/url", expression=f"Bundle.entry[{i}].request.url",
-                         rule="bridge:bundle-url")
+        raise InputError(
+            f"request.url must be the resource type '{str(resource.get('resourceType'))[:40]}'",
+            pointer=f"{ptr}/request/url",
+            expression=f"Bundle.entry[{i}].request.url",
+            rule="bridge:bundle-url",
+        )
     cond = req.get("ifNoneExist")
     if cond is not None and not isinstance(cond, str):
-        raise InputError("request.ifNoneExist must be a string", pointer=f"{ptr}/request/ifNoneExist",
-                         rule="bridge:bundle-entry")
+        raise InputError(
+            "request.ifNoneExist must be a string",
+            pointer=f"{ptr}/request/ifNoneExist",
+            rule="bridge:bundle-entry",
+        )
     if cond is None:
         return resource, None
     try:
         return resource, parse_query(cond)
     except KapError as exc:
-        raise type(exc)([i.prefixed(pointer_prefix=f"{ptr}/request/ifNoneExist") for i in exc.issues]) from None
+        raise type(exc)(
+            [i.prefixed(pointer_prefix=f"{ptr}/request/ifNoneExist") for i in exc.issues]
+        ) from None
 
 
 def check_status_move(referral_id: str, business_status: str, reason: str | None) -> None:
     """Refuse a status move the flow cannot contain: a status not in `REFERRAL_FLOW` or a reason
     not in `REFERRAL_REASONS` (InputError), an id no referral can have (NotFound)."""
     if business_status not in REFERRAL_FLOW:
-        raise InputError(f"status '{business_status[:40]}' is not one of {', '.join(REFERRAL_FLOW)}",
-                         pointer="/status", rule="referral:status", code="value")
+        raise InputError(
+            f"status '{business_status[:40]}' is not one of {', '.join(REFERRAL_FLOW)}",
+            pointer="/status",
+            rule="referral:status",
+            code="value",
+        )
     if reason is not None and (not isinstance(reason, str) or reason not in REFERRAL_REASONS):
-        raise InputError("reason must be one of the codes " + ", ".join(REFERRAL_REASONS) + " (no free text: "
-                         "the referring practice sees it without a consent check)", pointer="/reason",
-                         rule="referral:reason", code="value")
+        raise InputError(
+            "reason must be one of the codes " + ", ".join(REFERRAL_REASONS) + " (no free text: "
+            "the referring practice sees it without a consent check)",
+            pointer="/reason",
+            rule="referral:reason",
+            code="value",
+        )
     if not ID_PATTERN.match(referral_id):
         raise NotFound("no such referral", rule="referral:unknown")
 
 
-def moved_task(task: Mapping[str, Any], business_status: str, reason: str | None,
-               release: Release) -> dict[str, Any]:
+def moved_task(
+    task: Mapping[str, Any], business_status: str, reason: str | None, release: Release
+) -> dict[str, Any]:
     """A copy of the referral's Task moved to `business_status` (Conflict if `REFERRAL_FLOW` does
     not allow it from where it is), with `reason` as its statusReason coding (R5: a
     CodeableReference's `concept`) or none."""
     now_status = _business_status(task)
     if business_status not in REFERRAL_FLOW.get(now_status, ()):
-        raise Conflict(f"a referral that is '{now_status}' cannot become '{business_status}'; allowed: "
-                       f"{', '.join(REFERRAL_FLOW.get(now_status, ())) or 'none (final)'}",
-                       pointer="/status", rule="referral:transition")
+        raise Conflict(
+            f"a referral that is '{now_status}' cannot become '{business_status}'; allowed: "
+            f"{', '.join(REFERRAL_FLOW.get(now_status, ())) or 'none (final)'}",
+            pointer="/status",
+            rule="referral:transition",
+        )
     task = dict(task)
     task["status"] = TASK_STATUS[business_status]
     task["businessStatus"] = _business_concept(business_status)
     task["lastModified"] = instant_now()
     if reason:
-        concept = {"coding": [{"system": REFERRAL_REASON_SYSTEM, "code": reason,
-                               "display": REFERRAL_REASONS[reason]}]}
+        concept = {
+            "coding": [
+                {"system": REFERRAL_REASON_SYSTEM, "code": reason, "display": REFERRAL_REASONS[reason]}
+            ]
+        }
         task["statusReason"] = {"concept": concept} if release is Release.R5 else concept
     else:
         task.pop("statusReason", None)
@@ -184,8 +264,10 @@ def referral_task(referral: StoredResource, owner: dict[str, Any]) -> dict[str, 
     now = instant_now()
     task: dict[str, Any] = {
         "resourceType": "Task",
-        "meta": {"tag": [{"system": CS.INFO_CATEGORY, "code": "care-coordination"}],
-                 "security": [{"system": CS.V3_CONFIDENTIALITY, "code": "R"}]},
+        "meta": {
+            "tag": [{"system": CS.INFO_CATEGORY, "code": "care-coordination"}],
+            "security": [{"system": CS.V3_CONFIDENTIALITY, "code": "R"}],
+        },
         "basedOn": [{"reference": f"ServiceRequest/{referral.id}"}],
         "status": TASK_STATUS["received"],
         "businessStatus": _business_concept("received"),
@@ -204,8 +286,10 @@ def referral_task(referral: StoredResource, owner: dict[str, Any]) -> dict[str, 
 
 
 def _business_concept(code: str) -> dict[str, Any]:
-    return {"coding": [{"system": REFERRAL_STATUS_SYSTEM, "code": code, "display": _DISPLAY[code]}],
-            "text": _DISPLAY[code]}
+    return {
+        "coding": [{"system": REFERRAL_STATUS_SYSTEM, "code": code, "display": _DISPLAY[code]}],
+        "text": _DISPLAY[code],
+    }
 
 
 def _business_status(task: Mapping[str, Any]) -> str:
@@ -215,8 +299,9 @@ def _business_status(task: Mapping[str, Any]) -> str:
     return "received"
 
 
-def addressed_to(resource: dict[str, Any], partner: Partner,
-                 resolve: Callable[[str, str], StoredResource | None]) -> str | None:
+def addressed_to(
+    resource: dict[str, Any], partner: Partner, resolve: Callable[[str, str], StoredResource | None]
+) -> str | None:
     """The key naming `partner` among the resource's recipients, or None.
 
     Recipients: Communication.recipient, Task.requester and Task.restriction.recipient. A
@@ -246,8 +331,9 @@ def _recipients(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield c
 
 
-def _match(ref: dict[str, Any], keys: set[str], resolve: Callable[[str, str], StoredResource | None],
-           depth: int) -> str | None:
+def _match(
+    ref: dict[str, Any], keys: set[str], resolve: Callable[[str, str], StoredResource | None], depth: int
+) -> str | None:
     literal = ref.get("reference")
     if isinstance(literal, str) and literal in keys:
         return literal
@@ -285,8 +371,11 @@ def parse_query(query: str) -> dict[str, list[str]]:
     try:
         parsed = parse_qs(query, keep_blank_values=True, strict_parsing=True, max_num_fields=20)
     except ValueError:
-        raise InputError("If-None-Exist must be a search query such as identifier=SYSTEM|VALUE",
-                         expression="If-None-Exist", rule="http:if-none-exist") from None
+        raise InputError(
+            "If-None-Exist must be a search query such as identifier=SYSTEM|VALUE",
+            expression="If-None-Exist",
+            rule="http:if-none-exist",
+        ) from None
     check_condition(parsed)
     return parsed
 
@@ -308,8 +397,9 @@ def _too_deep(node: Any, limit: int) -> bool:
 def rewrite_references(node: Any, refs: Mapping[str, str], depth: int = 0) -> Any:
     """A copy of `node` with `reference`s found in `refs` replaced (callers bound the depth: `_too_deep`)."""
     if depth > MAX_DEPTH:
-        raise InputError(f"a resource is nested deeper than {MAX_DEPTH} levels", rule="bridge:nesting",
-                         code="too-costly")
+        raise InputError(
+            f"a resource is nested deeper than {MAX_DEPTH} levels", rule="bridge:nesting", code="too-costly"
+        )
     if isinstance(node, dict):
         out = {k: rewrite_references(v, refs, depth + 1) for k, v in node.items()}
         if isinstance(out.get("reference"), str) and out["reference"] in refs:

@@ -10,6 +10,7 @@ exact Consent version, and the queued resource carries the R and PSY security la
 
 Room: exchange/ (layer 3, orchestration): may import layers 0-2.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from ..records.pipeline import Pipeline
 from ..storage.outbox import Outbox, OutboxItem
 
 __all__ = ["CONTEXT_TYPES", "Outbound", "SendResult", "Target", "send_time_check"]
-
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,17 @@ def issue_reason(issue: Issue) -> dict[str, Any]:
 class Outbound:
     """Consent-gated enqueueing of clinic records for one FHIR release."""
 
-    def __init__(self, pipeline: Pipeline, outbox: Outbox, audit: Any, *, release: Release,
-                 purpose: str = "TREAT", actor: str = "fhir-kap",
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        outbox: Outbox,
+        audit: Any,
+        *,
+        release: Release,
+        purpose: str = "TREAT",
+        actor: str = "fhir-kap",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.pipeline = pipeline
         self.outbox = outbox
         self.audit = audit
@@ -81,8 +89,9 @@ class Outbound:
         self.actor = actor
         self.clock = clock
 
-    def submit(self, label: str, doc: Any, target: Target, *,
-               recipients: list[str] | None = None) -> SendResult:
+    def submit(
+        self, label: str, doc: Any, target: Target, *, recipients: list[str] | None = None
+    ) -> SendResult:
         """Map, validate and gate one KAP record (or FHIR resource), then queue it per recipient.
 
         Consents and parties are kept as consent context instead. The recipients are the
@@ -97,22 +106,50 @@ class Outbound:
         if rtype in CONTEXT_TYPES:
             self.outbox.put_context(resource)
             return SendResult(label, "context", ref)
-        addressed = [r["reference"] for r in resource.get("recipient") or []
-                     if isinstance(r, dict) and isinstance(r.get("reference"), str)]
+        addressed = [
+            r["reference"]
+            for r in resource.get("recipient") or []
+            if isinstance(r, dict) and isinstance(r.get("reference"), str)
+        ]
         names = list(recipients or addressed)
         if not names:
-            return SendResult(label, "refused", ref, reasons=[{
-                "message": "no recipient: name one (--recipient) to disclose this resource to",
-                "rule": "outbound:recipient"}])
+            return SendResult(
+                label,
+                "refused",
+                ref,
+                reasons=[
+                    {
+                        "message": "no recipient: name one (--recipient) to disclose this resource to",
+                        "rule": "outbound:recipient",
+                    }
+                ],
+            )
         stray = [n for n in names if addressed and n not in addressed]
         if stray:  # a note goes only to those it is addressed to
-            return SendResult(label, "refused", ref, reasons=[{
-                "message": f"{stray[0]} is not among the note's recipients", "rule": "outbound:recipient"}])
+            return SendResult(
+                label,
+                "refused",
+                ref,
+                reasons=[
+                    {
+                        "message": f"{stray[0]} is not among the note's recipients",
+                        "rule": "outbound:recipient",
+                    }
+                ],
+            )
         unserved = [n for n in names if target.serves is not None and n not in target.serves]
         if unserved:  # the endpoint must be the recipient's own server
-            return SendResult(label, "refused", ref, reasons=[{
-                "message": f"endpoint {target.endpoint} is not registered for {unserved[0]}",
-                "rule": "outbound:endpoint-recipient"}])
+            return SendResult(
+                label,
+                "refused",
+                ref,
+                reasons=[
+                    {
+                        "message": f"endpoint {target.endpoint} is not registered for {unserved[0]}",
+                        "rule": "outbound:endpoint-recipient",
+                    }
+                ],
+            )
         deliveries = [self.disclose(resource, name, target) for name in names]
         outcomes = {d["outcome"] for d in deliveries}
         outcome = next(o for o in ("queued", "already-queued", "refused") if o in outcomes)
@@ -139,38 +176,54 @@ class Outbound:
         now = self.clock()
         recipient = Recipient.parse(recipient_key)
         decision = ConsentGate(self.outbox.context_for(patient) if patient else []).decide(
-            resource, recipient, self.purpose, now)
-        event = audit_event(decision, resource, recipient, self.purpose, release=self.release,
-                            recorded=now, actor=self.actor)
+            resource, recipient, self.purpose, now
+        )
+        event = audit_event(
+            decision, resource, recipient, self.purpose, release=self.release, recorded=now, actor=self.actor
+        )
         if not decision.permit:
             self.audit.append(event)
             return decision, None
         self.audit.append_many([event, provenance(ref, decision, release=self.release, recorded=now)])
         return decision, apply_security_labels(resource)
 
-    def disclose(self, resource: dict[str, Any], recipient_key: str, target: Target, *,
-                 shown: str | None = None) -> dict[str, Any]:
+    def disclose(
+        self, resource: dict[str, Any], recipient_key: str, target: Target, *, shown: str | None = None
+    ) -> dict[str, Any]:
         """Gate one disclosure and, when permitted, queue it for `target` (durably)."""
         name = shown or recipient_key
         decision, labelled = self.gate(resource, recipient_key)
         if labelled is None:
-            return {"recipient": name, "outcome": "refused",
-                    "reasons": [r.to_json() for r in decision.reasons]}
+            return {
+                "recipient": name,
+                "outcome": "refused",
+                "reasons": [r.to_json() for r in decision.reasons],
+            }
         patient = (resource.get("subject") or {}).get("reference")
         item, created = self.outbox.enqueue(
-            labelled, endpoint=target.endpoint, base_url=target.base_url,
-            patient_ref=patient, recipient_ref=recipient_key, purpose=self.purpose,
-            consent_ref=decision.consent)
-        out = {"recipient": name, "outcome": "queued" if created else "already-queued",
-               "outbox_item": item.id, "state": item.state, "consent": decision.consent}
+            labelled,
+            endpoint=target.endpoint,
+            base_url=target.base_url,
+            patient_ref=patient,
+            recipient_ref=recipient_key,
+            purpose=self.purpose,
+            consent_ref=decision.consent,
+        )
+        out = {
+            "recipient": name,
+            "outcome": "queued" if created else "already-queued",
+            "outbox_item": item.id,
+            "state": item.state,
+            "consent": decision.consent,
+        }
         if not created and item.state in ("held", "dead"):  # same key: the first version stays queued
             out["hint"] = f"item {item.id} is {item.state}: `fhir-kap outbox release|retry {item.id}`"
         return out
 
 
-def send_time_check(outbox: Outbox, audit: Any, release: Release,
-                    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-                    ) -> Callable[[OutboxItem], tuple[bool, str]]:
+def send_time_check(
+    outbox: Outbox, audit: Any, release: Release, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> Callable[[OutboxItem], tuple[bool, str]]:
     """The delivery worker's consent re-check: the ConsentGate over the item's patient's current
     context, for the item's recipient and purpose, now. Every decision is audited. Fails closed:
     no recipient, purpose or patient means hold."""
@@ -183,9 +236,11 @@ def send_time_check(outbox: Outbox, audit: Any, release: Release,
         now = clock()
         recipient = Recipient.parse(item.recipient_ref)
         decision = ConsentGate(outbox.context_for(item.patient_ref)).decide(
-            item.resource, recipient, item.purpose, now)
-        audit.append(audit_event(decision, item.resource, recipient, item.purpose,
-                                 release=release, recorded=now))
+            item.resource, recipient, item.purpose, now
+        )
+        audit.append(
+            audit_event(decision, item.resource, recipient, item.purpose, release=release, recorded=now)
+        )
         reason = "; ".join(r.message for r in decision.reasons) or ("permit" if decision.permit else "deny")
         return decision.permit, reason
 

@@ -26,6 +26,7 @@ worker take a job that is still being sent.
 A crash loses nothing: a job whose sender died is claimed again once its lease runs out, so
 delivery is at-least-once and a receiver may see the same (event, resource) twice.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,10 +83,19 @@ class Notifier:
     `resolve(partner)` gives the partner's current webhook URL and secret (None: it has none).
     """
 
-    def __init__(self, timeout: float = 5.0, user_agent: str = "fhir-kap-bridge", *,
-                 db: Database | None = None, resolve: Resolver | None = None, allowed: Allowed | None = None,
-                 max_attempts: int = 15, backoff: Backoff = _BACKOFF, poll_seconds: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        timeout: float = 5.0,
+        user_agent: str = "fhir-kap-bridge",
+        *,
+        db: Database | None = None,
+        resolve: Resolver | None = None,
+        allowed: Allowed | None = None,
+        max_attempts: int = 15,
+        backoff: Backoff = _BACKOFF,
+        poll_seconds: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.timeout = timeout
         self.user_agent = user_agent
         self.db = db
@@ -112,7 +122,9 @@ class Notifier:
         it (a SAVEPOINT), so the job is committed exactly when the write it announces is."""
         return self._need_jobs().enqueue(partner, event, resource_ref, version, now=self.clock())
 
-    def jobs(self, state: str | None = None, limit: int = 100, *, partner: str | None = None) -> list[WebhookJob]:
+    def jobs(
+        self, state: str | None = None, limit: int = 100, *, partner: str | None = None
+    ) -> list[WebhookJob]:
         """Queued notifications, oldest first (all states or one; all partners or one)."""
         return self._need_jobs().jobs(state, limit, partner=partner)
 
@@ -194,25 +206,49 @@ class Notifier:
         elif result.status is None or retry_later(result.status):  # no answer, or "not now"
             self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
         elif 300 <= result.status < 400:
-            self._finish(job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed")
+            self._finish(
+                job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed"
+            )
         else:
             self._finish(job, worker, "dead", result.status, result.error)
 
-    def _retry_or_give_up(self, job: WebhookJob, worker: str, status: int | None, error: str | None,
-                          retry_after: float | None) -> None:
+    def _retry_or_give_up(
+        self, job: WebhookJob, worker: str, status: int | None, error: str | None, retry_after: float | None
+    ) -> None:
         """A failed attempt that may succeed later: again after the back-off, or dead once
         `max_attempts` are spent (whatever failed: the receiver, or this side)."""
         if job.attempts >= self.max_attempts:
             self._finish(job, worker, "dead", status, f"{error}; gave up after {job.attempts} attempts")
         else:
-            self._finish(job, worker, "pending", status, error,
-                         next_at=self.clock() + self.backoff.wait(job.attempts, retry_after))
+            self._finish(
+                job,
+                worker,
+                "pending",
+                status,
+                error,
+                next_at=self.clock() + self.backoff.wait(job.attempts, retry_after),
+            )
 
-    def _finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
-                next_at: float | None = None) -> None:
+    def _finish(
+        self,
+        job: WebhookJob,
+        worker: str,
+        state: str,
+        status: int | None,
+        error: str | None,
+        *,
+        next_at: float | None = None,
+    ) -> None:
         # only while this sender still holds the lease
-        self._need_jobs().finish(job, worker, state, status, error,
-                                  next_at=next_at if next_at is not None else job.next_attempt_at, now=self.clock())
+        self._need_jobs().finish(
+            job,
+            worker,
+            state,
+            status,
+            error,
+            next_at=next_at if next_at is not None else job.next_attempt_at,
+            now=self.clock(),
+        )
         if state == "dead":
             log.warning("webhook given up", extra={"job": job.id, "event": job.event, "status": status})
 
@@ -262,8 +298,10 @@ class Notifier:
         try:
             status, retry_after = self._post(url, body, headers)
         except Exception as exc:  # noqa: BLE001 - OSError, http.client.HTTPException, ssl errors...: never raised
-            log.warning("webhook failed", extra={"event": event, "resource": resource_ref,
-                                                 "error": type(exc).__name__})
+            log.warning(
+                "webhook failed",
+                extra={"event": event, "resource": resource_ref, "error": type(exc).__name__},
+            )
             return NotifyResult(False, None, type(exc).__name__)
         ok = 200 <= status < 300
         if not ok:

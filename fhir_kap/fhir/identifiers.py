@@ -7,6 +7,7 @@ context's "one consent per business identifier", and the bridge's own conditiona
 
 Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
+
 from __future__ import annotations
 
 import os

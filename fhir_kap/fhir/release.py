@@ -7,6 +7,7 @@ Imports are lazy: fhir.resources costs ~250 ms to import.
 
 Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -47,15 +48,27 @@ _R4_ONLY: dict[str, tuple[str, ...]] = {
 _R5_ONLY: dict[str, tuple[str, ...]] = {
     "Procedure": ("occurrence*", "reason", "supportingInfo", "focus", "reported*"),
     "ServiceRequest": ("reason", "focus", "bodyStructure"),
-    "Consent": ("subject", "decision", "grantor", "grantee", "controller", "date", "period", "regulatoryBasis",
-                "manager", "policyBasis", "policyText"),
+    "Consent": (
+        "subject",
+        "decision",
+        "grantor",
+        "grantee",
+        "controller",
+        "date",
+        "period",
+        "regulatoryBasis",
+        "manager",
+        "policyBasis",
+        "policyText",
+    ),
     "Organization": ("description", "qualification"),
 }
 
 
 def _has(resource: Mapping[str, Any], names: tuple[str, ...]) -> bool:
-    return any(any(k.startswith(n[:-1]) for k in resource) if n.endswith("*") else n in resource
-               for n in names)
+    return any(
+        any(k.startswith(n[:-1]) for k in resource) if n.endswith("*") else n in resource for n in names
+    )
 
 
 def release_signals(resource: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -68,8 +81,10 @@ def release_signals(resource: Mapping[str, Any]) -> tuple[bool, bool]:
         r4 = r4 or isinstance(provision, dict)
         r5 = r5 or isinstance(provision, list)
     elif rt == "Procedure":
-        r5 = r5 or any(isinstance(c, dict) and ("concept" in c or "reference" in c)  # CodeableReference
-                       for c in resource.get("complication") or [])
+        r5 = r5 or any(
+            isinstance(c, dict) and ("concept" in c or "reference" in c)  # CodeableReference
+            for c in resource.get("complication") or []
+        )
     elif rt == "Organization":
         # R5 moved an organisation's telecom and address into `contact`: contact alone reads as R5
         r5 = r5 or ("contact" in resource and not r4)
@@ -79,7 +94,9 @@ def release_signals(resource: Mapping[str, Any]) -> tuple[bool, bool]:
         r5 = r5 or any("contentCodeableConcept" in p for p in payload)
         if not (r4 or r5) and payload:  # fhir-kap writes an R5 note as a text/plain attachment
             attachment = payload[0].get("contentAttachment")
-            r5 = isinstance(attachment, dict) and str(attachment.get("contentType", "")).startswith("text/plain")
+            r5 = isinstance(attachment, dict) and str(attachment.get("contentType", "")).startswith(
+                "text/plain"
+            )
     return r4, r5
 
 

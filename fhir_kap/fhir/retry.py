@@ -7,6 +7,7 @@ Two kinds of repeat use it: the client's at-once repeats of one request (`RETRY_
 
 Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -42,8 +43,9 @@ class Backoff:
         d = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
         return d * (1.0 - self.jitter * rand())
 
-    def wait(self, attempts: int, retry_after: float | None = None,
-             rand: Callable[[], float] = random.random) -> float:
+    def wait(
+        self, attempts: int, retry_after: float | None = None, rand: Callable[[], float] = random.random
+    ) -> float:
         """`delay`, unless the other side asked for longer (`Retry-After`): that wins, up to
         `max_retry_after`, so no answer can put a job off for ever."""
         wait = self.delay(attempts, rand)

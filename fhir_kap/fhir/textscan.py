@@ -10,6 +10,7 @@ label position is tried once.
 
 Room: fhir/ (layer 0, base): may import errors, config, jsonio and fhir/ only.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,9 @@ _NON_SPACE = re.compile(r"\S")
 _SENTENCE_END = re.compile(r"[.!?]\s")
 
 
-def turns(text: str, label: re.Pattern[str], *, after_sentences: bool = False,
-          enough: int | None = None) -> list[re.Match[str]]:
+def turns(
+    text: str, label: re.Pattern[str], *, after_sentences: bool = False, enough: int | None = None
+) -> list[re.Match[str]]:
     """The matches `finditer` of `(?m)(?:^|(?<=[.!?]\\s))\\s*` + `label` would give (without the
     sentence part unless `after_sentences`), stopping after `enough` matches.
 
@@ -38,7 +40,9 @@ def turns(text: str, label: re.Pattern[str], *, after_sentences: bool = False,
     return found
 
 
-def iter_turns(text: str, label: re.Pattern[str], *, after_sentences: bool = False) -> Iterator[re.Match[str]]:
+def iter_turns(
+    text: str, label: re.Pattern[str], *, after_sentences: bool = False
+) -> Iterator[re.Match[str]]:
     """`turns`, one match at a time. Memory does not grow with the text, and a whitespace run is
     skipped in one step: every start inside it leads to the label position already tried."""
     find = text.find
@@ -76,8 +80,10 @@ def iter_turns(text: str, label: re.Pattern[str], *, after_sentences: bool = Fal
 #: Clinical speaker labels (`Client:`, `T:`, `Pt:`, `Q:`, `Dr Lee:`), counted at line or sentence
 #: starts. Not `A:` or `P:`: a SOAP note's Assessment and Plan lines are a note, not a transcript
 #: (a Q/A or T/P exchange still shows two `Q:` or `T:` turns).
-_LABEL = (r"(?:client|therapist|patient|pt|t|c|q|me|clinician|counsell?or|interviewer|"
-          r"facilitator|guide|dr\.?\s+[a-z][\w'-]*)\s*:")
+_LABEL = (
+    r"(?:client|therapist|patient|pt|t|c|q|me|clinician|counsell?or|interviewer|"
+    r"facilitator|guide|dr\.?\s+[a-z][\w'-]*)\s*:"
+)
 SPEAKER_AT = re.compile(_LABEL, re.I)
 #: The definition of those turns as one regex (quadratic on hostile input: `turns` finds the same).
 SPEAKER = re.compile(r"(?:^|(?<=[.!?]\s))\s*" + _LABEL, re.I | re.M)

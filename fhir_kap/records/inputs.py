@@ -8,6 +8,7 @@ rule (`schema:<keyword>`) and what the schema expects.
 
 Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -24,8 +25,16 @@ from ..fhir.textscan import looks_like_transcript
 
 __all__ = ["RECORD_TYPES", "InputSchemas", "check_record", "load_input_schemas"]
 
-RECORD_TYPES = ("referral", "session", "consent", "note", "client", "practitioner",
-                "practitioner-role", "organization")
+RECORD_TYPES = (
+    "referral",
+    "session",
+    "consent",
+    "note",
+    "client",
+    "practitioner",
+    "practitioner-role",
+    "organization",
+)
 
 PSYCHOTHERAPY_NOTE_RULE = "kap:psychotherapy-note-never-exchanged"
 TRANSCRIPT_RULE = "kap-note-1"
@@ -56,12 +65,17 @@ class InputSchemas:
     def check(self, record: Any) -> dict[str, Any]:
         """Return `record` if it is a valid KAP record; else raise InputError listing every problem."""
         if not isinstance(record, dict):
-            raise InputError("A KAP record must be a JSON object", pointer="", expression="record",
-                             rule="schema:type")
+            raise InputError(
+                "A KAP record must be a JSON object", pointer="", expression="record", rule="schema:type"
+            )
         rtype = record.get("record")
         if not isinstance(rtype, str) or rtype not in self.validators:
-            raise InputError(f"Field 'record' must be one of: {', '.join(RECORD_TYPES)}",
-                             pointer="/record", expression="record", rule="schema:enum")
+            raise InputError(
+                f"Field 'record' must be one of: {', '.join(RECORD_TYPES)}",
+                pointer="/record",
+                expression="record",
+                rule="schema:enum",
+            )
         issues = list(_kap_rules(record))
         fast = self.fast.get(rtype)
         if fast is not None and not issues:
@@ -88,14 +102,24 @@ def _kap_rules(record: dict[str, Any]) -> Iterable[Issue]:
     if record.get("record") != "note":
         return
     if record.get("category") == "psychotherapy-note":
-        yield Issue("error", "security",
-                    "Psychotherapy notes (process notes, transcripts, verbatim content) are never exchanged",
-                    "note.category", "/category", PSYCHOTHERAPY_NOTE_RULE)
+        yield Issue(
+            "error",
+            "security",
+            "Psychotherapy notes (process notes, transcripts, verbatim content) are never exchanged",
+            "note.category",
+            "/category",
+            PSYCHOTHERAPY_NOTE_RULE,
+        )
     text = record.get("text")
     if isinstance(text, str) and looks_like_transcript(text):
-        yield Issue("error", "security",
-                    "Note text reads as a session transcript (speaker-turn lines); transcripts are never exchanged",
-                    "note.text", "/text", TRANSCRIPT_RULE)
+        yield Issue(
+            "error",
+            "security",
+            "Note text reads as a session transcript (speaker-turn lines); transcripts are never exchanged",
+            "note.text",
+            "/text",
+            TRANSCRIPT_RULE,
+        )
 
 
 def _expression(rtype: str, path: Iterable[Any]) -> str:
@@ -126,7 +150,11 @@ def _issue(rtype: str, e: Any, record: Any) -> Issue:
         msg = f"Required field '{missing}' is missing"
         code = "required"
     elif kw == "additionalProperties":
-        extra = sorted(set(e.instance) - set(e.schema.get("properties", {}))) if isinstance(e.instance, dict) else []
+        extra = (
+            sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            if isinstance(e.instance, dict)
+            else []
+        )
         msg = f"Unknown field(s): {', '.join(map(quote, extra[:5]))}{' and more' if len(extra) > 5 else ''}"
         label = _expression(rtype, path)  # the message names the object; the field is quoted (shortened)
         if len(extra) == 1:
@@ -140,8 +168,21 @@ def _issue(rtype: str, e: Any, record: Any) -> Issue:
         code = "required"
     else:
         msg = _describe(kw, e.validator_value, e.instance)
-        code = "value" if kw in ("enum", "const", "pattern", "format", "minimum", "maximum",
-                                 "exclusiveMinimum", "exclusiveMaximum") else "structure"
+        code = (
+            "value"
+            if kw
+            in (
+                "enum",
+                "const",
+                "pattern",
+                "format",
+                "minimum",
+                "maximum",
+                "exclusiveMinimum",
+                "exclusiveMaximum",
+            )
+            else "structure"
+        )
     field = _expression(rtype, path)
     return Issue("error", code, f"{label or field}: {msg}", field, _pointer(path), f"schema:{kw}")
 
@@ -187,18 +228,23 @@ def load_input_schemas(path: Path | None = None) -> InputSchemas:
         try:
             docs[f.name] = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise InputError(f"Input schema {f.name} cannot be read: {exc}", rule="schema:load",
-                             code="exception") from None
+            raise InputError(
+                f"Input schema {f.name} cannot be read: {exc}", rule="schema:load", code="exception"
+            ) from None
     registry: Registry = Registry().with_resources(
-        (doc["$id"], Resource.from_contents(doc)) for doc in docs.values())
+        (doc["$id"], Resource.from_contents(doc)) for doc in docs.values()
+    )
     checker = jsonschema.FormatChecker(formats=("date",))
     checker.checks("date-time")(_is_datetime)
     validators: dict[str, Any] = {}
     for name in RECORD_TYPES:
         doc = docs.get(f"{name}.schema.json")
         if doc is None:
-            raise InputError(f"Input schema {name}.schema.json is missing in {root.name}/",
-                             rule="schema:load", code="exception")
+            raise InputError(
+                f"Input schema {name}.schema.json is missing in {root.name}/",
+                rule="schema:load",
+                code="exception",
+            )
         jsonschema.Draft202012Validator.check_schema(doc)
         validators[name] = jsonschema.Draft202012Validator(doc, registry=registry, format_checker=checker)
     return InputSchemas(validators, _compile_fast(docs))
@@ -219,8 +265,9 @@ def _compile_fast(docs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     formats = {"date-time": lambda v: _is_datetime(v) is True}
     for name in RECORD_TYPES:
         doc = docs[f"{name}.schema.json"]
-        schema = _to_draft7({k: v for k, v in doc.items() if k not in ("$defs", "$id", "$schema")},
-                            doc["$id"], stems)
+        schema = _to_draft7(
+            {k: v for k, v in doc.items() if k not in ("$defs", "$id", "$schema")}, doc["$id"], stems
+        )
         schema["$schema"] = "http://json-schema.org/draft-07/schema#"
         schema["definitions"] = all_defs
         out[name] = fastjsonschema.compile(schema, formats=formats)

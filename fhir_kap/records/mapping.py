@@ -20,6 +20,7 @@ plain dicts built in rule order, so it is deterministic (no key sorting needed).
 
 Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,6 +38,7 @@ from .paths import Seg, append_at, get_all, get_field, get_first, parse_path, pa
 from .transforms import TRANSFORMS, CodeTable, CodeTables, Transform, TransformError
 
 __all__ = ["Mapper", "detect_release", "load_mapping_schema"]
+
 
 @dataclass(frozen=True)
 class _Rule:
@@ -115,7 +117,9 @@ class Mapper:
         import yaml
 
         root = Path(path) if path is not None else data_path("mappings")
-        validator = jsonschema.Draft202012Validator(load_mapping_schema(root / "schema" / "mapping.schema.json"))
+        validator = jsonschema.Draft202012Validator(
+            load_mapping_schema(root / "schema" / "mapping.schema.json")
+        )
         tables: dict[str, CodeTable] = {}
         for f in sorted((root / "codes").glob("*.yaml")):
             doc = _read_yaml(f, yaml)
@@ -145,8 +149,12 @@ class Mapper:
         rtype = record.get("record") if isinstance(record, dict) else None
         m = self._by_record.get(rtype)  # type: ignore[arg-type]
         if m is None:
-            raise MappingError(f"No mapping for record type '{rtype}'", pointer="/record",
-                               expression="record", rule="mapping:record-type")
+            raise MappingError(
+                f"No mapping for record type '{rtype}'",
+                pointer="/record",
+                expression="record",
+                rule="mapping:record-type",
+            )
         out: dict[str, Any] = {"resourceType": m.resource_type}
         issues: list[Issue] = []
         self._write(m.rules[release], record, out, "", str(rtype), issues)
@@ -154,8 +162,15 @@ class Mapper:
             raise MappingError(issues)
         return out
 
-    def _write(self, rules: tuple[_Rule, ...], src: Any, out: dict[str, Any], ptr: str, expr: str,
-               issues: list[Issue]) -> None:
+    def _write(
+        self,
+        rules: tuple[_Rule, ...],
+        src: Any,
+        out: dict[str, Any],
+        ptr: str,
+        expr: str,
+        issues: list[Issue],
+    ) -> None:
         for r in rules:
             if r.has_value:
                 set_at(out, r.segs, orjson.loads(r.value_json) if r.value_json else r.value)
@@ -168,7 +183,9 @@ class Mapper:
                 fexpr = ".".join((expr,) + r.field)
                 for i, item in enumerate(value if isinstance(value, list) else [value]):
                     elem: dict[str, Any] = {}
-                    iptr, iexpr = (f"{fptr}/{i}", f"{fexpr}[{i}]") if isinstance(value, list) else (fptr, fexpr)
+                    iptr, iexpr = (
+                        (f"{fptr}/{i}", f"{fexpr}[{i}]") if isinstance(value, list) else (fptr, fexpr)
+                    )
                     self._write(r.items, item, elem, iptr, iexpr, issues)
                     if elem:
                         append_at(out, r.segs, elem, r.unique)
@@ -180,19 +197,32 @@ class Mapper:
                     value = _copy(value)
                 set_at(out, r.segs, value)
             except TransformError as exc:
-                issues.append(_issue(exc, ptr + "".join("/" + f for f in r.field), ".".join((expr,) + r.field), r))
+                issues.append(
+                    _issue(exc, ptr + "".join("/" + f for f in r.field), ".".join((expr,) + r.field), r)
+                )
             except ValueError as exc:
-                issues.append(Issue("error", "exception", f"Mapping {r.where} failed: {exc}",
-                                    ".".join((expr,) + r.field), ptr + "".join("/" + f for f in r.field),
-                                    "mapping:rule"))
+                issues.append(
+                    Issue(
+                        "error",
+                        "exception",
+                        f"Mapping {r.where} failed: {exc}",
+                        ".".join((expr,) + r.field),
+                        ptr + "".join("/" + f for f in r.field),
+                        "mapping:rule",
+                    )
+                )
 
     def from_fhir(self, resource: dict[str, Any], release: Release | None = None) -> dict[str, Any]:
         """FHIR resource -> KAP record. `release` None: detected from R5-only elements."""
         rt = resource.get("resourceType") if isinstance(resource, dict) else None
         m = self._by_resource.get(rt)  # type: ignore[arg-type]
         if m is None:
-            raise MappingError(f"No KAP record type for FHIR resource type '{rt}'", pointer="/resourceType",
-                               expression="resourceType", rule="mapping:resource-type")
+            raise MappingError(
+                f"No KAP record type for FHIR resource type '{rt}'",
+                pointer="/resourceType",
+                expression="resourceType",
+                rule="mapping:resource-type",
+            )
         release = release or detect_release(resource)
         record: dict[str, Any] = {"record": m.record}
         issues: list[Issue] = []
@@ -201,8 +231,9 @@ class Mapper:
             raise MappingError(issues)
         return record
 
-    def _read(self, rules: tuple[_Rule, ...], src: Any, record: dict[str, Any], expr: str,
-              issues: list[Issue]) -> Any:
+    def _read(
+        self, rules: tuple[_Rule, ...], src: Any, record: dict[str, Any], expr: str, issues: list[Issue]
+    ) -> Any:
         """Fill `record` from `src`; for item rules without a field, return the item value."""
         item_value: Any = None
         for r in rules:
@@ -240,8 +271,9 @@ class Mapper:
             try:
                 value = r.transform.inverse(found, r.args, self._tables) if r.transform else _copy(found)
             except TransformError as exc:
-                issues.append(_issue(exc, None, expr + "." + ".".join(path_str(s) for s in r.segs), r,
-                                     reading=True))
+                issues.append(
+                    _issue(exc, None, expr + "." + ".".join(path_str(s) for s in r.segs), r, reading=True)
+                )
                 continue
             if r.field:
                 if get_field(record, r.field) is None:
@@ -269,8 +301,11 @@ def _read_yaml(f: Path, yaml: Any) -> Any:
     try:
         return yaml.safe_load(f.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise MappingError(f"Mapping file {f.name} cannot be read: {str(exc).splitlines()[0]}",
-                           rule="mapping:yaml", code="structure") from None
+        raise MappingError(
+            f"Mapping file {f.name} cannot be read: {str(exc).splitlines()[0]}",
+            rule="mapping:yaml",
+            code="structure",
+        ) from None
 
 
 def _check_doc(validator: Any, doc: Any, f: Path, sub: str | None) -> None:
@@ -281,10 +316,17 @@ def _check_doc(validator: Any, doc: Any, f: Path, sub: str | None) -> None:
         v = validator
     errors = sorted(v.iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
-        issues = [Issue("error", "structure",
-                        f"Mapping file {f.parent.name}/{f.name}: {_schema_message(e)}",
-                        None, "/" + "/".join(str(p) for p in e.absolute_path),
-                        f"mapping-schema:{e.validator}") for e in errors]
+        issues = [
+            Issue(
+                "error",
+                "structure",
+                f"Mapping file {f.parent.name}/{f.name}: {_schema_message(e)}",
+                None,
+                "/" + "/".join(str(p) for p in e.absolute_path),
+                f"mapping-schema:{e.validator}",
+            )
+            for e in errors
+        ]
         raise MappingError(issues)
 
 
@@ -299,37 +341,64 @@ def _compile(doc: dict[str, Any], f: Path, tables: Mapping[str, CodeTable]) -> _
             segs = parse_path(_resolve_path(raw["path"]))
             read_also = tuple(parse_path(_resolve_path(p)) for p in raw.get("read_also", []))
         except (ValueError, AttributeError) as exc:
-            raise MappingError(f"Mapping file {f.name} {where}/path: {exc}", pointer=f"{where}/path",
-                               rule="mapping:path") from None
+            raise MappingError(
+                f"Mapping file {f.name} {where}/path: {exc}", pointer=f"{where}/path", rule="mapping:path"
+            ) from None
         t = None
         if "transform" in raw:
             t = TRANSFORMS.get(raw["transform"])
             if t is None:
-                raise MappingError(f"Mapping file {f.name} {where}/transform: unknown transform "
-                                   f"'{raw['transform']}'", pointer=f"{where}/transform",
-                                   rule="mapping:transform")
+                raise MappingError(
+                    f"Mapping file {f.name} {where}/transform: unknown transform '{raw['transform']}'",
+                    pointer=f"{where}/transform",
+                    rule="mapping:transform",
+                )
         args = _resolve(raw.get("args", {}))
         if t is not None:
             missing = [a for a in t.required_args if a not in args]
             if missing:
-                raise MappingError(f"Mapping file {f.name} {where}/args: transform '{t.name}' needs "
-                                   f"{', '.join(missing)}", pointer=f"{where}/args", rule="mapping:args")
+                raise MappingError(
+                    f"Mapping file {f.name} {where}/args: transform '{t.name}' needs {', '.join(missing)}",
+                    pointer=f"{where}/args",
+                    rule="mapping:args",
+                )
         if "table" in args and args["table"] not in tables:
-            raise MappingError(f"Mapping file {f.name} {where}/args/table: code table '{args['table']}' "
-                               f"does not exist in codes/", pointer=f"{where}/args/table",
-                               rule="mapping:code-table")
+            raise MappingError(
+                f"Mapping file {f.name} {where}/args/table: code table '{args['table']}' "
+                f"does not exist in codes/",
+                pointer=f"{where}/args/table",
+                rule="mapping:code-table",
+            )
         items = None
         if "items" in raw:
             if not segs:
-                raise MappingError(f"Mapping file {f.name} {where}/path: a group needs a path",
-                                   pointer=f"{where}/path", rule="mapping:path")
-            items = tuple(rule(x, f"{where}/items/{i}", rel) for i, x in enumerate(raw["items"])
-                          if x.get("only") in (None, rel.short))
+                raise MappingError(
+                    f"Mapping file {f.name} {where}/path: a group needs a path",
+                    pointer=f"{where}/path",
+                    rule="mapping:path",
+                )
+            items = tuple(
+                rule(x, f"{where}/items/{i}", rel)
+                for i, x in enumerate(raw["items"])
+                if x.get("only") in (None, rel.short)
+            )
         value = _resolve(raw.get("value"))
         value_json = orjson.dumps(value) if isinstance(value, (dict, list)) else b""
-        return _Rule(tuple(raw["field"].split(".")) if raw.get("field") else (), segs, read_also, t, args,
-                     value, "value" in raw, bool(raw.get("write_only")), items, value_json,
-                     bool(raw.get("single")), bool(raw.get("unique")), f"{f.name}#{where}")
+        return _Rule(
+            tuple(raw["field"].split(".")) if raw.get("field") else (),
+            segs,
+            read_also,
+            t,
+            args,
+            value,
+            "value" in raw,
+            bool(raw.get("write_only")),
+            items,
+            value_json,
+            bool(raw.get("single")),
+            bool(raw.get("unique")),
+            f"{f.name}#{where}",
+        )
 
     per_release: dict[Release, tuple[_Rule, ...]] = {}
     for rel in Release:

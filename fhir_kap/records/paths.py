@@ -6,6 +6,7 @@ dotted KAP record fields. Plain dicts and lists in, plain dicts and lists out.
 
 Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Seg", "append_at", "get_all", "get_field", "get_first", "parse_path", "path_str", "set_at",
-           "set_field", "split_path"]
+__all__ = [
+    "Seg",
+    "append_at",
+    "get_all",
+    "get_field",
+    "get_first",
+    "parse_path",
+    "path_str",
+    "set_at",
+    "set_field",
+    "split_path",
+]
 
 _SEG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[[^\[\]]+\])*)$")
 _BRACKET = re.compile(r"\[([^\[\]]+)\]")
@@ -84,8 +95,16 @@ def parse_path(path: str) -> tuple[Seg, ...]:
                 eq.append((k, v))
             else:
                 raise ValueError(f"bad selector '[{sel}]'")
-        segs.append(Seg(m.group(1), index, start, tuple(eq), tuple(ne),
-                         index is not None or start is not None or bool(eq) or bool(ne)))
+        segs.append(
+            Seg(
+                m.group(1),
+                index,
+                start,
+                tuple(eq),
+                tuple(ne),
+                index is not None or start is not None or bool(eq) or bool(ne),
+            )
+        )
     return tuple(segs)
 
 
@@ -114,7 +133,7 @@ def walk_create(node: dict[str, Any], seg: Seg) -> dict[str, Any]:
             lst.append({})
             return lst[-1]
         raise ValueError(f"mapping writes {seg.name}[{seg.index}] before {seg.name}[{len(lst)}]")
-    for elem in lst[seg.start or 0:]:
+    for elem in lst[seg.start or 0 :]:
         if seg.matches(elem):
             return elem
     new = dict(seg.eq)
@@ -167,9 +186,9 @@ def get_all(node: Any, segs: tuple[Seg, ...]) -> list[Any]:
                 nxt.append(v)
                 continue
             if seg.index is not None:
-                items = items[seg.index:seg.index + 1]
+                items = items[seg.index : seg.index + 1]
             elif seg.start is not None:
-                items = items[seg.start:]
+                items = items[seg.start :]
             nxt.extend(e for e in items if seg.matches(e))
         current = nxt
     return current

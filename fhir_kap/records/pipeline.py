@@ -8,6 +8,7 @@ Everything here is pure (layer 1 parts, composed); the CLI and the bridge do the
 
 Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -60,23 +61,36 @@ class Pipeline:
             raise ProfileError(errors)
         return resource
 
-    def from_fhir(self, resource: Any, release: Release | None = None, *,
-                  default: Release = Release.R4) -> dict[str, Any]:
+    def from_fhir(
+        self, resource: Any, release: Release | None = None, *, default: Release = Release.R4
+    ) -> dict[str, Any]:
         """Check a FHIR resource (base + KAP profile), map it back to a KAP record and check that.
         Without `release`, the resource's shape tells it, else `default`."""
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            raise InputError("A FHIR resource must be a JSON object with a resourceType",
-                             pointer="/resourceType", expression="resourceType", rule="fhir:resourceType")
+            raise InputError(
+                "A FHIR resource must be a JSON object with a resourceType",
+                pointer="/resourceType",
+                expression="resourceType",
+                rule="fhir:resourceType",
+            )
         release = release or detect_release(resource) or default
         errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
         if errors:
             raise ProfileError(errors)
-        if release is Release.R5 and resource["resourceType"] == "Consent" and resource.get("decision") != "deny":
+        if (
+            release is Release.R5
+            and resource["resourceType"] == "Consent"
+            and resource.get("decision") != "deny"
+        ):
             # a KAP release of information is written decision deny + the grant as provision[0];
             # under decision permit, provision[0] would be an exception, not a grant
-            raise InputError("R5 Consent.decision must be 'deny' for a KAP release of information "
-                             "(its first provision is the grant)", pointer="/decision",
-                             expression="Consent.decision", rule="consent:r5-decision")
+            raise InputError(
+                "R5 Consent.decision must be 'deny' for a KAP release of information "
+                "(its first provision is the grant)",
+                pointer="/decision",
+                expression="Consent.decision",
+                rule="consent:r5-decision",
+            )
         return self.inputs.check(self.mapper.from_fhir(resource, release))
 
     def map_documents(self, docs: Iterable[tuple[str, Any]], release: Release) -> Iterator[Outcome]:
@@ -87,8 +101,13 @@ class Pipeline:
             except KapError as exc:
                 yield Outcome(label, error=exc)
 
-    def import_documents(self, docs: Iterable[tuple[str, Any]], release: Release | None = None, *,
-                         default: Release = Release.R4) -> Iterator[Outcome]:
+    def import_documents(
+        self,
+        docs: Iterable[tuple[str, Any]],
+        release: Release | None = None,
+        *,
+        default: Release = Release.R4,
+    ) -> Iterator[Outcome]:
         """from_fhir over labelled documents; Bundles are unpacked entry by entry."""
         for label, doc in docs:
             for sub_label, resource in _unbundle(label, doc):

@@ -10,6 +10,7 @@ the mapper turns it into a MappingError naming the record field.
 
 Room: records/ (layer 1, pure core: no IO): may import the base rooms and validation/.
 """
+
 from __future__ import annotations
 
 import base64
@@ -58,8 +59,9 @@ class CodeTable:
     reverse: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, name: str, concepts: Mapping[str, tuple[dict[str, str], ...]],
-              displays: Mapping[str, str]) -> CodeTable:
+    def build(
+        cls, name: str, concepts: Mapping[str, tuple[dict[str, str], ...]], displays: Mapping[str, str]
+    ) -> CodeTable:
         """Index the codings: a (system, code) pair shared by two local codes is not used to read back."""
         seen: dict[tuple[str, str], list[str]] = {}
         for local, codings in concepts.items():
@@ -72,8 +74,9 @@ class CodeTable:
         try:
             return self.concepts[local]
         except (KeyError, TypeError):
-            raise TransformError(f"Unknown local code '{local}' in code table '{self.name}'",
-                                 table=self.name, code=str(local)) from None
+            raise TransformError(
+                f"Unknown local code '{local}' in code table '{self.name}'", table=self.name, code=str(local)
+            ) from None
 
     def local_code(self, codings: Any) -> str:
         if isinstance(codings, list):
@@ -83,8 +86,9 @@ class CodeTable:
                     if hit is not None:
                         return hit
         pairs = ", ".join(f"{c.get('system')}|{c.get('code')}" for c in codings or [] if isinstance(c, dict))
-        raise TransformError(f"No local code in code table '{self.name}' for coding(s) {pairs or '(none)'}",
-                             table=self.name)
+        raise TransformError(
+            f"No local code in code table '{self.name}' for coding(s) {pairs or '(none)'}", table=self.name
+        )
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,12 @@ def _split_reference(value: Any) -> tuple[str | None, str]:
 
 reference = Transform("reference", _ref_forward, _ref_inverse, ("type",))
 
-_PARTY_TYPES = {"practitioner": "Practitioner", "practitioner_role": "PractitionerRole",
-                "organization": "Organization", "patient": "Patient"}
+_PARTY_TYPES = {
+    "practitioner": "Practitioner",
+    "practitioner_role": "PractitionerRole",
+    "organization": "Organization",
+    "patient": "Patient",
+}
 _PARTY_KEYS = {v: k for k, v in _PARTY_TYPES.items()}
 
 
@@ -366,8 +374,9 @@ def _datetime_check(value: Any, args: Mapping[str, Any], tables: CodeTables) -> 
     '2024-03-05T10:00:00-05:00'
     """
     if not isinstance(value, str) or not _DATETIME.match(value):
-        raise TransformError("Expected a full date or date-time with time zone "
-                             "(partial dates are not accepted in KAP records)")
+        raise TransformError(
+            "Expected a full date or date-time with time zone (partial dates are not accepted in KAP records)"
+        )
     return value
 
 
@@ -395,10 +404,22 @@ fhir_datetime = Transform("datetime", _datetime_check, _datetime_check)
 fhir_date = Transform("date", _date_check, _date_check)
 date_part = Transform("date-part", _date_part, _date_check)
 
-TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
-    reference, party_reference, coding, concept, base64_text, codeable_reference, quantity,
-    value_map, fhir_datetime, fhir_date, date_part,
-)}
+TRANSFORMS: dict[str, Transform] = {
+    t.name: t
+    for t in (
+        reference,
+        party_reference,
+        coding,
+        concept,
+        base64_text,
+        codeable_reference,
+        quantity,
+        value_map,
+        fhir_datetime,
+        fhir_date,
+        date_part,
+    )
+}
 
 
 def transform_names() -> list[str]:

@@ -8,6 +8,7 @@ change history: SQLite triggers and a PostgreSQL trigger raise on UPDATE and DEL
 TRUNCATE), so a bug or a careless operator cannot rewrite the log through this database
 connection either (storage/sql/schema/auditlog-1*.sql).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ __all__ = ["AUDIT_TYPES", "AuditLog", "AuditRecord", "extract"]
 
 AUDIT_TYPES = ("AuditEvent", "Provenance")
 RECIPIENT_ROLES = frozenset({"IRCP", "PRCP", "RCV", "recipient"})
+
 
 @dataclass(frozen=True)
 class AuditRecord:
@@ -74,8 +76,9 @@ def _epoch(value: str | date | datetime, where: str) -> float:
         try:
             dt = datetime.fromisoformat(str(value))
         except ValueError:
-            raise InputError(f"{where} is not a FHIR instant or date", pointer="/recorded",
-                             rule="audit:recorded") from None
+            raise InputError(
+                f"{where} is not a FHIR instant or date", pointer="/recorded", rule="audit:recorded"
+            ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
@@ -91,12 +94,21 @@ def extract(resource: dict[str, Any]) -> AuditRecord:
     """
     rtype = resource.get("resourceType") if isinstance(resource, dict) else None
     if rtype not in AUDIT_TYPES:
-        raise InputError(f"The audit log takes AuditEvent or Provenance, not {quote(rtype)}",
-                         pointer="/resourceType", expression="resourceType", rule="audit:type")
+        raise InputError(
+            f"The audit log takes AuditEvent or Provenance, not {quote(rtype)}",
+            pointer="/resourceType",
+            expression="resourceType",
+            rule="audit:type",
+        )
     recorded = resource.get("recorded")
     if not isinstance(recorded, str) or not recorded:
-        raise InputError(f"{rtype}.recorded is required in the audit log", pointer="/recorded",
-                         expression=f"{rtype}.recorded", rule="audit:recorded", code="required")
+        raise InputError(
+            f"{rtype}.recorded is required in the audit log",
+            pointer="/recorded",
+            expression=f"{rtype}.recorded",
+            rule="audit:recorded",
+            code="required",
+        )
     refs: list[str] = []
     for entity in resource.get("entity") or []:
         if isinstance(entity, dict):
@@ -107,15 +119,18 @@ def extract(resource: dict[str, Any]) -> AuditRecord:
         r = _ref(target)
         if r:
             refs.append(r)
-    patient = _ref(resource.get("patient")) or next(
-        (r for r in refs if r.startswith("Patient/")), None)
+    patient = _ref(resource.get("patient")) or next((r for r in refs if r.startswith("Patient/")), None)
     consent = next((r for r in refs if r.startswith("Consent/")), None)
     if consent is None:
-        consent = next((p for p in resource.get("policy") or []
-                        if isinstance(p, str) and "Consent/" in p), None)
+        consent = next(
+            (p for p in resource.get("policy") or [] if isinstance(p, str) and "Consent/" in p), None
+        )
     recipient = None
     for agent in resource.get("agent") or []:
-        if isinstance(agent, dict) and (_codes(agent.get("type")) | _codes(agent.get("role"))) & RECIPIENT_ROLES:
+        if (
+            isinstance(agent, dict)
+            and (_codes(agent.get("type")) | _codes(agent.get("role"))) & RECIPIENT_ROLES
+        ):
             recipient = _ref(agent.get("who"))
             if recipient:
                 break
@@ -127,8 +142,9 @@ def extract(resource: dict[str, Any]) -> AuditRecord:
     else:
         outcome = None
     rid = resource.get("id") if isinstance(resource.get("id"), str) else None
-    return AuditRecord(rtype, rid, recorded, _epoch(recorded, f"{rtype}.recorded"), patient,
-                       recipient, outcome, consent)
+    return AuditRecord(
+        rtype, rid, recorded, _epoch(recorded, f"{rtype}.recorded"), patient, recipient, outcome, consent
+    )
 
 
 class AuditLog:
@@ -151,19 +167,41 @@ class AuditLog:
         rows = [(extract(r), jsonio.dumps(r).decode()) for r in resources]
 
         def insert(tx: Any) -> list[int]:
-            return [int(tx.execute(
-                "INSERT INTO audit_log (resource_type, resource_id, recorded, recorded_epoch, "
-                "patient, recipient, outcome, consent_ref, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "RETURNING seq",
-                (rec.resource_type, rec.resource_id, rec.recorded, rec.recorded_epoch, rec.patient,
-                 rec.recipient, rec.outcome, rec.consent_ref, body))[0]["seq"]) for rec, body in rows]
+            return [
+                int(
+                    tx.execute(
+                        "INSERT INTO audit_log (resource_type, resource_id, recorded, recorded_epoch, "
+                        "patient, recipient, outcome, consent_ref, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                        "RETURNING seq",
+                        (
+                            rec.resource_type,
+                            rec.resource_id,
+                            rec.recorded,
+                            rec.recorded_epoch,
+                            rec.patient,
+                            rec.recipient,
+                            rec.outcome,
+                            rec.consent_ref,
+                            body,
+                        ),
+                    )[0]["seq"]
+                )
+                for rec, body in rows
+            ]
 
         return self.db.write(insert) if rows else []
 
-    def query(self, resource_type: str | None = None, patient: str | None = None,
-              outcome: str | None = None, since: str | date | datetime | None = None, *,
-              recipient: str | None = None, consent: str | None = None,
-              limit: int = 100) -> list[dict[str, Any]]:
+    def query(
+        self,
+        resource_type: str | None = None,
+        patient: str | None = None,
+        outcome: str | None = None,
+        since: str | date | datetime | None = None,
+        *,
+        recipient: str | None = None,
+        consent: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
         """Stored resources matching every filter given, newest first (by `recorded`).
 
         `since` is inclusive (an instant, or a date meaning its midnight UTC); `consent`
@@ -171,8 +209,12 @@ class AuditLog:
         """
         where: list[str] = []
         params: list[Any] = []
-        for column, value in (("resource_type", resource_type), ("patient", patient),
-                              ("outcome", outcome), ("recipient", recipient)):
+        for column, value in (
+            ("resource_type", resource_type),
+            ("patient", patient),
+            ("outcome", outcome),
+            ("recipient", recipient),
+        ):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
@@ -186,8 +228,10 @@ class AuditLog:
             where.append("recorded_epoch >= ?")
             params.append(_epoch(since, "since"))
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = self.db.query(f"SELECT body FROM audit_log {clause}"
-                               "ORDER BY recorded_epoch DESC, seq DESC LIMIT ?", (*params, int(limit)))
+        rows = self.db.query(
+            f"SELECT body FROM audit_log {clause}ORDER BY recorded_epoch DESC, seq DESC LIMIT ?",
+            (*params, int(limit)),
+        )
         return [jsonio.loads(r["body"], source="audit log") for r in rows]
 
     def count(self) -> int:

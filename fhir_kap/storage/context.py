@@ -7,6 +7,7 @@ Organizations, Practitioners, Patients), by (type, id). A Consent is one consent
 identifier: an EHR that re-posts it (e.g. revoked) gets a new server id, and the gate must see
 the new state, not two consents. `Outbox.put_context` / `Outbox.context_for` delegate here.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,28 +37,51 @@ class ConsentContext:
         re-posting a revoked consent gets a new server id). Returns True when stored."""
         rtype = resource.get("resourceType") if isinstance(resource, dict) else None
         if rtype not in CONTEXT_TYPES:
-            raise InputError(f"Consent context must be one of {', '.join(CONTEXT_TYPES)}, "
-                             f"not {quote(rtype)}", pointer="/resourceType", expression="resourceType",
-                             rule="outbox:context-type")
+            raise InputError(
+                f"Consent context must be one of {', '.join(CONTEXT_TYPES)}, not {quote(rtype)}",
+                pointer="/resourceType",
+                expression="resourceType",
+                rule="outbox:context-type",
+            )
         rid = resource.get("id")
         if not isinstance(rid, str) or not rid:
-            raise InputError(f"{rtype} in the consent context needs an id", pointer="/id",
-                             expression=f"{rtype}.id", rule="outbox:context-id", code="required")
+            raise InputError(
+                f"{rtype} in the consent context needs an id",
+                pointer="/id",
+                expression=f"{rtype}.id",
+                rule="outbox:context-id",
+                code="required",
+            )
         meta = resource.get("meta")
         if meta is not None and not isinstance(meta, dict):
-            raise InputError(f"{rtype}.meta must be an object", pointer="/meta", expression=f"{rtype}.meta",
-                             rule="fhir:meta")
+            raise InputError(
+                f"{rtype}.meta must be an object",
+                pointer="/meta",
+                expression=f"{rtype}.meta",
+                rule="fhir:meta",
+            )
         version = (meta or {}).get("versionId")
         if version is not None and not isinstance(version, str):
-            raise InputError(f"{rtype}.meta.versionId must be a string", pointer="/meta/versionId",
-                             expression=f"{rtype}.meta.versionId", rule="fhir:meta")
+            raise InputError(
+                f"{rtype}.meta.versionId must be a string",
+                pointer="/meta/versionId",
+                expression=f"{rtype}.meta.versionId",
+                rule="fhir:meta",
+            )
         if rtype == "Consent" and patient_reference(resource) is None:
             # unreadable here would mean "applies to every client": refuse it instead
-            raise InputError("Consent needs a literal patient (R4 patient / R5 subject) reference",
-                             pointer="/patient", expression="Consent.patient", rule="outbox:context-patient",
-                             code="required")
-        patient = patient_reference(resource) if rtype == "Consent" else (
-            f"Patient/{rid}" if rtype == "Patient" else None)
+            raise InputError(
+                "Consent needs a literal patient (R4 patient / R5 subject) reference",
+                pointer="/patient",
+                expression="Consent.patient",
+                rule="outbox:context-patient",
+                code="required",
+            )
+        patient = (
+            patient_reference(resource)
+            if rtype == "Consent"
+            else (f"Patient/{rid}" if rtype == "Patient" else None)
+        )
         ident = consent_key(resource) if rtype == "Consent" else None
         ts = float(self.clock() if now is None else now)
         body = jsonio.dumps(resource).decode()
@@ -66,23 +90,31 @@ class ConsentContext:
             if old and _older(version, old[0]["version"]):
                 return False
             if ident:  # the same client's consent under another server id: this arrival replaces it
-                tx.execute("DELETE FROM outbox_context WHERE type = ? AND ident = ? AND patient_ref = ? "
-                           "AND id <> ?", (rtype, ident, patient, rid))
+                tx.execute(
+                    "DELETE FROM outbox_context WHERE type = ? AND ident = ? AND patient_ref = ? AND id <> ?",
+                    (rtype, ident, patient, rid),
+                )
             if old:
-                tx.execute("UPDATE outbox_context SET version = ?, patient_ref = ?, body = ?, ident = ?, "
-                           "updated_at = ? WHERE type = ? AND id = ?",
-                           (version, patient, body, ident, ts, rtype, rid))
+                tx.execute(
+                    "UPDATE outbox_context SET version = ?, patient_ref = ?, body = ?, ident = ?, "
+                    "updated_at = ? WHERE type = ? AND id = ?",
+                    (version, patient, body, ident, ts, rtype, rid),
+                )
             else:
-                tx.execute("INSERT INTO outbox_context (type, id, version, patient_ref, body, ident, "
-                           "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (rtype, rid, version, patient, body, ident, ts))
+                tx.execute(
+                    "INSERT INTO outbox_context (type, id, version, patient_ref, body, ident, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (rtype, rid, version, patient, body, ident, ts),
+                )
         return True
 
     def for_patient(self, patient_ref: str) -> list[dict[str, Any]]:
         """The consent context for one patient: that patient's Consents (and Patient resource)
         plus every stored PractitionerRole, Organization and Practitioner."""
-        rows = self.db.query("SELECT body FROM outbox_context WHERE patient_ref = ? "
-                             "OR patient_ref IS NULL ORDER BY type, id", (patient_ref,))
+        rows = self.db.query(
+            "SELECT body FROM outbox_context WHERE patient_ref = ? OR patient_ref IS NULL ORDER BY type, id",
+            (patient_ref,),
+        )
         return [jsonio.loads(r["body"], source="outbox context") for r in rows]
 
 

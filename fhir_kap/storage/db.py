@@ -3,6 +3,7 @@
 `from .db import Database, Tx` is how every table module, room and test reaches the database;
 the machinery behind it lives in storage/sql/ (see its `__init__`), split by concern.
 """
+
 from __future__ import annotations
 
 from .sql.checkpoint import WalCheckpointer

@@ -19,6 +19,7 @@ passed in as `now`); nothing here reads a global. Tables: storage/sql/schema/out
 The consent context the send-time re-check reads (`put_context`, `context_for`) lives in
 storage/context.py; the outbox only hands it on.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -41,6 +42,7 @@ __all__ = ["CONTEXT_TYPES", "STATES", "Outbox", "OutboxItem", "idempotency_key_o
 
 STATES = ("pending", "sending", "delivered", "held", "dead")
 MAX_ERROR_CHARS = 500
+
 
 @dataclass(frozen=True)
 class OutboxItem:
@@ -75,19 +77,38 @@ class OutboxItem:
     def from_row(cls, row: dict[str, Any]) -> OutboxItem:
         body = row["resource"]
         values = dict(row)
-        values["resource"] = jsonio.loads(body if isinstance(body, (bytes, str)) else bytes(body),
-                                          source=f"outbox item {row['id']}")
+        values["resource"] = jsonio.loads(
+            body if isinstance(body, (bytes, str)) else bytes(body), source=f"outbox item {row['id']}"
+        )
         values["id"] = int(row["id"])
         values["attempts"] = int(row["attempts"])
         return cls(**values)
 
     def summary(self) -> dict[str, Any]:
         """The item without its resource body (safe to print: ids, states and times only)."""
-        out = {k: getattr(self, k) for k in (
-            "id", "endpoint", "base_url", "resource_type", "idempotency_key", "patient_ref",
-            "recipient_ref", "purpose", "consent_ref", "state", "attempts", "last_error",
-            "hold_reason", "server_id", "server_version", "server_location", "delivered_by",
-            "lease_owner")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "id",
+                "endpoint",
+                "base_url",
+                "resource_type",
+                "idempotency_key",
+                "patient_ref",
+                "recipient_ref",
+                "purpose",
+                "consent_ref",
+                "state",
+                "attempts",
+                "last_error",
+                "hold_reason",
+                "server_id",
+                "server_version",
+                "server_location",
+                "delivered_by",
+                "lease_owner",
+            )
+        }
         for k in ("next_attempt_at", "lease_until", "delivered_at", "created_at", "updated_at"):
             out[k] = iso(getattr(self, k))
         return out
@@ -110,9 +131,13 @@ def idempotency_key_of(resource: dict[str, Any]) -> str:
     if found is not None:
         return "|".join(found)
     rtype = resource.get("resourceType", "Resource")
-    raise InputError(f"{rtype} has no business identifier (system and value) to deliver it "
-                     "idempotently", pointer="/identifier", expression=f"{rtype}.identifier",
-                     rule="outbox:idempotency-key", code="required")
+    raise InputError(
+        f"{rtype} has no business identifier (system and value) to deliver it idempotently",
+        pointer="/identifier",
+        expression=f"{rtype}.identifier",
+        rule="outbox:idempotency-key",
+        code="required",
+    )
 
 
 def _holder(item: OutboxItem | int, worker_id: str | None) -> tuple[int, str | None]:
@@ -141,26 +166,42 @@ class Outbox:
 
     # ---- writing
 
-    def enqueue(self, resource: dict[str, Any], *, endpoint: str, base_url: str,
-                idempotency_key: str | None = None, patient_ref: str | None = None,
-                recipient_ref: str | None = None, purpose: str | None = None,
-                consent_ref: str | None = None, now: float | None = None) -> tuple[OutboxItem, bool]:
+    def enqueue(
+        self,
+        resource: dict[str, Any],
+        *,
+        endpoint: str,
+        base_url: str,
+        idempotency_key: str | None = None,
+        patient_ref: str | None = None,
+        recipient_ref: str | None = None,
+        purpose: str | None = None,
+        consent_ref: str | None = None,
+        now: float | None = None,
+    ) -> tuple[OutboxItem, bool]:
         """Store a resource for delivery; durable (committed) before this returns.
 
         Returns (item, created): when the endpoint already has an item with this idempotency
         key (default: the resource's first business identifier), that item and False.
         """
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            raise InputError("Only a FHIR resource (a JSON object with resourceType) can be queued",
-                             pointer="/resourceType", expression="resourceType",
-                             rule="fhir:resourceType")
+            raise InputError(
+                "Only a FHIR resource (a JSON object with resourceType) can be queued",
+                pointer="/resourceType",
+                expression="resourceType",
+                rule="fhir:resourceType",
+            )
         if not endpoint or not base_url:
-            raise InputError("An outbox item needs a recipient endpoint name and base URL",
-                             rule="outbox:endpoint", code="required")
+            raise InputError(
+                "An outbox item needs a recipient endpoint name and base URL",
+                rule="outbox:endpoint",
+                code="required",
+            )
         key = idempotency_key or idempotency_key_of(resource)
         if "|" not in key:
-            raise InputError("Idempotency key must be SYSTEM|VALUE (got one without '|')",
-                             rule="outbox:idempotency-key")
+            raise InputError(
+                "Idempotency key must be SYSTEM|VALUE (got one without '|')", rule="outbox:idempotency-key"
+            )
         ts = self._now(now)
         body = jsonio.dumps(resource).decode()
         with self.db.transaction() as tx:
@@ -170,75 +211,126 @@ class Outbox:
                 "attempts, next_attempt_at, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
                 "ON CONFLICT (endpoint, idempotency_key) DO NOTHING RETURNING id",
-                (endpoint, base_url, resource["resourceType"], body, key,
-                 patient_ref or patient_reference(resource), recipient_ref, purpose, consent_ref,
-                 ts, ts, ts))
-            rows = tx.execute("SELECT * FROM outbox_items WHERE endpoint = ? AND idempotency_key = ?",
-                              (endpoint, key))
+                (
+                    endpoint,
+                    base_url,
+                    resource["resourceType"],
+                    body,
+                    key,
+                    patient_ref or patient_reference(resource),
+                    recipient_ref,
+                    purpose,
+                    consent_ref,
+                    ts,
+                    ts,
+                    ts,
+                ),
+            )
+            rows = tx.execute(
+                "SELECT * FROM outbox_items WHERE endpoint = ? AND idempotency_key = ?", (endpoint, key)
+            )
         return OutboxItem.from_row(rows[0]), bool(inserted)
 
-    def claim(self, worker_id: str, limit: int = 50, now: float | None = None,
-              lease_seconds: float = 300.0) -> list[OutboxItem]:
+    def claim(
+        self, worker_id: str, limit: int = 50, now: float | None = None, lease_seconds: float = 300.0
+    ) -> list[OutboxItem]:
         """Take up to `limit` due items for `worker_id`: state `sending`, leased until
         now + lease_seconds, attempts + 1. Due means pending with next_attempt_at <= now, or
         sending with an expired lease (its worker died). Oldest due first."""
         rows = self.queue.claim(worker_id, limit, self._now(now), lease_seconds)
         return [OutboxItem.from_row(r) for r in rows]
 
-    def _leased_update(self, item: OutboxItem | int, sets: str, params: tuple[Any, ...],
-                       worker_id: str | None) -> bool:
+    def _leased_update(
+        self, item: OutboxItem | int, sets: str, params: tuple[Any, ...], worker_id: str | None
+    ) -> bool:
         return self.queue.finish(*_holder(item, worker_id), sets, params)
 
-    def mark_delivered(self, item: OutboxItem | int, *, server_id: str | None,
-                       server_version: str | None = None, location: str | None = None,
-                       worker_id: str | None = None, now: float | None = None) -> bool:
+    def mark_delivered(
+        self,
+        item: OutboxItem | int,
+        *,
+        server_id: str | None,
+        server_version: str | None = None,
+        location: str | None = None,
+        worker_id: str | None = None,
+        now: float | None = None,
+    ) -> bool:
         """Record a delivery. Only the lease holder may (False: the lease was lost)."""
         ts = self._now(now)
         return self._leased_update(
-            item, "state = 'delivered', server_id = ?, server_version = ?, server_location = ?, "
+            item,
+            "state = 'delivered', server_id = ?, server_version = ?, server_location = ?, "
             "delivered_by = lease_owner, delivered_at = ?, lease_owner = NULL, lease_until = NULL, "
             "last_error = NULL, updated_at = ?",
-            (server_id, server_version, location, ts, ts), worker_id)
+            (server_id, server_version, location, ts, ts),
+            worker_id,
+        )
 
-    def renew_lease(self, item: OutboxItem | int, lease_seconds: float, *, worker_id: str | None = None,
-                    now: float | None = None) -> bool:
+    def renew_lease(
+        self,
+        item: OutboxItem | int,
+        lease_seconds: float,
+        *,
+        worker_id: str | None = None,
+        now: float | None = None,
+    ) -> bool:
         """Extend the holder's lease just before a send; False when the lease has passed to
         another worker (then this worker must not send the item)."""
         ts = self._now(now)
         return self.queue.renew(*_holder(item, worker_id), ts + float(lease_seconds), touched_at=ts)
 
-    def mark_retry(self, item: OutboxItem | int, error: str, next_at: float, *,
-                   worker_id: str | None = None, now: float | None = None) -> bool:
+    def mark_retry(
+        self,
+        item: OutboxItem | int,
+        error: str,
+        next_at: float,
+        *,
+        worker_id: str | None = None,
+        now: float | None = None,
+    ) -> bool:
         """Back to pending, due again at `next_at`, with a one-line error summary."""
         ts = self._now(now)
         return self._leased_update(
-            item, "state = 'pending', next_attempt_at = ?, last_error = ?, lease_owner = NULL, "
-            "lease_until = NULL, updated_at = ?", (float(next_at), error[:MAX_ERROR_CHARS], ts),
-            worker_id)
+            item,
+            "state = 'pending', next_attempt_at = ?, last_error = ?, lease_owner = NULL, "
+            "lease_until = NULL, updated_at = ?",
+            (float(next_at), error[:MAX_ERROR_CHARS], ts),
+            worker_id,
+        )
 
-    def mark_dead(self, item: OutboxItem | int, error: str, *, worker_id: str | None = None,
-                  now: float | None = None) -> bool:
+    def mark_dead(
+        self, item: OutboxItem | int, error: str, *, worker_id: str | None = None, now: float | None = None
+    ) -> bool:
         """Dead-letter: no further attempts until an operator retries it."""
         ts = self._now(now)
         return self._leased_update(
-            item, "state = 'dead', last_error = ?, lease_owner = NULL, lease_until = NULL, "
-            "updated_at = ?", (error[:MAX_ERROR_CHARS], ts), worker_id)
+            item,
+            "state = 'dead', last_error = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?",
+            (error[:MAX_ERROR_CHARS], ts),
+            worker_id,
+        )
 
-    def hold(self, item: OutboxItem | int, reason: str, *, worker_id: str | None = None,
-             now: float | None = None) -> bool:
+    def hold(
+        self, item: OutboxItem | int, reason: str, *, worker_id: str | None = None, now: float | None = None
+    ) -> bool:
         """Hold one item with a reason. A worker holds the item it leased (pass the claimed
         item); an operator holds a pending item by id. False if it is in another state."""
         ts = self._now(now)
-        sets = ("state = 'held', hold_reason = ?, lease_owner = NULL, lease_until = NULL, "
-                "updated_at = ?")
+        sets = "state = 'held', hold_reason = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?"
         if isinstance(item, OutboxItem) and item.state == "sending":
             # nothing was sent: the claim's attempt is given back, so holds never dead-letter
-            return self._leased_update(item, sets + ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 "
-                                       "ELSE 0 END", (reason[:MAX_ERROR_CHARS], ts), worker_id)
+            return self._leased_update(
+                item,
+                sets + ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END",
+                (reason[:MAX_ERROR_CHARS], ts),
+                worker_id,
+            )
         item_id = item if isinstance(item, int) else item.id
         with self.db.transaction() as tx:
-            rows = tx.execute(f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'pending' "
-                              "RETURNING id", (reason[:MAX_ERROR_CHARS], ts, item_id))
+            rows = tx.execute(
+                f"UPDATE outbox_items SET {sets} WHERE id = ? AND state = 'pending' RETURNING id",
+                (reason[:MAX_ERROR_CHARS], ts, item_id),
+            )
         return bool(rows)
 
     def hold_recipient(self, recipient_ref: str, reason: str, *, now: float | None = None) -> int:
@@ -246,9 +338,12 @@ class Outbox:
         many. Items being sent right now are caught by the worker's send-time re-check."""
         ts = self._now(now)
         with self.db.transaction() as tx:
-            rows = tx.execute("UPDATE outbox_items SET state = 'held', hold_reason = ?, "
-                              "updated_at = ? WHERE recipient_ref = ? AND state = 'pending' "
-                              "RETURNING id", (reason[:MAX_ERROR_CHARS], ts, recipient_ref))
+            rows = tx.execute(
+                "UPDATE outbox_items SET state = 'held', hold_reason = ?, "
+                "updated_at = ? WHERE recipient_ref = ? AND state = 'pending' "
+                "RETURNING id",
+                (reason[:MAX_ERROR_CHARS], ts, recipient_ref),
+            )
         return len(rows)
 
     def release(self, item_id: int, *, now: float | None = None) -> OutboxItem:
@@ -257,26 +352,31 @@ class Outbox:
 
     def retry(self, item_id: int, *, now: float | None = None) -> OutboxItem:
         """A dead or held item goes back to pending, due now, with attempts reset to 0."""
-        return self._operator_move(item_id, ("dead", "held"),
-                                   "attempts = 0, hold_reason = NULL", now)
+        return self._operator_move(item_id, ("dead", "held"), "attempts = 0, hold_reason = NULL", now)
 
-    def _operator_move(self, item_id: int, from_states: tuple[str, ...], extra: str,
-                       now: float | None) -> OutboxItem:
+    def _operator_move(
+        self, item_id: int, from_states: tuple[str, ...], extra: str, now: float | None
+    ) -> OutboxItem:
         ts = self._now(now)
         marks = ", ".join("?" for _ in from_states)
         with self.db.transaction() as tx:
-            rows = tx.execute(f"UPDATE outbox_items SET state = 'pending', next_attempt_at = ?, "
-                              f"updated_at = ?, {extra} WHERE id = ? AND state IN ({marks}) "
-                              "RETURNING *", (ts, ts, int(item_id)) + from_states)
+            rows = tx.execute(
+                f"UPDATE outbox_items SET state = 'pending', next_attempt_at = ?, "
+                f"updated_at = ?, {extra} WHERE id = ? AND state IN ({marks}) "
+                "RETURNING *",
+                (ts, ts, int(item_id)) + from_states,
+            )
             if not rows:
                 current = tx.execute("SELECT state FROM outbox_items WHERE id = ?", (int(item_id),))
         if rows:
             return OutboxItem.from_row(rows[0])
         if not current:
             raise NotFound(f"Outbox item {item_id} does not exist", rule="outbox:item")
-        raise Conflict(f"Outbox item {item_id} is {current[0]['state']}; only "
-                       f"{' or '.join(from_states)} items can be moved back to pending",
-                       rule="outbox:state")
+        raise Conflict(
+            f"Outbox item {item_id} is {current[0]['state']}; only "
+            f"{' or '.join(from_states)} items can be moved back to pending",
+            rule="outbox:state",
+        )
 
     def recover(self, worker_id: str, *, now: float | None = None) -> int:
         """Give back every lease `worker_id` holds (a restarted worker with the same id does
@@ -287,8 +387,10 @@ class Outbox:
         """Delete delivered items delivered before `older_than` (epoch seconds); returns how many.
         The server's conditional create still prevents duplicates if one is queued again."""
         with self.db.transaction() as tx:
-            rows = tx.execute("DELETE FROM outbox_items WHERE state = 'delivered' "
-                              "AND delivered_at < ? RETURNING id", (float(older_than),))
+            rows = tx.execute(
+                "DELETE FROM outbox_items WHERE state = 'delivered' AND delivered_at < ? RETURNING id",
+                (float(older_than),),
+            )
         return len(rows)
 
     # ---- reading
@@ -298,12 +400,16 @@ class Outbox:
         rows = self.db.query("SELECT * FROM outbox_items WHERE id = ?", (int(item_id),))
         return OutboxItem.from_row(rows[0]) if rows else None
 
-    def list(self, state: str | None = None, *, endpoint: str | None = None,
-             limit: int = 100) -> list[OutboxItem]:
+    def list(
+        self, state: str | None = None, *, endpoint: str | None = None, limit: int = 100
+    ) -> list[OutboxItem]:
         """Items in id order, optionally of one state and/or endpoint."""
         if state is not None and state not in STATES:
-            raise InputError(f"Unknown outbox state '{state}': use one of {', '.join(STATES)}",
-                             rule="outbox:state", code="value")
+            raise InputError(
+                f"Unknown outbox state '{state}': use one of {', '.join(STATES)}",
+                rule="outbox:state",
+                code="value",
+            )
         where, params = [], []
         if state:
             where.append("state = ?")
@@ -312,8 +418,7 @@ class Outbox:
             where.append("endpoint = ?")
             params.append(endpoint)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = self.db.query(f"SELECT * FROM outbox_items {clause}ORDER BY id LIMIT ?",
-                               (*params, int(limit)))
+        rows = self.db.query(f"SELECT * FROM outbox_items {clause}ORDER BY id LIMIT ?", (*params, int(limit)))
         return [OutboxItem.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:

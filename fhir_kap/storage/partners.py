@@ -28,6 +28,7 @@ authenticate. A revocation through the same object takes effect at once; one mad
 (`fhir-kap partners revoke` while the bridge runs) within N seconds. Unknown tokens are
 never cached, so a new partner works at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,20 +47,32 @@ from ..errors import Conflict, InputError, NotFound
 from .db import Database
 from .sql import migrations
 
-__all__ = ["ACCESS_TOKEN_SECONDS", "DEFAULT_SCOPES", "NPI_SYSTEM", "Partner", "Partners", "check_jwks",
-           "scope_interactions"]
+__all__ = [
+    "ACCESS_TOKEN_SECONDS",
+    "DEFAULT_SCOPES",
+    "NPI_SYSTEM",
+    "Partner",
+    "Partners",
+    "check_jwks",
+    "scope_interactions",
+]
 
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 DEFAULT_SCOPES = "system/*.read system/*.write"  # what the bridge lets anyone write is narrower still
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 #: SMART scopes: v1 `system/X.read|write|*` and v2 `system/X.cruds` (letters in that order, at
 #: least one; granular `?param=` scopes are not supported and never match), and the KAP scopes.
-_SCOPE = re.compile(r"(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|(?=[cruds])c?r?u?d?s?)"
-                    r"|kap/(records\.write|referrals\.write|clinic|consent-authority))\Z")
+_SCOPE = re.compile(
+    r"(system/(\*|[A-Z][A-Za-z]+)\.(read|write|\*|(?=[cruds])c?r?u?d?s?)"
+    r"|kap/(records\.write|referrals\.write|clinic|consent-authority))\Z"
+)
 #: What a scope's action grants of the bridge's interactions: read (read, vread, history),
 #: search, write (create; v1 `write` and v2 `c`, `u`, `d` all mean changing data).
-_ACTS = {"read": frozenset({"read", "search"}), "write": frozenset({"write"}),
-         "*": frozenset({"read", "search", "write"})}
+_ACTS = {
+    "read": frozenset({"read", "search"}),
+    "write": frozenset({"write"}),
+    "*": frozenset({"read", "search", "write"}),
+}
 _LETTERS = {"c": "write", "r": "read", "u": "write", "d": "write", "s": "search"}
 
 
@@ -127,7 +140,7 @@ class Partner:
         for scope in self.scopes:
             if not scope.startswith("system/"):
                 continue
-            what, _, act = scope[len("system/"):].partition(".")
+            what, _, act = scope[len("system/") :].partition(".")
             if what in ("*", resource_type) and interaction in scope_interactions(act):
                 return True
         return False
@@ -141,7 +154,7 @@ class Partner:
             if scope in self.scopes:
                 out.append(scope)
             elif scope.startswith("system/") and _SCOPE.match(scope):
-                what, _, act = scope[len("system/"):].partition(".")
+                what, _, act = scope[len("system/") :].partition(".")
                 wanted = scope_interactions(act)
                 if wanted and all(self.allows(what, a) for a in wanted):
                     out.append(scope)
@@ -156,11 +169,19 @@ class Partner:
 
     def public(self) -> dict[str, Any]:
         """A listing without secrets."""
-        return {"name": self.name, "scopes": list(self.scopes), "org_identifier": self.org_identifier,
-                "npis": list(self.npis), "references": list(self.references),
-                "endpoint": self.endpoint_url, "endpoint_auth": self.endpoint_auth,
-                "webhook": self.webhook_url, "revoked": self.revoked, "created": self.created,
-                "smart_key_ids": [k["kid"] for k in (self.jwks or {}).get("keys", [])]}
+        return {
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "org_identifier": self.org_identifier,
+            "npis": list(self.npis),
+            "references": list(self.references),
+            "endpoint": self.endpoint_url,
+            "endpoint_auth": self.endpoint_auth,
+            "webhook": self.webhook_url,
+            "revoked": self.revoked,
+            "created": self.created,
+            "smart_key_ids": [k["kid"] for k in (self.jwks or {}).get("keys", [])],
+        }
 
 
 def _check_url(label: str, url: str) -> None:
@@ -178,8 +199,10 @@ def _check_url(label: str, url: str) -> None:
     if not parts.hostname:
         raise InputError(f"{label} must name a host", rule="partner:url")
     if parts.username is not None or parts.password is not None:
-        raise InputError(f"{label} must not carry credentials (user:password@); give them with --endpoint-auth",
-                         rule="partner:url")
+        raise InputError(
+            f"{label} must not carry credentials (user:password@); give them with --endpoint-auth",
+            rule="partner:url",
+        )
     if parts.fragment:
         raise InputError(f"{label} must not have a #fragment", rule="partner:url")
 
@@ -191,8 +214,9 @@ def _hash(token: str) -> str:
 class Partners:
     """The partners table on the shared database."""
 
-    def __init__(self, db: Database, *, cache_seconds: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, db: Database, *, cache_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.db = db
         self.cache_seconds = cache_seconds
         self._clock = clock
@@ -207,20 +231,36 @@ class Partners:
             self._by_digest.clear()
             self._list = None
 
-    def add(self, name: str, *, scopes: Sequence[str] | str | None = None,
-            org_identifier: str | None = None, npis: Sequence[str] = (), references: Sequence[str] = (),
-            endpoint_url: str | None = None, endpoint_auth: str | None = None,
-            webhook_url: str | None = None, jwks: Any = None) -> tuple[Partner, str]:
+    def add(
+        self,
+        name: str,
+        *,
+        scopes: Sequence[str] | str | None = None,
+        org_identifier: str | None = None,
+        npis: Sequence[str] = (),
+        references: Sequence[str] = (),
+        endpoint_url: str | None = None,
+        endpoint_auth: str | None = None,
+        webhook_url: str | None = None,
+        jwks: Any = None,
+    ) -> tuple[Partner, str]:
         """Register a partner. Returns (partner, token); the token is not stored and cannot be shown again."""
         if not _NAME.match(name or ""):
-            raise InputError("partner name must be 1-64 letters, digits, '.', '_' or '-'", rule="partner:name")
-        scope_list = tuple((scopes or DEFAULT_SCOPES).split() if isinstance(scopes, str) or scopes is None
-                           else [s for item in scopes for s in item.split()])
+            raise InputError(
+                "partner name must be 1-64 letters, digits, '.', '_' or '-'", rule="partner:name"
+            )
+        scope_list = tuple(
+            (scopes or DEFAULT_SCOPES).split()
+            if isinstance(scopes, str) or scopes is None
+            else [s for item in scopes for s in item.split()]
+        )
         bad = [s for s in scope_list if not _SCOPE.match(s)]
         if bad:
-            raise InputError(f"unknown scope '{bad[0]}': use system/<Type|*>.<read|write|*>, "
-                             "kap/records.write, kap/referrals.write, kap/clinic or kap/consent-authority",
-                             rule="partner:scope")
+            raise InputError(
+                f"unknown scope '{bad[0]}': use system/<Type|*>.<read|write|*>, "
+                "kap/records.write, kap/referrals.write, kap/clinic or kap/consent-authority",
+                rule="partner:scope",
+            )
         if org_identifier is not None:
             system, sep, value = org_identifier.partition("|")
             if not sep or not system or not value:
@@ -230,15 +270,20 @@ class Partners:
                 raise InputError(f"NPI '{npi[:20]}' must be 10 digits", rule="partner:npi")
         for ref in references:
             if not _REF.match(ref):
-                raise InputError(f"reference '{ref[:80]}' must be Organization|Practitioner|PractitionerRole/id",
-                                 rule="partner:reference")
+                raise InputError(
+                    f"reference '{ref[:80]}' must be Organization|Practitioner|PractitionerRole/id",
+                    rule="partner:reference",
+                )
         for label, url in (("endpoint", endpoint_url), ("webhook", webhook_url)):
             if url is not None:
                 _check_url(label, url)
         auth = endpoint_auth or ("none" if endpoint_url else None)
         if auth is not None and not re.match(r"^(none|bearer:[A-Z_][A-Z0-9_]*|smart:[^\s]+)$", auth):
-            raise InputError("--endpoint-auth must be none, bearer:ENVVAR (an environment variable name) "
-                             "or smart:CLIENT_ID", rule="partner:endpoint-auth")
+            raise InputError(
+                "--endpoint-auth must be none, bearer:ENVVAR (an environment variable name) "
+                "or smart:CLIENT_ID",
+                rule="partner:endpoint-auth",
+            )
         keys = None if jwks is None else check_jwks(jwks)
         token = secrets.token_urlsafe(32)
         identity = {"org_identifier": org_identifier, "npis": list(npis), "references": list(references)}
@@ -247,11 +292,22 @@ class Partners:
         with self.db.transaction() as tx:
             if tx.execute("SELECT name FROM partners WHERE name = ?", (name,)):
                 raise Conflict(f"partner '{name}' already exists", rule="partner:exists", code="duplicate")
-            tx.execute("INSERT INTO partners (name, token_sha256, scopes, identity, endpoint_url, endpoint_auth, "
-                       "webhook_url, webhook_secret, revoked, created, jwks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                       (name, _hash(token), " ".join(scope_list), jsonio.dumps(identity).decode(),
-                        endpoint_url, auth, webhook_url, webhook_secret, created,
-                        None if keys is None else jsonio.dumps(keys).decode()))
+            tx.execute(
+                "INSERT INTO partners (name, token_sha256, scopes, identity, endpoint_url, endpoint_auth, "
+                "webhook_url, webhook_secret, revoked, created, jwks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (
+                    name,
+                    _hash(token),
+                    " ".join(scope_list),
+                    jsonio.dumps(identity).decode(),
+                    endpoint_url,
+                    auth,
+                    webhook_url,
+                    webhook_secret,
+                    created,
+                    None if keys is None else jsonio.dumps(keys).decode(),
+                ),
+            )
         self.forget()
         partner = self.get(name)
         assert partner is not None
@@ -291,16 +347,26 @@ class Partners:
         """Replace a partner's SMART public keys (key rotation); tokens already issued stay valid."""
         keys = check_jwks(jwks)
         with self.db.transaction() as tx:
-            if not tx.execute("UPDATE partners SET jwks = ? WHERE name = ? RETURNING name",
-                              (jsonio.dumps(keys).decode(), name)):
+            if not tx.execute(
+                "UPDATE partners SET jwks = ? WHERE name = ? RETURNING name",
+                (jsonio.dumps(keys).decode(), name),
+            ):
                 raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
         self.forget()
         partner = self.get(name)
         assert partner is not None
         return partner
 
-    def grant(self, partner: Partner, scopes: Sequence[str], *, jti: str, assertion_expires: float,
-              seconds: int = ACCESS_TOKEN_SECONDS, now: float | None = None) -> str:
+    def grant(
+        self,
+        partner: Partner,
+        scopes: Sequence[str],
+        *,
+        jti: str,
+        assertion_expires: float,
+        seconds: int = ACCESS_TOKEN_SECONDS,
+        now: float | None = None,
+    ) -> str:
         """Issue an access token for `partner` with `scopes` (already checked with `grantable`).
 
         `jti` is the verified assertion's id: one seen before (and not yet expired) raises
@@ -312,12 +378,17 @@ class Partners:
         with self.db.transaction() as tx:
             tx.execute("DELETE FROM partner_assertions WHERE expires_at < ?", (ts,))
             tx.execute("DELETE FROM partner_access_tokens WHERE expires_at < ?", (ts,))
-            if not tx.execute("INSERT INTO partner_assertions (partner, jti, expires_at) VALUES (?, ?, ?) "
-                              "ON CONFLICT (partner, jti) DO NOTHING RETURNING jti",
-                              (partner.name, jti, max(assertion_expires, ts))):
+            if not tx.execute(
+                "INSERT INTO partner_assertions (partner, jti, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (partner, jti) DO NOTHING RETURNING jti",
+                (partner.name, jti, max(assertion_expires, ts)),
+            ):
                 raise Conflict("this client assertion (jti) was used before", rule="smart:jti-replay")
-            tx.execute("INSERT INTO partner_access_tokens (token_sha256, partner, scopes, expires_at) "
-                       "VALUES (?, ?, ?, ?)", (_hash(token), partner.name, " ".join(scopes), ts + seconds))
+            tx.execute(
+                "INSERT INTO partner_access_tokens (token_sha256, partner, scopes, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                (_hash(token), partner.name, " ".join(scopes), ts + seconds),
+            )
         return token
 
     def authenticate(self, token: str | None) -> Partner | None:
@@ -336,9 +407,12 @@ class Partners:
             partner = _partner(rows[0])
         else:
             wall = time.time()
-            rows = self._read("SELECT p.*, t.token_sha256 AS granted_sha256, t.scopes AS granted, t.expires_at "
-                              "FROM partner_access_tokens t JOIN partners p ON p.name = t.partner "
-                              "WHERE t.token_sha256 = ? AND t.expires_at > ?", (digest, wall))
+            rows = self._read(
+                "SELECT p.*, t.token_sha256 AS granted_sha256, t.scopes AS granted, t.expires_at "
+                "FROM partner_access_tokens t JOIN partners p ON p.name = t.partner "
+                "WHERE t.token_sha256 = ? AND t.expires_at > ?",
+                (digest, wall),
+            )
             if not rows or not hmac.compare_digest(rows[0]["granted_sha256"], digest):
                 return None
             partner = replace(_partner(rows[0]), scopes=tuple(rows[0]["granted"].split()))
@@ -355,12 +429,20 @@ class Partners:
 
 def _partner(row: dict[str, Any]) -> Partner:
     ident = jsonio.loads(row["identity"])
-    return Partner(name=row["name"], scopes=tuple(row["scopes"].split()),
-                   org_identifier=ident.get("org_identifier"), npis=tuple(ident.get("npis") or ()),
-                   references=tuple(ident.get("references") or ()), endpoint_url=row["endpoint_url"],
-                   endpoint_auth=row["endpoint_auth"], webhook_url=row["webhook_url"],
-                   webhook_secret=row["webhook_secret"], revoked=bool(row["revoked"]), created=row["created"],
-                   jwks=jsonio.loads(row["jwks"]) if row.get("jwks") else None)
+    return Partner(
+        name=row["name"],
+        scopes=tuple(row["scopes"].split()),
+        org_identifier=ident.get("org_identifier"),
+        npis=tuple(ident.get("npis") or ()),
+        references=tuple(ident.get("references") or ()),
+        endpoint_url=row["endpoint_url"],
+        endpoint_auth=row["endpoint_auth"],
+        webhook_url=row["webhook_url"],
+        webhook_secret=row["webhook_secret"],
+        revoked=bool(row["revoked"]),
+        created=row["created"],
+        jwks=jsonio.loads(row["jwks"]) if row.get("jwks") else None,
+    )
 
 
 def _usable(jwk: dict[str, Any], i: int) -> None:
@@ -387,11 +469,15 @@ def check_jwks(jwks: Any) -> dict[str, Any]:
         if not isinstance(jwk, dict) or jwk.get("kty") not in _JWK_ALGS:
             raise InputError(f"keys[{i}]: kty must be RSA or EC", rule="partner:jwks")
         if any(k in jwk for k in ("d", "p", "q", "dp", "dq", "qi", "oth", "k")):
-            raise InputError(f"keys[{i}] holds private key material: register the PUBLIC key only",
-                             rule="partner:jwks-private")
+            raise InputError(
+                f"keys[{i}] holds private key material: register the PUBLIC key only",
+                rule="partner:jwks-private",
+            )
         kid = jwk.get("kid")
         if not isinstance(kid, str) or not 1 <= len(kid) <= 128 or kid in seen:
-            raise InputError(f"keys[{i}]: each key needs its own 'kid' (1-128 characters)", rule="partner:jwks")
+            raise InputError(
+                f"keys[{i}]: each key needs its own 'kid' (1-128 characters)", rule="partner:jwks"
+            )
         seen.add(kid)
         members = ("kty", "kid", "n", "e") if jwk["kty"] == "RSA" else ("kty", "kid", "crv", "x", "y")
         if jwk["kty"] == "EC" and jwk.get("crv") != "P-384":

@@ -11,6 +11,7 @@ lease or finish a job (`finish` is the holder-only update every state change goe
 and a worker restarted under the same id gives its old leases back with `recover`.
 What a job is, and what its states after `sending` mean, belongs to the queue's owner.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,7 +48,8 @@ class LeasedQueue:
                 f"UPDATE {self.table} SET state = 'sending', lease_owner = ?, lease_until = ?, "
                 f"attempts = attempts + 1, updated_at = ? WHERE id IN (SELECT id FROM {self.table} WHERE {_DUE} "
                 f"ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING {self.returning}",
-                (worker, now + lease_seconds, now, now, now, int(limit)))
+                (worker, now + lease_seconds, now, now, now, int(limit)),
+            )
         return sorted(rows, key=lambda r: (r["next_attempt_at"], int(r["id"])))
 
     def finish(self, job_id: int, worker: str | None, sets: str, params: tuple[Any, ...]) -> bool:
@@ -56,11 +58,15 @@ class LeasedQueue:
         False when the row is no longer `sending` under that lease."""
         owner = "" if worker is None else " AND lease_owner = ?"
         with self.db.transaction() as tx:
-            rows = tx.execute(f"UPDATE {self.table} SET {sets} WHERE id = ? AND state = 'sending'{owner} "
-                              "RETURNING id", params + (job_id,) + (() if worker is None else (worker,)))
+            rows = tx.execute(
+                f"UPDATE {self.table} SET {sets} WHERE id = ? AND state = 'sending'{owner} RETURNING id",
+                params + (job_id,) + (() if worker is None else (worker,)),
+            )
         return bool(rows)
 
-    def renew(self, job_id: int, worker: str | None, until: float, *, touched_at: float | None = None) -> bool:
+    def renew(
+        self, job_id: int, worker: str | None, until: float, *, touched_at: float | None = None
+    ) -> bool:
         """Extend the holder's lease to `until` (and set updated_at when `touched_at` is given);
         False when the lease has passed to another worker, which then owns the job."""
         if touched_at is None:
@@ -71,8 +77,10 @@ class LeasedQueue:
         """Give back every lease `worker` holds, due at `now` (a restarted worker with the same
         id does not wait for its old leases to expire); how many rows became pending."""
         with self.db.transaction() as tx:
-            rows = tx.execute(f"UPDATE {self.table} SET state = 'pending', lease_owner = NULL, "
-                              "lease_until = NULL, next_attempt_at = ?, updated_at = ? "
-                              "WHERE state = 'sending' AND lease_owner = ? RETURNING id",
-                              (now, now, worker))
+            rows = tx.execute(
+                f"UPDATE {self.table} SET state = 'pending', lease_owner = NULL, "
+                "lease_until = NULL, next_attempt_at = ?, updated_at = ? "
+                "WHERE state = 'sending' AND lease_owner = ? RETURNING id",
+                (now, now, worker),
+            )
         return len(rows)

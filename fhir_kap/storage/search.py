@@ -14,6 +14,7 @@ equality lookups:
 The SQL conditions here are on `fhir_current c` and probe `fhir_index i` (see storage/store.py
 for the tables); paging is `_count` (at most MAX_COUNT) and `_offset`.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,9 +27,22 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from .db import Tx
 
-__all__ = ["DEFAULT_COUNT", "MAX_ALTERNATIVES", "MAX_COUNT", "REFERENCE_PARAMS", "SEARCH_PARAMS", "audience_sql",
-           "check_condition", "index_values", "instant", "instant_now", "page", "ref_key", "search_sql",
-           "write_index"]
+__all__ = [
+    "DEFAULT_COUNT",
+    "MAX_ALTERNATIVES",
+    "MAX_COUNT",
+    "REFERENCE_PARAMS",
+    "SEARCH_PARAMS",
+    "audience_sql",
+    "check_condition",
+    "index_values",
+    "instant",
+    "instant_now",
+    "page",
+    "ref_key",
+    "search_sql",
+    "write_index",
+]
 
 
 def _refs(*paths: str) -> Callable[[dict[str, Any]], list[tuple[str, str]]]:
@@ -41,6 +55,7 @@ def _refs(*paths: str) -> Callable[[dict[str, Any]], list[tuple[str, str]]]:
                 if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
                     out.append(ref_key(ref["reference"]))
         return out
+
     return extract
 
 
@@ -71,6 +86,7 @@ def _tokens(*paths: str) -> Callable[[dict[str, Any]], list[tuple[str, str]]]:
                     if isinstance(code, str):
                         out.append((code, system if isinstance(system, str) else ""))
         return out
+
     return extract
 
 
@@ -100,36 +116,82 @@ _COMMON: dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
 
 #: Search parameters per resource type: name -> extractor of normalised index values.
 SEARCH_PARAMS: dict[str, dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]]] = {
-    "Communication": {**_COMMON, "patient": _refs("subject"), "subject": _refs("subject"),
-                      "status": _tokens("status"), "recipient": _refs("recipient"),
-                      "sender": _refs("sender"), "category": _tokens("category"),
-                      "based-on": _refs("basedOn"), "about": _refs("about")},
-    "ServiceRequest": {**_COMMON, "patient": _refs("subject"), "subject": _refs("subject"),
-                       "status": _tokens("status"), "requester": _refs("requester"),
-                       "performer": _refs("performer"), "category": _tokens("category"),
-                       "based-on": _refs("basedOn")},
-    "Procedure": {**_COMMON, "patient": _refs("subject"), "subject": _refs("subject"),
-                  "status": _tokens("status"), "category": _tokens("category"),
-                  "based-on": _refs("basedOn"), "performer": _refs("performer.actor")},
-    "Consent": {**_COMMON, "patient": _refs("patient", "subject"), "status": _tokens("status"),
-                "category": _tokens("category"),
-                "actor": _refs("provision.actor.reference", "grantee")},
-    "Task": {**_COMMON, "patient": _refs("for"), "subject": _refs("for"), "status": _tokens("status"),
-             "business-status": _tokens("businessStatus"), "focus": _refs("focus"),
-             "based-on": _refs("basedOn"), "owner": _refs("owner"), "requester": _refs("requester")},
+    "Communication": {
+        **_COMMON,
+        "patient": _refs("subject"),
+        "subject": _refs("subject"),
+        "status": _tokens("status"),
+        "recipient": _refs("recipient"),
+        "sender": _refs("sender"),
+        "category": _tokens("category"),
+        "based-on": _refs("basedOn"),
+        "about": _refs("about"),
+    },
+    "ServiceRequest": {
+        **_COMMON,
+        "patient": _refs("subject"),
+        "subject": _refs("subject"),
+        "status": _tokens("status"),
+        "requester": _refs("requester"),
+        "performer": _refs("performer"),
+        "category": _tokens("category"),
+        "based-on": _refs("basedOn"),
+    },
+    "Procedure": {
+        **_COMMON,
+        "patient": _refs("subject"),
+        "subject": _refs("subject"),
+        "status": _tokens("status"),
+        "category": _tokens("category"),
+        "based-on": _refs("basedOn"),
+        "performer": _refs("performer.actor"),
+    },
+    "Consent": {
+        **_COMMON,
+        "patient": _refs("patient", "subject"),
+        "status": _tokens("status"),
+        "category": _tokens("category"),
+        "actor": _refs("provision.actor.reference", "grantee"),
+    },
+    "Task": {
+        **_COMMON,
+        "patient": _refs("for"),
+        "subject": _refs("for"),
+        "status": _tokens("status"),
+        "business-status": _tokens("businessStatus"),
+        "focus": _refs("focus"),
+        "based-on": _refs("basedOn"),
+        "owner": _refs("owner"),
+        "requester": _refs("requester"),
+    },
     "Patient": {**_COMMON},
     "Practitioner": {**_COMMON},
-    "PractitionerRole": {**_COMMON, "practitioner": _refs("practitioner"),
-                         "organization": _refs("organization")},
+    "PractitionerRole": {
+        **_COMMON,
+        "practitioner": _refs("practitioner"),
+        "organization": _refs("organization"),
+    },
     "Organization": {**_COMMON},
     "Provenance": {"target": _refs("target"), "patient": _refs("patient")},
 }
 
 #: Search parameters whose query values are references, with the type a bare id defaults to.
-REFERENCE_PARAMS = {"patient": "Patient", "subject": None, "recipient": None, "sender": None,
-                    "based-on": None, "about": None, "requester": None, "performer": None,
-                    "actor": None, "focus": None, "owner": None, "practitioner": "Practitioner",
-                    "organization": "Organization", "target": None}
+REFERENCE_PARAMS = {
+    "patient": "Patient",
+    "subject": None,
+    "recipient": None,
+    "sender": None,
+    "based-on": None,
+    "about": None,
+    "requester": None,
+    "performer": None,
+    "actor": None,
+    "focus": None,
+    "owner": None,
+    "practitioner": "Practitioner",
+    "organization": "Organization",
+    "target": None,
+}
 MAX_COUNT = 200
 DEFAULT_COUNT = 20
 #: Most comma-separated alternatives one search parameter, and a whole search, may carry
@@ -138,8 +200,9 @@ MAX_ALTERNATIVES = 100
 #: Result parameters a search accepts and ignores in its WHERE (they select nothing).
 _IGNORED = ("_count", "_offset", "_format", "_total", "_sort", "_summary")
 #: Search result parameters: they select no resources, so a condition (If-None-Exist) may not use them.
-_RESULT_PARAMS = frozenset({*_IGNORED, "_include", "_revinclude", "_elements", "_contained", "_containedType",
-                            "_pretty"})
+_RESULT_PARAMS = frozenset(
+    {*_IGNORED, "_include", "_revinclude", "_elements", "_contained", "_containedType", "_pretty"}
+)
 
 
 def check_condition(params: Mapping[str, Sequence[str]]) -> None:
@@ -147,12 +210,19 @@ def check_condition(params: Mapping[str, Sequence[str]]) -> None:
     criteria, and no result parameters (which select nothing)."""
     result = sorted(name for name in params if name in _RESULT_PARAMS)
     if result:
-        raise InputError(f"If-None-Exist may not use the result parameter '{result[0][:40]}': a condition "
-                         "only selects (e.g. identifier=SYSTEM|VALUE)", expression="If-None-Exist",
-                         rule="http:if-none-exist")
+        raise InputError(
+            f"If-None-Exist may not use the result parameter '{result[0][:40]}': a condition "
+            "only selects (e.g. identifier=SYSTEM|VALUE)",
+            expression="If-None-Exist",
+            rule="http:if-none-exist",
+        )
     if not params:
-        raise InputError("If-None-Exist has no search criteria: it would match any resource; give one "
-                         "such as identifier=SYSTEM|VALUE", expression="If-None-Exist", rule="http:if-none-exist")
+        raise InputError(
+            "If-None-Exist has no search criteria: it would match any resource; give one "
+            "such as identifier=SYSTEM|VALUE",
+            expression="If-None-Exist",
+            rule="http:if-none-exist",
+        )
 
 
 def instant_now() -> str:
@@ -171,8 +241,9 @@ def write_index(tx: Tx, rtype: str, rid: str, body: dict[str, Any]) -> None:
     """Insert the search index rows of the current version `body` of `rtype/rid`."""
     rows = {(rtype, rid, p, code, system) for p, (code, system) in index_values(body)}
     if rows:
-        tx.executemany("INSERT INTO fhir_index (type, id, param, code, system) VALUES (?, ?, ?, ?, ?)",
-                       sorted(rows))
+        tx.executemany(
+            "INSERT INTO fhir_index (type, id, param, code, system) VALUES (?, ?, ?, ?, ?)", sorted(rows)
+        )
 
 
 def page(count: int, offset: int) -> tuple[int, int]:
@@ -188,9 +259,12 @@ def audience_sql(source: str, refs: Sequence[str]) -> tuple[str, list[Any]]:
     if refs:
         keys = sorted({ref_key(r) for r in refs})
         # A row-value IN list, not an OR chain: no expression-depth limit however many refs.
-        clause += (" OR EXISTS (SELECT 1 FROM fhir_index a WHERE a.type = c.type AND a.id = c.id "
-                   "AND a.param IN ('recipient', 'requester') AND (a.code, a.system) IN (VALUES "
-                   + ", ".join("(?, ?)" for _ in keys) + "))")
+        clause += (
+            " OR EXISTS (SELECT 1 FROM fhir_index a WHERE a.type = c.type AND a.id = c.id "
+            "AND a.param IN ('recipient', 'requester') AND (a.code, a.system) IN (VALUES "
+            + ", ".join("(?, ?)" for _ in keys)
+            + "))"
+        )
         args += [v for k in keys for v in k]
     return clause, args
 
@@ -211,9 +285,13 @@ def search_sql(rtype: str, params: Mapping[str, Sequence[str]]) -> tuple[str, li
             total += len(alternatives)
             if per_param > MAX_ALTERNATIVES or total > MAX_ALTERNATIVES:
                 shown = name[:40] if name in known or name in ("_id", "_lastUpdated") else "a parameter"
-                raise InputError(f"Too many search values: at most {MAX_ALTERNATIVES} in all (the limit was "
-                                 f"passed at '{shown}')", expression=shown, rule="search:too-many-values",
-                                 code="too-costly")
+                raise InputError(
+                    f"Too many search values: at most {MAX_ALTERNATIVES} in all (the limit was "
+                    f"passed at '{shown}')",
+                    expression=shown,
+                    rule="search:too-many-values",
+                    code="too-costly",
+                )
             if name == "_id":
                 clauses.append(f"c.id IN ({', '.join('?' * len(alternatives))})")
                 args += alternatives
@@ -228,11 +306,16 @@ def search_sql(rtype: str, params: Mapping[str, Sequence[str]]) -> tuple[str, li
                     test, more = _match_sql(name, alt)
                     tests.append(test)
                     args += more
-                clauses.append("EXISTS (SELECT 1 FROM fhir_index i WHERE i.type = c.type AND i.id = c.id "
-                               f"AND i.param = ? AND ({' OR '.join(tests)}))")
+                clauses.append(
+                    "EXISTS (SELECT 1 FROM fhir_index i WHERE i.type = c.type AND i.id = c.id "
+                    f"AND i.param = ? AND ({' OR '.join(tests)}))"
+                )
             else:
-                raise InputError(f"Search parameter '{name[:40]}' is not supported for {rtype}",
-                                 rule="search:unknown-parameter", code="not-supported")
+                raise InputError(
+                    f"Search parameter '{name[:40]}' is not supported for {rtype}",
+                    rule="search:unknown-parameter",
+                    code="not-supported",
+                )
     return " AND ".join(clauses), args
 
 
@@ -254,24 +337,33 @@ def _match_sql(name: str, value: str) -> tuple[str, list[str]]:
     return "(i.code = ? AND i.system = ?)", [code, system]
 
 
-_DATE = re.compile(r"^(eq|ne|gt|ge|lt|le|sa|eb)?(\d{4})(?:-(\d{2})(?:-(\d{2})"
-                   r"(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+_DATE = re.compile(
+    r"^(eq|ne|gt|ge|lt|le|sa|eb)?(\d{4})(?:-(\d{2})(?:-(\d{2})"
+    r"(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
 
 
 def _date_clause(column: str, value: str) -> tuple[str, list[str]]:
     """SQL for a FHIR date search on an instant column: the value is a range at its precision."""
     m = _DATE.match(value)
     if not m:
-        raise InputError(f"_lastUpdated value '{value[:40]}' is not a FHIR date/dateTime with an optional "
-                         "prefix (eq, gt, ge, lt, le)", expression="_lastUpdated", rule="search:date",
-                         code="value")
+        raise InputError(
+            f"_lastUpdated value '{value[:40]}' is not a FHIR date/dateTime with an optional "
+            "prefix (eq, gt, ge, lt, le)",
+            expression="_lastUpdated",
+            rule="search:date",
+            code="value",
+        )
     prefix, y, mo, d, hh, mi, ss, frac, tz = m.groups()
     try:
         lo, hi = _range(y, mo, d, hh, mi, ss, frac, tz)
     except (ValueError, OverflowError):  # no such date, or its range leaves years 1-9999
-        raise InputError(f"_lastUpdated value '{value[:40]}' is not a valid date, or its range leaves the "
-                         "years 0001-9999",
-                         expression="_lastUpdated", rule="search:date", code="value") from None
+        raise InputError(
+            f"_lastUpdated value '{value[:40]}' is not a valid date, or its range leaves the years 0001-9999",
+            expression="_lastUpdated",
+            rule="search:date",
+            code="value",
+        ) from None
     lo_s, hi_s = instant(lo), instant(hi)
     prefix = prefix or "eq"
     if prefix in ("ge",):
@@ -287,8 +379,16 @@ def _date_clause(column: str, value: str) -> tuple[str, list[str]]:
     return f"({column} >= ? AND {column} < ?)", [lo_s, hi_s]
 
 
-def _range(y: str, mo: str | None, d: str | None, hh: str | None, mi: str | None, ss: str | None,
-           frac: str | None, tz: str | None) -> tuple[datetime, datetime]:
+def _range(
+    y: str,
+    mo: str | None,
+    d: str | None,
+    hh: str | None,
+    mi: str | None,
+    ss: str | None,
+    frac: str | None,
+    tz: str | None,
+) -> tuple[datetime, datetime]:
     zone = UTC
     if tz and tz != "Z":
         sign = 1 if tz[0] == "+" else -1
@@ -298,8 +398,9 @@ def _range(y: str, mo: str | None, d: str | None, hh: str | None, mi: str | None
         return _utc(lo), _utc(lo.replace(year=lo.year + 1))
     if d is None:
         lo = datetime(int(y), int(mo), 1, tzinfo=zone)
-        return _utc(lo), _utc(lo.replace(year=lo.year + 1, month=1) if lo.month == 12
-                              else lo.replace(month=lo.month + 1))
+        return _utc(lo), _utc(
+            lo.replace(year=lo.year + 1, month=1) if lo.month == 12 else lo.replace(month=lo.month + 1)
+        )
     if hh is None:
         lo = datetime(int(y), int(mo), int(d), tzinfo=zone)
         return lo.astimezone(UTC), (lo + timedelta(days=1)).astimezone(UTC)

@@ -20,6 +20,7 @@ pages instead of one per distinct value (measured: ~36 -> ~10 WAL pages per 3 KB
 Searches walk `fhir_current` in `seq` order and probe that key per resource, which is the
 plan SQLite chose with the old value-keyed index too.
 """
+
 from __future__ import annotations
 
 import re
@@ -49,15 +50,29 @@ from .search import (
 from .sql import migrations
 
 # The search names are re-exported: the bridge and other rooms import them from here.
-__all__ = ["DEFAULT_COUNT", "ID_PATTERN", "MAX_ALTERNATIVES", "MAX_COUNT", "REFERENCE_PARAMS", "SEARCH_PARAMS",
-           "SearchResult", "Store", "StoredResource", "check_condition", "index_values", "instant_now"]
+__all__ = [
+    "DEFAULT_COUNT",
+    "ID_PATTERN",
+    "MAX_ALTERNATIVES",
+    "MAX_COUNT",
+    "REFERENCE_PARAMS",
+    "SEARCH_PARAMS",
+    "SearchResult",
+    "Store",
+    "StoredResource",
+    "check_condition",
+    "index_values",
+    "instant_now",
+]
 
 T = TypeVar("T")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 #: A current version with its body (`c` and `h` in every read).
-_CURRENT = ("SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, h.body, c.seq "
-            "FROM fhir_current c JOIN fhir_history h ON h.seq = c.seq")
+_CURRENT = (
+    "SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, h.body, c.seq "
+    "FROM fhir_current c JOIN fhir_history h ON h.seq = c.seq"
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,7 @@ class Store:
         Everything `work` writes lands in one commit or not at all; what it raises is re-raised
         here after its writes are rolled back (the rest of the batch is unaffected).
         """
+
         def unit(tx: Tx) -> T:
             self._lock(tx)
             return work(tx)
@@ -122,9 +138,15 @@ class Store:
     def _tx(self, tx: Tx | None) -> Any:
         return _Reuse(tx) if tx is not None else self.transaction()
 
-    def create(self, resource: dict[str, Any], *, source: str | None = None,
-               if_none_exist: Mapping[str, Sequence[str]] | None = None, keep_id: bool = False,
-               tx: Tx | None = None) -> tuple[StoredResource, bool]:
+    def create(
+        self,
+        resource: dict[str, Any],
+        *,
+        source: str | None = None,
+        if_none_exist: Mapping[str, Sequence[str]] | None = None,
+        keep_id: bool = False,
+        tx: Tx | None = None,
+    ) -> tuple[StoredResource, bool]:
         """Create a resource (server-assigned id unless `keep_id`). Returns (stored, created).
 
         With `if_none_exist` (search parameters), an existing single match is returned
@@ -137,15 +159,20 @@ class Store:
         if if_none_exist is not None:
             check_condition(if_none_exist)
         if tx is None:
-            return self.write(lambda t: self.create(resource, source=source, if_none_exist=if_none_exist,
-                                                    keep_id=keep_id, tx=t))
+            return self.write(
+                lambda t: self.create(
+                    resource, source=source, if_none_exist=if_none_exist, keep_id=keep_id, tx=t
+                )
+            )
         with self._tx(tx) as t:
             if if_none_exist:
                 ids = self._search_ids(t, rtype, if_none_exist, limit=2, source=source)
                 if len(ids) > 1:
                     raise PreconditionFailed(
                         f"If-None-Exist matched {len(ids)} {rtype} resources; it must match at most one",
-                        rule="http:if-none-exist", code="duplicate")
+                        rule="http:if-none-exist",
+                        code="duplicate",
+                    )
                 if ids:
                     got = self._current(t, rtype, ids[0])
                     assert got is not None
@@ -154,25 +181,41 @@ class Store:
             if rid is None:
                 rid = new_id()
             elif not isinstance(rid, str) or not ID_PATTERN.match(rid):
-                raise InputError("id must match [A-Za-z0-9-.]{1,64}", expression=f"{rtype}.id",
-                                 pointer="/id", rule="fhir:id")
+                raise InputError(
+                    "id must match [A-Za-z0-9-.]{1,64}",
+                    expression=f"{rtype}.id",
+                    pointer="/id",
+                    rule="fhir:id",
+                )
             elif self._current(t, rtype, rid) is not None:
                 raise Conflict(f"{rtype}/{rid} already exists", rule="store:exists", code="duplicate")
             return self._write(t, rtype, rid, resource, 1, source=source), True
 
-    def update(self, rtype: str, rid: str, resource: dict[str, Any], *, if_match: int | None = None,
-               source: str | None = None, tx: Tx | None = None) -> tuple[StoredResource, bool]:
+    def update(
+        self,
+        rtype: str,
+        rid: str,
+        resource: dict[str, Any],
+        *,
+        if_match: int | None = None,
+        source: str | None = None,
+        tx: Tx | None = None,
+    ) -> tuple[StoredResource, bool]:
         """Create or update `rtype/rid` (a new version). Returns (stored, created)."""
         if _type_of(resource) != rtype:
-            raise InputError(f"resourceType {quote(resource.get('resourceType'))} does not match {rtype}",
-                             pointer="/resourceType", rule="http:type-mismatch")
+            raise InputError(
+                f"resourceType {quote(resource.get('resourceType'))} does not match {rtype}",
+                pointer="/resourceType",
+                rule="http:type-mismatch",
+            )
         if tx is None:
-            return self.write(lambda t: self.update(rtype, rid, resource, if_match=if_match, source=source, tx=t))
+            return self.write(
+                lambda t: self.update(rtype, rid, resource, if_match=if_match, source=source, tx=t)
+            )
         with self._tx(tx) as t:
             cur = self._current(t, rtype, rid)
             if if_match is not None and (cur is None or cur.version != if_match):
-                raise PreconditionFailed(f"{rtype}/{rid} is not at version {if_match}",
-                                         rule="http:if-match")
+                raise PreconditionFailed(f"{rtype}/{rid} is not at version {if_match}", rule="http:if-match")
             version = 1 if cur is None else cur.version + 1
             keep_source = source if source is not None else (cur.source if cur else None)
             return self._write(t, rtype, rid, resource, version, source=keep_source), cur is None
@@ -188,27 +231,44 @@ class Store:
             stub = {"resourceType": rtype, "id": rid}
             return self._write(t, rtype, rid, stub, cur.version + 1, source=cur.source, deleted=True)
 
-    def _write(self, t: Tx, rtype: str, rid: str, resource: dict[str, Any], version: int, *,
-               source: str | None, deleted: bool = False) -> StoredResource:
+    def _write(
+        self,
+        t: Tx,
+        rtype: str,
+        rid: str,
+        resource: dict[str, Any],
+        version: int,
+        *,
+        source: str | None,
+        deleted: bool = False,
+    ) -> StoredResource:
         now = instant_now()
         body = dict(resource)
         body["id"] = rid
         meta = dict(body.get("meta") or {}) if isinstance(body.get("meta"), dict) else {}
         meta["versionId"] = str(version)
         meta["lastUpdated"] = now
-        body = {"resourceType": rtype, "id": rid, "meta": meta,
-                **{k: v for k, v in body.items() if k not in ("resourceType", "id", "meta")}}
+        body = {
+            "resourceType": rtype,
+            "id": rid,
+            "meta": meta,
+            **{k: v for k, v in body.items() if k not in ("resourceType", "id", "meta")},
+        }
         text = jsonio.dumps(body).decode()
         seq_rows = t.execute(
             "INSERT INTO fhir_history (type, id, version, last_updated, deleted, source, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-            (rtype, rid, version, now, int(deleted), source, text))
+            (rtype, rid, version, now, int(deleted), source, text),
+        )
         seq = seq_rows[0]["seq"]
         if version > 1:
             t.execute("DELETE FROM fhir_current WHERE type = ? AND id = ?", (rtype, rid))
             t.execute("DELETE FROM fhir_index WHERE type = ? AND id = ?", (rtype, rid))
-        t.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?)", (rtype, rid, version, seq, now, int(deleted), source))
+        t.execute(
+            "INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rtype, rid, version, seq, now, int(deleted), source),
+        )
         if not deleted:
             write_index(t, rtype, rid, body)
         return StoredResource(rtype, rid, version, now, deleted, body, source)
@@ -226,19 +286,32 @@ class Store:
         return _row(rows[0]) if rows else None
 
     def vread(self, rtype: str, rid: str, version: int) -> StoredResource | None:
-        rows = self._read("SELECT type, id, version, last_updated, deleted, source, body "
-                          "FROM fhir_history WHERE type = ? AND id = ? AND version = ?", (rtype, rid, version))
+        rows = self._read(
+            "SELECT type, id, version, last_updated, deleted, source, body "
+            "FROM fhir_history WHERE type = ? AND id = ? AND version = ?",
+            (rtype, rid, version),
+        )
         return _row(rows[0]) if rows else None
 
     def history(self, rtype: str, rid: str) -> list[StoredResource]:
         """All versions, newest first."""
-        rows = self._read("SELECT type, id, version, last_updated, deleted, source, body "
-                          "FROM fhir_history WHERE type = ? AND id = ? ORDER BY version DESC", (rtype, rid))
+        rows = self._read(
+            "SELECT type, id, version, last_updated, deleted, source, body "
+            "FROM fhir_history WHERE type = ? AND id = ? ORDER BY version DESC",
+            (rtype, rid),
+        )
         return [_row(r) for r in rows]
 
-    def search(self, rtype: str, params: Mapping[str, Sequence[str]], *, count: int = DEFAULT_COUNT,
-               offset: int = 0, where: Callable[[StoredResource], bool] | None = None,
-               audience: tuple[str, Sequence[str]] | None = None) -> SearchResult:
+    def search(
+        self,
+        rtype: str,
+        params: Mapping[str, Sequence[str]],
+        *,
+        count: int = DEFAULT_COUNT,
+        offset: int = 0,
+        where: Callable[[StoredResource], bool] | None = None,
+        audience: tuple[str, Sequence[str]] | None = None,
+    ) -> SearchResult:
         """Current, non-deleted resources matching every parameter (values in one parameter OR'ed).
 
         `audience` (source, references) keeps only resources that source wrote or whose
@@ -254,27 +327,39 @@ class Store:
         with self.db.transaction(immediate=False) as t:
             if where is None:
                 total = t.execute(f"SELECT COUNT(*) AS n FROM fhir_current c WHERE {cond}", args)[0]["n"]
-                rows = t.execute(f"{_CURRENT} WHERE {cond} ORDER BY c.seq LIMIT ? OFFSET ?", [*args, count, offset])
+                rows = t.execute(
+                    f"{_CURRENT} WHERE {cond} ORDER BY c.seq LIMIT ? OFFSET ?", [*args, count, offset]
+                )
                 return SearchResult(int(total), offset, count, [_row(r) for r in rows])
             rows = t.execute(f"{_CURRENT} WHERE {cond} ORDER BY c.seq", args)
         visible = [s for s in (_row(r) for r in rows) if where(s)]
-        return SearchResult(len(visible), offset, count, visible[offset:offset + count])
+        return SearchResult(len(visible), offset, count, visible[offset : offset + count])
 
-    def search_in(self, tx: Tx, rtype: str, params: Mapping[str, Sequence[str]], *,
-                  count: int = DEFAULT_COUNT) -> list[StoredResource]:
+    def search_in(
+        self, tx: Tx, rtype: str, params: Mapping[str, Sequence[str]], *, count: int = DEFAULT_COUNT
+    ) -> list[StoredResource]:
         """The first `count` current resources matching `params`, read inside the transaction `tx`."""
         where, args = search_sql(rtype, params)
-        return [_row(r) for r in tx.execute(f"{_CURRENT} WHERE {where} ORDER BY c.seq LIMIT ?",
-                                            [*args, max(0, int(count))])]
+        return [
+            _row(r)
+            for r in tx.execute(
+                f"{_CURRENT} WHERE {where} ORDER BY c.seq LIMIT ?", [*args, max(0, int(count))]
+            )
+        ]
 
-    def _search_ids(self, t: Tx, rtype: str, params: Mapping[str, Sequence[str]], limit: int,
-                    source: str | None = None) -> list[str]:
+    def _search_ids(
+        self, t: Tx, rtype: str, params: Mapping[str, Sequence[str]], limit: int, source: str | None = None
+    ) -> list[str]:
         where, args = search_sql(rtype, params)
         if source is not None:
             where += " AND c.source = ?"
             args.append(source)
-        return [r["id"] for r in t.execute(f"SELECT c.id FROM fhir_current c WHERE {where} ORDER BY c.seq LIMIT ?",
-                                           [*args, limit])]
+        return [
+            r["id"]
+            for r in t.execute(
+                f"SELECT c.id FROM fhir_current c WHERE {where} ORDER BY c.seq LIMIT ?", [*args, limit]
+            )
+        ]
 
     def counts(self) -> dict[str, int]:
         """Number of current resources per type (deleted ones excluded)."""
@@ -301,5 +386,12 @@ def _type_of(resource: Any) -> str:
 
 
 def _row(r: Mapping[str, Any]) -> StoredResource:
-    return StoredResource(r["type"], r["id"], int(r["version"]), r["last_updated"], bool(r["deleted"]),
-                          jsonio.loads(r["body"]), r.get("source"))
+    return StoredResource(
+        r["type"],
+        r["id"],
+        int(r["version"]),
+        r["last_updated"],
+        bool(r["deleted"]),
+        jsonio.loads(r["body"]),
+        r.get("source"),
+    )

@@ -6,6 +6,7 @@ A job is (partner, event, resource, version), queued once; `pending` until claim
 `sending` under a lease, then `delivered`, `pending` again (a later retry) or `dead` (given
 up; an operator's `retry` puts it back). Table: storage/sql/schema/webhooks-1.sql.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,10 +53,13 @@ class WebhookJobs:
                 "INSERT INTO webhook_jobs (partner, event, resource, version, state, attempts, next_attempt_at, "
                 "created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?) "
                 "ON CONFLICT (partner, event, resource, version) DO NOTHING RETURNING id",
-                (partner, event, resource_ref, version, now, now, now))
+                (partner, event, resource_ref, version, now, now, now),
+            )
         return bool(rows)
 
-    def jobs(self, state: str | None = None, limit: int = 100, *, partner: str | None = None) -> list[WebhookJob]:
+    def jobs(
+        self, state: str | None = None, limit: int = 100, *, partner: str | None = None
+    ) -> list[WebhookJob]:
         """Queued notifications, oldest first (all states or one; all partners or one)."""
         conds: list[str] = []
         params: list[Any] = []
@@ -64,8 +68,9 @@ class WebhookJobs:
                 conds.append(f"{column} = ?")
                 params.append(value)
         where = f"WHERE {' AND '.join(conds)}" if conds else ""
-        rows = self.db.query(f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?",
-                             (*params, int(limit)))
+        rows = self.db.query(
+            f"SELECT {_COLUMNS} FROM webhook_jobs {where} ORDER BY id LIMIT ?", (*params, int(limit))
+        )
         return [_job(r) for r in rows]
 
     def retry(self, job_id: int | None = None, *, partner: str | None = None, now: float) -> list[WebhookJob]:
@@ -80,37 +85,68 @@ class WebhookJobs:
             where += " AND partner = ?"
             params.append(partner)
         with self.db.transaction() as tx:
-            rows = tx.execute("UPDATE webhook_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                              f"last_status = NULL, last_error = NULL, updated_at = ? WHERE {where} "
-                              f"RETURNING {_COLUMNS}", tuple(params))
+            rows = tx.execute(
+                "UPDATE webhook_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                f"last_status = NULL, last_error = NULL, updated_at = ? WHERE {where} "
+                f"RETURNING {_COLUMNS}",
+                tuple(params),
+            )
         return sorted((_job(r) for r in rows), key=lambda j: j.id)
 
     def busy(self, now: float) -> int:
         """How many jobs are due at `now` or being sent (jobs waiting for a later retry are not)."""
-        return int(self.db.query(
-            "SELECT COUNT(*) AS n FROM webhook_jobs WHERE (state = 'pending' AND next_attempt_at <= ?) "
-            "OR state = 'sending'", (now,))[0]["n"])
+        return int(
+            self.db.query(
+                "SELECT COUNT(*) AS n FROM webhook_jobs WHERE (state = 'pending' AND next_attempt_at <= ?) "
+                "OR state = 'sending'",
+                (now,),
+            )[0]["n"]
+        )
 
     def claim(self, worker: str, limit: int, now: float, lease_seconds: float) -> list[WebhookJob]:
         """Lease up to `limit` due jobs to `worker`, in id order. A read comes first: an idle
         sender takes no write lock."""
         if not self.queue.has_due(now):
             return []
-        return sorted((_job(r) for r in self.queue.claim(worker, limit, now, lease_seconds)), key=lambda j: j.id)
+        return sorted(
+            (_job(r) for r in self.queue.claim(worker, limit, now, lease_seconds)), key=lambda j: j.id
+        )
 
     def renew(self, job: WebhookJob, worker: str, until: float) -> bool:
         """Extend `worker`'s lease on `job` to `until`; False when another worker has it now."""
         return self.queue.renew(job.id, worker, until)
 
-    def finish(self, job: WebhookJob, worker: str, state: str, status: int | None, error: str | None, *,
-               next_at: float, now: float) -> bool:
+    def finish(
+        self,
+        job: WebhookJob,
+        worker: str,
+        state: str,
+        status: int | None,
+        error: str | None,
+        *,
+        next_at: float,
+        now: float,
+    ) -> bool:
         """Record an attempt's outcome, only while `worker` still holds the lease."""
-        return self.queue.finish(job.id, worker, "state = ?, lease_owner = NULL, lease_until = NULL, "
-                                 "last_status = ?, last_error = ?, next_attempt_at = ?, updated_at = ?",
-                                 (state, status, error, next_at, now))
+        return self.queue.finish(
+            job.id,
+            worker,
+            "state = ?, lease_owner = NULL, lease_until = NULL, "
+            "last_status = ?, last_error = ?, next_attempt_at = ?, updated_at = ?",
+            (state, status, error, next_at, now),
+        )
 
 
 def _job(row: dict[str, Any]) -> WebhookJob:
-    return WebhookJob(int(row["id"]), row["partner"], row["event"], row["resource"], row["version"], row["state"],
-                      int(row["attempts"]), float(row["next_attempt_at"]),
-                      None if row["last_status"] is None else int(row["last_status"]), row["last_error"])
+    return WebhookJob(
+        int(row["id"]),
+        row["partner"],
+        row["event"],
+        row["resource"],
+        row["version"],
+        row["state"],
+        int(row["attempts"]),
+        float(row["next_attempt_at"]),
+        None if row["last_status"] is None else int(row["last_status"]),
+        row["last_error"],
+    )

@@ -8,11 +8,19 @@ profile rules read from profiles/), paths (JSON paths and element lookups they s
 
 May import layer 0 only.
 """
+
 from __future__ import annotations
 
 from .invariants import IMPLEMENTED_CONSTRAINTS
 from .rules import load_profile_rules
 from .validator import KAP_PROFILES, SUPPORTED_TYPES, Validator, detect_release, looks_like_transcript
 
-__all__ = ["IMPLEMENTED_CONSTRAINTS", "KAP_PROFILES", "SUPPORTED_TYPES", "Validator", "detect_release",
-           "load_profile_rules", "looks_like_transcript"]
+__all__ = [
+    "IMPLEMENTED_CONSTRAINTS",
+    "KAP_PROFILES",
+    "SUPPORTED_TYPES",
+    "Validator",
+    "detect_release",
+    "load_profile_rules",
+    "looks_like_transcript",
+]

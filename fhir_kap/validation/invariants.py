@@ -7,6 +7,7 @@ StructureDefinitions declare (FHIRPath expressions there, for readers and other 
 implemented here by key in `_constraint_holds`; IMPLEMENTED_CONSTRAINTS lists them and a test
 keeps it equal to the keys the profiles declare.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,8 +31,9 @@ _DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?")
 def _period_out_of_order(start: str, end: str) -> bool:
     try:
         if "T" in start and "T" in end:
-            return datetime.fromisoformat(start.replace("Z", "+00:00")) > \
-                datetime.fromisoformat(end.replace("Z", "+00:00"))
+            return datetime.fromisoformat(start.replace("Z", "+00:00")) > datetime.fromisoformat(
+                end.replace("Z", "+00:00")
+            )
     except (ValueError, TypeError):
         return False
     n = min(len(start), len(end), 10)
@@ -55,8 +57,13 @@ def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> 
                     push(v)
             if "start" in node and "end" in node:
                 s, e = node["start"], node["end"]
-                if isinstance(s, str) and isinstance(e, str) and _DATE_RE.match(s) and _DATE_RE.match(e) \
-                        and _period_out_of_order(s, e):
+                if (
+                    isinstance(s, str)
+                    and isinstance(e, str)
+                    and _DATE_RE.match(s)
+                    and _DATE_RE.match(e)
+                    and _period_out_of_order(s, e)
+                ):
                     return True
         else:
             for v in node:
@@ -66,8 +73,9 @@ def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> 
     return False
 
 
-def _walk_checks(node: Any, rt: str, path: tuple[Any, ...], choices: dict[str, str],
-                 out: list[Issue]) -> None:
+def _walk_checks(
+    node: Any, rt: str, path: tuple[Any, ...], choices: dict[str, str], out: list[Issue]
+) -> None:
     """Choice-type conflicts and Period start <= end, everywhere in the resource (not contained)."""
     if isinstance(node, dict):
         seen: dict[str, str] = {}
@@ -75,18 +83,38 @@ def _walk_checks(node: Any, rt: str, path: tuple[Any, ...], choices: dict[str, s
             stem = choices.get(k)
             if stem is not None:
                 if stem in seen:
-                    out.append(Issue("error", "structure",
-                                     f"Only one of {stem}[x] may be given: '{seen[stem]}' and '{k}' both are",
-                                     _expr(rt, path + (k,)), _pointer(path + (k,)), "choice:one-of"))
+                    out.append(
+                        Issue(
+                            "error",
+                            "structure",
+                            f"Only one of {stem}[x] may be given: '{seen[stem]}' and '{k}' both are",
+                            _expr(rt, path + (k,)),
+                            _pointer(path + (k,)),
+                            "choice:one-of",
+                        )
+                    )
                 else:
                     seen[stem] = k
             if isinstance(v, (dict, list)) and k not in ("contained", "resource"):
                 _walk_checks(v, rt, path + (k,), choices, out)
         s, e = node.get("start"), node.get("end")
-        if isinstance(s, str) and isinstance(e, str) and _DATE_RE.match(s) and _DATE_RE.match(e) \
-                and _period_out_of_order(s, e):
-            out.append(Issue("error", "invariant", "Period start is after its end", _expr(rt, path),
-                             _pointer(path), "per-1"))
+        if (
+            isinstance(s, str)
+            and isinstance(e, str)
+            and _DATE_RE.match(s)
+            and _DATE_RE.match(e)
+            and _period_out_of_order(s, e)
+        ):
+            out.append(
+                Issue(
+                    "error",
+                    "invariant",
+                    "Period start is after its end",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "per-1",
+                )
+            )
     elif isinstance(node, list):
         for i, v in enumerate(node):
             if isinstance(v, (dict, list)):
@@ -97,16 +125,35 @@ def _core_invariants(resource: dict[str, Any], rt: str, release: Release) -> lis
     out: list[Issue] = []
     if rt == "Consent" and release is Release.R4:
         if not resource.get("policy") and not resource.get("policyRule"):
-            out.append(Issue("error", "invariant", "Either a policy or a policyRule is required", "Consent",
-                             "", "ppc-1"))
+            out.append(
+                Issue(
+                    "error",
+                    "invariant",
+                    "Either a policy or a policyRule is required",
+                    "Consent",
+                    "",
+                    "ppc-1",
+                )
+            )
         scope_codes = {c for _s, c in _codes(resource.get("scope"))}
-        for key, code in (("ppc-2", "patient-privacy"), ("ppc-3", "research"), ("ppc-4", "adr"),
-                          ("ppc-5", "treatment")):
+        for key, code in (
+            ("ppc-2", "patient-privacy"),
+            ("ppc-3", "research"),
+            ("ppc-4", "adr"),
+            ("ppc-5", "treatment"),
+        ):
             if code in scope_codes and not resource.get("patient"):
-                out.append(Issue("error", "invariant", f"A consent with scope '{code}' must name a patient",
-                                 "Consent.patient", "/patient", key))
+                out.append(
+                    Issue(
+                        "error",
+                        "invariant",
+                        f"A consent with scope '{code}' must name a patient",
+                        "Consent.patient",
+                        "/patient",
+                        key,
+                    )
+                )
     return out
-
 
 
 def _note_texts(resource: dict[str, Any]) -> Iterator[tuple[str, tuple[Any, ...]]]:
@@ -119,11 +166,16 @@ def _note_texts(resource: dict[str, Any]) -> Iterator[tuple[str, tuple[Any, ...]
         if isinstance(cc, dict) and isinstance(cc.get("text"), str):
             yield cc["text"], ("payload", i, "contentCodeableConcept", "text")
         att = p.get("contentAttachment")
-        if isinstance(att, dict) and str(att.get("contentType", "")).startswith("text/") and \
-                isinstance(att.get("data"), str):
+        if (
+            isinstance(att, dict)
+            and str(att.get("contentType", "")).startswith("text/")
+            and isinstance(att.get("data"), str)
+        ):
             try:
-                yield base64.b64decode(att["data"], validate=True).decode("utf-8", "replace"), \
-                    ("payload", i, "contentAttachment", "data")
+                yield (
+                    base64.b64decode(att["data"], validate=True).decode("utf-8", "replace"),
+                    ("payload", i, "contentAttachment", "data"),
+                )
             except (binascii.Error, ValueError):
                 pass
 
@@ -131,8 +183,9 @@ def _note_texts(resource: dict[str, Any]) -> Iterator[tuple[str, tuple[Any, ...]
 _SYSTEM_IN_EXPR = re.compile(r"system='([^']+)'")
 
 
-def _constraint_holds(key: str, expression: str, resource: dict[str, Any], rt: str, release: Release,
-                      term: _Terminology) -> list[tuple[str, tuple[Any, ...]]]:
+def _constraint_holds(
+    key: str, expression: str, resource: dict[str, Any], rt: str, release: Release, term: _Terminology
+) -> list[tuple[str, tuple[Any, ...]]]:
     """Evaluate a kap-* constraint; returns (message suffix, json path) for each violation."""
     raw_meta = resource.get("meta")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
@@ -142,8 +195,10 @@ def _constraint_holds(key: str, expression: str, resource: dict[str, Any], rt: s
         return [] if need <= security else [("", ("meta", "security"))]
     if key == "kap-id-1":
         system = _SYSTEM_IN_EXPR.search(expression).group(1)  # type: ignore[union-attr]
-        ok = any(isinstance(i, dict) and i.get("system") == system and i.get("value")
-                 for i in resource.get("identifier") or [])
+        ok = any(
+            isinstance(i, dict) and i.get("system") == system and i.get("value")
+            for i in resource.get("identifier") or []
+        )
         return [] if ok else [(f" (system {system})", ("identifier",))]
     if key == "kap-referral-1":
         tags = {(t.get("system"), t.get("code")) for t in meta.get("tag") or [] if isinstance(t, dict)}
@@ -152,8 +207,11 @@ def _constraint_holds(key: str, expression: str, resource: dict[str, Any], rt: s
         cats = resource.get("category")
         cats = cats if isinstance(cats, list) else [cats]
         dosing = any((CS.SESSION_KIND, "dosing") in _codes(c) for c in cats)
-        n = sum(1 for e in resource.get("extension") or []
-                if isinstance(e, dict) and e.get("url") == f"{CANONICAL}/StructureDefinition/kap-dose")
+        n = sum(
+            1
+            for e in resource.get("extension") or []
+            if isinstance(e, dict) and e.get("url") == f"{CANONICAL}/StructureDefinition/kap-dose"
+        )
         return [("", ("extension",))] if dosing and n != 1 else []
     if key == "kap-session-2":
         stem = "performed" if release is Release.R4 else "occurrence"
@@ -161,13 +219,17 @@ def _constraint_holds(key: str, expression: str, resource: dict[str, Any], rt: s
     if key == "kap-roi-1":
         for prov, p in _at(resource, ["provision"], ()):
             for actor, _ap in _at(prov, ["actor"], p):
-                if (CS.V3_PARTICIPATION, "IRCP") in {x for r in ([actor.get("role")] if isinstance(
-                        actor, dict) else []) for x in _codes(r)}:
+                if (CS.V3_PARTICIPATION, "IRCP") in {
+                    x for r in ([actor.get("role")] if isinstance(actor, dict) else []) for x in _codes(r)
+                }:
                     return []
         return [("", ("provision",))]
     if key == "kap-roi-2":
-        return [("", p) for c, p in _at(resource, ["provision", "code"], ())
-                if (CS.INFO_CATEGORY, "psychotherapy-note") in _codes(c)]
+        return [
+            ("", p)
+            for c, p in _at(resource, ["provision", "code"], ())
+            if (CS.INFO_CATEGORY, "psychotherapy-note") in _codes(c)
+        ]
     if key == "kap-note-1":
         bad: list[tuple[str, tuple[Any, ...]]] = []
         for c, p in _at(resource, ["category"], ()):
@@ -186,6 +248,16 @@ def _constraint_holds(key: str, expression: str, resource: dict[str, Any], rt: s
     raise ProfileError(f"No implementation for profile constraint {key}", rule="profile:unknown-constraint")
 
 
-IMPLEMENTED_CONSTRAINTS = frozenset({"kap-sec-1", "kap-id-1", "kap-referral-1", "kap-session-1",
-                                     "kap-session-2", "kap-roi-1", "kap-roi-2", "kap-note-1", "kap-note-2"})
-
+IMPLEMENTED_CONSTRAINTS = frozenset(
+    {
+        "kap-sec-1",
+        "kap-id-1",
+        "kap-referral-1",
+        "kap-session-1",
+        "kap-session-2",
+        "kap-roi-1",
+        "kap-roi-2",
+        "kap-note-1",
+        "kap-note-2",
+    }
+)

@@ -6,6 +6,7 @@ expression (`Consent.provision[0].actor`). `_at` and `_count` find the values at
 matching a choice stem (`performed`) to its variants (`performedPeriod`); `_codes`, `_in_vs` and
 `_matches_pattern` read codings.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -29,7 +30,6 @@ def _codes(cc: Any) -> list[tuple[Any, Any]]:
     return [(c.get("system"), c.get("code")) for c in cc.get("coding") or [] if isinstance(c, dict)]
 
 
-
 def _at(node: Any, parts: list[str], path: tuple[Any, ...]) -> Iterator[tuple[Any, tuple[Any, ...]]]:
     """Values at an element path (lists flattened), with their JSON paths. A stem matches choices."""
     if not parts:
@@ -42,7 +42,9 @@ def _at(node: Any, parts: list[str], path: tuple[Any, ...]) -> Iterator[tuple[An
     if not isinstance(node, dict):
         return
     head = parts[0]
-    keys = [head] if head in node else [k for k in node if k.startswith(head) and k[len(head):][:1].isupper()]
+    keys = (
+        [head] if head in node else [k for k in node if k.startswith(head) and k[len(head) :][:1].isupper()]
+    )
     for k in keys:
         v = node[k]
         if isinstance(v, list):
@@ -55,7 +57,9 @@ def _at(node: Any, parts: list[str], path: tuple[Any, ...]) -> Iterator[tuple[An
 def _count(node: Any, name: str) -> int:
     if not isinstance(node, dict):
         return 0
-    keys = [name] if name in node else [k for k in node if k.startswith(name) and k[len(name):][:1].isupper()]
+    keys = (
+        [name] if name in node else [k for k in node if k.startswith(name) and k[len(name) :][:1].isupper()]
+    )
     n = 0
     for k in keys:
         v = node[k]
@@ -75,4 +79,3 @@ def _in_vs(value: Any, vs: tuple[str, frozenset[str]]) -> bool:
     if isinstance(value, dict) and "code" in value and "coding" not in value:
         return value.get("system") == system and value.get("code") in codes
     return any(s == system and c in codes for s, c in _codes(value))
-

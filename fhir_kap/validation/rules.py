@@ -7,6 +7,7 @@ constraints (implemented in invariants.py). `_profile_issues` checks one resourc
 rules of a profile it claims. The StructureDefinitions are written for R4 (4.0.1); R5 paths are
 derived through `_R5_PATHS`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -114,7 +115,9 @@ def load_profile_rules(folder: Path | None = None) -> tuple[dict[str, ProfileRul
             lo, hi = _cards(e)
             if "sliceName" in e:
                 if path.endswith(".extension"):
-                    pr.rules.append(_Rule("extension", path, lo, hi, e["type"][0]["profile"][0], e["sliceName"]))
+                    pr.rules.append(
+                        _Rule("extension", path, lo, hi, e["type"][0]["profile"][0], e["sliceName"])
+                    )
                 else:
                     pr.rules.append(_Rule("slice", path, lo, hi, e["patternCodeableConcept"], e["sliceName"]))
                 continue
@@ -128,11 +131,11 @@ def load_profile_rules(folder: Path | None = None) -> tuple[dict[str, ProfileRul
                 pr.rules.append(_Rule("binding", path, value=e["binding"]["valueSet"]))
             for t in e.get("type", []):
                 if t.get("targetProfile"):
-                    pr.rules.append(_Rule("target", path, value=tuple(p.rsplit("/", 1)[1]
-                                                                      for p in t["targetProfile"])))
+                    pr.rules.append(
+                        _Rule("target", path, value=tuple(p.rsplit("/", 1)[1] for p in t["targetProfile"]))
+                    )
         profiles[sd["url"]] = pr
     return profiles, _Terminology(vsets, extensions)
-
 
 
 def _r5_path(path: str, release: Release) -> str | None:
@@ -140,33 +143,62 @@ def _r5_path(path: str, release: Release) -> str | None:
         return path
     for old, new in _R5_PATHS.items():
         if path == old or path.startswith(old + "."):
-            return None if new is None else new + path[len(old):]
+            return None if new is None else new + path[len(old) :]
     return path
 
 
-
-def _check_extension(ext: dict[str, Any], spec: dict[str, Any], term: _Terminology, rt: str,
-                     path: tuple[Any, ...]) -> list[Issue]:
+def _check_extension(
+    ext: dict[str, Any], spec: dict[str, Any], term: _Terminology, rt: str, path: tuple[Any, ...]
+) -> list[Issue]:
     out: list[Issue] = []
     if spec["value"]:
         key = "value" + spec["value"][0].upper() + spec["value"][1:]
         if key not in ext:
-            out.append(Issue("error", "required", f"Extension {ext.get('url')} needs {key}", _expr(rt, path),
-                             _pointer(path), "profile:extension-value"))
+            out.append(
+                Issue(
+                    "error",
+                    "required",
+                    f"Extension {ext.get('url')} needs {key}",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "profile:extension-value",
+                )
+            )
         elif spec["binding"] and not _in_vs(ext[key], term.value_sets[spec["binding"]]):
-            out.append(Issue("error", "code-invalid", f"Code not in {spec['binding']}",
-                             _expr(rt, path + (key,)), _pointer(path + (key,)), "binding:required"))
+            out.append(
+                Issue(
+                    "error",
+                    "code-invalid",
+                    f"Code not in {spec['binding']}",
+                    _expr(rt, path + (key,)),
+                    _pointer(path + (key,)),
+                    "binding:required",
+                )
+            )
         return out
     subs = [s for s in ext.get("extension") or [] if isinstance(s, dict)]
     for name, sub in spec["subs"].items():
         found = [(i, s) for i, s in enumerate(subs) if s.get("url") == name]
         if len(found) < sub["min"] or (sub["max"] != "*" and len(found) > int(sub["max"])):
-            out.append(Issue("error", "structure", f"Extension {ext.get('url')} needs {sub['min']}..{sub['max']} "
-                             f"'{name}' parts, has {len(found)}", _expr(rt, path + ("extension",)),
-                             _pointer(path + ("extension",)), "profile:cardinality"))
+            out.append(
+                Issue(
+                    "error",
+                    "structure",
+                    f"Extension {ext.get('url')} needs {sub['min']}..{sub['max']} "
+                    f"'{name}' parts, has {len(found)}",
+                    _expr(rt, path + ("extension",)),
+                    _pointer(path + ("extension",)),
+                    "profile:cardinality",
+                )
+            )
         for i, s in found:
-            out += _check_extension(s, {"value": sub["value"], "binding": sub["binding"], "subs": {}}, term,
-                                    rt, path + ("extension", i))
+            out += _check_extension(
+                s,
+                {"value": sub["value"], "binding": sub["binding"], "subs": {}},
+                term,
+                rt,
+                path + ("extension", i),
+            )
     return out
 
 
@@ -184,8 +216,9 @@ def _rule_paths(pr: ProfileRules, release: Release) -> tuple[tuple[_Rule, str, l
     return tuple(out)
 
 
-def _profile_issues(resource: dict[str, Any], rt: str, pr: ProfileRules, release: Release,
-                    term: _Terminology) -> list[Issue]:
+def _profile_issues(
+    resource: dict[str, Any], rt: str, pr: ProfileRules, release: Release, term: _Terminology
+) -> list[Issue]:
     out: list[Issue] = []
     name = pr.url.rsplit("/", 1)[1]
     for rule, rpath, parts in _rule_paths(pr, release):
@@ -198,40 +231,80 @@ def _profile_issues(resource: dict[str, Any], rt: str, pr: ProfileRules, release
                 n = _count(parent, last)
                 if n < rule.min or (rule.max != "*" and n > int(rule.max)):
                     code = "required" if n < rule.min else "structure"
-                    out.append(Issue("error", code, f"{name}: {rpath} needs {rule.min}..{rule.max}, has {n}",
-                                     _expr(rt, ppath + (last,)), _pointer(ppath + (last,)),
-                                     "profile:cardinality"))
+                    out.append(
+                        Issue(
+                            "error",
+                            code,
+                            f"{name}: {rpath} needs {rule.min}..{rule.max}, has {n}",
+                            _expr(rt, ppath + (last,)),
+                            _pointer(ppath + (last,)),
+                            "profile:cardinality",
+                        )
+                    )
             continue
         values = list(_at(resource, parts, ())) if kind in _VALUE_KINDS else []
         if rule.kind == "fixed":
             for v, p in values:
                 if v != rule.value:
-                    out.append(Issue("error", "value", f"{name}: {rpath} must be {rule.value!r}, is {quote(v)}",
-                                     _expr(rt, p), _pointer(p), "profile:fixed"))
+                    out.append(
+                        Issue(
+                            "error",
+                            "value",
+                            f"{name}: {rpath} must be {rule.value!r}, is {quote(v)}",
+                            _expr(rt, p),
+                            _pointer(p),
+                            "profile:fixed",
+                        )
+                    )
         elif rule.kind == "pattern":
             for v, p in values:
                 if not _matches_pattern(v, rule.value):
-                    out.append(Issue("error", "value", f"{name}: {rpath} must carry "
-                                     f"{_pattern_text(rule.value)}", _expr(rt, p), _pointer(p), "profile:pattern"))
+                    out.append(
+                        Issue(
+                            "error",
+                            "value",
+                            f"{name}: {rpath} must carry {_pattern_text(rule.value)}",
+                            _expr(rt, p),
+                            _pointer(p),
+                            "profile:pattern",
+                        )
+                    )
         elif rule.kind == "slice":
             for parent, ppath in parents:
                 items = parent.get(last) if isinstance(parent, dict) else None
                 items = items if isinstance(items, list) else ([items] if items is not None else [])
                 n = sum(1 for it in items if _matches_pattern(it, rule.value))
                 if n < rule.min or (rule.max != "*" and n > int(rule.max)):
-                    out.append(Issue("error", "required" if n < rule.min else "structure",
-                                     f"{name}: {rpath} needs {rule.min}..{rule.max} entries with "
-                                     f"{_pattern_text(rule.value)}, has {n}", _expr(rt, ppath + (last,)),
-                                     _pointer(ppath + (last,)), "profile:pattern"))
+                    out.append(
+                        Issue(
+                            "error",
+                            "required" if n < rule.min else "structure",
+                            f"{name}: {rpath} needs {rule.min}..{rule.max} entries with "
+                            f"{_pattern_text(rule.value)}, has {n}",
+                            _expr(rt, ppath + (last,)),
+                            _pointer(ppath + (last,)),
+                            "profile:pattern",
+                        )
+                    )
         elif rule.kind == "extension":
-            exts = [(i, e) for i, e in enumerate(resource.get("extension") or [])
-                    if isinstance(e, dict) and e.get("url") == rule.value]
+            exts = [
+                (i, e)
+                for i, e in enumerate(resource.get("extension") or [])
+                if isinstance(e, dict) and e.get("url") == rule.value
+            ]
             n = len(exts)
             if n < rule.min or (rule.max != "*" and n > int(rule.max)):
-                out.append(Issue("error", "required" if n < rule.min else "structure",
-                                 f"{name}: extension {rule.value.rsplit('/', 1)[1]} needs {rule.min}..{rule.max}, "
-                                 f"has {n}", _expr(rt, ("extension",)), _pointer(("extension",)),
-                                 "profile:extension"))
+                out.append(
+                    Issue(
+                        "error",
+                        "required" if n < rule.min else "structure",
+                        f"{name}: extension {rule.value.rsplit('/', 1)[1]} needs {rule.min}..{rule.max}, "
+                        f"has {n}",
+                        _expr(rt, ("extension",)),
+                        _pointer(("extension",)),
+                        "profile:extension",
+                    )
+                )
             spec = term.extensions.get(rule.value)
             for i, e in exts:
                 if spec:
@@ -240,22 +313,39 @@ def _profile_issues(resource: dict[str, Any], rt: str, pr: ProfileRules, release
             vs = term.value_sets[rule.value]
             for v, p in values:
                 if not _in_vs(v, vs):
-                    out.append(Issue("error", "code-invalid", f"{name}: {rpath} must use a code from "
-                                     f"{rule.value}", _expr(rt, p), _pointer(p), "binding:required"))
+                    out.append(
+                        Issue(
+                            "error",
+                            "code-invalid",
+                            f"{name}: {rpath} must use a code from {rule.value}",
+                            _expr(rt, p),
+                            _pointer(p),
+                            "binding:required",
+                        )
+                    )
         elif rule.kind == "target":
             for v, p in values:
                 ref = v.get("reference") if isinstance(v, dict) else None
                 if isinstance(ref, str) and ref.split("/")[-2:-1] and ref.split("/")[-2] not in rule.value:
-                    out.append(Issue("error", "value", f"{name}: {rpath} must reference "
-                                     f"{' | '.join(rule.value)}", _expr(rt, p + ("reference",)),
-                                     _pointer(p + ("reference",)), "profile:target-type"))
+                    out.append(
+                        Issue(
+                            "error",
+                            "value",
+                            f"{name}: {rpath} must reference {' | '.join(rule.value)}",
+                            _expr(rt, p + ("reference",)),
+                            _pointer(p + ("reference",)),
+                            "profile:target-type",
+                        )
+                    )
     for c in pr.constraints:
         for suffix, p in _constraint_holds(c["key"], c["expression"], resource, rt, release, term):
-            out.append(Issue("error", "invariant", f"{name}: {c['human']}{suffix}", _expr(rt, p), _pointer(p),
-                             c["key"]))
+            out.append(
+                Issue(
+                    "error", "invariant", f"{name}: {c['human']}{suffix}", _expr(rt, p), _pointer(p), c["key"]
+                )
+            )
     return out
 
 
 def _pattern_text(pattern: dict[str, Any]) -> str:
     return ", ".join(f"{c.get('system')}|{c.get('code')}" for c in pattern.get("coding", []))
-

@@ -10,6 +10,7 @@ patterns through `_StringPattern`, installed here when a module is first loaded.
 
 Messages never quote free text from the resource (codes are quoted, truncated).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -74,6 +75,7 @@ def calendar_date_ok(value: Any) -> bool:
 
 _FORMATS = {CALENDAR_FORMAT: calendar_date_ok}
 
+
 @dataclass
 class _Structure:
     """One root type's generated validator (`fast`) and, built on first failure only, a
@@ -88,13 +90,18 @@ class _Structure:
     def slow(self) -> Any:
         if self._slow is None:
             import jsonschema
+
             definitions = _definitions(self.module)
             checker = jsonschema.FormatChecker(formats=())
             checker.checks(CALENDAR_FORMAT)(calendar_date_ok)
             self._slow = jsonschema.Draft6Validator(
-                {"$ref": f"#/definitions/{self.root}", "definitions": definitions}, format_checker=checker)
-            self._patterns = {d["pattern"]: n for n, d in definitions.items()
-                              if isinstance(d, dict) and "pattern" in d and "properties" not in d}
+                {"$ref": f"#/definitions/{self.root}", "definitions": definitions}, format_checker=checker
+            )
+            self._patterns = {
+                d["pattern"]: n
+                for n, d in definitions.items()
+                if isinstance(d, dict) and "pattern" in d and "properties" not in d
+            }
         return self._slow
 
 
@@ -106,8 +113,9 @@ def _definitions(module: Any) -> dict[str, Any]:
 @cache
 def _structure(release: Release, resource_type: str) -> _Structure:
     mod = _structure_module(release)
-    return _Structure(fast=getattr(mod, f"validate___definitions_{resource_type.lower()}"),
-                      root=resource_type, module=mod)
+    return _Structure(
+        fast=getattr(mod, f"validate___definitions_{resource_type.lower()}"), root=resource_type, module=mod
+    )
 
 
 def _other_space(t: str) -> bool:
@@ -190,55 +198,148 @@ def _schema_issues(st: _Structure, resource: dict[str, Any], rt: str, release: R
                 hint = ""
                 table = _R5_ONLY if release is Release.R4 else _R4_ONLY
                 for (t, stem), h in table.items():
-                    if t == rt and (k == stem or k.startswith(stem) and k[len(stem):][:1].isupper()):
+                    if t == rt and (k == stem or k.startswith(stem) and k[len(stem) :][:1].isupper()):
                         hint = f" ({h})"
                 owner = _expr(rt, path)
-                issues.append(Issue("error", "structure", f"{quote(k)} is not an {rel} element of {owner}{hint}",
-                                    _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:additional"))
+                issues.append(
+                    Issue(
+                        "error",
+                        "structure",
+                        f"{quote(k)} is not an {rel} element of {owner}{hint}",
+                        _expr(rt, path + (k,)),
+                        _pointer(path + (k,)),
+                        "schema:additional",
+                    )
+                )
         elif kw == "required":
             missing = [k for k in err.validator_value if k not in err.instance]
             for k in missing:
-                issues.append(Issue("error", "required", f"Missing required element '{k}'",
-                                    _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:required"))
+                issues.append(
+                    Issue(
+                        "error",
+                        "required",
+                        f"Missing required element '{k}'",
+                        _expr(rt, path + (k,)),
+                        _pointer(path + (k,)),
+                        "schema:required",
+                    )
+                )
         elif kw == "anyOf" and all(set(s) == {"required"} for s in err.validator_value):
             k = err.validator_value[0]["required"][0]
-            issues.append(Issue("error", "required", f"Missing required element '{k}'",
-                                _expr(rt, path + (k,)), _pointer(path + (k,)), "schema:required"))
+            issues.append(
+                Issue(
+                    "error",
+                    "required",
+                    f"Missing required element '{k}'",
+                    _expr(rt, path + (k,)),
+                    _pointer(path + (k,)),
+                    "schema:required",
+                )
+            )
         elif kw == "enum" and not isinstance(err.instance, str):
-            issues.append(Issue("error", "structure", f"Wrong JSON type: expected a code (string), "
-                                f"got {type(err.instance).__name__}", _expr(rt, path), _pointer(path),
-                                "schema:type"))
+            issues.append(
+                Issue(
+                    "error",
+                    "structure",
+                    f"Wrong JSON type: expected a code (string), got {type(err.instance).__name__}",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "schema:type",
+                )
+            )
         elif kw == "enum":
-            issues.append(Issue("error", "code-invalid",
-                                f"Code {quote(err.instance)} is not in the required value set "
-                                f"(allowed: {', '.join(map(str, err.validator_value[:12]))}"
-                                f"{', ...' if len(err.validator_value) > 12 else ''})",
-                                _expr(rt, path), _pointer(path), "binding:required"))
+            issues.append(
+                Issue(
+                    "error",
+                    "code-invalid",
+                    f"Code {quote(err.instance)} is not in the required value set "
+                    f"(allowed: {', '.join(map(str, err.validator_value[:12]))}"
+                    f"{', ...' if len(err.validator_value) > 12 else ''})",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "binding:required",
+                )
+            )
         elif kw == "type":
-            issues.append(Issue("error", "structure", f"Wrong JSON type: expected {err.validator_value}, "
-                                f"got {type(err.instance).__name__}", _expr(rt, path), _pointer(path),
-                                "schema:type"))
+            issues.append(
+                Issue(
+                    "error",
+                    "structure",
+                    f"Wrong JSON type: expected {err.validator_value}, got {type(err.instance).__name__}",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "schema:type",
+                )
+            )
         elif kw == "pattern":
             kind = patterns.get(err.validator_value, "primitive")
-            issues.append(Issue("error", "value", f"Value is not a valid FHIR {kind}",
-                                _expr(rt, path), _pointer(path), "schema:pattern"))
+            issues.append(
+                Issue(
+                    "error",
+                    "value",
+                    f"Value is not a valid FHIR {kind}",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "schema:pattern",
+                )
+            )
         elif kw == "format":
-            issues.append(Issue("error", "value", "Date is not a calendar date (no such day in that month)",
-                                _expr(rt, path), _pointer(path), "schema:calendar-date"))
+            issues.append(
+                Issue(
+                    "error",
+                    "value",
+                    "Date is not a calendar date (no such day in that month)",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "schema:calendar-date",
+                )
+            )
         elif kw == "minItems":
-            issues.append(Issue("error", "structure", "Arrays must not be empty in FHIR JSON",
-                                _expr(rt, path), _pointer(path), "schema:minItems"))
+            issues.append(
+                Issue(
+                    "error",
+                    "structure",
+                    "Arrays must not be empty in FHIR JSON",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "schema:minItems",
+                )
+            )
         elif kw == "const":
-            issues.append(Issue("error", "structure", f"Expected {quote(err.validator_value)}",
-                                _expr(rt, path), _pointer(path), "schema:const"))
+            issues.append(
+                Issue(
+                    "error",
+                    "structure",
+                    f"Expected {quote(err.validator_value)}",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "schema:const",
+                )
+            )
         elif kw in ("minimum", "maximum"):
-            issues.append(Issue("error", "value", f"Number out of range ({kw} {err.validator_value})",
-                                _expr(rt, path), _pointer(path), f"schema:{kw}"))
+            issues.append(
+                Issue(
+                    "error",
+                    "value",
+                    f"Number out of range ({kw} {err.validator_value})",
+                    _expr(rt, path),
+                    _pointer(path),
+                    f"schema:{kw}",
+                )
+            )
         else:
-            issues.append(Issue("error", "structure", f"Breaks the FHIR schema ({kw})",
-                                _expr(rt, path), _pointer(path), f"schema:{kw}"))
+            issues.append(
+                Issue(
+                    "error",
+                    "structure",
+                    f"Breaks the FHIR schema ({kw})",
+                    _expr(rt, path),
+                    _pointer(path),
+                    f"schema:{kw}",
+                )
+            )
     if not issues:  # fastjsonschema and jsonschema disagree: never let that pass silently
-        issues.append(Issue("error", "structure", f"Breaks the FHIR {rel} schema of {rt}", rt, "",
-                            "schema:structure"))
+        issues.append(
+            Issue("error", "structure", f"Breaks the FHIR {rel} schema of {rt}", rt, "", "schema:structure")
+        )
     return issues
-

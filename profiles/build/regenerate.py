@@ -25,6 +25,7 @@ PACKAGES/RELEASES in gen_validators.py, run, review the diff of _generated/ (the
 the code lists kept open or differing), commit. tests/unit/test_profiles_validator.py checks that
 the stamps match PINS and FASTJSONSCHEMA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,13 +71,18 @@ def fetch(spec: str, cache: Path) -> Path:
         return path
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        result = subprocess.run(["npm", "pack", spec, "--ignore-scripts", "--json", "--pack-destination", tmp],
-                                check=True, stdout=subprocess.PIPE, text=True)
+        result = subprocess.run(
+            ["npm", "pack", spec, "--ignore-scripts", "--json", "--pack-destination", tmp],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         packed = Path(tmp) / json.loads(result.stdout)[0]["filename"]
         got = sha256(packed)
         if got != PINS[spec]:
-            raise SystemExit(f"refusing {spec}: its tarball has sha256 {got}, the pin in {__file__} is "
-                             f"{PINS[spec]}")
+            raise SystemExit(
+                f"refusing {spec}: its tarball has sha256 {got}, the pin in {__file__} is {PINS[spec]}"
+            )
         os.replace(packed, path)
     return path
 
@@ -100,21 +106,30 @@ def differences(a: Path, b: Path) -> list[str]:
     """Generated files (relative paths) that differ between two output folders, or exist in one only."""
     names = {p.relative_to(a) for p in a.rglob("*.py")} | {p.relative_to(b) for p in b.rglob("*.py")}
     names = {n for n in names if "__pycache__" not in n.parts and n.parent != Path(".")}
-    return sorted(str(n) for n in names
-                  if not ((a / n).is_file() and (b / n).is_file() and filecmp.cmp(a / n, b / n, shallow=False)))
+    return sorted(
+        str(n)
+        for n in names
+        if not ((a / n).is_file() and (b / n).is_file() and filecmp.cmp(a / n, b / n, shallow=False))
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
-    parser.add_argument("--cache", type=Path, default=CACHE, help="where tarballs are kept (default: %(default)s)")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed files, write nothing"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=CACHE, help="where tarballs are kept (default: %(default)s)"
+    )
     args = parser.parse_args()
     import fastjsonschema
 
     if fastjsonschema.VERSION != FASTJSONSCHEMA:
-        raise SystemExit(f"fastjsonschema {fastjsonschema.VERSION} is installed; the committed code was compiled "
-                         f"by {FASTJSONSCHEMA} (pip install fastjsonschema=={FASTJSONSCHEMA}, or change "
-                         f"FASTJSONSCHEMA here and review the diff)")
+        raise SystemExit(
+            f"fastjsonschema {fastjsonschema.VERSION} is installed; the committed code was compiled "
+            f"by {FASTJSONSCHEMA} (pip install fastjsonschema=={FASTJSONSCHEMA}, or change "
+            f"FASTJSONSCHEMA here and review the diff)"
+        )
     tarballs = {spec: fetch(spec, args.cache) for spec in PINS}
     for spec, path in tarballs.items():
         print(f"{spec}: {path} sha256 {PINS[spec]} ok")

@@ -1,4 +1,5 @@
 """The append-only audit log of AuditEvent and Provenance, on SQLite and on PostgreSQL."""
+
 from __future__ import annotations
 
 import json
@@ -20,33 +21,59 @@ def load(name: str) -> dict:
 @pytest.fixture
 def log(db):
     audit = AuditLog(db)
-    for name in ("AuditEvent-consent-permit.json", "AuditEvent-consent-deny.json",
-                 "AuditEvent-r5-consent-permit.json", "Provenance-disclosure.json"):
+    for name in (
+        "AuditEvent-consent-permit.json",
+        "AuditEvent-consent-deny.json",
+        "AuditEvent-r5-consent-permit.json",
+        "Provenance-disclosure.json",
+    ):
         audit.append(load(name))
     return audit
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("AuditEvent-consent-permit.json",
-     ("AuditEvent", "Patient/client-1", "Practitioner/ref-therapist", "0", "Consent/consent-1/_history/2")),
-    ("AuditEvent-consent-deny.json",
-     ("AuditEvent", "Patient/client-2", "Practitioner/ref-therapist", "4", None)),
-    ("AuditEvent-r5-consent-permit.json",
-     ("AuditEvent", "Patient/client-1", "http://hl7.org/fhir/sid/us-npi|1234567893", "0",
-      "Consent/consent-1/_history/3")),
-    ("Provenance-disclosure.json",
-     ("Provenance", None, None, None, "Consent/consent-1/_history/2")),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "AuditEvent-consent-permit.json",
+            (
+                "AuditEvent",
+                "Patient/client-1",
+                "Practitioner/ref-therapist",
+                "0",
+                "Consent/consent-1/_history/2",
+            ),
+        ),
+        (
+            "AuditEvent-consent-deny.json",
+            ("AuditEvent", "Patient/client-2", "Practitioner/ref-therapist", "4", None),
+        ),
+        (
+            "AuditEvent-r5-consent-permit.json",
+            (
+                "AuditEvent",
+                "Patient/client-1",
+                "http://hl7.org/fhir/sid/us-npi|1234567893",
+                "0",
+                "Consent/consent-1/_history/3",
+            ),
+        ),
+        ("Provenance-disclosure.json", ("Provenance", None, None, None, "Consent/consent-1/_history/2")),
+    ],
+)
 def test_extract__indexes_patient_recipient_outcome_and_consent(name, expected):
     rec = extract(load(name))
     assert (rec.resource_type, rec.patient, rec.recipient, rec.outcome, rec.consent_ref) == expected
 
 
-@pytest.mark.parametrize("resource, rule", [
-    ({"resourceType": "Communication", "recorded": "2025-01-01T00:00:00Z"}, "audit:type"),
-    ({"resourceType": "AuditEvent"}, "audit:recorded"),
-    ({"resourceType": "Provenance", "recorded": "yesterday"}, "audit:recorded"),
-])
+@pytest.mark.parametrize(
+    "resource, rule",
+    [
+        ({"resourceType": "Communication", "recorded": "2025-01-01T00:00:00Z"}, "audit:type"),
+        ({"resourceType": "AuditEvent"}, "audit:recorded"),
+        ({"resourceType": "Provenance", "recorded": "yesterday"}, "audit:recorded"),
+    ],
+)
 def test_append__refuses_other_types_and_missing_or_bad_recorded(db, resource, rule):
     audit = AuditLog(db)
     with pytest.raises(InputError) as err:
@@ -72,8 +99,10 @@ def test_query__filters_by_type_patient_outcome(log):
     assert [r["id"] for r in log.query(resource_type="Provenance")] == ["prov-1"]
     assert {r["id"] for r in log.query(patient="Patient/client-1")} == {"ae-permit-1", "ae-r5-1"}
     assert [r["id"] for r in log.query(outcome="4")] == ["ae-deny-1"]
-    assert [r["id"] for r in log.query(resource_type="AuditEvent", patient="Patient/client-1",
-                                       outcome="0", limit=1)] == ["ae-r5-1"]
+    assert [
+        r["id"]
+        for r in log.query(resource_type="AuditEvent", patient="Patient/client-1", outcome="0", limit=1)
+    ] == ["ae-r5-1"]
 
 
 def test_query__newest_first_and_since_is_inclusive_across_time_zones(log):
@@ -84,7 +113,10 @@ def test_query__newest_first_and_since_is_inclusive_across_time_zones(log):
 
 
 def test_query__by_recipient_and_by_consent_with_or_without_version(log):
-    assert {r["id"] for r in log.query(recipient="Practitioner/ref-therapist")} == {"ae-permit-1", "ae-deny-1"}
+    assert {r["id"] for r in log.query(recipient="Practitioner/ref-therapist")} == {
+        "ae-permit-1",
+        "ae-deny-1",
+    }
     assert {r["id"] for r in log.query(consent="Consent/consent-1")} == {"ae-permit-1", "ae-r5-1", "prov-1"}
     assert {r["id"] for r in log.query(consent="Consent/consent-1/_history/2")} == {"ae-permit-1", "prov-1"}
 
@@ -94,12 +126,15 @@ def test_query__returns_the_resource_exactly_as_appended(log):
     assert got == load("Provenance-disclosure.json")
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE audit_log SET outcome = '0'",
-    "DELETE FROM audit_log",
-    "UPDATE audit_log SET body = '{}' WHERE resource_type = 'Provenance'",
-    "TRUNCATE audit_log",  # SQLite has none: its "truncate" is the DELETE without WHERE
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_log SET outcome = '0'",
+        "DELETE FROM audit_log",
+        "UPDATE audit_log SET body = '{}' WHERE resource_type = 'Provenance'",
+        "TRUNCATE audit_log",  # SQLite has none: its "truncate" is the DELETE without WHERE
+    ],
+)
 def test_database_refuses_to_change_or_delete_audit_records(log, statement):
     if log.db.dialect == "sqlite" and statement.startswith("TRUNCATE"):
         statement = "DELETE FROM audit_log"

@@ -1,4 +1,5 @@
 """Partner isolation: a practice reads what it sent, and what is addressed to it and permitted by consent."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,9 @@ def test_practice_b_can_never_read_practice_as_note_and_gets_the_nonexistent_ans
     real = bridge.get("b", f"/fhir/Communication/{target}{suffix}")
     missing = bridge.get("b", f"/fhir/Communication/{ghost}{suffix}")
     assert real.status_code == missing.status_code == 404 and is_outcome(real)
-    assert real.get_data(as_text=True).replace(target, "ID") == missing.get_data(as_text=True).replace(ghost, "ID")
+    assert real.get_data(as_text=True).replace(target, "ID") == missing.get_data(as_text=True).replace(
+        ghost, "ID"
+    )
 
 
 def test_an_expired_consent_hides_the_note_and_the_denial_is_audited(tmp_path):
@@ -77,7 +80,8 @@ def test_an_expired_consent_hides_the_note_and_the_denial_is_audited(tmp_path):
 def test_a_category_the_consent_does_not_permit_stays_hidden(bridge):
     consent = load("Consent-open-ended.json")
     allowed = {c["code"] for c in consent["provision"]["code"][0]["coding"]} | {
-        c["coding"][0]["code"] for c in consent["provision"]["code"]}
+        c["coding"][0]["code"] for c in consent["provision"]["code"]
+    }
     assert "safety" not in allowed
     rid = _clinic_note(bridge, "Practitioner/ref-therapist", category="safety")
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404

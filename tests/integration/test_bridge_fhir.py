@@ -1,4 +1,5 @@
 """The FHIR facade over HTTP (Flask test client): each endpoint and each error class."""
+
 from __future__ import annotations
 
 import email.utils
@@ -17,11 +18,21 @@ def test_metadata_is_an_honest_capability_statement(bridge):
     assert resp.status_code == 200 and cs["resourceType"] == "CapabilityStatement"
     assert cs["fhirVersion"] == "4.0.1"
     types = {r["type"]: r for r in cs["rest"][0]["resource"]}
-    assert set(types) == {"ServiceRequest", "Consent", "Communication", "Procedure", "Patient", "Practitioner",
-                          "PractitionerRole", "Organization", "Task"}
+    assert set(types) == {
+        "ServiceRequest",
+        "Consent",
+        "Communication",
+        "Procedure",
+        "Patient",
+        "Practitioner",
+        "PractitionerRole",
+        "Organization",
+        "Task",
+    }
     assert "create" not in {i["code"] for i in types["Task"]["interaction"]}
     assert {"patient", "identifier", "status", "recipient", "category", "based-on"} <= {
-        p["name"] for p in types["Communication"]["searchParam"]}
+        p["name"] for p in types["Communication"]["searchParam"]
+    }
 
 
 def test_metadata_follows_the_configured_release(tmp_path):
@@ -29,20 +40,36 @@ def test_metadata_follows_the_configured_release(tmp_path):
     assert bridge.client.get("/fhir/metadata").get_json(force=True)["fhirVersion"] == "5.0.0"
 
 
-@pytest.mark.parametrize("name", ["Example-Communication-note-1.json", "Example-ServiceRequest-referral-1.json",
-                                  "Consent-open-ended.json", "Example-Practitioner-ref-therapist.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Example-Communication-note-1.json",
+        "Example-ServiceRequest-referral-1.json",
+        "Consent-open-ended.json",
+        "Example-Practitioner-ref-therapist.json",
+    ],
+)
 def test_create__answers_201_with_location_etag_and_last_modified(bridge, name):
     resource = load(name)
     resp = bridge.post("a", f"/fhir/{resource['resourceType']}", resource)
     assert resp.status_code == 201, resp.get_data(as_text=True)
     body = resp.get_json(force=True)
-    assert resp.headers["Location"] == f"http://bridge.test/fhir/{resource['resourceType']}/{body['id']}/_history/1"
+    assert (
+        resp.headers["Location"]
+        == f"http://bridge.test/fhir/{resource['resourceType']}/{body['id']}/_history/1"
+    )
     assert resp.headers["ETag"] == 'W/"1"' and resp.headers["Last-Modified"].endswith("GMT")
     assert resp.headers["Content-Type"].startswith(FHIR)
 
 
-@pytest.mark.parametrize("prefer,expect", [("return=minimal", None), ("return=representation", "Communication"),
-                                           ("return=OperationOutcome", "OperationOutcome")])
+@pytest.mark.parametrize(
+    "prefer,expect",
+    [
+        ("return=minimal", None),
+        ("return=representation", "Communication"),
+        ("return=OperationOutcome", "OperationOutcome"),
+    ],
+)
 def test_create__honours_prefer(bridge, prefer, expect):
     resp = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"), Prefer=prefer)
     assert resp.status_code == 201
@@ -69,10 +96,14 @@ def test_create__if_none_exist_does_not_see_another_partners_resources(bridge):
 
 
 def test_read_vread_and_history_of_own_resource(bridge):
-    created = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json")).get_json(force=True)
+    created = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json")).get_json(
+        force=True
+    )
     rid = created["id"]
     read = bridge.get("a", f"/fhir/Communication/{rid}")
-    assert read.status_code == 200 and read.get_json(force=True) == created and read.headers["ETag"] == 'W/"1"'
+    assert (
+        read.status_code == 200 and read.get_json(force=True) == created and read.headers["ETag"] == 'W/"1"'
+    )
     assert bridge.get("a", f"/fhir/Communication/{rid}/_history/1").get_json(force=True) == created
     hist = bridge.get("a", f"/fhir/Communication/{rid}/_history").get_json(force=True)
     assert hist["type"] == "history" and [e["resource"]["id"] for e in hist["entry"]] == [rid]
@@ -82,7 +113,9 @@ def test_read_vread_and_history_of_own_resource(bridge):
 def test_search_with_parameters_and_paging_links(bridge):
     for _ in range(3):
         bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"))
-    page = bridge.get("a", "/fhir/Communication?patient=client-1&status=completed&_count=2").get_json(force=True)
+    page = bridge.get("a", "/fhir/Communication?patient=client-1&status=completed&_count=2").get_json(
+        force=True
+    )
     assert page["type"] == "searchset" and page["total"] == 3 and len(page["entry"]) == 2
     nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
     page2 = bridge.get("a", nxt.replace("http://bridge.test", "")).get_json(force=True)
@@ -96,9 +129,14 @@ def test_transaction_resolves_urn_uuid_references_all_or_nothing(bridge):
     prac, note = load("Example-Practitioner-ref-therapist.json"), load("Example-Communication-note-1.json")
     urn = f"urn:uuid:{uuid.uuid4()}"
     note["recipient"] = [{"reference": urn}]
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": urn, "resource": prac, "request": {"method": "POST", "url": "Practitioner"}},
-        {"resource": note, "request": {"method": "POST", "url": "Communication"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": urn, "resource": prac, "request": {"method": "POST", "url": "Practitioner"}},
+            {"resource": note, "request": {"method": "POST", "url": "Communication"}},
+        ],
+    }
     resp = bridge.post("a", "/fhir", bundle)
     assert resp.status_code == 200, resp.get_data(as_text=True)
     out = resp.get_json(force=True)
@@ -113,9 +151,17 @@ def test_transaction_resolves_urn_uuid_references_all_or_nothing(bridge):
 def test_transaction_with_one_bad_entry_stores_nothing(bridge):
     bad = load("Example-Communication-note-1.json")
     bad["status"] = "bogus"
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": load("Example-Communication-note-1.json"), "request": {"method": "POST", "url": "Communication"}},
-        {"resource": bad, "request": {"method": "POST", "url": "Communication"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": load("Example-Communication-note-1.json"),
+                "request": {"method": "POST", "url": "Communication"},
+            },
+            {"resource": bad, "request": {"method": "POST", "url": "Communication"}},
+        ],
+    }
     resp = bridge.post("a", "/fhir", bundle)
     assert resp.status_code == 422 and is_outcome(resp)
     assert "/entry/1/resource/status" in resp.get_data(as_text=True)
@@ -125,9 +171,17 @@ def test_transaction_with_one_bad_entry_stores_nothing(bridge):
 def test_batch_processes_entries_independently(bridge):
     bad = load("Example-Communication-note-1.json")
     bad["status"] = "bogus"
-    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": load("Example-Communication-note-1.json"), "request": {"method": "POST", "url": "Communication"}},
-        {"resource": bad, "request": {"method": "POST", "url": "Communication"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {
+                "resource": load("Example-Communication-note-1.json"),
+                "request": {"method": "POST", "url": "Communication"},
+            },
+            {"resource": bad, "request": {"method": "POST", "url": "Communication"}},
+        ],
+    }
     out = bridge.post("a", "/fhir", bundle).get_json(force=True)
     assert out["type"] == "batch-response"
     assert [e["response"]["status"] for e in out["entry"]] == ["201 Created", "422 Unprocessable Entity"]
@@ -138,29 +192,95 @@ def _note() -> bytes:
     return json.dumps(load("Example-Communication-note-1.json")).encode()
 
 
-@pytest.mark.parametrize("case,path,body,headers,status,rule", [
-    ("malformed JSON", "/fhir/Communication", b'{"resourceType": ', {}, 400, "json:syntax"),
-    ("invalid UTF-8", "/fhir/Communication", b'{"resourceType": "\xff"}', {}, 400, "json:syntax"),
-    ("empty body", "/fhir/Communication", b"", {}, 400, "json:empty"),
-    ("not an object", "/fhir/Communication", b"[1, 2]", {}, 400, "fhir:resource"),
-    ("type mismatch", "/fhir/Communication", json.dumps(load("Example-ServiceRequest-referral-1.json")).encode(),
-     {}, 400, "http:type-mismatch"),
-    ("unknown type", "/fhir/Observation", b"{}", {}, 404, "fhir:resource-type"),
-    ("wrong JSON type", "/fhir/Communication", json.dumps({**load("Example-Communication-note-1.json"),
-                                                           "status": 5}).encode(), {}, 422, "schema:type"),
-    ("text/plain", "/fhir/Communication", _note(), {"Content-Type": "text/plain"}, 415, "http:content-type"),
-    ("form", "/fhir/Communication", _note(), {"Content-Type": "application/x-www-form-urlencoded"}, 415,
-     "http:content-type"),
-    ("latin-1", "/fhir/Communication", _note(), {"Content-Type": "application/fhir+json; charset=latin-1"}, 415,
-     "http:charset"),
-    ("too large", "/fhir/Communication", b'{"a": "' + b"x" * 1_100_000 + b'"}', {}, 413, "http:413"),
-    ("bad If-None-Exist", "/fhir/Communication", _note(), {"If-None-Exist": "&&=="}, 400, "http:if-none-exist"),
-    ("transaction PUT", "/fhir", json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": load("Example-Communication-note-1.json"), "request": {"method": "PUT", "url": "Communication/x"}}]}
-    ).encode(), {}, 400, "bridge:bundle-method"),
-    ("bundle type", "/fhir", b'{"resourceType": "Bundle", "type": "document"}', {}, 400, "bridge:bundle-type"),
-])
-def test_bad_requests_answer_4xx_operation_outcome_naming_the_rule(bridge, case, path, body, headers, status, rule):
+@pytest.mark.parametrize(
+    "case,path,body,headers,status,rule",
+    [
+        ("malformed JSON", "/fhir/Communication", b'{"resourceType": ', {}, 400, "json:syntax"),
+        ("invalid UTF-8", "/fhir/Communication", b'{"resourceType": "\xff"}', {}, 400, "json:syntax"),
+        ("empty body", "/fhir/Communication", b"", {}, 400, "json:empty"),
+        ("not an object", "/fhir/Communication", b"[1, 2]", {}, 400, "fhir:resource"),
+        (
+            "type mismatch",
+            "/fhir/Communication",
+            json.dumps(load("Example-ServiceRequest-referral-1.json")).encode(),
+            {},
+            400,
+            "http:type-mismatch",
+        ),
+        ("unknown type", "/fhir/Observation", b"{}", {}, 404, "fhir:resource-type"),
+        (
+            "wrong JSON type",
+            "/fhir/Communication",
+            json.dumps({**load("Example-Communication-note-1.json"), "status": 5}).encode(),
+            {},
+            422,
+            "schema:type",
+        ),
+        (
+            "text/plain",
+            "/fhir/Communication",
+            _note(),
+            {"Content-Type": "text/plain"},
+            415,
+            "http:content-type",
+        ),
+        (
+            "form",
+            "/fhir/Communication",
+            _note(),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            415,
+            "http:content-type",
+        ),
+        (
+            "latin-1",
+            "/fhir/Communication",
+            _note(),
+            {"Content-Type": "application/fhir+json; charset=latin-1"},
+            415,
+            "http:charset",
+        ),
+        ("too large", "/fhir/Communication", b'{"a": "' + b"x" * 1_100_000 + b'"}', {}, 413, "http:413"),
+        (
+            "bad If-None-Exist",
+            "/fhir/Communication",
+            _note(),
+            {"If-None-Exist": "&&=="},
+            400,
+            "http:if-none-exist",
+        ),
+        (
+            "transaction PUT",
+            "/fhir",
+            json.dumps(
+                {
+                    "resourceType": "Bundle",
+                    "type": "transaction",
+                    "entry": [
+                        {
+                            "resource": load("Example-Communication-note-1.json"),
+                            "request": {"method": "PUT", "url": "Communication/x"},
+                        }
+                    ],
+                }
+            ).encode(),
+            {},
+            400,
+            "bridge:bundle-method",
+        ),
+        (
+            "bundle type",
+            "/fhir",
+            b'{"resourceType": "Bundle", "type": "document"}',
+            {},
+            400,
+            "bridge:bundle-type",
+        ),
+    ],
+)
+def test_bad_requests_answer_4xx_operation_outcome_naming_the_rule(
+    bridge, case, path, body, headers, status, rule
+):
     resp = bridge.post("a", path, body, **headers)
     assert resp.status_code == status, resp.get_data(as_text=True)
     assert is_outcome(resp)
@@ -168,20 +288,23 @@ def test_bad_requests_answer_4xx_operation_outcome_naming_the_rule(bridge, case,
     assert bridge.get("clinic", "/fhir/Communication").get_json(force=True)["total"] == 0
 
 
-@pytest.mark.parametrize("path,status", [
-    ("/fhir/Communication/" + "a" * 65, 400),
-    ("/fhir/Communication/caf%C3%A9", 400),
-    ("/fhir/Communication/..%2F..%2Fetc%2Fpasswd", 404),
-    ("/fhir/Communication/a b", 400),
-    ("/fhir/Communication/x/_history/abc", 404),
-    ("/fhir/Communication/x/_history/-1", 404),
-    ("/fhir/Observation/x", 404),
-    ("/fhir/Communication?_count=abc", 400),
-    ("/fhir/Communication?_count=100000", 400),
-    ("/fhir/Communication?nonsense=1", 400),
-    ("/fhir/Communication?_lastUpdated=yesterday", 400),
-    ("/nowhere", 404),
-])
+@pytest.mark.parametrize(
+    "path,status",
+    [
+        ("/fhir/Communication/" + "a" * 65, 400),
+        ("/fhir/Communication/caf%C3%A9", 400),
+        ("/fhir/Communication/..%2F..%2Fetc%2Fpasswd", 404),
+        ("/fhir/Communication/a b", 400),
+        ("/fhir/Communication/x/_history/abc", 404),
+        ("/fhir/Communication/x/_history/-1", 404),
+        ("/fhir/Observation/x", 404),
+        ("/fhir/Communication?_count=abc", 400),
+        ("/fhir/Communication?_count=100000", 400),
+        ("/fhir/Communication?nonsense=1", 400),
+        ("/fhir/Communication?_lastUpdated=yesterday", 400),
+        ("/nowhere", 404),
+    ],
+)
 def test_hostile_ids_and_parameters_answer_4xx_operation_outcome(bridge, path, status):
     resp = bridge.get("a", path)
     assert resp.status_code == status and is_outcome(resp)
@@ -190,7 +313,9 @@ def test_hostile_ids_and_parameters_answer_4xx_operation_outcome(bridge, path, s
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
 def test_requests_without_a_valid_token_are_401(bridge, headers):
     resp = bridge.client.get("/fhir/Communication", headers=headers)
-    assert resp.status_code == 401 and is_outcome(resp) and resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (
+        resp.status_code == 401 and is_outcome(resp) and resp.headers["WWW-Authenticate"].startswith("Bearer")
+    )
 
 
 def test_revoked_token_is_401(bridge):
@@ -230,15 +355,22 @@ def test_after_a_failed_disk_sync_writes_get_503_and_readiness_fails(bridge, mon
     assert "may or may not have been kept" in first.get_json(force=True)["issue"][0]["details"]["text"]
     monkeypatch.undo()
     later = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"))
-    assert later.status_code == 503 and "restarted" in later.get_json(force=True)["issue"][0]["details"]["text"]
+    assert (
+        later.status_code == 503 and "restarted" in later.get_json(force=True)["issue"][0]["details"]["text"]
+    )
     ready = bridge.client.get("/readyz")
-    assert ready.status_code == 503 and ready.get_json() == {"status": "unavailable", "database": "write-failed"}
+    assert ready.status_code == 503 and ready.get_json() == {
+        "status": "unavailable",
+        "database": "write-failed",
+    }
     assert bridge.get("a", "/fhir/Communication").status_code == 200  # reads go on
 
 
 def test_every_response_carries_a_request_id_and_logs_no_query_values(bridge, caplog):
     caplog.set_level("INFO", logger="fhir_kap.bridge")
-    resp = bridge.get("a", "/fhir/Communication?identifier=http://x|SECRET-MRN-123", **{"X-Request-ID": "req-12345678"})
+    resp = bridge.get(
+        "a", "/fhir/Communication?identifier=http://x|SECRET-MRN-123", **{"X-Request-ID": "req-12345678"}
+    )
     assert resp.headers["X-Request-ID"] == "req-12345678"
     line = json.loads([r.getMessage() for r in caplog.records if "req-12345678" in r.getMessage()][-1])
     assert line["route"] == "/fhir/<rtype>" and line["status"] == 200 and line["method"] == "GET"
@@ -261,8 +393,9 @@ def test_an_unexpected_error_is_500_with_only_a_request_id(bridge, monkeypatch, 
 def test_create__last_modified_is_the_stored_instant_as_an_http_date(bridge):
     from email.utils import format_datetime, parsedate_to_datetime
 
-    resp = bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"),
-                       Prefer="return=representation")
+    resp = bridge.post(
+        "a", "/fhir/Communication", load("Example-Communication-note-1.json"), Prefer="return=representation"
+    )
     instant = resp.get_json(force=True)["meta"]["lastUpdated"]
     stamp = datetime.fromisoformat(instant.replace("Z", "+00:00")).replace(microsecond=0)
     assert parsedate_to_datetime(resp.headers["Last-Modified"]) == stamp
@@ -280,8 +413,11 @@ def test_a_location_outside_plain_uri_characters_is_still_quoted(tmp_path):
     s = load_settings(env={}, data_dir=tmp_path / "data")
     token = Partners(Database(s.db_url)).add("practice-a", references=["Practitioner/ref-therapist"])[1]
     app = create_app(s, BridgeOptions(base_url="http://exämple.test/k ap/fhir", notify=False))
-    resp = app.test_client().post("/fhir/Communication", data=json.dumps(load("Example-Communication-note-1.json")),
-                                  headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR})
+    resp = app.test_client().post(
+        "/fhir/Communication",
+        data=json.dumps(load("Example-Communication-note-1.json")),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR},
+    )
     assert resp.status_code == 201
     assert resp.headers["Location"].startswith("http://xn--exmple-cua.test/k%20ap/fhir/Communication/")
 
@@ -293,7 +429,11 @@ def test_http_dates_match_the_standard_library():
 
     result = doctest.testmod(app_module)
     assert result.attempted > 0 and result.failed == 0
-    for instant in ["2024-02-29T23:59:59Z", "2026-11-24T01:02:03.456789Z", "1999-12-31T00:00:00.000Z",
-                    "2026-11-24T02:02:03+01:00"]:
+    for instant in [
+        "2024-02-29T23:59:59Z",
+        "2026-11-24T01:02:03.456789Z",
+        "1999-12-31T00:00:00.000Z",
+        "2026-11-24T02:02:03+01:00",
+    ]:
         expected = datetime.fromisoformat(instant.replace("Z", "+00:00")).astimezone(UTC)
         assert app_module.http_date(instant) == email.utils.format_datetime(expected, usegmt=True)

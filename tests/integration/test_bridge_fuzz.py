@@ -1,4 +1,5 @@
 """Fuzz: thousands of generated bad bodies get only 4xx OperationOutcomes, and nothing is stored."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ from testkit.bridge import FHIR, load
 NOTE = load("Example-Communication-note-1.json")
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
 not_a_string = json_values.filter(lambda v: not isinstance(v, str))
 
 
@@ -26,15 +30,30 @@ bad_bodies = st.one_of(
     json_values.filter(lambda v: not isinstance(v, dict)).map(lambda v: json.dumps(v).encode()),
     st.dictionaries(st.text(max_size=10), json_values, max_size=5).map(lambda d: json.dumps(d).encode()),
     st.text(max_size=30).filter(lambda t: t != "Communication").map(lambda t: _mutated("resourceType", t)),
-    st.text(max_size=30).filter(lambda t: t not in ("preparation", "in-progress", "not-done", "on-hold", "stopped",
-                                                    "completed", "entered-in-error", "unknown"))
+    st.text(max_size=30)
+    .filter(
+        lambda t: (
+            t
+            not in (
+                "preparation",
+                "in-progress",
+                "not-done",
+                "on-hold",
+                "stopped",
+                "completed",
+                "entered-in-error",
+                "unknown",
+            )
+        )
+    )
     .map(lambda t: _mutated("status", t)),
     not_a_string.map(lambda v: _mutated("status", v)),
     json_values.filter(lambda v: not isinstance(v, dict)).map(lambda v: _mutated("subject", v)),
     json_values.map(lambda v: _mutated("zzUnknownElement", v)),
     st.integers(1, 200).map(lambda n: json.dumps(NOTE).encode()[:-n]),
     st.sampled_from(["payload", "subject", "category", "sender"]).map(
-        lambda k: json.dumps({x: y for x, y in NOTE.items() if x != k}).encode()),
+        lambda k: json.dumps({x: y for x, y in NOTE.items() if x != k}).encode()
+    ),
 )
 
 
@@ -42,8 +61,9 @@ bad_bodies = st.one_of(
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=bad_bodies, ctype=st.sampled_from([FHIR, "application/json", FHIR + "; charset=utf-8"]))
 def test_generated_bad_bodies_get_4xx_operation_outcome_and_store_nothing(bridge, body, ctype):
-    resp = bridge.client.post("/fhir/Communication", data=body,
-                              headers=bridge.h("a", **{"Content-Type": ctype}))
+    resp = bridge.client.post(
+        "/fhir/Communication", data=body, headers=bridge.h("a", **{"Content-Type": ctype})
+    )
     assert 400 <= resp.status_code < 500, (resp.status_code, body[:200])
     outcome = resp.get_json(force=True, silent=True)
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"]
@@ -59,10 +79,17 @@ def test_generated_bad_transaction_entries_store_nothing(bridge, body):
         resource = json.loads(body)
     except ValueError:
         resource = body.decode("latin-1")
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": NOTE, "request": {"method": "POST", "url": "Communication"}},
-        {"resource": resource, "request": {"method": "POST", "url": "Communication"}}]}
-    resp = bridge.client.post("/fhir", data=json.dumps(bundle), headers=bridge.h("a", **{"Content-Type": FHIR}))
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": NOTE, "request": {"method": "POST", "url": "Communication"}},
+            {"resource": resource, "request": {"method": "POST", "url": "Communication"}},
+        ],
+    }
+    resp = bridge.client.post(
+        "/fhir", data=json.dumps(bundle), headers=bridge.h("a", **{"Content-Type": FHIR})
+    )
     assert 400 <= resp.status_code < 500
     assert resp.get_json(force=True)["resourceType"] == "OperationOutcome"
     assert bridge.app.extensions["fhir_kap"].store.counts() == {}

@@ -1,4 +1,5 @@
 """The KAP API and the referral loop: a referral arrives, the clinic moves its Task, the practice sees it."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,11 @@ def _task(bridge, who: str, sr: str) -> dict:
 
 def _move(bridge, sr: str, status: str, reason: str | None = None):
     body = {"status": status} | ({"reason": reason} if reason else {})
-    return bridge.client.post(f"/kap/referrals/{sr}/status", data=json.dumps(body),
-                              headers=bridge.h("clinic", **{"Content-Type": "application/json"}))
+    return bridge.client.post(
+        f"/kap/referrals/{sr}/status",
+        data=json.dumps(body),
+        headers=bridge.h("clinic", **{"Content-Type": "application/json"}),
+    )
 
 
 def test_a_new_referral_gets_a_received_task_readable_by_the_referring_practice(bridge):
@@ -39,8 +43,12 @@ def test_a_new_referral_gets_a_received_task_readable_by_the_referring_practice(
 
 def test_full_referral_loop_moves_task_status_in_step(bridge):
     sr = _referral(bridge)
-    steps = [("accepted", "accepted"), ("scheduled", "accepted"), ("in-progress", "in-progress"),
-             ("completed", "completed")]
+    steps = [
+        ("accepted", "accepted"),
+        ("scheduled", "accepted"),
+        ("in-progress", "in-progress"),
+        ("completed", "completed"),
+    ]
     for business, fhir_status in steps:
         resp = _move(bridge, sr, business)
         assert resp.status_code == 200, resp.get_data(as_text=True)
@@ -60,17 +68,23 @@ def test_a_declined_referral_carries_the_reason_code_and_is_final(bridge):
     assert again.status_code == 409 and "referral:transition" in again.get_data(as_text=True)
 
 
-@pytest.mark.parametrize("body,status,rule", [
-    ({"status": "teleported"}, 400, "referral:status"),
-    ({"state": "accepted"}, 400, "referral:body"),
-    ({"status": "accepted", "extra": 1}, 400, "referral:body"),
-    ({"status": "accepted", "reason": 7}, 400, "referral:reason"),
-    ({"status": "declined", "reason": "outside the clinic's criteria"}, 400, "referral:reason"),
-])
+@pytest.mark.parametrize(
+    "body,status,rule",
+    [
+        ({"status": "teleported"}, 400, "referral:status"),
+        ({"state": "accepted"}, 400, "referral:body"),
+        ({"status": "accepted", "extra": 1}, 400, "referral:body"),
+        ({"status": "accepted", "reason": 7}, 400, "referral:reason"),
+        ({"status": "declined", "reason": "outside the clinic's criteria"}, 400, "referral:reason"),
+    ],
+)
 def test_bad_status_moves_are_4xx(bridge, body, status, rule):
     sr = _referral(bridge)
-    resp = bridge.client.post(f"/kap/referrals/{sr}/status", data=json.dumps(body),
-                              headers=bridge.h("clinic", **{"Content-Type": "application/json"}))
+    resp = bridge.client.post(
+        f"/kap/referrals/{sr}/status",
+        data=json.dumps(body),
+        headers=bridge.h("clinic", **{"Content-Type": "application/json"}),
+    )
     assert resp.status_code == status and rule in resp.get_data(as_text=True)
 
 
@@ -80,20 +94,33 @@ def test_moving_an_unknown_referral_is_404(bridge):
 
 def test_practices_cannot_move_referrals(bridge):
     sr = _referral(bridge)
-    resp = bridge.client.post(f"/kap/referrals/{sr}/status", data=json.dumps({"status": "accepted"}),
-                              headers=bridge.h("a", **{"Content-Type": "application/json"}))
+    resp = bridge.client.post(
+        f"/kap/referrals/{sr}/status",
+        data=json.dumps({"status": "accepted"}),
+        headers=bridge.h("a", **{"Content-Type": "application/json"}),
+    )
     assert resp.status_code == 403
 
 
 def _note_record() -> dict:
-    return {"record": "note", "id": "note-9", "referral": "referral-1", "status": "completed",
-            "category": "session-dates", "client": "client-1", "sent": "2025-02-02T09:00:00Z",
-            "recipients": [{"practitioner": "ref-therapist"}], "sender": {"organization": "kap-clinic"},
-            "text": "Dosing session completed on 2025-02-01."}
+    return {
+        "record": "note",
+        "id": "note-9",
+        "referral": "referral-1",
+        "status": "completed",
+        "category": "session-dates",
+        "client": "client-1",
+        "sent": "2025-02-02T09:00:00Z",
+        "recipients": [{"practitioner": "ref-therapist"}],
+        "sender": {"organization": "kap-clinic"},
+        "text": "Dosing session completed on 2025-02-01.",
+    }
 
 
 def _post_records(bridge, body: bytes, ctype: str = "application/json"):
-    return bridge.client.post("/kap/records", data=body, headers=bridge.h("clinic", **{"Content-Type": ctype}))
+    return bridge.client.post(
+        "/kap/records", data=body, headers=bridge.h("clinic", **{"Content-Type": ctype})
+    )
 
 
 def test_kap_note_with_consent_is_stored_for_a_practice_without_a_server(bridge):
@@ -109,8 +136,12 @@ def test_kap_note_with_consent_is_stored_for_a_practice_without_a_server(bridge)
 def test_kap_note_for_a_practice_with_a_server_is_queued_in_the_outbox(bridge):
     svc = bridge.app.extensions["fhir_kap"]
     svc.partners.revoke("practice-a")
-    svc.partners.add("practice-a2", references=["Practitioner/ref-therapist"], endpoint_url="https://ehr.example/fhir",
-                     endpoint_auth="bearer:PRACTICE_A_TOKEN")
+    svc.partners.add(
+        "practice-a2",
+        references=["Practitioner/ref-therapist"],
+        endpoint_url="https://ehr.example/fhir",
+        endpoint_auth="bearer:PRACTICE_A_TOKEN",
+    )
     bridge.post("clinic", "/fhir/Consent", load("Consent-open-ended.json"))
     out = _post_records(bridge, json.dumps(_note_record()).encode()).get_json()
     assert out["results"][0]["outcome"] == "queued"
@@ -128,11 +159,15 @@ def test_kap_ndjson_lists_each_record_with_its_outcome(bridge):
     lines = "\n".join(json.dumps(r) for r in (_note_record(), bad)).encode()
     out = _post_records(bridge, lines, "application/x-ndjson").get_json()
     assert [r["item"] for r in out["results"]] == ["line:1", "line:2"]
-    assert out["results"][1]["outcome"] == "refused" and out["results"][1]["reasons"][0]["pointer"] == "/status"
+    assert (
+        out["results"][1]["outcome"] == "refused" and out["results"][1]["reasons"][0]["pointer"] == "/status"
+    )
 
 
-@pytest.mark.parametrize("body,ctype,status", [(b"{", "application/json", 400), (b"{}", "text/csv", 415),
-                                               (b"", "application/json", 400)])
+@pytest.mark.parametrize(
+    "body,ctype,status",
+    [(b"{", "application/json", 400), (b"{}", "text/csv", 415), (b"", "application/json", 400)],
+)
 def test_kap_records_bad_bodies_are_4xx(bridge, body, ctype, status):
     assert _post_records(bridge, body, ctype).status_code == status
 
@@ -152,10 +187,20 @@ def test_kap_records__consents_from_a_partner_that_is_no_consent_authority_are_r
 
 def _post_consent_record(bridge, token: str) -> dict:
     """POST the example consent record to /kap/records; its one result."""
-    consent = json.loads((Path(__file__).resolve().parents[2] / "profiles" / "examples" / "records"
-                          / "consent-consent-0001.json").read_text())
-    resp = bridge.client.post("/kap/records", data=json.dumps(consent),
-                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    consent = json.loads(
+        (
+            Path(__file__).resolve().parents[2]
+            / "profiles"
+            / "examples"
+            / "records"
+            / "consent-consent-0001.json"
+        ).read_text()
+    )
+    resp = bridge.client.post(
+        "/kap/records",
+        data=json.dumps(consent),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     return resp.get_json()["results"][0]
 
 
@@ -167,7 +212,9 @@ def test_kap_records__a_token_without_consent_authority_feeds_no_context(bridge)
     svc = bridge.app.extensions["fhir_kap"]
     partners = svc.partners
     holder, _ = partners.add("authority", scopes="kap/records.write kap/consent-authority")
-    narrowed = partners.grant(holder, ["kap/records.write"], jti="narrow-1", assertion_expires=time.time() + 60)
+    narrowed = partners.grant(
+        holder, ["kap/records.write"], jti="narrow-1", assertion_expires=time.time() + 60
+    )
     result = _post_consent_record(bridge, narrowed)
     assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:consent-authority"
     assert svc.outbox.context_for("Patient/client-0001") == []  # nothing reached the gate's context
@@ -178,19 +225,33 @@ def test_re_posting_the_same_records_changes_nothing(bridge):
     outcome, so a client whose answer was lost simply posts them again."""
     svc = bridge.app.extensions["fhir_kap"]
     svc.partners.revoke("practice-a")  # the therapist's practice now has a FHIR server of its own
-    svc.partners.add("practice-a2", references=["Practitioner/ref-therapist"], endpoint_url="https://ehr.example/fhir",
-                     endpoint_auth="bearer:PRACTICE_A_TOKEN")
+    svc.partners.add(
+        "practice-a2",
+        references=["Practitioner/ref-therapist"],
+        endpoint_url="https://ehr.example/fhir",
+        endpoint_auth="bearer:PRACTICE_A_TOKEN",
+    )
     bridge.post("clinic", "/fhir/Consent", load("Consent-open-ended.json"))
-    session = {"record": "session", "id": "ses-9", "kind": "integration", "status": "completed",
-               "client": "client-1", "referral": "referral-1", "start": "2025-02-03T15:00:00Z",
-               "end": "2025-02-03T15:50:00Z", "performers": ["ref-therapist"]}
+    session = {
+        "record": "session",
+        "id": "ses-9",
+        "kind": "integration",
+        "status": "completed",
+        "client": "client-1",
+        "referral": "referral-1",
+        "start": "2025-02-03T15:00:00Z",
+        "end": "2025-02-03T15:50:00Z",
+        "performers": ["ref-therapist"],
+    }
     body = "\n".join(json.dumps(r) for r in (_note_record(), session)).encode()
     first = _post_records(bridge, body, "application/x-ndjson").get_json()["results"]
     again = _post_records(bridge, body, "application/x-ndjson").get_json()["results"]
     assert [d["outcome"] for d in first[0]["deliveries"]] == ["queued"]
     assert [d["outcome"] for d in again[0]["deliveries"]] == ["already-queued"]
     assert first[1]["outcome"] == again[1]["outcome"] == "stored", first[1]
-    assert first[1]["new"] is True and again[1]["new"] is False and first[1]["resource"] == again[1]["resource"]
+    assert (
+        first[1]["new"] is True and again[1]["new"] is False and first[1]["resource"] == again[1]["resource"]
+    )
     assert svc.outbox.counts().get("pending") == 1
 
 

@@ -1,4 +1,5 @@
 """A bridge deployed for FHIR R5: R5 resources in, R5 Tasks out, R4 shapes refused, the same isolation."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,8 +44,11 @@ def test_the_referral_loop_writes_r5_tasks(bridge):
     referral = bridge.post("a", "/fhir/ServiceRequest", _as_r5("Example-ServiceRequest-referral-1.json"))
     assert referral.status_code == 201, referral.get_data(as_text=True)
     sid = referral.get_json(force=True)["id"]
-    moved = bridge.client.post(f"/kap/referrals/{sid}/status", json={"status": "declined", "reason": "capacity"},
-                               headers={"Authorization": f"Bearer {bridge.tokens['clinic']}"})
+    moved = bridge.client.post(
+        f"/kap/referrals/{sid}/status",
+        json={"status": "declined", "reason": "capacity"},
+        headers={"Authorization": f"Bearer {bridge.tokens['clinic']}"},
+    )
     assert moved.status_code == 200 and moved.get_json()["businessStatus"] == "declined"
     found = bridge.get("a", f"/fhir/Task?based-on=ServiceRequest/{sid}").get_json(force=True)
     task = found["entry"][0]["resource"]

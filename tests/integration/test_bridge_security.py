@@ -4,6 +4,7 @@ Consent context comes only from consent authorities (clinic systems, `kap/consen
 a referral's Task carries no free text; hostile search values, conditions and Bundles give
 4xx OperationOutcomes, never a 500; a rest-hook fires only for a recipient the gate lets read.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ URN = "urn:uuid:11111111-1111-1111-1111-111111111111"
 
 # A referring practice that collects the client's signed releases.
 pytestmark = pytest.mark.bridge(
-    partners={"authority": ("referrer-hub", "system/*.read system/*.write kap/consent-authority")})
+    partners={"authority": ("referrer-hub", "system/*.read system/*.write kap/consent-authority")}
+)
 
 
 def _note(bridge, recipient: str = "Practitioner/ref-therapist") -> str:
@@ -38,7 +40,10 @@ def _created(resp) -> str:
 
 # --- C1: consent context only from consent authorities -------------------------------------------
 
-@pytest.mark.parametrize("poster,readable", [("a", False), ("b", False), ("authority", True), ("clinic", True)])
+
+@pytest.mark.parametrize(
+    "poster,readable", [("a", False), ("b", False), ("authority", True), ("clinic", True)]
+)
 def test_a_permit_consent_decides_only_when_its_sender_is_a_consent_authority(bridge, poster, readable):
     bridge.post("clinic", "/fhir/Consent", load("Consent-expired.json"))
     rid = _note(bridge)
@@ -52,10 +57,22 @@ def test_a_permit_consent_decides_only_when_its_sender_is_a_consent_authority(br
 def test_a_consent_in_a_non_authoritys_bundle_is_stored_but_decides_nothing(bridge, kind):
     bridge.post("clinic", "/fhir/Consent", load("Consent-expired.json"))
     rid = _note(bridge)
-    bundle = {"resourceType": "Bundle", "type": kind, "entry": [
-        {"fullUrl": URN, "resource": load("Consent-open-ended.json"), "request": {"method": "POST", "url": "Consent"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {
+                "fullUrl": URN,
+                "resource": load("Consent-open-ended.json"),
+                "request": {"method": "POST", "url": "Consent"},
+            }
+        ],
+    }
     resp = bridge.post("a", "/fhir", bundle)
-    assert resp.status_code == 200 and resp.get_json(force=True)["entry"][0]["response"]["status"] == "201 Created"
+    assert (
+        resp.status_code == 200
+        and resp.get_json(force=True)["entry"][0]["response"]["status"] == "201 Created"
+    )
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404
     assert bridge.post("authority", "/fhir", bundle).status_code == 200
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 200
@@ -72,11 +89,18 @@ def test_a_deny_consent_blocks_only_when_its_sender_is_a_consent_authority(bridg
 
 @pytest.mark.parametrize("poster,readable", [("b", False), ("clinic", True)])
 def test_a_practitioner_role_links_a_practitioner_to_a_granted_organisation_only_from_an_authority(
-        bridge, poster, readable):
-    assert bridge.post("clinic", "/fhir/Consent", load("Consent-grant-to-organization.json")).status_code == 201
+    bridge, poster, readable
+):
+    assert (
+        bridge.post("clinic", "/fhir/Consent", load("Consent-grant-to-organization.json")).status_code == 201
+    )
     rid = _note(bridge, "Practitioner/other-therapist")  # practice-b's practitioner
     assert bridge.get("b", f"/fhir/Communication/{rid}").status_code == 404
-    _created(bridge.post(poster, "/fhir/PractitionerRole", load("PractitionerRole-other-therapist-at-granted-org.json")))
+    _created(
+        bridge.post(
+            poster, "/fhir/PractitionerRole", load("PractitionerRole-other-therapist-at-granted-org.json")
+        )
+    )
     assert bridge.get("b", f"/fhir/Communication/{rid}").status_code == (200 if readable else 404)
 
 
@@ -92,21 +116,29 @@ def test_a_revoked_consent_authority_no_longer_feeds_the_gate(bridge):
 
 # --- C3: a referral's Task carries no free text -------------------------------------------------
 
+
 def _referral(bridge) -> str:
     return _created(bridge.post("a", "/fhir/ServiceRequest", load("Example-ServiceRequest-referral-1.json")))
 
 
 def _move(bridge, sr: str, body: dict):
-    return bridge.client.post(f"/kap/referrals/{sr}/status", data=json.dumps(body),
-                              headers=bridge.h("clinic", **{"Content-Type": "application/json"}))
+    return bridge.client.post(
+        f"/kap/referrals/{sr}/status",
+        data=json.dumps(body),
+        headers=bridge.h("clinic", **{"Content-Type": "application/json"}),
+    )
 
 
-@pytest.mark.parametrize("reason", ["Uncontrolled hypertension 190/110", "", "not eligible", "NOT-ELIGIBLE", "x" * 5000])
+@pytest.mark.parametrize(
+    "reason", ["Uncontrolled hypertension 190/110", "", "not eligible", "NOT-ELIGIBLE", "x" * 5000]
+)
 def test_a_free_text_status_reason_is_refused_and_the_task_unchanged(bridge, reason):
     sr = _referral(bridge)
     resp = _move(bridge, sr, {"status": "declined", "reason": reason})
     assert resp.status_code == 400 and is_outcome(resp) and "referral:reason" in resp.get_data(as_text=True)
-    task = bridge.get("a", f"/fhir/Task?focus=ServiceRequest/{sr}").get_json(force=True)["entry"][0]["resource"]
+    task = bridge.get("a", f"/fhir/Task?focus=ServiceRequest/{sr}").get_json(force=True)["entry"][0][
+        "resource"
+    ]
     assert task["businessStatus"]["coding"][0]["code"] == "received" and "statusReason" not in task
     assert "190/110" not in resp.get_data(as_text=True)
 
@@ -129,7 +161,9 @@ def test_a_later_move_without_a_reason_drops_the_old_one(bridge):
     sr = _referral(bridge)
     assert _move(bridge, sr, {"status": "accepted", "reason": "other"}).status_code == 200
     assert _move(bridge, sr, {"status": "scheduled"}).status_code == 200
-    task = bridge.get("a", f"/fhir/Task?focus=ServiceRequest/{sr}").get_json(force=True)["entry"][0]["resource"]
+    task = bridge.get("a", f"/fhir/Task?focus=ServiceRequest/{sr}").get_json(force=True)["entry"][0][
+        "resource"
+    ]
     assert "statusReason" not in task
 
 
@@ -138,14 +172,21 @@ def test_a_later_move_without_a_reason_drops_the_old_one(bridge):
 _MANY = ",".join(["a"] * 1200)
 
 
-@pytest.mark.parametrize("query,rule,name", [
-    ("_lastUpdated=9999-12-31", "search:date", "_lastUpdated"),
-    ("_lastUpdated=0001-01-01T00:00%2B05:00", "search:date", "_lastUpdated"),
-    ("_lastUpdated=9999-12-31T23:59-05:00", "search:date", "_lastUpdated"),
-    (f"category={_MANY}", "search:too-many-values", "category"),
-    (f"_id={_MANY}", "search:too-many-values", "_id"),
-    ("category=" + ",".join(["a"] * 60) + "&status=" + ",".join(["b"] * 60), "search:too-many-values", "status"),
-])
+@pytest.mark.parametrize(
+    "query,rule,name",
+    [
+        ("_lastUpdated=9999-12-31", "search:date", "_lastUpdated"),
+        ("_lastUpdated=0001-01-01T00:00%2B05:00", "search:date", "_lastUpdated"),
+        ("_lastUpdated=9999-12-31T23:59-05:00", "search:date", "_lastUpdated"),
+        (f"category={_MANY}", "search:too-many-values", "category"),
+        (f"_id={_MANY}", "search:too-many-values", "_id"),
+        (
+            "category=" + ",".join(["a"] * 60) + "&status=" + ",".join(["b"] * 60),
+            "search:too-many-values",
+            "status",
+        ),
+    ],
+)
 @pytest.mark.parametrize("who", ["a", "clinic"])
 def test_hostile_search_values_are_400_naming_the_parameter(bridge, query, rule, name, who):
     resp = bridge.get(who, f"/fhir/Communication?{query}")
@@ -160,17 +201,22 @@ def test_a_hundred_alternatives_are_still_searched(bridge):
     assert resp.status_code == 200 and resp.get_json(force=True)["total"] == 1
 
 
-@pytest.mark.parametrize("condition,rule", [
-    ("_sort=x", "http:if-none-exist"),
-    ("_count=x", "http:if-none-exist"),
-    ("_summary=true", "http:if-none-exist"),
-    ("identifier=http://x|1&_include=Communication:subject", "http:if-none-exist"),
-    ("_elements=id", "http:if-none-exist"),
-    ("_lastUpdated=9999-12-31", "search:date"),
-    ("category=" + ",".join(["a"] * 19) + "&category=" + ",".join(["a"] * 200), "search:too-many-values"),
-])
+@pytest.mark.parametrize(
+    "condition,rule",
+    [
+        ("_sort=x", "http:if-none-exist"),
+        ("_count=x", "http:if-none-exist"),
+        ("_summary=true", "http:if-none-exist"),
+        ("identifier=http://x|1&_include=Communication:subject", "http:if-none-exist"),
+        ("_elements=id", "http:if-none-exist"),
+        ("_lastUpdated=9999-12-31", "search:date"),
+        ("category=" + ",".join(["a"] * 19) + "&category=" + ",".join(["a"] * 200), "search:too-many-values"),
+    ],
+)
 @pytest.mark.parametrize("where", ["header", "transaction", "batch"])
-def test_a_condition_that_selects_nothing_or_too_much_is_400_and_writes_nothing(bridge, condition, rule, where):
+def test_a_condition_that_selects_nothing_or_too_much_is_400_and_writes_nothing(
+    bridge, condition, rule, where
+):
     first = _created(bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json")))
     note = load("Example-Communication-note-1.json")
     if where == "header":
@@ -178,9 +224,17 @@ def test_a_condition_that_selects_nothing_or_too_much_is_400_and_writes_nothing(
         outcome = resp
         assert resp.status_code == 400
     else:
-        bundle = {"resourceType": "Bundle", "type": where, "entry": [
-            {"fullUrl": URN, "resource": note, "request": {"method": "POST", "url": "Communication",
-                                                          "ifNoneExist": condition}}]}
+        bundle = {
+            "resourceType": "Bundle",
+            "type": where,
+            "entry": [
+                {
+                    "fullUrl": URN,
+                    "resource": note,
+                    "request": {"method": "POST", "url": "Communication", "ifNoneExist": condition},
+                }
+            ],
+        }
         resp = bridge.post("a", "/fhir", bundle)
         if where == "transaction":
             assert resp.status_code == 400
@@ -201,21 +255,35 @@ def test_store_refuses_a_condition_without_criteria(tmp_path):
 
     svc = make_bridge(tmp_path).app.extensions["fhir_kap"]
     with pytest.raises(InputError) as err:
-        svc.store.create(load("Example-Communication-note-1.json"), source="x", if_none_exist={"_count": ["1"]})
+        svc.store.create(
+            load("Example-Communication-note-1.json"), source="x", if_none_exist={"_count": ["1"]}
+        )
     assert err.value.issues[0].rule == "http:if-none-exist"
     assert svc.store.counts() == {}
 
 
 # --- I3, I4: Bundle entries --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("full_url", [[], {}, 7, True])
 @pytest.mark.parametrize("kind", ["transaction", "batch"])
 def test_a_non_string_full_url_is_400_naming_the_entry(bridge, full_url, kind):
-    bundle = {"resourceType": "Bundle", "type": kind, "entry": [
-        {"fullUrl": URN, "resource": load("Example-Communication-note-1.json"),
-         "request": {"method": "POST", "url": "Communication"}},
-        {"fullUrl": full_url, "resource": load("Example-Communication-note-1.json"),
-         "request": {"method": "POST", "url": "Communication"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {
+                "fullUrl": URN,
+                "resource": load("Example-Communication-note-1.json"),
+                "request": {"method": "POST", "url": "Communication"},
+            },
+            {
+                "fullUrl": full_url,
+                "resource": load("Example-Communication-note-1.json"),
+                "request": {"method": "POST", "url": "Communication"},
+            },
+        ],
+    }
     resp = bridge.post("a", "/fhir", bundle)
     body = resp.get_json(force=True)
     if kind == "transaction":
@@ -240,7 +308,9 @@ def test_a_deeply_nested_entry_is_rejected_before_any_rewriting(bridge, depth, k
     body = f'{{"resourceType":"Bundle","type":"{kind}","entry":[{entry}]}}'
     resp = bridge.post("a", "/fhir", body)
     text = resp.get_data(as_text=True)
-    assert resp.status_code == (400 if kind == "transaction" else 200) and "bridge:nesting" in text, text[:300]
+    assert resp.status_code == (400 if kind == "transaction" else 200) and "bridge:nesting" in text, text[
+        :300
+    ]
     assert bridge.get("clinic", "/fhir/Communication").get_json(force=True)["total"] == 0
 
 
@@ -248,9 +318,14 @@ def test_a_transaction_within_the_nesting_limit_still_resolves_its_references(br
     note = load("Example-Communication-note-1.json")
     note["basedOn"] = [{"reference": URN}]
     sr = load("Example-ServiceRequest-referral-1.json")
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": URN, "resource": sr, "request": {"method": "POST", "url": "ServiceRequest"}},
-        {"resource": note, "request": {"method": "POST", "url": "Communication"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": URN, "resource": sr, "request": {"method": "POST", "url": "ServiceRequest"}},
+            {"resource": note, "request": {"method": "POST", "url": "Communication"}},
+        ],
+    }
     resp = bridge.post("clinic", "/fhir", bundle)
     assert resp.status_code == 200, resp.get_data(as_text=True)
     sr_id = resp.get_json(force=True)["entry"][0]["fullUrl"].rsplit("/", 1)[1]
@@ -259,6 +334,7 @@ def test_a_transaction_within_the_nesting_limit_still_resolves_its_references(br
 
 
 # --- 9: rest-hooks only for recipients the gate lets read ---------------------------------------
+
 
 class _Hook(BaseHTTPRequestHandler):
     received: ClassVar[list] = []
@@ -272,9 +348,12 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("consent,hooked", [(None, False), ("Consent-expired.json", False),
-                                            ("Consent-open-ended.json", True)])
-def test_a_rest_hook_fires_only_when_the_consent_gate_lets_the_recipient_read_the_note(tmp_path, consent, hooked):
+@pytest.mark.parametrize(
+    "consent,hooked", [(None, False), ("Consent-expired.json", False), ("Consent-open-ended.json", True)]
+)
+def test_a_rest_hook_fires_only_when_the_consent_gate_lets_the_recipient_read_the_note(
+    tmp_path, consent, hooked
+):
     from fhir_kap.bridge import BridgeOptions, create_app
     from fhir_kap.config import load_settings
     from fhir_kap.storage.db import Database
@@ -287,21 +366,30 @@ def test_a_rest_hook_fires_only_when_the_consent_gate_lets_the_recipient_read_th
         settings = load_settings(env={}, data_dir=tmp_path / "data")
         partners = Partners(Database(settings.db_url))
         _, clinic = partners.add("clinic-ehr", scopes="system/*.* kap/clinic")
-        partners.add("practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"],
-                     webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
+        partners.add(
+            "practice-a",
+            npis=["1234567893"],
+            references=["Practitioner/ref-therapist"],
+            webhook_url=f"http://127.0.0.1:{server.server_port}/hook",
+        )
         app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir"))
         client = app.test_client()
         headers = {"Authorization": f"Bearer {clinic}", "Content-Type": FHIR}
         if consent:
-            assert client.post("/fhir/Consent", data=json.dumps(load(consent)), headers=headers).status_code == 201
-        resp = client.post("/fhir/Communication", data=json.dumps(load("Example-Communication-note-1.json")),
-                           headers=headers)
+            assert (
+                client.post("/fhir/Consent", data=json.dumps(load(consent)), headers=headers).status_code
+                == 201
+            )
+        resp = client.post(
+            "/fhir/Communication", data=json.dumps(load("Example-Communication-note-1.json")), headers=headers
+        )
         assert resp.status_code == 201
         svc = app.extensions["fhir_kap"]
         assert svc.inbound.notifier.drain(timeout=10)
         rid = resp.get_json()["id"]
-        assert _Hook.received == ([{"event": "communication-available", "resource": f"Communication/{rid}"}]
-                                  if hooked else [])
+        assert _Hook.received == (
+            [{"event": "communication-available", "resource": f"Communication/{rid}"}] if hooked else []
+        )
         events = svc.audit.query("AuditEvent", limit=100)
         # The gate's decisions for the hook are audited like reads: when the job is queued, and
         # again right before it is sent (a permit); a denied note gets no job and no second look.

@@ -1,5 +1,6 @@
 """`fhir-kap deliver` and `fhir-kap outbox ...`: end to end through the command line, against
 SEKMET with bearer auth configured from a settings file and an environment variable."""
+
 from __future__ import annotations
 
 import copy
@@ -17,19 +18,23 @@ from fhir_kap.storage.outbox import Outbox
 DATA = Path(__file__).resolve().parents[1] / "data"
 TOKEN_ENV = "KAP_CLI_TEST_TOKEN"
 NOTE = json.loads((DATA / "delivery" / "Communication-continuity-note.json").read_text())
-CONTEXT = [DATA / "delivery" / "Consent-open-ended.json",
-           DATA / "bridge" / "Example-PractitionerRole-ref-therapist-role.json",
-           DATA / "bridge" / "Example-Practitioner-ref-therapist.json",
-           DATA / "bridge" / "Example-Organization-kap-clinic.json"]
+CONTEXT = [
+    DATA / "delivery" / "Consent-open-ended.json",
+    DATA / "bridge" / "Example-PractitionerRole-ref-therapist-role.json",
+    DATA / "bridge" / "Example-Practitioner-ref-therapist.json",
+    DATA / "bridge" / "Example-Organization-kap-clinic.json",
+]
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """Settings for the CLI: a tmp SQLite outbox and one endpoint 'practice' (SEKMET, bearer)."""
+
     def configure(base_url: str, token: str | None) -> Outbox:
         config = tmp_path / "fhir-kap.toml"
-        config.write_text(f'[endpoints.practice]\nbase_url = "{base_url}"\nauth = "bearer"\n'
-                          f'token_env = "{TOKEN_ENV}"\n')
+        config.write_text(
+            f'[endpoints.practice]\nbase_url = "{base_url}"\nauth = "bearer"\ntoken_env = "{TOKEN_ENV}"\n'
+        )
         for name in ("FHIR_KAP_DATABASE_URL", "FHIR_KAP_BATCH_SIZE"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("FHIR_KAP_CONFIG", str(config))
@@ -39,6 +44,7 @@ def env(tmp_path, monkeypatch):
         else:
             monkeypatch.setenv(TOKEN_ENV, token)
         return Outbox(Database(f"sqlite:///{tmp_path / 'data' / 'fhir-kap.sqlite3'}"))
+
     return configure
 
 
@@ -47,8 +53,15 @@ def enqueue(outbox: Outbox, n: int, base_url: str, endpoint: str = "practice") -
     for _ in range(n):
         res = copy.deepcopy(NOTE)
         res["identifier"][0]["value"] = f"CLI-{uuid.uuid4().hex[:10]}"
-        ids.append(outbox.enqueue(res, endpoint=endpoint, base_url=base_url,
-                                  recipient_ref="Practitioner/ref-therapist", purpose="TREAT")[0].id)
+        ids.append(
+            outbox.enqueue(
+                res,
+                endpoint=endpoint,
+                base_url=base_url,
+                recipient_ref="Practitioner/ref-therapist",
+                purpose="TREAT",
+            )[0].id
+        )
     return ids
 
 
@@ -164,11 +177,14 @@ def test_outbox_purge_delivered__removes_old_delivered_items(env, capsys):
     assert outbox.get(ids[0]) is None and outbox.get(ids[1]) is not None
 
 
-@pytest.mark.parametrize("content, rule", [
-    (json.dumps(NOTE), "outbox:context-type"),
-    ('{"resourceType": "Consent"}', "outbox:context-id"),
-    ("{not json", "json:syntax"),
-])
+@pytest.mark.parametrize(
+    "content, rule",
+    [
+        (json.dumps(NOTE), "outbox:context-type"),
+        ('{"resourceType": "Consent"}', "outbox:context-id"),
+        ("{not json", "json:syntax"),
+    ],
+)
 def test_outbox_add_context__bad_input_exits_2_with_operation_outcome(env, capsys, tmp_path, content, rule):
     env("http://127.0.0.1:9/fhir", "t")
     path = tmp_path / "context.json"

@@ -1,5 +1,6 @@
 """Hostile input to the command line: a clear OperationOutcome and exit 2, never a traceback,
 never a half-written result."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def _cli(*argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fhir_kap.cli", *argv], input=stdin, capture_output=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fhir_kap.cli", *argv], input=stdin, capture_output=True, timeout=120
+    )
 
 
 def test_map__malformed_line_midway__leaves_a_complete_bundle_and_one_outcome():
@@ -35,23 +37,29 @@ def test_map__malformed_line_midway__leaves_a_complete_bundle_and_one_outcome():
     assert b"Traceback" not in run.stderr
 
 
-@pytest.mark.parametrize("argv", [
-    ["outbox", "show", "99999999999999999999"],
-    ["outbox", "retry", "-3"],
-    ["outbox", "list", "--limit", "-1"],
-    ["audit", "--limit", "1e9"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["outbox", "show", "99999999999999999999"],
+        ["outbox", "retry", "-3"],
+        ["outbox", "list", "--limit", "-1"],
+        ["audit", "--limit", "1e9"],
+    ],
+)
 def test_out_of_range_numbers__are_usage_errors(argv):
     run = _cli(*argv)
     assert run.returncode == 2 and b"Traceback" not in run.stderr
     assert b"must be" in run.stderr
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("Bundle-entries-not-objects.json", "outbox:context-type"),
-    ("Consent-meta-not-an-object.json", "fhir:meta"),
-    ("Consent-without-patient.json", "outbox:context-patient"),
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("Bundle-entries-not-objects.json", "outbox:context-type"),
+        ("Consent-meta-not-an-object.json", "fhir:meta"),
+        ("Consent-without-patient.json", "outbox:context-patient"),
+    ],
+)
 def test_add_context__hostile_resources__refused_with_the_rule(name, rule, capsys):
     assert main(["outbox", "add-context", str(DATA / name)]) == 2
     assert rule in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """`fhir-kap map | import | validate` as a user runs them (in-process through cli.main)."""
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,10 @@ INVALID = ROOT / "tests" / "data" / "fhir" / "invalid"
 
 
 def _golden(release: str) -> dict[str, dict]:
-    return {f"{d['resourceType']}/{d['id']}": d
-            for d in (json.loads(p.read_text()) for p in (GOLDEN / release).glob("*.json"))}
+    return {
+        f"{d['resourceType']}/{d['id']}": d
+        for d in (json.loads(p.read_text()) for p in (GOLDEN / release).glob("*.json"))
+    }
 
 
 def test_map__every_sample_record_gives_its_golden_r4_resource(capsys):
@@ -38,13 +41,16 @@ def test_map__ndjson_r5_from_stdin_gives_the_golden_r5_resources(capsys, monkeyp
 
 def test_map__invalid_record_exits_1_with_pointer_and_rule(capsys, tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(dict(json.loads((RECORDS / "session-ses-dose-01.json").read_text()),
-                                   status="bogus")))
+    bad.write_text(
+        json.dumps(dict(json.loads((RECORDS / "session-ses-dose-01.json").read_text()), status="bogus"))
+    )
     assert main(["map", str(bad)]) == 1
     captured = capsys.readouterr()
     assert json.loads(captured.out)["entry"] == []
     issue = json.loads(captured.err)["issue"][0]
-    assert issue["expression"] == ["session.status"] and "rule schema:enum; at /status" == issue["diagnostics"]
+    assert (
+        issue["expression"] == ["session.status"] and "rule schema:enum; at /status" == issue["diagnostics"]
+    )
 
 
 @pytest.mark.parametrize("release", ["r4", "r5"])
@@ -57,7 +63,9 @@ def test_import__golden_fhir_comes_back_as_the_original_records(capsys, release)
 
 
 def test_import__a_bundle_is_unpacked_entry_by_entry(capsys, tmp_path):
-    entries = [{"resource": json.loads(p.read_text())} for p in sorted((GOLDEN / "r4").glob("Procedure-*.json"))]
+    entries = [
+        {"resource": json.loads(p.read_text())} for p in sorted((GOLDEN / "r4").glob("Procedure-*.json"))
+    ]
     bundle = tmp_path / "bundle.json"
     bundle.write_text(json.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries}))
     assert main(["import", str(bundle)]) == 0
@@ -90,7 +98,9 @@ def test_validate__missing_file_exits_2(capsys, tmp_path):
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_import_and_validate__agree_on_the_release_when_the_shape_does_not_tell(capsys, monkeypatch, tmp_path):
+def test_import_and_validate__agree_on_the_release_when_the_shape_does_not_tell(
+    capsys, monkeypatch, tmp_path
+):
     """A Patient reads the same in R4 and R5: both commands then take the deployment's release."""
     from fhir_kap.config import Release
     from fhir_kap.validation import Validator

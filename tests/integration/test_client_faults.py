@@ -1,5 +1,6 @@
 """Precise fault injection with `responses`: retries, Retry-After, timeouts, resets, error
 mapping, token renewal and next-link loops. Happy paths run against SEKMET (test_client_sekmet)."""
+
 from __future__ import annotations
 
 import email.utils
@@ -38,8 +39,9 @@ def sleeps() -> Sleeps:
 
 @pytest.fixture
 def client(sleeps) -> FhirClient:
-    return FhirClient(BASE, sleep=sleeps, retry=RetryPolicy(attempts=4, base=0.5, cap=30, jitter=0.5),
-                      rand=lambda: 0.0)
+    return FhirClient(
+        BASE, sleep=sleeps, retry=RetryPolicy(attempts=4, base=0.5, cap=30, jitter=0.5), rand=lambda: 0.0
+    )
 
 
 @pytest.fixture
@@ -50,8 +52,13 @@ def rsps():
 
 def created(rsps, status: int = 201) -> None:
     body = dict(load("Patient-client.json"), id="srv-1", meta={"versionId": "1"})
-    rsps.add(responses.POST, f"{BASE}/Patient", json=body, status=status,
-             headers={"Location": f"{BASE}/Patient/srv-1/_history/1", "ETag": 'W/"1"'})
+    rsps.add(
+        responses.POST,
+        f"{BASE}/Patient",
+        json=body,
+        status=status,
+        headers={"Location": f"{BASE}/Patient/srv-1/_history/1", "ETag": 'W/"1"'},
+    )
 
 
 def test_503_then_201__is_retried_once_and_creates_one_resource(client, rsps, sleeps):
@@ -61,15 +68,21 @@ def test_503_then_201__is_retried_once_and_creates_one_resource(client, rsps, sl
     result = client.create(patient, if_none_exist=identifier_query(patient))
     assert (result.status, result.id, result.version_id, result.created) == (201, "srv-1", "1", True)
     assert len(rsps.calls) == 2 and sleeps == [0.5]
-    assert rsps.calls[1].request.headers["If-None-Exist"] == \
-        "identifier=http://fhir-kap.example/sid/clinic-mrn|MRN-0001"
+    assert (
+        rsps.calls[1].request.headers["If-None-Exist"]
+        == "identifier=http://fhir-kap.example/sid/clinic-mrn|MRN-0001"
+    )
     assert rsps.calls[1].request.url == f"{BASE}/Patient"  # a header, not a query string
 
 
-@pytest.mark.parametrize("header, expected", [
-    ("7", 7.0),
-    ("HTTP-DATE+30", 30.0),  # built when the test runs, not when it is collected
-], ids=["seconds", "http-date"])
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("7", 7.0),
+        ("HTTP-DATE+30", 30.0),  # built when the test runs, not when it is collected
+    ],
+    ids=["seconds", "http-date"],
+)
 def test_429__honours_retry_after(client, rsps, sleeps, header, expected):
     if header.startswith("HTTP-DATE+"):
         header = email.utils.formatdate(time.time() + int(header.split("+")[1]), usegmt=True)
@@ -87,9 +100,15 @@ def test_429__retry_after_longer_than_allowed_is_raised_as_retryable(client, rsp
     assert "Retry-After 3600 s" in err.value.summary
 
 
-@pytest.mark.parametrize("exc", [requests.exceptions.ReadTimeout, requests.exceptions.ConnectTimeout,
-                                 requests.exceptions.ConnectionError,
-                                 requests.exceptions.ChunkedEncodingError])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        requests.exceptions.ReadTimeout,
+        requests.exceptions.ConnectTimeout,
+        requests.exceptions.ConnectionError,
+        requests.exceptions.ChunkedEncodingError,
+    ],
+)
 def test_network_failure__retried_then_server_error_retryable(client, rsps, sleeps, exc):
     for _ in range(4):
         rsps.add(responses.GET, f"{BASE}/Patient/a", body=exc("boom"))
@@ -100,9 +119,14 @@ def test_network_failure__retried_then_server_error_retryable(client, rsps, slee
     assert exc.__name__ in err.value.summary and err.value.url == f"{BASE}/Patient/a"
 
 
-@pytest.mark.parametrize("exc", [requests.exceptions.ConnectionError("Connection reset by peer"),
-                                 requests.exceptions.ChunkedEncodingError("Connection broken")],
-                         ids=["reset", "chunked"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        requests.exceptions.ConnectionError("Connection reset by peer"),
+        requests.exceptions.ChunkedEncodingError("Connection broken"),
+    ],
+    ids=["reset", "chunked"],
+)
 def test_reset_mid_response__then_success_returns_the_answer(client, rsps, sleeps, exc):
     rsps.add(responses.GET, f"{BASE}/Patient/a", body=exc)
     rsps.add(responses.GET, f"{BASE}/Patient/a", json={"resourceType": "Patient", "id": "a"})
@@ -110,11 +134,15 @@ def test_reset_mid_response__then_success_returns_the_answer(client, rsps, sleep
     assert len(sleeps) == 1
 
 
-@pytest.mark.parametrize("exc, retried", [
-    (requests.exceptions.ConnectTimeout("connect"), True),  # never reached the server: safe
-    (requests.exceptions.ReadTimeout("read"), False),  # the create may have happened
-    (requests.exceptions.ConnectionError("Connection reset by peer"), False),
-], ids=["connect-timeout", "read-timeout", "reset"])
+@pytest.mark.parametrize(
+    "exc, retried",
+    [
+        (requests.exceptions.ConnectTimeout("connect"), True),  # never reached the server: safe
+        (requests.exceptions.ReadTimeout("read"), False),  # the create may have happened
+        (requests.exceptions.ConnectionError("Connection reset by peer"), False),
+    ],
+    ids=["connect-timeout", "read-timeout", "reset"],
+)
 def test_unconditional_create__retried_only_when_never_sent(client, rsps, sleeps, exc, retried):
     rsps.add(responses.POST, f"{BASE}/Patient", body=exc)
     if retried:
@@ -153,8 +181,10 @@ def test_gateway_errors__retried_to_the_limit_then_retryable_error(client, rsps,
     assert "secret-mrn" not in str(err.value) and err.value.url == f"{BASE}/Patient"
 
 
-@pytest.mark.parametrize("attempt, low, high", [(1, 0.5, 1.0), (2, 1.0, 2.0), (3, 2.0, 4.0),
-                                               (6, 16.0, 32.0), (7, 20.0, 40.0), (20, 20.0, 40.0)])
+@pytest.mark.parametrize(
+    "attempt, low, high",
+    [(1, 0.5, 1.0), (2, 1.0, 2.0), (3, 2.0, 4.0), (6, 16.0, 32.0), (7, 20.0, 40.0), (20, 20.0, 40.0)],
+)
 def test_backoff__exponential_with_jitter_within_bounds(attempt, low, high):
     policy = RetryPolicy(base=1.0, cap=40.0, jitter=0.5)
     assert policy.backoff(attempt, lambda: 0.0) == high
@@ -172,15 +202,26 @@ def test_backoff__client_waits_grow_exponentially(rsps, sleeps):
     assert sleeps == [1.0, 2.0, 4.0, 5.0]
 
 
-@pytest.mark.parametrize("page2, message", [
-    ("Bundle-searchset-page2-loops.json", "next links loop"),
-    ("Bundle-searchset-page2-foreign.json", "another host"),
-])
+@pytest.mark.parametrize(
+    "page2, message",
+    [
+        ("Bundle-searchset-page2-loops.json", "next links loop"),
+        ("Bundle-searchset-page2-foreign.json", "another host"),
+    ],
+)
 def test_search__refuses_a_next_link_loop_or_foreign_host(client, rsps, page2, message):
-    rsps.add(responses.GET, f"{BASE}/Patient", json=load("Bundle-searchset-page1.json"),
-             match=[matchers.query_param_matcher({"_count": "1"})])
-    rsps.add(responses.GET, f"{BASE}/Patient", json=load(page2),
-             match=[matchers.query_param_matcher({"_count": "1", "_page": "2"})])
+    rsps.add(
+        responses.GET,
+        f"{BASE}/Patient",
+        json=load("Bundle-searchset-page1.json"),
+        match=[matchers.query_param_matcher({"_count": "1"})],
+    )
+    rsps.add(
+        responses.GET,
+        f"{BASE}/Patient",
+        json=load(page2),
+        match=[matchers.query_param_matcher({"_count": "1", "_page": "2"})],
+    )
     got = []
     with pytest.raises(ServerError) as err:
         for resource in client.search("Patient", {"_count": "1"}):
@@ -191,16 +232,25 @@ def test_search__refuses_a_next_link_loop_or_foreign_host(client, rsps, page2, m
 
 # ---- auth units
 
+
 def token_reply(rsps, token: str, expires_in: int = 300) -> None:
-    rsps.add(responses.POST, TOKEN_URL, json={"access_token": token, "token_type": "bearer",
-                                              "expires_in": expires_in})
+    rsps.add(
+        responses.POST,
+        TOKEN_URL,
+        json={"access_token": token, "token_type": "bearer", "expires_in": expires_in},
+    )
 
 
 def patient_reply(rsps, token: str, status: int = 200) -> None:
-    rsps.add(responses.GET, f"{BASE}/Patient/a", status=status,
-             json={"resourceType": "Patient", "id": "a"} if status == 200 else
-             load("OperationOutcome-invalid.json"),
-             match=[matchers.header_matcher({"Authorization": f"Bearer {token}"})])
+    rsps.add(
+        responses.GET,
+        f"{BASE}/Patient/a",
+        status=status,
+        json={"resourceType": "Patient", "id": "a"}
+        if status == 200
+        else load("OperationOutcome-invalid.json"),
+        match=[matchers.header_matcher({"Authorization": f"Bearer {token}"})],
+    )
 
 
 def test_smart_token__cached_then_renewed_before_expiry(rsps):
@@ -252,18 +302,21 @@ def test_private_key_jwt__assertion_claims_and_fresh_jti(rsps):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP384R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    auth = SmartBackendAuth("jwt-client", private_key_pem=pem, key_id="k1", alg="ES384",
-                            token_url=TOKEN_URL)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    auth = SmartBackendAuth("jwt-client", private_key_pem=pem, key_id="k1", alg="ES384", token_url=TOKEN_URL)
     c = FhirClient(BASE, auth=auth)
     for t in ("t1", "t2"):
         token_reply(rsps, t)
         patient_reply(rsps, t)
         c.read("Patient", "a")
         auth.invalidate()
-    forms = [dict(x.split("=", 1) for x in call.request.body.split("&"))
-             for call in rsps.calls if call.request.url == TOKEN_URL]
+    forms = [
+        dict(x.split("=", 1) for x in call.request.body.split("&"))
+        for call in rsps.calls
+        if call.request.url == TOKEN_URL
+    ]
     claims = []
     for form in forms:
         assertion = requests.utils.unquote(form["client_assertion"])
@@ -274,13 +327,16 @@ def test_private_key_jwt__assertion_claims_and_fresh_jti(rsps):
     assert claims[0]["jti"] != claims[1]["jti"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one of client_secret or private_key_pem"),
-    ({"client_secret": "a", "private_key_pem": b"x"}, "exactly one of"),
-    ({"private_key_pem": b"not a pem", "key_id": "k"}, "not an unencrypted PEM key"),
-    ({"private_key_pem": b"x"}, "needs key_id"),
-    ({"client_secret": "a", "alg": "HS256"}, "alg must be RS384 or ES384"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of client_secret or private_key_pem"),
+        ({"client_secret": "a", "private_key_pem": b"x"}, "exactly one of"),
+        ({"private_key_pem": b"not a pem", "key_id": "k"}, "not an unencrypted PEM key"),
+        ({"private_key_pem": b"x"}, "needs key_id"),
+        ({"client_secret": "a", "alg": "HS256"}, "alg must be RS384 or ES384"),
+    ],
+)
 def test_smart_auth__bad_configuration_is_a_config_error(kwargs, message):
     from fhir_kap.errors import ConfigError
 

@@ -1,4 +1,5 @@
 """`fhir-kap check` against a deliberately broken server: each defect fails the right checks only."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,11 @@ from testkit.brokenserver import BrokenServer
 
 ROOT = Path(__file__).resolve().parents[2]
 # The KAP examples shipped with the profiles; the minimal set in tests/data/check until they land.
-EXAMPLES = next(p for p in (ROOT / "profiles" / "examples" / "r4", ROOT / "tests" / "data" / "check" / "examples" / "r4")
-                if p.is_dir())
+EXAMPLES = next(
+    p
+    for p in (ROOT / "profiles" / "examples" / "r4", ROOT / "tests" / "data" / "check" / "examples" / "r4")
+    if p.is_dir()
+)
 TOKEN = "broken-server-token-0123"
 
 EXPECTED_FAILURES = {
@@ -27,8 +31,11 @@ EXPECTED_FAILURES = {
 
 def _run(defects: set[str]):
     with BrokenServer(defects=defects, token=TOKEN) as server:
-        report = run_checks(CheckConfig(server=server.base_url, auth=BearerAuth(TOKEN), auth_kind="bearer",
-                                        examples_dir=EXAMPLES))
+        report = run_checks(
+            CheckConfig(
+                server=server.base_url, auth=BearerAuth(TOKEN), auth_kind="bearer", examples_dir=EXAMPLES
+            )
+        )
         left = [k for k in server.store if k not in server.deleted]
     return report, left
 
@@ -65,17 +72,23 @@ def test_failure_evidence__masks_the_token_and_patient_data():
 
 def test_without_auth__security_checks_skip_with_reason():
     with BrokenServer() as server:
-        report = run_checks(CheckConfig(server=server.base_url, auth=NoAuth(), examples_dir=EXAMPLES,
-                                        only=("security",)))
+        report = run_checks(
+            CheckConfig(server=server.base_url, auth=NoAuth(), examples_dir=EXAMPLES, only=("security",))
+        )
     assert [(r.id, r.outcome) for r in report.results] == [
-        ("cap-01", "pass"), ("sec-01", "skip"), ("sec-02", "skip"), ("sec-03", "skip")]
+        ("cap-01", "pass"),
+        ("sec-01", "skip"),
+        ("sec-02", "skip"),
+        ("sec-03", "skip"),
+    ]
     assert "no auth configured" in report.results[1].reason
 
 
 def test_keep_data__leaves_the_run_data_in_place():
     with BrokenServer() as server:
-        report = run_checks(CheckConfig(server=server.base_url, examples_dir=EXAMPLES, only=("idempotency",),
-                                        keep_data=True))
+        report = run_checks(
+            CheckConfig(server=server.base_url, examples_dir=EXAMPLES, only=("idempotency",), keep_data=True)
+        )
         left = [r for (t, i), h in server.store.items() for r in h[-1:] if (t, i) not in server.deleted]
     assert report.data_kept
     assert left and all(any(i["system"] == report.run_system for i in r.get("identifier", [])) for r in left)

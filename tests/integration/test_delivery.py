@@ -1,6 +1,7 @@
 """The delivery worker: happy paths against the real SEKMET server (open, bearer, SMART),
 precise faults with `responses` (503, 429 Retry-After, timeout, 400), consent re-check at
 send time, and the outbox's retry schedule. Runs on SQLite and on PostgreSQL."""
+
 from __future__ import annotations
 
 import copy
@@ -60,9 +61,16 @@ def outbox(db, clock) -> Outbox:
 
 
 def queue(outbox: Outbox, resources: list[dict], base_url: str, endpoint: str = "practice-a") -> list[int]:
-    return [outbox.enqueue(r, endpoint=endpoint, base_url=base_url,
-                           recipient_ref="Practitioner/ref-therapist", purpose="TREAT")[0].id
-            for r in resources]
+    return [
+        outbox.enqueue(
+            r,
+            endpoint=endpoint,
+            base_url=base_url,
+            recipient_ref="Practitioner/ref-therapist",
+            purpose="TREAT",
+        )[0].id
+        for r in resources
+    ]
 
 
 def on_server(client: FhirClient, resource: dict) -> list[dict]:
@@ -72,11 +80,18 @@ def on_server(client: FhirClient, resource: dict) -> list[dict]:
 
 def worker(outbox, client_for, clock, **kw) -> DeliveryWorker:
     kw.setdefault("consent_check", allow)
-    return DeliveryWorker(outbox, client_for, clock=clock, worker_id="w-test",
-                          backoff=kw.pop("backoff", Backoff(base=10, cap=300, jitter=0)), **kw)
+    return DeliveryWorker(
+        outbox,
+        client_for,
+        clock=clock,
+        worker_id="w-test",
+        backoff=kw.pop("backoff", Backoff(base=10, cap=300, jitter=0)),
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------- SEKMET happy paths
+
 
 @pytest.mark.sekmet
 @pytest.mark.parametrize("use_transactions", [False, True], ids=["single", "transaction"])
@@ -96,8 +111,9 @@ def test_run_once__delivers_each_item_once_and_records_server_id(sekmet, outbox,
 
 @pytest.mark.sekmet
 @pytest.mark.parametrize("use_transactions", [False, True], ids=["single", "transaction"])
-def test_resending_after_a_lost_outbox_commit__creates_no_duplicate(sekmet, db, tmp_path, clock,
-                                                                    use_transactions):
+def test_resending_after_a_lost_outbox_commit__creates_no_duplicate(
+    sekmet, db, tmp_path, clock, use_transactions
+):
     """A worker killed after the POST and before recording it sends again: the conditional
     create finds the first copy, so the server still holds one."""
     client = FhirClient(sekmet.base_url)
@@ -119,12 +135,15 @@ def test_resending_after_a_lost_outbox_commit__creates_no_duplicate(sekmet, db, 
 def test_run_once__delivers_with_bearer_and_smart_backend_auth(sekmet_auth, outbox, clock, auth_kind):
     auth = {
         "bearer": lambda: BearerAuth(sekmet_auth.token),
-        "smart-secret": lambda: SmartBackendAuth(sekmet_auth.client_id,
-                                                 client_secret=sekmet_auth.client_secret,
-                                                 scope="system/*.*"),
-        "smart-jwt": lambda: SmartBackendAuth(sekmet_auth.jwt_client_id,
-                                              private_key_pem=sekmet_auth.private_key_pem,
-                                              key_id="kap-test-1", scope="system/*.*"),
+        "smart-secret": lambda: SmartBackendAuth(
+            sekmet_auth.client_id, client_secret=sekmet_auth.client_secret, scope="system/*.*"
+        ),
+        "smart-jwt": lambda: SmartBackendAuth(
+            sekmet_auth.jwt_client_id,
+            private_key_pem=sekmet_auth.private_key_pem,
+            key_id="kap-test-1",
+            scope="system/*.*",
+        ),
     }[auth_kind]()
     client = FhirClient(sekmet_auth.base_url, auth=auth)
     notes = [note(), note(), note()]
@@ -185,6 +204,7 @@ def test_refused_transaction__falls_back_to_singles_so_one_bad_item_blocks_nothi
 
 # ---------------------------------------------------------------- precise faults
 
+
 @pytest.fixture
 def rsps():
     with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
@@ -193,13 +213,19 @@ def rsps():
 
 def created(rsps, server_id: str = "srv-1") -> None:
     body = dict(note("x"), id=server_id, meta={"versionId": "1"})
-    rsps.add(responses.POST, f"{FAKE}/Communication", json=body, status=201,
-             headers={"Location": f"{FAKE}/Communication/{server_id}/_history/1"})
+    rsps.add(
+        responses.POST,
+        f"{FAKE}/Communication",
+        json=body,
+        status=201,
+        headers={"Location": f"{FAKE}/Communication/{server_id}/_history/1"},
+    )
 
 
 def fake_client(sleeps: Sleeps, attempts: int = 1) -> FhirClient:
-    return FhirClient(FAKE, sleep=sleeps, retry=RetryPolicy(attempts=attempts, base=0.5, jitter=0),
-                      rand=lambda: 0.0)
+    return FhirClient(
+        FAKE, sleep=sleeps, retry=RetryPolicy(attempts=attempts, base=0.5, jitter=0), rand=lambda: 0.0
+    )
 
 
 def test_conditional_create__sends_if_none_exist_on_the_idempotency_key(outbox, clock, rsps):
@@ -295,8 +321,13 @@ def test_persistent_5xx__dead_after_max_attempts_with_growing_backoff(outbox, cl
     for _ in range(3):
         rsps.add(responses.POST, f"{FAKE}/Communication", status=status)
     [item_id] = queue(outbox, [note()], FAKE)
-    w = worker(outbox, lambda name: fake_client(Sleeps()), clock, max_attempts=3,
-               backoff=Backoff(base=10, cap=15, jitter=0))
+    w = worker(
+        outbox,
+        lambda name: fake_client(Sleeps()),
+        clock,
+        max_attempts=3,
+        backoff=Backoff(base=10, cap=15, jitter=0),
+    )
     waits = []
     for _ in range(3):
         before = clock.now
@@ -316,8 +347,12 @@ def test_500__not_repeated_at_once_but_retried_later_then_delivered(outbox, cloc
     rsps.add(responses.POST, f"{FAKE}/Communication", status=500)
     created(rsps)
     [item_id] = queue(outbox, [note()], FAKE)
-    w = worker(outbox, lambda name: fake_client(Sleeps(), attempts=3), clock,
-               backoff=Backoff(base=10, cap=15, jitter=0))
+    w = worker(
+        outbox,
+        lambda name: fake_client(Sleeps(), attempts=3),
+        clock,
+        backoff=Backoff(base=10, cap=15, jitter=0),
+    )
     stats = w.run_once()
     item = outbox.get(item_id)
     assert (stats.retried, stats.dead, len(rsps.calls)) == (1, 0, 1)  # the client did not repeat it
@@ -339,9 +374,22 @@ def test_5xx_that_waiting_does_not_change__dead_letters_at_once(outbox, clock, r
 def test_a_refused_transaction_entry__is_dead_lettered_with_the_server_issue_codes(outbox, clock, rsps):
     oo = json.loads((DATA / "OperationOutcome-invalid.json").read_text())
     ok = dict(note("x"), id="srv-1", meta={"versionId": "1"})
-    rsps.add(responses.POST, FAKE, status=200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": [
-        {"resource": ok, "response": {"status": "201 Created", "location": "Communication/srv-1/_history/1"}},
-        {"response": {"status": "422 Unprocessable Entity", "outcome": oo}}]})
+    rsps.add(
+        responses.POST,
+        FAKE,
+        status=200,
+        json={
+            "resourceType": "Bundle",
+            "type": "transaction-response",
+            "entry": [
+                {
+                    "resource": ok,
+                    "response": {"status": "201 Created", "location": "Communication/srv-1/_history/1"},
+                },
+                {"response": {"status": "422 Unprocessable Entity", "outcome": oo}},
+            ],
+        },
+    )
     good_id, bad_id = queue(outbox, [note(), note()], FAKE)
     stats = worker(outbox, lambda name: fake_client(Sleeps()), clock, use_transactions=True).run_once()
     assert (stats.delivered, stats.dead) == (1, 1)
@@ -372,8 +420,12 @@ def test_endpoint_without_client__items_wait_for_the_configuration(outbox, clock
 
 def test_items_of_several_endpoints_go_to_their_own_server(outbox, clock, rsps):
     created(rsps, "a-1")
-    rsps.add(responses.POST, "http://other.test/fhir/Communication", status=201,
-             json=dict(note("y"), id="b-1", meta={"versionId": "1"}))
+    rsps.add(
+        responses.POST,
+        "http://other.test/fhir/Communication",
+        status=201,
+        json=dict(note("y"), id="b-1", meta={"versionId": "1"}),
+    )
     [a] = queue(outbox, [note()], FAKE, endpoint="a")
     [b] = queue(outbox, [note()], "http://other.test/fhir", endpoint="b")
     clients = {"a": fake_client(Sleeps()), "b": FhirClient("http://other.test/fhir")}

@@ -1,4 +1,5 @@
 """The durable outbox, on SQLite and on PostgreSQL."""
+
 from __future__ import annotations
 
 import copy
@@ -29,17 +30,27 @@ def outbox(db):
 
 
 def enqueue(outbox: Outbox, n: int, **kw) -> int:
-    item, created = outbox.enqueue(note(n), endpoint=kw.pop("endpoint", "practice-a"),
-                                   base_url=BASE, recipient_ref="Practitioner/ref-therapist",
-                                   purpose="TREAT", **kw)
+    item, created = outbox.enqueue(
+        note(n),
+        endpoint=kw.pop("endpoint", "practice-a"),
+        base_url=BASE,
+        recipient_ref="Practitioner/ref-therapist",
+        purpose="TREAT",
+        **kw,
+    )
     assert created
     return item.id
 
 
 def test_enqueue__stores_pending_item_with_key_patient_and_times(outbox):
-    item, created = outbox.enqueue(note(1), endpoint="practice-a", base_url=BASE,
-                                   recipient_ref="Practitioner/ref-therapist", purpose="TREAT",
-                                   consent_ref="Consent/consent-1/_history/2")
+    item, created = outbox.enqueue(
+        note(1),
+        endpoint="practice-a",
+        base_url=BASE,
+        recipient_ref="Practitioner/ref-therapist",
+        purpose="TREAT",
+        consent_ref="Consent/consent-1/_history/2",
+    )
     assert created
     assert item.state == "pending" and item.attempts == 0
     assert item.idempotency_key == "http://fhir-kap.example/sid/note|NOTE-0001"
@@ -64,13 +75,21 @@ def test_enqueue__same_key_other_endpoint_is_a_separate_item(outbox):
     assert created and a.id != b.id
 
 
-@pytest.mark.parametrize("resource, rule", [
-    ({"resourceType": "Communication", "status": "completed"}, "outbox:idempotency-key"),
-    ({"resourceType": "Communication", "identifier": [{"system": "http://x", "value": "1",
-                                                       "use": "old"}]}, "outbox:idempotency-key"),
-    ({"status": "completed"}, "fhir:resourceType"),
-    ("not a resource", "fhir:resourceType"),
-])
+@pytest.mark.parametrize(
+    "resource, rule",
+    [
+        ({"resourceType": "Communication", "status": "completed"}, "outbox:idempotency-key"),
+        (
+            {
+                "resourceType": "Communication",
+                "identifier": [{"system": "http://x", "value": "1", "use": "old"}],
+            },
+            "outbox:idempotency-key",
+        ),
+        ({"status": "completed"}, "fhir:resourceType"),
+        ("not a resource", "fhir:resourceType"),
+    ],
+)
 def test_enqueue__refuses_resources_without_type_or_business_identifier(outbox, resource, rule):
     with pytest.raises(InputError) as err:
         outbox.enqueue(resource, endpoint="practice-a", base_url=BASE)
@@ -79,8 +98,13 @@ def test_enqueue__refuses_resources_without_type_or_business_identifier(outbox, 
 
 
 def test_idempotency_key_of__skips_old_identifiers():
-    res = {"resourceType": "Communication", "identifier": [
-        {"system": "http://a", "value": "old-1", "use": "old"}, {"system": "http://b", "value": "2"}]}
+    res = {
+        "resourceType": "Communication",
+        "identifier": [
+            {"system": "http://a", "value": "old-1", "use": "old"},
+            {"system": "http://b", "value": "2"},
+        ],
+    }
     assert idempotency_key_of(res) == "http://b|2"
 
 
@@ -88,8 +112,10 @@ def test_claim__marks_due_items_sending_with_lease_and_counts_attempt(outbox):
     ids = [enqueue(outbox, n) for n in range(3)]
     claimed = outbox.claim("w1", limit=2, now=T0, lease_seconds=60)
     assert [i.id for i in claimed] == ids[:2]
-    assert all(i.state == "sending" and i.lease_owner == "w1" and i.lease_until == T0 + 60
-               and i.attempts == 1 for i in claimed)
+    assert all(
+        i.state == "sending" and i.lease_owner == "w1" and i.lease_until == T0 + 60 and i.attempts == 1
+        for i in claimed
+    )
     assert outbox.counts() == {"pending": 1, "sending": 2, "delivered": 0, "held": 0, "dead": 0}
 
 
@@ -127,11 +153,21 @@ def test_recover__gives_back_the_leases_of_a_restarted_worker(outbox):
 def test_mark_delivered__records_server_id_version_location(outbox):
     enqueue(outbox, 1)
     [item] = outbox.claim("w1", now=T0)
-    assert outbox.mark_delivered(item, server_id="abc", server_version="1",
-                                 location="http://s/fhir/Communication/abc/_history/1", now=T0 + 5)
+    assert outbox.mark_delivered(
+        item,
+        server_id="abc",
+        server_version="1",
+        location="http://s/fhir/Communication/abc/_history/1",
+        now=T0 + 5,
+    )
     got = outbox.get(item.id)
-    assert (got.state, got.server_id, got.server_version, got.delivered_by, got.delivered_at) == \
-        ("delivered", "abc", "1", "w1", T0 + 5)
+    assert (got.state, got.server_id, got.server_version, got.delivered_by, got.delivered_at) == (
+        "delivered",
+        "abc",
+        "1",
+        "w1",
+        T0 + 5,
+    )
     assert got.lease_owner is None and got.last_error is None
 
 
@@ -237,8 +273,10 @@ def test_context__keeps_latest_version_and_returns_patient_consents_plus_parties
     outbox.put_context(other)
     outbox.put_context(role)
     got = outbox.context_for("Patient/client-1")
-    assert [(r["resourceType"], r["id"]) for r in got] == [("Consent", "consent-1"),
-                                                          ("PractitionerRole", role["id"])]
+    assert [(r["resourceType"], r["id"]) for r in got] == [
+        ("Consent", "consent-1"),
+        ("PractitionerRole", role["id"]),
+    ]
     assert got[0]["status"] == "inactive"
     with pytest.raises(InputError):
         outbox.put_context({"resourceType": "Communication", "id": "x"})
@@ -246,7 +284,9 @@ def test_context__keeps_latest_version_and_returns_patient_consents_plus_parties
 
 def test_put_context__a_consent_reposted_under_a_new_id_replaces_the_old_one(outbox):
     """An EHR that re-posts a revoked consent gets a new server id; the gate must see one consent."""
-    consent = json.loads((Path(__file__).resolve().parents[1] / "data" / "delivery" / "Consent-open-ended.json").read_text())
+    consent = json.loads(
+        (Path(__file__).resolve().parents[1] / "data" / "delivery" / "Consent-open-ended.json").read_text()
+    )
     first = dict(consent, id="srv-1")
     revoked = dict(consent, id="srv-2", status="inactive")
     patient = first["patient"]["reference"]
@@ -259,7 +299,9 @@ def test_put_context__a_consent_reposted_under_a_new_id_replaces_the_old_one(out
 def test_a_consent_keyed_by_the_earlier_rule_is_rekeyed_on_upgrade_so_a_repost_replaces_it(db):
     """Before outbox-3 a Consent's key could be an identifier marked `use: old`; the new rule
     skips those, so without re-keying a re-posted (revoked) consent would sit beside the old copy."""
-    consent = json.loads((Path(__file__).resolve().parents[1] / "data" / "delivery" / "Consent-open-ended.json").read_text())
+    consent = json.loads(
+        (Path(__file__).resolve().parents[1] / "data" / "delivery" / "Consent-open-ended.json").read_text()
+    )
     consent["identifier"] = [{"use": "old", "system": "urn:old", "value": "o-1"}, *consent["identifier"]]
     first = dict(consent, id="srv-1")
     outbox = Outbox(db, clock=lambda: T0)
@@ -269,5 +311,7 @@ def test_a_consent_keyed_by_the_earlier_rule_is_rekeyed_on_upgrade_so_a_repost_r
         tx.execute("DELETE FROM schema_migrations WHERE name = 'outbox-3'")
     upgraded = Outbox(db, clock=lambda: T0)
     upgraded.put_context(dict(consent, id="srv-2", status="inactive"))
-    consents = [r for r in upgraded.context_for(first["patient"]["reference"]) if r["resourceType"] == "Consent"]
+    consents = [
+        r for r in upgraded.context_for(first["patient"]["reference"]) if r["resourceType"] == "Consent"
+    ]
     assert [(c["id"], c["status"]) for c in consents] == [("srv-2", "inactive")]

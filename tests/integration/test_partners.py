@@ -1,4 +1,5 @@
 """Partners: tokens shown once, stored hashed, revocable; scopes and identities checked."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ def partners(tmp_path):
 
 
 def test_add_returns_a_token_that_authenticates_and_is_not_stored(partners):
-    partner, token = partners.add("practice-a", org_identifier="urn:ietf:rfc:3986|urn:oid:1.2.3",
-                                  npis=["1234567893"])
+    partner, token = partners.add(
+        "practice-a", org_identifier="urn:ietf:rfc:3986|urn:oid:1.2.3", npis=["1234567893"]
+    )
     assert len(token) >= 40
     assert partners.authenticate(token) == partner
     dump = repr(partners.db.execute("SELECT * FROM partners"))
@@ -49,20 +51,26 @@ def test_adding_a_partner_twice_conflicts(partners):
         partners.add("practice-a")
 
 
-@pytest.mark.parametrize("kwargs,rule", [
-    ({"name": "../etc"}, "partner:name"),
-    ({"name": "ok", "scopes": "system/*.delete"}, "partner:scope"),
-    ({"name": "ok", "org_identifier": "no-bar"}, "partner:identifier"),
-    ({"name": "ok", "npis": ["12"]}, "partner:npi"),
-    ({"name": "ok", "endpoint_url": "ftp://x"}, "partner:url"),
-    ({"name": "ok", "webhook_url": "https://user:secret@hooks.example/kap"}, "partner:url"),
-    ({"name": "ok", "endpoint_url": "https://:secret@ehr.example/fhir"}, "partner:url"),
-    ({"name": "ok", "webhook_url": "https://hooks.example:notaport/kap"}, "partner:url"),
-    ({"name": "ok", "webhook_url": "https:///no-host"}, "partner:url"),
-    ({"name": "ok", "webhook_url": "https://hooks.example/kap#frag"}, "partner:url"),
-    ({"name": "ok", "endpoint_url": "https://x", "endpoint_auth": "bearer:s3cr3t-token"}, "partner:endpoint-auth"),
-    ({"name": "ok", "references": ["Patient/x"]}, "partner:reference"),
-])
+@pytest.mark.parametrize(
+    "kwargs,rule",
+    [
+        ({"name": "../etc"}, "partner:name"),
+        ({"name": "ok", "scopes": "system/*.delete"}, "partner:scope"),
+        ({"name": "ok", "org_identifier": "no-bar"}, "partner:identifier"),
+        ({"name": "ok", "npis": ["12"]}, "partner:npi"),
+        ({"name": "ok", "endpoint_url": "ftp://x"}, "partner:url"),
+        ({"name": "ok", "webhook_url": "https://user:secret@hooks.example/kap"}, "partner:url"),
+        ({"name": "ok", "endpoint_url": "https://:secret@ehr.example/fhir"}, "partner:url"),
+        ({"name": "ok", "webhook_url": "https://hooks.example:notaport/kap"}, "partner:url"),
+        ({"name": "ok", "webhook_url": "https:///no-host"}, "partner:url"),
+        ({"name": "ok", "webhook_url": "https://hooks.example/kap#frag"}, "partner:url"),
+        (
+            {"name": "ok", "endpoint_url": "https://x", "endpoint_auth": "bearer:s3cr3t-token"},
+            "partner:endpoint-auth",
+        ),
+        ({"name": "ok", "references": ["Patient/x"]}, "partner:reference"),
+    ],
+)
 def test_invalid_partner_settings_are_refused_naming_the_rule(partners, kwargs, rule):
     name = kwargs.pop("name")
     with pytest.raises(InputError) as err:
@@ -70,33 +78,39 @@ def test_invalid_partner_settings_are_refused_naming_the_rule(partners, kwargs, 
     assert err.value.issues[0].rule == rule
 
 
-@pytest.mark.parametrize("scopes,rtype,interaction,allowed", [
-    ("system/*.read", "Communication", "read", True),
-    ("system/*.read", "Communication", "write", False),
-    ("system/Communication.*", "Communication", "write", True),
-    ("system/Communication.*", "Consent", "read", False),
-    ("kap/clinic", "Communication", "read", False),
-    ("system/*.read", "Communication", "search", True),  # v1 read covers search
-    ("system/Communication.rs", "Communication", "read", True),  # SMART v2
-    ("system/Communication.rs", "Communication", "search", True),
-    ("system/Communication.rs", "Communication", "write", False),
-    ("system/Communication.r", "Communication", "search", False),  # read by id only
-    ("system/Communication.s", "Communication", "read", False),
-    ("system/*.c", "ServiceRequest", "write", True),
-    ("system/*.cruds", "Consent", "search", True),
-    ("system/*.ud", "Consent", "write", True),
-])
+@pytest.mark.parametrize(
+    "scopes,rtype,interaction,allowed",
+    [
+        ("system/*.read", "Communication", "read", True),
+        ("system/*.read", "Communication", "write", False),
+        ("system/Communication.*", "Communication", "write", True),
+        ("system/Communication.*", "Consent", "read", False),
+        ("kap/clinic", "Communication", "read", False),
+        ("system/*.read", "Communication", "search", True),  # v1 read covers search
+        ("system/Communication.rs", "Communication", "read", True),  # SMART v2
+        ("system/Communication.rs", "Communication", "search", True),
+        ("system/Communication.rs", "Communication", "write", False),
+        ("system/Communication.r", "Communication", "search", False),  # read by id only
+        ("system/Communication.s", "Communication", "read", False),
+        ("system/*.c", "ServiceRequest", "write", True),
+        ("system/*.cruds", "Consent", "search", True),
+        ("system/*.ud", "Consent", "write", True),
+    ],
+)
 def test_scopes_grant_interactions(partners, scopes, rtype, interaction, allowed):
     partner, _ = partners.add("p", scopes=scopes)
     assert partner.allows(rtype, interaction) is allowed
 
 
-@pytest.mark.parametrize("scopes,authority", [
-    ("system/*.read system/*.write", False),
-    ("system/*.* kap/records.write kap/referrals.write", False),
-    ("system/*.read system/*.write kap/consent-authority", True),
-    ("system/*.* kap/clinic", True),
-])
+@pytest.mark.parametrize(
+    "scopes,authority",
+    [
+        ("system/*.read system/*.write", False),
+        ("system/*.* kap/records.write kap/referrals.write", False),
+        ("system/*.read system/*.write kap/consent-authority", True),
+        ("system/*.* kap/clinic", True),
+    ],
+)
 def test_only_clinic_systems_and_consent_authorities_feed_the_consent_gate(partners, scopes, authority):
     partner, _ = partners.add("p", scopes=scopes)
     assert partner.is_consent_authority is authority
@@ -142,22 +156,38 @@ def test_unknown_tokens_are_not_cached_so_a_new_partner_works_at_once(tmp_path):
     assert bridge_side.authenticate(token) is not None
 
 
-@pytest.mark.parametrize("scope", ["system/Communication.sr", "system/Communication.", "system/*.rs?category=x",
-                                   "system/communication.rs", "system/*.rx", "user/*.rs"])
+@pytest.mark.parametrize(
+    "scope",
+    [
+        "system/Communication.sr",
+        "system/Communication.",
+        "system/*.rs?category=x",
+        "system/communication.rs",
+        "system/*.rx",
+        "user/*.rs",
+    ],
+)
 def test_scopes_outside_smart_v1_and_v2_are_refused(partners, scope):
     with pytest.raises(InputError) as err:
         partners.add("p", scopes=scope)
     assert err.value.issues[0].rule == "partner:scope"
 
 
-@pytest.mark.parametrize("held, requested, granted", [
-    ("system/*.read", "system/Communication.rs", "system/Communication.rs"),  # v2 asked, v1 held
-    ("system/*.rs", "system/Communication.read", "system/Communication.read"),  # v1 asked, v2 held
-    ("system/*.r", "system/Communication.read", ""),  # v1 read needs search too
-    ("system/*.read", "system/Communication.cruds", ""),  # asks for writes it does not hold
-    ("system/*.read system/*.write", "system/Communication.cruds system/*.*", "system/Communication.cruds system/*.*"),
-    ("system/*.rs", "system/Communication.rs?category=x", ""),  # granular scopes are not granted
-])
+@pytest.mark.parametrize(
+    "held, requested, granted",
+    [
+        ("system/*.read", "system/Communication.rs", "system/Communication.rs"),  # v2 asked, v1 held
+        ("system/*.rs", "system/Communication.read", "system/Communication.read"),  # v1 asked, v2 held
+        ("system/*.r", "system/Communication.read", ""),  # v1 read needs search too
+        ("system/*.read", "system/Communication.cruds", ""),  # asks for writes it does not hold
+        (
+            "system/*.read system/*.write",
+            "system/Communication.cruds system/*.*",
+            "system/Communication.cruds system/*.*",
+        ),
+        ("system/*.rs", "system/Communication.rs?category=x", ""),  # granular scopes are not granted
+    ],
+)
 def test_token_scopes_are_granted_across_smart_versions(partners, held, requested, granted):
     partner, _ = partners.add("p", scopes=held)
     assert " ".join(partner.grantable(requested.split())) == granted
@@ -176,5 +206,7 @@ def test_a_url_refused_for_credentials_never_echoes_them(partners):
     with pytest.raises(InputError) as err:
         partners.add("ok", webhook_url="https://user:s3cret@hooks.example/kap")
     assert "s3cret" not in str(err.value.operation_outcome())
-    partner, _ = partners.add("fine", webhook_url="http://127.0.0.1:9000/hooks", endpoint_url="https://ehr.example/fhir")
+    partner, _ = partners.add(
+        "fine", webhook_url="http://127.0.0.1:9000/hooks", endpoint_url="https://ehr.example/fhir"
+    )
     assert partner.webhook_url == "http://127.0.0.1:9000/hooks"

@@ -1,5 +1,6 @@
 """The schema in one place: every migration is registered, has its SQL files, and a fresh
 database ends with all of them recorded, on SQLite and on PostgreSQL."""
+
 from __future__ import annotations
 
 import pytest

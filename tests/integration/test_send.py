@@ -1,4 +1,5 @@
 """`fhir-kap send` → `fhir-kap deliver` against a real SEKMET: consent-gated, labelled, audited."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -13,8 +14,12 @@ from fhir_kap.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = ROOT / "profiles" / "examples" / "records"
 DATA = Path(__file__).resolve().parents[1] / "data" / "send"
-CONTEXT = ["client-client-0001.json", "practitioner-prac-ther-01.json", "organization-org-practice-01.json",
-           "practitioner-role-role-ther-01.json"]
+CONTEXT = [
+    "client-client-0001.json",
+    "practitioner-prac-ther-01.json",
+    "organization-org-practice-01.json",
+    "practitioner-role-role-ther-01.json",
+]
 
 
 def _record(name: str) -> dict:
@@ -24,8 +29,11 @@ def _record(name: str) -> dict:
 def _consent(status: str = "active") -> dict:
     """The sample consent, valid from a month ago to a year from today."""
     today = dt.date.today()
-    return dict(_record("consent-consent-0001.json"), status=status,
-                period={"start": str(today - dt.timedelta(days=30)), "end": str(today + dt.timedelta(days=365))})
+    return dict(
+        _record("consent-consent-0001.json"),
+        status=status,
+        period={"start": str(today - dt.timedelta(days=30)), "end": str(today + dt.timedelta(days=365))},
+    )
 
 
 @pytest.fixture
@@ -68,8 +76,13 @@ def test_send__permitted_note_is_queued_labelled_and_delivered_once(env, capsys)
 
 def test_send__every_decision_is_audited_and_a_permit_gets_a_provenance(env, capsys):
     tmp, base, ctx = env
-    _send(capsys, base, str(ctx), str(RECORDS / "note-note-0002.json"),
-          str(DATA / "note-to-unnamed-recipient.json"))
+    _send(
+        capsys,
+        base,
+        str(ctx),
+        str(RECORDS / "note-note-0002.json"),
+        str(DATA / "note-to-unnamed-recipient.json"),
+    )
     from fhir_kap.storage.auditlog import AuditLog
     from fhir_kap.storage.db import Database
 
@@ -82,10 +95,13 @@ def test_send__every_decision_is_audited_and_a_permit_gets_a_provenance(env, cap
     assert provenances[0]["target"][0]["reference"] == "Communication/note-0002"
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("note-transcript.json", "kap-note-1"),
-    ("note-to-unnamed-recipient.json", "recipient-not-named"),
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("note-transcript.json", "kap-note-1"),
+        ("note-to-unnamed-recipient.json", "recipient-not-named"),
+    ],
+)
 def test_send__refusals_are_explicit_and_nothing_is_queued(env, capsys, name, rule):
     tmp, base, ctx = env
     rc, lines = _send(capsys, base, str(ctx), str(DATA / name))
@@ -135,8 +151,17 @@ def test_send__a_fhir_resource_is_rebuilt_from_its_record__contained_text_and_no
 
 def test_send__recipient_must_be_one_the_note_is_addressed_to(env, capsys):
     tmp, base, ctx = env
-    rc = main(["send", "--to", base, "--recipient", "Practitioner/prac-presc-01", str(ctx),
-               str(RECORDS / "note-note-0001.json")])
+    rc = main(
+        [
+            "send",
+            "--to",
+            base,
+            "--recipient",
+            "Practitioner/prac-presc-01",
+            str(ctx),
+            str(RECORDS / "note-note-0001.json"),
+        ]
+    )
     last = [json.loads(x) for x in capsys.readouterr().out.splitlines()][-1]
     assert rc == 1 and last["reasons"][0]["rule"] == "outbound:recipient"
 
@@ -144,7 +169,9 @@ def test_send__recipient_must_be_one_the_note_is_addressed_to(env, capsys):
 def test_send__configured_endpoint_takes_only_the_recipients_it_lists(env, capsys, monkeypatch):
     tmp, base, ctx = env
     cfg = tmp / "kap.toml"
-    cfg.write_text(f'[endpoints.practice-b]\nbase_url = "{base}"\nrecipients = ["Practitioner/prac-other-01"]\n')
+    cfg.write_text(
+        f'[endpoints.practice-b]\nbase_url = "{base}"\nrecipients = ["Practitioner/prac-other-01"]\n'
+    )
     monkeypatch.setenv("FHIR_KAP_CONFIG", str(cfg))
     rc, lines = _send(capsys, "practice-b", str(ctx), str(RECORDS / "note-note-0001.json"))
     assert rc == 1 and lines[-1]["reasons"][0]["rule"] == "outbound:endpoint-recipient"

@@ -1,4 +1,5 @@
 """The versioned resource store, on SQLite and on PostgreSQL."""
+
 from __future__ import annotations
 
 import json
@@ -81,40 +82,43 @@ def test_conditional_create__several_matches_is_412(store):
         store.create(note, if_none_exist={"identifier": ["note-1"]})
 
 
-@pytest.mark.parametrize("params,hits", [
-    ({"patient": ["client-1"]}, 1),
-    ({"patient": ["Patient/client-1"]}, 1),
-    ({"patient": ["client-2"]}, 0),
-    ({"identifier": ["http://fhir-kap.example/sid/note|note-1"]}, 1),
-    ({"identifier": ["note-1"]}, 1),
-    ({"identifier": ["http://other|note-1"]}, 0),
-    ({"status": ["completed"]}, 1),
-    ({"status": ["in-progress,completed"]}, 1),
-    ({"status": ["in-progress"]}, 0),
-    ({"recipient": ["Practitioner/ref-therapist"]}, 1),
-    ({"recipient": ["ref-therapist"]}, 1),
-    ({"category": ["http://fhir-kap.example/CodeSystem/kap-information-category|session-dates"]}, 1),
-    ({"category": ["session-dates"]}, 1),
-    ({"category": ["safety"]}, 0),
-    ({"based-on": ["ServiceRequest/referral-1"]}, 1),
-    ({"_lastUpdated": ["ge2000-01-01"]}, 1),
-    ({"_lastUpdated": ["lt2000-01-01"]}, 0),
-    ({"patient": ["client-1"], "status": ["in-progress"]}, 0),
-    ({"identifier": ["http://fhir-kap.example/sid/note|"]}, 1),
-    ({"identifier": ["http://other|"]}, 0),
-    ({"identifier": ["|note-1"]}, 0),
-    ({"status": ["|completed"]}, 1),
-    ({"_security": ["http://terminology.hl7.org/CodeSystem/v3-Confidentiality|R"]}, 1),
-    ({"_security": ["http://terminology.hl7.org/CodeSystem/v3-ActCode|R"]}, 0),
-    ({"_security": ["PSY"]}, 1),
-    ({"subject": ["client-1"]}, 1),
-    ({"subject": ["Patient/client-1"]}, 1),
-    ({"subject": ["Group/client-1"]}, 0),
-    ({"recipient": ["Organization/ref-therapist"]}, 0),
-    ({"sender": ["Organization/kap-clinic"]}, 1),
-    ({"about": ["Procedure/session-1,Procedure/other"]}, 1),
-    ({"based-on": ["referral-2"]}, 0),
-])
+@pytest.mark.parametrize(
+    "params,hits",
+    [
+        ({"patient": ["client-1"]}, 1),
+        ({"patient": ["Patient/client-1"]}, 1),
+        ({"patient": ["client-2"]}, 0),
+        ({"identifier": ["http://fhir-kap.example/sid/note|note-1"]}, 1),
+        ({"identifier": ["note-1"]}, 1),
+        ({"identifier": ["http://other|note-1"]}, 0),
+        ({"status": ["completed"]}, 1),
+        ({"status": ["in-progress,completed"]}, 1),
+        ({"status": ["in-progress"]}, 0),
+        ({"recipient": ["Practitioner/ref-therapist"]}, 1),
+        ({"recipient": ["ref-therapist"]}, 1),
+        ({"category": ["http://fhir-kap.example/CodeSystem/kap-information-category|session-dates"]}, 1),
+        ({"category": ["session-dates"]}, 1),
+        ({"category": ["safety"]}, 0),
+        ({"based-on": ["ServiceRequest/referral-1"]}, 1),
+        ({"_lastUpdated": ["ge2000-01-01"]}, 1),
+        ({"_lastUpdated": ["lt2000-01-01"]}, 0),
+        ({"patient": ["client-1"], "status": ["in-progress"]}, 0),
+        ({"identifier": ["http://fhir-kap.example/sid/note|"]}, 1),
+        ({"identifier": ["http://other|"]}, 0),
+        ({"identifier": ["|note-1"]}, 0),
+        ({"status": ["|completed"]}, 1),
+        ({"_security": ["http://terminology.hl7.org/CodeSystem/v3-Confidentiality|R"]}, 1),
+        ({"_security": ["http://terminology.hl7.org/CodeSystem/v3-ActCode|R"]}, 0),
+        ({"_security": ["PSY"]}, 1),
+        ({"subject": ["client-1"]}, 1),
+        ({"subject": ["Patient/client-1"]}, 1),
+        ({"subject": ["Group/client-1"]}, 0),
+        ({"recipient": ["Organization/ref-therapist"]}, 0),
+        ({"sender": ["Organization/kap-clinic"]}, 1),
+        ({"about": ["Procedure/session-1,Procedure/other"]}, 1),
+        ({"based-on": ["referral-2"]}, 0),
+    ],
+)
 def test_search_matches_indexed_parameters(store, params, hits):
     store.create(load("Example-Communication-note-1.json"))
     store.create(load("Example-ServiceRequest-referral-1.json"))
@@ -144,15 +148,17 @@ def test_deleted_resources_leave_search_but_keep_history(store):
     assert len(store.history("Communication", first.id)) == 2
 
 
-@pytest.mark.parametrize("params", [{"nonsense": ["x"]}, {"_lastUpdated": ["yesterday"]},
-                                    {"_lastUpdated": ["ge2025-13-40"]}])
+@pytest.mark.parametrize(
+    "params", [{"nonsense": ["x"]}, {"_lastUpdated": ["yesterday"]}, {"_lastUpdated": ["ge2025-13-40"]}]
+)
 def test_bad_search_parameters_are_input_errors(store, params):
     with pytest.raises(InputError):
         store.search("Communication", params)
 
 
-@pytest.mark.parametrize("value", ["9999-12-31", "0001-01-01T00:00+05:00", "9999-12-31T23:59-05:00", "9999-12",
-                                   "eq9999"])
+@pytest.mark.parametrize(
+    "value", ["9999-12-31", "0001-01-01T00:00+05:00", "9999-12-31T23:59-05:00", "9999-12", "eq9999"]
+)
 def test_dates_whose_range_leaves_years_1_to_9999_are_input_errors_naming_the_parameter(store, value):
     with pytest.raises(InputError) as err:
         store.search("Communication", {"_lastUpdated": [value]})
@@ -165,12 +171,15 @@ def test_dates_at_the_edges_of_the_calendar_still_compare_correctly(store, value
     assert store.search("Communication", {"_lastUpdated": [value]}).total == hits
 
 
-@pytest.mark.parametrize("params", [
-    {"category": [",".join(["a"] * 101)]},
-    {"_id": [",".join(["a"] * 5000)]},
-    {"category": [",".join(["a"] * 60)], "status": [",".join(["b"] * 41)]},
-    {"category": [",".join(["a"] * 50), ",".join(["a"] * 51)]},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"category": [",".join(["a"] * 101)]},
+        {"_id": [",".join(["a"] * 5000)]},
+        {"category": [",".join(["a"] * 60)], "status": [",".join(["b"] * 41)]},
+        {"category": [",".join(["a"] * 50), ",".join(["a"] * 51)]},
+    ],
+)
 def test_more_than_a_hundred_search_values_are_too_costly(store, params):
     with pytest.raises(InputError) as err:
         store.search("Communication", params)
@@ -183,15 +192,23 @@ def test_more_than_a_hundred_search_values_are_too_costly(store, params):
 def test_a_hundred_search_values_and_many_audience_references_are_searched(store):
     created, _ = store.create(load("Example-Communication-note-1.json"), source="x")
     refs = [f"Practitioner/p{i}" for i in range(1500)] + ["Practitioner/ref-therapist"]
-    found = store.search("Communication", {"_id": [",".join(["a"] * 99 + [created.id])]}, audience=("y", refs))
+    found = store.search(
+        "Communication", {"_id": [",".join(["a"] * 99 + [created.id])]}, audience=("y", refs)
+    )
     assert [s.id for s in found.items] == [created.id]
 
 
-@pytest.mark.parametrize("condition", [
-    {}, {"_count": ["1"]}, {"_sort": ["x"], "_summary": ["true"]},
-    # criteria beside a result parameter: refused by the store itself, as at the HTTP door
-    {"identifier": ["urn:x|1"], "_count": ["1"]}, {"identifier": ["urn:x|1"], "_elements": ["id"]},
-])
+@pytest.mark.parametrize(
+    "condition",
+    [
+        {},
+        {"_count": ["1"]},
+        {"_sort": ["x"], "_summary": ["true"]},
+        # criteria beside a result parameter: refused by the store itself, as at the HTTP door
+        {"identifier": ["urn:x|1"], "_count": ["1"]},
+        {"identifier": ["urn:x|1"], "_elements": ["id"]},
+    ],
+)
 def test_a_condition_without_search_criteria_or_with_result_parameters_is_refused(store, condition):
     store.create(load("Example-Communication-note-1.json"), source="x")
     with pytest.raises(InputError) as err:
@@ -217,15 +234,22 @@ def test_an_index_of_the_old_layout_is_rebuilt_on_open(tmp_path):
     note = load("Example-Communication-note-1.json")
     note["meta"] = {"versionId": "1", "lastUpdated": "2025-01-01T00:00:00.000000Z"}
     with db.transaction() as tx:
-        tx.execute("INSERT INTO fhir_history (type, id, version, last_updated, source, body) "
-                   "VALUES ('Communication', 'note-1', 1, '2025-01-01T00:00:00.000000Z', NULL, ?)", (json.dumps(note),))
-        tx.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, source, body) "
-                   "VALUES ('Communication', 'note-1', 1, 1, '2025-01-01T00:00:00.000000Z', NULL, ?)",
-                   (json.dumps(note),))
+        tx.execute(
+            "INSERT INTO fhir_history (type, id, version, last_updated, source, body) "
+            "VALUES ('Communication', 'note-1', 1, '2025-01-01T00:00:00.000000Z', NULL, ?)",
+            (json.dumps(note),),
+        )
+        tx.execute(
+            "INSERT INTO fhir_current (type, id, version, seq, last_updated, source, body) "
+            "VALUES ('Communication', 'note-1', 1, 1, '2025-01-01T00:00:00.000000Z', NULL, ?)",
+            (json.dumps(note),),
+        )
     db.close()
     store = Store(Database(f"sqlite:///{path}"))
     assert [s.id for s in store.search("Communication", {"patient": ["client-1"]}).items] == ["note-1"]
-    assert store.search("Communication", {"identifier": ["http://fhir-kap.example/sid/note|note-1"]}).total == 1
+    assert (
+        store.search("Communication", {"identifier": ["http://fhir-kap.example/sid/note|note-1"]}).total == 1
+    )
     cols = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(fhir_index)")]
     assert cols == ["type", "id", "param", "code", "system"]
 
@@ -239,48 +263,76 @@ def test_a_store_2_database_moves_to_one_body_per_version_and_keeps_everything(d
     migrations.apply(db, "store-2")
     note = load("Example-Communication-note-1.json")
     rows = []  # (seq, id, version, deleted, body): note-1 twice, note-2 created then deleted
-    for seq, (rid, version, deleted) in enumerate([("note-1", 1, 0), ("note-2", 1, 0), ("note-1", 2, 0),
-                                                    ("note-2", 2, 1)], start=1):
-        body = dict(note, id=rid, meta={"versionId": str(version), "lastUpdated": f"2025-01-0{seq}T00:00:00.000000Z"})
+    for seq, (rid, version, deleted) in enumerate(
+        [("note-1", 1, 0), ("note-2", 1, 0), ("note-1", 2, 0), ("note-2", 2, 1)], start=1
+    ):
+        body = dict(
+            note, id=rid, meta={"versionId": str(version), "lastUpdated": f"2025-01-0{seq}T00:00:00.000000Z"}
+        )
         if deleted:
             body = {"resourceType": "Communication", "id": rid}
         rows.append((seq, rid, version, deleted, body))
     with db.transaction() as tx:
         for seq, rid, version, deleted, body in rows:
-            tx.execute("INSERT INTO fhir_history (seq, type, id, version, last_updated, deleted, source, body) "
-                       "VALUES (?, 'Communication', ?, ?, ?, ?, 'old', ?)",
-                       (seq, rid, version, body.get("meta", {}).get("lastUpdated", "2025-01-04T00:00:00.000000Z"),
-                        deleted, json.dumps(body)))
+            tx.execute(
+                "INSERT INTO fhir_history (seq, type, id, version, last_updated, deleted, source, body) "
+                "VALUES (?, 'Communication', ?, ?, ?, ?, 'old', ?)",
+                (
+                    seq,
+                    rid,
+                    version,
+                    body.get("meta", {}).get("lastUpdated", "2025-01-04T00:00:00.000000Z"),
+                    deleted,
+                    json.dumps(body),
+                ),
+            )
         for seq, rid, version, deleted, body in rows[2:]:  # the latest version of each
-            tx.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
-                       "VALUES ('Communication', ?, ?, ?, '2025-01-04T00:00:00.000000Z', ?, 'old', ?)",
-                       (rid, version, seq, deleted, json.dumps(body)))
-        tx.executemany("INSERT INTO fhir_index (type, id, param, code, system) VALUES (?, ?, ?, ?, ?)",
-                       sorted({("Communication", "note-1", p, c, s) for p, (c, s) in index_values(rows[2][4])}))
+            tx.execute(
+                "INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
+                "VALUES ('Communication', ?, ?, ?, '2025-01-04T00:00:00.000000Z', ?, 'old', ?)",
+                (rid, version, seq, deleted, json.dumps(body)),
+            )
+        tx.executemany(
+            "INSERT INTO fhir_index (type, id, param, code, system) VALUES (?, ?, ?, ?, ?)",
+            sorted({("Communication", "note-1", p, c, s) for p, (c, s) in index_values(rows[2][4])}),
+        )
         if db.dialect == "postgresql":  # rows written with explicit seqs, as the identity would have
             tx.execute("SELECT setval(pg_get_serial_sequence('fhir_history', 'seq'), 4)")
     store = Store(db)
     if db.dialect == "sqlite":
         cols = [r["name"] for r in db.query("SELECT name FROM pragma_table_info('fhir_current')")]
-        ddl = {r["name"]: r["sql"] for r in db.query("SELECT name, sql FROM sqlite_master WHERE type = 'table'")}
+        ddl = {
+            r["name"]: r["sql"] for r in db.query("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
+        }
         assert "AUTOINCREMENT" not in ddl["fhir_history"] and "WITHOUT ROWID" in ddl["fhir_current"]
         assert {r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE type = 'index'")} >= {
-            "fhir_current_seq"}
+            "fhir_current_seq"
+        }
     else:
-        cols = [r["column_name"] for r in db.query(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'fhir_current' "
-            "AND table_schema = current_schema()")]
+        cols = [
+            r["column_name"]
+            for r in db.query(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'fhir_current' "
+                "AND table_schema = current_schema()"
+            )
+        ]
     assert "body" not in cols and {"type", "id", "version", "seq"} <= set(cols)
     current = store.get("Communication", "note-1")
     assert current is not None and current.version == 2 and current.resource["meta"]["versionId"] == "2"
     assert store.get("Communication", "note-2").deleted
     assert [s.version for s in store.history("Communication", "note-1")] == [2, 1]
-    assert store.vread("Communication", "note-1", 1).resource["meta"]["lastUpdated"] == "2025-01-01T00:00:00.000000Z"
+    assert (
+        store.vread("Communication", "note-1", 1).resource["meta"]["lastUpdated"]
+        == "2025-01-01T00:00:00.000000Z"
+    )
     assert [s.id for s in store.search("Communication", {"patient": ["client-1"]}).items] == ["note-1"]
     created, _ = store.create(dict(note, identifier=[{"system": "urn:x", "value": "new"}]), source="old")
     seqs = db.query("SELECT seq FROM fhir_current WHERE id = ?", (created.id,))
     assert seqs[0]["seq"] > 4  # numbering goes on after the migrated history
-    assert [s.id for s in store.search("Communication", {"patient": ["client-1"]}).items] == ["note-1", created.id]
+    assert [s.id for s in store.search("Communication", {"patient": ["client-1"]}).items] == [
+        "note-1",
+        created.id,
+    ]
 
 
 def test_server_assigned_ids_are_time_ordered(store):
@@ -292,12 +344,17 @@ def test_server_assigned_ids_are_time_ordered(store):
 
 def test_the_layout_migration_refuses_a_current_row_without_its_history_and_changes_nothing(db):
     from fhir_kap.errors import ConfigError
+
     migrations.apply(db, "store-1")
     migrations.apply(db, "store-2")
-    db.execute("INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
-               "VALUES ('Communication', 'orphan', 1, 99, '2025-01-01T00:00:00.000000Z', 0, NULL, '{}')")
+    db.execute(
+        "INSERT INTO fhir_current (type, id, version, seq, last_updated, deleted, source, body) "
+        "VALUES ('Communication', 'orphan', 1, 99, '2025-01-01T00:00:00.000000Z', 0, NULL, '{}')"
+    )
     with pytest.raises(ConfigError, match="no matching history row") as err:
         Store(db)
     assert err.value.issues[0].rule == "store:migration"
-    assert db.query("SELECT body FROM fhir_current WHERE id = 'orphan'") == [{"body": "{}"}]  # old layout kept
+    assert db.query("SELECT body FROM fhir_current WHERE id = 'orphan'") == [
+        {"body": "{}"}
+    ]  # old layout kept
     assert not db.query("SELECT name FROM schema_migrations WHERE name = 'store-3'")

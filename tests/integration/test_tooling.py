@@ -1,4 +1,5 @@
 """The habits CI enforces: `.ci/run` stops on a lint, format or type error before any test runs."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,20 +17,31 @@ def test_ci_run_checks_lint_format_and_types_before_the_tests_and_stops_on_failu
     script = (ROOT / ".ci" / "run").read_text()
     assert "set -euo pipefail" in script
     lint = script.index("ruff check")
-    assert lint < script.index("ruff format --no-cache --check") < script.index("-m mypy") < script.index("-m pytest")
+    assert (
+        lint
+        < script.index("ruff format --no-cache --check")
+        < script.index("-m mypy")
+        < script.index("-m pytest")
+    )
 
 
 @pytest.mark.skipif(RUFF is None, reason="ruff is installed by `.ci/bootstrap test`")
-@pytest.mark.parametrize("source, rule", [
-    ("import os\n", "F401"),                                      # an unused import
-    ("def f(x=[]):\n    return x\n", "B006"),                    # a mutable default
-    ("from typing import List\n\nX: List[int] = []\n", "UP035"),  # pre-3.9 typing
-])
+@pytest.mark.parametrize(
+    "source, rule",
+    [
+        ("import os\n", "F401"),  # an unused import
+        ("def f(x=[]):\n    return x\n", "B006"),  # a mutable default
+        ("from typing import List\n\nX: List[int] = []\n", "UP035"),  # pre-3.9 typing
+    ],
+)
 def test_the_project_lint_rules_reject_a_probe(tmp_path, source, rule):
     probe = tmp_path / "probe.py"
     probe.write_text(source)
-    run = subprocess.run([RUFF, "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), str(probe)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [RUFF, "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), str(probe)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 1 and rule in run.stdout, run.stdout
 
 
@@ -37,6 +49,9 @@ def test_the_project_lint_rules_reject_a_probe(tmp_path, source, rule):
 def test_the_format_check_rejects_unformatted_code(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("x = {  'a':1 }\n")
-    run = subprocess.run([RUFF, "format", "--no-cache", "--check", "--config", str(ROOT / "pyproject.toml"),
-                          str(probe)], capture_output=True, text=True)
+    run = subprocess.run(
+        [RUFF, "format", "--no-cache", "--check", "--config", str(ROOT / "pyproject.toml"), str(probe)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 1

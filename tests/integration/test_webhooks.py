@@ -1,4 +1,5 @@
 """Rest-hooks are durable: queued with the write they announce, retried, dead-lettered, never lost in a crash."""
+
 from __future__ import annotations
 
 import json
@@ -84,12 +85,12 @@ def test_a_hook_that_answers_503_is_retried_until_it_takes_the_notification(db, 
     receiver.script = [(503, {}), (502, {})]
     assert n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     assert n.run_due() == 1
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert (job.state, job.attempts, job.last_status, job.last_error) == ("pending", 1, 503, "HTTP 503")
     assert job.next_attempt_at > clock.now  # backed off, not hammered
     assert n.run_due() == 0  # not due yet
     _run_until_quiet(n, clock)
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert (job.state, job.attempts, job.last_status) == ("delivered", 3, 204)
     assert receiver.bodies() == [{"event": EVENT_COMMUNICATION, "resource": "Communication/c1"}] * 3
     headers, body = receiver.received[-1]
@@ -102,22 +103,25 @@ def test_retry_after_on_429_is_honoured(db, receiver):
     receiver.script = [(429, {"Retry-After": "120"})]
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     n.run_due()
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert job.state == "pending" and job.next_attempt_at >= clock.now + 120
 
 
-@pytest.mark.parametrize("header, waits", [
-    ("Wed, 21 Oct 2099 07:28:00 GMT", 86_400.0),  # an HTTP date far ahead: honoured up to a day
-    ("99999999999", 86_400.0),  # more seconds than a day
-    ("inf", None),  # unreadable: the back-off decides (it once meant 'never', stranding the job)
-])
+@pytest.mark.parametrize(
+    "header, waits",
+    [
+        ("Wed, 21 Oct 2099 07:28:00 GMT", 86_400.0),  # an HTTP date far ahead: honoured up to a day
+        ("99999999999", 86_400.0),  # more seconds than a day
+        ("inf", None),  # unreadable: the back-off decides (it once meant 'never', stranding the job)
+    ],
+)
 def test_no_retry_after_puts_a_job_off_for_ever(db, receiver, header, waits):
     clock = Clock()
     n = _notifier(db, receiver.url, clock, backoff=Backoff(base=1.0, cap=300.0, jitter=0))
     receiver.script = [(429, {"Retry-After": header})]
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     n.run_due()
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert job.state == "pending"
     assert job.next_attempt_at - clock.now == (waits if waits is not None else 1.0)
 
@@ -134,7 +138,7 @@ def test_a_job_that_fails_on_this_side_is_given_up_after_the_attempt_limit(db, r
     n.resolve = broken
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     _run_until_quiet(n, clock)
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert (job.state, job.attempts) == ("dead", 3)
     assert job.last_error == "RuntimeError; gave up after 3 attempts"  # the type only, never a message
     assert receiver.bodies() == []
@@ -146,7 +150,7 @@ def test_a_refusing_hook_is_dead_lettered_at_once_and_a_down_one_after_the_attem
     receiver.script = [(410, {})]
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/refused", "1")
     n.run_due()
-    job, = n.jobs("dead")
+    (job,) = n.jobs("dead")
     assert (job.resource, job.attempts, job.last_status) == ("Communication/refused", 1, 410)
 
     with socket.socket() as s:  # a port nobody listens on
@@ -155,20 +159,22 @@ def test_a_refusing_hook_is_dead_lettered_at_once_and_a_down_one_after_the_attem
     n.resolve = {"practice-a": (down, None)}.get
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/down", "1")
     _run_until_quiet(n, clock)
-    job, = (j for j in n.jobs() if j.resource == "Communication/down")
+    (job,) = (j for j in n.jobs() if j.resource == "Communication/down")
     assert (job.state, job.attempts, job.last_status) == ("dead", 3, None)
     assert "gave up after 3 attempts" in job.last_error
 
 
-@pytest.mark.parametrize("status, state", [(408, "pending"), (500, "pending"), (507, "pending"),
-                                           (501, "dead"), (505, "dead"), (404, "dead")])
+@pytest.mark.parametrize(
+    "status, state",
+    [(408, "pending"), (500, "pending"), (507, "pending"), (501, "dead"), (505, "dead"), (404, "dead")],
+)
 def test_which_answers_are_tried_again_later_is_the_outbox_rule(db, receiver, status, state):
     clock = Clock()
     n = _notifier(db, receiver.url, clock)
     receiver.script = [(status, {})]
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     n.run_due()
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert (job.state, job.attempts, job.last_status) == (state, 1, status)
 
 
@@ -176,7 +182,7 @@ def test_a_partner_without_a_webhook_any_more_gets_nothing(db, receiver):
     n = _notifier(db, None)
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     n.run_due()
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert job.state == "dead" and "revoked or removed" in job.last_error
     assert receiver.received == []
 
@@ -194,13 +200,16 @@ def test_a_job_whose_sender_died_mid_post_is_sent_again_after_its_lease(db, rece
     n = _notifier(db, receiver.url, clock)
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     # What a sender that crashed after claiming leaves behind:
-    n.db.execute("UPDATE webhook_jobs SET state = 'sending', lease_owner = 'dead-worker', lease_until = ?, "
-                 "attempts = 1", (clock.now + 60,))
+    n.db.execute(
+        "UPDATE webhook_jobs SET state = 'sending', lease_owner = 'dead-worker', lease_until = ?, "
+        "attempts = 1",
+        (clock.now + 60,),
+    )
     other = _notifier(db, receiver.url, clock)
     assert other.run_due() == 0  # still leased
     clock.now += 61
     assert other.run_due() == 1
-    job, = other.jobs()
+    (job,) = other.jobs()
     assert (job.state, job.attempts) == ("delivered", 2)
     assert len(receiver.received) == 1
 
@@ -210,12 +219,16 @@ def test_two_senders_on_one_queue_post_each_job_once(db, receiver):
     for i in range(40):
         first.enqueue("practice-a", EVENT_COMMUNICATION, f"Communication/c{i}", "1")
     second = _notifier(db, receiver.url)
-    threads = [threading.Thread(target=lambda n=n: [n.run_due(limit=3) for _ in range(30)]) for n in (first, second)]
+    threads = [
+        threading.Thread(target=lambda n=n: [n.run_due(limit=3) for _ in range(30)]) for n in (first, second)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert sorted(b["resource"] for b in receiver.bodies()) == sorted(f"Communication/c{i}" for i in range(40))
+    assert sorted(b["resource"] for b in receiver.bodies()) == sorted(
+        f"Communication/c{i}" for i in range(40)
+    )
     assert {j.state for j in first.jobs(limit=100)} == {"delivered"}
 
 
@@ -232,15 +245,17 @@ def _bridge(tmp_path: Path, url: str):
     tokens = {}
     if partners.get("clinic-ehr") is None:
         tokens["clinic"] = partners.add("clinic-ehr", scopes="system/*.* kap/clinic kap/referrals.write")[1]
-        tokens["a"] = partners.add("practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"],
-                                   webhook_url=url)[1]
+        tokens["a"] = partners.add(
+            "practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"], webhook_url=url
+        )[1]
     app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir", webhook_timeout=2))
     return app, tokens
 
 
 def _post(app, token: str, path: str, body: dict):
-    return app.test_client().post(path, data=json.dumps(body),
-                                  headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR})
+    return app.test_client().post(
+        path, data=json.dumps(body), headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR}
+    )
 
 
 def test_a_note_accepted_while_the_hook_was_down_is_announced_by_the_next_process(tmp_path, receiver):
@@ -252,7 +267,7 @@ def test_a_note_accepted_while_the_hook_was_down_is_announced_by_the_next_proces
     note = _post(app, tokens["clinic"], "/fhir/Communication", load("Example-Communication-note-1.json"))
     assert note.status_code == 201
     assert notifier.drain(timeout=10)
-    job, = notifier.jobs()
+    (job,) = notifier.jobs()
     assert (job.state, job.last_status) == ("pending", 503)
     notifier.stop()  # the process "crashes"; its queue is in the database
 
@@ -277,8 +292,11 @@ def test_a_hook_job_exists_exactly_when_its_note_was_created(tmp_path, receiver)
     ident = note["identifier"][0]
     cond = {"If-None-Exist": f"identifier={ident['system']}|{ident['value']}"}
     for expected in (201, 200):  # the second POST finds the first: no new note, no second job
-        resp = app.test_client().post("/fhir/Communication", data=json.dumps(note), headers={
-            "Authorization": f"Bearer {tokens['clinic']}", "Content-Type": FHIR, **cond})
+        resp = app.test_client().post(
+            "/fhir/Communication",
+            data=json.dumps(note),
+            headers={"Authorization": f"Bearer {tokens['clinic']}", "Content-Type": FHIR, **cond},
+        )
         assert resp.status_code == expected
     bad = dict(note, status="bogus")
     assert _post(app, tokens["clinic"], "/fhir/Communication", bad).status_code == 422
@@ -294,8 +312,11 @@ def test_each_referral_status_move_is_announced_to_the_referring_practice(tmp_pa
     assert referral.status_code == 201, referral.get_data(as_text=True)
     rid = referral.get_json()["id"]
     for status in ("accepted", "scheduled"):
-        moved = app.test_client().post(f"/kap/referrals/{rid}/status", json={"status": status},
-                                       headers={"Authorization": f"Bearer {tokens['clinic']}"})
+        moved = app.test_client().post(
+            f"/kap/referrals/{rid}/status",
+            json={"status": status},
+            headers={"Authorization": f"Bearer {tokens['clinic']}"},
+        )
         assert moved.status_code == 200, moved.get_data(as_text=True)
     assert notifier.drain(timeout=10)
     tasks = [j for j in notifier.jobs() if j.event == EVENT_TASK]
@@ -339,7 +360,10 @@ def test_a_write_that_queues_no_hook_does_not_wake_the_sender(tmp_path, receiver
     real_wake = notifier.wake
     notifier.wake = lambda: wakes.append(1) or real_wake()
     for _ in range(5):
-        assert _post(app, token, "/fhir/Communication", load("Example-Communication-note-1.json")).status_code == 201
+        assert (
+            _post(app, token, "/fhir/Communication", load("Example-Communication-note-1.json")).status_code
+            == 201
+        )
     assert wakes == [] and not notifier._wake.is_set()  # the request path never woke the sender
     notifier.stop()
 
@@ -368,8 +392,12 @@ def test_one_partners_broken_hook_does_not_stall_the_others(db, receiver):
     srv, broken = _garbage_server()
     try:
         clock = Clock()
-        n = Notifier(timeout=2, db=db, clock=clock,
-                     resolve={"broken": (broken, None), "practice-a": (receiver.url, "s3cret")}.get)
+        n = Notifier(
+            timeout=2,
+            db=db,
+            clock=clock,
+            resolve={"broken": (broken, None), "practice-a": (receiver.url, "s3cret")}.get,
+        )
         n.enqueue("broken", EVENT_COMMUNICATION, "Communication/b1", "1")
         n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/a1", "1")
         assert n.run_due() == 2
@@ -388,7 +416,7 @@ def test_a_redirect_is_never_followed(db, receiver):
         n = _notifier(db, receiver.url)
         n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
         n.run_due()
-        job, = n.jobs()
+        (job,) = n.jobs()
         assert (job.state, job.last_status) == ("dead", 302) and "not followed" in job.last_error
         assert inner.received == []
     finally:
@@ -399,7 +427,7 @@ def test_a_job_for_a_note_the_partner_may_no_longer_read_is_not_sent(db, receive
     n = _notifier(db, receiver.url, allowed=lambda partner, ref: False)  # e.g. consent withdrawn since
     n.enqueue("practice-a", EVENT_COMMUNICATION, "Communication/c1", "1")
     n.run_due()
-    job, = n.jobs()
+    (job,) = n.jobs()
     assert job.state == "dead" and "consent" in job.last_error
     assert receiver.received == []
 
@@ -430,14 +458,22 @@ def test_a_queued_hook_is_dropped_when_consent_is_withdrawn_before_it_is_sent(tm
     notifier.backoff = Backoff(base=3600.0, cap=3600.0)
     receiver.script = [(503, {})]  # the first try fails: the job waits for a retry
     assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-open-ended.json")).status_code == 201
-    assert _post(app, tokens["clinic"], "/fhir/Communication", load("Example-Communication-note-1.json")).status_code == 201
+    assert (
+        _post(
+            app, tokens["clinic"], "/fhir/Communication", load("Example-Communication-note-1.json")
+        ).status_code
+        == 201
+    )
     assert notifier.drain(timeout=10)
     assert notifier.jobs()[0].state == "pending"
     # The client now refuses the therapist: the retry must not tell the practice the note exists.
-    assert _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-deny-ref-therapist.json")).status_code == 201
+    assert (
+        _post(app, tokens["clinic"], "/fhir/Consent", load("Consent-deny-ref-therapist.json")).status_code
+        == 201
+    )
     notifier.db.execute("UPDATE webhook_jobs SET next_attempt_at = 0")
     assert notifier.drain(timeout=10)
-    job, = notifier.jobs()
+    (job,) = notifier.jobs()
     assert job.state == "dead" and "consent" in job.last_error
     assert len(receiver.received) == 1  # only the failed first try
     notifier.stop()
@@ -463,8 +499,9 @@ def test_a_hook_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline(db):
 
     threading.Thread(target=drip, daemon=True).start()
     try:
-        result = Notifier(timeout=1).notify(f"http://127.0.0.1:{srv.getsockname()[1]}/hook", EVENT_COMMUNICATION,
-                                            "Communication/c1")
+        result = Notifier(timeout=1).notify(
+            f"http://127.0.0.1:{srv.getsockname()[1]}/hook", EVENT_COMMUNICATION, "Communication/c1"
+        )
         assert not result.delivered and result.status is None  # cut off, not the 204 that would come
     finally:
         srv.close()

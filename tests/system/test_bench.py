@@ -2,6 +2,7 @@
 
 Speed targets are judged by `bench/run.py` itself against same-run baselines, never here.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_bench_quick__every_suite_reports_figures_beside_a_baseline(tmp_path):
     out = tmp_path / "results.json"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["suite"] for r in rows} == {"mapping", "consent", "bridge", "client", "delivery", "bulk", "cli"}

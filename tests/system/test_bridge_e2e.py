@@ -1,4 +1,5 @@
 """End to end: `fhir-kap partners add` and `fhir-kap serve` (real gunicorn) on a free port; a signed webhook."""
+
 from __future__ import annotations
 
 import http.client
@@ -25,8 +26,14 @@ def _free_port() -> int:
 
 
 def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fhir_kap.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "fhir_kap.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _request(port: int, method: str, path: str, body: bytes | None = None, token: str | None = None):
@@ -45,15 +52,28 @@ def _request(port: int, method: str, path: str, body: bytes | None = None, token
 def test_gunicorn_serves_the_bridge_end_to_end(tmp_path):
     env = {**os.environ, "FHIR_KAP_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": os.getcwd()}
     env.pop("FHIR_KAP_DATABASE_URL", None)
-    added = _cli(env, "partners", "add", "practice-a", "--npi", "1234567893", "--scopes", "system/*.read",
-                 "system/*.write")
+    added = _cli(
+        env,
+        "partners",
+        "add",
+        "practice-a",
+        "--npi",
+        "1234567893",
+        "--scopes",
+        "system/*.read",
+        "system/*.write",
+    )
     assert added.returncode == 0, added.stderr
     token = json.loads(added.stdout)["token"]
     listed = _cli(env, "partners", "list")
     assert token not in listed.stdout and json.loads(listed.stdout)[0]["name"] == "practice-a"
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -64,8 +84,13 @@ def test_gunicorn_serves_the_bridge_end_to_end(tmp_path):
                 pass
             assert time.monotonic() < deadline and server.poll() is None, "bridge did not start"
             time.sleep(0.2)
-        status, headers, body = _request(port, "POST", "/fhir/Communication",
-                                         json.dumps(load("Example-Communication-note-1.json")).encode(), token)
+        status, headers, body = _request(
+            port,
+            "POST",
+            "/fhir/Communication",
+            json.dumps(load("Example-Communication-note-1.json")).encode(),
+            token,
+        )
         assert status == 201, body
         location = headers["Location"]
         assert location.startswith(f"http://127.0.0.1:{port}/fhir/Communication/")
@@ -105,8 +130,12 @@ def test_webhook_payload_is_id_only_and_signed():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        result = Notifier(timeout=5).notify(f"http://127.0.0.1:{server.server_port}/hook", EVENT_COMMUNICATION,
-                                            "Communication/abc", secret="s3cret")
+        result = Notifier(timeout=5).notify(
+            f"http://127.0.0.1:{server.server_port}/hook",
+            EVENT_COMMUNICATION,
+            "Communication/abc",
+            secret="s3cret",
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -118,18 +147,23 @@ def test_webhook_payload_is_id_only_and_signed():
 
 def test_an_unreachable_webhook_is_reported_not_raised():
     port = _free_port()
-    result = Notifier(timeout=1).notify(f"http://127.0.0.1:{port}/hook", EVENT_COMMUNICATION, "Communication/x")
+    result = Notifier(timeout=1).notify(
+        f"http://127.0.0.1:{port}/hook", EVENT_COMMUNICATION, "Communication/x"
+    )
     assert not result.delivered and result.error
 
 
-@pytest.mark.parametrize("cpus, cpu_max, expected", [
-    (2, None, 3),                 # no cgroup limit: one more than the cores
-    (64, "200000 100000", 3),     # a container limited to 2 CPUs on a 64-core node
-    (64, "150000 100000", 3),     # 1.5 CPUs round up to 2
-    (64, "50000 100000", 2),
-    (64, "max 100000", 8),        # unlimited: capped at 8
-    (4, "garbage", 5),            # unreadable quota: ignored
-])
+@pytest.mark.parametrize(
+    "cpus, cpu_max, expected",
+    [
+        (2, None, 3),  # no cgroup limit: one more than the cores
+        (64, "200000 100000", 3),  # a container limited to 2 CPUs on a 64-core node
+        (64, "150000 100000", 3),  # 1.5 CPUs round up to 2
+        (64, "50000 100000", 2),
+        (64, "max 100000", 8),  # unlimited: capped at 8
+        (4, "garbage", 5),  # unreadable quota: ignored
+    ],
+)
 def test_serve_default_workers_follow_the_usable_cpus(tmp_path, monkeypatch, cpus, cpu_max, expected):
     from fhir_kap.cli.bridge import _default_workers
 
@@ -146,17 +180,36 @@ def test_the_bridge_logs_one_json_object_per_line_with_ids_and_codes_only():
     from fhir_kap.bridge.app import JsonLines
 
     fmt = JsonLines()
-    request_line = logging.makeLogRecord({"msg": '{"event": "request", "status": 201}', "levelno": 20,
-                                          "levelname": "INFO", "name": "fhir_kap.bridge"})
+    request_line = logging.makeLogRecord(
+        {
+            "msg": '{"event": "request", "status": 201}',
+            "levelno": 20,
+            "levelname": "INFO",
+            "name": "fhir_kap.bridge",
+        }
+    )
     assert fmt.format(request_line) == '{"event": "request", "status": 201}'  # built by the bridge as it is
     try:
         raise ValueError("Client: I saw colours")  # an exception message may quote data
     except ValueError:
         import sys
-        other = logging.makeLogRecord({"msg": "webhook given up", "levelno": 30, "levelname": "WARNING",
-                                       "name": "fhir_kap.notify", "job": 7, "status": 410,
-                                       "exc_info": sys.exc_info()})
+
+        other = logging.makeLogRecord(
+            {
+                "msg": "webhook given up",
+                "levelno": 30,
+                "levelname": "WARNING",
+                "name": "fhir_kap.notify",
+                "job": 7,
+                "status": 410,
+                "exc_info": sys.exc_info(),
+            }
+        )
     line = json.loads(fmt.format(other))
-    assert line["event"] == "webhook given up" and line["level"] == "warning" and line["logger"] == "fhir_kap.notify"
+    assert (
+        line["event"] == "webhook given up"
+        and line["level"] == "warning"
+        and line["logger"] == "fhir_kap.notify"
+    )
     assert line["job"] == 7 and line["status"] == 410 and line["error"] == "ValueError"
     assert "colours" not in json.dumps(line)

@@ -1,4 +1,5 @@
 """FhirClient against the real SEKMET FHIR R4 server: every happy path, auth, and refusals."""
+
 from __future__ import annotations
 
 import json
@@ -50,18 +51,29 @@ def test_capabilities__negotiates_r4_and_lists_interactions(client):
 
 
 def test_preflight__passes_for_what_the_server_offers(client):
-    caps = client.preflight(["Patient", "Communication"], interactions=("create", "read", "update"),
-                            transaction=True, release=Release.R4)
+    caps = client.preflight(
+        ["Patient", "Communication"],
+        interactions=("create", "read", "update"),
+        transaction=True,
+        release=Release.R4,
+    )
     assert caps.fhir_version is Release.R4
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"resource_types": ["Patient"], "release": Release.R5},
-     "FHIR 5.0.0 needed but the server speaks 4.0.1"),
-    ({"resource_types": ["NotAType"]}, "resource type NotAType not supported"),
-    ({"resource_types": ["Patient"], "interactions": ("create", "frobnicate")},
-     "Patient lacks interaction(s) frobnicate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (
+            {"resource_types": ["Patient"], "release": Release.R5},
+            "FHIR 5.0.0 needed but the server speaks 4.0.1",
+        ),
+        ({"resource_types": ["NotAType"]}, "resource type NotAType not supported"),
+        (
+            {"resource_types": ["Patient"], "interactions": ("create", "frobnicate")},
+            "Patient lacks interaction(s) frobnicate",
+        ),
+    ],
+)
 def test_preflight__refuses_naming_what_is_missing(client, kwargs, expected):
     with pytest.raises(ServerError) as err:
         client.preflight(**kwargs)
@@ -174,6 +186,7 @@ def test_server_rejection__becomes_server_error_with_outcome(client):
 
 # ---- auth (server with bearer + SMART)
 
+
 def test_bearer_auth__is_accepted(sekmet_auth):
     c = FhirClient(sekmet_auth.base_url, auth=BearerAuth(sekmet_auth.token))
     created = c.create(fresh("Patient-client.json"))
@@ -192,8 +205,9 @@ def test_unauthenticated__is_401_not_retried(sekmet_auth, auth):
 def smart(server, kind: str, **kw) -> SmartBackendAuth:
     if kind == "client_secret":
         return SmartBackendAuth(server.client_id, client_secret=server.client_secret, **kw)
-    return SmartBackendAuth(server.jwt_client_id, private_key_pem=server.private_key_pem,
-                            key_id="kap-test-1", **kw)
+    return SmartBackendAuth(
+        server.jwt_client_id, private_key_pem=server.private_key_pem, key_id="kap-test-1", **kw
+    )
 
 
 @pytest.mark.parametrize("kind", ["client_secret", "private_key_jwt"])

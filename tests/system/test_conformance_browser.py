@@ -1,4 +1,5 @@
 """The HTML report rendered by a real headless Chromium: it renders, and its counts match the JSON."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ import pytest
 from fhir_kap.conformance.reports import html_report
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "check"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +37,12 @@ def chromium() -> str:
 
 
 def _run(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_html_report__rendered_dom_counts_match_json(chromium, tmp_path):
@@ -45,7 +58,8 @@ def test_html_report__rendered_dom_counts_match_json(chromium, tmp_path):
     rows = re.findall(r'<tr class="result (\w+)"', dom)
     assert len(rows) == report["summary"]["total"]
     assert {o: rows.count(o) for o in ("pass", "fail", "skip")} == {
-        o: report["summary"][o] for o in ("pass", "fail", "skip")}
+        o: report["summary"][o] for o in ("pass", "fail", "skip")
+    }
     assert 'id="verdict">FAILED<' in dom
 
 

@@ -1,5 +1,6 @@
 """`fhir-kap check` against SEKMET, the real R4 server: every check passes or is skipped for a true
 reason, except SEKMET's own known defects, which must be reported (see /work/shared/FACTS.md)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,11 @@ from fhir_kap.demo.testserver import free_port
 pytestmark = [pytest.mark.sekmet, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = next(p for p in (ROOT / "profiles" / "examples" / "r4", ROOT / "tests" / "data" / "check" / "examples" / "r4")
-                if p.is_dir())
+EXAMPLES = next(
+    p
+    for p in (ROOT / "profiles" / "examples" / "r4", ROOT / "tests" / "data" / "check" / "examples" / "r4")
+    if p.is_dir()
+)
 
 # SEKMET 0.1.1's defects, each reported by an optional check (so the run still passes):
 SEKMET_KNOWN_FAILURES = {
@@ -34,18 +38,25 @@ def _check(tmp_path: Path, *args: str) -> tuple[int, dict, Path]:
 
 def test_sekmet_open__passes_with_only_the_known_defects_reported(sekmet, tmp_path, capsys):
     junit, page = tmp_path / "junit.xml", tmp_path / "report.html"
-    code, report, _ = _check(tmp_path, "--server", sekmet.base_url, "--junit", str(junit), "--html", str(page))
+    code, report, _ = _check(
+        tmp_path, "--server", sekmet.base_url, "--junit", str(junit), "--html", str(page)
+    )
     outcome = {r["id"]: r for r in report["results"]}
     failed = {i for i, r in outcome.items() if r["outcome"] == "fail"}
     assert failed == set(SEKMET_KNOWN_FAILURES), {i: outcome[i]["reason"] for i in failed}
     assert not any(outcome[i]["required"] for i in failed)
     skipped = {i: r["reason"] for i, r in outcome.items() if r["outcome"] == "skip"}
-    assert skipped == {"cap-07": "auth is not smart",
-                       **{f"sec-0{n}": skipped.get(f"sec-0{n}") for n in (1, 2, 3)}}
+    assert skipped == {
+        "cap-07": "auth is not smart",
+        **{f"sec-0{n}": skipped.get(f"sec-0{n}") for n in (1, 2, 3)},
+    }
     assert all("no auth configured" in skipped[f"sec-0{n}"] for n in (1, 2, 3))
     assert code == 0 and report["passed"] and report["fhir_version"] == "4.0.1"
     assert report["cleanup_problems"] == []
-    assert "500" in outcome["err-06"]["reason"] and outcome["err-05"]["exchanges"][0]["response"]["status"] == 201
+    assert (
+        "500" in outcome["err-06"]["reason"]
+        and outcome["err-05"]["exchanges"][0]["response"]["status"] == 201
+    )
     assert ET.parse(junit).getroot().get("failures") == "0"
     assert "PASSED" in capsys.readouterr().out
     assert page.read_text().count("<details>") == sum(len(r["exchanges"]) for r in report["results"])
@@ -57,14 +68,26 @@ def test_sekmet_open__test_data_is_removed(sekmet, tmp_path):
     _, report, _ = _check(tmp_path, "--server", sekmet.base_url, "--only", "idempotency")
     system = report["run_system"]
     for rtype in ("Patient", "ServiceRequest"):
-        bundle = requests.get(f"{sekmet.base_url}/{rtype}", params={"identifier": f"{system}|"}, timeout=10).json()
+        bundle = requests.get(
+            f"{sekmet.base_url}/{rtype}", params={"identifier": f"{system}|"}, timeout=10
+        ).json()
         assert not bundle.get("entry"), f"{rtype} left behind"
 
 
 def test_sekmet_bearer__security_checks_pass_and_token_never_in_report(sekmet_auth, tmp_path, monkeypatch):
     monkeypatch.setenv("KAP_CHECK_TOKEN", sekmet_auth.token)
-    code, report, out = _check(tmp_path, "--server", sekmet_auth.base_url, "--auth", "bearer",
-                               "--token-env", "KAP_CHECK_TOKEN", "--only", "security", "errors")
+    code, report, out = _check(
+        tmp_path,
+        "--server",
+        sekmet_auth.base_url,
+        "--auth",
+        "bearer",
+        "--token-env",
+        "KAP_CHECK_TOKEN",
+        "--only",
+        "security",
+        "errors",
+    )
     outcome = {r["id"]: r["outcome"] for r in report["results"]}
     assert {outcome[i] for i in ("sec-01", "sec-02", "sec-03")} == {"pass"}
     assert code == 0
@@ -79,9 +102,25 @@ def test_sekmet_smart__discovery_and_security_pass(sekmet_auth, tmp_path, monkey
     else:
         key = tmp_path / "key.pem"
         key.write_bytes(sekmet_auth.private_key_pem)
-        creds = ["--client-id", sekmet_auth.jwt_client_id, "--private-key", str(key), "--key-id", "kap-test-1"]
-    code, report, out = _check(tmp_path, "--server", sekmet_auth.base_url, "--auth", "smart", *creds,
-                               "--only", "capability", "security")
+        creds = [
+            "--client-id",
+            sekmet_auth.jwt_client_id,
+            "--private-key",
+            str(key),
+            "--key-id",
+            "kap-test-1",
+        ]
+    code, report, out = _check(
+        tmp_path,
+        "--server",
+        sekmet_auth.base_url,
+        "--auth",
+        "smart",
+        *creds,
+        "--only",
+        "capability",
+        "security",
+    )
     outcome = {r["id"]: (r["outcome"], r["reason"]) for r in report["results"]}
     assert outcome["cap-07"][0] == "pass", outcome["cap-07"]
     assert all(outcome[f"sec-0{n}"][0] == "pass" for n in (1, 2, 3)), outcome
@@ -96,11 +135,14 @@ def test_unreachable_server__exit_2_with_outcome(tmp_path, capsys):
     assert '"resourceType": "OperationOutcome"' in err and "cannot reach" in err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--auth", "bearer"], "--auth bearer needs --token-env"),
-    (["--auth", "bearer", "--token-env", "KAP_CHECK_UNSET_VAR"], "'KAP_CHECK_UNSET_VAR' is not set"),
-    (["--auth", "smart"], "--auth smart needs --client-id"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--auth", "bearer"], "--auth bearer needs --token-env"),
+        (["--auth", "bearer", "--token-env", "KAP_CHECK_UNSET_VAR"], "'KAP_CHECK_UNSET_VAR' is not set"),
+        (["--auth", "smart"], "--auth smart needs --client-id"),
+    ],
+)
 def test_missing_secret__clear_error_naming_the_variable(args, message, capsys, monkeypatch):
     monkeypatch.delenv("KAP_CHECK_UNSET_VAR", raising=False)
     assert main(["check", "--server", "http://127.0.0.1:9/fhir", *args]) == 2
@@ -120,13 +162,32 @@ def test_smart_private_key__signs_with_the_chosen_algorithm_and_scope(tmp_path, 
 
     key = ec.generate_private_key(ec.SECP384R1()) if curve else rsa.generate_private_key(65537, 2048)
     pem = tmp_path / "key.pem"
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     parser = argparse.ArgumentParser()
     check_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["check", "--server", "http://x.test/fhir", "--auth", "smart", "--client-id", "c1",
-                              "--private-key", str(pem), "--key-id", "k1", "--alg", alg,
-                              "--scope", "system/Communication.read"])
+    args = parser.parse_args(
+        [
+            "check",
+            "--server",
+            "http://x.test/fhir",
+            "--auth",
+            "smart",
+            "--client-id",
+            "c1",
+            "--private-key",
+            str(pem),
+            "--key-id",
+            "k1",
+            "--alg",
+            alg,
+            "--scope",
+            "system/Communication.read",
+        ]
+    )
     auth, secrets = check_cli._auth(args)
     assert (auth.alg, auth.scope, secrets) == (alg, "system/Communication.read", [])
     auth.token_url = "http://x.test/auth/token"  # as discovery would set it
@@ -140,8 +201,29 @@ def test_smart_private_key__an_rsa_key_with_es384_is_a_clear_error(tmp_path, cap
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     pem = tmp_path / "key.pem"
-    pem.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    assert main(["check", "--server", "http://127.0.0.1:9/fhir", "--auth", "smart", "--client-id", "c1",
-                 "--private-key", str(pem), "--key-id", "k1", "--alg", "ES384"]) == 2
+    pem.write_bytes(
+        rsa.generate_private_key(65537, 2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    assert (
+        main(
+            [
+                "check",
+                "--server",
+                "http://127.0.0.1:9/fhir",
+                "--auth",
+                "smart",
+                "--client-id",
+                "c1",
+                "--private-key",
+                str(pem),
+                "--key-id",
+                "k1",
+                "--alg",
+                "ES384",
+            ]
+        )
+        == 2
+    )
     assert "needs an EC P-384 private key" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Crash safety: the worker process is SIGKILLed at random moments while it delivers, then
 restarted (under a new worker id, so its old leases must expire first). In the end SEKMET
 holds every resource exactly once and the outbox shows every item delivered."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Scale-out: two worker processes share one PostgreSQL queue (FOR UPDATE SKIP LOCKED) and
 deliver N items to SEKMET with no duplicate sends, both doing part of the work."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,8 @@ def wait_for(predicate, deadline: float, procs, logs) -> None:
 
 
 def test_two_workers_on_one_postgresql_queue__no_duplicate_sends_and_both_work(
-        sekmet_auth, pg_schema_url, tmp_path):
+    sekmet_auth, pg_schema_url, tmp_path
+):
     outbox = Outbox(Database(pg_schema_url))
     env = worker_env(tmp_path, pg_schema_url, sekmet_auth.base_url, sekmet_auth.token)
     deadline = time.monotonic() + 55
@@ -47,8 +49,15 @@ def test_two_workers_on_one_postgresql_queue__no_duplicate_sends_and_both_work(
     procs = [start_worker(env, f"scale-{n}", log, "--json") for n, log in zip((1, 2), logs)]
     try:
         # both workers are up and polling the empty queue before any work arrives
-        wait_for(lambda: all("started" in log.read_text() for log in logs if log.exists()) and
-                 all(log.exists() for log in logs), deadline, procs, logs)
+        wait_for(
+            lambda: (
+                all("started" in log.read_text() for log in logs if log.exists())
+                and all(log.exists() for log in logs)
+            ),
+            deadline,
+            procs,
+            logs,
+        )
         notes = enqueue_notes(outbox, sekmet_auth.base_url, N, f"SCALE-{uuid.uuid4().hex[:8]}")
         wait_for(lambda: outbox.counts()["delivered"] == N, deadline, procs, logs)
     finally:

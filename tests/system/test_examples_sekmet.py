@@ -1,4 +1,5 @@
 """Every R4 example the mappings produce is accepted by a real FHIR R4 server (SEKMET)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,16 @@ import pytest
 import requests
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "profiles" / "examples" / "r4"
-ORDER = ["Organization", "Practitioner", "PractitionerRole", "Patient", "Consent", "ServiceRequest",
-         "Procedure", "Communication"]
+ORDER = [
+    "Organization",
+    "Practitioner",
+    "PractitionerRole",
+    "Patient",
+    "Consent",
+    "ServiceRequest",
+    "Procedure",
+    "Communication",
+]
 
 
 def _examples() -> list[Path]:
@@ -36,8 +45,9 @@ def test_r4_example__is_created_by_a_real_fhir_r4_server(server, path):
     """Created with its own id (PUT, in reference order) so the examples' references resolve."""
     resource = json.loads(path.read_text())
     url = f"{server.base_url}/{resource['resourceType']}/{resource['id']}"
-    r = requests.put(url, data=json.dumps(resource), headers={"Content-Type": "application/fhir+json"},
-                     timeout=30)
+    r = requests.put(
+        url, data=json.dumps(resource), headers={"Content-Type": "application/fhir+json"}, timeout=30
+    )
     assert r.status_code == 201, r.text[:500]  # created (a fresh server: nothing to update)
     back = requests.get(url, timeout=30).json()
     assert back["identifier"] == resource["identifier"]

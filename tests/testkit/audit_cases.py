@@ -1,4 +1,5 @@
 """The consent-audit cases shared by the builders' unit tests and the SEKMET system test."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ def load(name: str) -> dict:
     return json.loads((DATA / f"{name}.json").read_text())
 
 
-DIRECTORY = [load(n) for n in ("Practitioner-th-001", "Organization-practice-a", "PractitionerRole-role-th-001")]
+DIRECTORY = [
+    load(n) for n in ("Practitioner-th-001", "Organization-practice-a", "PractitionerRole-role-th-001")
+]
 REQUESTS = [  # (consent fixture, resource fixture, recipient, purpose) → permit and deny and malformed
     ("r4-consent-main", "Procedure-session-dates", "Practitioner/th-001", "TREAT"),
     ("r4-consent-main", "Communication-note-themes", "Practitioner/th-001", "TREAT"),

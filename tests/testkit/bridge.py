@@ -1,4 +1,5 @@
 """The bridge tests' builder: an app on a fresh data dir with its partners (the `bridge` fixture uses it)."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,13 @@ class Bridge:
         return self.client.get(path, headers=self.h(who, **headers))
 
 
-def make_bridge(tmp_path: Path, *, consent: str | dict[str, Any] | None = None,
-                partners: dict[str, tuple[str, str]] | None = None, **settings: Any) -> Bridge:
+def make_bridge(
+    tmp_path: Path,
+    *,
+    consent: str | dict[str, Any] | None = None,
+    partners: dict[str, tuple[str, str]] | None = None,
+    **settings: Any,
+) -> Bridge:
     """The bridge app on a fresh data dir with four partners (clinic, practices a and b, a reader).
 
     `consent`: a Consent (fixture name or resource) the clinic posts first; `partners`: more partners,
@@ -45,7 +51,9 @@ def make_bridge(tmp_path: Path, *, consent: str | dict[str, Any] | None = None,
     s = load_settings(env={}, data_dir=tmp_path / "data", **settings)
     registry = Partners(Database(s.db_url))
     tokens = {
-        "clinic": registry.add("clinic-ehr", scopes="system/*.* kap/clinic kap/records.write kap/referrals.write")[1],
+        "clinic": registry.add(
+            "clinic-ehr", scopes="system/*.* kap/clinic kap/records.write kap/referrals.write"
+        )[1],
         "a": registry.add("practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"])[1],
         "b": registry.add("practice-b", npis=["1245319599"], references=["Practitioner/other-therapist"])[1],
         "reader": registry.add("reader", scopes="system/Communication.read")[1],
@@ -62,4 +70,6 @@ def make_bridge(tmp_path: Path, *, consent: str | dict[str, Any] | None = None,
 
 def is_outcome(resp: Any) -> bool:
     body = resp.get_json(force=True, silent=True)
-    return isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" and bool(body.get("issue"))
+    return (
+        isinstance(body, dict) and body.get("resourceType") == "OperationOutcome" and bool(body.get("issue"))
+    )

@@ -12,6 +12,7 @@ defect breaks one behaviour the way real servers do:
 
 Run it in a thread: `with BrokenServer(defects={"ignore_count"}, token="t") as s: s.base_url`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,23 +27,63 @@ import orjson
 from flask import Flask, Response, request
 from werkzeug.serving import make_server
 
-DEFECTS = frozenset({"wrong_version", "no_conditional_create", "non_atomic_transaction", "error_500",
-                     "open_access", "ignore_count"})
-TYPES = ("Patient", "Practitioner", "PractitionerRole", "Organization", "ServiceRequest",
-         "Procedure", "Consent", "Communication")
-REQUIRED = {"ServiceRequest": ("status", "intent", "subject"), "Procedure": ("status", "subject"),
-            "Consent": ("status",), "Communication": ("status",)}
+DEFECTS = frozenset(
+    {
+        "wrong_version",
+        "no_conditional_create",
+        "non_atomic_transaction",
+        "error_500",
+        "open_access",
+        "ignore_count",
+    }
+)
+TYPES = (
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "ServiceRequest",
+    "Procedure",
+    "Consent",
+    "Communication",
+)
+REQUIRED = {
+    "ServiceRequest": ("status", "intent", "subject"),
+    "Procedure": ("status", "subject"),
+    "Consent": ("status",),
+    "Communication": ("status",),
+}
 STATUS_CODES = {
     "ServiceRequest": {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"},
-    "Procedure": {"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed",
-                  "entered-in-error", "unknown"},
+    "Procedure": {
+        "preparation",
+        "in-progress",
+        "not-done",
+        "on-hold",
+        "stopped",
+        "completed",
+        "entered-in-error",
+        "unknown",
+    },
     "Consent": {"draft", "proposed", "active", "rejected", "inactive", "entered-in-error", "not-done"},
-    "Communication": {"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed",
-                      "entered-in-error", "unknown"},
+    "Communication": {
+        "preparation",
+        "in-progress",
+        "not-done",
+        "on-hold",
+        "stopped",
+        "completed",
+        "entered-in-error",
+        "unknown",
+    },
 }
 DATE_FIELDS = ("authoredOn", "sent", "dateTime", "date", "birthDate")
-SEARCH_REFS = {"patient": ("subject", "patient"), "subject": ("subject",), "based-on": ("basedOn",),
-               "recipient": ("recipient",)}
+SEARCH_REFS = {
+    "patient": ("subject", "patient"),
+    "subject": ("subject",),
+    "based-on": ("basedOn",),
+    "recipient": ("recipient",),
+}
 
 
 @dataclass
@@ -84,12 +125,18 @@ class BrokenServer:
 
     @staticmethod
     def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-        return Response(orjson.dumps(doc), status=status, headers=headers or {},
-                        content_type="application/fhir+json")
+        return Response(
+            orjson.dumps(doc), status=status, headers=headers or {}, content_type="application/fhir+json"
+        )
 
     def _outcome(self, status: int, code: str, text: str) -> Response:
-        return self._json({"resourceType": "OperationOutcome",
-                           "issue": [{"severity": "error", "code": code, "diagnostics": text}]}, status)
+        return self._json(
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+            },
+            status,
+        )
 
     def _problems(self, rtype: str, res: Any) -> list[str]:
         if not isinstance(res, dict) or res.get("resourceType") != rtype:
@@ -97,15 +144,20 @@ class BrokenServer:
         out = [f"{rtype}.{f} is required" for f in REQUIRED.get(rtype, ()) if f not in res]
         if "status" in res and res["status"] not in STATUS_CODES.get(rtype, {res["status"]}):
             out.append(f"{rtype}.status has an unknown code")
-        out += [f"{rtype}.{f} must be a string" for f in DATE_FIELDS if f in res and not isinstance(res[f], str)]
+        out += [
+            f"{rtype}.{f} must be a string" for f in DATE_FIELDS if f in res and not isinstance(res[f], str)
+        ]
         return out
 
     def _now(self) -> str:
         """Strictly increasing instants (1 ms apart at least) so _lastUpdated searches are exact."""
         now_ms = int(datetime.now(UTC).timestamp() * 1000)
         self._last_ms = max(now_ms, getattr(self, "_last_ms", 0) + 1)
-        return datetime.fromtimestamp(self._last_ms / 1000, UTC).isoformat(
-            timespec="milliseconds").replace("+00:00", "Z")
+        return (
+            datetime.fromtimestamp(self._last_ms / 1000, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        )
 
     def _save(self, rtype: str, res: dict[str, Any], rid: str | None = None) -> dict[str, Any]:
         rid = rid or uuid.uuid4().hex[:16]
@@ -131,8 +183,9 @@ class BrokenServer:
             return orjson.loads(raw), None
         except orjson.JSONDecodeError:
             if self._has("error_500"):
-                return None, Response("<html><body>Internal Server Error</body></html>", 500,
-                                      content_type="text/html")
+                return None, Response(
+                    "<html><body>Internal Server Error</body></html>", 500, content_type="text/html"
+                )
             return None, self._outcome(400, "structure", "body is not valid JSON")
 
     @staticmethod
@@ -142,8 +195,10 @@ class BrokenServer:
                 continue
             if name == "identifier":
                 system, _, code = value.partition("|")
-                if not any(i.get("system") == system and (not code or i.get("value") == code)
-                           for i in res.get("identifier") or []):
+                if not any(
+                    i.get("system") == system and (not code or i.get("value") == code)
+                    for i in res.get("identifier") or []
+                ):
                     return False
             elif name == "status":
                 if res.get("status") != value:
@@ -152,8 +207,11 @@ class BrokenServer:
                 system, _, code = value.rpartition("|")
                 cats = res.get("category")
                 cats = cats if isinstance(cats, list) else [cats] if cats else []
-                if not any(c.get("code") == code and (not system or c.get("system") == system)
-                           for cat in cats for c in (cat or {}).get("coding") or []):
+                if not any(
+                    c.get("code") == code and (not system or c.get("system") == system)
+                    for cat in cats
+                    for c in (cat or {}).get("coding") or []
+                ):
                     return False
             elif name in SEARCH_REFS:
                 refs = []
@@ -184,25 +242,59 @@ class BrokenServer:
             if request.path.endswith("/metadata"):
                 return None
             if request.headers.get("Authorization") != f"Bearer {self.token}":
-                return Response(orjson.dumps({"resourceType": "OperationOutcome", "issue": [
-                    {"severity": "error", "code": "login", "diagnostics": "a valid bearer token is required"}]}),
-                    401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-                    content_type="application/fhir+json")
+                return Response(
+                    orjson.dumps(
+                        {
+                            "resourceType": "OperationOutcome",
+                            "issue": [
+                                {
+                                    "severity": "error",
+                                    "code": "login",
+                                    "diagnostics": "a valid bearer token is required",
+                                }
+                            ],
+                        }
+                    ),
+                    401,
+                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                    content_type="application/fhir+json",
+                )
             return None
 
         @app.get("/fhir/metadata")
         def metadata() -> Response:
-            resources = [{"type": t, "interaction": [{"code": c} for c in
-                                                     ("read", "vread", "update", "delete", "create", "search-type")],
-                          "conditionalCreate": not self._has("no_conditional_create")} for t in TYPES]
-            rest: dict[str, Any] = {"mode": "server", "resource": resources,
-                                    "interaction": [{"code": "transaction"}],
-                                    "operation": [{"name": "validate",
-                                                   "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}]}
-            return self._json({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
-                               "date": "2025-01-01",
-                               "fhirVersion": "3.0.2" if self._has("wrong_version") else self.fhir_version,
-                               "format": ["application/fhir+json"], "rest": [rest]})
+            resources = [
+                {
+                    "type": t,
+                    "interaction": [
+                        {"code": c} for c in ("read", "vread", "update", "delete", "create", "search-type")
+                    ],
+                    "conditionalCreate": not self._has("no_conditional_create"),
+                }
+                for t in TYPES
+            ]
+            rest: dict[str, Any] = {
+                "mode": "server",
+                "resource": resources,
+                "interaction": [{"code": "transaction"}],
+                "operation": [
+                    {
+                        "name": "validate",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                    }
+                ],
+            }
+            return self._json(
+                {
+                    "resourceType": "CapabilityStatement",
+                    "status": "active",
+                    "kind": "instance",
+                    "date": "2025-01-01",
+                    "fhirVersion": "3.0.2" if self._has("wrong_version") else self.fhir_version,
+                    "format": ["application/fhir+json"],
+                    "rest": [rest],
+                }
+            )
 
         @app.post("/fhir")
         @app.post("/fhir/")
@@ -233,8 +325,12 @@ class BrokenServer:
                         urls[e["fullUrl"]] = f"{rtype}/{rid}"
                     res = _resolve(res, urls)
                     saved = self._save(rtype, res, rid)
-                    out.append({"response": {"status": "201 Created",
-                                             "location": f"{rtype}/{rid}/_history/1"}, "resource": saved})
+                    out.append(
+                        {
+                            "response": {"status": "201 Created", "location": f"{rtype}/{rid}/_history/1"},
+                            "resource": saved,
+                        }
+                    )
             return self._json({"resourceType": "Bundle", "type": "transaction-response", "entry": out})
 
         @app.post("/fhir/<rtype>/$validate")
@@ -243,8 +339,9 @@ class BrokenServer:
             if err:
                 return err
             problems = self._problems(rtype, res)
-            issues = [{"severity": "error", "code": "invalid", "diagnostics": p} for p in problems] or \
-                [{"severity": "information", "code": "informational", "diagnostics": "valid"}]
+            issues = [{"severity": "error", "code": "invalid", "diagnostics": p} for p in problems] or [
+                {"severity": "information", "code": "informational", "diagnostics": "valid"}
+            ]
             return self._json({"resourceType": "OperationOutcome", "issue": issues})
 
         @app.post("/fhir/<rtype>")
@@ -267,8 +364,14 @@ class BrokenServer:
                     if len(hits) > 1:
                         return self._outcome(412, "duplicate", "several matches")
                 saved = self._save(rtype, res)
-            return self._json(saved, 201, {"Location": f"{self.base_url}/{rtype}/{saved['id']}/_history/1",
-                                           "ETag": f'W/"{saved["meta"]["versionId"]}"'})
+            return self._json(
+                saved,
+                201,
+                {
+                    "Location": f"{self.base_url}/{rtype}/{saved['id']}/_history/1",
+                    "ETag": f'W/"{saved["meta"]["versionId"]}"',
+                },
+            )
 
         @app.get("/fhir/<rtype>/<rid>")
         def read(rtype: str, rid: str) -> Response:
@@ -305,27 +408,46 @@ class BrokenServer:
             if rtype not in TYPES:
                 return self._outcome(404, "not-supported", f"unknown resource type {rtype}")
             params = dict(request.args.items())
-            hits = sorted((r for r in self._all(rtype) if self._matches(r, params)),
-                          key=lambda r: r["meta"]["lastUpdated"])
+            hits = sorted(
+                (r for r in self._all(rtype) if self._matches(r, params)),
+                key=lambda r: r["meta"]["lastUpdated"],
+            )
             count = int(params.get("_count", 50))
             offset = int(params.get("_offset", 0))
-            page = hits if self._has("ignore_count") else hits[offset:offset + count]
+            page = hits if self._has("ignore_count") else hits[offset : offset + count]
             links = [{"relation": "self", "url": request.url}]
             if not self._has("ignore_count") and offset + count < len(hits):
                 nxt = {k: v for k, v in params.items() if k != "_offset"}
                 query = urlencode(nxt)
-                links.append({"relation": "next", "url": f"{self.base_url}/{rtype}?{query}&_offset={offset + count}"})
-            return self._json({"resourceType": "Bundle", "type": "searchset", "total": len(hits), "link": links,
-                               "entry": [{"fullUrl": f"{self.base_url}/{rtype}/{r['id']}", "resource": r,
-                                          "search": {"mode": "match"}} for r in page]})
+                links.append(
+                    {"relation": "next", "url": f"{self.base_url}/{rtype}?{query}&_offset={offset + count}"}
+                )
+            return self._json(
+                {
+                    "resourceType": "Bundle",
+                    "type": "searchset",
+                    "total": len(hits),
+                    "link": links,
+                    "entry": [
+                        {
+                            "fullUrl": f"{self.base_url}/{rtype}/{r['id']}",
+                            "resource": r,
+                            "search": {"mode": "match"},
+                        }
+                        for r in page
+                    ],
+                }
+            )
 
         return app
 
 
 def _resolve(node: Any, urls: dict[str, str]) -> Any:
     if isinstance(node, dict):
-        return {k: (urls.get(v, v) if k == "reference" and isinstance(v, str) else _resolve(v, urls))
-                for k, v in node.items()}
+        return {
+            k: (urls.get(v, v) if k == "reference" and isinstance(v, str) else _resolve(v, urls))
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_resolve(v, urls) for v in node]
     return node

@@ -1,4 +1,5 @@
 """Write units for the group-commit tests' table `t (k)` (the `db` fixture is in their conftest.py)."""
+
 from __future__ import annotations
 
 
@@ -8,4 +9,5 @@ def _insert(key: str, fail: bool = False):
         if fail:
             raise ValueError("this unit fails after writing")
         return key
+
     return work

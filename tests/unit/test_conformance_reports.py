@@ -1,4 +1,5 @@
 """Report renderers and masking: pure functions over a stored report (tests/data/check/)."""
+
 from __future__ import annotations
 
 import copy
@@ -69,17 +70,34 @@ def test_console_table__lists_every_check_and_verdict(report):
     assert text.splitlines()[-1].startswith("FAILED: 33 passed, 2 failed (2 required), 1 skipped of 36")
 
 
-@pytest.mark.parametrize("body, hidden, kept", [
-    (b'{"resourceType":"Patient","id":"p1","name":[{"family":"Doe"}],"birthDate":"1980-01-02",'
-     b'"telecom":[{"value":"555"}],"address":[{"city":"X"}],"gender":"female"}',
-     ["Doe", "1980-01-02", "555", '"X"'], ['"id":"p1"', '"gender":"female"']),
-    (b'{"resourceType":"Communication","payload":[{"contentString":"felt calmer"}],'
-     b'"category":[{"coding":[{"code":"session-dates"}]}]}', ["felt calmer"], ["session-dates"]),
-    (b'{"access_token":"abc123secret","expires_in":300}', ["abc123secret"], ['"expires_in":300']),
-    (b"grant_type=client_credentials&client_assertion=eyJhbGciOi.x.y", ["eyJhbGciOi"], ["grant_type=client_credentials"]),
-    (b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","diagnostics":"Patient.name missing"}]}',
-     [], ["Patient.name missing"]),
-])
+@pytest.mark.parametrize(
+    "body, hidden, kept",
+    [
+        (
+            b'{"resourceType":"Patient","id":"p1","name":[{"family":"Doe"}],"birthDate":"1980-01-02",'
+            b'"telecom":[{"value":"555"}],"address":[{"city":"X"}],"gender":"female"}',
+            ["Doe", "1980-01-02", "555", '"X"'],
+            ['"id":"p1"', '"gender":"female"'],
+        ),
+        (
+            b'{"resourceType":"Communication","payload":[{"contentString":"felt calmer"}],'
+            b'"category":[{"coding":[{"code":"session-dates"}]}]}',
+            ["felt calmer"],
+            ["session-dates"],
+        ),
+        (b'{"access_token":"abc123secret","expires_in":300}', ["abc123secret"], ['"expires_in":300']),
+        (
+            b"grant_type=client_credentials&client_assertion=eyJhbGciOi.x.y",
+            ["eyJhbGciOi"],
+            ["grant_type=client_credentials"],
+        ),
+        (
+            b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","diagnostics":"Patient.name missing"}]}',
+            [],
+            ["Patient.name missing"],
+        ),
+    ],
+)
 def test_mask_body__hides_patient_data_and_secrets_keeps_codes(body, hidden, kept):
     out = mask_body(body)
     for h in hidden:
@@ -95,15 +113,24 @@ def test_mask_body__known_secret_masked_anywhere_and_cut_to_2kb():
 
 
 def test_mask_headers__keeps_scheme_hides_credentials():
-    out = mask_headers({"Authorization": "Bearer s3cr3t", "Content-Type": "application/fhir+json",
-                        "Cookie": "a=b", "X-Other": "dropped"})
+    out = mask_headers(
+        {
+            "Authorization": "Bearer s3cr3t",
+            "Content-Type": "application/fhir+json",
+            "Cookie": "a=b",
+            "X-Other": "dropped",
+        }
+    )
     assert out == {"Authorization": "Bearer ***", "Content-Type": "application/fhir+json"}
 
 
-@pytest.mark.parametrize("sent, back, expected", [
-    ({"a": 1}, {"a": 1, "id": "x", "meta": {"versionId": "1"}}, ([], [], [])),
-    ({"t": "2025-01-09T15:30:00+02:00"}, {"t": "2025-01-09T13:30:00.000Z"}, ([], [], [])),
-    ({"a": 1, "b": [1]}, {"b": [2], "c": 3}, (["/a"], ["/b/0"], ["/c"])),
-])
+@pytest.mark.parametrize(
+    "sent, back, expected",
+    [
+        ({"a": 1}, {"a": 1, "id": "x", "meta": {"versionId": "1"}}, ([], [], [])),
+        ({"t": "2025-01-09T15:30:00+02:00"}, {"t": "2025-01-09T13:30:00.000Z"}, ([], [], [])),
+        ({"a": 1, "b": [1]}, {"b": [2], "c": 3}, (["/a"], ["/b/0"], ["/c"])),
+    ],
+)
 def test_compare_resources__lost_changed_added(sent, back, expected):
     assert compare_resources(sent, back) == expected

@@ -1,4 +1,5 @@
 """Table-driven consent decisions: tests/data/consent/cases.json (R4 and R5, every rule)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def test_table_has_enough_cases_covering_both_releases():
 def test_decision_table(case: dict):
     names = case["context"] + (DIRECTORY if case.get("directory", True) else [])
     gate = ConsentGate([load(n) for n in names])
-    decision = gate.decide(load(case["resource"]), Recipient.parse(case["recipient"]), case["purpose"],
-                           when(case["date"]))
+    decision = gate.decide(
+        load(case["resource"]), Recipient.parse(case["recipient"]), case["purpose"], when(case["date"])
+    )
     out = decision.to_json()
     assert out["decision"] == case["expect"], out
     assert out["reasons"][0]["code"] == case["reason"], out
@@ -47,10 +49,15 @@ def test_decision_table(case: dict):
 
 
 def test_context_bundle_is_unpacked():
-    bundle = {"resourceType": "Bundle", "type": "collection",
-              "entry": [{"resource": load(n)} for n in ["r4-consent-org"] + DIRECTORY]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": load(n)} for n in ["r4-consent-org"] + DIRECTORY],
+    }
     gate = ConsentGate([bundle])
-    d = gate.decide(load("Procedure-session-dates"), Recipient.parse("Practitioner/th-001"), "TREAT", date(2024, 5, 1))
+    d = gate.decide(
+        load("Procedure-session-dates"), Recipient.parse("Practitioner/th-001"), "TREAT", date(2024, 5, 1)
+    )
     assert d.permit
 
 
@@ -67,7 +74,9 @@ def _nest(depth: int) -> dict:
 @pytest.mark.parametrize("depth", [40, 10_000])
 def test_huge_nesting_denies_with_clear_reason_without_recursion_error(depth: int):
     gate = ConsentGate([_nest(depth)] + [load(n) for n in DIRECTORY])
-    d = gate.decide(load("Procedure-session-dates"), Recipient.parse("Practitioner/th-001"), "TREAT", date(2024, 5, 1))
+    d = gate.decide(
+        load("Procedure-session-dates"), Recipient.parse("Practitioner/th-001"), "TREAT", date(2024, 5, 1)
+    )
     assert not d.permit
     assert d.reasons[0].code == "malformed-consent"
     assert "nested deeper than" in d.reasons[0].message
@@ -85,14 +94,17 @@ def test_reasons_carry_ids_and_codes_never_resource_text():
 @pytest.mark.parametrize("bad", ["", "abc", "|x", "system|", "Practitioner/"])
 def test_recipient_parse_rejects_garbage(bad: str):
     from fhir_kap.errors import InputError
+
     with pytest.raises(InputError):
         Recipient.parse(bad)
 
 
-@pytest.mark.parametrize("purpose,on", [("", date(2024, 5, 1)), ("TREAT", datetime(2024, 5, 1, 12)),
-                                        ("TREAT", "2024-05-01")])
+@pytest.mark.parametrize(
+    "purpose,on", [("", date(2024, 5, 1)), ("TREAT", datetime(2024, 5, 1, 12)), ("TREAT", "2024-05-01")]
+)
 def test_bad_request_inputs_raise_input_error(purpose, on):
     from fhir_kap.errors import InputError
+
     gate = ConsentGate([load("r4-consent-main")])
     with pytest.raises(InputError):
         gate.decide(load("Procedure-session-dates"), Recipient.parse("Practitioner/th-001"), purpose, on)
@@ -100,9 +112,15 @@ def test_bad_request_inputs_raise_input_error(purpose, on):
 
 def test_preview_lists_each_candidate_with_decision_and_reason():
     gate = ConsentGate([load("r4-consent-main")] + [load(n) for n in DIRECTORY])
-    names = ["Procedure-session-dates", "Communication-note-themes", "Communication-note-psychotherapy",
-             "Communication-note-safety"]
-    rows = gate.preview([load(n) for n in names], Recipient.parse("Practitioner/th-001"), None, date(2024, 5, 1))
+    names = [
+        "Procedure-session-dates",
+        "Communication-note-themes",
+        "Communication-note-psychotherapy",
+        "Communication-note-safety",
+    ]
+    rows = gate.preview(
+        [load(n) for n in names], Recipient.parse("Practitioner/th-001"), None, date(2024, 5, 1)
+    )
     assert [(r["resource"], r["decision"], r["reasons"][0]["code"]) for r in rows] == [
         ("Procedure/ses-001", "permit", "permit"),
         ("Communication/note-themes", "deny", "nested-deny"),

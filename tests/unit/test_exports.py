@@ -1,4 +1,5 @@
 """The public API is chosen on purpose and pinned: a change to it is a deliberate change to this list."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +9,39 @@ import fhir_kap
 EXPECTED = {
     "__version__",
     # settings and the FHIR release
-    "Release", "Settings", "EndpointConfig", "load_settings",
+    "Release",
+    "Settings",
+    "EndpointConfig",
+    "load_settings",
     # the one error root, rendered as OperationOutcome
-    "Issue", "KapError", "InputError", "MappingError", "ProfileError", "ServerError", "operation_outcome",
+    "Issue",
+    "KapError",
+    "InputError",
+    "MappingError",
+    "ProfileError",
+    "ServerError",
+    "operation_outcome",
     # pure core
-    "Pipeline", "Mapper", "Validator", "ConsentGate", "Recipient",
+    "Pipeline",
+    "Mapper",
+    "Validator",
+    "ConsentGate",
+    "Recipient",
     # IO adapters
-    "Database", "Outbox", "AuditLog", "FhirClient", "NoAuth", "BearerAuth", "SmartBackendAuth", "RetryPolicy",
+    "Database",
+    "Outbox",
+    "AuditLog",
+    "FhirClient",
+    "NoAuth",
+    "BearerAuth",
+    "SmartBackendAuth",
+    "RetryPolicy",
     # orchestration and entry points
-    "DeliveryWorker", "CheckConfig", "run_checks", "BridgeOptions", "create_app",
+    "DeliveryWorker",
+    "CheckConfig",
+    "run_checks",
+    "BridgeOptions",
+    "create_app",
 }
 
 
@@ -29,6 +54,7 @@ def test_every_export_exists_and_is_what_its_room_defines():
         assert getattr(fhir_kap, name) is not None, name
     from fhir_kap.client import FhirClient
     from fhir_kap.validation import Validator
+
     assert fhir_kap.FhirClient is FhirClient and fhir_kap.Validator is Validator
 
 

@@ -1,4 +1,5 @@
 """KAP record input check: valid samples pass; every invalid record names its pointer and rule."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def test_journey_ndjson__holds_the_same_records_as_the_json_files():
     with open(RECORDS / "journey.ndjson", "rb") as fh:
         streamed = [doc for _, doc in jsonio.iter_documents(fh, source="journey.ndjson")]
     singles = [json.loads(p.read_text()) for p in RECORDS.glob("*.json")]
+
     def key(r):
         return (r["record"], r["id"])
+
     assert sorted(streamed, key=key) == sorted(singles, key=key)
 
 
@@ -113,7 +116,9 @@ def test_missing_schema_file__is_a_clear_error(tmp_path):
         load_input_schemas(tmp_path)
 
 
-SCHEMA_CASES = [c for c in MANIFEST if c["rule"].startswith("schema:") and c["pointer"] not in ("", "/record")]
+SCHEMA_CASES = [
+    c for c in MANIFEST if c["rule"].startswith("schema:") and c["pointer"] not in ("", "/record")
+]
 
 
 @pytest.mark.parametrize("case", SCHEMA_CASES, ids=lambda c: c["file"])

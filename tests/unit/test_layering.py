@@ -6,6 +6,7 @@ bridge/, no IO library in the pure core, and nothing imports an entry point but 
 Each folder's `__init__` docstring names its layer; the test below keeps those in step with this
 table. The checker is shown to fail on a wrong arrow and on an allowance nobody uses.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,20 +19,30 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "fhir_kap"
 
 LAYERS = {
-    0: {"errors", "config", "jsonio", "fhir"},                   # base
-    1: {"records", "validation", "consent"},                      # pure core, no IO
-    2: {"storage", "client"},                                     # IO adapters
-    3: {"exchange", "conformance", "demo"},                       # orchestration
-    4: {"bridge", "cli"},                                         # entry points
+    0: {"errors", "config", "jsonio", "fhir"},  # base
+    1: {"records", "validation", "consent"},  # pure core, no IO
+    2: {"storage", "client"},  # IO adapters
+    3: {"exchange", "conformance", "demo"},  # orchestration
+    4: {"bridge", "cli"},  # entry points
 }
 LAYER_NAMES = {0: "base", 1: "pure core", 2: "IO adapter", 3: "orchestration", 4: "entry point"}
 LAYER_OF = {room: layer for layer, rooms in LAYERS.items() for room in rooms}
 ALLOWED_SAME_LAYER = {
-    ("records", "validation"),   # the pipeline's last step is the profile check
-    ("cli", "bridge"),           # `fhir-kap serve`
+    ("records", "validation"),  # the pipeline's last step is the profile check
+    ("cli", "bridge"),  # `fhir-kap serve`
 }
-PURE_FORBIDDEN = {"requests", "flask", "sqlite3", "psycopg", "socket", "subprocess", "http",
-                  "urllib.request", "gunicorn", "threading"}
+PURE_FORBIDDEN = {
+    "requests",
+    "flask",
+    "sqlite3",
+    "psycopg",
+    "socket",
+    "subprocess",
+    "http",
+    "urllib.request",
+    "gunicorn",
+    "threading",
+}
 
 
 def _modules() -> list[Path]:
@@ -113,8 +124,12 @@ def test_imports_follow_the_layers(path: Path):
 
 def unused_allowances(allowed: set[tuple[str, str]]) -> set[tuple[str, str]]:
     """The same-layer arrows in `allowed` that no module imports along."""
-    used = {(room_of(p), other) for p in _modules() if room_of(p) in LAYER_OF
-            for other, _line in arrows(p, room_of(p))}
+    used = {
+        (room_of(p), other)
+        for p in _modules()
+        if room_of(p) in LAYER_OF
+        for other, _line in arrows(p, room_of(p))
+    }
     return allowed - used
 
 
@@ -129,7 +144,9 @@ def test_each_folder_declares_the_layer_of_this_table(room: str):
     found = re.search(r"\(layer (\d)", doc)
     assert found, f"fhir_kap/{room}/__init__.py should say '(layer N, ...)' in its docstring"
     assert int(found.group(1)) == LAYER_OF[room], f"{room}: docstring says layer {found.group(1)}"
-    assert LAYER_NAMES[LAYER_OF[room]] in doc, f"{room}: docstring should name '{LAYER_NAMES[LAYER_OF[room]]}'"
+    assert LAYER_NAMES[LAYER_OF[room]] in doc, (
+        f"{room}: docstring should name '{LAYER_NAMES[LAYER_OF[room]]}'"
+    )
 
 
 def test_checker_catches_a_wrong_arrow():

@@ -1,4 +1,5 @@
 """The mapping engine: golden outputs, base FHIR validity, identifiers/labels, and load-time checks."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,25 +62,36 @@ def test_every_resource__has_business_identifier_and_id(mapper, path, release):
     record = json.loads(path.read_text())
     resource = mapper.to_fhir(record, release)
     assert resource["id"] == record["id"]
-    assert any(i["value"] == record["id"] and i["system"].startswith(f"{CANONICAL}/sid/")
-               for i in resource["identifier"])
+    assert any(
+        i["value"] == record["id"] and i["system"].startswith(f"{CANONICAL}/sid/")
+        for i in resource["identifier"]
+    )
 
 
 @pytest.mark.parametrize("release", list(Release))
-@pytest.mark.parametrize("name,profile,tags", [
-    ("referral-ref-0001.json", "kap-referral", {"care-coordination", "treatment-history", "risk-considerations"}),
-    ("session-ses-dose-02.json", "kap-session", {"session-dates", "safety"}),
-    ("session-ses-screen-01.json", "kap-session", {"session-dates", "care-coordination"}),
-    ("session-ses-intake-01.json", "kap-session", {"session-dates"}),
-    ("consent-consent-0001.json", "kap-release-of-information", set()),
-    ("note-note-0003.json", "kap-continuity-note", set()),
-])
+@pytest.mark.parametrize(
+    "name,profile,tags",
+    [
+        (
+            "referral-ref-0001.json",
+            "kap-referral",
+            {"care-coordination", "treatment-history", "risk-considerations"},
+        ),
+        ("session-ses-dose-02.json", "kap-session", {"session-dates", "safety"}),
+        ("session-ses-screen-01.json", "kap-session", {"session-dates", "care-coordination"}),
+        ("session-ses-intake-01.json", "kap-session", {"session-dates"}),
+        ("consent-consent-0001.json", "kap-release-of-information", set()),
+        ("note-note-0003.json", "kap-continuity-note", set()),
+    ],
+)
 def test_kap_resources__carry_profile_security_labels_and_category_tags(mapper, release, name, profile, tags):
     resource = mapper.to_fhir(_record(name), release)
     meta = resource["meta"]
     assert meta["profile"] == [f"{CANONICAL}/StructureDefinition/{profile}"]
     assert {(s["system"], s["code"]) for s in meta["security"]} == {
-        (CS.V3_CONFIDENTIALITY, "R"), (CS.V3_ACTCODE, "PSY")}
+        (CS.V3_CONFIDENTIALITY, "R"),
+        (CS.V3_ACTCODE, "PSY"),
+    }
     assert {t["code"] for t in meta.get("tag", [])} == tags
 
 
@@ -94,6 +106,7 @@ def test_r5_note__carries_text_as_utf8_base64_attachment(mapper):
     att = resource["payload"][0]["contentAttachment"]
     assert att["contentType"] == "text/plain; charset=utf-8"
     import base64
+
     assert base64.b64decode(att["data"]).decode() == _record("note-note-0001.json")["text"]
 
 
@@ -115,7 +128,10 @@ def test_unknown_local_code__raises_mapping_error_naming_table_and_field(mapper)
     with pytest.raises(MappingError) as exc:
         mapper.to_fhir(record, Release.R4)
     issues = {(i.rule, i.pointer) for i in exc.value.issues}
-    assert issues == {("code-table:route", "/dosing/route"), ("code-table:adverse-effect", "/adverse_effects/0/effect")}
+    assert issues == {
+        ("code-table:route", "/dosing/route"),
+        ("code-table:adverse-effect", "/adverse_effects/0/effect"),
+    }
     assert "'rectal'" in str(exc.value) and "route" in str(exc.value)
 
 
@@ -150,14 +166,23 @@ def test_detect_release__recognises_every_golden_resource(path):
     resource = json.loads(path.read_bytes())
     expected = Release.R4 if path.parent.name == "r4" else Release.R5
     if resource["resourceType"] in ("Patient", "Practitioner", "PractitionerRole") or (
-            resource["resourceType"] == "Organization" and "contact" not in resource and "telecom" not in resource):
+        resource["resourceType"] == "Organization" and "contact" not in resource and "telecom" not in resource
+    ):
         expected = Release.R4  # identical in both releases
     assert detect_release(resource) is expected
 
 
 def test_record_types__lists_every_kap_record_type(mapper):
-    assert mapper.record_types() == ["client", "consent", "note", "organization", "practitioner",
-                                     "practitioner-role", "referral", "session"]
+    assert mapper.record_types() == [
+        "client",
+        "consent",
+        "note",
+        "organization",
+        "practitioner",
+        "practitioner-role",
+        "referral",
+        "session",
+    ]
 
 
 def _copy_mappings(tmp_path: Path) -> Path:
@@ -166,20 +191,70 @@ def _copy_mappings(tmp_path: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("file,old,new,pointer,rule", [
-    ("session.yaml", "path: status}", "path: status, colour: red}", "/rules/10", "mapping-schema:additionalProperties"),
-    ("session.yaml", "- {field: status, path: status}", "- {field: status}", "/rules/10", "mapping-schema:required"),
-    ("referral.yaml", "path: intent, value: order", "path: intent, value: order, field: status",
-     "/rules/9", "mapping-schema:not"),
-    ("codes/route.yaml", 'code: "78421000"', "code: 78421000", "/concepts/im/coding/0/code", "mapping-schema:type"),
-    ("note.yaml", "resourceType: Communication", "resourceType: communication", "/resourceType",
-     "mapping-schema:pattern"),
-    ("session.yaml", "transform: quantity", "transform: no-such-transform", "/rules/4/transform",
-     "mapping:transform"),
-    ("session.yaml", "args: {table: route}", "args: {table: routes}", "/rules/3/args/table", "mapping:code-table"),
-    ("session.yaml", 'path: "basedOn[0]"', 'path: "basedOn[0"', "/rules/9/path", "mapping-schema:pattern"),
-])
-def test_bad_mapping_file__is_rejected_at_load_naming_file_and_pointer(tmp_path, file, old, new, pointer, rule):
+@pytest.mark.parametrize(
+    "file,old,new,pointer,rule",
+    [
+        (
+            "session.yaml",
+            "path: status}",
+            "path: status, colour: red}",
+            "/rules/10",
+            "mapping-schema:additionalProperties",
+        ),
+        (
+            "session.yaml",
+            "- {field: status, path: status}",
+            "- {field: status}",
+            "/rules/10",
+            "mapping-schema:required",
+        ),
+        (
+            "referral.yaml",
+            "path: intent, value: order",
+            "path: intent, value: order, field: status",
+            "/rules/9",
+            "mapping-schema:not",
+        ),
+        (
+            "codes/route.yaml",
+            'code: "78421000"',
+            "code: 78421000",
+            "/concepts/im/coding/0/code",
+            "mapping-schema:type",
+        ),
+        (
+            "note.yaml",
+            "resourceType: Communication",
+            "resourceType: communication",
+            "/resourceType",
+            "mapping-schema:pattern",
+        ),
+        (
+            "session.yaml",
+            "transform: quantity",
+            "transform: no-such-transform",
+            "/rules/4/transform",
+            "mapping:transform",
+        ),
+        (
+            "session.yaml",
+            "args: {table: route}",
+            "args: {table: routes}",
+            "/rules/3/args/table",
+            "mapping:code-table",
+        ),
+        (
+            "session.yaml",
+            'path: "basedOn[0]"',
+            'path: "basedOn[0"',
+            "/rules/9/path",
+            "mapping-schema:pattern",
+        ),
+    ],
+)
+def test_bad_mapping_file__is_rejected_at_load_naming_file_and_pointer(
+    tmp_path, file, old, new, pointer, rule
+):
     root = _copy_mappings(tmp_path)
     target = root / file
     text = target.read_text()
@@ -213,19 +288,34 @@ def test_r4_consent_signed_with_a_time__imports_and_keeps_the_day_in_r5():
 
 
 @pytest.mark.parametrize("release", list(Release))
-@pytest.mark.parametrize("extra,tags", [
-    ({}, {"session-dates"}),
-    ({"dosing": {"medication": "ketamine", "route": "im", "dose_mg": 50, "support_person": True}},
-     {"session-dates", "safety"}),
-    ({"monitoring": [{"time": "2024-03-18T09:00:00-04:00", "spo2": 98}]}, {"session-dates", "safety"}),
-    ({"adverse_effects": [{"effect": "nausea", "management": "rested"}]}, {"session-dates", "safety"}),
-    ({"clearance": {"outcome": "eligible"}}, {"session-dates", "care-coordination"}),
-    ({"clearance": {"outcome": "not-eligible", "contraindications": ["uncontrolled-hypertension", "psychosis-history"]}},
-     {"session-dates", "care-coordination", "contraindications"}),
-])
+@pytest.mark.parametrize(
+    "extra,tags",
+    [
+        ({}, {"session-dates"}),
+        (
+            {"dosing": {"medication": "ketamine", "route": "im", "dose_mg": 50, "support_person": True}},
+            {"session-dates", "safety"},
+        ),
+        ({"monitoring": [{"time": "2024-03-18T09:00:00-04:00", "spo2": 98}]}, {"session-dates", "safety"}),
+        ({"adverse_effects": [{"effect": "nausea", "management": "rested"}]}, {"session-dates", "safety"}),
+        ({"clearance": {"outcome": "eligible"}}, {"session-dates", "care-coordination"}),
+        (
+            {
+                "clearance": {
+                    "outcome": "not-eligible",
+                    "contraindications": ["uncontrolled-hypertension", "psychosis-history"],
+                }
+            },
+            {"session-dates", "care-coordination", "contraindications"},
+        ),
+    ],
+)
 def test_session_tags__name_every_kind_of_information_present(mapper, release, extra, tags):
-    base = {k: v for k, v in _record("session-ses-intake-01.json").items()
-            if k not in ("dosing", "monitoring", "adverse_effects", "clearance")}
+    base = {
+        k: v
+        for k, v in _record("session-ses-intake-01.json").items()
+        if k not in ("dosing", "monitoring", "adverse_effects", "clearance")
+    }
     resource = mapper.to_fhir(base | extra, release)
     codes = [t["code"] for t in resource["meta"]["tag"]]
     assert set(codes) == tags and len(codes) == len(tags)  # one tag per category, however many items
@@ -234,11 +324,14 @@ def test_session_tags__name_every_kind_of_information_present(mapper, release, e
 
 
 @pytest.mark.parametrize("release", list(Release))
-@pytest.mark.parametrize("record,system", [
-    ("practitioner-prac-ther-01.json", f"{CANONICAL}/sid/practitioner"),
-    ("organization-org-practice-01.json", f"{CANONICAL}/sid/organization"),
-    ("practitioner-role-role-ther-01.json", f"{CANONICAL}/sid/practitioner-role"),
-])
+@pytest.mark.parametrize(
+    "record,system",
+    [
+        ("practitioner-prac-ther-01.json", f"{CANONICAL}/sid/practitioner"),
+        ("organization-org-practice-01.json", f"{CANONICAL}/sid/organization"),
+        ("practitioner-role-role-ther-01.json", f"{CANONICAL}/sid/practitioner-role"),
+    ],
+)
 def test_party_identifier__system_is_per_resource_type(mapper, release, record, system):
     rec = _record(record)
     resource = mapper.to_fhir(rec, release)

@@ -1,4 +1,5 @@
 """The KAP FHIR package: package.json, .index.json and the conformance resources agree."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,11 @@ import pytest
 from fhir_kap.config import CANONICAL, CS
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
-RESOURCES = sorted(p for p in PROFILES.glob("*-*.json") if p.name.split("-")[0] in
-                   ("StructureDefinition", "CodeSystem", "ValueSet"))
+RESOURCES = sorted(
+    p
+    for p in PROFILES.glob("*-*.json")
+    if p.name.split("-")[0] in ("StructureDefinition", "CodeSystem", "ValueSet")
+)
 
 
 def test_index_lists_every_conformance_resource() -> None:

@@ -1,4 +1,5 @@
 """The FHIR validator: valid fixtures pass, every invalid-corpus case is rejected at the right place."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FHIR = Path(__file__).resolve().parents[1] / "data" / "fhir"
 CASES = json.loads((FHIR / "invalid" / "cases.json").read_text())
 RELEASE = {"r4": Release.R4, "r5": Release.R5}
-VALID = sorted((FHIR / "valid").glob("r*/*.json")) + sorted((ROOT / "profiles" / "examples").glob("r[45]/*.json"))
+VALID = sorted((FHIR / "valid").glob("r*/*.json")) + sorted(
+    (ROOT / "profiles" / "examples").glob("r[45]/*.json")
+)
 
 
 def _load(path: Path) -> dict:
@@ -49,8 +52,11 @@ def test_invalid_resource__rejected_with_rule_and_expression(case: dict) -> None
 def test_fast_path_is_at_least_as_strict_as_fhir_resources(case: dict) -> None:
     validator = Validator.load(RELEASE[case["release"]])
     resource = _load(FHIR / "invalid" / case["file"])
-    model_issues = [i for i in validator.validate(resource, profile=False, models=True)
-                    if i.rule and i.rule.startswith("model:")]
+    model_issues = [
+        i
+        for i in validator.validate(resource, profile=False, models=True)
+        if i.rule and i.rule.startswith("model:")
+    ]
     fast_issues = validator.validate(resource, profile=False)
     if model_issues:
         assert fast_issues
@@ -68,18 +74,21 @@ def test_messages_do_not_quote_free_text() -> None:
         assert "colours" not in issue.message and "Freedom" not in issue.message
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Client: I saw colours.\nTherapist: What did that mean?", True),
-    ("T: How are you?\nC: Floating.", True),
-    ("Pt: tired. Dr Lee: rest today.", True),
-    ("[00:12:31] long pause", True),
-    ("Integration going well. Client: stable, sleeping better.", False),
-    ("Plan: two more integration sessions. Next review 10:30 on Friday.", False),
-    ("", False),
-    ("S: sleeping better.\nO: calm, vitals normal.\nA: stable.\nP: one more integration session.", False),
-    ("Q: How was it?\nA: Bright.\nQ: And after?\nA: Quiet.", True),  # a Q/A exchange
-    ("T: How are you?\nP: Fine.\nT: Sleeping?\nP: Yes.", True),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Client: I saw colours.\nTherapist: What did that mean?", True),
+        ("T: How are you?\nC: Floating.", True),
+        ("Pt: tired. Dr Lee: rest today.", True),
+        ("[00:12:31] long pause", True),
+        ("Integration going well. Client: stable, sleeping better.", False),
+        ("Plan: two more integration sessions. Next review 10:30 on Friday.", False),
+        ("", False),
+        ("S: sleeping better.\nO: calm, vitals normal.\nA: stable.\nP: one more integration session.", False),
+        ("Q: How was it?\nA: Bright.\nQ: And after?\nA: Quiet.", True),  # a Q/A exchange
+        ("T: How are you?\nP: Fine.\nT: Sleeping?\nP: Yes.", True),
+    ],
+)
 def test_looks_like_transcript(text: str, expected: bool) -> None:
     assert looks_like_transcript(text) is expected
 
@@ -94,11 +103,14 @@ class _CountingLabel:
         return self.pattern.match(text, pos)
 
 
-@pytest.mark.parametrize("text", [
-    "\n" * 20_000 + "x: y: z",  # every line start runs into the same label position
-    ". " * 20_000 + "x: y: z",
-    "Client  \n" * 5_000 + "x: y",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n" * 20_000 + "x: y: z",  # every line start runs into the same label position
+        ". " * 20_000 + "x: y: z",
+        "Client  \n" * 5_000 + "x: y",
+    ],
+)
 def test_a_hostile_note_costs_one_label_try_per_word_not_per_line(text: str) -> None:
     """The one-regex scan was quadratic here (26 s for 20,000 blank lines): every line start
     scanned all the blank lines after it. The label is now tried at most once per word (the
@@ -111,12 +123,15 @@ def test_a_hostile_note_costs_one_label_try_per_word_not_per_line(text: str) -> 
     assert label.calls <= len(text.split()) + 1
 
 
-@pytest.mark.parametrize("path, expected", [
-    (FHIR / "valid" / "r4" / "Procedure-ses-004.json", Release.R4),
-    (FHIR / "valid" / "r4" / "Consent-con-001.json", Release.R4),
-    (FHIR / "valid" / "r5" / "Procedure-ses-004.json", Release.R5),
-    (FHIR / "valid" / "r5" / "Consent-con-001.json", Release.R5),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        (FHIR / "valid" / "r4" / "Procedure-ses-004.json", Release.R4),
+        (FHIR / "valid" / "r4" / "Consent-con-001.json", Release.R4),
+        (FHIR / "valid" / "r5" / "Procedure-ses-004.json", Release.R5),
+        (FHIR / "valid" / "r5" / "Consent-con-001.json", Release.R5),
+    ],
+)
 def test_detect_release__by_shape(path: Path, expected: Release) -> None:
     assert detect_release(_load(path)) is expected
 
@@ -125,15 +140,33 @@ def test_detect_release__undecidable_is_none() -> None:
     assert detect_release({"resourceType": "Patient", "id": "p1"}) is None
 
 
-@pytest.mark.parametrize("resource, expected", [
-    ({"resourceType": "Procedure", "reportedBoolean": True}, Release.R5),  # an element prefix
-    ({"resourceType": "Procedure", "performedDateTime": "2024-01-01", "occurrenceDateTime": "2024-01-01"}, None),
-    ({"resourceType": "ServiceRequest", "orderDetail": [{}]}, None),  # both releases have it
-    ({"resourceType": "Consent", "verification": [{}]}, None),  # both releases have it
-    ({"resourceType": "Consent", "patient": {}, "provision": [{}]}, None),
-    ({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient"}},
-                                          {"resource": {"resourceType": "Consent", "decision": "permit"}}]}, Release.R5),
-])
+@pytest.mark.parametrize(
+    "resource, expected",
+    [
+        ({"resourceType": "Procedure", "reportedBoolean": True}, Release.R5),  # an element prefix
+        (
+            {
+                "resourceType": "Procedure",
+                "performedDateTime": "2024-01-01",
+                "occurrenceDateTime": "2024-01-01",
+            },
+            None,
+        ),
+        ({"resourceType": "ServiceRequest", "orderDetail": [{}]}, None),  # both releases have it
+        ({"resourceType": "Consent", "verification": [{}]}, None),  # both releases have it
+        ({"resourceType": "Consent", "patient": {}, "provision": [{}]}, None),
+        (
+            {
+                "resourceType": "Bundle",
+                "entry": [
+                    {"resource": {"resourceType": "Patient"}},
+                    {"resource": {"resourceType": "Consent", "decision": "permit"}},
+                ],
+            },
+            Release.R5,
+        ),
+    ],
+)
 def test_detect_release__one_rule_for_validator_mapper_and_consent(resource, expected) -> None:
     """Validation, mapping and the consent compiler tell a release by the same elements."""
     from fhir_kap.consent import policy
@@ -157,7 +190,9 @@ def test_bundle_entries_and_contained_are_validated_with_their_own_type() -> Non
 
 def test_not_an_object__is_an_issue_not_a_crash() -> None:
     assert [i.rule for i in Validator.load(Release.R4).validate([1, 2])] == ["schema:type"]  # type: ignore[arg-type]
-    assert [i.rule for i in Validator.load(Release.R4).validate({"resourceType": "Nope"})] == ["schema:resourceType"]
+    assert [i.rule for i in Validator.load(Release.R4).validate({"resourceType": "Nope"})] == [
+        "schema:resourceType"
+    ]
 
 
 def test_every_profile_constraint_has_an_implementation() -> None:
@@ -166,8 +201,11 @@ def test_every_profile_constraint_has_an_implementation() -> None:
     assert keys == IMPLEMENTED_CONSTRAINTS
 
 
-@pytest.mark.parametrize("module", sorted((ROOT / "fhir_kap" / "validation" / "_generated").glob("r*/*.py")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "module",
+    sorted((ROOT / "fhir_kap" / "validation" / "_generated").glob("r*/*.py")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_generated_code_is_up_to_date_with_its_generator(module: Path) -> None:
     expected = hashlib.sha256((ROOT / "profiles" / "build" / "gen_validators.py").read_bytes()).hexdigest()
     assert f"GENERATOR_SHA256 = {expected!r}" in module.read_text()
@@ -189,7 +227,9 @@ def test_generated_code_records_the_pinned_input_packages_and_compiler() -> None
     for module in ("r4", "r4.structure", "r5", "r5.structure"):
         generated = importlib.import_module(f"fhir_kap.validation._generated.{module}")
         assert generated.INPUTS_SHA256, module
-        assert {spec: script.PINS.get(spec) for spec in generated.INPUTS_SHA256} == generated.INPUTS_SHA256, module
+        assert {spec: script.PINS.get(spec) for spec in generated.INPUTS_SHA256} == generated.INPUTS_SHA256, (
+            module
+        )
         covered |= set(generated.INPUTS_SHA256)
         if module.endswith("structure"):
             assert generated.FASTJSONSCHEMA == script.FASTJSONSCHEMA, module
@@ -214,7 +254,20 @@ def test_the_fast_string_patterns_answer_exactly_as_the_official_regexes(release
     table = _structure_module(release).REGEX_PATTERNS
     installed = {k: v for k, v in table.items() if k in _FAST_PATTERNS}
     assert len(installed) == 2 and all(isinstance(v, _StringPattern) for v in installed.values())
-    samples = ["", " ", "a", "a b", "\t\r\n", "x\x0by", "\u00a0", "ok\u2028", "é", " lead", "trail ", "a\x1fb"]
+    samples = [
+        "",
+        " ",
+        "a",
+        "a b",
+        "\t\r\n",
+        "x\x0by",
+        "\u00a0",
+        "ok\u2028",
+        "é",
+        " lead",
+        "trail ",
+        "a\x1fb",
+    ]
     samples += [chr(c) for c in range(128)] + [f"a{chr(c)}b" for c in range(128)]
     for key, fast in installed.items():
         original = re.compile(fast.original.pattern)
@@ -235,15 +288,18 @@ def test_the_fast_string_patterns_agree_on_generated_text(text):
                 assert bool(fast.search(text)) == bool(re.compile(fast.original.pattern).search(text))
 
 
-@pytest.mark.parametrize("text", [
-    "Client: I saw colours.\nTherapist: What did that mean?",
-    "Mary: it was bright.\nClient: yes, and then quiet.",  # name-like turn lines with a speaker word
-    "Pt: tired. Dr Lee: rest today.",  # clinical labels after a sentence
-    "[00:12:31] long pause",
-    "Integration going well. Client: stable, sleeping better.",
-    "Plan: two more integration sessions. Next review 10:30 on Friday.",
-    "S: sleeping better.\nO: calm.\nA: stable.\nP: one more integration session.",  # a SOAP note
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Client: I saw colours.\nTherapist: What did that mean?",
+        "Mary: it was bright.\nClient: yes, and then quiet.",  # name-like turn lines with a speaker word
+        "Pt: tired. Dr Lee: rest today.",  # clinical labels after a sentence
+        "[00:12:31] long pause",
+        "Integration going well. Client: stable, sleeping better.",
+        "Plan: two more integration sessions. Next review 10:30 on Friday.",
+        "S: sleeping better.\nO: calm.\nA: stable.\nP: one more integration session.",  # a SOAP note
+    ],
+)
 def test_the_record_check_and_the_fhir_profile_refuse_the_same_transcripts(text: str) -> None:
     """One rule (textscan.looks_like_transcript) at both doors: a note the KAP-record check lets in
     is never refused as a transcript once mapped to FHIR, and the other way round."""
@@ -259,8 +315,10 @@ def test_the_record_check_and_the_fhir_profile_refuse_the_same_transcripts(text:
         record_refused = any(i.rule == TRANSCRIPT_RULE for i in exc.issues)
     resource = _load(ROOT / "profiles" / "examples" / "r4" / "Communication-note-0001.json")
     resource["payload"] = [{"contentString": text}]
-    fhir_refused = any(i.rule.startswith("kap-note") and "transcript" in i.message.lower()
-                       for i in Validator.load(Release.R4).validate(resource))
+    fhir_refused = any(
+        i.rule.startswith("kap-note") and "transcript" in i.message.lower()
+        for i in Validator.load(Release.R4).validate(resource)
+    )
     assert record_refused is fhir_refused is looks_like_transcript(text)
 
 

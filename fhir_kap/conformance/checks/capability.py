@@ -5,6 +5,7 @@ cap-01 reads /metadata once and keeps it on the context; the other capability ch
 validation checks looking for $validate (`server_rest`), read it from there, so the runner always
 runs cap-01 first.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +13,16 @@ from typing import Any
 from ...config import Release
 from ..context import FHIR_JSON, SPEC_R4, Check, Context, Failed, Skipped
 
-KAP_TYPES = ("ServiceRequest", "Procedure", "Consent", "Communication",
-             "Patient", "Practitioner", "PractitionerRole", "Organization")
+KAP_TYPES = (
+    "ServiceRequest",
+    "Procedure",
+    "Consent",
+    "Communication",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+)
 NEEDED_INTERACTIONS = ("create", "read", "update", "search-type")
 
 
@@ -47,8 +56,10 @@ def _cap_version(ctx: Context) -> str:
             raise Failed(f"server declares fhirVersion '{declared}', the check was asked for {wanted}")
         return f"fhirVersion {declared} as requested"
     if declared not in (Release.R4.value, Release.R5.value):
-        raise Failed(f"server declares fhirVersion '{declared}'; KAP exchange needs 4.0.1 (R4) or 5.0.0 (R5)"
-                     f" — the remaining checks assume {ctx.release.value}")
+        raise Failed(
+            f"server declares fhirVersion '{declared}'; KAP exchange needs 4.0.1 (R4) or 5.0.0 (R5)"
+            f" — the remaining checks assume {ctx.release.value}"
+        )
     return f"fhirVersion {declared}"
 
 
@@ -105,11 +116,53 @@ def _cap_smart(ctx: Context) -> str:
 
 
 CHECKS = (
-    Check("cap-01", "capability", "/metadata returns a CapabilityStatement", SPEC_R4 + "http.html#capabilities", True, _cap_metadata),
-    Check("cap-02", "capability", "fhirVersion is 4.0.1 or 5.0.0 (as requested)", SPEC_R4 + "capabilitystatement.html (fhirVersion)", True, _cap_version),
+    Check(
+        "cap-01",
+        "capability",
+        "/metadata returns a CapabilityStatement",
+        SPEC_R4 + "http.html#capabilities",
+        True,
+        _cap_metadata,
+    ),
+    Check(
+        "cap-02",
+        "capability",
+        "fhirVersion is 4.0.1 or 5.0.0 (as requested)",
+        SPEC_R4 + "capabilitystatement.html (fhirVersion)",
+        True,
+        _cap_version,
+    ),
     Check("cap-03", "capability", "JSON format supported", SPEC_R4 + "http.html#mime-type", True, _cap_json),
-    Check("cap-04", "capability", "KAP resource types support create/read/update/search-type", SPEC_R4 + "capabilitystatement.html (rest.resource.interaction)", True, _cap_interactions),
-    Check("cap-05", "capability", "conditional create declared", SPEC_R4 + "http.html#ccreate", True, _cap_conditional),
-    Check("cap-06", "capability", "transaction declared", SPEC_R4 + "http.html#transaction", True, _cap_transaction),
-    Check("cap-07", "capability", "SMART discovery document", "SMART App Launch 2.0 conformance.html (.well-known/smart-configuration)", True, _cap_smart),
+    Check(
+        "cap-04",
+        "capability",
+        "KAP resource types support create/read/update/search-type",
+        SPEC_R4 + "capabilitystatement.html (rest.resource.interaction)",
+        True,
+        _cap_interactions,
+    ),
+    Check(
+        "cap-05",
+        "capability",
+        "conditional create declared",
+        SPEC_R4 + "http.html#ccreate",
+        True,
+        _cap_conditional,
+    ),
+    Check(
+        "cap-06",
+        "capability",
+        "transaction declared",
+        SPEC_R4 + "http.html#transaction",
+        True,
+        _cap_transaction,
+    ),
+    Check(
+        "cap-07",
+        "capability",
+        "SMART discovery document",
+        "SMART App Launch 2.0 conformance.html (.well-known/smart-configuration)",
+        True,
+        _cap_smart,
+    ),
 )

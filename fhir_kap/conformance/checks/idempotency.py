@@ -2,6 +2,7 @@
 and a failing transaction rolled back whole
 (conformance/checks/, layer 3: orchestration; imports base and the conformance context only).
 """
+
 from __future__ import annotations
 
 import uuid
@@ -11,8 +12,11 @@ from ..context import SPEC_R4, Check, Context, Failed, identifier_param, outcome
 
 
 def _patient(ctx: Context, value: str) -> dict[str, Any]:
-    return {"resourceType": "Patient", "identifier": [{"system": ctx.run_system, "value": value}],
-            "active": True}
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": ctx.run_system, "value": value}],
+        "active": True,
+    }
 
 
 def _idem_conditional(ctx: Context) -> str:
@@ -37,13 +41,21 @@ def _bundle(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _entry(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
-    return {"fullUrl": full_url, "resource": resource,
-            "request": {"method": "POST", "url": resource["resourceType"]}}
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"]},
+    }
 
 
 def service_request(ctx: Context, value: str, subject: str) -> dict[str, Any]:
-    return {"resourceType": "ServiceRequest", "identifier": [{"system": ctx.run_system, "value": value}],
-            "status": "active", "intent": "order", "subject": {"reference": subject}}
+    return {
+        "resourceType": "ServiceRequest",
+        "identifier": [{"system": ctx.run_system, "value": value}],
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": subject},
+    }
 
 
 def _remember_bundle(ctx: Context, bundle: Any) -> list[str]:
@@ -59,8 +71,12 @@ def _remember_bundle(ctx: Context, bundle: Any) -> list[str]:
 
 def _idem_transaction(ctx: Context) -> str:
     pid = f"urn:uuid:{uuid.uuid4()}"
-    bundle = _bundle([_entry(pid, _patient(ctx, "idem-tx-patient")),
-                      _entry(f"urn:uuid:{uuid.uuid4()}", service_request(ctx, "idem-tx-sr", pid))])
+    bundle = _bundle(
+        [
+            _entry(pid, _patient(ctx, "idem-tx-patient")),
+            _entry(f"urn:uuid:{uuid.uuid4()}", service_request(ctx, "idem-tx-sr", pid)),
+        ]
+    )
     resp = ctx.request("POST", "", body=bundle)
     doc = resp.json()
     if resp.status != 200 or not isinstance(doc, dict) or doc.get("type") != "transaction-response":
@@ -69,7 +85,9 @@ def _idem_transaction(ctx: Context) -> str:
     found, _ = ctx.search_all("ServiceRequest", identifier_param(ctx.run_system, "idem-tx-sr"))
     patients, _ = ctx.search_all("Patient", identifier_param(ctx.run_system, "idem-tx-patient"))
     if len(found) != 1 or len(patients) != 1:
-        raise Failed(f"after the transaction: {len(patients)} patients, {len(found)} requests (1 and 1 expected)")
+        raise Failed(
+            f"after the transaction: {len(patients)} patients, {len(found)} requests (1 and 1 expected)"
+        )
     ref = (found[0].get("subject") or {}).get("reference", "")
     want = f"Patient/{patients[0].get('id')}"
     if not (ref == want or ref.endswith("/" + want)):
@@ -79,10 +97,13 @@ def _idem_transaction(ctx: Context) -> str:
 
 def _idem_atomic(ctx: Context) -> str:
     pid = f"urn:uuid:{uuid.uuid4()}"
-    invalid = {"resourceType": "ServiceRequest",
-               "identifier": [{"system": ctx.run_system, "value": "idem-atomic-bad"}]}  # no status/intent/subject
-    bundle = _bundle([_entry(pid, _patient(ctx, "idem-atomic-patient")),
-                      _entry(f"urn:uuid:{uuid.uuid4()}", invalid)])
+    invalid = {
+        "resourceType": "ServiceRequest",
+        "identifier": [{"system": ctx.run_system, "value": "idem-atomic-bad"}],
+    }  # no status/intent/subject
+    bundle = _bundle(
+        [_entry(pid, _patient(ctx, "idem-atomic-patient")), _entry(f"urn:uuid:{uuid.uuid4()}", invalid)]
+    )
     resp = ctx.request("POST", "", body=bundle)
     _remember_bundle(ctx, resp.json())
     patients, _ = ctx.search_all("Patient", identifier_param(ctx.run_system, "idem-atomic-patient"))
@@ -90,16 +111,40 @@ def _idem_atomic(ctx: Context) -> str:
         if ("Patient", p.get("id")) not in ctx.created:
             ctx.created.append(("Patient", p["id"]))
     if resp.status < 400:
-        raise Failed(f"a transaction with an invalid entry (ServiceRequest without status, intent, subject)"
-                     f" answered {resp.status}; it must fail as a whole")
+        raise Failed(
+            f"a transaction with an invalid entry (ServiceRequest without status, intent, subject)"
+            f" answered {resp.status}; it must fail as a whole"
+        )
     if patients:
-        raise Failed(f"the transaction failed ({resp.status}) but its valid Patient entry was kept: "
-                     "not rolled back")
+        raise Failed(
+            f"the transaction failed ({resp.status}) but its valid Patient entry was kept: not rolled back"
+        )
     return f"answered {resp.status}; nothing of the transaction remains"
 
 
 CHECKS = (
-    Check("idem-01", "idempotency", "conditional create twice → one resource", SPEC_R4 + "http.html#ccreate", True, _idem_conditional),
-    Check("idem-02", "idempotency", "transaction resolves urn:uuid references", SPEC_R4 + "http.html#trules", True, _idem_transaction),
-    Check("idem-03", "idempotency", "transaction with an invalid entry is rolled back whole", SPEC_R4 + "http.html#transaction", True, _idem_atomic),
+    Check(
+        "idem-01",
+        "idempotency",
+        "conditional create twice → one resource",
+        SPEC_R4 + "http.html#ccreate",
+        True,
+        _idem_conditional,
+    ),
+    Check(
+        "idem-02",
+        "idempotency",
+        "transaction resolves urn:uuid references",
+        SPEC_R4 + "http.html#trules",
+        True,
+        _idem_transaction,
+    ),
+    Check(
+        "idem-03",
+        "idempotency",
+        "transaction with an invalid entry is rolled back whole",
+        SPEC_R4 + "http.html#transaction",
+        True,
+        _idem_atomic,
+    ),
 )

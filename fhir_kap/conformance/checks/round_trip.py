@@ -2,6 +2,7 @@
 by identifier, updated with If-Match and deleted
 (conformance/checks/, layer 3: orchestration; imports base and the conformance context only).
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,9 @@ def _rt_read(ctx: Context) -> str:
         if lost:
             lost_all.append(f"{key} lost {', '.join(lost[:6])}")
         if changed or added:
-            notes.append(f"{key}: changed {', '.join(changed[:4]) or '-'}; added {', '.join(added[:4]) or '-'}")
+            notes.append(
+                f"{key}: changed {', '.join(changed[:4]) or '-'}; added {', '.join(added[:4]) or '-'}"
+            )
     if lost_all:
         raise Failed("the server dropped data: " + "; ".join(lost_all))
     return "all read back without loss" + (" (server changes: " + "; ".join(notes) + ")" if notes else "")
@@ -76,11 +79,14 @@ def _rt_update(ctx: Context) -> str:
         raise Failed(f"{key} carries no meta.versionId, so If-Match cannot be used")
     changed = copy.deepcopy(current)
     changed.setdefault("extension", []).append(
-        {"url": f"{CANONICAL}/StructureDefinition/kap-goal", "valueString": "check update"})
+        {"url": f"{CANONICAL}/StructureDefinition/kap-goal", "valueString": "check update"}
+    )
     resp = ctx.request("PUT", f"{rtype}/{rid}", body=changed, headers={"If-Match": f'W/"{version}"'})
     if resp.status != 200:
-        raise Failed(f"update with the current version (If-Match W/\"{version}\") answered {resp.status}"
-                     f"{outcome_hint(resp)}")
+        raise Failed(
+            f'update with the current version (If-Match W/"{version}") answered {resp.status}'
+            f"{outcome_hint(resp)}"
+        )
     new_version = _version(resp.json(), resp)
     if new_version == version:
         raise Failed(f"update answered 200 but the version stayed {version}")
@@ -109,9 +115,27 @@ def _rt_delete(ctx: Context) -> str:
 
 
 CHECKS = (
-    Check("rt-01", "round-trip", "each KAP example is created", SPEC_R4 + "http.html#create", True, _rt_create),
+    Check(
+        "rt-01", "round-trip", "each KAP example is created", SPEC_R4 + "http.html#create", True, _rt_create
+    ),
     Check("rt-02", "round-trip", "read back without losing data", SPEC_R4 + "http.html#read", True, _rt_read),
-    Check("rt-03", "round-trip", "found by identifier", SPEC_R4 + "search.html#token (identifier)", True, _rt_identifier),
-    Check("rt-04", "round-trip", "update with If-Match; stale version → 412", SPEC_R4 + "http.html#concurrency", True, _rt_update),
-    Check("rt-05", "round-trip", "delete, then read → 404/410", SPEC_R4 + "http.html#delete", True, _rt_delete),
+    Check(
+        "rt-03",
+        "round-trip",
+        "found by identifier",
+        SPEC_R4 + "search.html#token (identifier)",
+        True,
+        _rt_identifier,
+    ),
+    Check(
+        "rt-04",
+        "round-trip",
+        "update with If-Match; stale version → 412",
+        SPEC_R4 + "http.html#concurrency",
+        True,
+        _rt_update,
+    ),
+    Check(
+        "rt-05", "round-trip", "delete, then read → 404/410", SPEC_R4 + "http.html#delete", True, _rt_delete
+    ),
 )

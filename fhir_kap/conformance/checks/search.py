@@ -4,6 +4,7 @@
 The search data (the KAP journey plus Procedures of varied status and category) is created once
 per run by the first search check and shared by the others through `Context.state`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,12 @@ def _search_set(ctx: Context) -> dict[str, Any]:
     idmap = ctx.state["idmaps"]["search"]
     proc_key = next(k for k in journey if k.startswith("Procedure/"))
     template = journey[proc_key]["sent"]
-    kinds = [("completed", "dosing"), ("completed", "preparation"), ("completed", "integration"),
-             ("in-progress", "dosing")]
+    kinds = [
+        ("completed", "dosing"),
+        ("completed", "preparation"),
+        ("completed", "integration"),
+        ("in-progress", "dosing"),
+    ]
     procs = [v["stored"] for k, v in journey.items() if k.startswith("Procedure/")]
     system = f"{CANONICAL}/CodeSystem/kap-session-kind"
     for n, (status, kind) in enumerate(kinds):
@@ -43,11 +48,15 @@ def _search_set(ctx: Context) -> dict[str, Any]:
             raise Failed(f"creating search Procedure {n} answered {resp.status}{outcome_hint(resp)}")
         procs.append(stored)
     patient = next(v for k, v in idmap.items() if k.startswith("Patient/"))
-    data = {"journey": journey, "idmap": idmap, "patient": patient,
-            "procedures": [p for p in procs if _refs(p, "subject") == [patient]],
-            "all_procedures": procs,
-            "communications": [v["stored"] for k, v in journey.items() if k.startswith("Communication/")],
-            "referral": next(v for k, v in idmap.items() if k.startswith("ServiceRequest/"))}
+    data = {
+        "journey": journey,
+        "idmap": idmap,
+        "patient": patient,
+        "procedures": [p for p in procs if _refs(p, "subject") == [patient]],
+        "all_procedures": procs,
+        "communications": [v["stored"] for k, v in journey.items() if k.startswith("Communication/")],
+        "referral": next(v for k, v in idmap.items() if k.startswith("ServiceRequest/")),
+    }
     ctx.state["search"] = data
     return data
 
@@ -69,8 +78,10 @@ def _expect(ctx: Context, rtype: str, params: dict[str, str], expected: Iterable
     if got != want:
         missing = sorted(set(want) - set(got))
         extra = sorted(set(got) - set(want))
-        raise Failed(f"{rtype}?{query_text(params)} found {len(got)} (expected {len(want)}); "
-                     f"missing {missing or '-'}, unexpected {extra or '-'}")
+        raise Failed(
+            f"{rtype}?{query_text(params)} found {len(got)} (expected {len(want)}); "
+            f"missing {missing or '-'}, unexpected {extra or '-'}"
+        )
     return f"{rtype}?{query_text(params)} → {len(got)} as expected"
 
 
@@ -81,8 +92,12 @@ def _status_of(p: Mapping[str, Any]) -> str:
 def _has_category(p: Mapping[str, Any], system: str, code: str) -> bool:
     cat = p.get("category")
     concepts = cat if isinstance(cat, list) else [cat] if isinstance(cat, dict) else []
-    return any(c.get("system") == system and c.get("code") == code
-               for concept in concepts if isinstance(concept, dict) for c in concept.get("coding") or [])
+    return any(
+        c.get("system") == system and c.get("code") == code
+        for concept in concepts
+        if isinstance(concept, dict)
+        for c in concept.get("coding") or []
+    )
 
 
 def _s_patient(ctx: Context) -> str:
@@ -121,8 +136,11 @@ def _s_recipient(ctx: Context) -> str:
     recipients = [r for c in data["communications"] for r in _refs(c, "recipient")]
     if not recipients:
         raise Skipped("the Communication examples have no recipient reference")
-    want = [c for c in data["communications"]
-            if recipients[0] in _refs(c, "recipient") and _refs(c, "subject") == [data["patient"]]]
+    want = [
+        c
+        for c in data["communications"]
+        if recipients[0] in _refs(c, "recipient") and _refs(c, "subject") == [data["patient"]]
+    ]
     return _expect(ctx, "Communication", {"recipient": recipients[0], "patient": data["patient"]}, want)
 
 
@@ -132,7 +150,9 @@ def _s_last_updated(ctx: Context) -> str:
     if not all(stamps):
         raise Failed("created Procedures carry no meta.lastUpdated")
     first = min(stamps, key=lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")))
-    a = _expect(ctx, "Procedure", {"patient": data["patient"], "_lastUpdated": f"ge{first}"}, data["procedures"])
+    a = _expect(
+        ctx, "Procedure", {"patient": data["patient"], "_lastUpdated": f"ge{first}"}, data["procedures"]
+    )
     _expect(ctx, "Procedure", {"patient": data["patient"], "_lastUpdated": f"lt{first}"}, [])
     return f"{a}; lt{first} → 0"
 
@@ -147,18 +167,57 @@ def _s_paging(ctx: Context) -> str:
     dupes = sorted({i for i in got if got.count(i) > 1})
     want = _ids(data["procedures"])
     if dupes or sorted(got) != want:
-        raise Failed(f"paging returned {len(got)} items over {len(pages)} pages; duplicates {dupes or '-'}, "
-                     f"missing {sorted(set(want) - set(got)) or '-'}")
+        raise Failed(
+            f"paging returned {len(got)} items over {len(pages)} pages; duplicates {dupes or '-'}, "
+            f"missing {sorted(set(want) - set(got)) or '-'}"
+        )
     return f"{len(want)} items over {len(pages)} pages of ≤{count} ({pages}), each exactly once"
 
 
 CHECKS = (
-    Check("srch-01", "search", "search by patient", SPEC_R4 + "procedure.html#search (patient)", True, _s_patient),
+    Check(
+        "srch-01",
+        "search",
+        "search by patient",
+        SPEC_R4 + "procedure.html#search (patient)",
+        True,
+        _s_patient,
+    ),
     Check("srch-02", "search", "search by identifier", SPEC_R4 + "search.html#token", True, _s_identifier),
-    Check("srch-03", "search", "search by status", SPEC_R4 + "procedure.html#search (status)", True, _s_status),
-    Check("srch-04", "search", "search by category (system|code)", SPEC_R4 + "search.html#token", True, _s_category),
-    Check("srch-05", "search", "search by based-on", SPEC_R4 + "procedure.html#search (based-on)", True, _s_based_on),
-    Check("srch-06", "search", "search by recipient", SPEC_R4 + "communication.html#search (recipient)", True, _s_recipient),
-    Check("srch-07", "search", "search by _lastUpdated", SPEC_R4 + "search.html#lastUpdated", True, _s_last_updated),
+    Check(
+        "srch-03", "search", "search by status", SPEC_R4 + "procedure.html#search (status)", True, _s_status
+    ),
+    Check(
+        "srch-04",
+        "search",
+        "search by category (system|code)",
+        SPEC_R4 + "search.html#token",
+        True,
+        _s_category,
+    ),
+    Check(
+        "srch-05",
+        "search",
+        "search by based-on",
+        SPEC_R4 + "procedure.html#search (based-on)",
+        True,
+        _s_based_on,
+    ),
+    Check(
+        "srch-06",
+        "search",
+        "search by recipient",
+        SPEC_R4 + "communication.html#search (recipient)",
+        True,
+        _s_recipient,
+    ),
+    Check(
+        "srch-07",
+        "search",
+        "search by _lastUpdated",
+        SPEC_R4 + "search.html#lastUpdated",
+        True,
+        _s_last_updated,
+    ),
     Check("srch-08", "search", "_count paging to the end", SPEC_R4 + "http.html#paging", True, _s_paging),
 )

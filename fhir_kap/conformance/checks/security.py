@@ -2,6 +2,7 @@
 echoes the credential (conformance/checks/, layer 3: orchestration; imports base, client/ and
 the conformance context only).
 """
+
 from __future__ import annotations
 
 import uuid
@@ -26,8 +27,9 @@ def _sec_no_token(ctx: Context) -> str:
 
 def _sec_wrong_token(ctx: Context) -> str:
     _need_auth(ctx)
-    wrong = FhirClient(ctx.config.server, auth=BearerAuth(f"kap-check-wrong-{uuid.uuid4().hex}"),
-                       timeout=ctx.config.timeout)
+    wrong = FhirClient(
+        ctx.config.server, auth=BearerAuth(f"kap-check-wrong-{uuid.uuid4().hex}"), timeout=ctx.config.timeout
+    )
     resp = ctx.request("GET", "Patient", params={"_count": "1"}, client=wrong)
     if resp.status not in (401, 403):
         raise Failed(f"a search with a wrong token answered {resp.status}, expected 401 or 403")
@@ -44,7 +46,23 @@ def _sec_no_echo(ctx: Context) -> str:
 
 
 CHECKS = (
-    Check("sec-01", "security", "no token → 401/403", "RFC 6750 §3.1; SMART Backend Services", True, _sec_no_token),
-    Check("sec-02", "security", "wrong token → 401/403", "RFC 6750 §3.1 (invalid_token)", True, _sec_wrong_token),
-    Check("sec-03", "security", "the server does not echo the credential", "RFC 6750 §5.3; OWASP ASVS 8.3", True, _sec_no_echo),
+    Check(
+        "sec-01",
+        "security",
+        "no token → 401/403",
+        "RFC 6750 §3.1; SMART Backend Services",
+        True,
+        _sec_no_token,
+    ),
+    Check(
+        "sec-02", "security", "wrong token → 401/403", "RFC 6750 §3.1 (invalid_token)", True, _sec_wrong_token
+    ),
+    Check(
+        "sec-03",
+        "security",
+        "the server does not echo the credential",
+        "RFC 6750 §5.3; OWASP ASVS 8.3",
+        True,
+        _sec_no_echo,
+    ),
 )

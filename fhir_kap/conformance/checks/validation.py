@@ -5,6 +5,7 @@ referral and rejects each instance of the invalid-examples manifest
 The checks after val-01 come from `profiles/examples/invalid/manifest.json`, numbered from val-02
 in manifest order; each item gives the title, the rule and whether the check is required.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,10 @@ def _validate_offered(ctx: Context) -> bool:
     ops = list(rest.get("operation") or [])
     for r in rest.get("resource") or []:
         ops += r.get("operation") or []
-    return any(str(o.get("name", "")).lstrip("$") == "validate"
-               or str(o.get("definition", "")).endswith("/validate") for o in ops)
+    return any(
+        str(o.get("name", "")).lstrip("$") == "validate" or str(o.get("definition", "")).endswith("/validate")
+        for o in ops
+    )
 
 
 def _need_validate(ctx: Context) -> None:
@@ -45,8 +48,9 @@ def _v_valid(ctx: Context) -> str:
     example = next(e for e in ctx.examples() if e["resourceType"] == "ServiceRequest")
     resp, errors = _validate(ctx, example)
     if errors or resp.status >= 400:
-        raise Failed(f"$validate rejected the valid KAP referral example ({resp.status}): "
-                     f"{outcome_hint(resp)}")
+        raise Failed(
+            f"$validate rejected the valid KAP referral example ({resp.status}): {outcome_hint(resp)}"
+        )
     return f"valid KAP referral accepted ({resp.status})"
 
 
@@ -55,17 +59,35 @@ def _v_invalid(item: Mapping[str, Any]) -> Callable[[Context], str]:
         _need_validate(ctx)
         resp, errors = _validate(ctx, copy.deepcopy(item["resource"]))
         if not errors:
-            raise Failed(f"$validate accepted {item['file']} ({item['why']}) with {resp.status} and no error issue")
+            raise Failed(
+                f"$validate accepted {item['file']} ({item['why']}) with {resp.status} and no error issue"
+            )
         return f"rejected with {len(errors)} error issue(s){outcome_hint(resp)}"
+
     return run
 
 
 def checks(invalid: Sequence[Mapping[str, Any]]) -> list[Check]:
     """val-01, then one check per item of the invalid-examples manifest (val-02, val-03, ...)."""
     out = [
-        Check("val-01", "validation", "$validate accepts a valid KAP example", SPEC_R4 + "resource-operation-validate.html", True, _v_valid),
+        Check(
+            "val-01",
+            "validation",
+            "$validate accepts a valid KAP example",
+            SPEC_R4 + "resource-operation-validate.html",
+            True,
+            _v_valid,
+        ),
     ]
     for n, item in enumerate(invalid, start=2):
-        out.append(Check(f"val-{n:02d}", "validation", f"$validate rejects {item['title']}", item["rule"],
-                         bool(item.get("required", True)), _v_invalid(item)))
+        out.append(
+            Check(
+                f"val-{n:02d}",
+                "validation",
+                f"$validate rejects {item['title']}",
+                item["rule"],
+                bool(item.get("required", True)),
+                _v_invalid(item),
+            )
+        )
     return out

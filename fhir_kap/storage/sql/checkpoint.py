@@ -8,6 +8,7 @@ writers; while that thread runs, the committer's connection keeps a higher autom
 only as a backstop. Durability is unchanged: a checkpoint copies what is already durable in
 the WAL.
 """
+
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,7 @@ alone and gets its own error), then commits once (one fsync for the batch). `wri
 only after that commit, so nothing is acknowledged before it is durable; if the commit fails,
 every unit of the batch gets the error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,9 @@ class GroupCommitter:
     of up to 100 ms, which made the tail latency).
     """
 
-    def __init__(self, db: Database, *, max_batch: int = 64, wait_seconds: float = 120.0,
-                 checkpoint_rows: int = 3000) -> None:
+    def __init__(
+        self, db: Database, *, max_batch: int = 64, wait_seconds: float = 120.0, checkpoint_rows: int = 3000
+    ) -> None:
         self.db = db
         self.max_batch = max_batch
         self.wait_seconds = wait_seconds
@@ -88,15 +90,17 @@ class GroupCommitter:
             while not unit.done and (self._leading or unit.taken):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise CommitUnavailable("The database did not commit in time; the write may or may not "
-                                            "have been kept: retry with If-None-Exist",
-                                            rule="store:commit-timeout")
+                    raise CommitUnavailable(
+                        "The database did not commit in time; the write may or may not "
+                        "have been kept: retry with If-None-Exist",
+                        rule="store:commit-timeout",
+                    )
                 self._cond.wait(remaining)
             if not unit.done:
                 self._leading = True
                 # Its own unit first (it may be anywhere in the queue, even past max_batch), then
                 # the oldest others; exactly those leave the queue.
-                others = [u for u in self._pending if u is not unit][:max(0, self.max_batch - 1)]
+                others = [u for u in self._pending if u is not unit][: max(0, self.max_batch - 1)]
                 batch = [unit, *others]
                 for u in batch:
                     u.taken = True
@@ -164,8 +168,13 @@ class GroupCommitter:
                             unit.result = None
         except BaseException as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: nothing is durable
             log.error("group commit failed", extra={"error": type(exc).__name__, "units": len(batch)})
-            failure = exc if isinstance(exc, CommitUnavailable) else CommitUnavailable(
-                "The database could not commit this write; nothing was kept", rule="store:commit")
+            failure = (
+                exc
+                if isinstance(exc, CommitUnavailable)
+                else CommitUnavailable(
+                    "The database could not commit this write; nothing was kept", rule="store:commit"
+                )
+            )
             for unit in batch:
                 if unit.error is None:
                     unit.error = failure

@@ -14,6 +14,7 @@ Some migrations also change data (`after`, in the same transaction); those steps
 functions below, beside the registry, so that nothing in a constructor hides a schema step.
 Each owner applies its own migrations (`ensure(db, "outbox")`) when it is constructed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,20 +50,26 @@ def _rekey_consents(tx: Tx) -> None:
 
 def _reindex(tx: Tx) -> None:
     """store-2: fill `fhir_index` from the current versions (after a change of its layout)."""
-    for r in tx.execute("SELECT c.type, c.id, h.body FROM fhir_current c "
-                        "JOIN fhir_history h ON h.seq = c.seq WHERE c.deleted = 0"):
+    for r in tx.execute(
+        "SELECT c.type, c.id, h.body FROM fhir_current c "
+        "JOIN fhir_history h ON h.seq = c.seq WHERE c.deleted = 0"
+    ):
         write_index(tx, r["type"], r["id"], jsonio.loads(r["body"]))
 
 
 def _check_store_3(tx: Tx) -> None:
     """Refuse the store-3 migration (it rolls back whole) when a current row has no matching
     history row: its body would be gone, and counts would disagree with the rows returned."""
-    rows = tx.execute("SELECT COUNT(*) AS n FROM fhir_current c LEFT JOIN fhir_history h ON h.seq = c.seq "
-                      "WHERE h.seq IS NULL OR h.type <> c.type OR h.id <> c.id OR h.version <> c.version")
+    rows = tx.execute(
+        "SELECT COUNT(*) AS n FROM fhir_current c LEFT JOIN fhir_history h ON h.seq = c.seq "
+        "WHERE h.seq IS NULL OR h.type <> c.type OR h.id <> c.id OR h.version <> c.version"
+    )
     if rows[0]["n"]:
-        raise ConfigError(f"store-3: {rows[0]['n']} current resource row(s) have no matching history row; the "
-                          "database was left on its old layout (repair it, or restore a backup)",
-                          rule="store:migration")
+        raise ConfigError(
+            f"store-3: {rows[0]['n']} current resource row(s) have no matching history row; the "
+            "database was left on its old layout (repair it, or restore a backup)",
+            rule="store:migration",
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ def names_on_disk() -> set[str]:
     """The migration names that have SQL files in `schema/`."""
     out = set()
     for path in SCHEMA_DIR.glob("*.sql"):
-        stem = path.name[:-len(".sql")]
+        stem = path.name[: -len(".sql")]
         for dialect in _DIALECTS:
             stem = stem.removesuffix(f".{dialect}")
         out.add(stem)

@@ -21,6 +21,7 @@ Two differences from FULL, both deliberate:
   `/readyz` says so until it is restarted, which recovers from what is on disk.
 A database whose journal cannot be WAL (some network file systems) keeps `synchronous=FULL`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -114,5 +115,8 @@ def _fsync_dir(path: str | Path) -> None:
 
 def unsure(exc: OSError) -> CommitUnavailable:
     """The error of a write that was committed but whose sync the disk did not confirm."""
-    return CommitUnavailable("The database could not confirm this write is durable; it may or may not have "
-                             f"been kept: retry with If-None-Exist ({type(exc).__name__})", rule="store:commit")
+    return CommitUnavailable(
+        "The database could not confirm this write is durable; it may or may not have "
+        f"been kept: retry with If-None-Exist ({type(exc).__name__})",
+        rule="store:commit",
+    )

@@ -1,4 +1,5 @@
 """Group commit and durability: `db` here is a SQLite database with one table `t (k)`."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Group commit: concurrent writes share one durable commit, fail alone, and survive kill -9 only if acknowledged."""
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def _rows(db_path) -> set[str]:
 
 def _hold_first_batch(db: Database, others: int, running: threading.Event):
     """A unit that keeps its batch open until `others` units queue behind it."""
+
     def first(tx):
         running.set()
         tx.execute("INSERT INTO t (k) VALUES (?)", ("first",))
@@ -39,8 +41,8 @@ def _hold_first_batch(db: Database, others: int, running: threading.Event):
         while db.committer.queued < others and time.monotonic() < deadline:
             time.sleep(0.005)
         return "first"
-    return first
 
+    return first
 
 
 def _run_concurrently(db: Database, units: list, running: threading.Event) -> list:
@@ -66,15 +68,18 @@ def _run_concurrently(db: Database, units: list, running: threading.Event) -> li
 def test_concurrent_writes_share_one_commit_and_each_is_durable_when_answered(db, tmp_path):
     keys = [f"k{i}" for i in range(12)]
     running = threading.Event()
-    results = _run_concurrently(db, [_hold_first_batch(db, len(keys), running), *[_insert(k) for k in keys]],
-                                running)
+    results = _run_concurrently(
+        db, [_hold_first_batch(db, len(keys), running), *[_insert(k) for k in keys]], running
+    )
     assert results == ["first", *keys]
     assert _rows(tmp_path / "g.sqlite3") == {"first", *keys}
     assert db.committer.units == 13 and db.committer.batches == 2  # the held batch, then all twelve at once
 
 
 @pytest.mark.parametrize("max_batch", [1, 2, 3])
-def test_a_leader_always_runs_its_own_unit_even_when_the_queue_is_longer_than_a_batch(db, tmp_path, max_batch):
+def test_a_leader_always_runs_its_own_unit_even_when_the_queue_is_longer_than_a_batch(
+    db, tmp_path, max_batch
+):
     from fhir_kap.storage.sql.groupcommit import GroupCommitter
 
     db._committer = GroupCommitter(db, max_batch=max_batch)
@@ -135,9 +140,14 @@ def test_a_transaction_opened_inside_a_write_joins_it_as_a_savepoint(db, tmp_pat
     assert _rows(tmp_path / "g.sqlite3") == {"outer", "inner"}
 
 
-@pytest.mark.parametrize("name, rtype", [("Example-Communication-note-1.json", "Communication"),
-                                         ("Example-ServiceRequest-referral-1.json", "ServiceRequest"),
-                                         ("Consent-open-ended.json", "Consent")])
+@pytest.mark.parametrize(
+    "name, rtype",
+    [
+        ("Example-Communication-note-1.json", "Communication"),
+        ("Example-ServiceRequest-referral-1.json", "ServiceRequest"),
+        ("Consent-open-ended.json", "Consent"),
+    ],
+)
 def test_an_accepted_post_is_exactly_one_commit_with_everything_it_writes(tmp_path, name, rtype):
     bridge = make_bridge(tmp_path)
     svc = bridge.app.extensions["fhir_kap"]
@@ -149,7 +159,7 @@ def test_an_accepted_post_is_exactly_one_commit_with_everything_it_writes(tmp_pa
     assert resp.status_code == 201, resp.get_data(as_text=True)
     verbs = [s.split()[0].upper() for s in statements]
     assert verbs.count("COMMIT") == 1 and verbs.count("BEGIN") == 1
-    assert not any(v == "SELECT" for v in verbs[:verbs.index("BEGIN")])  # no reads before the write
+    assert not any(v == "SELECT" for v in verbs[: verbs.index("BEGIN")])  # no reads before the write
     tables = " ".join(statements)
     if rtype == "ServiceRequest":
         assert tables.count("INSERT INTO fhir_current") == 2  # the referral and its Task, together
@@ -182,19 +192,32 @@ def test_webhooks_run_after_the_commit_off_the_request_and_stay_id_only_and_sign
         settings = load_settings(env={}, data_dir=tmp_path / "data")
         partners = Partners(Database(settings.db_url))
         _, sender = partners.add("clinic-ehr", scopes="system/*.* kap/clinic")
-        hooked, _ = partners.add("practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"],
-                                 webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
+        hooked, _ = partners.add(
+            "practice-a",
+            npis=["1234567893"],
+            references=["Practitioner/ref-therapist"],
+            webhook_url=f"http://127.0.0.1:{server.server_port}/hook",
+        )
         app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir"))
-        consent = app.test_client().post("/fhir/Consent", data=json.dumps(load("Consent-open-ended.json")),
-                                         headers={"Authorization": f"Bearer {sender}", "Content-Type": FHIR})
+        consent = app.test_client().post(
+            "/fhir/Consent",
+            data=json.dumps(load("Consent-open-ended.json")),
+            headers={"Authorization": f"Bearer {sender}", "Content-Type": FHIR},
+        )
         assert consent.status_code == 201  # the hook fires only for a note the practice may read
         started = time.monotonic()
-        resp = app.test_client().post("/fhir/Communication", data=json.dumps(load("Example-Communication-note-1.json")),
-                                      headers={"Authorization": f"Bearer {sender}", "Content-Type": FHIR})
+        resp = app.test_client().post(
+            "/fhir/Communication",
+            data=json.dumps(load("Example-Communication-note-1.json")),
+            headers={"Authorization": f"Bearer {sender}", "Content-Type": FHIR},
+        )
         assert resp.status_code == 201 and time.monotonic() - started < 1.0  # the 1.5 s hook is not awaited
         assert app.extensions["fhir_kap"].inbound.notifier.drain(timeout=10)
-        (headers, body), = _SlowHook.received
-        assert json.loads(body) == {"event": EVENT_COMMUNICATION, "resource": f"Communication/{resp.get_json()['id']}"}
+        ((headers, body),) = _SlowHook.received
+        assert json.loads(body) == {
+            "event": EVENT_COMMUNICATION,
+            "resource": f"Communication/{resp.get_json()['id']}",
+        }
         assert headers["X-KAP-Signature"] == sign(hooked.webhook_secret, headers["X-KAP-Timestamp"], body)
     finally:
         server.shutdown()
@@ -210,16 +233,40 @@ def _free_port() -> int:
 def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
     import http.client
 
-    env = {**os.environ, "FHIR_KAP_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": os.getcwd(),
-           "FHIR_KAP_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "FHIR_KAP_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONPATH": os.getcwd(),
+        "FHIR_KAP_LOG_LEVEL": "WARNING",
+    }
     env.pop("FHIR_KAP_DATABASE_URL", None)
-    added = subprocess.run([sys.executable, "-m", "fhir_kap.cli", "partners", "add", "practice-a"], env=env,
-                           capture_output=True, text=True, check=True)
+    added = subprocess.run(
+        [sys.executable, "-m", "fhir_kap.cli", "partners", "add", "practice-a"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     token = json.loads(added.stdout)["token"]
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "2",
-                               "--threads", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fhir_kap.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--threads",
+            "8",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     acknowledged: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -229,9 +276,16 @@ def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
         while not stop.is_set():
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request("POST", "/fhir/Communication", body=body,
-                             headers={"Authorization": f"Bearer {token}", "Content-Type": FHIR,
-                                      "Prefer": "return=minimal"})
+                conn.request(
+                    "POST",
+                    "/fhir/Communication",
+                    body=body,
+                    headers={
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": FHIR,
+                        "Prefer": "return=minimal",
+                    },
+                )
                 resp = conn.getresponse()
                 resp.read()
                 if resp.status == 201:
@@ -270,9 +324,11 @@ def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
     missing = [rid for rid in acknowledged if store.get("Communication", rid) is None]
     assert missing == []
     # and nothing half-written: every current row has its history version and its index rows
-    rows = store.db.execute("SELECT c.id FROM fhir_current c LEFT JOIN fhir_history h ON h.seq = c.seq "
-                            "WHERE h.seq IS NULL OR NOT EXISTS (SELECT 1 FROM fhir_index i "
-                            "WHERE i.type = c.type AND i.id = c.id)")
+    rows = store.db.execute(
+        "SELECT c.id FROM fhir_current c LEFT JOIN fhir_history h ON h.seq = c.seq "
+        "WHERE h.seq IS NULL OR NOT EXISTS (SELECT 1 FROM fhir_index i "
+        "WHERE i.type = c.type AND i.id = c.id)"
+    )
     assert rows == []
 
 

