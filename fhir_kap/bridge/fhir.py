@@ -23,17 +23,13 @@ from ..storage.store import (
     SEARCH_PARAMS,
     StoredResource,
 )
+from ..validation import KAP_PROFILES
 from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date, services
 
 __all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]
 
 READ_TYPES = WRITE_TYPES + ("Task",)
-KAP_PROFILE = {
-    "ServiceRequest": "kap-referral",
-    "Procedure": "kap-session",
-    "Consent": "kap-release-of-information",
-    "Communication": "kap-continuity-note",
-}
+KAP_PROFILE = {rtype: url for url, rtype in KAP_PROFILES.items()}  # resource type -> its KAP profile
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
 _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
@@ -327,7 +323,6 @@ def _int_param(values: list[str] | None, name: str, default: int, maximum: int) 
 def capability_statement(base: str) -> dict[str, Any]:
     """What this server does, exactly: the types, interactions and search parameters it supports."""
     from .. import __version__
-    from ..config import CANONICAL
 
     release = services().release
     resources = []
@@ -337,7 +332,7 @@ def capability_statement(base: str) -> dict[str, Any]:
             interactions.insert(0, "create")
         entry: dict[str, Any] = {"type": rtype}
         if rtype in KAP_PROFILE:
-            entry["supportedProfile"] = [f"{CANONICAL}/StructureDefinition/{KAP_PROFILE[rtype]}"]
+            entry["supportedProfile"] = [KAP_PROFILE[rtype]]
         entry["interaction"] = [{"code": c} for c in interactions]
         entry["versioning"] = "versioned"
         entry["readHistory"] = True

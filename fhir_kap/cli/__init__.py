@@ -1,7 +1,8 @@
 """`fhir-kap` command line (layer 4, entry point): one dispatcher, one module per command group.
 
 Each module in COMMAND_MODULES exposes `register(subparsers)` and sets `handler` on its
-parsers: `handler(args, settings) -> int`. Modules keep heavy imports (fhir.resources,
+parsers: `handler(args, settings) -> int` (a group's handler may live in a module of its own:
+`outbox` is registered by `exchange` and handled in `outbox`). Modules keep heavy imports (fhir.resources,
 flask, requests) inside their handlers so `fhir-kap --help` starts fast.
 Every KapError is printed as an OperationOutcome on stderr; no traceback for bad input.
 """
@@ -33,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:  # command group not built yet
-            if exc.name == f"{__name__}.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`fhir-kap deliver` (the delivery worker) and `fhir-kap outbox ...` (operate the queue).
+"""`fhir-kap send`, `deliver` (the delivery worker), `audit`, and the `outbox ...` parsers (handled in cli/outbox.py).
 
 Endpoints come from the settings (`[endpoints.NAME]` tables); their secrets only from the
 environment variable each endpoint names in `token_env`, never from the command line, and

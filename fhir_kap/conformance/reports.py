@@ -18,6 +18,8 @@ JSON report schema (version 1), as written by `fhir-kap check --json`:
                                  "response": {"status", "headers", "body"}}]}]}
 
 Exchanges are kept for failures only; bodies are masked excerpts of at most 2 KB.
+
+Room: conformance/ (layer 3, orchestration): may import layers 0-2.
 """
 
 from __future__ import annotations

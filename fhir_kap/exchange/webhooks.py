@@ -51,7 +51,7 @@ __all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "Web
 
 EVENT_COMMUNICATION = "communication-available"
 EVENT_TASK = "referral-status-changed"
-log = logging.getLogger("fhir_kap.notify")
+log = logging.getLogger("fhir_kap.notify")  # its name before the move: log filters use it
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,22 @@ def test_each_folder_declares_the_layer_of_this_table(room: str):
     )
 
 
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_each_module_docstring_names_its_room_and_layer(path: Path):
+    """A reader opening any module sees where it lives and what it may touch."""
+    room = room_of(path)
+    if room in ("__init__", "py"):
+        return
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    named = f"{room}/" in doc if (PKG / room).is_dir() else f"Room: {room}" in doc
+    assert named or path.name == "__init__.py", (
+        f"{path.relative_to(PKG)}: the opening docstring should name its room ({room})"
+    )
+    assert f"layer {LAYER_OF[room]}" in doc, (
+        f"{path.relative_to(PKG)}: the docstring should say 'layer {LAYER_OF[room]}'"
+    )
+
+
 def test_checker_catches_a_wrong_arrow():
     """The checker itself must be able to fail: a pure-core module importing client and requests."""
     probe = PKG / "consent" / "_layering_probe.py"
