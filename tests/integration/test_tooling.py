@@ -55,3 +55,14 @@ def test_the_format_check_rejects_unformatted_code(tmp_path):
         text=True,
     )
     assert run.returncode == 1
+
+
+def test_pre_commit_runs_the_checks_ci_runs_with_the_pinned_tools():
+    import yaml
+
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = {h["id"]: h for repo in config["repos"] for h in repo["hooks"]}
+    assert {"ruff-check", "ruff-format", "mypy"} <= set(hooks)
+    for hook in hooks.values():
+        assert hook["language"] == "system" and hook["entry"].startswith(".venv/bin/"), hook["id"]
+        assert (ROOT / hook["entry"].split()[0]).name in {"ruff", "python"}

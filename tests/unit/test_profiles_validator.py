@@ -350,3 +350,19 @@ def test_validation_examples() -> None:
     for module in (structure, validator):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_the_generator_builds_validators_for_exactly_the_supported_types():
+    """The generator's ROOT_TYPES and the validator's SUPPORTED_TYPES are one list kept twice (a build
+    script does not import the package): they must not drift apart."""
+    import ast
+
+    from fhir_kap.validation import SUPPORTED_TYPES
+
+    tree = ast.parse((ROOT / "profiles" / "build" / "gen_validators.py").read_text())
+    root_types = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ROOT_TYPES" for t in node.targets)
+    )
+    assert list(root_types) == list(SUPPORTED_TYPES)
