@@ -17,9 +17,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputError
-from ._io import bounded_int
+from ._io import bounded_int, write_json
 from .outbox import open_outbox, outbox_handler
-from .outbox import write_json_out as _write_json
 
 if TYPE_CHECKING:  # heavy imports stay inside the handlers
     from ..client import FhirClient
@@ -307,7 +306,7 @@ def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
         limit=args.limit,
     )
     if args.json:
-        _write_json(
+        write_json(
             {
                 "resourceType": "Bundle",
                 "type": "searchset",
@@ -369,7 +368,7 @@ def send_handler(args: argparse.Namespace, settings: Settings) -> int:
     from ..exchange.outbound import Outbound
     from ..jsonio import iter_documents
     from ..records.pipeline import Pipeline
-    from ._io import open_input, write_json
+    from ._io import open_input
 
     target = _target(settings, args.to)
     outbox, audit = open_outbox(settings)
@@ -442,7 +441,7 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
         total = worker.run_forever(stop, args.poll)
     counts = outbox.counts()
     if args.json:
-        _write_json({"worker": worker.worker_id, "stats": total.as_dict(), "outbox": counts})
+        write_json({"worker": worker.worker_id, "stats": total.as_dict(), "outbox": counts})
     else:
         done = ", ".join(f"{k} {v}" for k, v in total.as_dict().items() if v) or "nothing to do"
         print(f"worker {worker.worker_id}: {done}")

@@ -12,6 +12,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, InputError, NotFound
+from ._io import write_json
 
 if TYPE_CHECKING:  # heavy imports stay inside the handlers
     from ..config import Settings
@@ -36,7 +37,7 @@ def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
     if action == "list":
         items = outbox.list(args.state, endpoint=args.endpoint, limit=args.limit)
         if args.json:
-            write_json_out({"items": [i.summary() for i in items], "counts": outbox.counts()})
+            write_json({"items": [i.summary() for i in items], "counts": outbox.counts()})
         else:
             _table(items)
             print("\n" + "  ".join(f"{k} {v}" for k, v in outbox.counts().items()))
@@ -49,7 +50,7 @@ def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
         if args.resource:
             data["resource"] = item.resource
         if args.json:
-            write_json_out(data)
+            write_json(data)
         else:
             width = max(len(k) for k in data)
             for key, value in data.items():
@@ -79,7 +80,7 @@ def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
             raise InputError("--older-than must be zero or more days", rule="cli:argument")
         n = outbox.purge_delivered(outbox.clock() - args.older_than * DAY)
         if args.json:
-            write_json_out({"purged": n})
+            write_json({"purged": n})
         else:
             print(f"purged {n} delivered item(s) older than {args.older_than:g} day(s)")
         return 0
@@ -125,7 +126,7 @@ def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
                 raise InputError([replace(i, message=f"{label}: {i.message}") for i in exc.issues]) from None
             stored, skipped = (stored + 1, skipped) if ok else (stored, skipped + 1)
     if args.json:
-        write_json_out({"stored": stored, "older_versions_skipped": skipped})
+        write_json({"stored": stored, "older_versions_skipped": skipped})
     else:
         print(f"stored {stored} context resource(s); {skipped} older version(s) skipped")
     return 0
@@ -133,16 +134,10 @@ def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
 
 def _report(args: argparse.Namespace, item: OutboxItem, text: str) -> int:
     if args.json:
-        write_json_out(item.summary())
+        write_json(item.summary())
     else:
         print(text)
     return 0
-
-
-def write_json_out(obj: Any) -> None:
-    from ._io import write_json
-
-    write_json(obj)
 
 
 def _table(items: list[OutboxItem]) -> None:

@@ -16,15 +16,15 @@ from ..errors import InputError, ServerError
 from ..fhir.retry import RETRY_STATUSES, retry_after_seconds
 from ..jsonio import loads
 
-__all__: list[str] = []
+__all__ = ["json_body", "status_error", "strip_query"]
 
 
-def _strip_query(url: str) -> str:
+def strip_query(url: str) -> str:
     s = urlsplit(url)
     return urlunsplit((s.scheme, s.netloc, s.path, "", ""))
 
 
-def _json_body(resp: requests.Response, method: str, what: str) -> Any:
+def json_body(resp: requests.Response, method: str, what: str) -> Any:
     if not resp.content:
         return None
     try:
@@ -35,11 +35,11 @@ def _json_body(resp: requests.Response, method: str, what: str) -> Any:
             f"{method} {what}: {resp.status_code} answer is not JSON ({ctype})",
             status=resp.status_code,
             retryable=False,
-            url=_strip_query(resp.url or ""),
+            url=strip_query(resp.url or ""),
         ) from None
 
 
-def _status_error(
+def status_error(
     method: str, what: str, resp: requests.Response, *, retryable: bool | None = None, note: str = ""
 ) -> ServerError:
     outcome = None
@@ -58,6 +58,6 @@ def _status_error(
         status=status,
         remote_outcome=outcome,
         retryable=retryable,
-        url=_strip_query(resp.url or ""),
+        url=strip_query(resp.url or ""),
         retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
     )

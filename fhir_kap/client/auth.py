@@ -21,7 +21,7 @@ import requests
 
 from ..errors import ConfigError, ServerError
 from ..fhir.retry import RETRY_STATUSES
-from .answers import _json_body, _status_error, _strip_query
+from .answers import json_body, status_error, strip_query
 
 __all__ = ["JWT_BEARER", "Auth", "BearerAuth", "NoAuth", "SmartBackendAuth"]
 
@@ -180,8 +180,8 @@ class SmartBackendAuth:
                 url=url,
             ) from None
         if resp.status_code != 200:
-            raise _status_error("GET", ".well-known/smart-configuration", resp)
-        doc = _json_body(resp, "GET", ".well-known/smart-configuration")
+            raise status_error("GET", ".well-known/smart-configuration", resp)
+        doc = json_body(resp, "GET", ".well-known/smart-configuration")
         endpoint = doc.get("token_endpoint") if isinstance(doc, dict) else None
         if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
             raise ServerError(
@@ -210,19 +210,19 @@ class SmartBackendAuth:
             raise ServerError(
                 f"POST token endpoint: could not reach server ({type(exc).__name__})",
                 retryable=True,
-                url=_strip_query(self.token_url),
+                url=strip_query(self.token_url),
             ) from None
         self.token_requests += 1
         if resp.status_code != 200:
             raise _token_error(resp, self.client_id)
-        doc = _json_body(resp, "POST", "token endpoint")
+        doc = json_body(resp, "POST", "token endpoint")
         token = doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise ServerError(
                 "POST token endpoint: answer has no access_token",
                 status=resp.status_code,
                 retryable=False,
-                url=_strip_query(self.token_url),
+                url=strip_query(self.token_url),
             )
         try:
             lifetime = float(doc.get("expires_in", 300))
@@ -283,5 +283,5 @@ def _token_error(resp: requests.Response, client_id: str) -> ServerError:
         + detail,
         status=resp.status_code,
         retryable=resp.status_code in RETRY_STATUSES,
-        url=_strip_query(resp.url or ""),
+        url=strip_query(resp.url or ""),
     )

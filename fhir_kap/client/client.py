@@ -32,7 +32,7 @@ from ..config import Release
 from ..errors import ConfigError, InputError, ServerError
 from ..fhir.retry import RETRY_STATUSES, RETRY_STATUSES_UNSAFE, retry_after_seconds
 from ..jsonio import dumps
-from .answers import _json_body, _status_error, _strip_query
+from .answers import json_body, status_error, strip_query
 from .auth import Auth, NoAuth
 from .bundles import WriteResult, _bundle_idempotent, _require_resource, _write_result
 from .capabilities import Capabilities, parse_capabilities
@@ -164,7 +164,7 @@ class FhirClient:
             raise ServerError(
                 f"{method} {what}: refusing to follow a URL on another host",
                 retryable=False,
-                url=_strip_query(url),
+                url=strip_query(url),
             )
         data = dumps(body) if body is not None else None
         retry_on = RETRY_STATUSES if idempotent else RETRY_STATUSES_UNSAFE
@@ -190,7 +190,7 @@ class FhirClient:
                 raise ServerError(
                     f"{method} {what}: TLS failure ({type(exc).__name__})",
                     retryable=False,
-                    url=_strip_query(url),
+                    url=strip_query(url),
                 ) from None
             except (
                 requests.ConnectionError,
@@ -215,7 +215,7 @@ class FhirClient:
                     f"{method} {what}: could not complete the request "
                     f"({type(exc).__name__}) after {attempt} attempt(s)",
                     retryable=True,
-                    url=_strip_query(url),
+                    url=strip_query(url),
                 ) from None
             status = resp.status_code
             if status == 401 and not renewed and self.auth.invalidate():
@@ -228,7 +228,7 @@ class FhirClient:
                 after = RetryPolicy.retry_after(resp.headers.get("Retry-After"))
                 if after is not None:
                     if after > self.retry.max_retry_after:
-                        raise _status_error(
+                        raise status_error(
                             method, what, resp, retryable=True, note=f" (Retry-After {after:.0f} s)"
                         )
                     wait = after
@@ -244,7 +244,7 @@ class FhirClient:
                     )
                     self._sleep(wait)
                     continue
-            raise _status_error(
+            raise status_error(
                 method,
                 what,
                 resp,
@@ -253,7 +253,7 @@ class FhirClient:
             )
 
     def _json(self, resp: requests.Response, method: str, what: str) -> Any:
-        return _json_body(resp, method, what)
+        return json_body(resp, method, what)
 
     # ---- capabilities
 
@@ -425,7 +425,7 @@ class FhirClient:
                     f"GET {what}: the server's next links loop (page {len(seen) + 1} "
                     "points back to an earlier page)",
                     retryable=False,
-                    url=_strip_query(self._url(nxt)),
+                    url=strip_query(self._url(nxt)),
                 )
             seen.add(nxt)
             resp = self._request("GET", nxt, what)

@@ -238,7 +238,7 @@ class Outbox:
         now + lease_seconds, attempts + 1. Due means pending with next_attempt_at <= now, or
         sending with an expired lease (its worker died). Oldest due first."""
         rows = self.queue.claim(worker_id, limit, self._now(now), lease_seconds)
-        return [OutboxItem.from_row(r) for r in rows]
+        return sorted((OutboxItem.from_row(r) for r in rows), key=lambda i: (i.next_attempt_at, i.id))
 
     def _leased_update(
         self, item: OutboxItem | int, sets: str, params: tuple[Any, ...], worker_id: str | None
@@ -432,7 +432,7 @@ class Outbox:
 
     def put_context(self, resource: dict[str, Any], *, now: float | None = None) -> bool:
         """Keep the latest version of a consent-context resource (`ConsentContext.put`)."""
-        return self.context.put(resource, now=self._now(now))
+        return self.context.put(resource, now=now)
 
     def context_for(self, patient_ref: str) -> builtins.list[dict[str, Any]]:  # `list` names a method here
         """The consent context for one patient (`ConsentContext.for_patient`)."""

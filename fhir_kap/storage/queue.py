@@ -41,7 +41,8 @@ class LeasedQueue:
 
     def claim(self, worker: str, limit: int, now: float, lease_seconds: float) -> list[dict[str, Any]]:
         """Lease up to `limit` due rows to `worker` until now + lease_seconds (state `sending`,
-        attempts + 1), the longest due first; the rows as claimed, sorted (next_attempt_at, id)."""
+        attempts + 1), the longest due first; the rows as claimed, in no set order (the owner
+        sorts them as its jobs are sent)."""
         lock = " FOR UPDATE SKIP LOCKED" if self.db.dialect == "postgresql" else ""
         with self.db.transaction() as tx:
             rows = tx.execute(
@@ -50,7 +51,7 @@ class LeasedQueue:
                 f"ORDER BY next_attempt_at, id LIMIT ?{lock}) RETURNING {self.returning}",
                 (worker, now + lease_seconds, now, now, now, int(limit)),
             )
-        return sorted(rows, key=lambda r: (r["next_attempt_at"], int(r["id"])))
+        return rows
 
     def finish(self, job_id: int, worker: str | None, sets: str, params: tuple[Any, ...]) -> bool:
         """`UPDATE ... SET {sets}` of a row being sent, only while `worker` holds its lease (any

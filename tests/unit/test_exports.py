@@ -76,3 +76,18 @@ def test_importing_the_package_loads_no_room():
 
 def test_package_is_typed():
     assert (Path(fhir_kap.__file__).parent / "py.typed").exists()
+
+
+def test_the_typed_imports_name_exactly_the_lazy_exports_and_their_rooms():
+    """`_EXPORTS` (what is loaded) and the TYPE_CHECKING imports (what mypy sees) are one list in two
+    forms: each name comes from the same room in both."""
+    import ast
+
+    tree = ast.parse(Path(fhir_kap.__file__).read_text())
+    block = next(
+        n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"
+    )
+    typed = {
+        a.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names
+    }
+    assert typed == fhir_kap._EXPORTS

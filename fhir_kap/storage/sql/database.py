@@ -281,18 +281,6 @@ class Database:
         with self.transaction(immediate=False) as tx:
             return tx.execute(sql, params)
 
-    def migrate(
-        self, name: str, statements: Sequence[str], after: Callable[[Tx], None] | None = None
-    ) -> bool:
-        """Apply DDL statements once, recorded under `name` in `schema_migrations`; True if applied now.
-
-        `after(tx)` runs in the same transaction when it applies. The named migrations of this
-        project and their SQL files: storage/sql/migrations.py (`migrations.apply`).
-        """
-        from .migrations import run  # it imports this module
-
-        return run(self, name, statements, after)
-
     def close(self) -> None:
         """Close this thread's connection (and stop the committer if this thread owns it)."""
         c = self._committer
