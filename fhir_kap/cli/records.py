@@ -36,8 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import",
         help="FHIR resources or Bundles (R4 or R5) → KAP records",
-        description="Validate FHIR resources and map them back to KAP records "
-        "(NDJSON on stdout). Exit 0 all imported, 1 any invalid.",
+        description="Validate FHIR resources (any type, any Bundle type, as EHRs write them) and map "
+        "them to KAP records: NDJSON on stdout, each record once (a resource sent twice is "
+        "recognised by its business identifier); every issue (errors, warnings, information) "
+        "on stderr as one OperationOutcome. Exit 0 all imported, 1 any invalid.",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument(
@@ -45,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=VERSIONS,
         default=None,
         help="release of the input (default: detected per resource)",
+    )
+    p.add_argument(
+        "--context",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="FHIR resources or Bundles that references may resolve to (patients, practitioners, ...); "
+        "they are not imported themselves",
     )
     p.set_defaults(handler=cmd_import)
 
@@ -137,19 +147,66 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     from ..jsonio import dumps
     from ..records.pipeline import Pipeline
 
+    from ..errors import Issue, operation_outcome
+    from ..fhir.references import ResourceIndex
+    from ..records.pipeline import labelled
+    from . import print_outcome
+
     release = Release.parse(args.fhir_version) if args.fhir_version else None
     pipeline = Pipeline.load()
-    failed = []
-    for outcome in pipeline.import_documents(_documents(args.files), release, default=settings.fhir_version):
-        if outcome.ok:
-            sys.stdout.buffer.write(dumps(outcome.result) + b"\n")
+    context = ResourceIndex()
+    for _, doc in _documents(args.context):
+        entries = doc.get("entry") if isinstance(doc, dict) and doc.get("resourceType") == "Bundle" else None
+        if isinstance(entries, list):
+            for e in entries:
+                if isinstance(e, dict):
+                    full = e.get("fullUrl")
+                    context.add(e.get("resource"), full_url=full if isinstance(full, str) else None)
         else:
-            failed.append(outcome)
+            context.add(doc)
+    failed = False
+    issues: list[Issue] = []
+    seen: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    imports = pipeline.import_documents(
+        _documents(args.files), release, default=settings.fhir_version, context=context
+    )
+    for outcome in imports:
+        issues += labelled(outcome.label, outcome.error.issues if outcome.error else outcome.issues)
+        if not outcome.ok:
+            failed = True
+            continue
+        record = outcome.result
+        if record is None:
+            continue
+        key = (str(record.get("record")), str(record.get("id")))
+        first = seen.get(key)
+        if first is not None and first[1] == record:
+            issues.append(
+                Issue(
+                    "information",
+                    "duplicate",
+                    f"{outcome.label}: same {key[0]} record {key[1]} as {first[0]} (same business "
+                    "identifier, same content): written once",
+                    rule="import:duplicate",
+                )
+            )
+            continue
+        if first is not None:
+            issues.append(
+                Issue(
+                    "information",
+                    "duplicate",
+                    f"{outcome.label}: {key[0]} record {key[1]} again (same business identifier) with other "
+                    f"content than {first[0]}: written again, the later one is current",
+                    rule="import:duplicate",
+                )
+            )
+        seen[key] = (outcome.label, record)
+        sys.stdout.buffer.write(dumps(record) + b"\n")
     sys.stdout.flush()
-    if failed:
-        _report(failed)
-        return 1
-    return 0
+    if issues:
+        print_outcome(operation_outcome(issues))
+    return 1 if failed else 0
 
 
 def cmd_validate(args: argparse.Namespace, settings: Any) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,18 @@ class Mapper:
 
     def from_fhir(self, resource: dict[str, Any], release: Release | None = None) -> dict[str, Any]:
         """FHIR resource -> KAP record. `release` None: detected from R5-only elements."""
+        record, issues = self.read(resource, release, lenient=False)
+        errors = [i for i in issues if i.is_error]
+        if errors:
+            raise MappingError(errors)
+        return record
+
+    def read(
+        self, resource: dict[str, Any], release: Release | None = None, *, lenient: bool = True
+    ) -> tuple[dict[str, Any], list[Issue]]:
+        """FHIR resource -> (KAP record, issues). `lenient`: a coding no code table knows and a
+        reference to another type than the field's are information issues (the field stays
+        empty; the caller keeps the element as given), not errors."""
         rt = resource.get("resourceType") if isinstance(resource, dict) else None
         m = self._by_resource.get(rt)  # type: ignore[arg-type]
         if m is None:
@@ -226,13 +238,21 @@ class Mapper:
         release = release or detect_release(resource)
         record: dict[str, Any] = {"record": m.record}
         issues: list[Issue] = []
-        self._read(m.rules[release], resource, record, str(rt), issues)
-        if issues:
-            raise MappingError(issues)
-        return record
+        self._read(m.rules[release], resource, record, str(rt), issues, lenient)
+        return record, issues
+
+    def table(self, name: str) -> CodeTable:
+        """The code table `name` (MappingError-free KeyError-free: TransformError when unknown)."""
+        return self._tables.get(name)
 
     def _read(
-        self, rules: tuple[_Rule, ...], src: Any, record: dict[str, Any], expr: str, issues: list[Issue]
+        self,
+        rules: tuple[_Rule, ...],
+        src: Any,
+        record: dict[str, Any],
+        expr: str,
+        issues: list[Issue],
+        lenient: bool = False,
     ) -> Any:
         """Fill `record` from `src`; for item rules without a field, return the item value."""
         item_value: Any = None
@@ -244,7 +264,7 @@ class Mapper:
                 got = []
                 for elem in elems:
                     sub: dict[str, Any] = {}
-                    v = self._read(r.items, elem, sub, expr, issues)
+                    v = self._read(r.items, elem, sub, expr, issues, lenient)
                     item = v if v is not None else sub
                     if item not in (None, {}):
                         got.append(item)
@@ -271,9 +291,15 @@ class Mapper:
             try:
                 value = r.transform.inverse(found, r.args, self._tables) if r.transform else _copy(found)
             except TransformError as exc:
-                issues.append(
-                    _issue(exc, None, expr + "." + ".".join(path_str(s) for s in r.segs), r, reading=True)
-                )
+                issue = _issue(exc, None, expr + "." + ".".join(path_str(s) for s in r.segs), r, reading=True)
+                if lenient and (exc.table or exc.soft):
+                    # someone else's code or reference: not an error in their data; kept as given
+                    issue = replace(
+                        issue,
+                        severity="information",
+                        message=f"{issue.message}; kept as given, not mapped to a record field",
+                    )
+                issues.append(issue)
                 continue
             if r.field:
                 if get_field(record, r.field) is None:

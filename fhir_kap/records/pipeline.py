@@ -20,6 +20,9 @@ from ..config import Release
 from ..errors import InputError, Issue, KapError, ProfileError
 from ..fhir.release import detect_release
 from ..validation import Validator
+from ..fhir.references import ResourceLookup
+from .carry import apply_kept
+from .ingest import Ingest
 from .inputs import InputSchemas, load_input_schemas
 from .mapping import Mapper
 
@@ -33,6 +36,7 @@ class Outcome:
     label: str
     result: dict[str, Any] | None = None
     error: KapError | None = None
+    issues: tuple[Issue, ...] = ()  # warnings and information found on the way (import)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +60,9 @@ class Pipeline:
         """Check a KAP record, map it, and check the FHIR result against base FHIR and the KAP profile."""
         checked = self.inputs.check(record)
         resource = self.mapper.to_fhir(checked, release)
+        carry = checked.get("fhir")
+        if isinstance(carry, dict) and carry.get("kept"):
+            apply_kept(resource, carry["kept"])  # what the record kept of the FHIR it came from
         errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
         if errors:
             raise ProfileError(errors)
@@ -101,29 +108,25 @@ class Pipeline:
             except KapError as exc:
                 yield Outcome(label, error=exc)
 
+    @property
+    def ingest(self) -> Ingest:
+        """The one inbound path (FHIR as EHRs send it -> records with issues), on this pipeline."""
+        return Ingest(self.inputs, self.mapper)
+
     def import_documents(
         self,
         docs: Iterable[tuple[str, Any]],
         release: Release | None = None,
         *,
         default: Release = Release.R4,
+        context: ResourceLookup | None = None,
     ) -> Iterator[Outcome]:
-        """from_fhir over labelled documents; Bundles are unpacked entry by entry."""
+        """Every record in labelled documents (`ingest.Ingest.document`: Bundles of any type entry
+        by entry, references resolved against contained resources, the Bundle, then `context`)."""
+        ingest = self.ingest
         for label, doc in docs:
-            for sub_label, resource in _unbundle(label, doc):
-                try:
-                    yield Outcome(sub_label, result=self.from_fhir(resource, release, default=default))
-                except KapError as exc:
-                    yield Outcome(sub_label, error=exc)
-
-
-def _unbundle(label: str, doc: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
-        for i, entry in enumerate(doc.get("entry") or []):
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            yield f"{label}#entry[{i}]", resource
-    else:
-        yield label, doc
+            for got in ingest.document(label, doc, release=release, default=default, context=context):
+                yield Outcome(got.label, result=got.result, error=got.error, issues=got.issues)
 
 
 def labelled(label: str, issues: Iterable[Issue]) -> list[Issue]:

@@ -43,10 +43,13 @@ __all__ = [
 class TransformError(ValueError):
     """A value cannot be transformed. `table` names the code table involved, if any."""
 
-    def __init__(self, message: str, *, table: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, table: str | None = None, code: str | None = None, soft: bool = False
+    ) -> None:
         super().__init__(message)
         self.table = table
         self.code = code
+        self.soft = soft  # the value is someone else's valid choice (a reference to another type)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,10 @@ def _ref_inverse(value: Any, args: Mapping[str, Any], tables: CodeTables) -> str
     """
     rtype, rid = _split_reference(value)
     if rtype != args["type"]:
-        raise TransformError(f"Expected a reference to {args['type']}, got {rtype or 'no literal reference'}")
+        raise TransformError(
+            f"Expected a reference to {args['type']}, got {rtype or 'no literal reference'}",
+            soft=rtype is not None,
+        )
     return rid
 
 

@@ -189,7 +189,7 @@ PROFILE_DEFS = {
                 ],
             ),
             slicing("ServiceRequest.extension", "value", "url"),
-            ext_slice("ServiceRequest", "collaborationModel", "kap-collaboration-model", 1, "1"),
+            ext_slice("ServiceRequest", "collaborationModel", "kap-collaboration-model", 0, "1"),
             ext_slice("ServiceRequest", "readiness", "kap-readiness", 0, "1"),
             ext_slice("ServiceRequest", "goal", "kap-goal", 0, "*"),
             ext_slice("ServiceRequest", "clinicalContext", "kap-clinical-context", 0, "*"),
