@@ -1,8 +1,11 @@
 """FHIR invariants and the KAP profile constraints (validation/, layer 1: pure core; imports base
 only).
 
-Core invariants checked in code: choice types given once (`choice:one-of`), Period start <= end
-(per-1) everywhere in a resource, and the R4 Consent's ppc-1..5. The kap-* constraints the KAP
+Core invariants checked in code, in one walk over the resource: choice types given once
+(`choice:one-of`), Period start <= end (per-1), no empty element or value (ele-1), extensions
+with a value or extensions (ext-1), strings within 1 MB and numbers within 18 digits; and the R4
+Consent's ppc-1..5. The invariants of whole resources (dom-*, bdl-*, que-12, ...) are in
+resource_invariants.py. The kap-* constraints the KAP
 StructureDefinitions declare (FHIRPath expressions there, for readers and other validators) are
 implemented here by key in `_constraint_holds`; IMPLEMENTED_CONSTRAINTS lists them and a test
 keeps it equal to the keys the profiles declare.
@@ -29,6 +32,9 @@ _DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?")
 
 
 def _period_out_of_order(start: str, end: str) -> bool:
+    """per-1 as FHIRPath decides it: start <= end at their common precision; where the common
+    part is equal but one is more precise (2023-06-21 against 2023-06-21T06:20:00Z) the
+    comparison is empty and the invariant fails, as the reference validator reports."""
     try:
         if "T" in start and "T" in end:
             return datetime.fromisoformat(start.replace("Z", "+00:00")) > datetime.fromisoformat(
@@ -37,7 +43,27 @@ def _period_out_of_order(start: str, end: str) -> bool:
     except (ValueError, TypeError):
         return False
     n = min(len(start), len(end), 10)
-    return start[:n] > end[:n]
+    if start[:n] != end[:n]:
+        return start[:n] > end[:n]
+    return ("T" in start) != ("T" in end)
+
+
+STRING_LIMIT = 1024 * 1024  # "Strings SHALL NOT exceed 1 MB" (base64Binary is exempt)
+_DECIMAL_LIMIT = 10**18  # a JSON integer literal beyond 18 digits fits no FHIR number type
+_EXTENSION_KEYS = ("extension", "modifierExtension")
+
+
+def _is_resource(v: Any) -> bool:
+    """A nested resource (contained, Bundle.entry.resource, ...): validated by recursion."""
+    return type(v) is dict and "resourceType" in v
+
+
+def _extension_broken(ext: Any) -> bool:
+    """ext-1: an extension has extensions or a value[x], not both and not neither."""
+    if type(ext) is not dict:
+        return False
+    has_value = any(k.startswith("value") and k[5:6].isupper() for k in ext)
+    return has_value == ("extension" in ext)
 
 
 def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> bool:
@@ -48,13 +74,26 @@ def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> 
     while stack:
         node = pop()
         if type(node) is dict:
+            if not node:
+                return True  # ele-1
             hits = node.keys() & choice_keys
             if len(hits) > 1 and len({choices[k] for k in hits}) < len(hits):
                 return True
             for k, v in node.items():
                 t = type(v)
-                if (t is dict or t is list) and k != "contained" and k != "resource":
-                    push(v)
+                if t is dict:
+                    if "resourceType" not in v:
+                        push(v)
+                elif t is list:
+                    if k != "contained":
+                        push(v)
+                        if k in _EXTENSION_KEYS and any(_extension_broken(e) for e in v):
+                            return True
+                elif t is str:
+                    if not v or len(v) > STRING_LIMIT:
+                        return True
+                elif t is int and not -_DECIMAL_LIMIT < v < _DECIMAL_LIMIT:
+                    return True
             if "start" in node and "end" in node:
                 s, e = node["start"], node["end"]
                 if (
@@ -68,16 +107,55 @@ def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> 
         else:
             for v in node:
                 t = type(v)
-                if t is dict or t is list:
+                if t is dict:
+                    if "resourceType" not in v:
+                        push(v)
+                elif t is list:
                     push(v)
+                elif t is str and not v:
+                    return True
     return False
+
+
+def _value_issue(k: Any, v: Any, rt: str, path: tuple[Any, ...]) -> Issue | None:
+    """ele-1 (an empty string), the 1 MB string limit and the decimal digit limit, for one value."""
+    if type(v) is str:
+        if not v:
+            return Issue(
+                "error", "invariant", "Value cannot be empty (ele-1: a value or children)",
+                _expr(rt, path), _pointer(path), "ele-1",
+            )  # fmt: skip
+        if len(v) > STRING_LIMIT and not (k == "data" or str(k).endswith("Base64Binary")):
+            return Issue(
+                "error", "too-long", "String is longer than the FHIR limit of 1 MB",
+                _expr(rt, path), _pointer(path), "string:max-length",
+            )  # fmt: skip
+    elif type(v) is int and not -_DECIMAL_LIMIT < v < _DECIMAL_LIMIT:
+        return Issue(
+            "error", "value", "Number has more than 18 digits (no FHIR number type holds it)",
+            _expr(rt, path), _pointer(path), "decimal:digits",
+        )  # fmt: skip
+    return None
 
 
 def _walk_checks(
     node: Any, rt: str, path: tuple[Any, ...], choices: dict[str, str], out: list[Issue]
 ) -> None:
-    """Choice-type conflicts and Period start <= end, everywhere in the resource (not contained)."""
+    """Choice-type conflicts, Period start <= end (per-1), empty elements (ele-1), extensions with
+    a value or extensions (ext-1) and value limits, everywhere in the resource (nested resources
+    are validated on their own)."""
     if isinstance(node, dict):
+        if not node and path:
+            out.append(
+                Issue(
+                    "error",
+                    "invariant",
+                    "Element is empty (ele-1: all FHIR elements must have a value or children)",
+                    _expr(rt, path),
+                    _pointer(path),
+                    "ele-1",
+                )
+            )
         seen: dict[str, str] = {}
         for k, v in node.items():
             stem = choices.get(k)
@@ -95,8 +173,25 @@ def _walk_checks(
                     )
                 else:
                     seen[stem] = k
-            if isinstance(v, (dict, list)) and k not in ("contained", "resource"):
+            if k in _EXTENSION_KEYS and isinstance(v, list):
+                for i, e in enumerate(v):
+                    if _extension_broken(e):
+                        out.append(
+                            Issue(
+                                "error",
+                                "invariant",
+                                "An extension must have either extensions or a value[x], not both (ext-1)",
+                                _expr(rt, path + (k, i)),
+                                _pointer(path + (k, i)),
+                                "ext-1",
+                            )
+                        )
+            if isinstance(v, list) and k != "contained" or isinstance(v, dict) and "resourceType" not in v:
                 _walk_checks(v, rt, path + (k,), choices, out)
+            else:
+                issue = _value_issue(k, v, rt, path + (k,))
+                if issue is not None:
+                    out.append(issue)
         s, e = node.get("start"), node.get("end")
         if (
             isinstance(s, str)
@@ -117,8 +212,12 @@ def _walk_checks(
             )
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            if isinstance(v, (dict, list)):
+            if isinstance(v, list) or isinstance(v, dict) and "resourceType" not in v:
                 _walk_checks(v, rt, path + (i,), choices, out)
+            elif type(v) is str and not v:
+                issue = _value_issue(i, v, rt, path + (i,))
+                if issue is not None:
+                    out.append(issue)
 
 
 def _core_invariants(resource: dict[str, Any], rt: str, release: Release) -> list[Issue]:

