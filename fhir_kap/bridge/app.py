@@ -114,6 +114,7 @@ def services() -> Services:
 
 def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flask:
     """A Flask app serving the FHIR facade (/fhir), the KAP API (/kap), /healthz and /readyz."""
+    from ..records.ingest import Ingest
     from ..records.inputs import load_input_schemas
     from ..records.mapping import Mapper
     from ..storage.auditlog import AuditLog
@@ -127,6 +128,7 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     partners = Partners(db, cache_seconds=options.auth_cache_seconds)
     validator = Validator.load(release)
     mapper = Mapper.load()
+    inputs = load_input_schemas()
     outbox = Outbox(db)
     audit = AuditLog(db)
     notifier = (
@@ -148,6 +150,7 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
         notifier=notifier,
         clinic_org_identifier=settings.clinic_org_identifier,
         may_read=access.can_read,
+        ingest=Ingest(inputs, mapper),
     )
     if notifier is not None:
         notifier.allowed = _still_readable(partners, store, access)
@@ -166,7 +169,7 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
         access,
         validator,
         mapper,
-        load_input_schemas(),
+        inputs,
         outbox,
         audit,
     )

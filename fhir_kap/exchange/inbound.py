@@ -34,13 +34,15 @@ partner about a note it would get 404 for.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ..config import CANONICAL, Release
 from ..consent import CONTEXT_TYPES
-from ..errors import InputError, Issue, KapError, MappingError, NotFound, ProfileError
-from ..fhir.identifiers import new_id
+from ..errors import InputError, Issue, KapError, MappingError, NotFound, PreconditionFailed, ProfileError
+from ..fhir.identifiers import business_identifier, new_id
+from ..fhir.references import Resolver, parse_reference
+from ..records.ingest import Ingest
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
 from .inbound_rules import (
@@ -50,7 +52,6 @@ from .inbound_rules import (
     REFERRAL_REASONS,
     REFERRAL_STATUS_SYSTEM,
     TASK_STATUS,
-    URN_UUID,
     WRITE_TYPES,
     addressed_to,
     bundle_entries,
@@ -101,12 +102,38 @@ class RecordMapper(Protocol):
 
 @dataclass(frozen=True)
 class Accepted:
-    """One resource accepted: what was stored, whether it is new, its KAP record, the Task made."""
+    """One resource accepted: what was stored, whether it is new, its KAP record, the Task made,
+    and the issues (warnings, information) the inbound path found, as `fhir-kap import` reports them."""
 
     stored: StoredResource
     created: bool
     record: dict[str, Any] | None = None
     task: StoredResource | None = None
+    issues: tuple[Issue, ...] = ()
+
+
+class StoreLookup:
+    """The bridge's context for resolving references: the sender's own stored resources (a
+    partner's references never resolve to, or reveal, another partner's resources)."""
+
+    def __init__(self, store: Store, source: str | None) -> None:
+        self.store = store
+        self.source = source
+
+    def get(self, rtype: str, rid: str) -> dict[str, Any] | None:
+        """None: a literal `Type/id` already names a stored resource as it is, and looking it up
+        would cost every write a read before its transaction (only identifiers are looked up)."""
+        return None
+
+    def by_identifier(self, rtype: str | None, system: str, value: str) -> list[dict[str, Any]]:
+        types = (rtype,) if rtype else ("Patient", "Practitioner", "PractitionerRole", "Organization")
+        out = []
+        for t in types:
+            if t not in WRITE_TYPES:
+                continue
+            found = self.store.search(t, {"identifier": [f"{system}|{value}"]}, count=3)
+            out += [s.resource for s in found.items if s.source == self.source]
+        return out
 
 
 @dataclass
@@ -130,6 +157,7 @@ class Inbound:
         notifier: Notifier | None = None,
         clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic",
         may_read: Callable[[Partner, StoredResource], bool] | None = None,
+        ingest: Ingest | None = None,
     ) -> None:
         """`may_read(partner, stored)`: whether a recipient may read a new Communication (consent
         gate, audited); rest-hooks go only where it says yes (none without it)."""
@@ -141,14 +169,24 @@ class Inbound:
         self.partners = partners
         self.notifier = notifier
         self.may_read = may_read
+        self.ingest = ingest
         system, _, value = clinic_org_identifier.partition("|")
         self.clinic_owner = {"identifier": {"system": system, "value": value}, "display": "KAP clinic"}
 
-    def check(self, resource: Any, *, pointer: str = "") -> dict[str, Any] | None:
-        """Validate and map one resource; returns its KAP record (None for unmapped types).
+    def check(
+        self, resource: Any, *, pointer: str = "", resolver: Resolver | None = None
+    ) -> dict[str, Any] | None:
+        """Validate and map one resource; returns its KAP record (None for unmapped types)."""
+        return self.inspect(resource, pointer=pointer, resolver=resolver)[0]
 
-        Raises InputError for a wrong resource type, ProfileError for rule breaks,
-        MappingError when the clinic could not read it as a KAP record.
+    def inspect(
+        self, resource: Any, *, pointer: str = "", resolver: Resolver | None = None
+    ) -> tuple[dict[str, Any] | None, tuple[Issue, ...]]:
+        """Validate and map one resource through the one inbound path `fhir-kap import` uses
+        (`records.ingest`): its KAP record (None for types that make none) and the issues.
+
+        Raises InputError for a type partners cannot write, ProfileError for rule breaks,
+        MappingError / InputError when the clinic cannot read it as a KAP record.
         """
         if not isinstance(resource, dict):
             raise InputError(
@@ -166,16 +204,25 @@ class Inbound:
                 rule="bridge:resource-type",
                 code="not-supported",
             )
+        if self.ingest is not None:
+            got = self.ingest.resource(pointer or str(rtype), resource, resolver, release=self.release)
+            for g in got:
+                if g.error is not None:
+                    raise type(g.error)(
+                        [i.prefixed(pointer_prefix=pointer) for i in g.error.issues]
+                    ) from None
+            own = got[-1]
+            return own.result, tuple(i.prefixed(pointer_prefix=pointer) for g in got for i in g.issues)
         errors = [i for i in self.validator.validate(resource) if i.is_error]
         if errors:
             raise ProfileError([i.prefixed(pointer_prefix=pointer) for i in errors])
         if self.mapper is None:
-            return None
+            return None, ()
         try:
-            return self.mapper.from_fhir(resource, self.release)
+            return self.mapper.from_fhir(resource, self.release), ()
         except MappingError as exc:
             if exc.issues and exc.issues[0].rule == "mapping:resource-type":
-                return None
+                return None, ()
             raise MappingError([i.prefixed(pointer_prefix=pointer) for i in exc.issues]) from None
 
     def accept(
@@ -191,11 +238,17 @@ class Inbound:
         `authority`: whether the sender is a consent authority (its context feeds the consent
         gate); None looks the `source` partner up (`is_authority`).
         """
-        record = self.check(resource)
+        record, issues = self.inspect(resource, resolver=Resolver((), StoreLookup(self.store, source)))
         trusted = self._trusted(source, authority, [resource])
-        return self._commit(
-            lambda tx: [self._store_one(tx, resource, source, if_none_exist, record)], trusted
-        )[0]
+        cond: Mapping[str, Sequence[str]] | None
+        if if_none_exist is not None:
+            cond, op = if_none_exist, "create"
+        else:
+            cond, op = _same_identifier(resource), "resend"
+        acc = self._commit(lambda tx: [self._store_one(tx, resource, source, cond, record, op=op)], trusted)[
+            0
+        ]
+        return replace(acc, issues=issues)
 
     def is_authority(self, source: str | None) -> bool:
         """Whether the partner named `source` is a consent authority (unknown or revoked: no)."""
@@ -241,14 +294,77 @@ class Inbound:
         if_none_exist: Mapping[str, Sequence[str]] | None,
         record: dict[str, Any] | None,
         keep_id: bool = False,
+        op: str = "create",
     ) -> Accepted:
-        stored, created = self.store.create(
-            resource, source=source, if_none_exist=if_none_exist, keep_id=keep_id, tx=tx
-        )
+        if op == "update" and if_none_exist:
+            stored, created = self._conditional_update(tx, resource, source, if_none_exist, keep_id)
+        elif op == "resend":
+            stored, created = self._resend(tx, resource, source, if_none_exist, keep_id)
+        else:
+            stored, created = self.store.create(
+                resource, source=source, if_none_exist=if_none_exist, keep_id=keep_id, tx=tx
+            )
         task = None
         if created and stored.type == "ServiceRequest":
             task, _ = self.store.create(referral_task(stored, self.clinic_owner), source=source, tx=tx)
         return Accepted(stored, created, record, task)
+
+    def _conditional_update(
+        self,
+        tx: Any,
+        resource: dict[str, Any],
+        source: str | None,
+        cond: Mapping[str, Sequence[str]],
+        keep_id: bool = False,
+    ) -> tuple[StoredResource, bool]:
+        """PUT Type?query: update the sender's one match, create when none, 412 when several."""
+        rtype = resource["resourceType"]
+        found = [s for s in self.store.search_in(tx, rtype, cond, count=3) if s.source == source]
+        if len(found) > 1:
+            raise PreconditionFailed(
+                f"the conditional update matched {len(found)} {rtype} resources; it must match at most one",
+                rule="http:conditional-update",
+                code="duplicate",
+            )
+        if found:
+            body = dict(resource, id=found[0].id)
+            return self.store.update(rtype, found[0].id, body, source=source, tx=tx)
+        return self.store.create(resource, source=source, keep_id=keep_id, tx=tx)
+
+    def _resend(
+        self,
+        tx: Any,
+        resource: dict[str, Any],
+        source: str | None,
+        cond: Mapping[str, Sequence[str]] | None,
+        keep_id: bool,
+    ) -> tuple[StoredResource, bool]:
+        """A create that recognises a resend: the sender's resource with the same business
+        identifier AND the same content is returned (200), anything else is stored anew (an EHR
+        re-posting a Consent with the same identifier and a new status is a new state the consent
+        context must see, never the old one)."""
+        if cond:
+            rtype = resource["resourceType"]
+            for s in self.store.search_in(tx, rtype, cond, count=20):
+                if s.source == source and _content(s.resource) == _content(resource):
+                    return s, False
+        return self.store.create(resource, source=source, keep_id=keep_id, tx=tx)
+
+    def _existing(
+        self, resource: dict[str, Any], cond: Mapping[str, Sequence[str]] | None, source: str | None, op: str
+    ) -> str | None:
+        """The id of the sender's one resource a condition selects (None: none, or several); for a
+        resend, only one with the same content."""
+        rtype = resource.get("resourceType")
+        if not cond or not isinstance(rtype, str) or rtype not in WRITE_TYPES:
+            return None
+        try:
+            found = [s for s in self.store.search(rtype, cond, count=20).items if s.source == source]
+        except KapError:
+            return None  # the condition is refused with its own message when the entry is stored
+        if op == "resend":
+            found = [s for s in found if _content(s.resource) == _content(resource, ignore_references=True)]
+        return found[0].id if len(found) == 1 else None
 
     def _keep_context(self, accepted: Sequence[Accepted]) -> None:
         """Hand created context resources to the gate's context (the caller checked the sender's authority)."""
@@ -287,29 +403,43 @@ class Inbound:
     def accept_bundle(
         self, bundle: Any, *, source: str | None, authority: bool | None = None
     ) -> BundleResult:
-        """A transaction (all or nothing, urn:uuid references resolved) or a batch Bundle.
+        """A transaction (all or nothing) or a batch Bundle; a collection, document or searchset
+        is taken as a transaction of conditional creates. References between entries (urn:uuid,
+        fullUrl, `Type/id`, conditional `Type?identifier=`) are rewritten to the ids stored.
 
         `authority` as for `accept`: whether the context resources in it feed the consent gate.
         """
         kind, entries = bundle_entries(bundle)
         trusted = self._trusted(source, authority, [e.get("resource") for e in entries])
-        if kind == "transaction":
-            return self._transaction(entries, source, trusted)
-        return self._batch(entries, source, trusted)
+        if kind == "batch":
+            return self._batch(entries, source, trusted)
+        return self._transaction(kind, entries, source, trusted)
 
-    def _transaction(self, entries: list[dict[str, Any]], source: str | None, trusted: bool) -> BundleResult:
+    def _transaction(
+        self, kind: str, entries: list[dict[str, Any]], source: str | None, trusted: bool
+    ) -> BundleResult:
         parsed = []
         issues: list[Issue] = []
-        ids: dict[str, str] = {}
+        refs: dict[str, str] = {}
+        skipped: dict[int, dict[str, Any]] = {}
         for i, entry in enumerate(entries):
             try:
-                resource, cond = bundle_entry(entry, i)
+                resource, cond, op = bundle_entry(entry, i, kind)
             except KapError as exc:
                 issues += exc.issues
                 continue
+            rtype = resource.get("resourceType")
+            if kind != "transaction" and rtype not in WRITE_TYPES:
+                skipped[i] = _skipped_response(str(rtype)[:40])
+                continue
             full = entry.get("fullUrl")
-            if isinstance(full, str) and URN_UUID.match(full):
-                if full in ids:
+            if kind != "transaction" and cond is None:
+                cond, op = _same_identifier(resource), "resend"
+            # a conditional entry that matches the sender's resource stands for it: references to it
+            # must name that resource, not a new id
+            new = self._existing(resource, cond, source, op) or new_id()
+            if isinstance(rtype, str):
+                if isinstance(full, str) and full in refs:
                     issues.append(
                         Issue(
                             "error",
@@ -320,21 +450,29 @@ class Inbound:
                             "bridge:bundle-fullurl",
                         )
                     )
-                ids[full] = new_id()
-            parsed.append((i, full, resource, cond))
+                for key in _entry_keys(full, resource):
+                    refs.setdefault(key, f"{rtype}/{new}")  # the first entry an id names wins
+            parsed.append((i, new, resource, cond, op))
         if issues:
             raise InputError(issues)
-        refs = {urn: f"{r['resourceType']}/{ids[urn]}" for _, urn, r, _ in parsed if urn in ids}
+        prepared = []
+        for i, new, resource, cond, op in parsed:
+            resource = rewrite_references(resource, refs)
+            issues += self._conditional_references(resource, parsed, refs, source, i)
+            resource["id"] = new
+            prepared.append((i, new, resource, cond, op))
+        if issues:
+            raise PreconditionFailed(issues)
+        resolver = Resolver(
+            ((f"{r['resourceType']}/{new}", r) for _, new, r, _, _ in prepared),
+            StoreLookup(self.store, source),
+        )
         records = []
         worst: type[KapError] = InputError
-        for i, full, resource, cond in parsed:
-            resource = rewrite_references(resource, refs)
-            if full in ids:
-                resource["id"] = ids[full]
+        for i, _, resource, cond, op in prepared:
             try:
-                records.append(
-                    (i, full, resource, cond, self.check(resource, pointer=f"/entry/{i}/resource"))
-                )
+                record, found = self.inspect(resource, pointer=f"/entry/{i}/resource", resolver=resolver)
+                records.append((i, resource, cond, op, record, found))
             except KapError as exc:
                 issues += exc.issues
                 worst = type(exc) if exc.http_status > worst.http_status else worst
@@ -342,37 +480,93 @@ class Inbound:
             raise worst(issues)
         accepted = self._commit(
             lambda tx: [
-                self._store_one(tx, resource, source, cond, record, keep_id=full in ids)
-                for i, full, resource, cond, record in records
+                replace(
+                    self._store_one(tx, resource, source, cond, record, keep_id=True, op=op), issues=found
+                )
+                for i, resource, cond, op, record, found in records
             ],
             trusted,
         )
+        responses: dict[int, dict[str, Any]] = dict(skipped)
+        for (i, *_), acc in zip(records, accepted):
+            responses[i] = _entry_response(acc)
         return BundleResult(
-            _response_bundle("transaction-response", [_entry_response(a) for a in accepted]), accepted
+            _response_bundle("transaction-response", [responses[i] for i in sorted(responses)]), accepted
         )
+
+    def _conditional_references(
+        self, resource: dict[str, Any], parsed: list[Any], refs: dict[str, str], source: str | None, i: int
+    ) -> list[Issue]:
+        """Rewrite `Type?identifier=...` references in place: to the one entry of the Bundle, or
+        else the one resource of the sender's, carrying every identifier named (FHIR: none or
+        several fail the transaction, 412)."""
+        problems: list[Issue] = []
+        for node in _reference_nodes(resource):
+            ref = parse_reference(node)
+            if ref is None or ref.kind != "conditional":
+                continue
+            wanted: list[tuple[str, str]] = []
+            for name, value in ref.query:
+                system, bar, val = value.partition("|")
+                if name != "identifier" or not bar:
+                    wanted = []
+                    break
+                wanted.append((system, val))
+            hits: list[str] = []
+            if wanted:
+                for _, new, other, _, _ in parsed:
+                    if other.get("resourceType") == ref.type and all(
+                        w in _identifier_pairs(other) for w in wanted
+                    ):
+                        hits.append(f"{ref.type}/{new}")
+                if not hits:
+                    lookup = StoreLookup(self.store, source)
+                    first = lookup.by_identifier(ref.type, *wanted[0])
+                    hits = [
+                        f"{ref.type}/{r['id']}"
+                        for r in first
+                        if all(w in _identifier_pairs(r) for w in wanted)
+                    ]
+            if len(hits) == 1:
+                node["reference"] = hits[0]
+                continue
+            problems.append(
+                Issue(
+                    "error",
+                    "not-found" if not hits else "multiple-matches",
+                    f"conditional reference to {ref.type} matched {len(hits)} resources "
+                    "(identifier=SYSTEM|VALUE only; it must match exactly one)",
+                    f"Bundle.entry[{i}].resource",
+                    f"/entry/{i}/resource",
+                    "bridge:conditional-reference",
+                )
+            )
+        return problems
 
     def _batch(self, entries: list[dict[str, Any]], source: str | None, trusted: bool) -> BundleResult:
         """Each entry stands alone (its own SAVEPOINT), and all of them share one commit."""
         out: list[dict[str, Any] | None] = [None] * len(entries)
-        checked: list[tuple[int, dict[str, Any], dict[str, list[str]] | None, dict[str, Any] | None]] = []
+        checked: list[tuple[int, dict[str, Any], Any, str, dict[str, Any] | None, tuple[Issue, ...]]] = []
+        lookup = Resolver((), StoreLookup(self.store, source))
         for i, entry in enumerate(entries):
             try:
-                resource, cond = bundle_entry(entry, i)
-                checked.append((i, resource, cond, self.check(resource)))
+                resource, cond, op = bundle_entry(entry, i, "batch")
+                record, found = self.inspect(resource, resolver=lookup)
+                checked.append((i, resource, cond, op, record, found))
             except KapError as exc:
                 out[i] = _error_response(exc)
 
         def work(tx: Any) -> list[Accepted]:
             accepted = []
-            for i, resource, cond, record in checked:
+            for i, resource, cond, op, record, found in checked:
                 try:
                     with self.store.db.transaction() as sp:  # a SAVEPOINT: this entry alone on failure
-                        acc = self._store_one(sp, resource, source, cond, record)
+                        acc = self._store_one(sp, resource, source, cond, record, op=op)
                 except KapError as exc:
                     out[i] = _error_response(exc)
                     continue
                 out[i] = _entry_response(acc)
-                accepted.append(acc)
+                accepted.append(replace(acc, issues=found))
             return accepted
 
         accepted = self._commit(work, trusted) if checked else []
@@ -432,6 +626,90 @@ _REASON = {
     412: "Precondition Failed",
     422: "Unprocessable Entity",
 }
+
+
+def _content(resource: dict[str, Any], *, ignore_references: bool = False) -> Any:
+    """What makes two copies of a resource the same: everything but id and meta (and, before a
+    Bundle's references are rewritten, the references)."""
+    body = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+    if ignore_references:
+        return rewrite_references(body, _AnyReference())
+    return body
+
+
+class _AnyReference(dict[str, str]):
+    """A reference map under which every reference reads the same (for comparing content only)."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> str:
+        return "*"
+
+
+def _same_identifier(resource: Any) -> dict[str, list[str]] | None:
+    """The implicit condition of a create: the sender's resource with the same business
+    identifier is the same resource (an EHR re-sending a referral gets the one it sent)."""
+    ident = business_identifier(resource)
+    return {"identifier": [f"{ident[0]}|{ident[1]}"]} if ident else None
+
+
+def _entry_keys(full: Any, resource: dict[str, Any]) -> list[str]:
+    """What other entries may call this one: its fullUrl, and `Type/id` of an absolute fullUrl
+    or of the id it carries."""
+    keys = []
+    if isinstance(full, str) and full:
+        keys.append(full)
+        ref = parse_reference(full)
+        if ref is not None and ref.local:
+            keys.append(ref.local)
+    rid = resource.get("id")
+    if isinstance(rid, str) and rid and f"{resource.get('resourceType')}/{rid}" not in keys:
+        keys.append(f"{resource.get('resourceType')}/{rid}")
+    return keys
+
+
+def _identifier_pairs(resource: Any) -> set[tuple[str, str]]:
+    raw = resource.get("identifier") if isinstance(resource, dict) else None
+    return {
+        (i["system"], i["value"])
+        for i in (raw if isinstance(raw, list) else [])
+        if isinstance(i, dict) and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)
+    }
+
+
+def _reference_nodes(node: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            if isinstance(cur.get("reference"), str):
+                out.append(cur)
+            stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend(v for v in cur if isinstance(v, (dict, list)))
+    return out
+
+
+def _skipped_response(rtype: str) -> dict[str, Any]:
+    return {
+        "response": {
+            "status": "200 OK",
+            "outcome": {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {
+                        "severity": "information",
+                        "code": "informational",
+                        "details": {
+                            "text": f"{rtype} not stored: the bridge keeps only {', '.join(WRITE_TYPES)}"
+                        },
+                    }
+                ],
+            },
+        }
+    }
 
 
 def _error_response(exc: KapError) -> dict[str, Any]:

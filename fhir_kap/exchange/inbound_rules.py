@@ -24,10 +24,12 @@ from typing import Any
 
 from ..config import CANONICAL, CS, Release
 from ..errors import Conflict, InputError, KapError, NotFound
+from ..records.ingest import CLINICAL_CONTEXT_TYPES
 from ..storage.partners import Partner
 from ..storage.store import ID_PATTERN, StoredResource, check_condition, instant_now
 
 __all__ = [
+    "BUNDLE_TYPES",
     "MAX_DEPTH",
     "REFERRAL_FLOW",
     "REFERRAL_REASONS",
@@ -46,7 +48,8 @@ __all__ = [
     "rewrite_references",
 ]
 
-#: Resource types partners may create: the four KAP resources and the context they reference.
+#: Resource types partners may create: the four KAP resources, the parties they reference, and
+#: the clinical context a referral carries (readable by its sender and the clinic only).
 WRITE_TYPES = (
     "ServiceRequest",
     "Consent",
@@ -56,6 +59,7 @@ WRITE_TYPES = (
     "Practitioner",
     "PractitionerRole",
     "Organization",
+    *CLINICAL_CONTEXT_TYPES,
 )
 #: The code system of a referral Task's businessStatus.
 REFERRAL_STATUS_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status"
@@ -104,21 +108,27 @@ MAX_DEPTH = 64
 URN_UUID = re.compile(r"^urn:uuid:[0-9a-fA-F-]{36}$")
 
 
+#: Bundle types a partner may post: transaction / batch as FHIR defines them; collection,
+#: document and searchset (what an EHR exports or answers) are taken as a transaction of
+#: conditional creates (each resource once per business identifier), all or nothing.
+BUNDLE_TYPES = ("transaction", "batch", "collection", "document", "searchset")
+
+
 def bundle_entries(bundle: Any) -> tuple[str, list[dict[str, Any]]]:
-    """The kind ("transaction" or "batch") and the entries of a Bundle a partner posts.
+    """The kind (one of `BUNDLE_TYPES`) and the entries of a Bundle a partner posts.
 
     InputError for anything else, for entries that are not objects, and past 500 entries.
     """
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InputError(
-            "POST /fhir takes a Bundle of type transaction or batch",
+            "POST /fhir takes a Bundle (transaction, batch, collection, document or searchset)",
             pointer="/resourceType",
             rule="bridge:bundle",
         )
     kind = bundle.get("type")
-    if kind not in ("transaction", "batch"):
+    if kind not in BUNDLE_TYPES:
         raise InputError(
-            f"Bundle.type must be transaction or batch, not '{str(kind)[:30]}'",
+            f"Bundle.type must be one of {', '.join(BUNDLE_TYPES)}, not '{str(kind)[:30]}'",
             pointer="/type",
             expression="Bundle.type",
             rule="bridge:bundle-type",
@@ -141,22 +151,17 @@ def bundle_entries(bundle: Any) -> tuple[str, list[dict[str, Any]]]:
     return kind, entries
 
 
-def bundle_entry(entry: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[str, list[str]] | None]:
-    """The resource of Bundle entry `i` and its `ifNoneExist` condition (parsed, or None).
+def bundle_entry(
+    entry: dict[str, Any], i: int, kind: str = "transaction"
+) -> tuple[dict[str, Any], dict[str, list[str]] | None, str]:
+    """The resource of Bundle entry `i`, its condition (parsed, or None) and the operation:
+    "create" (POST, `ifNoneExist` the condition) or "update" (PUT to a conditional URL
+    `Type?identifier=...`: the one match is updated, none creates, several is 412).
 
-    Only a POST of one resource to its type is accepted, nested at most `MAX_DEPTH` levels;
-    every InputError points into the entry.
+    Entries of a collection, document or searchset have no request: they are creates. Nested
+    at most `MAX_DEPTH` levels; every InputError points into the entry.
     """
     ptr = f"/entry/{i}"
-    req = entry.get("request")
-    if not isinstance(req, dict) or req.get("method") != "POST":
-        raise InputError(
-            "only entries with request.method POST are supported",
-            pointer=f"{ptr}/request/method",
-            expression=f"Bundle.entry[{i}].request.method",
-            rule="bridge:bundle-method",
-            code="not-supported",
-        )
     resource = entry.get("resource")
     if not isinstance(resource, dict):
         raise InputError(
@@ -181,10 +186,36 @@ def bundle_entry(entry: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[st
             rule="bridge:nesting",
             code="too-costly",
         )
-    url = req.get("url")
-    if url != resource.get("resourceType"):
+    if kind not in ("transaction", "batch"):
+        return resource, None, "create"
+    req = entry.get("request")
+    method = req.get("method") if isinstance(req, dict) else None
+    if not isinstance(req, dict) or method not in ("POST", "PUT"):
         raise InputError(
-            f"request.url must be the resource type '{str(resource.get('resourceType'))[:40]}'",
+            "only entries with request.method POST (create) or PUT to a conditional URL are supported",
+            pointer=f"{ptr}/request/method",
+            expression=f"Bundle.entry[{i}].request.method",
+            rule="bridge:bundle-method",
+            code="not-supported",
+        )
+    url = req.get("url")
+    rtype = resource.get("resourceType")
+    if method == "PUT":
+        if not isinstance(url, str) or not url.startswith(f"{rtype}?"):
+            raise InputError(
+                f"a PUT entry's request.url must be a conditional URL '{str(rtype)[:40]}?identifier=SYSTEM|VALUE'",
+                pointer=f"{ptr}/request/url",
+                expression=f"Bundle.entry[{i}].request.url",
+                rule="bridge:bundle-url",
+                code="not-supported",
+            )
+        try:
+            return resource, parse_query(url), "update"
+        except KapError as exc:
+            raise type(exc)([x.prefixed(pointer_prefix=f"{ptr}/request/url") for x in exc.issues]) from None
+    if url != rtype:
+        raise InputError(
+            f"request.url must be the resource type '{str(rtype)[:40]}'",
             pointer=f"{ptr}/request/url",
             expression=f"Bundle.entry[{i}].request.url",
             rule="bridge:bundle-url",
@@ -197,12 +228,12 @@ def bundle_entry(entry: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[st
             rule="bridge:bundle-entry",
         )
     if cond is None:
-        return resource, None
+        return resource, None, "create"
     try:
-        return resource, parse_query(cond)
+        return resource, parse_query(cond), "create"
     except KapError as exc:
         raise type(exc)(
-            [i.prefixed(pointer_prefix=f"{ptr}/request/ifNoneExist") for i in exc.issues]
+            [x.prefixed(pointer_prefix=f"{ptr}/request/ifNoneExist") for x in exc.issues]
         ) from None
 
 
@@ -395,15 +426,19 @@ def _too_deep(node: Any, limit: int) -> bool:
 
 
 def rewrite_references(node: Any, refs: Mapping[str, str], depth: int = 0) -> Any:
-    """A copy of `node` with `reference`s found in `refs` replaced (callers bound the depth: `_too_deep`)."""
+    """A copy of `node` with `reference`s found in `refs` replaced, with or without a `_history`
+    suffix (callers bound the depth: `_too_deep`)."""
     if depth > MAX_DEPTH:
         raise InputError(
             f"a resource is nested deeper than {MAX_DEPTH} levels", rule="bridge:nesting", code="too-costly"
         )
     if isinstance(node, dict):
         out = {k: rewrite_references(v, refs, depth + 1) for k, v in node.items()}
-        if isinstance(out.get("reference"), str) and out["reference"] in refs:
-            out["reference"] = refs[out["reference"]]
+        ref = out.get("reference")
+        if isinstance(ref, str):
+            key = ref if ref in refs else ref.split("/_history/", 1)[0]
+            if key in refs:
+                out["reference"] = refs[key]
         return out
     if isinstance(node, list):
         return [rewrite_references(v, refs, depth + 1) for v in node]

@@ -111,7 +111,11 @@ def apply_kept(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
     if not isinstance(ops, list):
         return resource
     for op in ops:
-        if not isinstance(op, Mapping) or not isinstance(op.get("at"), str) or op.get("op") not in ("set", "append"):
+        if (
+            not isinstance(op, Mapping)
+            or not isinstance(op.get("at"), str)
+            or op.get("op") not in ("set", "append")
+        ):
             continue
         parts = [_unesc(p) for p in op["at"].split("/")[1:]]
         if not parts:

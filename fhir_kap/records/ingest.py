@@ -26,12 +26,13 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
 from ..config import CANONICAL, CS, Release
 from ..errors import InputError, Issue, KapError, MappingError, ProfileError
-from ..fhir.references import Resolved, Resolver, ResourceLookup, identifiers_of
+from ..fhir.references import Resolved, Resolver, ResourceLookup
 from ..fhir.release import detect_release
 from ..validation import Validator
 from .carry import kept, not_carried
@@ -74,6 +75,8 @@ CONTEXT_TABLE = "clinical-context-category"
 #: Its documented default, for a resource no entry of the table names.
 CONTEXT_DEFAULT = "treatment-history"
 FHIR_TYPES = "http://hl7.org/fhir/fhir-types"
+#: The information category of an inbound note that names none of ours (documented default).
+NOTE_DEFAULT_CATEGORY = "care-coordination"
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _NOT_ID = re.compile(r"[^A-Za-z0-9\-.]+")
 
@@ -104,7 +107,8 @@ def _id_from(rtype: str, idents: list[tuple[str, str]]) -> str | None:
 def _ordered_identifiers(resource: Any) -> list[tuple[str, str]]:
     raw = resource.get("identifier") if isinstance(resource, Mapping) else None
     raw = [raw] if isinstance(raw, Mapping) else raw if isinstance(raw, list) else []
-    current, old = [], []
+    current: list[tuple[str, str]] = []
+    old: list[tuple[str, str]] = []
     for i in raw:
         if not isinstance(i, Mapping):
             continue
@@ -128,7 +132,11 @@ def record_id(rtype: str, resource: Any) -> tuple[str, bool]:
     found = _id_from(rtype, _ordered_identifiers(resource))
     if found is not None:
         return found, True
-    body = {k: v for k, v in resource.items() if k not in ("id", "meta", "text")} if isinstance(resource, dict) else {}
+    body = (
+        {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+        if isinstance(resource, dict)
+        else {}
+    )
     return f"h-{hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:24]}", False
 
 
@@ -176,12 +184,21 @@ class Ingest:
         context: ResourceLookup | None = None,
     ) -> list[Ingested]:
         """Every record in one document: a resource, or a Bundle of any type (entry by entry)."""
-        if isinstance(doc, dict) and doc.get("resourceType") == "Bundle" and isinstance(doc.get("entry"), list):
+        if (
+            isinstance(doc, dict)
+            and doc.get("resourceType") == "Bundle"
+            and isinstance(doc.get("entry"), list)
+        ):
             return self._bundle(label, doc, release, default, context)
         return self.resource(label, doc, Resolver((), context), release=release, default=default)
 
     def _bundle(
-        self, label: str, doc: dict[str, Any], release: Release | None, default: Release, context: ResourceLookup | None
+        self,
+        label: str,
+        doc: dict[str, Any],
+        release: Release | None,
+        default: Release,
+        context: ResourceLookup | None,
     ) -> list[Ingested]:
         rel = release or detect_release(doc) or default
         errors = [i for i in Validator.load(rel).validate(doc) if i.is_error]
@@ -189,7 +206,10 @@ class Ingest:
             return [Ingested(label, error=ProfileError(errors), resource_type="Bundle")]
         entries = [e for e in doc["entry"] if isinstance(e, dict)]
         resolver = Resolver(
-            ((e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None, e.get("resource")) for e in entries),
+            (
+                (e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None, e.get("resource"))
+                for e in entries
+            ),
             context,
         )
         consumed = {
@@ -300,7 +320,9 @@ class Ingest:
 
     # -- references --------------------------------------------------------------------------
 
-    def _normalise(self, resource: dict[str, Any], rt: str, resolver: Resolver, work: _Work) -> dict[str, Any]:
+    def _normalise(
+        self, resource: dict[str, Any], rt: str, resolver: Resolver, work: _Work
+    ) -> dict[str, Any]:
         """A copy with every party reference made literal (`Type/<record id>`) where it can be;
         clinical context taken out of the referral; the record id set from the business identifier."""
         normal = copy.deepcopy(resource)
@@ -327,9 +349,10 @@ class Ingest:
         for ptr, key, ref in _references(normal):
             if ptr in work.skip or any(ptr.startswith(s + "/") for s in work.skip):
                 continue
-            res = resolver.resolve(ref, resource)
-            if res is None:
+            found = resolver.resolve(ref, resource)
+            if found is None:
                 continue
+            res = found
             new = self._party_reference(res, key, ptr, rt, work, resource)
             if new is not None:
                 if res.resource is not None:
@@ -341,14 +364,20 @@ class Ingest:
                 _remove(normal, ptr)
         return normal
 
-    def _context_copy(self, target: dict[str, Any], referral: dict[str, Any], resolver: Resolver) -> dict[str, Any]:
+    def _context_copy(
+        self, target: dict[str, Any], referral: dict[str, Any], resolver: Resolver
+    ) -> dict[str, Any]:
         """A clinical-context resource as kept: its party references made literal like the referral's
         (a contained `#pat` means the referral's contained Patient)."""
         out = copy.deepcopy(target)
         scratch = _Work()
         for ptr, key, ref in _references(out):
             res = resolver.resolve(ref, referral)
-            new = self._party_reference(res, key, ptr, target["resourceType"], scratch, referral) if res else None
+            new = (
+                self._party_reference(res, key, ptr, target["resourceType"], scratch, referral)
+                if res
+                else None
+            )
             if new is not None:
                 ref.clear()
                 ref.update(new)
@@ -360,7 +389,11 @@ class Ingest:
             for i, item in enumerate(items if isinstance(items, list) else []):
                 ref = item.get("reference") if key == "reason" and isinstance(item, dict) else item
                 ptr = f"/{key}/{i}"
-                if key == "supportingInfo" and isinstance(item, dict) and isinstance(item.get("reference"), dict):
+                if (
+                    key == "supportingInfo"
+                    and isinstance(item, dict)
+                    and isinstance(item.get("reference"), dict)
+                ):
                     ref = item["reference"]  # R5: a CodeableReference
                 res = resolver.resolve(ref, resource) if isinstance(ref, dict) else None
                 if res is not None:
@@ -370,23 +403,28 @@ class Ingest:
         self, res: Resolved, key: str, ptr: str, rt: str, work: _Work, container: dict[str, Any]
     ) -> dict[str, Any] | None:
         ref = res.ref
-        target = res.type or ("Patient" if key in _CLIENT_FIELDS and ref.kind in ("logical", "conditional") else None)
-        if target not in PARTY_TYPES:
+        target = res.type or (
+            "Patient" if key in _CLIENT_FIELDS and ref.kind in ("logical", "conditional") else None
+        )
+        if target not in self._mapped_types():
             if res.resource is None and ref.kind in ("contained", "urn", "conditional"):
                 work.issues.append(_unresolved(rt, ptr, res))
             return None
         if res.resource is not None:
             pid, _ = record_id(target, res.resource)
-            if res.found_in == "contained":
+            if res.found_in == "contained" and target in PARTY_TYPES:
                 at = f"/contained/{_contained_index(container, res.resource)}"
                 if all(p[0] != at for p in work.parties):
                     work.parties.append((at, res.resource, pid))
             return {"reference": f"{target}/{pid}"}
-        idents = sorted(res.identifiers)
         if ref.kind == "conditional" or ref.kind == "logical":
-            ordered = ([ref.identifier] if ref.identifier else []) + [i for i in idents if i != ref.identifier]
-            pid = _id_from(target, ordered)
-            if pid is None:
+            ordered = [ref.identifier] if ref.identifier else []
+            for name, value in ref.query:
+                system, bar, v = unquote(value).partition("|")
+                if name == "identifier" and bar and system and v:
+                    ordered.append((system, v))
+            derived = _id_from(str(target), ordered)
+            if derived is None:
                 work.issues.append(_unresolved(rt, ptr, res))
                 return None
             work.issues.append(
@@ -394,13 +432,13 @@ class Ingest:
                     "warning",
                     "informational",
                     f"{target} named by identifier only and not found in the Bundle or the context: kept as "
-                    f"given (the reference keeps its identifier); the record names it {target}/{pid}",
+                    f"given (the reference keeps its identifier); the record names it {target}/{derived}",
                     _expression(rt, ptr),
                     ptr,
                     "import:unresolved-reference",
                 )
             )
-            return {"reference": f"{target}/{pid}"}
+            return {"reference": f"{target}/{derived}"}
         if ref.kind in ("contained", "urn"):
             work.issues.append(_unresolved(rt, ptr, res))
         return None
@@ -425,10 +463,25 @@ class Ingest:
                     "information",
                     "informational",
                     "clinical context kept with the referral: "
-                    + ", ".join(f"{c['resource']['resourceType']} ({c['category']})" for c in carry["context"]),
+                    + ", ".join(
+                        f"{c['resource']['resourceType']} ({c['category']})" for c in carry["context"]
+                    ),
                     f"{rt}.supportingInfo",
                     None,
                     "import:clinical-context",
+                )
+            )
+        if rt == "Communication" and "category" not in record:
+            record["category"] = NOTE_DEFAULT_CATEGORY
+            work.issues.append(
+                Issue(
+                    "warning",
+                    "incomplete",
+                    "the note carries no KAP information category (kap-information-category); read as "
+                    f"'{NOTE_DEFAULT_CATEGORY}', the category of notes between care-team members",
+                    f"{rt}.category",
+                    "/category",
+                    "import:note-category",
                 )
             )
         if rt == "ServiceRequest" and "collaboration_model" not in record:
@@ -508,7 +561,13 @@ def _is_reference(node: dict[str, Any]) -> bool:
         return False
     if isinstance(node.get("reference"), str):
         return True
-    return isinstance(node.get("identifier"), dict) and set(node) <= {"identifier", "type", "display", "id", "extension"}
+    return isinstance(node.get("identifier"), dict) and set(node) <= {
+        "identifier",
+        "type",
+        "display",
+        "id",
+        "extension",
+    }
 
 
 def _without(resource: dict[str, Any], pointers: set[str]) -> dict[str, Any]:

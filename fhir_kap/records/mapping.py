@@ -281,25 +281,33 @@ class Mapper:
                 else:
                     item_value = got
                 continue
-            found = None
+            failure: TransformError | None = None
+            got_value = False
+            value = None
             for segs in (r.segs,) + r.read_also:
                 found = get_first(src, segs)
-                if found is not None:
-                    break
-            if found is None:
-                continue
-            try:
-                value = r.transform.inverse(found, r.args, self._tables) if r.transform else _copy(found)
-            except TransformError as exc:
-                issue = _issue(exc, None, expr + "." + ".".join(path_str(s) for s in r.segs), r, reading=True)
-                if lenient and (exc.table or exc.soft):
-                    # someone else's code or reference: not an error in their data; kept as given
-                    issue = replace(
-                        issue,
-                        severity="information",
-                        message=f"{issue.message}; kept as given, not mapped to a record field",
+                if found is None:
+                    continue
+                try:
+                    value = r.transform.inverse(found, r.args, self._tables) if r.transform else _copy(found)
+                except TransformError as exc:
+                    failure = failure or exc  # the next path may hold what this rule reads
+                    continue
+                got_value = True
+                break
+            if not got_value:
+                if failure is not None:
+                    issue = _issue(
+                        failure, None, expr + "." + ".".join(path_str(s) for s in r.segs), r, reading=True
                     )
-                issues.append(issue)
+                    if lenient and (failure.table or failure.soft):
+                        # someone else's code or reference: not an error in their data; kept as given
+                        issue = replace(
+                            issue,
+                            severity="information",
+                            message=f"{issue.message}; kept as given, not mapped to a record field",
+                        )
+                    issues.append(issue)
                 continue
             if r.field:
                 if get_field(record, r.field) is None:

@@ -18,9 +18,9 @@ from typing import Any
 
 from ..config import Release
 from ..errors import InputError, Issue, KapError, ProfileError
+from ..fhir.references import ResourceLookup
 from ..fhir.release import detect_release
 from ..validation import Validator
-from ..fhir.references import ResourceLookup
 from .carry import apply_kept
 from .ingest import Ingest
 from .inputs import InputSchemas, load_input_schemas

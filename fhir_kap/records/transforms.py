@@ -233,7 +233,7 @@ def _coding_inverse(value: Any, args: Mapping[str, Any], tables: CodeTables) -> 
     if "table" in args:
         return tables.get(args["table"]).local_code([value])
     if not isinstance(value, dict) or value.get("system") != args["system"] or "code" not in value:
-        raise TransformError(f"Expected a coding from {args['system']}")
+        raise TransformError(f"Expected a coding from {args['system']}", soft=isinstance(value, dict))
     return value["code"]
 
 

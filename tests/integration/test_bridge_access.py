@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -11,8 +12,12 @@ from testkit.bridge import is_outcome, load, make_bridge
 pytestmark = pytest.mark.bridge(consent="Consent-open-ended.json")
 
 
+_SERIAL = itertools.count()
+
+
 def _clinic_note(bridge, recipient: str, category: str = "session-dates") -> str:
     note = load("Example-Communication-note-1.json")
+    note["identifier"][0]["value"] = f"note-{next(_SERIAL)}"  # a note of its own, not a resend
     note["recipient"] = [{"reference": recipient}]
     note["category"][0]["coding"][0]["code"] = category
     resp = bridge.post("clinic", "/fhir/Communication", note)

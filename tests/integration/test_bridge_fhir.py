@@ -27,6 +27,13 @@ def test_metadata_is_an_honest_capability_statement(bridge):
         "Practitioner",
         "PractitionerRole",
         "Organization",
+        "Condition",
+        "AllergyIntolerance",
+        "MedicationStatement",
+        "MedicationRequest",
+        "Observation",
+        "DocumentReference",
+        "QuestionnaireResponse",
         "Task",
     }
     assert "create" not in {i["code"] for i in types["Task"]["interaction"]}
@@ -111,8 +118,10 @@ def test_read_vread_and_history_of_own_resource(bridge):
 
 
 def test_search_with_parameters_and_paging_links(bridge):
-    for _ in range(3):
-        bridge.post("a", "/fhir/Communication", load("Example-Communication-note-1.json"))
+    for n in range(3):
+        note = load("Example-Communication-note-1.json")
+        note["identifier"][0]["value"] = f"note-{n}"  # three notes (the same one three times is one)
+        bridge.post("a", "/fhir/Communication", note)
     page = bridge.get("a", "/fhir/Communication?patient=client-1&status=completed&_count=2").get_json(
         force=True
     )
@@ -207,7 +216,7 @@ def _note() -> bytes:
             400,
             "http:type-mismatch",
         ),
-        ("unknown type", "/fhir/Observation", b"{}", {}, 404, "fhir:resource-type"),
+        ("unknown type", "/fhir/Basic", b"{}", {}, 404, "fhir:resource-type"),
         (
             "wrong JSON type",
             "/fhir/Communication",
@@ -250,7 +259,26 @@ def _note() -> bytes:
             "http:if-none-exist",
         ),
         (
-            "transaction PUT",
+            "transaction DELETE",
+            "/fhir",
+            json.dumps(
+                {
+                    "resourceType": "Bundle",
+                    "type": "transaction",
+                    "entry": [
+                        {
+                            "resource": load("Example-Communication-note-1.json"),
+                            "request": {"method": "DELETE", "url": "Communication/x"},
+                        }
+                    ],
+                }
+            ).encode(),
+            {},
+            400,
+            "bridge:bundle-method",
+        ),
+        (
+            "transaction PUT by id",
             "/fhir",
             json.dumps(
                 {
@@ -266,12 +294,12 @@ def _note() -> bytes:
             ).encode(),
             {},
             400,
-            "bridge:bundle-method",
+            "bridge:bundle-url",
         ),
         (
             "bundle type",
             "/fhir",
-            b'{"resourceType": "Bundle", "type": "document"}',
+            b'{"resourceType": "Bundle", "type": "history"}',
             {},
             400,
             "bridge:bundle-type",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -270,10 +271,16 @@ def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
     acknowledged: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
-    body = json.dumps(load("Example-Communication-note-1.json")).encode()
+    note = load("Example-Communication-note-1.json")
+    serial = itertools.count()
 
     def client() -> None:
         while not stop.is_set():
+            # each POST a note of its own: the same identifier and content twice is one note (a resend)
+            note_n = dict(
+                note, identifier=[{"system": note["identifier"][0]["system"], "value": f"n-{next(serial)}"}]
+            )
+            body = json.dumps(note_n).encode()
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 conn.request(
