@@ -144,12 +144,10 @@ def cmd_map(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     from ..config import Release
-    from ..jsonio import dumps
-    from ..records.pipeline import Pipeline
-
     from ..errors import Issue, operation_outcome
     from ..fhir.references import ResourceIndex
-    from ..records.pipeline import labelled
+    from ..jsonio import dumps
+    from ..records.pipeline import Pipeline, labelled
     from . import print_outcome
 
     release = Release.parse(args.fhir_version) if args.fhir_version else None
