@@ -18,8 +18,9 @@ from typing import Any
 
 from ..errors import InputError
 from .categories import categories_of
+from .parties import Client, Parties
 from .policy import ACTIVE, DISCLOSE, DISCLOSE_KEY, Policy, Rule, compile_consent, normalise_purpose
-from .recipients import Directory, Identity, Recipient, actor_ref
+from .recipients import Directory, Identity, Recipient
 
 #: What the gate decides on (the consent context), as opposed to the clinical resources it
 #: decides about: one list for the gate, the outbox's context store and the bridge.
@@ -123,24 +124,29 @@ class ConsentGate:
     def __init__(self, context: Iterable[dict[str, Any]]) -> None:
         resources = list(_flatten(context))
         self._directory = Directory(resources)
-        self._patients: dict[str, set[str]] = {}
-        for res in resources:
-            if res.get("resourceType") == "Patient" and isinstance(res.get("id"), str):
-                ref = f"Patient/{res['id']}"
-                raw_ids = res.get("identifier")
-                ids: list[Any] = raw_ids if isinstance(raw_ids, list) else []
-                self._patients[ref] = {
-                    f"{i.get('system')}|{i.get('value')}" for i in ids if isinstance(i, dict)
-                }
-        compiled = [compile_consent(r) for r in resources if r.get("resourceType") == "Consent"]
+        self._parties = Parties(resources)
+        compiled = [
+            compile_consent(r, self._parties) for r in resources if r.get("resourceType") == "Consent"
+        ]
         self.policies: tuple[Policy, ...] = tuple(self._current(compiled))
         self.clinical: tuple[dict[str, Any], ...] = tuple(
             r for r in resources if r.get("resourceType") not in CONTEXT_TYPES
         )
-        self._by_patient: dict[str | None, list[Policy]] = {}
-        for p in self.policies:
-            key = None if p.problem and p.patient is None else p.patient
-            self._by_patient.setdefault(key, []).append(p)
+        # Which policies may cover a client: by the literal reference and by each identifier a
+        # consent names its client by; a malformed consent naming nobody readable covers everyone.
+        self._everyone: list[int] = []
+        self._by_reference: dict[str, list[int]] = {}
+        self._by_identifier: dict[tuple[str, str], list[int]] = {}
+        for i, p in enumerate(self.policies):
+            client = p.client
+            if client is None:
+                if p.problem:
+                    self._everyone.append(i)
+                continue
+            if client.reference is not None:
+                self._by_reference.setdefault(client.reference, []).append(i)
+            for ident in client.identifiers:
+                self._by_identifier.setdefault(ident, []).append(i)
 
     @staticmethod
     def _current(compiled: list[Policy]) -> Iterator[Policy]:
@@ -168,6 +174,7 @@ class ConsentGate:
                     first.release,
                     first.status,
                     first.patient,
+                    patient_identifiers=first.patient_identifiers,
                     problem=(
                         "copies of this Consent without a numeric meta.versionId include a "
                         "revocation, so which copy is current cannot be told",
@@ -184,6 +191,7 @@ class ConsentGate:
                     best.release,
                     best.status,
                     best.patient,
+                    patient_identifiers=best.patient_identifiers,
                     problem=(
                         "several different copies of the same Consent version",
                         "Consent.meta.versionId",
@@ -192,19 +200,21 @@ class ConsentGate:
             else:
                 yield best
 
-    def _patient_of(self, resource: dict[str, Any]) -> str | None:
-        for field in ("subject", "patient"):
-            ref = actor_ref(resource.get(field))
-            if ref and ref.reference:
-                return ref.reference
-            if ref and ref.identifier:
-                token = f"{ref.identifier[0]}|{ref.identifier[1]}"
-                for pref, idents in self._patients.items():
-                    if token in idents:
-                        return pref
-        if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
-            return f"Patient/{resource['id']}"
-        return None
+    def _patient_of(self, resource: dict[str, Any]) -> Client | None:
+        """The disclosed resource's client (literal, logical or contained, resolved in the context)."""
+        return self._parties.client_of(resource)
+
+    def _covering(self, client: Client | None) -> list[Policy]:
+        """The policies that may decide for `client`, in context order: those naming the same
+        client (same literal reference, or an identifier the client carries) and the malformed
+        consents that name nobody readable."""
+        found: set[int] = set()
+        if client is not None:
+            if client.reference is not None:
+                found.update(self._by_reference.get(client.reference, ()))
+            for ident in client.identifiers:
+                found.update(self._by_identifier.get(ident, ()))
+        return [self.policies[i] for i in self._everyone] + [self.policies[i] for i in sorted(found)]
 
     def purposes(self) -> tuple[str, ...]:
         """Every purpose some compiled consent mentions (normalised system|code), sorted."""
@@ -263,8 +273,7 @@ class ConsentGate:
             )
         if not cats.codes:
             return _deny(Reason("unknown-category", f"{target} carries no information category"))
-        patient = self._patient_of(resource)
-        candidates = self._by_patient.get(None, []) + (self._by_patient.get(patient, []) if patient else [])
+        candidates = self._covering(self._patient_of(resource))
         if not candidates:
             return _deny(Reason("no-consent", f"no Consent covers the client of {target}"))
         ident = self._directory.identity(recipient, on)

@@ -23,8 +23,9 @@ from typing import Any
 from ..config import CS, Release
 from ..fhir.release import release_signals
 from .categories import KNOWN_CATEGORIES
+from .parties import Client, Parties, Unreadable
 from .periods import Period, PeriodError, parse_period
-from .recipients import ActorRef, actor_ref
+from .recipients import ActorRef
 
 __all__ = [
     "Rule",
@@ -81,13 +82,22 @@ class Policy:
     version: str | None
     release: Release | None
     status: str | None
-    patient: str | None
+    patient: str | None  # the client's literal reference (normalised), when the consent names one
     period: Period | None = None
     grantees: tuple[ActorRef, ...] | None = None
     rules: tuple[Rule, ...] = ()
     problem: tuple[str, str] | None = None  # (message, FHIRPath)
     blanket_deny: str | None = None  # FHIRPath of what makes a provision-less consent deny everything
     purposes_seen: frozenset[str] = field(default=frozenset())
+    #: the identifiers the consent names its client by (logical or contained Patient)
+    patient_identifiers: frozenset[tuple[str, str]] = field(default=frozenset())
+
+    @property
+    def client(self) -> Client | None:
+        """Who this consent is about; None when nothing readable names the client."""
+        if self.patient is None and not self.patient_identifiers:
+            return None
+        return Client(self.patient, self.patient_identifiers)
 
     @property
     def ref(self) -> str | None:
@@ -116,23 +126,39 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def compile_consent(consent: dict[str, Any]) -> Policy:
-    """Compile one Consent dict. Never raises for content problems: returns a malformed Policy."""
+#: The party elements the gate does not decide on, by release (checked: see `Parties.check`).
+_OTHER_PARTIES = {
+    Release.R4: ("performer", "organization"),
+    Release.R5: ("grantor", "controller", "manager"),
+}
+
+
+def compile_consent(consent: dict[str, Any], parties: Parties | None = None) -> Policy:
+    """Compile one Consent dict. Never raises for content problems: returns a malformed Policy.
+
+    `parties`: the consent context's parties, which logical references are resolved against
+    (none given: an empty context)."""
+    parties = parties if parties is not None else Parties()
     cid = _str(consent.get("id"))
     raw_meta = consent.get("meta")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     version = _str(meta.get("versionId"))
     release = detect_release(consent)
     patient_field = "subject" if release is Release.R5 else "patient"
-    patient = actor_ref(consent.get(patient_field))
-    patient_ref = patient.reference if patient else None
+    client: Client | None = None
+    unreadable_client: Unreadable | None = None
+    try:
+        client = parties.consent_client(consent, patient_field)
+    except Unreadable as exc:
+        unreadable_client = exc
     status = _str(consent.get("status"))
     base: dict[str, Any] = {
         "id": cid,
         "version": version,
         "release": release,
         "status": status,
-        "patient": patient_ref,
+        "patient": client.reference if client else None,
+        "patient_identifiers": client.identifiers if client else frozenset(),
     }
     try:
         if release is None:
@@ -143,15 +169,19 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
             raise _Bad(
                 f"Consent status is not a {release.short.upper()} consent-state code", "Consent.status"
             )
-        if patient_ref is None:
-            raise _Bad(
-                f"Consent.{patient_field} has no literal reference to the client", f"Consent.{patient_field}"
-            )
+        if unreadable_client is not None:
+            raise _Bad(unreadable_client.message, unreadable_client.path)
+        for name in _OTHER_PARTIES[release]:
+            raw_parties = consent.get(name)
+            for i, value in enumerate(raw_parties if isinstance(raw_parties, list) else []):
+                parties.check(value, consent, f"Consent.{name}[{i}]")
         purposes: set[str] = set()
         if release is Release.R4:
             raw = consent.get("provision")
             rules: tuple[Rule, ...] = (
-                () if raw is None else (_rule(raw, None, "Consent.provision", 0, purposes, [0]),)
+                ()
+                if raw is None
+                else (_rule(raw, None, "Consent.provision", 0, purposes, [0], _Reader(consent, parties)),)
             )
             blanket = "Consent.policyRule" if not rules and _opt_out(consent.get("policyRule")) else None
             return Policy(
@@ -169,7 +199,9 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
             raw_g = consent.get("grantee")
             if not isinstance(raw_g, list):
                 raise _Bad("Consent.grantee must be a list of references", "Consent.grantee")
-            grantees = tuple(g for g in (actor_ref(x) for x in raw_g) if g)
+            grantees = tuple(
+                parties.recipient(x, consent, f"Consent.grantee[{i}]") for i, x in enumerate(raw_g)
+            )
         raw = consent.get("provision")
         if raw is None:
             raw = []
@@ -177,8 +209,10 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
             raise _Bad("R5 Consent.provision must be a list", "Consent.provision")
         counter = [0]
         exception = "deny" if decision == "permit" else "permit"  # top-level provisions negate the base rule
+        reader = _Reader(consent, parties)
         rules = tuple(
-            _rule(p, exception, f"Consent.provision[{i}]", 0, purposes, counter) for i, p in enumerate(raw)
+            _rule(p, exception, f"Consent.provision[{i}]", 0, purposes, counter, reader)
+            for i, p in enumerate(raw)
         )
         blanket = "Consent.decision" if not rules and decision == "deny" else None
         return Policy(
@@ -189,7 +223,7 @@ def compile_consent(consent: dict[str, Any]) -> Policy:
             blanket_deny=blanket,
             purposes_seen=frozenset(purposes),
         )
-    except _Bad as bad:
+    except (_Bad, Unreadable) as bad:
         return Policy(**base, problem=(bad.message, bad.path))  # type: ignore[arg-type]
 
 
@@ -224,8 +258,22 @@ def _codes(value: Any, path: str) -> list[tuple[str | None, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class _Reader:
+    """The Consent being compiled and the parties its references resolve against."""
+
+    consent: dict[str, Any]
+    parties: Parties
+
+
 def _rule(
-    raw: Any, r5_kind: str | None, path: str, depth: int, purposes: set[str], counter: list[int]
+    raw: Any,
+    r5_kind: str | None,
+    path: str,
+    depth: int,
+    purposes: set[str],
+    counter: list[int],
+    reader: _Reader,
 ) -> Rule:
     if depth >= MAX_DEPTH:
         raise _Bad(f"provisions nested deeper than {MAX_DEPTH} levels", path)
@@ -253,11 +301,11 @@ def _rule(
             if not isinstance(a, dict):
                 raise _Bad(f"{path}.actor[{i}] is not an object", f"{path}.actor[{i}]")
             roles = _codes([a["role"]], f"{path}.actor[{i}].role") if isinstance(a.get("role"), dict) else []
+            where = f"{path}.actor[{i}].reference"
             if (CS.V3_PARTICIPATION, RECIPIENT_ROLE) in roles:
-                ref = actor_ref(a.get("reference"))
-                if ref is None:
-                    raise _Bad(f"{path}.actor[{i}].reference names nobody", f"{path}.actor[{i}].reference")
-                named.append(ref)
+                named.append(reader.parties.recipient(a.get("reference"), reader.consent, where))
+            else:
+                reader.parties.check(a.get("reference"), reader.consent, where)
         recipients = tuple(named) if named else None
     actions = (
         frozenset(f"{s or ''}|{c}" for s, c in _codes(raw["action"], f"{path}.action"))
@@ -290,7 +338,7 @@ def _rule(
             raise _Bad(f"{path}.provision must be a list", f"{path}.provision")
         child_kind = None if r5_kind is None else ("deny" if kind == "permit" else "permit")
         children = tuple(
-            _rule(c, child_kind, f"{path}.provision[{i}]", depth + 1, purposes, counter)
+            _rule(c, child_kind, f"{path}.provision[{i}]", depth + 1, purposes, counter, reader)
             for i, c in enumerate(children_raw)
         )
     return Rule(kind, path, period, recipients, actions, purpose_set, categories, children, depth)

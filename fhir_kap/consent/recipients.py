@@ -6,6 +6,8 @@ them (and within the role's period when it has one); a grant to a Practitioner n
 covers her Organization. A party's identity is its own resource's identifiers only (never
 joined across resources); an identifier names a party only when the types agree, and an
 absolute reference matches only the same absolute reference (never a relative `Type/id`).
+An actor named by a contained resource is named by that resource's identifiers (`parties.py`
+reads the Consent's references).
 
 Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms only.
 """
@@ -103,11 +105,18 @@ class Recipient:
 
 @dataclass(frozen=True)
 class ActorRef:
-    """A party named in a consent: reference and/or one identifier, and its type when known."""
+    """A party named in a consent: reference and/or one identifier, and its type when known.
+    `identifiers`: every identifier of a contained party (the Consent's own contained resource)."""
 
     reference: str | None = None
     identifier: tuple[str, str] | None = None
     type: str | None = None
+    identifiers: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def named_by(self) -> frozenset[tuple[str, str]]:
+        """Every identifier that names this party."""
+        return (self.identifiers | {self.identifier}) if self.identifier else self.identifiers
 
 
 def actor_ref(ref: Any) -> ActorRef | None:
@@ -149,7 +158,7 @@ class Party:
         """Same literal reference; or a shared identifier when the types and references do not disagree."""
         if actor.reference is not None and actor.reference == self.reference:
             return True
-        if actor.identifier is None or actor.identifier not in self.identifiers:
+        if not actor.named_by & self.identifiers:
             return False
         if actor.type and self.type and actor.type != self.type:
             return False  # an Organization's identifier never names a Practitioner, and vice versa

@@ -240,7 +240,11 @@ class Resolver:
             return Resolved(ref, why=f"no contained resource has id '{(ref.id or '')[:64]}'")
         if ref.kind == "urn":
             found = self._bundle.by_url(ref.text or "")
-            return Resolved(ref, found, "bundle") if found else Resolved(ref, why="no Bundle entry has that fullUrl")
+            return (
+                Resolved(ref, found, "bundle")
+                if found
+                else Resolved(ref, why="no Bundle entry has that fullUrl")
+            )
         if ref.kind == "absolute":
             found = self._bundle.by_url(_unversioned(ref))
             if found is not None:
@@ -260,7 +264,9 @@ class Resolver:
         if ref.kind == "conditional":
             for name, val in ref.query:
                 if name != "identifier" or "|" not in val:
-                    return Resolved(ref, why="a conditional reference is resolved by identifier=system|value only")
+                    return Resolved(
+                        ref, why="a conditional reference is resolved by identifier=system|value only"
+                    )
                 system, _, v = val.partition("|")  # parse_qs has already decoded the value once
                 idents.append((system, v))
         if ref.identifier:
@@ -295,7 +301,11 @@ def _contained(container: Any) -> list[dict[str, Any]]:
 def _same_resource(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two copies of one resource (same type and id, e.g. two versions) are one candidate, not two."""
     rid = a.get("id")
-    return isinstance(rid, str) and bool(rid) and (a.get("resourceType"), rid) == (b.get("resourceType"), b.get("id"))
+    return (
+        isinstance(rid, str)
+        and bool(rid)
+        and (a.get("resourceType"), rid) == (b.get("resourceType"), b.get("id"))
+    )
 
 
 def _unversioned(ref: Ref) -> str:

@@ -6,19 +6,31 @@ keeps the latest version of the resources the consent gate needs (Consents, Prac
 Organizations, Practitioners, Patients), by (type, id). A Consent is one consent per business
 identifier: an EHR that re-posts it (e.g. revoked) gets a new server id, and the gate must see
 the new state, not two consents. `Outbox.put_context` / `Outbox.context_for` delegate here.
+
+Consents as EHRs write them name their client by a literal reference, by identifier (a logical
+reference) or by a contained Patient. The existing columns index all three (no migration):
+`patient_ref` holds a Consent's literal client reference, or `identifier:,T1,T2,` with one token
+`T` (`quote(system)|quote(value)`) per identifier the Consent names its client by; a Patient
+row keeps its identifiers' tokens in `ident` the same way. `for_patient` returns the consents
+naming the client either way, and every stored Patient carrying an identifier they name, so
+that the gate sees when an identifier is ambiguous (it then denies).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote as urlquote
 
 from .. import jsonio
 from ..consent import CONTEXT_TYPES
+from ..consent.parties import Client, named_client
+from ..consent.recipients import normalise_reference
 from ..errors import InputError, quote
-from ..fhir.identifiers import business_identifier, patient_reference
-from .db import Database
+from ..fhir.identifiers import business_identifier
+from ..fhir.references import identifiers_of
+from .db import Database, Tx
 
 __all__ = ["CONTEXT_TYPES", "ConsentContext", "consent_key"]
 
@@ -68,32 +80,34 @@ class ConsentContext:
                 expression=f"{rtype}.meta.versionId",
                 rule="fhir:meta",
             )
-        if rtype == "Consent" and patient_reference(resource) is None:
+        client = named_client(resource) if rtype == "Consent" else None
+        if rtype == "Consent" and client is None:
             # unreadable here would mean "applies to every client": refuse it instead
             raise InputError(
-                "Consent needs a literal patient (R4 patient / R5 subject) reference",
+                "Consent needs a patient (R4 patient / R5 subject) named by a literal reference or by "
+                "identifier (a logical reference, or a contained Patient that carries one)",
                 pointer="/patient",
                 expression="Consent.patient",
                 rule="outbox:context-patient",
                 code="required",
             )
         patient = (
-            patient_reference(resource)
-            if rtype == "Consent"
-            else (f"Patient/{rid}" if rtype == "Patient" else None)
+            _client_key(client) if client is not None else (f"Patient/{rid}" if rtype == "Patient" else None)
         )
-        ident = consent_key(resource) if rtype == "Consent" else None
+        ident = (
+            consent_key(resource)
+            if rtype == "Consent"
+            else (_tokens_key(identifiers_of(resource)) if rtype == "Patient" else None)
+        )
         ts = float(self.clock() if now is None else now)
         body = jsonio.dumps(resource).decode()
         with self.db.transaction() as tx:
             old = tx.execute("SELECT version FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid))
             if old and _older(version, old[0]["version"]):
                 return False
-            if ident:  # the same client's consent under another server id: this arrival replaces it
-                tx.execute(
-                    "DELETE FROM outbox_context WHERE type = ? AND ident = ? AND patient_ref = ? AND id <> ?",
-                    (rtype, ident, patient, rid),
-                )
+            if ident and client is not None:
+                # the same client's consent under another server id: this arrival replaces it
+                _replace_earlier_copies(tx, rid, ident, client)
             if old:
                 tx.execute(
                     "UPDATE outbox_context SET version = ?, patient_ref = ?, body = ?, ident = ?, "
@@ -110,18 +124,110 @@ class ConsentContext:
 
     def for_patient(self, patient_ref: str) -> list[dict[str, Any]]:
         """The consent context for one patient: that patient's Consents (and Patient resource)
-        plus every stored PractitionerRole, Organization and Practitioner."""
+        plus every stored PractitionerRole, Organization and Practitioner.
+
+        "That patient's Consents" are those naming `patient_ref`, and those naming by identifier
+        (logical or contained Patient) a client whose stored Patient carries that identifier;
+        then every stored Patient carrying an identifier those consents name comes too, so the
+        gate can tell an ambiguous identifier (and deny)."""
+        refs = tuple(dict.fromkeys(r for r in (patient_ref, normalise_reference(patient_ref)) if r))
+        marks = ", ".join("?" for _ in refs)
         rows = self.db.query(
-            "SELECT body FROM outbox_context WHERE patient_ref = ? OR patient_ref IS NULL ORDER BY type, id",
-            (patient_ref,),
+            "SELECT type, id, body FROM outbox_context "
+            f"WHERE patient_ref IN ({marks}) OR patient_ref IS NULL ORDER BY type, id",
+            refs,
         )
-        return [jsonio.loads(r["body"], source="outbox context") for r in rows]
+        found = {(r["type"], r["id"]): jsonio.loads(r["body"], source="outbox context") for r in rows}
+        patient = next((b for (t, _), b in found.items() if t == "Patient"), None)
+        carried = _tokens(identifiers_of(patient)) if patient is not None else set()
+        named: set[str] = set()
+        for row in self._rows_with_tokens("patient_ref", carried, "identifier:"):
+            named |= set(row["patient_ref"].removeprefix("identifier:").strip(",").split(","))
+            found.setdefault((row["type"], row["id"]), jsonio.loads(row["body"], source="outbox context"))
+        if named:
+            for row in self._rows_with_tokens("ident", named, "", "Patient"):
+                found.setdefault((row["type"], row["id"]), jsonio.loads(row["body"], source="outbox context"))
+            # Patients stored before their identifiers were indexed (ident NULL): read them
+            for row in self.db.query(
+                "SELECT type, id, body FROM outbox_context WHERE type = 'Patient' AND ident IS NULL"
+            ):
+                body = jsonio.loads(row["body"], source="outbox context")
+                if _tokens(identifiers_of(body)) & named:
+                    found.setdefault((row["type"], row["id"]), body)
+        base = [(r["type"], r["id"]) for r in rows]
+        return [found[k] for k in base] + [found[k] for k in sorted(set(found) - set(base))]
+
+    def _rows_with_tokens(
+        self, column: str, tokens: Iterable[str], prefix: str, rtype: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows whose `column` (an `_tokens_key`, after `prefix`) holds any of `tokens`."""
+        out: list[dict[str, Any]] = []
+        wanted = sorted(tokens)
+        for start in range(0, len(wanted), 50):
+            chunk = wanted[start : start + 50]
+            where = " OR ".join(f"{column} LIKE ? ESCAPE '!'" for _ in chunk)
+            typed = "type = ? AND " if rtype else ""
+            params = ([rtype] if rtype else []) + [f"{_like(prefix)}%,{_like(t)},%" for t in chunk]
+            out += self.db.query(
+                f"SELECT type, id, body, patient_ref FROM outbox_context WHERE {typed}({where})", params
+            )
+        return out
 
 
 def consent_key(resource: dict[str, Any]) -> str | None:
     """`SYSTEM|VALUE` under which a Consent in the context is one consent (`business_identifier`)."""
     found = business_identifier(resource)
     return "|".join(found) if found else None
+
+
+def _tokens(idents: Iterable[tuple[str, str]]) -> set[str]:
+    """One token per identifier: `quote(system)|quote(value)` (percent-encoded, so a token never
+    holds the `,` that separates tokens)."""
+    return {f"{urlquote(s, safe='')}|{urlquote(v, safe='')}" for s, v in idents}
+
+
+def _tokens_key(idents: Iterable[tuple[str, str]]) -> str:
+    """`,T1,T2,` (sorted; `,` alone when there are none): what `LIKE '%,T,%'` finds a token in."""
+    return "," + "".join(f"{t}," for t in sorted(_tokens(idents)))
+
+
+def _client_key(client: Client) -> str | None:
+    """A Consent's `patient_ref`: its literal client reference, else `identifier:` + the tokens."""
+    return client.reference or "identifier:" + _tokens_key(client.identifiers)
+
+
+def _like(text: str) -> str:
+    """`text` as a literal inside a LIKE pattern with ESCAPE '!'."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
+def _replace_earlier_copies(tx: Tx, rid: str, ident: str, client: Client) -> None:
+    """Delete the stored copies of the same Consent (same business identifier) about the same
+    client under another id: same literal reference, a shared identifier, or a literal client
+    whose stored Patient carries an identifier the new copy names (and the other way round)."""
+    new_tokens = _tokens(client.identifiers)
+    new_carried = _patient_tokens(tx, client.reference) if client.reference else set()
+    for row in tx.execute(
+        "SELECT id, patient_ref FROM outbox_context WHERE type = 'Consent' AND ident = ? AND id <> ?",
+        (ident, rid),
+    ):
+        old = row["patient_ref"] or ""
+        if old.startswith("identifier:"):
+            old_tokens = set(old.removeprefix("identifier:").strip(",").split(",")) - {""}
+            same = bool(old_tokens & (new_tokens | new_carried))
+        else:
+            same = old == client.reference or bool(_patient_tokens(tx, old) & new_tokens)
+        if same:
+            tx.execute("DELETE FROM outbox_context WHERE type = 'Consent' AND id = ?", (row["id"],))
+
+
+def _patient_tokens(tx: Tx, reference: str) -> set[str]:
+    """The identifier tokens of the stored Patient a literal `Patient/id` reference names."""
+    rtype, _, pid = reference.rpartition("/")
+    if rtype != "Patient":
+        return set()
+    rows = tx.execute("SELECT body FROM outbox_context WHERE type = 'Patient' AND id = ?", (pid,))
+    return _tokens(identifiers_of(jsonio.loads(rows[0]["body"], source="outbox context"))) if rows else set()
 
 
 def _older(new: str | None, old: str | None) -> bool:
