@@ -42,7 +42,7 @@ from ..consent import CONTEXT_TYPES
 from ..errors import InputError, Issue, KapError, MappingError, NotFound, PreconditionFailed, ProfileError
 from ..fhir.identifiers import business_identifier, new_id
 from ..fhir.references import Resolver, parse_reference
-from ..records.ingest import Ingest
+from ..records.ingest import PARTY_TYPES, Ingest
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
 from .inbound_rules import (
@@ -115,6 +115,8 @@ class Accepted:
 class StoreLookup:
     """The bridge's context for resolving references: the sender's own stored resources (a
     partner's references never resolve to, or reveal, another partner's resources)."""
+
+    resolves_literals = False  # see get()
 
     def __init__(self, store: Store, source: str | None) -> None:
         self.store = store
@@ -245,10 +247,17 @@ class Inbound:
             cond, op = if_none_exist, "create"
         else:
             cond, op = _same_identifier(resource), "resend"
-        acc = self._commit(lambda tx: [self._store_one(tx, resource, source, cond, record, op=op)], trusted)[
-            0
-        ]
-        return replace(acc, issues=issues)
+        parties = _contained_parties(resource)
+        trusted = trusted or bool(parties) and self._trusted(source, authority, parties)
+
+        def work(tx: Any) -> list[Accepted]:
+            out = [self._store_one(tx, resource, source, cond, record, op=op)]
+            # a referral for a new client creates that client: contained parties are stored as
+            # the sender's own (once per business identifier and content)
+            out += [self._store_one(tx, p, source, _same_identifier(p), None, op="resend") for p in parties]
+            return out
+
+        return replace(self._commit(work, trusted)[0], issues=issues)
 
     def is_authority(self, source: str | None) -> bool:
         """Whether the partner named `source` is a consent authority (unknown or revoked: no)."""
@@ -626,6 +635,17 @@ _REASON = {
     412: "Precondition Failed",
     422: "Unprocessable Entity",
 }
+
+
+def _contained_parties(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """The contained Patients, Practitioners, PractitionerRoles and Organizations of a resource
+    that carry a business identifier, as resources of their own (no id: the store gives one)."""
+    raw = resource.get("contained")
+    out = []
+    for c in raw if isinstance(raw, list) else []:
+        if isinstance(c, dict) and c.get("resourceType") in PARTY_TYPES and business_identifier(c):
+            out.append({k: v for k, v in c.items() if k != "id"})
+    return out
 
 
 def _content(resource: dict[str, Any], *, ignore_references: bool = False) -> Any:

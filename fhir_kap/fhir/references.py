@@ -213,7 +213,18 @@ class Resolver:
         self._bundle = ResourceIndex()
         for full_url, resource in bundle:
             self._bundle.add(resource, full_url=full_url)
+            self._has_bundle = True
         self._context = context
+
+    _has_bundle = False
+
+    @property
+    def reads_literals(self) -> bool:
+        """Whether a relative `Type/id` could resolve to anything here (a Bundle, or a context that
+        looks literal references up); when not, callers may skip them."""
+        return self._has_bundle or (
+            self._context is not None and getattr(self._context, "resolves_literals", True)
+        )
 
     def resolve(self, value: Any, container: dict[str, Any] | None = None) -> Resolved | None:
         """Resolve a Reference found in `container` (the resource that holds it); None when it names nothing.

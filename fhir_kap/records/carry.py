@@ -20,9 +20,10 @@ else by position, so an unknown extension, a foreign coding or an extension on a
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import orjson
 
 __all__ = ["apply_kept", "kept", "not_carried"]
 
@@ -51,11 +52,11 @@ def kept(original: Any, mapped: Any, *, skip: Iterable[str] = ()) -> list[dict[s
     """The operations that restore what `mapped` lacks of `original` (both FHIR JSON objects)."""
     ops: list[dict[str, Any]] = []
     _diff(original, mapped, "", ops, _SKIP | frozenset(skip))
-    return ops
+    return _json_copy(ops) if ops else ops
 
 
 def _diff(orig: Any, mapped: Any, at: str, ops: list[dict[str, Any]], skip: frozenset[str]) -> None:
-    if at in skip:
+    if at in skip or orig == mapped:  # equal subtrees (most of a KAP resource): one C-level compare
         return
     if isinstance(orig, Mapping) and isinstance(mapped, Mapping):
         for k, v in orig.items():
@@ -63,7 +64,7 @@ def _diff(orig: Any, mapped: Any, at: str, ops: list[dict[str, Any]], skip: froz
             if here in skip:
                 continue
             if k not in mapped:
-                ops.append({"at": here, "op": "set", "value": copy.deepcopy(v)})
+                ops.append({"at": here, "op": "set", "value": v})
             else:
                 _diff(v, mapped[k], here, ops, skip)
         return
@@ -72,13 +73,13 @@ def _diff(orig: Any, mapped: Any, at: str, ops: list[dict[str, Any]], skip: froz
         for i, item in enumerate(orig):
             j = _partner(item, i, mapped, used)
             if j is None:
-                ops.append({"at": at, "op": "append", "value": copy.deepcopy(item)})
+                ops.append({"at": at, "op": "append", "value": item})
             else:
                 used.add(j)
                 _diff(item, mapped[j], f"{at}/{j}", ops, skip)
         return
     if orig != mapped:
-        ops.append({"at": at, "op": "replaced", "value": copy.deepcopy(orig)})
+        ops.append({"at": at, "op": "replaced", "value": orig})
 
 
 def _partner(item: Any, i: int, mapped: list[Any], used: set[int]) -> int | None:
@@ -120,7 +121,7 @@ def apply_kept(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
         parts = [_unesc(p) for p in op["at"].split("/")[1:]]
         if not parts:
             continue
-        value = copy.deepcopy(op.get("value"))
+        value = _json_copy(op.get("value"))
         if op["op"] == "set":
             parent = _walk(resource, parts[:-1], create=True)
             if isinstance(parent, dict) and parts[-1] not in parent:
@@ -132,6 +133,11 @@ def apply_kept(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
                 if isinstance(lst, list) and value not in lst:
                     lst.append(value)
     return resource
+
+
+def _json_copy(value: Any) -> Any:
+    """A deep copy of JSON data (orjson round trip: several times faster than copy.deepcopy)."""
+    return orjson.loads(orjson.dumps(value))
 
 
 def _walk(node: Any, parts: list[str], *, create: bool) -> Any:
