@@ -58,12 +58,18 @@ def _is_resource(v: Any) -> bool:
     return type(v) is dict and "resourceType" in v
 
 
-def _extension_broken(ext: Any) -> bool:
-    """ext-1: an extension has extensions or a value[x], not both and not neither."""
+def _extension_problem(ext: Any) -> tuple[str, str] | None:
+    """(rule, message) when an extension breaks ext-1 (extensions or a value[x], not both and not
+    neither) or names a version in its url (the url is the definition's, never versioned)."""
     if type(ext) is not dict:
-        return False
+        return None
     has_value = any(k.startswith("value") and k[5:6].isupper() for k in ext)
-    return has_value == ("extension" in ext)
+    if has_value == ("extension" in ext):
+        return "ext-1", "An extension must have either extensions or a value[x], not both (ext-1)"
+    url = ext.get("url")
+    if type(url) is str and "|" in url:
+        return "ext:url", "An extension url must not contain a version"
+    return None
 
 
 def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> bool:
@@ -87,7 +93,7 @@ def _walk_finds_something(resource: dict[str, Any], choices: dict[str, str]) -> 
                 elif t is list:
                     if k != "contained":
                         push(v)
-                        if k in _EXTENSION_KEYS and any(_extension_broken(e) for e in v):
+                        if k in _EXTENSION_KEYS and any(_extension_problem(e) for e in v):
                             return True
                 elif t is str:
                     if not v or len(v) > STRING_LIMIT:
@@ -175,15 +181,16 @@ def _walk_checks(
                     seen[stem] = k
             if k in _EXTENSION_KEYS and isinstance(v, list):
                 for i, e in enumerate(v):
-                    if _extension_broken(e):
+                    problem = _extension_problem(e)
+                    if problem is not None:
                         out.append(
                             Issue(
                                 "error",
                                 "invariant",
-                                "An extension must have either extensions or a value[x], not both (ext-1)",
+                                problem[1],
                                 _expr(rt, path + (k, i)),
                                 _pointer(path + (k, i)),
-                                "ext-1",
+                                problem[0],
                             )
                         )
             if isinstance(v, list) and k != "contained" or isinstance(v, dict) and "resourceType" not in v:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from typing import Any
-from xml.parsers import expat
 
 from ..config import Release
 from ..errors import Issue
@@ -350,6 +349,8 @@ def _xhtml_problem(div: str) -> str | None:
     """Why `div` is not acceptable FHIR narrative XHTML, or None: well-formed XML, no DOCTYPE or
     entity declarations (XXE), one root <div> in the XHTML namespace (txt-3 in part), no forbidden
     element and no event attribute (txt-1 in part). HTML's named entities (&nbsp;) are allowed."""
+    from xml.parsers import expat  # only for resources with a narrative: not at start-up
+
     parser = expat.ParserCreate(namespace_separator=" ")
     parser.UseForeignDTD(True)  # undefined entities are skipped, not errors
     parser.SkippedEntityHandler = lambda *_a: None

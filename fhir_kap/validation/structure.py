@@ -192,7 +192,7 @@ _FAST_PATTERNS = {
     "^[ \\r\\n\\t\\S]+$": "fhir-string",
     "^^[\\s\\S]+$$": "non-empty",
     "^\\S*$": "no-space",
-    "^(\\s*([0-9a-zA-Z\\+/=]){4}\\s*)+$": "base64",
+    "^\\s*([0-9a-zA-Z\\+/=]{4}\\s*)+$": "base64",
 }
 _BASE64_CHARS = re.compile(r"[0-9a-zA-Z+/=]*")
 

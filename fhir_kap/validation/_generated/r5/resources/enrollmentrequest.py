@@ -4,7 +4,7 @@ FHIR R5 EnrollmentRequest: call validate___definitions_enrollmentrequest(resourc
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = 'c1411159615a3054663611ba1c0bbd3870553d0d45e5066ad3e8ae8ea0370f90'
+GENERATOR_SHA256 = '24ba4b44ea27f5d028a70c1904c6eed73b57d2e572c78d2f9d0e5e119a4f5b50'
 INPUTS_SHA256 = {'hl7.fhir.r5.core@5.0.0': '09f22107bef64313545a50d2c127d20f81173c499a395672fae089bc23e72fab'}
 ROOT = 'EnrollmentRequest'
 DEFINITIONS_JSON = '{"EnrollmentRequest":{"additionalProperties":false,"properties":{"_created":{"$ref":"#/definitions/Element"},"_implicitRules":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_status":{"$ref":"#/definitions/Element"},"candidate":{"$ref":"#/definitions/Reference"},"contained":{"items":{"$ref":"#/definitions/ResourceList"},"minItems":1,"type":"array"},"coverage":{"$ref":"#/definitions/Reference"},"created":{"$ref":"#/definitions/dateTime"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/id"},"identifier":{"items":{"$ref":"#/definitions/Identifier"},"minItems":1,"type":"array"},"implicitRules":{"$ref":"#/definitions/uri"},"insurer":{"$ref":"#/definitions/Reference"},"language":{"$ref":"#/definitions/code"},"meta":{"$ref":"#/definitions/Meta"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"provider":{"$ref":"#/definitions/Reference"},"resourceType":{"const":"EnrollmentRequest"},"status":{"enum":["active","cancelled","draft","entered-in-error"]},"text":{"$ref":"#/definitions/Narrative"}},"required":["resourceType"],"type":"object"}}'

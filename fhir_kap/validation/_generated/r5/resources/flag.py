@@ -4,7 +4,7 @@ FHIR R5 Flag: call validate___definitions_flag(resource, custom_formats).
 """
 # flake8: noqa
 # mypy: ignore-errors
-GENERATOR_SHA256 = 'c1411159615a3054663611ba1c0bbd3870553d0d45e5066ad3e8ae8ea0370f90'
+GENERATOR_SHA256 = '24ba4b44ea27f5d028a70c1904c6eed73b57d2e572c78d2f9d0e5e119a4f5b50'
 INPUTS_SHA256 = {'hl7.fhir.r5.core@5.0.0': '09f22107bef64313545a50d2c127d20f81173c499a395672fae089bc23e72fab'}
 ROOT = 'Flag'
 DEFINITIONS_JSON = '{"Flag":{"additionalProperties":false,"allOf":[{"anyOf":[{"required":["status"]},{"required":["_status"]}]}],"properties":{"_implicitRules":{"$ref":"#/definitions/Element"},"_language":{"$ref":"#/definitions/Element"},"_status":{"$ref":"#/definitions/Element"},"author":{"$ref":"#/definitions/Reference"},"category":{"items":{"$ref":"#/definitions/CodeableConcept"},"minItems":1,"type":"array"},"code":{"$ref":"#/definitions/CodeableConcept"},"contained":{"items":{"$ref":"#/definitions/ResourceList"},"minItems":1,"type":"array"},"encounter":{"$ref":"#/definitions/Reference"},"extension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"id":{"$ref":"#/definitions/id"},"identifier":{"items":{"$ref":"#/definitions/Identifier"},"minItems":1,"type":"array"},"implicitRules":{"$ref":"#/definitions/uri"},"language":{"$ref":"#/definitions/code"},"meta":{"$ref":"#/definitions/Meta"},"modifierExtension":{"items":{"$ref":"#/definitions/Extension"},"minItems":1,"type":"array"},"period":{"$ref":"#/definitions/Period"},"resourceType":{"const":"Flag"},"status":{"enum":["active","inactive","entered-in-error"]},"subject":{"$ref":"#/definitions/Reference"},"text":{"$ref":"#/definitions/Narrative"}},"required":["code","subject","resourceType"],"type":"object"}}'
