@@ -304,11 +304,12 @@ class Inbound:
         record: dict[str, Any] | None,
         keep_id: bool = False,
         op: str = "create",
+        masked: frozenset[str] = frozenset(),
     ) -> Accepted:
         if op == "update" and if_none_exist:
             stored, created = self._conditional_update(tx, resource, source, if_none_exist, keep_id)
         elif op == "resend":
-            stored, created = self._resend(tx, resource, source, if_none_exist, keep_id)
+            stored, created = self._resend(tx, resource, source, if_none_exist, keep_id, masked)
         else:
             stored, created = self.store.create(
                 resource, source=source, if_none_exist=if_none_exist, keep_id=keep_id, tx=tx
@@ -347,20 +348,28 @@ class Inbound:
         source: str | None,
         cond: Mapping[str, Sequence[str]] | None,
         keep_id: bool,
+        masked: frozenset[str] = frozenset(),
     ) -> tuple[StoredResource, bool]:
         """A create that recognises a resend: the sender's resource with the same business
-        identifier AND the same content is returned (200), anything else is stored anew (an EHR
+        identifier AND the same content (references to other entries of the same Bundle aside,
+        `masked`: those entries may have been given other ids) is returned (200), anything else is
+        stored anew (an EHR
         re-posting a Consent with the same identifier and a new status is a new state the consent
         context must see, never the old one)."""
         if cond:
             rtype = resource["resourceType"]
             for s in self.store.search_in(tx, rtype, cond, count=20):
-                if s.source == source and _content(s.resource) == _content(resource):
+                if s.source == source and _content(s.resource, masked) == _content(resource, masked):
                     return s, False
         return self.store.create(resource, source=source, keep_id=keep_id, tx=tx)
 
     def _existing(
-        self, resource: dict[str, Any], cond: Mapping[str, Sequence[str]] | None, source: str | None, op: str
+        self,
+        resource: dict[str, Any],
+        cond: Mapping[str, Sequence[str]] | None,
+        source: str | None,
+        op: str,
+        masked: frozenset[str] = frozenset(),
     ) -> str | None:
         """The id of the sender's one resource a condition selects (None: none, or several); for a
         resend, only one with the same content."""
@@ -372,7 +381,7 @@ class Inbound:
         except KapError:
             return None  # the condition is refused with its own message when the entry is stored
         if op == "resend":
-            found = [s for s in found if _content(s.resource) == _content(resource, ignore_references=True)]
+            found = [s for s in found if _content(s.resource, masked) == _content(resource, masked)]
         return found[0].id if len(found) == 1 else None
 
     def _keep_context(self, accepted: Sequence[Accepted]) -> None:
@@ -431,6 +440,15 @@ class Inbound:
         issues: list[Issue] = []
         refs: dict[str, str] = {}
         skipped: dict[int, dict[str, Any]] = {}
+        # what entries may call each other: a reference to one of these is Bundle-internal, and
+        # its target's id may differ between two sends of the same Bundle
+        internal = {
+            k
+            for e in entries
+            if isinstance(e.get("resource"), dict)
+            for k in _entry_keys(e.get("fullUrl"), e["resource"])
+        }
+        masks: dict[int, frozenset[str]] = {}
         for i, entry in enumerate(entries):
             try:
                 resource, cond, op = bundle_entry(entry, i, kind)
@@ -444,9 +462,10 @@ class Inbound:
             full = entry.get("fullUrl")
             if kind != "transaction" and cond is None:
                 cond, op = _same_identifier(resource), "resend"
+            masks[i] = _internal_paths(resource, internal)
             # a conditional entry that matches the sender's resource stands for it: references to it
             # must name that resource, not a new id
-            new = self._existing(resource, cond, source, op) or new_id()
+            new = self._existing(resource, cond, source, op, masks[i]) or new_id()
             if isinstance(rtype, str):
                 if isinstance(full, str) and full in refs:
                     issues.append(
@@ -490,7 +509,17 @@ class Inbound:
         accepted = self._commit(
             lambda tx: [
                 replace(
-                    self._store_one(tx, resource, source, cond, record, keep_id=True, op=op), issues=found
+                    self._store_one(
+                        tx,
+                        resource,
+                        source,
+                        cond,
+                        record,
+                        keep_id=True,
+                        op=op,
+                        masked=masks.get(i, frozenset()),
+                    ),
+                    issues=found,
                 )
                 for i, resource, cond, op, record, found in records
             ],
@@ -648,23 +677,37 @@ def _contained_parties(resource: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _content(resource: dict[str, Any], *, ignore_references: bool = False) -> Any:
-    """What makes two copies of a resource the same: everything but id and meta (and, before a
-    Bundle's references are rewritten, the references)."""
+def _content(resource: dict[str, Any], masked: frozenset[str] = frozenset()) -> Any:
+    """What makes two copies of a resource the same: everything but id and meta, and but the
+    references at the JSON pointers `masked` (references to other entries of one Bundle)."""
     body = {k: v for k, v in resource.items() if k not in ("id", "meta")}
-    if ignore_references:
-        return rewrite_references(body, _AnyReference())
+    return _masked(body, masked) if masked else body
+
+
+def _masked(body: Any, masked: frozenset[str], at: str = "") -> Any:
+    if isinstance(body, dict):
+        if at in masked and "reference" in body:
+            return {**body, "reference": "*"}
+        return {k: _masked(v, masked, f"{at}/{k}") for k, v in body.items()}
+    if isinstance(body, list):
+        return [_masked(v, masked, f"{at}/{i}") for i, v in enumerate(body)]
     return body
 
 
-class _AnyReference(dict[str, str]):
-    """A reference map under which every reference reads the same (for comparing content only)."""
-
-    def __contains__(self, key: object) -> bool:
-        return True
-
-    def __getitem__(self, key: str) -> str:
-        return "*"
+def _internal_paths(resource: dict[str, Any], internal: set[str]) -> frozenset[str]:
+    """JSON pointers of the references in `resource` that name another entry of its Bundle."""
+    out: set[str] = set()
+    stack: list[tuple[Any, str]] = [(resource, "")]
+    while stack:
+        cur, at = stack.pop()
+        if isinstance(cur, dict):
+            ref = cur.get("reference")
+            if isinstance(ref, str) and (ref in internal or ref.split("/_history/", 1)[0] in internal):
+                out.add(at)
+            stack.extend((v, f"{at}/{k}") for k, v in cur.items() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend((v, f"{at}/{i}") for i, v in enumerate(cur) if isinstance(v, (dict, list)))
+    return frozenset(out)
 
 
 def _same_identifier(resource: Any) -> dict[str, list[str]] | None:

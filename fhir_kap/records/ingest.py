@@ -71,6 +71,7 @@ OWN_SYSTEMS: Mapping[str, tuple[str, ...]] = {
 _CLIENT_FIELDS = frozenset({"subject", "patient", "for", "beneficiary"})
 #: The code table that tags clinical context with an information category.
 CONTEXT_TABLE = "clinical-context-category"
+CONTEXT_CATEGORIES = ("treatment-history", "risk-considerations", "contraindications")
 #: Its documented default, for a resource no entry of the table names.
 CONTEXT_DEFAULT = "treatment-history"
 FHIR_TYPES = "http://hl7.org/fhir/fhir-types"
@@ -90,7 +91,7 @@ def _derived(system: str, value: str) -> str:
     """A record id for an identifier from another system: readable, and distinct per system.
 
     >>> _derived("urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14", "E4000123")
-    'E4000123-5f0d3d1e'
+    'E4000123-3ab0c2e6'
     """
     slug = _NOT_ID.sub("-", value).strip("-")[:48] or "id"
     return f"{slug}-{hashlib.sha256(system.encode()).hexdigest()[:8]}"
@@ -426,7 +427,9 @@ class Ingest:
                 if all(p[0] != at for p in work.parties):
                     work.parties.append((at, res.resource, pid))
             return {"reference": f"{target}/{pid}"}
-        if ref.kind == "conditional" or ref.kind == "logical":
+        if ref.kind in ("conditional", "logical") or ref.identifier is not None:
+            # a literal reference to a server's id that carries a business identifier too: the
+            # identifier names the party, never the other server's id
             ordered = [ref.identifier] if ref.identifier else []
             for name, value in ref.query:
                 system, bar, v = unquote(value).partition("|")
@@ -440,14 +443,18 @@ class Ingest:
                 Issue(
                     "warning",
                     "informational",
-                    f"{target} named by identifier only and not found in the Bundle or the context: kept as "
+                    f"{target} named by identifier{'' if ref.local is None else ' (and another server id)'}"
+                    " and not found in the Bundle or the context: kept as "
                     f"given (the reference keeps its identifier); the record names it {target}/{derived}",
                     _expression(rt, ptr),
                     ptr,
                     "import:unresolved-reference",
                 )
             )
-            return {"reference": f"{target}/{derived}"}
+            new: dict[str, Any] = {"reference": f"{target}/{derived}"}
+            if ref.identifier is not None:  # a party reference keeps the identifier that names it
+                new["identifier"] = {"system": ref.identifier[0], "value": ref.identifier[1]}
+            return new
         if ref.kind in ("contained", "urn"):
             work.issues.append(_unresolved(rt, ptr, res))
         return None
@@ -531,8 +538,19 @@ class Ingest:
         return self.inputs.check(record)
 
     def _category(self, resource: dict[str, Any]) -> str:
-        """The information category of a piece of clinical context: the code table
-        `clinical-context-category` by the resource's codes, then by its type; else the default."""
+        """The information category of a piece of clinical context: the one its sender tagged it
+        with (meta.tag, kap-information-category, when it is a clinical-context category); else
+        the code table `clinical-context-category` by the resource's codes, then by its type;
+        else the default."""
+        meta = resource.get("meta")
+        tags = meta.get("tag") if isinstance(meta, dict) else None
+        for tag in tags if isinstance(tags, list) else []:
+            if (
+                isinstance(tag, dict)
+                and tag.get("system") == CS.INFO_CATEGORY
+                and tag.get("code") in CONTEXT_CATEGORIES
+            ):
+                return str(tag["code"])
         try:
             table = self.mapper.table(CONTEXT_TABLE)
         except TransformError:

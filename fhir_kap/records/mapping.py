@@ -50,6 +50,7 @@ class _Rule:
     value: Any
     has_value: bool
     write_only: bool
+    read_only: bool  # another way to read a field, never written (e.g. R4 note text from an attachment)
     items: tuple[_Rule, ...] | None
     value_json: bytes  # containers are copied per record by parsing this (C speed)
     single: bool  # group over one object (not a list)
@@ -172,6 +173,8 @@ class Mapper:
         issues: list[Issue],
     ) -> None:
         for r in rules:
+            if r.read_only:
+                continue
             if r.has_value:
                 set_at(out, r.segs, orjson.loads(r.value_json) if r.value_json else r.value)
                 continue
@@ -427,6 +430,7 @@ def _compile(doc: dict[str, Any], f: Path, tables: Mapping[str, CodeTable]) -> _
             value,
             "value" in raw,
             bool(raw.get("write_only")),
+            bool(raw.get("read_only")),
             items,
             value_json,
             bool(raw.get("single")),

@@ -130,7 +130,15 @@ def test_clinical_context_is_kept_with_the_referral_tagged_with_its_category(pip
     by_type = {c["resource"]["resourceType"]: c["category"] for c in context}
     assert by_type["AllergyIntolerance"] == "contraindications"  # from the code table
     assert by_type["Condition"] == "treatment-history"
-    assert by_type["Observation"] == "risk-considerations"  # PHQ-9
+    assert by_type["Observation"] == "treatment-history"  # the PHQ-9 as its sender tagged it
+    # untagged, the code table decides: a PHQ-9 total score is a risk consideration
+    doc = _load("03-servicerequest-bser-supportinginfo.json")
+    for c in doc["contained"]:
+        c.pop("meta", None)
+    outs = _ingest(pipeline, doc)
+    (untagged,) = [o.result for o in outs if o.result and o.result["record"] == "referral"]
+    cats = {c["resource"]["resourceType"]: c["category"] for c in untagged["fhir"]["context"]}
+    assert cats["Observation"] == "risk-considerations" and cats["AllergyIntolerance"] == "contraindications"
     # party references inside the kept context name the party record, never a dangling '#id'
     assert "#" not in json.dumps([c["resource"].get("subject") for c in context])
 
