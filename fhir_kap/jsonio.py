@@ -18,10 +18,20 @@ from .errors import InputError
 __all__ = ["loads", "dumps", "iter_documents", "MAX_DOCUMENT_BYTES"]
 
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark some Windows tools write first; skipped
 
 
 def loads(data: bytes | str, *, source: str = "input") -> Any:
-    """Parse JSON, raising InputError (rule `json:syntax`) with the position on failure."""
+    """Parse JSON, raising InputError (rule `json:syntax`) with the position on failure.
+    A leading UTF-8 byte order mark is skipped.
+
+    >>> loads(b"\xef\xbb\xbf{}")
+    {}
+    """
+    if isinstance(data, (bytes, bytearray)) and data[:3] == _BOM:
+        data = data[3:]
+    elif isinstance(data, str) and data[:1] == "\ufeff":
+        data = data[1:]
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -52,6 +62,8 @@ def iter_documents(
     first_no = 0
     for raw in stream:
         first_no += 1
+        if first_no == 1 and raw[:3] == _BOM:
+            raw = raw[3:]
         if raw.strip():
             first = raw
             break

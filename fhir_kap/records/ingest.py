@@ -33,7 +33,7 @@ from ..config import CANONICAL, CS, Release
 from ..errors import InputError, Issue, KapError, MappingError, ProfileError
 from ..fhir.references import Resolved, Resolver, ResourceLookup
 from ..fhir.release import detect_release
-from ..validation import Validator
+from ..validation import KAP_PROFILES, Validator
 from .carry import kept, not_carried
 from .transforms import TransformError
 
@@ -427,9 +427,12 @@ class Ingest:
                 if all(p[0] != at for p in work.parties):
                     work.parties.append((at, res.resource, pid))
             return {"reference": f"{target}/{pid}"}
-        if ref.kind in ("conditional", "logical") or ref.identifier is not None:
-            # a literal reference to a server's id that carries a business identifier too: the
-            # identifier names the party, never the other server's id
+        if ref.kind in ("conditional", "logical") or (
+            ref.identifier is not None and not (ref.kind == "relative" and _claims_kap(container))
+        ):
+            # a literal reference to another server's id that carries a business identifier too:
+            # the identifier names the party. (A resource written to the KAP profiles names its
+            # parties by their KAP record ids: its relative references stay as they are.)
             ordered = [ref.identifier] if ref.identifier else []
             for name, value in ref.query:
                 system, bar, v = unquote(value).partition("|")
@@ -634,6 +637,16 @@ def _contained_index(container: dict[str, Any], target: Any) -> int:
         if c is target:
             return i
     return 0
+
+
+def _claims_kap(resource: dict[str, Any]) -> bool:
+    """Whether a resource claims one of the KAP profiles (it was written by fhir-kap's mappings)."""
+    meta = resource.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, dict) else None
+    return any(
+        isinstance(p, str) and p.split("|")[0] in KAP_PROFILES
+        for p in (profiles if isinstance(profiles, list) else [])
+    )
 
 
 def _expression(rt: str, ptr: str) -> str:

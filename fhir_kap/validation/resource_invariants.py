@@ -348,12 +348,12 @@ _FORBIDDEN = frozenset(
 def _xhtml_problem(div: str) -> str | None:
     """Why `div` is not acceptable FHIR narrative XHTML, or None: well-formed XML, no DOCTYPE or
     entity declarations (XXE), one root <div> in the XHTML namespace (txt-3 in part), no forbidden
-    element and no event attribute (txt-1 in part). HTML's named entities (&nbsp;) are allowed."""
+    element and no event attribute (txt-1 in part). Entities are XML's own only (&lt; &gt; &amp;
+    &quot; &apos; and character references): `&nbsp;` or `&reg;` are not XML, as HL7's validator
+    also says (write `&#160;`)."""
     from xml.parsers import expat  # only for resources with a narrative: not at start-up
 
     parser = expat.ParserCreate(namespace_separator=" ")
-    parser.UseForeignDTD(True)  # undefined entities are skipped, not errors
-    parser.SkippedEntityHandler = lambda *_a: None
     problems: list[str] = []
     depth = [0]
 
@@ -379,6 +379,10 @@ def _xhtml_problem(div: str) -> str | None:
     parser.EndElementHandler = end_element
     try:
         parser.Parse(div, True)
-    except expat.ExpatError:
-        return "Narrative is not well-formed XHTML"
+    except expat.ExpatError as exc:
+        if exc.code == expat.errors.codes[expat.errors.XML_ERROR_UNDEFINED_ENTITY]:
+            return (
+                "Narrative uses an entity XML does not define (only &lt; &gt; &amp; &quot; &apos; and &#N;)"
+            )
+        return problems[0] if problems else "Narrative is not well-formed XHTML"
     return problems[0] if problems else None

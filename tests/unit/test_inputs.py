@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -156,3 +157,9 @@ def test_one_hostile_unknown_field_name_is_shown_shortened_too(schemas):
     [issue] = exc.value.issues
     assert "y" * 41 not in issue.message and len(issue.message) < 200
     assert issue.rule == "schema:additionalProperties" and issue.pointer == "/" + "y" * 5000  # exact where
+
+
+def test_a_utf8_byte_order_mark_is_skipped() -> None:
+    assert jsonio.loads(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
+    stream = io.BytesIO(b'\xef\xbb\xbf{"resourceType": "Patient"}\n')
+    assert [d for _, d in jsonio.iter_documents(stream)] == [{"resourceType": "Patient"}]

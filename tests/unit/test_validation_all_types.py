@@ -97,8 +97,18 @@ def test_no_real_resource_type_is_rejected_as_unsupported() -> None:
             },
             "per-1",
         ),
+        (
+            {
+                "resourceType": "Patient",
+                "text": {
+                    "status": "generated",
+                    "div": "<div xmlns='http://www.w3.org/1999/xhtml'>&reg;</div>",
+                },
+            },
+            "txt-1",
+        ),
     ],
-    ids=["bdl-1", "fullUrl", "dom-4", "xhtml", "per-1"],
+    ids=["bdl-1", "fullUrl", "dom-4", "xhtml", "per-1", "xhtml-html-entity"],
 )
 def test_resource_invariants_r4(resource: dict, rule: str) -> None:
     assert rule in [i.rule for i in Validator.load(Release.R4).validate(resource)]
@@ -122,3 +132,9 @@ def test_validating_one_type_loads_only_that_types_rules() -> None:
     first, second = out.split()
     assert first == "communication"
     assert second == "True"
+
+
+def test_xml_entities_and_character_references_are_fine_in_a_narrative() -> None:
+    div = "<div xmlns='http://www.w3.org/1999/xhtml'>&lt;3 &amp; &#160;&#x2713;</div>"
+    patient = {"resourceType": "Patient", "text": {"status": "generated", "div": div}}
+    assert Validator.load(Release.R4).validate(patient) == []
