@@ -38,7 +38,21 @@ def _body() -> bytes:
     text = "Dosing session completed; the client tolerated it well and integration is planned. "
     body = json.dumps(note).encode()
     note["payload"][0]["contentString"] = (text * 60)[: max(0, 3072 - len(body))]
+    # every POST a note of its own: the bridge answers a resend (same identifier and content)
+    # with the note it holds, without a write; _load puts a serial number in place of SERIAL
+    note["identifier"][0]["value"] = SERIAL.decode()
     return json.dumps(note).encode()
+
+
+SERIAL = b"bench-0000000000"
+_serials = iter(range(1, 10**9))
+_serial_lock = threading.Lock()
+
+
+def _numbered(body: bytes) -> bytes:
+    with _serial_lock:
+        n = next(_serials)
+    return body.replace(SERIAL, b"bench-%010d" % n, 1)
 
 
 def _load(
@@ -58,7 +72,7 @@ def _load(
             if time.monotonic() > deadline:
                 break
             t = time.perf_counter()
-            conn.request("POST", path, body=body, headers=headers)
+            conn.request("POST", path, body=_numbered(body), headers=headers)
             resp = conn.getresponse()
             resp.read()
             mine.append(time.perf_counter() - t)

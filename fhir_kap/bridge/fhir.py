@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from flask import Flask, Response, request
 
 from .. import jsonio
-from ..errors import Forbidden, Gone, InputError, NotFound, UnsupportedMediaType
+from ..errors import Forbidden, Gone, InputError, Issue, NotFound, UnsupportedMediaType
 from ..exchange.inbound import WRITE_TYPES, parse_query
 from ..storage.partners import Partner
 from ..storage.store import (
@@ -116,7 +116,10 @@ def _prefer() -> str:
     return "representation"
 
 
-def _created(s: StoredResource, created: bool) -> Response:
+def _created(s: StoredResource, created: bool, issues: tuple[Issue, ...] = ()) -> Response:
+    """The answer to a create: the resource, nothing (return=minimal), or an OperationOutcome
+    with every issue the inbound path found (return=OperationOutcome; the same issues
+    `fhir-kap import` reports for that resource)."""
     prefer = _prefer()
     status = 201 if created else 200
     if prefer == "minimal":
@@ -129,9 +132,10 @@ def _created(s: StoredResource, created: bool) -> Response:
                     "severity": "information",
                     "code": "informational",
                     "details": {
-                        "text": f"{s.type}/{s.id} {'created' if created else 'already exists (If-None-Exist)'}"
+                        "text": f"{s.type}/{s.id} {'created' if created else 'already exists (same identifier)'}"
                     },
-                }
+                },
+                *(i.to_fhir() for i in issues),
             ],
         }
         return fhir_response(oo, status, _headers(s, location=True))
@@ -193,9 +197,13 @@ def register(app: Flask) -> None:
         cond = parse_query(cond_header) if cond_header else None
         # Only a consent authority's Consents, people and organisations feed the consent gate.
         acc = services().inbound.accept(
-            body, source=partner.name, if_none_exist=cond, authority=partner.is_consent_authority
+            body,
+            source=partner.name,
+            if_none_exist=cond,
+            authority=partner.is_consent_authority,
+            detail=_prefer() == "OperationOutcome",  # what is kept of it: only when it is shown
         )
-        return _created(acc.stored, acc.created)
+        return _created(acc.stored, acc.created, acc.issues)
 
     @app.get("/fhir/<rtype>/<rid>")
     def read(rtype: str, rid: str) -> Response:

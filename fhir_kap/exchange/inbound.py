@@ -133,8 +133,9 @@ class StoreLookup:
         for t in types:
             if t not in WRITE_TYPES:
                 continue
-            found = self.store.search(t, {"identifier": [f"{system}|{value}"]}, count=3)
-            out += [s.resource for s in found.items if s.source == self.source]
+            out += [
+                s.resource for s in self.store.with_identifier(t, system, value, source=self.source, limit=3)
+            ]
         return out
 
 
@@ -182,7 +183,7 @@ class Inbound:
         return self.inspect(resource, pointer=pointer, resolver=resolver)[0]
 
     def inspect(
-        self, resource: Any, *, pointer: str = "", resolver: Resolver | None = None
+        self, resource: Any, *, pointer: str = "", resolver: Resolver | None = None, detail: bool = True
     ) -> tuple[dict[str, Any] | None, tuple[Issue, ...]]:
         """Validate and map one resource through the one inbound path `fhir-kap import` uses
         (`records.ingest`): its KAP record (None for types that make none) and the issues.
@@ -207,7 +208,9 @@ class Inbound:
                 code="not-supported",
             )
         if self.ingest is not None:
-            got = self.ingest.resource(pointer or str(rtype), resource, resolver, release=self.release)
+            got = self.ingest.resource(
+                pointer or str(rtype), resource, resolver, release=self.release, keep=detail
+            )
             for g in got:
                 if g.error is not None:
                     raise type(g.error)(
@@ -234,13 +237,18 @@ class Inbound:
         source: str | None,
         if_none_exist: Mapping[str, Sequence[str]] | None = None,
         authority: bool | None = None,
+        detail: bool = True,
     ) -> Accepted:
         """Check, then store with a Task for a new referral and the consent context in one commit; notify.
 
         `authority`: whether the sender is a consent authority (its context feeds the consent
-        gate); None looks the `source` partner up (`is_authority`).
+        gate); None looks the `source` partner up (`is_authority`). `detail`: also work out what
+        the record would keep of the resource (issue `import:kept`; the bridge stores the resource
+        as sent, so it is only worth its cost when the issues are shown).
         """
-        record, issues = self.inspect(resource, resolver=Resolver((), StoreLookup(self.store, source)))
+        record, issues = self.inspect(
+            resource, resolver=Resolver((), StoreLookup(self.store, source)), detail=detail
+        )
         trusted = self._trusted(source, authority, [resource])
         cond: Mapping[str, Sequence[str]] | None
         if if_none_exist is not None:
@@ -356,10 +364,11 @@ class Inbound:
         stored anew (an EHR
         re-posting a Consent with the same identifier and a new status is a new state the consent
         context must see, never the old one)."""
-        if cond:
+        ident = business_identifier(resource)
+        if cond and ident is not None:
             rtype = resource["resourceType"]
-            for s in self.store.search_in(tx, rtype, cond, count=20):
-                if s.source == source and _content(s.resource, masked) == _content(resource, masked):
+            for s in self.store.with_identifier(rtype, *ident, source=source, tx=tx):
+                if _content(s.resource, masked) == _content(resource, masked):
                     return s, False
         return self.store.create(resource, source=source, keep_id=keep_id, tx=tx)
 
@@ -376,12 +385,20 @@ class Inbound:
         rtype = resource.get("resourceType")
         if not cond or not isinstance(rtype, str) or rtype not in WRITE_TYPES:
             return None
+        ident = business_identifier(resource)
+        if op == "resend":
+            if ident is None:
+                return None
+            found = [
+                s
+                for s in self.store.with_identifier(rtype, *ident, source=source)
+                if _content(s.resource, masked) == _content(resource, masked)
+            ]
+            return found[0].id if len(found) == 1 else None
         try:
             found = [s for s in self.store.search(rtype, cond, count=20).items if s.source == source]
         except KapError:
             return None  # the condition is refused with its own message when the entry is stored
-        if op == "resend":
-            found = [s for s in found if _content(s.resource, masked) == _content(resource, masked)]
         return found[0].id if len(found) == 1 else None
 
     def _keep_context(self, accepted: Sequence[Accepted]) -> None:

@@ -266,16 +266,25 @@ class Ingest:
         *,
         release: Release | None = None,
         default: Release = Release.R4,
+        keep: bool = True,
     ) -> list[Ingested]:
-        """The records one resource gives (its contained parties first, then its own)."""
+        """The records one resource gives (its contained parties first, then its own). `keep`
+        False skips working out what the record keeps of elements it does not map
+        (`record.fhir.kept` and the issue `import:kept`); everything else is the same."""
         try:
-            return self._resource(label, resource, resolver or Resolver(), release, default)
+            return self._resource(label, resource, resolver or Resolver(), release, default, keep)
         except KapError as exc:
             rt = resource.get("resourceType") if isinstance(resource, dict) else None
             return [Ingested(label, error=exc, resource_type=rt if isinstance(rt, str) else None)]
 
     def _resource(
-        self, label: str, resource: Any, resolver: Resolver, release: Release | None, default: Release
+        self,
+        label: str,
+        resource: Any,
+        resolver: Resolver,
+        release: Release | None,
+        default: Release,
+        keep: bool = True,
     ) -> list[Ingested]:
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             raise InputError(
@@ -312,12 +321,14 @@ class Ingest:
             ]
         work = _Work(issues=issues)
         normal = self._normalise(resource, rt, resolver, work)
-        record = self._record(rt, resource, normal, rel, work)
+        record = self._record(rt, resource, normal, rel, work, keep)
         outs: list[Ingested] = []
         for ptr, party, pid in work.parties:
             sub = _json_copy(party)
             sub["id"] = pid
-            for o in self._resource(f"{label}#{ptr.lstrip('/')}", sub, Resolver((), None), rel, default):
+            for o in self._resource(
+                f"{label}#{ptr.lstrip('/')}", sub, Resolver((), None), rel, default, keep
+            ):
                 outs.append(replace(o, issues=tuple(x.prefixed(pointer_prefix=ptr) for x in o.issues)))
         outs.append(Ingested(label, result=record, issues=tuple(work.issues), resource_type=rt))
         return outs
@@ -332,7 +343,6 @@ class Ingest:
     ) -> dict[str, Any]:
         """A copy with every party reference made literal (`Type/<record id>`) where it can be;
         clinical context taken out of the referral; the record id set from the business identifier."""
-        normal = _json_copy(resource)
         rid, from_ident = record_id(rt, resource)
         if not from_ident:
             work.issues.append(
@@ -346,15 +356,19 @@ class Ingest:
                     "import:no-identifier",
                 )
             )
-        normal["id"] = rid
-        normal.pop("contained", None)
         if rt == "ServiceRequest":
             for ptr, res in self._context_refs(resource, resolver):
                 if res.resource is not None and res.type in CLINICAL_CONTEXT_TYPES:
                     work.context.append((ptr, self._context_copy(res.resource, resource, resolver)))
                     work.skip.add(ptr)
         literals = resolver.reads_literals
-        for ptr, key, ref in _references(normal):
+        walk = literals or _worth_a_walk(resource)
+        # the copy is changed in place below only when there is something to resolve or take out;
+        # else a shallow one does (most resources a partner posts: plain Type/id references)
+        normal = _json_copy(resource) if walk or work.skip else dict(resource)
+        normal["id"] = rid
+        normal.pop("contained", None)
+        for ptr, key, ref in _references(normal) if walk else ():
             if not literals and len(ref) == 1 and _RELATIVE.match(ref.get("reference") or ""):
                 continue  # a plain Type/id nothing here could resolve further: as it is
             if ptr in work.skip or any(ptr.startswith(s + "/") for s in work.skip):
@@ -465,7 +479,13 @@ class Ingest:
     # -- mapping -----------------------------------------------------------------------------
 
     def _record(
-        self, rt: str, original: dict[str, Any], normal: dict[str, Any], rel: Release, work: _Work
+        self,
+        rt: str,
+        original: dict[str, Any],
+        normal: dict[str, Any],
+        rel: Release,
+        work: _Work,
+        keep: bool = True,
     ) -> dict[str, Any]:
         record, issues = self.mapper.read(normal, rel, lenient=True)
         errors = [i for i in issues if i.is_error]
@@ -515,10 +535,12 @@ class Ingest:
                     "import:collaboration-model",
                 )
             )
-        try:
-            mapped = self.mapper.to_fhir(record, rel)
-        except (MappingError, TransformError, KeyError, TypeError, ValueError):
-            mapped = None
+        mapped = None
+        if keep:
+            try:
+                mapped = self.mapper.to_fhir(record, rel)
+            except (MappingError, TransformError, KeyError, TypeError, ValueError):
+                mapped = None
         if mapped is not None:
             ops = kept(_without(original, work.skip), mapped, skip=work.skip)
             if ops:
@@ -584,6 +606,17 @@ def _references(node: Any, ptr: str = "", key: str = "") -> Iterator[tuple[str, 
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from _references(v, f"{ptr}/{i}", key)
+
+
+_UNUSUAL_REFERENCE = re.compile(rb'"reference":"(?:#|urn:|[a-z][a-z0-9+.\-]*://|[^"]*\?)')
+
+
+def _worth_a_walk(resource: dict[str, Any]) -> bool:
+    """Whether a resource holds a reference other than plain `Type/id` (contained, urn, absolute,
+    conditional, or any Reference with an identifier): one C-speed scan of its JSON instead of a
+    Python walk over every element (most resources a partner posts hold plain ones only)."""
+    raw = orjson.dumps(resource)
+    return b'"identifier":{' in raw or _UNUSUAL_REFERENCE.search(raw) is not None
 
 
 def _is_reference(node: dict[str, Any]) -> bool:

@@ -166,7 +166,11 @@ class Store:
             )
         with self._tx(tx) as t:
             if if_none_exist:
-                ids = self._search_ids(t, rtype, if_none_exist, limit=2, source=source)
+                ident = _one_identifier(if_none_exist)
+                if ident is not None and source is not None:  # the common case: an index lookup
+                    ids = [s.id for s in self.with_identifier(rtype, *ident, source=source, limit=2, tx=t)]
+                else:
+                    ids = self._search_ids(t, rtype, if_none_exist, limit=2, source=source)
                 if len(ids) > 1:
                     raise PreconditionFailed(
                         f"If-None-Exist matched {len(ids)} {rtype} resources; it must match at most one",
@@ -361,10 +365,48 @@ class Store:
             )
         ]
 
+    def with_identifier(
+        self,
+        rtype: str,
+        system: str,
+        value: str,
+        *,
+        source: str | None,
+        limit: int = 20,
+        tx: Tx | None = None,
+    ) -> list[StoredResource]:
+        """The current resources of `rtype` that `source` wrote carrying identifier `system|value`
+        (an index lookup, `fhir_index_value`: never a scan of the type), oldest first; read inside
+        `tx` when given."""
+        owner = "c.source IS NULL" if source is None else "c.source = ?"
+        # driven from the index rows (a handful), never from the type's current rows (all of them)
+        sql = (
+            "SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, h.body, c.seq "
+            "FROM fhir_index i JOIN fhir_current c ON c.type = i.type AND c.id = i.id "
+            "JOIN fhir_history h ON h.seq = c.seq "
+            "WHERE i.type = ? AND i.param = 'identifier' AND i.code = ? AND i.system = ? "
+            f"AND c.deleted = 0 AND {owner} ORDER BY +c.seq LIMIT ?"  # +: sort the few, not scan by seq
+        )
+        args = [rtype, value, system, *([] if source is None else [source]), limit]
+        if tx is not None:
+            return [_row(r) for r in tx.execute(sql, args)]
+        with self.db.transaction(immediate=False) as t:
+            return [_row(r) for r in t.execute(sql, args)]
+
     def counts(self) -> dict[str, int]:
         """Number of current resources per type (deleted ones excluded)."""
         rows = self._read("SELECT type, COUNT(*) AS n FROM fhir_current WHERE deleted = 0 GROUP BY type")
         return {r["type"]: int(r["n"]) for r in rows}
+
+
+def _one_identifier(params: Mapping[str, Sequence[str]]) -> tuple[str, str] | None:
+    """(system, value) when a condition is exactly `identifier=SYSTEM|VALUE` (no alternatives)."""
+    if list(params) != ["identifier"] or len(params["identifier"]) != 1:
+        return None
+    system, bar, value = params["identifier"][0].partition("|")
+    if not bar or not system or not value or "," in params["identifier"][0] or "\\" in value:
+        return None
+    return system, value
 
 
 class _Reuse:

@@ -93,6 +93,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("store-1"),
     Migration("store-2", after=_reindex),
     Migration("store-3", after=_check_store_3),
+    Migration("store-4"),
     Migration("auditlog-1"),
     Migration("partners-1"),
     Migration("partners-2"),
