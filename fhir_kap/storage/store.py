@@ -69,6 +69,15 @@ T = TypeVar("T")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 #: A current version with its body (`c` and `h` in every read).
+#: A lookup by business identifier, driven from the identifier index rows (a handful), never from
+#: the type's current rows (all of them); `+c.seq` keeps the planner from walking the type by seq.
+IDENTIFIER_LOOKUP = (
+    "SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, h.body, c.seq "
+    "FROM fhir_index i JOIN fhir_current c ON c.type = i.type AND c.id = i.id "
+    "JOIN fhir_history h ON h.seq = c.seq "
+    "WHERE i.type = ? AND i.param = 'identifier' AND i.code = ? AND i.system = ? "
+    "AND c.deleted = 0 AND {owner} ORDER BY +c.seq LIMIT ?"
+)
 _CURRENT = (
     "SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, h.body, c.seq "
     "FROM fhir_current c JOIN fhir_history h ON h.seq = c.seq"
@@ -378,15 +387,7 @@ class Store:
         """The current resources of `rtype` that `source` wrote carrying identifier `system|value`
         (an index lookup, `fhir_index_value`: never a scan of the type), oldest first; read inside
         `tx` when given."""
-        owner = "c.source IS NULL" if source is None else "c.source = ?"
-        # driven from the index rows (a handful), never from the type's current rows (all of them)
-        sql = (
-            "SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, h.body, c.seq "
-            "FROM fhir_index i JOIN fhir_current c ON c.type = i.type AND c.id = i.id "
-            "JOIN fhir_history h ON h.seq = c.seq "
-            "WHERE i.type = ? AND i.param = 'identifier' AND i.code = ? AND i.system = ? "
-            f"AND c.deleted = 0 AND {owner} ORDER BY +c.seq LIMIT ?"  # +: sort the few, not scan by seq
-        )
+        sql = IDENTIFIER_LOOKUP.format(owner="c.source IS NULL" if source is None else "c.source = ?")
         args = [rtype, value, system, *([] if source is None else [source]), limit]
         if tx is not None:
             return [_row(r) for r in tx.execute(sql, args)]

@@ -465,3 +465,39 @@ def test_http_dates_match_the_standard_library():
     ]:
         expected = datetime.fromisoformat(instant.replace("Z", "+00:00")).astimezone(UTC)
         assert app_module.http_date(instant) == email.utils.format_datetime(expected, usegmt=True)
+
+
+def test_return_operationoutcome_lists_the_issues_fhir_kap_import_reports(bridge):
+    """One inbound path: the bridge's issues for a resource are the ones `fhir-kap import` gives."""
+    from pathlib import Path
+
+    from fhir_kap.records.pipeline import Pipeline
+
+    doc = json.loads(
+        (
+            Path(__file__).resolve().parents[1] / "data" / "ehr" / "02-servicerequest-logical-references.json"
+        ).read_text()
+    )
+    resp = bridge.post("clinic", "/fhir/ServiceRequest", doc, Prefer="return=OperationOutcome")
+    assert resp.status_code == 201 and is_outcome(resp)
+
+    def rule(issue: dict) -> str:
+        return next(e["valueString"] for e in issue.get("extension", []) if e["url"].endswith("/rule"))
+
+    answered = sorted(
+        (i["severity"], rule(i), tuple(i.get("expression", ())))
+        for i in resp.get_json(force=True)["issue"]
+        if any(e["url"].endswith("/rule") for e in i.get("extension", []))
+    )
+    (imported,) = [o for o in Pipeline.load().ingest.document("doc", doc) if o.result]
+    expected = sorted((i.severity, i.rule, (i.expression,) if i.expression else ()) for i in imported.issues)
+    assert (
+        answered == expected
+        and ("warning", "import:unresolved-reference", ("ServiceRequest.subject",)) in answered
+    )
+    # a resend (same business identifier, same content) is the resource already held
+    again = bridge.post("clinic", "/fhir/ServiceRequest", doc)
+    assert (
+        again.status_code == 200
+        and again.get_json(force=True)["id"] == resp.headers["Location"].split("/")[-3]
+    )

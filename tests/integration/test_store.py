@@ -11,7 +11,7 @@ import pytest
 from fhir_kap.errors import InputError, PreconditionFailed
 from fhir_kap.storage.db import Database
 from fhir_kap.storage.sql import migrations
-from fhir_kap.storage.store import Store
+from fhir_kap.storage.store import IDENTIFIER_LOOKUP, Store
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bridge"
 
@@ -72,6 +72,39 @@ def test_conditional_create__returns_existing_on_match(store):
     b, created_b = store.create(note, if_none_exist=cond)
     assert created_a and not created_b and a.id == b.id
     assert store.counts() == {"Communication": 1}
+
+
+def test_with_identifier_finds_the_senders_current_resources_by_business_identifier(store):
+    note = load("Example-Communication-note-1.json")
+    system = "http://fhir-kap.example/sid/note"
+    mine, _ = store.create(note, source="practice-a")
+    store.create(note, source="practice-b")
+    gone, _ = store.create(note, source="practice-a")
+    store.delete("Communication", gone.id)
+    found = store.with_identifier("Communication", system, "note-1", source="practice-a")
+    assert [s.id for s in found] == [mine.id]  # another sender's and deleted ones never match
+    assert store.with_identifier("Communication", system, "note-2", source="practice-a") == []
+    assert store.with_identifier("Procedure", system, "note-1", source="practice-a") == []
+    # the conditional create on identifier=SYSTEM|VALUE goes the same (indexed) way
+    again, created = store.create(
+        note, source="practice-a", if_none_exist={"identifier": [f"{system}|note-1"]}
+    )
+    assert not created and again.id == mine.id
+
+
+def test_an_identifier_lookup_reads_the_identifier_index_not_the_whole_type(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'plan.sqlite3'}")
+    Store(db)
+    with db.transaction(immediate=False) as t:
+        plan = " ".join(
+            str(r["detail"])
+            for r in t.execute(
+                "EXPLAIN QUERY PLAN " + IDENTIFIER_LOOKUP.format(owner="c.source = ?"),
+                ("Communication", "x", "y", "s", 20),
+            )
+        )
+    db.close()
+    assert "fhir_index_identifier" in plan and "fhir_current_seq" not in plan
 
 
 def test_conditional_create__several_matches_is_412(store):
