@@ -15,9 +15,12 @@ import orjson
 
 from .errors import InputError
 
-__all__ = ["loads", "dumps", "iter_documents", "MAX_DOCUMENT_BYTES"]
+__all__ = ["loads", "dumps", "copy", "iter_documents", "too_deep", "MAX_DEPTH", "MAX_DOCUMENT_BYTES"]
 
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+#: Deepest JSON nesting accepted in a resource, on every way in (FHIR resources need far less;
+#: the Bundles and the encoder around a stored resource need headroom).
+MAX_DEPTH = 64
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark some Windows tools write first; skipped
 
 
@@ -43,6 +46,33 @@ def loads(data: bytes | str, *, source: str = "input") -> Any:
 def dumps(obj: Any, *, pretty: bool = False) -> bytes:
     """Serialize to UTF-8 JSON bytes (keys in insertion order; 2-space indent when pretty)."""
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2 if pretty else 0)
+
+
+def copy(value: Any) -> Any:
+    """A deep copy of JSON data (an orjson round trip: several times faster than copy.deepcopy).
+
+    >>> a = {"x": [1, {"y": 2}]}; b = copy(a); b["x"][1]["y"] = 3; a
+    {'x': [1, {'y': 2}]}
+    """
+    return orjson.loads(orjson.dumps(value))
+
+
+def too_deep(node: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON `node` nests objects/arrays more than `limit` levels (iterative: no recursion).
+
+    >>> too_deep({"a": [{"b": 1}]}, 3), too_deep({"a": [{"b": 1}]}, 2)
+    (False, True)
+    """
+    stack: list[tuple[Any, int]] = [(node, 1)]
+    while stack:
+        cur, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(cur, dict):
+            stack.extend((v, depth + 1) for v in cur.values() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend((v, depth + 1) for v in cur if isinstance(v, (dict, list)))
+    return False
 
 
 def _short(exc: Exception) -> str:

@@ -142,15 +142,13 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     # Rest-hooks only for recipients the consent gate lets read the note (audited like a read).
     inbound = Inbound(
         store,
-        validator,
+        Ingest(inputs, mapper),
         release=release,
-        mapper=mapper,
         context=outbox,
         partners=partners,
         notifier=notifier,
         clinic_org_identifier=settings.clinic_org_identifier,
         may_read=access.can_read,
-        ingest=Ingest(inputs, mapper),
     )
     if notifier is not None:
         notifier.allowed = _still_readable(partners, store, access)

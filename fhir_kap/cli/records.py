@@ -121,7 +121,7 @@ def cmd_map(args: argparse.Namespace, settings: Any) -> int:
         out.write(b'{"resourceType":"Bundle","type":"collection","entry":[\n')
     unreadable: KapError | None = None
     try:
-        for outcome in pipeline.map_documents(_documents(args.files), release):
+        for outcome in pipeline.map_documents(_documents(args.files), release, kept=True):
             if not outcome.ok:
                 failed.append(outcome)
                 continue

@@ -28,14 +28,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..fhir.references import Ref, Resolver, ResourceIndex, identifiers_of, parse_reference
+from ..fhir.references import PARTY_TYPES, Ref, Resolver, ResourceIndex, identifiers_of, parse_reference
 from ..fhir.release import release_signals
 from .recipients import ActorRef, actor_ref, normalise_reference
 
 __all__ = ["PARTY_TYPES", "Client", "Parties", "Unreadable", "named_client"]
 
 #: The resource types a consent's parties are looked up among (the consent context's parties).
-PARTY_TYPES = ("Patient", "Practitioner", "Organization", "PractitionerRole")
 _RECIPIENT_TYPES = ("Practitioner", "Organization", "PractitionerRole")
 
 Ident = tuple[str, str]
@@ -269,8 +268,7 @@ def named_client(consent: Any) -> Client | None:
         ):
             ids = identifiers_of(found.resource)
     elif ref.kind == "conditional":
-        pairs = (val.partition("|") for name, val in ref.query if name == "identifier")
-        ids = frozenset((s, v) for s, _, v in pairs if s and v)
+        ids = frozenset(ref.query_identifiers or ())
     elif ref.identifier is not None and ref.kind != "container":
         ids = frozenset({ref.identifier})
     return Client(None, ids) if ids else None

@@ -33,16 +33,26 @@ partner about a note it would get 404 for.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
+
 from ..config import CANONICAL, Release
 from ..consent import CONTEXT_TYPES
-from ..errors import InputError, Issue, KapError, MappingError, NotFound, PreconditionFailed, ProfileError
+from ..errors import (
+    Conflict,
+    InputError,
+    Issue,
+    KapError,
+    NotFound,
+    PreconditionFailed,
+)
 from ..fhir.identifiers import business_identifier, new_id
-from ..fhir.references import Resolver, parse_reference
-from ..records.ingest import PARTY_TYPES, Ingest
+from ..fhir.references import PARTY_TYPES, Resolver, identifiers_of, parse_reference
+from ..records.ingest import Ingest
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
 from .inbound_rules import (
@@ -90,16 +100,6 @@ class ContextSink(Protocol):
     def put_context(self, resource: dict[str, Any]) -> Any: ...
 
 
-class ResourceValidator(Protocol):
-    def validate(
-        self, resource: dict[str, Any], *, profile: bool = True, models: bool = False
-    ) -> list[Issue]: ...
-
-
-class RecordMapper(Protocol):
-    def from_fhir(self, resource: dict[str, Any], release: Release | None = None) -> dict[str, Any]: ...
-
-
 @dataclass(frozen=True)
 class Accepted:
     """One resource accepted: what was stored, whether it is new, its KAP record, the Task made,
@@ -128,7 +128,7 @@ class StoreLookup:
         return None
 
     def by_identifier(self, rtype: str | None, system: str, value: str) -> list[dict[str, Any]]:
-        types = (rtype,) if rtype else ("Patient", "Practitioner", "PractitionerRole", "Organization")
+        types = (rtype,) if rtype else PARTY_TYPES
         out = []
         for t in types:
             if t not in WRITE_TYPES:
@@ -151,28 +151,24 @@ class Inbound:
     def __init__(
         self,
         store: Store,
-        validator: ResourceValidator,
+        ingest: Ingest,
         *,
         release: Release,
-        mapper: RecordMapper | None = None,
         context: ContextSink | None = None,
         partners: Partners | None = None,
         notifier: Notifier | None = None,
         clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic",
         may_read: Callable[[Partner, StoredResource], bool] | None = None,
-        ingest: Ingest | None = None,
     ) -> None:
         """`may_read(partner, stored)`: whether a recipient may read a new Communication (consent
         gate, audited); rest-hooks go only where it says yes (none without it)."""
         self.store = store
-        self.validator = validator
+        self.ingest = ingest
         self.release = release
-        self.mapper = mapper
         self.context = context
         self.partners = partners
         self.notifier = notifier
         self.may_read = may_read
-        self.ingest = ingest
         system, _, value = clinic_org_identifier.partition("|")
         self.clinic_owner = {"identifier": {"system": system, "value": value}, "display": "KAP clinic"}
 
@@ -207,28 +203,13 @@ class Inbound:
                 rule="bridge:resource-type",
                 code="not-supported",
             )
-        if self.ingest is not None:
-            got = self.ingest.resource(
-                pointer or str(rtype), resource, resolver, release=self.release, keep=detail
-            )
-            for g in got:
-                if g.error is not None:
-                    raise type(g.error)(
-                        [i.prefixed(pointer_prefix=pointer) for i in g.error.issues]
-                    ) from None
-            own = got[-1]
-            return own.result, tuple(i.prefixed(pointer_prefix=pointer) for g in got for i in g.issues)
-        errors = [i for i in self.validator.validate(resource) if i.is_error]
-        if errors:
-            raise ProfileError([i.prefixed(pointer_prefix=pointer) for i in errors])
-        if self.mapper is None:
-            return None, ()
-        try:
-            return self.mapper.from_fhir(resource, self.release), ()
-        except MappingError as exc:
-            if exc.issues and exc.issues[0].rule == "mapping:resource-type":
-                return None, ()
-            raise MappingError([i.prefixed(pointer_prefix=pointer) for i in exc.issues]) from None
+        got = self.ingest.resource(
+            pointer or str(rtype), resource, resolver, release=self.release, keep=detail
+        )
+        for g in got:
+            if g.error is not None:
+                raise type(g.error)([i.prefixed(pointer_prefix=pointer) for i in g.error.issues]) from None
+        return got[-1].result, tuple(i.prefixed(pointer_prefix=pointer) for g in got for i in g.issues)
 
     def accept(
         self,
@@ -246,6 +227,13 @@ class Inbound:
         the record would keep of the resource (issue `import:kept`; the bridge stores the resource
         as sent, so it is only worth its cost when the issues are shown).
         """
+        if _CONDITIONAL.search(orjson.dumps(resource)):
+            raise InputError(
+                "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
+                "Bundle (POST /fhir); name the resource by its id or by identifier",
+                rule="bridge:conditional-reference",
+                code="not-supported",
+            )
         record, issues = self.inspect(
             resource, resolver=Resolver((), StoreLookup(self.store, source)), detail=detail
         )
@@ -308,98 +296,78 @@ class Inbound:
         tx: Any,
         resource: dict[str, Any],
         source: str | None,
-        if_none_exist: Mapping[str, Sequence[str]] | None,
+        cond: Mapping[str, Sequence[str]] | None,
         record: dict[str, Any] | None,
-        keep_id: bool = False,
+        *,
         op: str = "create",
         masked: frozenset[str] = frozenset(),
+        planned: str | None | bool = False,
     ) -> Accepted:
-        if op == "update" and if_none_exist:
-            stored, created = self._conditional_update(tx, resource, source, if_none_exist, keep_id)
-        elif op == "resend":
-            stored, created = self._resend(tx, resource, source, if_none_exist, keep_id, masked)
-        else:
-            stored, created = self.store.create(
-                resource, source=source, if_none_exist=if_none_exist, keep_id=keep_id, tx=tx
+        """Store one resource as `op` says, deciding inside the write's transaction what it stands
+        for (`_decide`): a match is answered (create, resend) or updated (update), no match creates
+        (with the resource's own id when `planned` is given: a Bundle's references were rewritten to
+        it). `planned` (a Bundle's entries) is the match decided before the references were
+        rewritten; a different answer now means the sender's data changed meanwhile: Conflict,
+        the whole transaction is rolled back, nothing points at an id that was never stored."""
+        match = self._decide(resource, cond, op, source, masked, tx)
+        if planned is not False and (match.id if match else None) != planned:
+            raise Conflict(
+                "the sender's resources changed while this Bundle was being checked; send it again",
+                rule="bridge:concurrent-change",
             )
+        rtype = resource["resourceType"]
+        if match is not None and op == "update":
+            stored, created = self.store.update(
+                rtype, match.id, dict(resource, id=match.id), source=source, tx=tx
+            )
+        elif match is not None:
+            stored, created = match, False
+        else:
+            stored, created = self.store.create(resource, source=source, keep_id=planned is not False, tx=tx)
         task = None
         if created and stored.type == "ServiceRequest":
             task, _ = self.store.create(referral_task(stored, self.clinic_owner), source=source, tx=tx)
         return Accepted(stored, created, record, task)
 
-    def _conditional_update(
-        self,
-        tx: Any,
-        resource: dict[str, Any],
-        source: str | None,
-        cond: Mapping[str, Sequence[str]],
-        keep_id: bool = False,
-    ) -> tuple[StoredResource, bool]:
-        """PUT Type?query: update the sender's one match, create when none, 412 when several."""
-        rtype = resource["resourceType"]
-        found = [s for s in self.store.search_in(tx, rtype, cond, count=3) if s.source == source]
-        if len(found) > 1:
-            raise PreconditionFailed(
-                f"the conditional update matched {len(found)} {rtype} resources; it must match at most one",
-                rule="http:conditional-update",
-                code="duplicate",
-            )
-        if found:
-            body = dict(resource, id=found[0].id)
-            return self.store.update(rtype, found[0].id, body, source=source, tx=tx)
-        return self.store.create(resource, source=source, keep_id=keep_id, tx=tx)
-
-    def _resend(
-        self,
-        tx: Any,
-        resource: dict[str, Any],
-        source: str | None,
-        cond: Mapping[str, Sequence[str]] | None,
-        keep_id: bool,
-        masked: frozenset[str] = frozenset(),
-    ) -> tuple[StoredResource, bool]:
-        """A create that recognises a resend: the sender's resource with the same business
-        identifier AND the same content (references to other entries of the same Bundle aside,
-        `masked`: those entries may have been given other ids) is returned (200), anything else is
-        stored anew (an EHR
-        re-posting a Consent with the same identifier and a new status is a new state the consent
-        context must see, never the old one)."""
-        ident = business_identifier(resource)
-        if cond and ident is not None:
-            rtype = resource["resourceType"]
-            for s in self.store.with_identifier(rtype, *ident, source=source, tx=tx):
-                if _content(s.resource, masked) == _content(resource, masked):
-                    return s, False
-        return self.store.create(resource, source=source, keep_id=keep_id, tx=tx)
-
-    def _existing(
+    def _decide(
         self,
         resource: dict[str, Any],
         cond: Mapping[str, Sequence[str]] | None,
-        source: str | None,
         op: str,
+        source: str | None,
         masked: frozenset[str] = frozenset(),
-    ) -> str | None:
-        """The id of the sender's one resource a condition selects (None: none, or several); for a
-        resend, only one with the same content."""
+        tx: Any = None,
+    ) -> StoredResource | None:
+        """The sender's stored resource this one stands for, or None (a new one).
+
+        - "create" / "update" with a condition (`If-None-Exist`, a conditional `PUT Type?...`):
+          the one match among the sender's own resources; several are 412.
+        - "resend": the sender's NEWEST resource with the same business identifier, when its
+          content equals this one (`masked`: references to entries of the same Bundle, whose ids
+          may differ between sends). Only the newest: re-posting an older state of a Consent
+          after a newer one is a new state the consent context must see, never a no-op.
+        Another partner's resources are never looked at (in SQL, not after the fact).
+        """
         rtype = resource.get("resourceType")
-        if not cond or not isinstance(rtype, str) or rtype not in WRITE_TYPES:
+        if not cond or not isinstance(rtype, str) or source is None:
             return None
-        ident = business_identifier(resource)
         if op == "resend":
+            ident = business_identifier(resource)
             if ident is None:
                 return None
-            found = [
-                s
-                for s in self.store.with_identifier(rtype, *ident, source=source)
-                if _content(s.resource, masked) == _content(resource, masked)
-            ]
-            return found[0].id if len(found) == 1 else None
-        try:
-            found = [s for s in self.store.search(rtype, cond, count=20).items if s.source == source]
-        except KapError:
-            return None  # the condition is refused with its own message when the entry is stored
-        return found[0].id if len(found) == 1 else None
+            newest = self.store.with_identifier(rtype, *ident, source=source, limit=1, newest=True, tx=tx)
+            if newest and _content(newest[0].resource, masked) == _content(resource, masked):
+                return newest[0]
+            return None
+        found = self.store.matching(rtype, cond, source=source, limit=2, tx=tx)
+        if len(found) > 1:
+            what = "conditional update" if op == "update" else "If-None-Exist"
+            raise PreconditionFailed(
+                f"the {what} matched several {rtype} resources; it must match at most one",
+                rule="http:conditional-update" if op == "update" else "http:if-none-exist",
+                code="duplicate",
+            )
+        return found[0] if found else None
 
     def _keep_context(self, accepted: Sequence[Accepted]) -> None:
         """Hand created context resources to the gate's context (the caller checked the sender's authority)."""
@@ -466,6 +434,7 @@ class Inbound:
             for k in _entry_keys(e.get("fullUrl"), e["resource"])
         }
         masks: dict[int, frozenset[str]] = {}
+        planned: dict[int, str | None] = {}
         for i, entry in enumerate(entries):
             try:
                 resource, cond, op = bundle_entry(entry, i, kind)
@@ -481,8 +450,14 @@ class Inbound:
                 cond, op = _same_identifier(resource), "resend"
             masks[i] = _internal_paths(resource, internal)
             # a conditional entry that matches the sender's resource stands for it: references to it
-            # must name that resource, not a new id
-            new = self._existing(resource, cond, source, op, masks[i]) or new_id()
+            # must name that resource, not a new id (checked again inside the write: `planned`)
+            try:
+                match = self._decide(resource, cond, op, source, masks[i])
+            except KapError as exc:
+                issues += [x.prefixed(pointer_prefix=f"/entry/{i}") for x in exc.issues]
+                continue
+            planned[i] = match.id if match else None
+            new = match.id if match else new_id()
             if isinstance(rtype, str):
                 if isinstance(full, str) and full in refs:
                     issues.append(
@@ -527,14 +502,7 @@ class Inbound:
             lambda tx: [
                 replace(
                     self._store_one(
-                        tx,
-                        resource,
-                        source,
-                        cond,
-                        record,
-                        keep_id=True,
-                        op=op,
-                        masked=masks.get(i, frozenset()),
+                        tx, resource, source, cond, record, op=op, masked=masks[i], planned=planned[i]
                     ),
                     issues=found,
                 )
@@ -560,27 +528,18 @@ class Inbound:
             ref = parse_reference(node)
             if ref is None or ref.kind != "conditional":
                 continue
-            wanted: list[tuple[str, str]] = []
-            for name, value in ref.query:
-                system, bar, val = value.partition("|")
-                if name != "identifier" or not bar:
-                    wanted = []
-                    break
-                wanted.append((system, val))
+            wanted = ref.query_identifiers or ()
             hits: list[str] = []
             if wanted:
                 for _, new, other, _, _ in parsed:
                     if other.get("resourceType") == ref.type and all(
-                        w in _identifier_pairs(other) for w in wanted
+                        w in identifiers_of(other) for w in wanted
                     ):
                         hits.append(f"{ref.type}/{new}")
                 if not hits:
-                    lookup = StoreLookup(self.store, source)
-                    first = lookup.by_identifier(ref.type, *wanted[0])
+                    first = StoreLookup(self.store, source).by_identifier(ref.type, *wanted[0])
                     hits = [
-                        f"{ref.type}/{r['id']}"
-                        for r in first
-                        if all(w in _identifier_pairs(r) for w in wanted)
+                        f"{ref.type}/{r['id']}" for r in first if all(w in identifiers_of(r) for w in wanted)
                     ]
             if len(hits) == 1:
                 node["reference"] = hits[0]
@@ -606,6 +565,8 @@ class Inbound:
         for i, entry in enumerate(entries):
             try:
                 resource, cond, op = bundle_entry(entry, i, "batch")
+                if cond is None:  # a plain POST: a resend is recognised as for a single create
+                    cond, op = _same_identifier(resource), "resend"
                 record, found = self.inspect(resource, resolver=lookup)
                 checked.append((i, resource, cond, op, record, found))
             except KapError as exc:
@@ -685,13 +646,25 @@ _REASON = {
 
 def _contained_parties(resource: dict[str, Any]) -> list[dict[str, Any]]:
     """The contained Patients, Practitioners, PractitionerRoles and Organizations of a resource
-    that carry a business identifier, as resources of their own (no id: the store gives one)."""
+    that carry a business identifier and reference no other contained resource, as resources of
+    their own (no id: the store gives one). Only a single create stores them; in a Bundle, an EHR
+    sends its parties as entries."""
     raw = resource.get("contained")
     out = []
     for c in raw if isinstance(raw, list) else []:
-        if isinstance(c, dict) and c.get("resourceType") in PARTY_TYPES and business_identifier(c):
+        if (
+            isinstance(c, dict)
+            and c.get("resourceType") in PARTY_TYPES
+            and business_identifier(c)
+            and b'"reference":"#' not in orjson.dumps(c)  # it would point at what it does not hold
+        ):
             out.append({k: v for k, v in c.items() if k != "id"})
     return out
+
+
+#: A conditional reference (`Type?...`) anywhere in a resource's JSON, and one reference string.
+_CONDITIONAL = re.compile(rb'"reference":"[A-Z][A-Za-z]{1,63}\?')
+_CONDITIONAL_REF = re.compile(r"^[A-Z][A-Za-z]{1,63}\?")
 
 
 def _content(resource: dict[str, Any], masked: frozenset[str] = frozenset()) -> Any:
@@ -712,14 +685,17 @@ def _masked(body: Any, masked: frozenset[str], at: str = "") -> Any:
 
 
 def _internal_paths(resource: dict[str, Any], internal: set[str]) -> frozenset[str]:
-    """JSON pointers of the references in `resource` that name another entry of its Bundle."""
+    """JSON pointers of the references in `resource` that name another entry of its Bundle (or
+    select one by a condition): rewritten to ids that may differ between two sends."""
     out: set[str] = set()
     stack: list[tuple[Any, str]] = [(resource, "")]
     while stack:
         cur, at = stack.pop()
         if isinstance(cur, dict):
             ref = cur.get("reference")
-            if isinstance(ref, str) and (ref in internal or ref.split("/_history/", 1)[0] in internal):
+            if isinstance(ref, str) and (
+                ref in internal or ref.split("/_history/", 1)[0] in internal or _CONDITIONAL_REF.match(ref)
+            ):
                 out.add(at)
             stack.extend((v, f"{at}/{k}") for k, v in cur.items() if isinstance(v, (dict, list)))
         elif isinstance(cur, list):
@@ -747,15 +723,6 @@ def _entry_keys(full: Any, resource: dict[str, Any]) -> list[str]:
     if isinstance(rid, str) and rid and f"{resource.get('resourceType')}/{rid}" not in keys:
         keys.append(f"{resource.get('resourceType')}/{rid}")
     return keys
-
-
-def _identifier_pairs(resource: Any) -> set[tuple[str, str]]:
-    raw = resource.get("identifier") if isinstance(resource, dict) else None
-    return {
-        (i["system"], i["value"])
-        for i in (raw if isinstance(raw, list) else [])
-        if isinstance(i, dict) and isinstance(i.get("system"), str) and isinstance(i.get("value"), str)
-    }
 
 
 def _reference_nodes(node: Any) -> list[dict[str, Any]]:

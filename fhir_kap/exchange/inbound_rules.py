@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import CANONICAL, CS, Release
 from ..errors import Conflict, InputError, KapError, NotFound
+from ..jsonio import MAX_DEPTH, too_deep
 from ..records.ingest import CLINICAL_CONTEXT_TYPES
 from ..storage.partners import Partner
 from ..storage.store import ID_PATTERN, StoredResource, check_condition, instant_now
@@ -102,8 +103,6 @@ REFERRAL_REASONS = {
     "duplicate": "Duplicate referral",
     "other": "Other reason",
 }
-#: Deepest JSON nesting accepted in a Bundle entry (FHIR resources need far less).
-MAX_DEPTH = 64
 #: A transaction entry's fullUrl that other entries may reference (rewritten to the id assigned).
 URN_UUID = re.compile(r"^urn:uuid:[0-9a-fA-F-]{36}$")
 
@@ -178,7 +177,7 @@ def bundle_entry(
             expression=f"Bundle.entry[{i}].fullUrl",
             rule="bridge:bundle-fullurl",
         )
-    if _too_deep(resource, MAX_DEPTH):
+    if too_deep(resource, MAX_DEPTH):
         raise InputError(
             f"Bundle.entry[{i}].resource is nested deeper than {MAX_DEPTH} levels",
             pointer=f"{ptr}/resource",
@@ -411,23 +410,9 @@ def parse_query(query: str) -> dict[str, list[str]]:
     return parsed
 
 
-def _too_deep(node: Any, limit: int) -> bool:
-    """Whether JSON `node` nests objects/arrays more than `limit` levels (iterative: no recursion)."""
-    stack: list[tuple[Any, int]] = [(node, 1)]
-    while stack:
-        cur, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(cur, dict):
-            stack.extend((v, depth + 1) for v in cur.values() if isinstance(v, (dict, list)))
-        elif isinstance(cur, list):
-            stack.extend((v, depth + 1) for v in cur if isinstance(v, (dict, list)))
-    return False
-
-
 def rewrite_references(node: Any, refs: Mapping[str, str], depth: int = 0) -> Any:
     """A copy of `node` with `reference`s found in `refs` replaced, with or without a `_history`
-    suffix (callers bound the depth: `_too_deep`)."""
+    suffix (callers bound the depth: `jsonio.too_deep`)."""
     if depth > MAX_DEPTH:
         raise InputError(
             f"a resource is nested deeper than {MAX_DEPTH} levels", rule="bridge:nesting", code="too-costly"

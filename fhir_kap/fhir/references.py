@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs
 
 __all__ = [
+    "PARTY_TYPES",
     "Ref",
     "Resolved",
     "Resolver",
@@ -37,6 +38,9 @@ __all__ = [
     "identifiers_of",
     "parse_reference",
 ]
+
+#: The resource types that name a party (a client, a practitioner, a role, an organisation).
+PARTY_TYPES = ("Patient", "Practitioner", "PractitionerRole", "Organization")
 
 Kind = Literal["relative", "absolute", "contained", "container", "logical", "urn", "conditional"]
 
@@ -60,6 +64,26 @@ class Ref:
     version: str | None = None
     identifier: tuple[str, str] | None = None  # Reference.identifier (system, value)
     query: tuple[tuple[str, str], ...] = ()  # conditional: (name, value) pairs
+
+    @property
+    def query_identifiers(self) -> tuple[tuple[str, str], ...] | None:
+        """A conditional reference's `identifier=SYSTEM|VALUE` criteria (all must hold); None when
+        it is not conditional or has any other criterion (only identifiers select a party).
+
+        >>> parse_reference("Patient?identifier=urn:oid:1.2|E1&identifier=s|v").query_identifiers
+        (('urn:oid:1.2', 'E1'), ('s', 'v'))
+        >>> parse_reference("Patient?name=x").query_identifiers is None
+        True
+        """
+        if self.kind != "conditional":
+            return None
+        out = []
+        for name, val in self.query:
+            system, bar, value = val.partition("|")  # parse_qs has already decoded it once
+            if name != "identifier" or not bar or not system or not value:
+                return None
+            out.append((system, value))
+        return tuple(out) or None
 
     @property
     def local(self) -> str | None:
@@ -273,13 +297,12 @@ class Resolver:
                 return Resolved(ref, why="not in the Bundle or the context")
         idents: list[tuple[str, str]] = []
         if ref.kind == "conditional":
-            for name, val in ref.query:
-                if name != "identifier" or "|" not in val:
-                    return Resolved(
-                        ref, why="a conditional reference is resolved by identifier=system|value only"
-                    )
-                system, _, v = val.partition("|")  # parse_qs has already decoded the value once
-                idents.append((system, v))
+            wanted = ref.query_identifiers
+            if wanted is None:
+                return Resolved(
+                    ref, why="a conditional reference is resolved by identifier=system|value only"
+                )
+            idents += wanted
         if ref.identifier:
             idents.append(ref.identifier)
         return self._by_identifiers(ref, idents)

@@ -14,7 +14,7 @@ Lists are paired item by item on `url` (extensions), on `system` (identifiers, c
 else by position, so an unknown extension, a foreign coding or an extension on a primitive
 (`_authoredOn`) is kept exactly where it was. `apply_kept(resource, ops)` puts the `set` and
 `append` items back into a freshly mapped resource (never over a value the mapping wrote);
-`replaced` items are reported only. The record stores the operations under `fhir.kept`, and
+`replaced` items are reported only; an item that finds no place is returned to the caller. The record stores the operations under `fhir.kept`, and
 `not_carried(ops)` names them as FHIRPath-like paths for the issues the import reports.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import orjson
+from .. import jsonio
 
 __all__ = ["apply_kept", "kept", "not_carried"]
 
@@ -52,7 +52,7 @@ def kept(original: Any, mapped: Any, *, skip: Iterable[str] = ()) -> list[dict[s
     """The operations that restore what `mapped` lacks of `original` (both FHIR JSON objects)."""
     ops: list[dict[str, Any]] = []
     _diff(original, mapped, "", ops, _SKIP | frozenset(skip))
-    return _json_copy(ops) if ops else ops
+    return jsonio.copy(ops) if ops else ops
 
 
 def _diff(orig: Any, mapped: Any, at: str, ops: list[dict[str, Any]], skip: frozenset[str]) -> None:
@@ -98,58 +98,56 @@ def _partner(item: Any, i: int, mapped: list[Any], used: set[int]) -> int | None
     return None
 
 
-def apply_kept(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
-    """Put the kept `set` / `append` items back into `resource` (in place; returns it).
+def apply_kept(resource: dict[str, Any], ops: Any) -> list[tuple[int, Mapping[str, Any]]]:
+    """Put the kept `set` / `append` items back into `resource` (in place); returns the
+    (index, op) pairs that found no place (their parent is gone, or is not an object or a list
+    where one is needed), for the caller to report: nothing is dropped silently.
 
-    A `set` never overwrites what the mapping wrote, and goes only where its parent exists;
-    an `append` adds an item not already there.
+    A `set` never overwrites what the mapping wrote; an `append` adds an item not already there;
+    missing objects on the way are created, missing list items never are.
 
-    >>> apply_kept({"resourceType": "ServiceRequest", "extension": [{"url": "a"}]},
-    ...     [{"at": "/priority", "op": "set", "value": "routine"},
-    ...      {"at": "/extension", "op": "append", "value": {"url": "b"}}])
+    >>> r = {"resourceType": "ServiceRequest", "extension": [{"url": "a"}]}
+    >>> apply_kept(r, [{"at": "/priority", "op": "set", "value": "routine"},
+    ...                {"at": "/extension", "op": "append", "value": {"url": "b"}},
+    ...                {"at": "/reasonCode/0/coding", "op": "set", "value": []}])
+    [(2, {'at': '/reasonCode/0/coding', 'op': 'set', 'value': []})]
+    >>> r
     {'resourceType': 'ServiceRequest', 'extension': [{'url': 'a'}, {'url': 'b'}], 'priority': 'routine'}
     """
+    left: list[tuple[int, Mapping[str, Any]]] = []
     if not isinstance(ops, list):
-        return resource
-    for op in ops:
-        if (
-            not isinstance(op, Mapping)
-            or not isinstance(op.get("at"), str)
-            or op.get("op") not in ("set", "append")
-        ):
+        return left
+    for i, op in enumerate(ops):
+        if not isinstance(op, Mapping) or op.get("op") == "replaced":
             continue
-        parts = [_unesc(p) for p in op["at"].split("/")[1:]]
-        if not parts:
+        parts = [_unesc(p) for p in str(op.get("at", "")).split("/")[1:]]
+        parent = _walk(resource, parts[:-1]) if parts and op.get("op") in ("set", "append") else None
+        if not isinstance(parent, dict):
+            left.append((i, op))
             continue
-        value = _json_copy(op.get("value"))
+        value = jsonio.copy(op.get("value"))
         if op["op"] == "set":
-            parent = _walk(resource, parts[:-1], create=True)
-            if isinstance(parent, dict) and parts[-1] not in parent:
-                parent[parts[-1]] = value
-        else:
-            parent = _walk(resource, parts[:-1], create=True)
-            if isinstance(parent, dict):
-                lst = parent.setdefault(parts[-1], [])
-                if isinstance(lst, list) and value not in lst:
-                    lst.append(value)
-    return resource
+            parent.setdefault(parts[-1], value)
+            continue
+        lst = parent.setdefault(parts[-1], [])
+        if not isinstance(lst, list):
+            left.append((i, op))
+        elif value not in lst:
+            lst.append(value)
+    return left
 
 
-def _json_copy(value: Any) -> Any:
-    """A deep copy of JSON data (orjson round trip: several times faster than copy.deepcopy)."""
-    return orjson.loads(orjson.dumps(value))
-
-
-def _walk(node: Any, parts: list[str], *, create: bool) -> Any:
-    for p in parts:
+def _walk(node: Any, parts: list[str]) -> Any:
+    """The object at `parts`, creating missing objects on the way (never missing list items)."""
+    for i, p in enumerate(parts):
         if isinstance(node, list):
             if not p.isdigit() or int(p) >= len(node):
                 return None
             node = node[int(p)]
         elif isinstance(node, dict):
             if p not in node:
-                if not create:
-                    return None
+                if any(q.isdigit() for q in parts[i:]):
+                    return None  # a list item the mapped resource lacks: no place for it (nothing made)
                 node[p] = {}
             node = node[p]
         else:

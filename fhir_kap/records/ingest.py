@@ -25,13 +25,13 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import unquote
 
 import orjson
 
+from .. import jsonio
 from ..config import CANONICAL, CS, Release
 from ..errors import InputError, Issue, KapError, MappingError, ProfileError
-from ..fhir.references import Resolved, Resolver, ResourceLookup
+from ..fhir.references import PARTY_TYPES, Resolved, Resolver, ResourceLookup
 from ..fhir.release import detect_release
 from ..validation import KAP_PROFILES, Validator
 from .carry import kept, not_carried
@@ -45,7 +45,6 @@ __all__ = [
     "record_id",
 ]
 
-PARTY_TYPES = ("Patient", "Practitioner", "PractitionerRole", "Organization")
 #: Resource types a referral's reasonReference / supportingInfo may carry as clinical context.
 CLINICAL_CONTEXT_TYPES = (
     "Condition",
@@ -82,19 +81,15 @@ _NOT_ID = re.compile(r"[^A-Za-z0-9\-.]+")
 _RELATIVE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
 
 
-def _json_copy(value: Any) -> Any:
-    """A deep copy of JSON data (orjson round trip: several times faster than copy.deepcopy)."""
-    return orjson.loads(orjson.dumps(value))
-
-
 def _derived(system: str, value: str) -> str:
-    """A record id for an identifier from another system: readable, and distinct per system.
+    """A record id for an identifier from another system: readable, and distinct per identifier
+    (the hash is of system and value: `E400/0123` and `E400 0123` slug alike, never collide).
 
     >>> _derived("urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14", "E4000123")
-    'E4000123-3ab0c2e6'
+    'E4000123-b8580efc'
     """
     slug = _NOT_ID.sub("-", value).strip("-")[:48] or "id"
-    return f"{slug}-{hashlib.sha256(system.encode()).hexdigest()[:8]}"
+    return f"{slug}-{hashlib.sha256(f'{system}|{value}'.encode()).hexdigest()[:8]}"
 
 
 def _id_from(rtype: str, idents: list[tuple[str, str]]) -> str | None:
@@ -191,6 +186,14 @@ class Ingest:
         context: ResourceLookup | None = None,
     ) -> list[Ingested]:
         """Every record in one document: a resource, or a Bundle of any type (entry by entry)."""
+        if jsonio.too_deep(doc, jsonio.MAX_DEPTH + 4):  # a Bundle wraps its resources 3 levels down
+            nested = InputError(
+                f"the document nests deeper than {jsonio.MAX_DEPTH} levels",
+                pointer="",
+                rule="fhir:nesting",
+                code="too-costly",
+            )
+            return [Ingested(label, error=nested)]
         if (
             isinstance(doc, dict)
             and doc.get("resourceType") == "Bundle"
@@ -293,6 +296,13 @@ class Ingest:
                 expression="resourceType",
                 rule="fhir:resourceType",
             )
+        if jsonio.too_deep(resource):
+            raise InputError(
+                f"the resource nests deeper than {jsonio.MAX_DEPTH} levels",
+                pointer="",
+                rule="fhir:nesting",
+                code="too-costly",
+            )
         rt = resource["resourceType"]
         rel = release or detect_release(resource) or default
         validation = Validator.load(rel).validate(resource)
@@ -324,7 +334,7 @@ class Ingest:
         record = self._record(rt, resource, normal, rel, work, keep)
         outs: list[Ingested] = []
         for ptr, party, pid in work.parties:
-            sub = _json_copy(party)
+            sub = jsonio.copy(party)
             sub["id"] = pid
             for o in self._resource(
                 f"{label}#{ptr.lstrip('/')}", sub, Resolver((), None), rel, default, keep
@@ -365,7 +375,7 @@ class Ingest:
         walk = literals or _worth_a_walk(resource)
         # the copy is changed in place below only when there is something to resolve or take out;
         # else a shallow one does (most resources a partner posts: plain Type/id references)
-        normal = _json_copy(resource) if walk or work.skip else dict(resource)
+        normal = jsonio.copy(resource) if walk or work.skip else dict(resource)
         normal["id"] = rid
         normal.pop("contained", None)
         for ptr, key, ref in _references(normal) if walk else ():
@@ -393,7 +403,7 @@ class Ingest:
     ) -> dict[str, Any]:
         """A clinical-context resource as kept: its party references made literal like the referral's
         (a contained `#pat` means the referral's contained Patient)."""
-        out = _json_copy(target)
+        out = jsonio.copy(target)
         scratch = _Work()
         for ptr, key, ref in _references(out):
             res = resolver.resolve(ref, referral)
@@ -447,11 +457,7 @@ class Ingest:
             # a literal reference to another server's id that carries a business identifier too:
             # the identifier names the party. (A resource written to the KAP profiles names its
             # parties by their KAP record ids: its relative references stay as they are.)
-            ordered = [ref.identifier] if ref.identifier else []
-            for name, value in ref.query:
-                system, bar, v = unquote(value).partition("|")
-                if name == "identifier" and bar and system and v:
-                    ordered.append((system, v))
+            ordered = ([ref.identifier] if ref.identifier else []) + list(ref.query_identifiers or ())
             derived = _id_from(str(target), ordered)
             if derived is None:
                 work.issues.append(_unresolved(rt, ptr, res))
@@ -495,7 +501,7 @@ class Ingest:
         carry: dict[str, Any] = {}
         if work.context:
             carry["context"] = [
-                {"category": self._category(res), "resource": _json_copy(res)} for _, res in work.context
+                {"category": self._category(res), "resource": jsonio.copy(res)} for _, res in work.context
             ]
             work.issues.append(
                 Issue(
@@ -637,7 +643,7 @@ def _without(resource: dict[str, Any], pointers: set[str]) -> dict[str, Any]:
     """A copy of `resource` without the list items at `pointers` (consumed references)."""
     if not any(not p.endswith("/reference") for p in pointers):
         return resource
-    out = _json_copy(resource)
+    out = jsonio.copy(resource)
     for ptr in sorted(pointers, reverse=True):
         if not ptr.endswith("/reference"):
             _remove(out, ptr)

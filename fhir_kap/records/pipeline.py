@@ -56,13 +56,33 @@ class Pipeline:
     def validator(release: Release) -> Validator:
         return Validator.load(release)
 
-    def to_fhir(self, record: Any, release: Release) -> dict[str, Any]:
-        """Check a KAP record, map it, and check the FHIR result against base FHIR and the KAP profile."""
+    def to_fhir(self, record: Any, release: Release, *, kept: bool = False) -> dict[str, Any]:
+        """Check a KAP record, map it, and check the FHIR result against base FHIR and the KAP profile.
+
+        `kept`: also put back what the record kept of the FHIR it was imported from
+        (`record.fhir.kept`: foreign codings, unknown extensions, elements KAP has no field for;
+        `fhir-kap map` asks for it). Off by default, and never on the disclosure path: what leaves
+        through `send` is what the mapping writes, nothing a partner's EHR added (free text, notes)."""
         checked = self.inputs.check(record)
         resource = self.mapper.to_fhir(checked, release)
         carry = checked.get("fhir")
-        if isinstance(carry, dict) and carry.get("kept"):
-            apply_kept(resource, carry["kept"])  # what the record kept of the FHIR it came from
+        if kept and isinstance(carry, dict) and carry.get("kept"):
+            left = apply_kept(resource, carry["kept"])
+            if left:
+                raise InputError(
+                    [
+                        Issue(
+                            "error",
+                            "value",
+                            f"kept element {str(op.get('at'))[:120]} has no place in the mapped resource "
+                            "(its parent is gone or not an object); remove it from fhir.kept or restore its parent",
+                            f"{checked.get('record')}.fhir.kept[{i}]",
+                            f"/fhir/kept/{i}",
+                            "carry:not-applicable",
+                        )
+                        for i, op in left
+                    ]
+                )
         errors = [i for i in Validator.load(release).validate(resource) if i.is_error]
         if errors:
             raise ProfileError(errors)
@@ -100,11 +120,13 @@ class Pipeline:
             )
         return self.inputs.check(self.mapper.from_fhir(resource, release))
 
-    def map_documents(self, docs: Iterable[tuple[str, Any]], release: Release) -> Iterator[Outcome]:
+    def map_documents(
+        self, docs: Iterable[tuple[str, Any]], release: Release, *, kept: bool = False
+    ) -> Iterator[Outcome]:
         """to_fhir over labelled documents; errors are returned per document, never dropped."""
         for label, doc in docs:
             try:
-                yield Outcome(label, result=self.to_fhir(doc, release))
+                yield Outcome(label, result=self.to_fhir(doc, release, kept=kept))
             except KapError as exc:
                 yield Outcome(label, error=exc)
 

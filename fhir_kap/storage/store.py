@@ -76,7 +76,7 @@ IDENTIFIER_LOOKUP = (
     "FROM fhir_index i JOIN fhir_current c ON c.type = i.type AND c.id = i.id "
     "JOIN fhir_history h ON h.seq = c.seq "
     "WHERE i.type = ? AND i.param = 'identifier' AND i.code = ? AND i.system = ? "
-    "AND c.deleted = 0 AND {owner} ORDER BY +c.seq LIMIT ?"
+    "AND c.deleted = 0 AND {owner} ORDER BY +c.seq {order} LIMIT ?"
 )
 _CURRENT = (
     "SELECT c.type, c.id, c.version, c.last_updated, c.deleted, c.source, h.body, c.seq "
@@ -382,17 +382,50 @@ class Store:
         *,
         source: str | None,
         limit: int = 20,
+        newest: bool = False,
         tx: Tx | None = None,
     ) -> list[StoredResource]:
         """The current resources of `rtype` that `source` wrote carrying identifier `system|value`
-        (an index lookup, `fhir_index_value`: never a scan of the type), oldest first; read inside
-        `tx` when given."""
-        sql = IDENTIFIER_LOOKUP.format(owner="c.source IS NULL" if source is None else "c.source = ?")
+        (an index lookup, `fhir_index_identifier`: never a scan of the type), oldest first (newest
+        first with `newest`); read inside `tx` when given."""
+        sql = IDENTIFIER_LOOKUP.format(
+            owner="c.source IS NULL" if source is None else "c.source = ?", order="DESC" if newest else "ASC"
+        )
         args = [rtype, value, system, *([] if source is None else [source]), limit]
         if tx is not None:
             return [_row(r) for r in tx.execute(sql, args)]
         with self.db.transaction(immediate=False) as t:
             return [_row(r) for r in t.execute(sql, args)]
+
+    def matching(
+        self,
+        rtype: str,
+        params: Mapping[str, Sequence[str]],
+        *,
+        source: str,
+        limit: int = 2,
+        tx: Tx | None = None,
+    ) -> list[StoredResource]:
+        """The current resources of `rtype` that `source` wrote and `params` select (a condition:
+        `check_condition` first), oldest first: what a conditional create or update matches. Only
+        the sender's own resources are ever looked at, in SQL, so another partner's cannot crowd the
+        answer or be counted through it."""
+        check_condition(params)
+        ident = _one_identifier(params)
+        if ident is not None:
+            return self.with_identifier(rtype, *ident, source=source, limit=limit, tx=tx)
+
+        def run(t: Tx) -> list[StoredResource]:
+            return [
+                got
+                for rid in self._search_ids(t, rtype, params, limit, source=source)
+                if (got := self._current(t, rtype, rid))
+            ]
+
+        if tx is not None:
+            return run(tx)
+        with self.db.transaction(immediate=False) as t:
+            return run(t)
 
     def counts(self) -> dict[str, int]:
         """Number of current resources per type (deleted ones excluded)."""

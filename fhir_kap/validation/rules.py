@@ -19,6 +19,7 @@ import orjson
 
 from ..config import Release, data_path
 from ..errors import Issue, quote
+from ..fhir.references import parse_reference
 from .invariants import _constraint_holds
 from .paths import _at, _count, _expr, _in_vs, _matches_pattern, _pointer
 
@@ -325,8 +326,11 @@ def _profile_issues(
                     )
         elif rule.kind == "target":
             for v, p in values:
-                ref = v.get("reference") if isinstance(v, dict) else None
-                if isinstance(ref, str) and ref.split("/")[-2:-1] and ref.split("/")[-2] not in rule.value:
+                # the type it names, however it names it: relative, absolute, versioned, conditional
+                # (`Type?...`), or Reference.type beside an identifier; a contained '#id' is not judged
+                ref = parse_reference(v) if isinstance(v, dict) else None
+                named = ref.type if ref is not None and ref.kind not in ("contained", "container") else None
+                if named is not None and named not in rule.value:
                     out.append(
                         Issue(
                             "error",

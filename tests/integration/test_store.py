@@ -99,7 +99,7 @@ def test_an_identifier_lookup_reads_the_identifier_index_not_the_whole_type(tmp_
         plan = " ".join(
             str(r["detail"])
             for r in t.execute(
-                "EXPLAIN QUERY PLAN " + IDENTIFIER_LOOKUP.format(owner="c.source = ?"),
+                "EXPLAIN QUERY PLAN " + IDENTIFIER_LOOKUP.format(owner="c.source = ?", order="ASC"),
                 ("Communication", "x", "y", "s", 20),
             )
         )

@@ -359,11 +359,10 @@ def test_a_write_that_queues_no_hook_does_not_wake_the_sender(tmp_path, receiver
     wakes = []
     real_wake = notifier.wake
     notifier.wake = lambda: wakes.append(1) or real_wake()
-    for _ in range(5):
-        assert (
-            _post(app, token, "/fhir/Communication", load("Example-Communication-note-1.json")).status_code
-            == 201
-        )
+    for n in range(5):
+        note = load("Example-Communication-note-1.json")
+        note["identifier"][0]["value"] = f"note-{n}"  # five notes (the same one five times is one)
+        assert _post(app, token, "/fhir/Communication", note).status_code == 201
     assert wakes == [] and not notifier._wake.is_set()  # the request path never woke the sender
     notifier.stop()
 

@@ -27,7 +27,16 @@ def test_bench_quick__every_suite_reports_figures_beside_a_baseline(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["suite"] for r in rows} == {"mapping", "consent", "bridge", "client", "delivery", "bulk", "cli"}
+    assert {r["suite"] for r in rows} == {
+        "mapping",
+        "validation",
+        "consent",
+        "bridge",
+        "client",
+        "delivery",
+        "bulk",
+        "cli",
+    }
     broken = [r["name"] for r in rows if r.get("value") is None]
     assert not broken, broken
     assert all(r.get("baseline") for r in rows if r["suite"] != "client" or "baseline" in r)

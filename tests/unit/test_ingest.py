@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fhir_kap.config import Release
+from fhir_kap.errors import InputError
 from fhir_kap.fhir.references import ResourceIndex
 from fhir_kap.records.carry import apply_kept, kept, not_carried
 from fhir_kap.records.ingest import record_id
@@ -77,7 +78,7 @@ def test_a_logical_reference_nothing_resolves_is_kept_and_reported_as_a_warning(
     # the identifier is kept: mapping the record back writes it beside the literal reference
     rec = copy.deepcopy(referral.result)
     rec.setdefault("collaboration_model", "shared")
-    out = pipeline.to_fhir(rec, Release.R4)
+    out = pipeline.to_fhir(rec, Release.R4, kept=True)
     assert out["subject"]["identifier"] == doc["subject"]["identifier"]
 
 
@@ -105,7 +106,7 @@ def test_foreign_codes_are_information_and_kept_as_they_came(pipeline):
     assert out.ok
     info = [i for i in out.issues if (i.rule or "").startswith("code-table:")]
     assert info and all(i.severity == "information" for i in info)
-    back = pipeline.to_fhir(out.result, Release.R4)
+    back = pipeline.to_fhir(out.result, Release.R4, kept=True)
     codes = [c["code"] for cc in back.get("code", []) for c in cc.get("coding", [])]
     assert "1041C0700X" in codes
 
@@ -116,7 +117,7 @@ def test_unknown_extensions_and_extensions_on_primitives_come_back_out(pipeline)
     (referral,) = [o.result for o in outs if o.result and o.result["record"] == "referral"]
     rec = copy.deepcopy(referral)
     rec.setdefault("collaboration_model", "shared")
-    back = pipeline.to_fhir(rec, Release.R4)
+    back = pipeline.to_fhir(rec, Release.R4, kept=True)
     assert back["_authoredOn"] == doc["_authoredOn"]
     assert back["_status"] == doc["_status"]
     vendor = [e for e in doc["extension"] if "fhir-kap.example" not in e["url"]]
@@ -179,7 +180,8 @@ def test_kept_and_apply_kept_restore_what_the_mapping_lacks():
     }
     ops = kept(original, mapped)
     assert {"at": "/code/text", "op": "replaced", "value": "t"} in ops
-    restored = apply_kept(copy.deepcopy(mapped), ops)
+    restored = copy.deepcopy(mapped)
+    assert apply_kept(restored, ops) == []
     assert restored["extension"] == original["extension"]
     assert restored["code"]["coding"] == original["code"]["coding"]
     assert restored["_status"] == original["_status"]
@@ -201,3 +203,21 @@ def test_a_type_kap_does_not_map_is_information_not_an_error(pipeline):
     (out,) = _ingest(pipeline, cond)
     assert out.ok and out.result is None
     assert {i.rule for i in out.issues} == {"import:not-a-record"}
+
+
+def test_what_was_kept_comes_back_only_when_asked_and_never_lands_nowhere(pipeline):
+    doc = _load("20-servicerequest-foreign-codes.json")
+    (referral,) = [o.result for o in _ingest(pipeline, doc) if o.result and o.result["record"] == "referral"]
+    rec = dict(referral, collaboration_model="shared")
+    plain = pipeline.to_fhir(rec, Release.R4)  # the disclosure path: what the mapping writes only
+    assert "note" not in plain and "priority" not in plain
+    full = pipeline.to_fhir(rec, Release.R4, kept=True)
+    assert full["note"] == doc["note"] and full["priority"] == doc["priority"]
+    # a kept item whose place the mapped resource lacks: an error naming fhir.kept, never a silent drop
+    lost = dict(rec, fhir={"kept": [{"at": "/reasonCode/3/coding", "op": "set", "value": []}]})
+    with pytest.raises(InputError) as err:
+        pipeline.to_fhir(lost, Release.R4, kept=True)
+    assert [(i.rule, i.pointer) for i in err.value.issues] == [("carry:not-applicable", "/fhir/kept/0")]
+    assert apply_kept({"resourceType": "ServiceRequest"}, lost["fhir"]["kept"]) == [
+        (0, lost["fhir"]["kept"][0])
+    ]
