@@ -61,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate",
         help="validate FHIR resources against base FHIR and the KAP profiles",
-        description="Prints one OperationOutcome per document. Exit 0 all valid, "
+        description="Prints one line per document (its errors and warnings indented below it) and a "
+        "summary; --format json prints one OperationOutcome per document instead. Exit 0 all valid, "
         "1 any invalid, 2 unreadable input.",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -79,6 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--no-models", action="store_true", help="skip the extra fhir.resources model check (faster)"
+    )
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text: one line per document (default); json: one OperationOutcome per document",
     )
     p.set_defaults(handler=cmd_validate)
 
@@ -214,6 +221,7 @@ def cmd_validate(args: argparse.Namespace, settings: Any) -> int:
 
     given = Release.parse(args.fhir_version) if args.fhir_version else None
     any_invalid = False
+    counts = {False: 0, True: 0}  # valid, invalid
     for label, doc in _documents(args.files):
         if not isinstance(doc, dict) or not isinstance(doc.get("resourceType"), str):
             issues = [
@@ -232,11 +240,44 @@ def cmd_validate(args: argparse.Namespace, settings: Any) -> int:
             issues = Validator.load(release).validate(
                 doc, profile=args.profile == "kap", models=not args.no_models
             )
-        any_invalid |= any(i.is_error for i in issues)
-        outcome = operation_outcome(issues)
-        outcome["extension"] = [
-            {"url": "http://fhir-kap.example/StructureDefinition/validated-document", "valueString": label},
-            {"url": "http://fhir-kap.example/StructureDefinition/fhir-version", "valueString": release.value},
-        ]
-        write_json(outcome)
+        invalid = any(i.is_error for i in issues)
+        any_invalid |= invalid
+        counts[invalid] += 1
+        if args.format == "json":
+            outcome = operation_outcome(issues)
+            outcome["extension"] = [
+                {
+                    "url": "http://fhir-kap.example/StructureDefinition/validated-document",
+                    "valueString": label,
+                },
+                {
+                    "url": "http://fhir-kap.example/StructureDefinition/fhir-version",
+                    "valueString": release.value,
+                },
+            ]
+            write_json(outcome)
+        else:
+            _validation_lines(label, release.value, issues)
+    if args.format == "text":
+        total = counts[False] + counts[True]
+        print(f"{total} document{'s' if total != 1 else ''}: {counts[False]} valid, {counts[True]} invalid")
     return 1 if any_invalid else 0
+
+
+def _validation_lines(label: str, version: str, issues: list[Any]) -> None:
+    """`OK  file (4.0.1)` or `INVALID  file (4.0.1): N errors`, then one indented line per issue
+    worth reading (errors and warnings): severity, rule, where, and the sentence."""
+    errors = [i for i in issues if i.is_error]
+    shown = [i for i in issues if i.severity in ("fatal", "error", "warning")]
+    if errors:
+        head = f"INVALID  {label} ({version}): {len(errors)} error{'s' if len(errors) != 1 else ''}"
+    else:
+        warnings = len(shown)
+        head = f"OK       {label} ({version})" + (
+            f": {warnings} warning{'s' if warnings != 1 else ''}" if warnings else ""
+        )
+    lines = [head]
+    for i in shown:
+        where = i.expression or i.pointer or ""
+        lines.append(f"  {i.severity:<7} {i.rule or '-':<28} {where}  {i.message}")
+    sys.stdout.write("\n".join(lines) + "\n")

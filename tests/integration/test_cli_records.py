@@ -73,15 +73,26 @@ def test_import__a_bundle_is_unpacked_entry_by_entry(capsys, tmp_path):
 
 
 def test_validate__valid_examples_exit_0_with_an_informational_outcome(capsys):
-    assert main(["validate", "--no-models", *map(str, sorted((GOLDEN / "r4").glob("*.json")))]) == 0
+    files = sorted((GOLDEN / "r4").glob("*.json"))
+    assert main(["validate", "--no-models", "--format", "json", *map(str, files)]) == 0
     out = capsys.readouterr().out
     assert '"severity": "error"' not in out
+    # the default: one line per document and a summary
+    assert main(["validate", "--no-models", *map(str, files)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(files) + 1 and all(line.startswith("OK ") for line in lines[:-1])
+    assert lines[-1] == f"{len(files)} documents: {len(files)} valid, 0 invalid"
 
 
 def test_validate__invalid_resource_exits_1_naming_the_expression(capsys):
-    assert main(["validate", str(INVALID / "r4" / "procedure-february-30.json")]) == 1
+    bad = str(INVALID / "r4" / "procedure-february-30.json")
+    assert main(["validate", "--format", "json", bad]) == 1
     outcome = json.loads(capsys.readouterr().out)
     assert outcome["issue"][0]["expression"] == ["Procedure.performedPeriod.start"]
+    assert main(["validate", bad]) == 1
+    first, detail, *_ = capsys.readouterr().out.splitlines()
+    assert first.startswith("INVALID  ") and bad in first
+    assert "schema:calendar-date" in detail and "Procedure.performedPeriod.start" in detail
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe\x00"])
