@@ -8,7 +8,6 @@ Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -53,7 +52,7 @@ def register(subparsers: Any) -> None:
         default=None,
         help="resources to check (default: the clinical resources in --context)",
     )
-    pv.add_argument("--json", action="store_true", help="JSON output even on a terminal")
+    pv.add_argument("--json", action="store_true", help="JSON output instead of the table")
     pv.set_defaults(handler=_preview)
     p.set_defaults(handler=lambda args, settings: (p.print_help(), 2)[1])
 
@@ -151,7 +150,7 @@ def _preview(args: argparse.Namespace, settings: Any) -> int:
     gate = ConsentGate(_read(args.context))
     candidates = _read(args.candidates) if args.candidates else list(gate.clinical)
     rows = gate.preview(candidates, recipient, args.purpose, on)
-    if args.json or not sys.stdout.isatty():
+    if args.json:  # the table otherwise, on a terminal or piped alike (as every table command)
         write_json(rows)
         return 0
     width = max([len(r["resource"]) for r in rows] + [8])

@@ -105,6 +105,12 @@ def test_deliver_once__revoked_consent_holds_items_and_audits_the_deny(sekmet_au
     assert deny["agent"][1]["who"]["reference"] == "Practitioner/ref-therapist"
     rc, out, _ = run(capsys, "outbox", "list", "--state", "held")
     assert out.splitlines()[1].split()[:2] == [str(item_id), "held"]
+    # the audit table says what was decided about which resource, and why
+    rc, out, _ = run(capsys, "audit", "--outcome", "deny")
+    header, row = out.splitlines()[:2]
+    assert header.split()[-1] == "REASON" and "RESOURCE" in header
+    assert row.split()[2] == "deny" and row.split()[3].startswith("Communication")
+    assert row.split()[-1] == deny["outcomeDesc"].split(": ", 1)[1]  # the gate's reason codes
 
 
 def test_deliver_once__missing_token_variable_is_named_and_items_wait(env, capsys):

@@ -225,3 +225,26 @@ def test_preview_with_candidates_and_purpose(capsys):
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["decision"] == "deny" and rows[0]["reasons"][0]["code"] == "nested-deny"
+
+
+def test_preview_prints_the_table_when_piped_too(capsys):
+    """One rule for every table command: the table, on a terminal or piped; JSON only with --json."""
+    argv = [
+        "consent",
+        "preview",
+        "--context",
+        *CTX,
+        str(DATA / "Communication-note-themes.json"),
+        str(DATA / "Procedure-session-dates.json"),
+        "--recipient",
+        "Practitioner/th-001",
+        "--date",
+        "2024-05-01",
+    ]
+    assert main(argv) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["RESOURCE", "DECISION", "REASON"]
+    assert [r.split()[:2] for r in rows] == [
+        ["Communication/note-themes", "deny"],
+        ["Procedure/ses-001", "permit"],
+    ]
