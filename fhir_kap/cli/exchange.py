@@ -129,8 +129,14 @@ def register(subparsers: Any) -> None:
     show.add_argument(
         "--resource", action="store_true", help="include the queued resource (it holds patient data)"
     )
-    retry = osub.add_parser("retry", help="dead or held item back to pending, attempts reset")
-    retry.add_argument("id", type=_item_id)
+    retry = osub.add_parser(
+        "retry",
+        help="dead or held item(s) back to pending, attempts reset: one ID, or every item of "
+        "--state (optionally of one --endpoint)",
+    )
+    retry.add_argument("id", type=_item_id, nargs="?")
+    retry.add_argument("--state", choices=("dead", "held"), help="every item in this state (bulk)")
+    retry.add_argument("--endpoint", metavar="NAME", help="with --state: only this endpoint's items")
     hold = osub.add_parser("hold", help="hold a pending item")
     hold.add_argument("id", type=_item_id)
     hold.add_argument("--reason", default="held by an operator")

@@ -60,6 +60,14 @@ def outbox_handler(args: argparse.Namespace, settings: Settings) -> int:
                     value = dumps(value, pretty=True).decode()
                 print(f"{key:<{width}}  {'-' if value is None else value}")
         return 0
+    if action == "retry" and (args.id is None) == (args.state is None):
+        raise InputError(
+            "outbox retry takes one item ID or --state dead|held (not both)", rule="cli:argument"
+        )
+    if action == "retry" and args.id is None:
+        return _retry_all(args, outbox)
+    if action == "retry" and args.endpoint is not None:
+        raise InputError("--endpoint goes with --state (bulk retry)", rule="cli:argument")
     if action in ("retry", "release"):
         item = getattr(outbox, action)(args.id)
         return _report(args, item, f"item {item.id}: pending again (attempts {item.attempts})")
@@ -129,6 +137,34 @@ def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
         write_json({"stored": stored, "older_versions_skipped": skipped})
     else:
         print(f"stored {stored} context resource(s); {skipped} older version(s) skipped")
+    return 0
+
+
+def _retry_all(args: argparse.Namespace, outbox: Outbox) -> int:
+    """Every item in `args.state` (of `args.endpoint`) back to pending, in id order; an item another
+    operator or worker moved meanwhile is skipped (reported), never an error for the rest."""
+    retried: list[int] = []
+    skipped: list[int] = []
+    seen: set[int] = set()
+    while True:
+        batch = [i for i in outbox.list(args.state, endpoint=args.endpoint, limit=500) if i.id not in seen]
+        if not batch:
+            break
+        for item in batch:
+            seen.add(item.id)
+            try:
+                outbox.retry(item.id)
+                retried.append(item.id)
+            except Conflict:
+                skipped.append(item.id)
+    where = f" of endpoint {args.endpoint}" if args.endpoint else ""
+    if args.json:
+        write_json({"state": args.state, "endpoint": args.endpoint, "retried": retried, "skipped": skipped})
+    else:
+        print(
+            f"{len(retried)} {args.state} item(s){where} pending again"
+            + (f", {len(skipped)} skipped (moved meanwhile)" if skipped else "")
+        )
     return 0
 
 

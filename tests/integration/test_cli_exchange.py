@@ -173,6 +173,25 @@ def test_outbox_hold_release_retry__move_items_and_refuse_wrong_states(env, caps
     assert rc == 1 and json.loads(err)["issue"][0]["code"] == "not-found"
 
 
+def test_outbox_retry_state_dead__puts_every_dead_item_of_an_endpoint_back(env, capsys):
+    """After a bad token dead-letters a batch: one command, not one per id."""
+    outbox = env("http://127.0.0.1:9/fhir", "t")
+    mine = enqueue(outbox, 3, "http://127.0.0.1:9/fhir")
+    other = enqueue(outbox, 1, "http://127.0.0.1:9/fhir", endpoint="elsewhere")
+    for item in outbox.claim("w", limit=10, now=outbox.clock()):
+        outbox.mark_dead(item, "POST Communication: 401 Unauthorized")
+    rc, out, _ = run(capsys, "outbox", "retry", "--state", "dead", "--endpoint", "practice", "--json")
+    assert rc == 0 and json.loads(out)["retried"] == mine and json.loads(out)["skipped"] == []
+    assert [outbox.get(i).state for i in mine] == ["pending"] * 3 and outbox.get(other[0]).state == "dead"
+    assert all(outbox.get(i).attempts == 0 for i in mine)
+    rc, out, _ = run(capsys, "outbox", "retry", "--state", "dead")
+    assert rc == 0 and out.startswith("1 dead item(s) pending again")
+    rc, _, err = run(capsys, "outbox", "retry", "1", "--state", "dead")
+    assert rc == 2 and "one item ID or --state" in err
+    rc, _, err = run(capsys, "outbox", "retry")
+    assert rc == 2 and "one item ID or --state" in err
+
+
 def test_outbox_purge_delivered__removes_old_delivered_items(env, capsys):
     outbox = env("http://127.0.0.1:9/fhir", "t")
     ids = enqueue(outbox, 2, "http://127.0.0.1:9/fhir")
