@@ -12,6 +12,7 @@ Room: records/ (layer 1, pure core: no IO): may import the base rooms and valida
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -91,7 +92,11 @@ class InputSchemas:
 
         errors = sorted(validator.iter_errors(record), key=relevance, reverse=True)
         own = {i.pointer for i in issues}
-        issues.extend(i for i in (_issue(rtype, e, record) for e in errors) if i.pointer not in own)
+        said = set()
+        for i in (_issue(rtype, e, record) for e in errors):
+            if i.pointer not in own and (i.pointer, i.message) not in said:  # pattern + format: once
+                said.add((i.pointer, i.message))
+                issues.append(i)
         if issues:
             raise InputError(issues)
         return record
@@ -155,7 +160,11 @@ def _issue(rtype: str, e: Any, record: Any) -> Issue:
             if isinstance(e.instance, dict)
             else []
         )
+        known = list(e.schema.get("properties", {})) if isinstance(e.schema, dict) else []
+        hints = [m for x in extra[:5] for m in difflib.get_close_matches(str(x), known, n=1, cutoff=0.75)]
         msg = f"Unknown field(s): {', '.join(map(quote, extra[:5]))}{' and more' if len(extra) > 5 else ''}"
+        if hints:
+            msg += f" (did you mean {', '.join(map(quote, dict.fromkeys(hints)))}?)"
         label = _expression(rtype, path)  # the message names the object; the field is quoted (shortened)
         if len(extra) == 1:
             path = path + extra
@@ -166,6 +175,10 @@ def _issue(rtype: str, e: Any, record: Any) -> Issue:
         path = path + [needed]
         msg = f"Required field '{needed}' is missing (needed when '{because}' is present)"
         code = "required"
+    elif kw in ("pattern", "format") and isinstance(e.schema, dict) and e.schema.get("x-expected"):
+        # what is expected, in words (the schema's `x-expected`): never the regex itself
+        msg = f"must be {e.schema['x-expected']}"
+        code = "value"
     else:
         msg = _describe(kw, e.validator_value, e.instance)
         code = (
@@ -195,7 +208,7 @@ def _describe(kw: str, expected: Any, instance: Any) -> str:
     if kw == "const":
         return f"must be '{expected}'"
     if kw == "pattern":
-        return f"does not match the pattern {expected}"
+        return "is not in the expected format"  # the regex itself helps nobody reading an error
     if kw == "format":
         return f"is not a valid {expected} (RFC 3339)"
     if kw in ("minLength", "maxLength"):

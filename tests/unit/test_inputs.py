@@ -163,3 +163,28 @@ def test_a_utf8_byte_order_mark_is_skipped() -> None:
     assert jsonio.loads(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
     stream = io.BytesIO(b'\xef\xbb\xbf{"resourceType": "Patient"}\n')
     assert [d for _, d in jsonio.iter_documents(stream)] == [{"resourceType": "Patient"}]
+
+
+def test_errors_say_what_is_expected_in_words_and_suggest_near_miss_fields() -> None:
+    record = {
+        "record": "referral",
+        "id": "r1",
+        "status": "active",
+        "client": "c1",
+        "referrer": {"practitioner": "p1"},
+        "clinic": "k",
+        "authored": "2026-11-30",
+        "reason": "x",
+        "colaboration_model": "shared",
+    }
+    with pytest.raises(InputError) as err:
+        check_record(record)
+    messages = [i.message for i in err.value.issues]
+    assert (
+        "referral: Unknown field(s): 'colaboration_model' (did you mean 'collaboration_model'?)" in messages
+    )
+    authored = [m for m in messages if m.startswith("referral.authored")]
+    assert authored == [
+        "referral.authored: must be a date and time with seconds and a time zone, e.g. 2026-11-30T10:00:00-05:00"
+    ]
+    assert not any("\\d" in m or "^" in m for m in messages)  # never a regex
