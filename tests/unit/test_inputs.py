@@ -188,3 +188,12 @@ def test_errors_say_what_is_expected_in_words_and_suggest_near_miss_fields() -> 
         "referral.authored: must be a date and time with seconds and a time zone, e.g. 2026-11-30T10:00:00-05:00"
     ]
     assert not any("\\d" in m or "^" in m for m in messages)  # never a regex
+
+
+def test_the_sample_consents_stay_valid_for_at_least_another_year() -> None:
+    """`send` with the samples must not answer outside-period: they expired once (2025-02-28)."""
+    from datetime import date, timedelta
+
+    for f in sorted((ROOT / "profiles" / "examples" / "records").glob("consent-*.json")):
+        end = date.fromisoformat(json.loads(f.read_text())["period"]["end"])
+        assert end >= date.today() + timedelta(days=365), f"{f.name} ends {end}: renew the samples"
