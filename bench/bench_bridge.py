@@ -161,8 +161,11 @@ def run(quick: bool = False) -> list[dict]:
                 "--port",
                 str(port),
                 *(["--workers", workers] if workers else []),
-                "--threads",
-                os.environ.get("BENCH_BRIDGE_THREADS", "1"),
+                *(
+                    ["--threads", os.environ["BENCH_BRIDGE_THREADS"]]
+                    if os.environ.get("BENCH_BRIDGE_THREADS")
+                    else []
+                ),
                 "--bench-echo",
                 *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split(),
             ],

@@ -177,6 +177,7 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     fhir.register(app)
     kap.register(app)
     smart.register(app)
+    _base_with_slash(app)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -201,6 +202,14 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
             return json_response({"ok": isinstance(body, dict)}, 201)
 
     return app
+
+
+def _base_with_slash(app: Flask) -> None:
+    """`POST /fhir/` (the base with a trailing slash, as many clients send a transaction) is
+    `POST /fhir`: the same view, not a redirect (a 308 would make clients resend the Bundle)."""
+    for rule in list(app.url_map.iter_rules()):
+        if rule.rule == "/fhir" and "POST" in (rule.methods or ()):
+            app.add_url_rule("/fhir/", endpoint=rule.endpoint, methods=["POST"])
 
 
 def _webhook_of(partners: Partners) -> Callable[[str], tuple[str, str | None] | None]:

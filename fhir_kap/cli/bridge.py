@@ -1,4 +1,4 @@
-"""`fhir-kap serve` (the bridge under gunicorn, or Flask's server with --dev) and `fhir-kap partners`.
+"""`fhir-kap serve` (the bridge under gunicorn workers that read requests whole, or Flask's server with --dev) and `fhir-kap partners`.
 
 Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
@@ -41,33 +41,46 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="settings file (TOML)")
-    # Defaults from bench/bench_bridge.py on 2 cores with the load generator beside it
-    # (POST /fhir/Communication req/s). Sync workers, one more than the cores. Latest round
-    # (2026-11-24, WAL sync after the locks): 3 workers 0.45-0.48x the floor, 2 workers
-    # 0.43-0.44x, 4 the same ratio as 3 (both endpoints ~3 % faster), 5 lower; gthread 3x2,
-    # 2x4 and 1x8 0.38-0.43x. The round before (WAL checkpoints on their own thread,
-    # storage.sql.checkpoint.WalCheckpointer): 3 sync workers gave 1020-1080 and 2 gave 965-990 over four
-    # alternating pairs; 4 gave 845-935. An earlier round, before the
-    # checkpointer, had 2 ahead of 3 (960-970 vs 790-830); gthread 2x8 640-700 and 2x2 610-680,
-    # and 2 sync with reuse_port 880-900. gthread loses because its workers race to accept: all
-    # keep-alive connections tend to land on one process, whose GIL then serialises them while
-    # the other idles; group commit inside that process does not make up for it. With sync
-    # workers each process owns one request at a time, the kernel hands new connections to
-    # whichever is free, and one worker's fsync wait is another's CPU time. Many slow clients
-    # (keep-alive, long uploads) favour --threads N (gthread): concurrent writes of one worker
-    # then share one commit.
+    # The serving model (fhir_kap/bridge/serving.py): gunicorn's arbiter runs worker processes,
+    # each an asyncio loop (uvicorn, httptools) that reads every request whole before one of the
+    # worker's few threads runs Flask on it, so clients that send slowly hold a socket, never a
+    # worker (sync workers were starved by a handful of them: issue 14). Measurements
+    # (bench/bench_bridge.py, 2 cores, load generator beside it) are in docs/performance.md.
+    # --sync keeps the earlier gunicorn sync workers, for a front that buffers whole requests
+    # and enforces header and body timeouts itself (nginx with proxy_request_buffering on).
     serve.add_argument(
         "--workers",
         type=int,
         default=_default_workers(),
-        help="gunicorn worker processes (default: usable CPUs + 1, at most 8)",
+        help="worker processes (default: usable CPUs + 1, at most 8)",
     )
     serve.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="threads per worker (default 1: sync workers); with N > 1 gthread workers, and "
-        "concurrent writes of a worker share one commit",
+        default=None,
+        help="threads per worker running the app (default 4; concurrent writes of a worker share "
+        "one commit); with --sync and N > 1, gunicorn gthread workers",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="a request must arrive whole (headers and body) within this time, else the "
+        "connection is closed (default 15)",
+    )
+    serve.add_argument(
+        "--keepalive",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="close a kept-alive connection idle this long (default 5)",
+    )
+    serve.add_argument(
+        "--sync",
+        action="store_true",
+        help="gunicorn sync workers instead (ONLY behind a front that buffers whole requests "
+        "and times out slow clients, such as nginx: sync workers wait on slow sockets)",
     )
     serve.add_argument(
         "--reuse-port",
@@ -257,19 +270,32 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
         return 0
     from gunicorn.app.base import BaseApplication
 
+    from ..bridge.serving import ServeLimits, worker_class
+
+    limits = ServeLimits(
+        max_body_bytes=settings.max_body_bytes,
+        read_timeout=args.read_timeout,
+        keepalive=args.keepalive,
+        threads=max(1, 4 if args.threads is None else args.threads),
+    )
+
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            threads = max(1, args.threads)
+            threads = max(1, args.threads or 1)
+            if args.sync:
+                kind: Any = "gthread" if threads > 1 else "sync"
+            else:
+                kind = worker_class(limits)
             cfg = {
                 "bind": f"{args.host}:{args.port}",
                 "workers": max(1, args.workers),
-                "worker_class": "gthread" if threads > 1 else "sync",
-                "threads": threads,
+                "worker_class": kind,
+                "threads": threads if args.sync else 1,
                 "accesslog": None,
                 "errorlog": "-",
                 "loglevel": "warning",
                 "timeout": 60,
-                "keepalive": 5,
+                "keepalive": max(1, int(args.keepalive)),
                 "reuse_port": bool(args.reuse_port),
             }
             for key, value in cfg.items():

@@ -1,0 +1,317 @@
+"""How `fhir-kap serve` serves the bridge: an event loop reads whole requests, threads run Flask.
+
+Room: bridge/ (layer 4, entry point): may import any room; only cli/ imports it (uvicorn and
+gunicorn are imported here, never at package import).
+
+Why: a sync worker (the earlier default) waits on its socket while a client sends its headers
+one line every few seconds, so a handful of such connections made `/readyz` and every partner
+time out. Here each gunicorn worker process runs an asyncio loop (uvicorn's HTTP protocol, on
+httptools) that reads requests as their bytes arrive; a request reaches the Flask app, on one of
+the worker's few threads, only once its head and its whole body are in memory. A slow client
+then costs a socket and a few kilobytes, never a thread, and the app's answer (the durable
+commit included) is what the client receives, as before.
+
+The limits, each with its default in `ServeLimits`:
+- `read_timeout`: a request must arrive whole (head and body) within this many seconds of its
+  first byte (or of the connection, for one that sends nothing); otherwise the connection is
+  closed. Kept-alive connections idle longer than `keepalive` are closed too.
+- `max_body_bytes` (the settings' limit): a larger body is read and thrown away, up to
+  `drain_bytes`, and then answered `413` with its OperationOutcome, so ordinary clients (that
+  send their whole body before they read) see the answer instead of a connection reset. A body
+  that declares more than `drain_bytes`, or announces `Expect: 100-continue`, is answered at
+  once and the connection closed.
+- `max_connections` per worker: beyond it new requests get `503` (uvicorn's limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BufferedWsgi", "ServeLimits", "worker_class"]
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """The serving limits (see the module docstring)."""
+
+    max_body_bytes: int = 1_000_000
+    read_timeout: float = 15.0
+    keepalive: float = 5.0
+    drain_bytes: int = 16_000_000
+    max_connections: int = 1000
+    threads: int = 4
+
+
+_TOO_LARGE = b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"too-long","diagnostics":"http:413","details":{"text":"Request body too large"}}]}'
+
+
+class BufferedWsgi:
+    """An ASGI app that reads each request whole, then runs a WSGI app on a thread pool.
+
+    The WSGI app sees an ordinary environ with `wsgi.input` over the bytes read and
+    `CONTENT_LENGTH` their number. A body over `limits.max_body_bytes` is drained (up to
+    `limits.drain_bytes`) and the app gets an empty input and the declared (or counted) length,
+    so Flask's `MAX_CONTENT_LENGTH` answers 413 as it would in-process.
+    """
+
+    def __init__(self, wsgi: Callable[..., Iterable[bytes]], limits: ServeLimits) -> None:
+        self.wsgi = wsgi
+        self.limits = limits
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:  # made in the worker process, after gunicorn forks
+            self._pool = ThreadPoolExecutor(max(1, self.limits.threads), thread_name_prefix="kap-app")
+        return self._pool
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        declared: int | None = None
+        expect_continue = False
+        for name, value in headers:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expect_continue = True
+        limit = self.limits.max_body_bytes
+        if (
+            declared is not None
+            and declared > limit
+            and (expect_continue or declared > self.limits.drain_bytes)
+        ):
+            await _answer_too_large(send)  # not worth reading: answer now, the connection closes
+            return
+        chunks: list[bytes] = []
+        size = 0
+        over = declared is not None and declared > limit
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left (or took longer than read_timeout): nothing to run
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if not over and size > limit:
+                over, chunks = True, []
+            if over:
+                if size > self.limits.drain_bytes:
+                    await _answer_too_large(send)
+                    return
+            elif chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"" if over else b"".join(chunks)
+        length = max(size, declared or 0) if over else len(body)
+        environ = _environ(scope, body, length)
+        loop = asyncio.get_running_loop()
+        status, out_headers, payload = await loop.run_in_executor(self._executor(), _run, self.wsgi, environ)
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _answer_too_large(send: Any) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/fhir+json; charset=utf-8"),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _TOO_LARGE})
+
+
+def _environ(scope: dict[str, Any], body: bytes, length: int) -> dict[str, Any]:
+    server = scope.get("server") or ("127.0.0.1", 80)
+    client = scope.get("client") or ("", 0)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": scope.get("root_path", "").encode("utf-8").decode("latin-1"),
+        "PATH_INFO": scope["path"].encode("utf-8").decode("latin-1"),
+        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1]) if server[1] is not None else "80",
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "REMOTE_ADDR": str(client[0]),
+        "REMOTE_PORT": str(client[1]),
+        "CONTENT_LENGTH": str(length),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+    }
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").upper().replace("-", "_")
+        value = raw_value.decode("latin-1")
+        if name == "CONTENT_LENGTH" or name == "TRANSFER_ENCODING":
+            continue  # the body is whole: its length is what was read
+        key = "CONTENT_TYPE" if name == "CONTENT_TYPE" else f"HTTP_{name}"
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    return environ
+
+
+def _run(wsgi: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> tuple[int, list[Any], bytes]:
+    """Call the WSGI app on this thread; its status, headers and whole body."""
+    started: list[Any] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started[:] = [status, headers]
+        return lambda data: None  # write() is never used by Flask
+
+    result = wsgi(environ, start_response)
+    try:
+        payload = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    status, headers = started
+    return (
+        int(status.split(" ", 1)[0]),
+        [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+        payload,
+    )
+
+
+def _protocol_class(read_timeout: float, max_head_bytes: int = 64 * 1024) -> type:
+    """uvicorn's httptools protocol with a deadline on reading each request whole."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class KapHttpProtocol(HttpToolsProtocol):  # type: ignore[misc]
+        _read_deadline: asyncio.TimerHandle | None = None
+        _head_bytes: int | None = 0  # bytes of the request head so far; None once it is whole
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._read_deadline = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_deadline is not None:
+                self._read_deadline.cancel()
+                self._read_deadline = None
+
+        def _read_timed_out(self) -> None:
+            self._read_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_bytes is not None:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self._head_bytes is not None and self._head_bytes > max_head_bytes:
+                # a head that never ends (within read_timeout): 431 and close
+                if not self.transport.is_closing():
+                    self.transport.write(
+                        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                        b"content-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes = None
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            self._head_bytes = 0
+            super().on_response_complete()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return KapHttpProtocol
+
+
+def worker_class(limits: ServeLimits) -> type:
+    """A gunicorn worker class serving the loaded WSGI app through `BufferedWsgi` on uvicorn."""
+    import signal
+
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
+    from uvicorn.config import Config
+    from uvicorn.server import Server
+
+    protocol = _protocol_class(limits.read_timeout)
+
+    class KapWorker(Worker):  # type: ignore[misc]
+        def init_signals(self) -> None:
+            # uvicorn's Server installs its own SIGINT/SIGTERM handlers; gunicorn's are reset
+            for s in self.SIGNALS:
+                signal.signal(s, signal.SIG_DFL)
+            signal.signal(signal.SIGUSR1, lambda *_: self.log.reopen_files())
+            signal.siginterrupt(signal.SIGUSR1, False)
+
+        async def _serve(self) -> None:
+            config = Config(
+                app=BufferedWsgi(self.wsgi, limits),
+                http=protocol,
+                loop="auto",
+                lifespan="off",
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                timeout_keep_alive=max(1, int(limits.keepalive)),
+                timeout_notify=self.timeout,
+                callback_notify=self._notify,
+                limit_concurrency=limits.max_connections,
+                limit_max_requests=self.max_requests or None,
+                h11_max_incomplete_event_size=self.cfg.limit_request_field_size or None,
+            )
+            server = Server(config=config)
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None
+            )
+            await server.serve(sockets=self.sockets)
+            if not server.started:
+                sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+        async def _notify(self) -> None:
+            self.notify()
+
+        def run(self) -> None:
+            try:
+                import uvloop
+
+                uvloop.run(self._serve())
+            except ImportError:
+                asyncio.run(self._serve())
+
+    return KapWorker
