@@ -3,7 +3,8 @@
 Three schemes behind one `Auth` protocol: none, a static bearer token, and SMART Backend
 Services (client_credentials with a client secret or `private_key_jwt`), whose tokens are
 cached and renewed before expiry, and renewed once when the server answers 401. Tokens and
-secrets never appear in repr, messages or logs.
+secrets never appear in repr, messages or logs, and the token requests never follow a redirect
+(the form carries the secret or the signed assertion).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import requests
 
 from ..errors import ConfigError, ServerError
 from ..fhir.retry import RETRY_STATUSES
-from .answers import json_body, status_error, strip_query
+from .answers import json_body, redirect_error, status_error, strip_query
 
 __all__ = ["JWT_BEARER", "Auth", "BearerAuth", "NoAuth", "SmartBackendAuth"]
 
@@ -172,13 +173,17 @@ class SmartBackendAuth:
     def _discover(self, session: requests.Session, base_url: str, timeout: Any) -> str:
         url = f"{base_url}/.well-known/smart-configuration"
         try:
-            resp = session.get(url, headers={"Accept": "application/json"}, timeout=timeout)
+            resp = session.get(
+                url, headers={"Accept": "application/json"}, timeout=timeout, allow_redirects=False
+            )
         except requests.RequestException as exc:
             raise ServerError(
                 f"GET .well-known/smart-configuration: could not reach server ({type(exc).__name__})",
                 retryable=True,
                 url=url,
             ) from None
+        if 300 <= resp.status_code < 400:
+            raise redirect_error("GET", ".well-known/smart-configuration", resp, url)
         if resp.status_code != 200:
             raise status_error("GET", ".well-known/smart-configuration", resp)
         doc = json_body(resp, "GET", ".well-known/smart-configuration")
@@ -205,7 +210,10 @@ class SmartBackendAuth:
             headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode()
         started = self._clock()
         try:
-            resp = session.post(self.token_url, data=form, headers=headers, timeout=timeout)
+            # never redirected: the form carries the client's secret or its signed assertion
+            resp = session.post(
+                self.token_url, data=form, headers=headers, timeout=timeout, allow_redirects=False
+            )
         except requests.RequestException as exc:
             raise ServerError(
                 f"POST token endpoint: could not reach server ({type(exc).__name__})",
@@ -213,6 +221,8 @@ class SmartBackendAuth:
                 url=strip_query(self.token_url),
             ) from None
         self.token_requests += 1
+        if 300 <= resp.status_code < 400:
+            raise redirect_error("POST", "token endpoint", resp, self.token_url)
         if resp.status_code != 200:
             raise _token_error(resp, self.client_id)
         doc = json_body(resp, "POST", "token endpoint")

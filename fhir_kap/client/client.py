@@ -10,7 +10,11 @@ What it adds to plain HTTP (with `capabilities`, `auth`, `bundles` and `answers`
     delete, search that follows `next` links, transaction and batch Bundles;
   * a timeout on every call; retries with exponential backoff and jitter for connection errors,
     timeouts, 429 (honouring `Retry-After`) and 502/503/504 -- never for other statuses;
-  * every server failure is one `ServerError` carrying the server's OperationOutcome.
+  * every server failure is one `ServerError` carrying the server's OperationOutcome;
+  * redirects are never followed, by any call (`raw` included): a 307/308 would re-send the
+    body, patient data, and the credentials to wherever `Location` points. A 3xx is a
+    `RedirectRefused` (not retryable) naming the status and the Location's host only, and saying
+    so when an https request was pointed at plain http; `raw` returns the 3xx unfollowed.
 
 Messages and logs name the method, resource type, status and ids -- never bodies, query
 strings (they hold business identifiers), tokens or secrets.
@@ -32,7 +36,7 @@ from ..config import Release
 from ..errors import ConfigError, InputError, ServerError
 from ..fhir.retry import RETRY_STATUSES, RETRY_STATUSES_UNSAFE, retry_after_seconds
 from ..jsonio import dumps
-from .answers import json_body, status_error, strip_query
+from .answers import json_body, redirect_error, status_error, strip_query
 from .auth import Auth, NoAuth
 from .bundles import WriteResult, _bundle_idempotent, _require_resource, _write_result
 from .capabilities import Capabilities, parse_capabilities
@@ -179,7 +183,7 @@ class FhirClient:
                     requests.Request(method, url, params=params, data=data, headers=hdrs)
                 )
                 resp = self.session.send(
-                    prepared, timeout=self.timeout, allow_redirects=True, **self._send_kw
+                    prepared, timeout=self.timeout, allow_redirects=False, **self._send_kw
                 )
                 if resp.status_code < 300:
                     _ = resp.content  # read the body now so a reset mid-body is retried here
@@ -218,6 +222,10 @@ class FhirClient:
                     url=strip_query(url),
                 ) from None
             status = resp.status_code
+            if 300 <= status < 400:
+                # never followed: it would re-send the body and credentials elsewhere
+                resp.close()
+                raise redirect_error(method, what, resp, url)
             if status == 401 and not renewed and self.auth.invalidate():
                 renewed = True
                 log.info("%s %s: 401, renewing credentials once", method, what)
@@ -384,6 +392,29 @@ class FhirClient:
         what = f"{resource_type}/{id}"
         return self._request("DELETE", f"{resource_type}/{quote(id, safe='')}", what).status_code
 
+    def conditional_read(self, resource_type: str, query: str) -> list[dict[str, Any]]:
+        """The resources matching `GET [base]/Type?query` on the first page (search mode `match`),
+        with `query` already URL-encoded, e.g. `identifier_query(resource)`: the same condition an
+        `If-None-Exist` header carries. Delivery uses it to find what a create it could not read
+        the answer of has stored."""
+        what = f"{resource_type} search"
+        resp = self._request("GET", f"{resource_type}?{query}", what)
+        page = self._json(resp, "GET", what) or {}
+        if not isinstance(page, dict) or page.get("resourceType") != "Bundle":
+            raise ServerError(
+                f"GET {what}: the server did not answer with a Bundle",
+                status=resp.status_code,
+                retryable=False,
+                url=f"{self.base_url}/{resource_type}",
+            )
+        return [
+            entry["resource"]
+            for entry in page.get("entry") or []
+            if isinstance(entry, dict)
+            and (entry.get("search") or {}).get("mode", "match") == "match"
+            and isinstance(entry.get("resource"), dict)
+        ]
+
     def search_bundle(
         self, resource_type: str, params: Mapping[str, str] | Sequence[tuple[str, str]]
     ) -> dict[str, Any]:
@@ -476,8 +507,10 @@ class FhirClient:
 
     def raw(self, method: str, path: str, **kw: Any) -> requests.Response:
         """Escape hatch for conformance checks: auth and timeout applied, no retries, no error
-        mapping. `headers` in kw override the defaults."""
+        mapping, and no redirect followed (a 3xx comes back as it is, for the check to see).
+        `headers` in kw override the defaults."""
         hdrs = self._headers(kw.pop("headers", None))
         self.auth.apply(self.session, hdrs, base_url=self.base_url, timeout=self.timeout)
         kw.setdefault("timeout", self.timeout)
+        kw["allow_redirects"] = False
         return self.session.request(method, self._url(path), headers=hdrs, **kw)

@@ -11,6 +11,18 @@ A 500 is not repeated at once by the client (it may be this very request that br
 server) but it is tried again on the outbox's slower schedule: a server being restarted or
 losing its database answers 500 too, and the conditional create makes a repeat harmless.
 
+A redirect (3xx) is never followed (the client refuses it: a 307 would re-send the note to
+wherever `Location` points) and dead-letters the item, naming the status and the Location's host.
+
+A 2xx whose body cannot be read (garbled, truncated, not JSON, or naming no id) does not say
+whether the server stored the note; the conditional create makes asking safe. The worker
+reconciles with a conditional read by the same condition (`GET Type?identifier=SYSTEM|VALUE`):
+exactly one match is the stored copy (delivered with its server id, logged and noted on the item
+as reconciled); none means nothing was stored (tried again later: the next conditional create
+cannot duplicate it); several matches, or a read that fails, dead-letter the item as before.
+A transaction whose answer cannot be read falls back to single creates, which find the copies
+the transaction stored.
+
 Delivery is at-least-once on the wire (a worker killed after the POST and before the outbox
 commit sends again) and exactly-once in effect (the repeated conditional create finds the
 first copy). Logs name item ids, endpoints and statuses, never resource content.
@@ -32,6 +44,7 @@ from itertools import groupby
 from typing import Self
 
 from ..client import FhirClient, WriteResult, entry_results, token_query, transaction_bundle
+from ..client.answers import UnreadableAnswer
 from ..errors import KapError, ServerError
 from ..fhir.retry import Backoff, retry_later
 from ..storage.outbox import Outbox, OutboxItem
@@ -56,6 +69,7 @@ class Stats:
     lost_lease: int = 0  # another worker took the item over meanwhile
     transactions: int = 0
     fallbacks: int = 0  # transactions refused and re-sent as single creates
+    reconciled: int = 0  # an unreadable 2xx, the stored copy found by its identifier
 
     def __iadd__(self, other: Stats) -> Self:
         for f in fields(self):
@@ -202,12 +216,87 @@ class DeliveryWorker:
         return False
 
     def _send_single(self, client: FhirClient, item: OutboxItem, stats: Stats) -> None:
+        condition = if_none_exist(item.idempotency_key)
         try:
-            result = client.create(item.resource, if_none_exist=if_none_exist(item.idempotency_key))
+            result = client.create(item.resource, if_none_exist=condition)
+        except UnreadableAnswer as exc:
+            if exc.status is not None and 200 <= exc.status < 300:
+                self._reconcile(client, item, condition, exc, stats)
+            else:
+                self._failed(item, exc, stats)
+            return
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the item, never lost
             self._failed(item, exc, stats)
             return
+        if result.id is None:  # a 2xx naming no id (no body, no Location): what was stored?
+            unreadable = UnreadableAnswer(
+                f"POST {item.resource_type}: {result.status} answer names no id", status=result.status
+            )
+            self._reconcile(client, item, condition, unreadable, stats)
+            return
         self._delivered(item, result, stats)
+
+    def _reconcile(
+        self, client: FhirClient, item: OutboxItem, condition: str, exc: ServerError, stats: Stats
+    ) -> None:
+        """After a 2xx whose answer could not be read: find what the server stored by the
+        create's own condition. One match: delivered; none: try again later; else dead."""
+        try:
+            found = client.conditional_read(item.resource_type, condition)
+        except Exception as read_exc:  # noqa: BLE001 - cannot tell: keep the item for an operator
+            self._failed(
+                item,
+                exc,
+                stats,
+                retryable=False,
+                note=f"; reconciling by identifier failed: {_summary(read_exc)}",
+            )
+            return
+        if len(found) == 1:
+            stored = found[0]
+            meta = stored.get("meta")
+            meta = meta if isinstance(meta, dict) else {}
+            server_id = stored.get("id") if isinstance(stored.get("id"), str) else None
+            if server_id:
+                version = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
+                log.warning(
+                    "item %d to %s: %s; reconciled by identifier: server id %s",
+                    item.id,
+                    item.endpoint,
+                    exc.summary,
+                    server_id,
+                )
+                reconciled = WriteResult(
+                    status=exc.status or 200,
+                    id=server_id,
+                    version_id=version,
+                    location=None,
+                    created=False,
+                    resource=None,
+                    outcome=None,
+                )
+                self._delivered(
+                    item, reconciled, stats, note=f"reconciled by identifier after: {exc.summary}"
+                )
+                return
+        if not found:
+            log.warning(
+                "item %d to %s: %s; no copy found by identifier, sending again later",
+                item.id,
+                item.endpoint,
+                exc.summary,
+            )
+            self._failed(item, exc, stats, retryable=True, note="; no copy found by identifier")
+            return
+        self._failed(
+            item,
+            exc,
+            stats,
+            retryable=False,
+            note=f"; reconciling by identifier found {len(found)} copies"
+            if len(found) > 1
+            else "; reconciling by identifier found a copy without an id",
+        )
 
     def _send_transaction(self, client: FhirClient, items: Sequence[OutboxItem], stats: Stats) -> None:
         if len(items) == 1:
@@ -257,7 +346,9 @@ class DeliveryWorker:
 
     # ---- outcomes
 
-    def _delivered(self, item: OutboxItem, result: WriteResult, stats: Stats) -> None:
+    def _delivered(
+        self, item: OutboxItem, result: WriteResult, stats: Stats, *, note: str | None = None
+    ) -> None:
         ok = self.outbox.mark_delivered(
             item,
             server_id=result.id,
@@ -265,19 +356,28 @@ class DeliveryWorker:
             location=result.location,
             worker_id=self.worker_id,
             now=self.clock(),
+            note=note,
         )
         if not ok:
             stats.lost_lease += 1
             log.warning("item %d: delivered but its lease had passed to another worker", item.id)
+        elif note is not None:
+            stats.reconciled += 1
         elif result.created:
             stats.delivered += 1
         else:
             stats.existing += 1
 
     def _failed(
-        self, item: OutboxItem, exc: BaseException, stats: Stats, *, retryable: bool | None = None
+        self,
+        item: OutboxItem,
+        exc: BaseException,
+        stats: Stats,
+        *,
+        retryable: bool | None = None,
+        note: str = "",
     ) -> None:
-        summary = _summary(exc)
+        summary = _summary(exc) + note
         if retryable is None:
             retryable = _retry_later(exc)
         now = self.clock()

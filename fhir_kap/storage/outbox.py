@@ -254,15 +254,17 @@ class Outbox:
         location: str | None = None,
         worker_id: str | None = None,
         now: float | None = None,
+        note: str | None = None,
     ) -> bool:
-        """Record a delivery. Only the lease holder may (False: the lease was lost)."""
+        """Record a delivery. Only the lease holder may (False: the lease was lost). `note` is
+        kept in `last_error` (e.g. how a delivery whose answer was unreadable was reconciled)."""
         ts = self._now(now)
         return self._leased_update(
             item,
             "state = 'delivered', server_id = ?, server_version = ?, server_location = ?, "
             "delivered_by = lease_owner, delivered_at = ?, lease_owner = NULL, lease_until = NULL, "
-            "last_error = NULL, updated_at = ?",
-            (server_id, server_version, location, ts, ts),
+            "last_error = ?, updated_at = ?",
+            (server_id, server_version, location, ts, note[:MAX_ERROR_CHARS] if note else None, ts),
             worker_id,
         )
 

@@ -1,5 +1,5 @@
 """Precise fault injection with `responses`: retries, Retry-After, timeouts, resets, error
-mapping, token renewal and next-link loops. Happy paths run against SEKMET (test_client_sekmet)."""
+mapping, token renewal, next-link loops, redirects (never followed) and garbled 2xx answers. Happy paths run against SEKMET (test_client_sekmet)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import responses
 from responses import matchers
 
 from fhir_kap.client import BearerAuth, FhirClient, RetryPolicy, SmartBackendAuth, identifier_query
+from fhir_kap.client.answers import RedirectRefused, UnreadableAnswer
 from fhir_kap.errors import ServerError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "client"
@@ -370,3 +371,115 @@ def test_config_module_examples():
 
     result = doctest.testmod(config)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_answers_module_examples():
+    import doctest
+
+    from fhir_kap.client import answers
+
+    result = doctest.testmod(answers)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# ---- redirects (issue 14): never followed, by any call
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_create__a_redirect_is_an_error_naming_the_location_host_only(client, rsps, sleeps, status):
+    rsps.add(
+        responses.POST,
+        f"{BASE}/Patient",
+        status=status,
+        headers={"Location": "http://evil.test/collect/Patient?identifier=mrn|MRN-0001"},
+    )
+    rsps.add(responses.POST, "http://evil.test/collect/Patient", status=201, json={"resourceType": "Patient"})
+    rsps.add(responses.GET, "http://evil.test/collect/Patient", status=200, json={"resourceType": "Patient"})
+    rsps.assert_all_requests_are_fired = False
+    patient = load("Patient-client.json")
+    with pytest.raises(RedirectRefused) as err:
+        client.create(patient, if_none_exist=identifier_query(patient))
+    assert len(rsps.calls) == 1 and sleeps == []
+    e = err.value
+    assert (e.status, e.retryable, e.location_host, e.downgrade) == (status, False, "evil.test", False)
+    assert "to evil.test, refused (redirects are never followed)" in e.summary
+    assert "collect" not in e.summary and "MRN-0001" not in e.summary and "MRN" not in str(e.url)
+
+
+@pytest.mark.parametrize(
+    "location, host, downgrade",
+    [
+        ("http://fhir.test/fhir/Patient", "fhir.test", True),  # same host, plain http
+        ("https://fhir.test:8443/fhir/Patient", "fhir.test:8443", False),
+        ("/other/Patient", "fhir.test", False),  # relative: resolved against the request
+        (None, None, False),
+    ],
+)
+def test_https_redirect__a_downgrade_is_named(rsps, location, host, downgrade):
+    base = "https://fhir.test/fhir"
+    rsps.add(
+        responses.GET, f"{base}/Patient/a", status=308, headers={"Location": location} if location else {}
+    )
+    with pytest.raises(RedirectRefused) as err:
+        FhirClient(base).read("Patient", "a")
+    assert (err.value.location_host, err.value.downgrade) == (host, downgrade)
+    assert ("https to plain http" in err.value.summary) is downgrade
+
+
+def test_raw__returns_a_redirect_without_following_it(rsps):
+    rsps.add(responses.GET, f"{BASE}/metadata", status=302, headers={"Location": "http://evil.test/x"})
+    resp = FhirClient(BASE).raw("GET", "metadata")
+    assert resp.status_code == 302 and len(rsps.calls) == 1
+
+
+@pytest.mark.parametrize("where", ["discovery", "token"])
+def test_smart_auth__discovery_and_token_requests_never_follow_a_redirect(rsps, where):
+    evil = "http://evil.test/token"
+    if where == "discovery":
+        rsps.add(
+            responses.GET,
+            f"{BASE}/.well-known/smart-configuration",
+            status=307,
+            headers={"Location": "http://evil.test/.well-known/smart-configuration"},
+        )
+        auth = SmartBackendAuth("c1", client_secret="s3cret")
+    else:
+        rsps.add(responses.POST, TOKEN_URL, status=307, headers={"Location": evil})
+        auth = SmartBackendAuth("c1", client_secret="s3cret", token_url=TOKEN_URL)
+    with pytest.raises(RedirectRefused, match="evil.test, refused"):
+        FhirClient(BASE, auth=auth).read("Patient", "a")
+    assert len(rsps.calls) == 1
+
+
+def test_conditional_read__asks_the_if_none_exist_condition_and_returns_the_matches(client, rsps):
+    patient = load("Patient-client.json")
+    query = identifier_query(patient)
+    rsps.add(
+        responses.GET,
+        f"{BASE}/Patient",
+        json={
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [
+                {"resource": {"resourceType": "Patient", "id": "p1"}, "search": {"mode": "match"}},
+                {"resource": {"resourceType": "Organization", "id": "o1"}, "search": {"mode": "include"}},
+            ],
+        },
+        match=[
+            matchers.query_param_matcher({"identifier": "http://fhir-kap.example/sid/clinic-mrn|MRN-0001"})
+        ],
+    )
+    assert [r["id"] for r in client.conditional_read("Patient", query)] == ["p1"]
+
+
+def test_garbled_2xx__is_an_unreadable_answer_carrying_its_status(client, rsps):
+    rsps.add(
+        responses.POST,
+        f"{BASE}/Patient",
+        status=201,
+        body=b"\xff{garbled",
+        content_type="application/fhir+json",
+    )
+    with pytest.raises(UnreadableAnswer) as err:
+        client.create(load("Patient-client.json"), if_none_exist="identifier=x|1")
+    assert err.value.status == 201 and "not JSON" in err.value.summary

@@ -1,6 +1,7 @@
 """The delivery worker: happy paths against the real SEKMET server (open, bearer, SMART),
-precise faults with `responses` (503, 429 Retry-After, timeout, 400), consent re-check at
-send time, and the outbox's retry schedule. Runs on SQLite and on PostgreSQL."""
+precise faults with `responses` (503, 429 Retry-After, timeout, 400, redirects, garbled 2xx),
+garbled answers in front of SEKMET reconciled by identifier, consent re-check at send time, and
+the outbox's retry schedule. Runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import json
 import uuid
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -18,6 +20,7 @@ from fhir_kap.errors import ConfigError
 from fhir_kap.exchange.delivery import Backoff, DeliveryWorker, Stats, if_none_exist
 from fhir_kap.storage.db import Database
 from fhir_kap.storage.outbox import Outbox
+from testkit.brokenserver import FaultFront
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "delivery"
 NOTE = json.loads((DATA / "Communication-continuity-note.json").read_text())
@@ -447,3 +450,181 @@ def test_held_then_released__the_hold_costs_no_attempt(outbox, clock, rsps):
         assert stats.held == 1
         assert outbox.get(item_id).attempts == 0
         outbox.release(item_id, now=clock())
+
+
+# ---------------------------------------------------------------- redirects (issue 14)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect__never_followed_and_dead_lettered_naming_the_location_host_only(
+    outbox, clock, rsps, status
+):
+    """A partner endpoint answering 3xx must not get the note re-sent where Location points."""
+    elsewhere = "http://elsewhere.test:8443/fhir/Communication"
+    rsps.add(
+        responses.POST,
+        f"{FAKE}/Communication",
+        status=status,
+        headers={"Location": f"{elsewhere}?identifier=note|N-secret-id"},
+    )
+    rsps.add(responses.POST, elsewhere, status=201, json=note("x"))
+    rsps.add(responses.GET, elsewhere, status=200, json=note("x"))
+    rsps.assert_all_requests_are_fired = False
+    [item_id] = queue(outbox, [note()], FAKE)
+    stats = worker(outbox, lambda name: fake_client(Sleeps(), attempts=3), clock).run_once()
+    item = outbox.get(item_id)
+    assert [c.request.url for c in rsps.calls] == [f"{FAKE}/Communication"]  # one request, no follow
+    assert (stats.dead, stats.retried, stats.delivered) == (1, 0, 0) and item.state == "dead"
+    assert f"{status}" in item.last_error and "elsewhere.test:8443" in item.last_error
+    assert "redirects are never followed" in item.last_error
+    assert "/fhir" not in item.last_error.split("elsewhere.test:8443")[1]  # no path, no query
+    assert "N-secret-id" not in item.last_error
+
+
+def test_redirect_from_https_to_http__named_a_downgrade(outbox, clock, rsps):
+    base = "https://ehr.test/fhir"
+    rsps.add(
+        responses.POST,
+        f"{base}/Communication",
+        status=308,
+        headers={"Location": "http://ehr.test/fhir/Communication"},
+    )
+    [item_id] = queue(outbox, [note()], base)
+    worker(outbox, lambda name: FhirClient(base, retry=RetryPolicy(attempts=1)), clock).run_once()
+    item = outbox.get(item_id)
+    assert len(rsps.calls) == 1 and item.state == "dead"
+    assert "https to plain http" in item.last_error and "ehr.test" in item.last_error
+
+
+# ---------------------------------------------------------------- garbled 2xx (issue 14)
+
+GARBLED = b'{"resourceType": "Communication", "id": "\xff<html>'
+
+
+def garbled(rsps, status: int = 200) -> None:
+    rsps.add(
+        responses.POST,
+        f"{FAKE}/Communication",
+        body=GARBLED,
+        status=status,
+        content_type="application/fhir+json",
+    )
+
+
+def found(rsps, *server_ids: str, status: int = 200) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [
+            {"resource": dict(note("x"), id=sid, meta={"versionId": "3"}), "search": {"mode": "match"}}
+            for sid in server_ids
+        ],
+    }
+    rsps.add(responses.GET, f"{FAKE}/Communication", json=bundle, status=status)
+
+
+def test_garbled_2xx_with_one_copy_on_the_server__reconciled_as_delivered(outbox, clock, rsps, caplog):
+    garbled(rsps, 201)
+    found(rsps, "srv-9")
+    res = note("N 1&2")
+    [item_id] = queue(outbox, [res], FAKE)
+    with caplog.at_level("WARNING", logger="fhir_kap.delivery"):
+        stats = worker(outbox, lambda name: fake_client(Sleeps()), clock).run_once()
+    item = outbox.get(item_id)
+    assert (stats.reconciled, stats.dead, stats.retried) == (1, 0, 0)
+    assert (item.state, item.server_id, item.server_version) == ("delivered", "srv-9", "3")
+    assert "reconciled by identifier" in item.last_error and "not JSON" in item.last_error
+    read = rsps.calls[1].request
+    # the conditional read asks exactly what the If-None-Exist header said
+    assert read.method == "GET"
+    path, _, query = read.url.partition("?")
+    assert path == f"{FAKE}/Communication"
+    assert unquote(query) == unquote(rsps.calls[0].request.headers["If-None-Exist"])
+    assert unquote(query) == "identifier=http://fhir-kap.example/sid/note|N 1&2"
+    assert "reconciled by identifier: server id srv-9" in caplog.text
+    assert "Dosing" not in caplog.text and "N%201" not in caplog.text
+
+
+def test_garbled_2xx_with_no_copy__retried_later_then_delivered(outbox, clock, rsps):
+    garbled(rsps)
+    found(rsps)
+    created(rsps, "srv-2")
+    [item_id] = queue(outbox, [note()], FAKE)
+    w = worker(outbox, lambda name: fake_client(Sleeps()), clock)
+    first = w.run_once()
+    item = outbox.get(item_id)
+    assert (first.retried, first.dead, item.state) == (1, 0, "pending")
+    assert "no copy found by identifier" in item.last_error
+    clock.now = item.next_attempt_at
+    assert w.run_once().delivered == 1 and outbox.get(item_id).server_id == "srv-2"
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (lambda rsps: found(rsps, "srv-1", "srv-2"), "found 2 copies"),
+        (
+            lambda rsps: found(rsps, status=500),
+            "reconciling by identifier failed: GET Communication search: 500",
+        ),
+        (
+            lambda rsps: rsps.add(responses.GET, f"{FAKE}/Communication", body=b"<html>", status=200),
+            "reconciling by identifier failed",
+        ),
+    ],
+    ids=["several", "read-fails", "read-garbled"],
+)
+def test_garbled_2xx_not_reconcilable__dead_lettered_with_the_reason(outbox, clock, rsps, answer, expected):
+    garbled(rsps)
+    answer(rsps)
+    [item_id] = queue(outbox, [note()], FAKE)
+    stats = worker(outbox, lambda name: fake_client(Sleeps()), clock).run_once()
+    item = outbox.get(item_id)
+    assert (stats.dead, stats.reconciled, item.state) == (1, 0, "dead")
+    assert "not JSON" in item.last_error and expected in item.last_error
+
+
+def test_2xx_naming_no_id__reconciled_by_identifier(outbox, clock, rsps):
+    rsps.add(responses.POST, f"{FAKE}/Communication", status=200, body=b"")
+    found(rsps, "srv-5")
+    [item_id] = queue(outbox, [note()], FAKE)
+    stats = worker(outbox, lambda name: fake_client(Sleeps()), clock).run_once()
+    assert stats.reconciled == 1 and outbox.get(item_id).server_id == "srv-5"
+
+
+def test_garbled_transaction_answer__falls_back_to_singles_that_find_the_copies(outbox, clock, rsps):
+    rsps.add(responses.POST, FAKE, body=GARBLED, status=200, content_type="application/fhir+json")
+    for sid in ("srv-a", "srv-b"):
+        rsps.add(
+            responses.POST,
+            f"{FAKE}/Communication",
+            json=dict(note("x"), id=sid, meta={"versionId": "1"}),
+            status=200,
+        )
+    ids = queue(outbox, [note(), note()], FAKE)
+    stats = worker(outbox, lambda name: fake_client(Sleeps()), clock, use_transactions=True).run_once()
+    assert (stats.fallbacks, stats.existing, stats.dead) == (1, 2, 0)
+    assert [outbox.get(i).server_id for i in ids] == ["srv-a", "srv-b"]
+
+
+@pytest.mark.sekmet
+@pytest.mark.parametrize("mode", ["garble", "garble_unsent"], ids=["stored", "not-stored"])
+def test_garbled_200_from_sekmet__reconciled_and_stored_exactly_once(sekmet, outbox, clock, mode):
+    """Over real HTTP: a front before SEKMET garbles the answer to the create, after SEKMET stored
+    the note (reconciled at once) or without forwarding it (tried again, then stored)."""
+    res = note()
+    with FaultFront(mode, upstream=sekmet.base_url) as front:
+        [item_id] = queue(outbox, [res], front.base_url)
+        w = worker(outbox, lambda name: FhirClient(front.base_url, retry=RetryPolicy(attempts=1)), clock)
+        first = w.run_once()
+        item = outbox.get(item_id)
+        if mode == "garble":
+            assert (first.reconciled, item.state) == (1, "delivered")
+        else:
+            assert (first.retried, item.state) == (1, "pending")
+            front.mode = "pass"
+            clock.now = item.next_attempt_at
+            assert w.run_once().delivered == 1
+        assert [r.method for r in front.received][:2] == ["POST", "GET"]
+    [stored] = on_server(FhirClient(sekmet.base_url), res)
+    assert outbox.get(item_id).server_id == stored["id"]

@@ -11,17 +11,26 @@ defect breaks one behaviour the way real servers do:
   ignore_count           search returns everything in one page whatever `_count` says
 
 Run it in a thread: `with BrokenServer(defects={"ignore_count"}, token="t") as s: s.base_url`.
+
+`FaultFront` is a plain HTTP front for the delivery tests, over real sockets: it records every
+request it gets and, per `mode`, answers `307 Location: <redirect_to>` (`redirect`), answers
+201 itself (`record`: a sink that must stay empty), forwards to `upstream` (a real server such
+as SEKMET) and garbles the body of a 2xx answer to a POST after the upstream stored it
+(`garble`), answers a garbled 200 without forwarding the POST (`garble_unsent`), or just
+forwards (`pass`). The mode can be changed while it runs.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import orjson
 from flask import Flask, Response, request
@@ -451,3 +460,102 @@ def _resolve(node: Any, urls: dict[str, str]) -> Any:
     if isinstance(node, list):
         return [_resolve(v, urls) for v in node]
     return node
+
+
+FRONT_MODES = frozenset({"redirect", "record", "garble", "garble_unsent", "pass"})
+GARBLED = b'{"resourceType": "Communication", "id": "\xff\xfe<html>502 upstream'
+
+
+@dataclass
+class FrontRequest:
+    method: str
+    path: str
+    body: bytes
+
+
+class FaultFront:
+    """A plain HTTP front with one fault at a time (see the module docstring)."""
+
+    def __init__(self, mode: str, *, upstream: str | None = None, redirect_to: str | None = None) -> None:
+        self.mode = mode
+        self.upstream = upstream  # base URL of the real server, e.g. SEKMET's .../fhir
+        self.redirect_to = redirect_to
+        self.received: list[FrontRequest] = []
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                front.received.append(FrontRequest(self.command, self.path, body))
+                status, headers, payload = front._answer(self.command, self.path, dict(self.headers), body)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/fhir"
+
+    def __enter__(self) -> FaultFront:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def _answer(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self.mode not in FRONT_MODES:
+            raise ValueError(f"unknown mode {self.mode}")
+        if self.mode == "redirect":
+            return 307, {"Location": f"{self.redirect_to}{path.removeprefix('/fhir')}"}, b""
+        if self.mode == "record":
+            return 201, {"Content-Type": "application/fhir+json"}, b'{"resourceType": "Communication"}'
+        if self.mode == "garble_unsent" and method == "POST":
+            return 200, {"Content-Type": "application/fhir+json"}, GARBLED
+        status, out_headers, payload = self._forward(method, path, headers, body)
+        if self.mode == "garble" and method == "POST" and 200 <= status < 300:
+            return status, {"Content-Type": "application/fhir+json"}, GARBLED
+        return status, out_headers, payload
+
+    def _forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        assert self.upstream is not None, "this mode forwards: give an upstream"
+        up = urlsplit(self.upstream)
+        prefix = up.path.rstrip("/")
+        conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port, timeout=30)
+        try:
+            keep = {
+                k: v
+                for k, v in headers.items()
+                if k.lower() in ("accept", "content-type", "if-none-exist", "prefer", "authorization")
+            }
+            conn.request(method, prefix + path.removeprefix("/fhir"), body=body or None, headers=keep)
+            resp = conn.getresponse()
+            payload = resp.read()
+            out = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "location", "etag")}
+            return resp.status, out, payload
+        finally:
+            conn.close()
