@@ -99,7 +99,11 @@ def register(subparsers: Any) -> None:
 
     partners = subparsers.add_parser("partners", help="manage bridge partners and their tokens")
     psub = partners.add_subparsers(dest="partners_command", metavar="ACTION", required=True)
-    add = psub.add_parser("add", help="register a partner and print its token (shown once)")
+    add = psub.add_parser(
+        "add",
+        help="register a partner and print its token (shown once); a revoked name is registered "
+        "anew with the settings given",
+    )
     add.add_argument("name")
     add.add_argument("--org-identifier", metavar="SYSTEM|VALUE", default=None)
     add.add_argument("--npi", nargs="+", default=[], metavar="NPI")
@@ -142,6 +146,19 @@ def register(subparsers: Any) -> None:
     rev = psub.add_parser("revoke", help="revoke a partner's token")
     rev.add_argument("name")
     rev.set_defaults(handler=_partners_revoke)
+    rot = psub.add_parser(
+        "rotate", help="give a partner a new token (shown once); the old one works until --grace ends"
+    )
+    rot.add_argument("name")
+    rot.add_argument(
+        "--grace",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long the old token keeps working (default 0: it stops now, within the bridge's "
+        "5 s token cache); at most 30 days",
+    )
+    rot.set_defaults(handler=_partners_rotate)
     keys = psub.add_parser("jwks", help="replace a partner's SMART public keys (key rotation)")
     keys.add_argument("name")
     keys.add_argument("file", metavar="FILE", help="a JWKS JSON file of public keys")
@@ -230,6 +247,20 @@ def _partners_revoke(args: argparse.Namespace, settings: Any) -> int:
     from ._io import write_json
 
     write_json(_partners(settings).revoke(args.name).public())
+    return 0
+
+
+def _partners_rotate(args: argparse.Namespace, settings: Any) -> int:
+    import time
+    from datetime import UTC, datetime
+
+    from ._io import write_json
+
+    now = time.time()
+    partner, token = _partners(settings).rotate(args.name, grace_seconds=args.grace, now=now)
+    until = datetime.fromtimestamp(now + args.grace, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_json({"partner": partner.public(), "token": token, "old_token_valid_until": until})
+    sys.stderr.write("The new token is shown only this once: store it now.\n")
     return 0
 
 

@@ -22,6 +22,11 @@ short-lived access tokens from the bridge's token endpoint with a signed asserti
 stores the new token's SHA-256 with the scopes granted (never more than the partner's own) and
 an expiry; `authenticate` accepts it until then, as that partner with those scopes only.
 
+Rotation: `rotate(name, grace_seconds=G)` gives a partner a new token and keeps the old one
+working for G seconds (its digest becomes an access token of the partner's scopes expiring then;
+revoking the partner ends it too). A revoked partner added again under its name (`add`) is
+registered anew: the settings given, a new token, and none of its earlier SMART tokens.
+
 `Partners(db, cache_seconds=N)` keeps successful token lookups and the partner list for N
 seconds per process (the bridge uses 5), so a request needs no database read to
 authenticate. A revocation through the same object takes effect at once; one made elsewhere
@@ -49,6 +54,7 @@ from .sql import migrations
 
 __all__ = [
     "ACCESS_TOKEN_SECONDS",
+    "MAX_GRACE_SECONDS",
     "DEFAULT_SCOPES",
     "NPI_SYSTEM",
     "Partner",
@@ -94,6 +100,7 @@ _REF = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]
 
 _JWK_ALGS = {"RSA": "RS384", "EC": "ES384"}
 ACCESS_TOKEN_SECONDS = 300
+MAX_GRACE_SECONDS = 30 * 86400  # partners rotate --grace: at most 30 days
 
 
 @dataclass(frozen=True)
@@ -289,25 +296,38 @@ class Partners:
         identity = {"org_identifier": org_identifier, "npis": list(npis), "references": list(references)}
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         webhook_secret = secrets.token_urlsafe(32) if webhook_url else None
+        values = (
+            _hash(token),
+            " ".join(scope_list),
+            jsonio.dumps(identity).decode(),
+            endpoint_url,
+            auth,
+            webhook_url,
+            webhook_secret,
+            created,
+            None if keys is None else jsonio.dumps(keys).decode(),
+        )
         with self.db.transaction() as tx:
-            if tx.execute("SELECT name FROM partners WHERE name = ?", (name,)):
+            found = tx.execute("SELECT revoked FROM partners WHERE name = ?", (name,))
+            if found and not found[0]["revoked"]:
                 raise Conflict(f"partner '{name}' already exists", rule="partner:exists", code="duplicate")
-            tx.execute(
-                "INSERT INTO partners (name, token_sha256, scopes, identity, endpoint_url, endpoint_auth, "
-                "webhook_url, webhook_secret, revoked, created, jwks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                (
-                    name,
-                    _hash(token),
-                    " ".join(scope_list),
-                    jsonio.dumps(identity).decode(),
-                    endpoint_url,
-                    auth,
-                    webhook_url,
-                    webhook_secret,
-                    created,
-                    None if keys is None else jsonio.dumps(keys).decode(),
-                ),
-            )
+            if found:
+                # A revoked name added again: registered anew (these settings, a new token),
+                # and nothing issued before the revocation comes back to life.
+                tx.execute(
+                    "UPDATE partners SET token_sha256 = ?, scopes = ?, identity = ?, endpoint_url = ?, "
+                    "endpoint_auth = ?, webhook_url = ?, webhook_secret = ?, revoked = 0, created = ?, "
+                    "jwks = ? WHERE name = ?",
+                    (*values, name),
+                )
+                tx.execute("DELETE FROM partner_access_tokens WHERE partner = ?", (name,))
+            else:
+                tx.execute(
+                    "INSERT INTO partners (name, token_sha256, scopes, identity, endpoint_url, endpoint_auth, "
+                    "webhook_url, webhook_secret, revoked, created, jwks) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                    (name, *values),
+                )
         self.forget()
         partner = self.get(name)
         assert partner is not None
@@ -333,7 +353,8 @@ class Partners:
         return list(partners)
 
     def revoke(self, name: str) -> Partner:
-        """Revoke a partner's token for good (the row stays for the audit trail)."""
+        """Revoke a partner: its token, a rotated token's grace and its SMART tokens stop working
+        (the row stays for the audit trail; `add` with the same name registers it anew)."""
         with self.db.transaction() as tx:
             if not tx.execute("SELECT name FROM partners WHERE name = ?", (name,)):
                 raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
@@ -342,6 +363,42 @@ class Partners:
         partner = self.get(name)
         assert partner is not None
         return partner
+
+    def rotate(
+        self, name: str, *, grace_seconds: float = 0.0, now: float | None = None
+    ) -> tuple[Partner, str]:
+        """Give a partner a new token; the old one keeps working for `grace_seconds` (0: not at all).
+
+        The old token's digest is kept as an access token of the partner's current scopes that
+        expires when the grace ends (so a revocation still ends it at once). Returns (partner,
+        new token); the token is not stored and cannot be shown again.
+        """
+        if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
+            raise InputError(
+                f"the grace must be 0-{MAX_GRACE_SECONDS} seconds (30 days)", rule="partner:grace"
+            )
+        ts = time.time() if now is None else now
+        token = secrets.token_urlsafe(32)
+        with self.db.transaction() as tx:
+            rows = tx.execute("SELECT token_sha256, scopes, revoked FROM partners WHERE name = ?", (name,))
+            if not rows:
+                raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
+            if rows[0]["revoked"]:
+                raise Conflict(
+                    f"partner '{name[:64]}' is revoked: add it again (partners add) for a new token",
+                    rule="partner:revoked",
+                )
+            if grace_seconds > 0:
+                tx.execute(
+                    "INSERT INTO partner_access_tokens (token_sha256, partner, scopes, expires_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (rows[0]["token_sha256"], name, rows[0]["scopes"], ts + grace_seconds),
+                )
+            tx.execute("UPDATE partners SET token_sha256 = ? WHERE name = ?", (_hash(token), name))
+        self.forget()
+        partner = self.get(name)
+        assert partner is not None
+        return partner, token
 
     def set_jwks(self, name: str, jwks: Any) -> Partner:
         """Replace a partner's SMART public keys (key rotation); tokens already issued stay valid."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fhir_kap.errors import Conflict, InputError, NotFound
@@ -210,3 +212,107 @@ def test_a_url_refused_for_credentials_never_echoes_them(partners):
         "fine", webhook_url="http://127.0.0.1:9000/hooks", endpoint_url="https://ehr.example/fhir"
     )
     assert partner.webhook_url == "http://127.0.0.1:9000/hooks"
+
+
+# --- rotation and re-adding a revoked name (issue 14), on both databases -----------------------
+
+
+def test_rotate__new_token_works_and_old_one_stops_without_grace(db):
+    partners = Partners(db)
+    _, old = partners.add("practice-a")
+    partner, new = partners.rotate("practice-a")
+    assert new != old
+    assert partners.authenticate(new) == partner
+    assert partners.authenticate(old) is None
+
+
+def test_rotate__old_token_keeps_working_until_the_grace_ends(db):
+    partners = Partners(db)
+    original, old = partners.add("practice-a", scopes="system/*.read kap/consent-authority")
+    t0 = time.time()
+    _, new = partners.rotate("practice-a", grace_seconds=60, now=t0)
+    during = partners.authenticate(old)
+    assert during is not None and during.name == "practice-a"
+    assert during.scopes == original.scopes  # the partner's scopes, no more
+    assert partners.authenticate(new) is not None
+    # the grace ended: the old token's row has expired
+    db.execute("UPDATE partner_access_tokens SET expires_at = ?", (t0 - 1,))
+    assert partners.authenticate(old) is None
+    assert partners.authenticate(new) is not None
+
+
+def test_rotate__revocation_ends_the_grace_too(db):
+    partners = Partners(db)
+    _, old = partners.add("practice-a")
+    _, new = partners.rotate("practice-a", grace_seconds=3600)
+    partners.revoke("practice-a")
+    assert partners.authenticate(old) is None
+    assert partners.authenticate(new) is None
+
+
+@pytest.mark.parametrize("grace", [-1, 31 * 86400])
+def test_rotate__grace_out_of_range_is_refused(db, grace):
+    partners = Partners(db)
+    partners.add("practice-a")
+    with pytest.raises(InputError) as err:
+        partners.rotate("practice-a", grace_seconds=grace)
+    assert err.value.issues[0].rule == "partner:grace"
+
+
+def test_rotate__unknown_or_revoked_partner_is_refused(db):
+    partners = Partners(db)
+    with pytest.raises(NotFound):
+        partners.rotate("ghost")
+    partners.add("practice-a")
+    partners.revoke("practice-a")
+    with pytest.raises(Conflict) as err:
+        partners.rotate("practice-a")
+    assert err.value.issues[0].rule == "partner:revoked"
+
+
+def test_add__a_revoked_name_is_registered_anew_with_a_new_token(db):
+    partners = Partners(db)
+    _, old = partners.add("practice-a", npis=["1234567893"])
+    partners.revoke("practice-a")
+    partner, new = partners.add("practice-a", npis=["1245319599"], scopes="system/*.read")
+    assert not partner.revoked
+    assert partner.npis == ("1245319599",)  # the settings given now
+    assert partner.scopes == ("system/*.read",)
+    assert partners.authenticate(new) == partner
+    assert partners.authenticate(old) is None
+    assert [p.name for p in partners.list()] == ["practice-a"]
+
+
+def test_add__a_revoked_name_gets_none_of_its_earlier_smart_tokens_back(db):
+    partners = Partners(db)
+    partner, _ = partners.add("practice-a")
+    granted = partners.grant(partner, partner.scopes, jti="j1", assertion_expires=time.time() + 60)
+    partners.revoke("practice-a")
+    partners.add("practice-a")
+    assert partners.authenticate(granted) is None
+
+
+def test_add__an_active_name_still_conflicts(db):
+    partners = Partners(db)
+    partners.add("practice-a")
+    with pytest.raises(Conflict):
+        partners.add("practice-a")
+
+
+def test_cli_rotate_and_re_add(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fhir_kap.cli import main
+
+    monkeypatch.setenv("FHIR_KAP_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("FHIR_KAP_DATABASE_URL", raising=False)
+    assert main(["partners", "add", "practice-a"]) == 0
+    old = json.loads(capsys.readouterr().out)["token"]
+    assert main(["partners", "rotate", "practice-a", "--grace", "120"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token"] != old and out["old_token_valid_until"].endswith("Z")
+    assert main(["partners", "revoke", "practice-a"]) == 0
+    capsys.readouterr()
+    assert main(["partners", "add", "practice-a"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["partner"]["revoked"] is False and again["token"] not in (old, out["token"])
