@@ -9,6 +9,8 @@ defect breaks one behaviour the way real servers do:
   error_500              malformed request bodies get a 500 with an HTML page
   open_access            requests without (or with a wrong) token are served anyway
   ignore_count           search returns everything in one page whatever `_count` says
+  delete_404             DELETE answers 404 with an OperationOutcome and keeps the resource
+                         (as the fhir-kap bridge does), while the CapabilityStatement claims delete
 
 Run it in a thread: `with BrokenServer(defects={"ignore_count"}, token="t") as s: s.base_url`.
 
@@ -44,6 +46,7 @@ DEFECTS = frozenset(
         "error_500",
         "open_access",
         "ignore_count",
+        "delete_404",
     }
 )
 TYPES = (
@@ -407,6 +410,8 @@ class BrokenServer:
 
         @app.delete("/fhir/<rtype>/<rid>")
         def delete(rtype: str, rid: str) -> Response:
+            if self._has("delete_404"):
+                return self._outcome(404, "not-found", f"no route for DELETE {rtype}/{rid}")
             with self._lock:
                 if (rtype, rid) in self.store:
                     self.deleted.add((rtype, rid))
