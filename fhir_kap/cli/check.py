@@ -18,7 +18,17 @@ from ..errors import ConfigError, InputError
 
 __all__ = ["handler", "register"]
 
-GROUP_NAMES = ("capability", "round-trip", "idempotency", "search", "errors", "validation", "security")
+GROUP_NAMES = (
+    "capability",
+    "partner",
+    "round-trip",
+    "idempotency",
+    "search",
+    "errors",
+    "validation",
+    "security",
+)
+ROLE_NAMES = ("full", "clinic", "practice-receiver", "referral-sender")  # registry.ROLES (kept light here)
 
 
 def register(subparsers: Any) -> None:
@@ -57,6 +67,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--token-url", metavar="URL", help="SMART token endpoint (default: discovered)")
     p.add_argument("--fhir-version", choices=("auto", "4.0.1", "5.0.0"), default="auto")
     p.add_argument(
+        "--role",
+        choices=ROLE_NAMES,
+        default="full",
+        help="the partner whose server this is: practice-receiver (receives notes as Communications), "
+        "referral-sender (holds referrals, receives notes), clinic, or full (every check; default)",
+    )
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="run only the checks that write nothing (capability, $validate, security): for a production endpoint",
+    )
+    p.add_argument(
         "--only",
         nargs="+",
         choices=GROUP_NAMES,
@@ -66,6 +88,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here (for CI)")
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report here")
+    p.add_argument(
+        "--testreport",
+        metavar="FILE",
+        help="write a FHIR TestReport (JSON, in the server's release: R4 or R5) here",
+    )
     p.add_argument("--keep-data", action="store_true", help="do not delete the test data afterwards")
     p.add_argument("--examples", metavar="DIR", help=argparse.SUPPRESS)  # tests: other example set
     p.set_defaults(handler=handler)
@@ -141,8 +168,10 @@ def _write(path: str, text: str) -> None:
 
 
 def handler(args: argparse.Namespace, settings: Any) -> int:
+    from ..config import Release
     from ..conformance import CheckConfig, run_checks
     from ..conformance.reports import console_table, html_report, junit_xml
+    from ..conformance.testreport import test_report
     from ..jsonio import dumps
 
     auth, secrets = _auth(args)
@@ -155,6 +184,8 @@ def handler(args: argparse.Namespace, settings: Any) -> int:
         keep_data=args.keep_data,
         secrets=tuple(secrets),
         examples_dir=Path(args.examples) if args.examples else None,
+        role=args.role,
+        read_only=args.read_only,
     )
     report = run_checks(config, progress=_Progress(sys.stderr)).to_dict()
     sys.stdout.write(console_table(report))
@@ -165,4 +196,8 @@ def handler(args: argparse.Namespace, settings: Any) -> int:
         _write(args.junit, junit_xml(report))
     if args.html:
         _write(args.html, html_report(report))
+    if args.testreport:
+        version = args.fhir_version if args.fhir_version != "auto" else str(report.get("fhir_version") or "")
+        release = Release.R5 if version.startswith("5.") else Release.R4
+        _write(args.testreport, dumps(test_report(report, release), pretty=True).decode() + "\n")
     return 0 if report["passed"] else 1

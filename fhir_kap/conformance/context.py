@@ -5,7 +5,11 @@ A check is a function of the `Context` that returns its pass reason or raises `F
 `Skipped`. The context sends every request through `FhirClient.raw`, so the checks see exact
 status codes and bodies, and records each exchange masked (masking.py), noting any credential a
 response echoes. Test data is created under a run-specific identifier system
-(`http://fhir-kap.example/sid/check-run/<uuid>`) and remembered for clean-up.
+(`http://fhir-kap.example/sid/check-run/<uuid>`), carries the run's tag in `meta.tag`
+(system `http://fhir-kap.example/CodeSystem/kap-check-run`, code = the run id; `Context.mark`)
+and is remembered for clean-up. `Context.exercise` notes each interaction a check meant to
+succeed with, so a capability the CapabilityStatement claims but the server does not honour is
+reported (cap-08).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .examples import load_examples
 from .masking import mask_body, mask_headers, mask_text
 
 RUN_SYSTEM_BASE = f"{CANONICAL}/sid/check-run/"
+RUN_TAG_SYSTEM = f"{CANONICAL}/CodeSystem/kap-check-run"
 FHIR_JSON = "application/fhir+json"
 SPEC_R4 = "FHIR R4 "  # how the rule of a check cites the R4 specification
 
@@ -76,6 +81,8 @@ class CheckConfig:
     secrets: tuple[str, ...] = ()  # extra values to mask and to look for in responses
     timeout: tuple[float, float] = (5.0, 30.0)
     session: Any = None
+    role: str = "full"  # a key of registry.ROLES: which checks run, what the capability checks need
+    read_only: bool = False  # run only the checks that write nothing
 
 
 @dataclass(frozen=True)
@@ -125,11 +132,35 @@ class Context:
     responses_seen: int = 0
     secrets: set[str] = field(default_factory=set)
     state: dict[str, Any] = field(default_factory=dict)
+    # What the role needs of the CapabilityStatement: type -> interactions, conditional-create
+    # types, and whether transactions are needed (set by the runner from registry.ROLES).
+    needs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    conditional_types: tuple[str, ...] = ()
+    needs_transaction: bool = True
+    # (type or "" for system, interaction, status, "METHOD path") of each request meant to succeed.
+    exercised: list[tuple[str, str, int, str]] = field(default_factory=list)
     _examples: list[dict[str, Any]] | None = None
 
     @property
     def run_system(self) -> str:
         return RUN_SYSTEM_BASE + self.run_id
+
+    @property
+    def run_tag(self) -> dict[str, str]:
+        """The run's tag (`meta.tag`) on every resource the run writes."""
+        return {"system": RUN_TAG_SYSTEM, "code": self.run_id, "display": "fhir-kap check test data"}
+
+    def mark(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """Add the run's tag to `resource.meta.tag` (once); return the resource."""
+        meta = resource.setdefault("meta", {})
+        tags = meta.setdefault("tag", [])
+        if not any(t.get("system") == RUN_TAG_SYSTEM and t.get("code") == self.run_id for t in tags):
+            tags.append(self.run_tag)
+        return resource
+
+    def exercise(self, rtype: str, interaction: str, resp: Response, what: str) -> None:
+        """Note an interaction a check meant to succeed with (read by cap-08 after the run)."""
+        self.exercised.append((rtype, interaction, resp.status, what))
 
     def request(
         self,
@@ -194,11 +225,18 @@ class Context:
         return resource
 
     def create(
-        self, resource: dict[str, Any], headers: Mapping[str, str] | None = None
+        self, resource: dict[str, Any], headers: Mapping[str, str] | None = None, *, probe: bool = False
     ) -> tuple[Response, dict[str, Any] | None]:
-        """POST a resource; remember it for clean-up; return (response, stored resource or None)."""
+        """POST a resource with the run's tag; remember it for clean-up; return (response, stored or None).
+
+        `probe`: the resource is meant to be refused (an error check), so the attempt is not
+        counted as exercising the create interaction."""
         rtype = resource["resourceType"]
+        self.mark(resource)
         resp = self.request("POST", rtype, body=resource, headers=headers)
+        if not probe:
+            conditional = bool(headers and any(k.lower() == "if-none-exist" for k in headers))
+            self.exercise(rtype, "conditional-create" if conditional else "create", resp, f"POST {rtype}")
         stored = resp.json() if resp.status in (200, 201) else None
         rid = stored.get("id") if isinstance(stored, dict) else None
         if not rid and resp.status in (200, 201):
@@ -235,6 +273,7 @@ class Context:
     ) -> tuple[list[dict[str, Any]], list[int]]:
         """Search and follow `next` links; return (matching resources, entries per page)."""
         resp = self.request("GET", rtype, params=params)
+        self.exercise(rtype, "search-type", resp, f"GET {rtype}?{query_text(params)}")
         items: list[dict[str, Any]] = []
         pages: list[int] = []
         for _ in range(max_pages):

@@ -6,10 +6,12 @@ a title, the spec rule it checks, whether it is *required* (a failed required ch
 run fail), and an outcome (pass / fail / skip) with a reason. A failure keeps the HTTP
 exchanges that proved it, with secrets and patient data masked (masking.py).
 
-This module runs them: `run_checks` probes the server, picks the release, runs the checks of
-registry.py in order on one `Context` (context.py) and returns the `RunReport`. Test data is
-created under a run-specific identifier system (`http://fhir-kap.example/sid/check-run/<uuid>`)
-and deleted afterwards unless `keep_data`.
+This module runs them: `run_checks` probes the server, picks the release, runs the checks the
+role needs (registry.ROLES; `read_only` keeps only those that write nothing) in order on one
+`Context` (context.py), cleans up (cleanup.py), runs cap-08 (claims the server did not honour,
+the clean-up's DELETEs included) and returns the `RunReport`. Test data carries the run's tag and
+a run-specific identifier system (`http://fhir-kap.example/sid/check-run/<uuid>`); it is deleted
+afterwards unless `keep_data`, and what remains is searched for and reported either way.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from typing import Any
 from ..client import FhirClient, NoAuth
 from ..config import Release
 from ..errors import ConfigError, KapError, ServerError
-from .context import Check, CheckConfig, Context, Exchange, Failed, Skipped
-from .examples import CREATE_ORDER
-from .registry import GROUPS, all_checks
+from .cleanup import Cleanup, clean_up
+from .context import RUN_TAG_SYSTEM, Check, CheckConfig, Context, Exchange, Failed, Skipped
+from .registry import GROUPS, all_checks, checks_for, claims_check, fix_for, role, rule_url
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class CheckResult:
     reason: str
     exchanges: tuple[Exchange, ...] = ()
     duration_ms: int = 0
+    rule_url: str | None = None
+    fix: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +51,8 @@ class CheckResult:
             "group": self.group,
             "title": self.title,
             "rule": self.rule,
+            "rule_url": self.rule_url,
+            "fix": self.fix,
             "required": self.required,
             "outcome": self.outcome,
             "reason": self.reason,
@@ -68,6 +74,10 @@ class RunReport:
     results: tuple[CheckResult, ...]
     data_kept: bool = False
     cleanup_problems: tuple[str, ...] = ()
+    role: str = "full"
+    read_only: bool = False
+    run_tag: str = ""
+    cleanup: Cleanup | None = None
 
     @property
     def passed(self) -> bool:
@@ -94,8 +104,12 @@ class RunReport:
             "finished": self.finished,
             "passed": self.passed,
             "summary": self.summary(),
+            "role": self.role,
+            "read_only": self.read_only,
+            "run_tag": self.run_tag,
             "data_kept": self.data_kept,
             "cleanup_problems": list(self.cleanup_problems),
+            "cleanup": (self.cleanup or Cleanup(attempted=False)).to_dict(),
             "groups": list(GROUPS),
             "results": [r.to_dict() for r in self.results],
         }
@@ -123,11 +137,15 @@ def run_checks(
         raise ConfigError(
             f"unknown check group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}", rule="check:only"
         )
+    the_role = role(config.role)
     checks = all_checks(config.invalid_dir)
     client = client or FhirClient(
         config.server, auth=config.auth or NoAuth(), timeout=config.timeout, session=config.session
     )
     ctx = Context(config=config, client=client, run_id=str(uuid.uuid4()))
+    ctx.needs = dict(the_role.needs)
+    ctx.conditional_types = the_role.conditional
+    ctx.needs_transaction = the_role.transaction
     ctx.secrets.update(s for s in config.secrets if s)
     started = _now()
     try:
@@ -152,20 +170,27 @@ def run_checks(
             ctx.release = Release.parse(declared)
         except ConfigError:
             ctx.release = Release.R4
-    wanted = [c for c in checks if not config.only or c.group in config.only]
-    if config.only and "capability" not in config.only:
-        wanted = [c for c in checks if c.id == "cap-01"] + wanted  # the others read its metadata
+    wanted = checks_for(config.role, checks, read_only=config.read_only, only=config.only)
+    last = claims_check(config.role, read_only=config.read_only)
+    if last and config.only and last.group not in config.only:
+        last = None
+    total = len(wanted) + (1 if last else 0)
     results: list[CheckResult] = []
     for n, check in enumerate(wanted):
         if progress:
-            progress(n, len(wanted), None, check)
+            progress(n, total, None, check)
         result = _run_one(ctx, check)
         results.append(result)
         if progress:
-            progress(n + 1, len(wanted), result, check)
-    problems: list[str] = []
-    if not config.keep_data:
-        problems = _cleanup(ctx)
+            progress(n + 1, total, result, check)
+    ctx.exchanges.clear()
+    cleanup = clean_up(ctx)
+    if last:  # after the clean-up, so its DELETEs count too
+        if progress:
+            progress(total - 1, total, None, last)
+        results.append(_run_one(ctx, last, release=declared))
+        if progress:
+            progress(total, total, results[-1], last)
     return RunReport(
         server=config.server,
         fhir_version=declared,
@@ -174,12 +199,16 @@ def run_checks(
         started=started,
         finished=_now(),
         results=tuple(results),
-        data_kept=config.keep_data,
-        cleanup_problems=tuple(problems),
+        data_kept=config.keep_data or bool(cleanup.remaining),
+        cleanup_problems=cleanup.problems,
+        role=config.role,
+        read_only=config.read_only,
+        run_tag=f"{RUN_TAG_SYSTEM}|{ctx.run_id}",
+        cleanup=cleanup,
     )
 
 
-def _run_one(ctx: Context, check: Check) -> CheckResult:
+def _run_one(ctx: Context, check: Check, release: str | None = None) -> CheckResult:
     ctx.exchanges.clear()
     t0 = time.monotonic()
     try:
@@ -198,34 +227,15 @@ def _run_one(ctx: Context, check: Check) -> CheckResult:
     if outcome == "fail" and not kept and check.group == "capability" and "metadata_exchange" in ctx.state:
         kept = (ctx.state["metadata_exchange"],)  # the CapabilityStatement is the evidence
     return CheckResult(
-        check.id, check.group, check.title, check.rule, check.required, outcome, reason, kept, ms
+        check.id,
+        check.group,
+        check.title,
+        check.rule,
+        check.required,
+        outcome,
+        reason,
+        kept,
+        ms,
+        rule_url(check.rule, release or (ctx.metadata or {}).get("fhirVersion")),
+        fix_for(check.id),
     )
-
-
-def _cleanup(ctx: Context) -> list[str]:
-    """Delete what the run created (newest first); also anything found under the run system."""
-    problems = []
-    seen = set(ctx.created)
-    for rtype in CREATE_ORDER:
-        try:
-            resp = ctx.request("GET", rtype, params={"identifier": f"{ctx.run_system}|", "_count": "100"})
-            bundle = resp.json() if resp.status == 200 else None
-        except (OSError, KapError):
-            bundle = None
-        for e in (bundle or {}).get("entry") or [] if isinstance(bundle, dict) else []:
-            res = e.get("resource") or {}
-            key = (str(res.get("resourceType") or ""), str(res.get("id") or ""))
-            if key[0] and key[1] and key not in seen:
-                ctx.created.append(key)
-                seen.add(key)
-    order = {t: i for i, t in enumerate(CREATE_ORDER)}
-    # Reversed before the (stable) sort: newest first within a type.
-    for rtype, rid in sorted(ctx.created[::-1], key=lambda k: -order.get(k[0], -1)):  # noqa: C415 - see above
-        try:
-            resp = ctx.request("DELETE", f"{rtype}/{rid}")
-            if resp.status not in (200, 202, 204, 404, 410):
-                problems.append(f"{rtype}/{rid}: delete answered {resp.status}")
-        except (OSError, KapError) as exc:
-            problems.append(f"{rtype}/{rid}: {type(exc).__name__}")
-    ctx.created.clear()
-    return problems

@@ -21,11 +21,12 @@ TOKEN = "broken-server-token-0123"
 
 EXPECTED_FAILURES = {
     "wrong_version": {"cap-02"},
-    "no_conditional_create": {"cap-05", "idem-01"},
+    "no_conditional_create": {"cap-05", "idem-01", "rcv-02"},
     "non_atomic_transaction": {"idem-03"},
     "error_500": {"err-01", "err-06"},
     "open_access": {"sec-01", "sec-02"},
     "ignore_count": {"srch-08"},
+    "delete_404": {"rt-05", "cap-08"},
 }
 
 

@@ -1,9 +1,13 @@
-"""Capability checks (cap-01 … cap-07): what the server's CapabilityStatement declares
+"""Capability checks (cap-01 … cap-08): what the server's CapabilityStatement declares, and
+whether the server does what it declares
 (conformance/checks/, layer 3: orchestration; imports base and the conformance context only).
 
 cap-01 reads /metadata once and keeps it on the context; the other capability checks, and the
 validation checks looking for $validate (`server_rest`), read it from there, so the runner always
-runs cap-01 first.
+runs cap-01 first. cap-04 … cap-06 check what the run's role needs (`Context.needs`,
+`conditional_types`, `needs_transaction`, from registry.ROLES). cap-08 (`CLAIMS_CHECK`) runs
+after every other check and the clean-up: each interaction the CapabilityStatement claims that a
+check or the clean-up then tried and saw fail is one finding ("claims X, does not do X").
 """
 
 from __future__ import annotations
@@ -76,28 +80,40 @@ def _resources(ctx: Context) -> dict[str, dict[str, Any]]:
     return {str(r.get("type")): r for r in server_rest(ctx).get("resource") or [] if isinstance(r, dict)}
 
 
+def _needs(ctx: Context) -> dict[str, tuple[str, ...]]:
+    return ctx.needs or dict.fromkeys(KAP_TYPES, NEEDED_INTERACTIONS)
+
+
 def _cap_interactions(ctx: Context) -> str:
     resources = _resources(ctx)
     missing = []
-    for rtype in KAP_TYPES:
+    needs = _needs(ctx)
+    for rtype, wanted in needs.items():
         have = {i.get("code") for i in (resources.get(rtype) or {}).get("interaction") or []}
-        lacking = [i for i in NEEDED_INTERACTIONS if i not in have]
+        lacking = [i for i in wanted if i not in have]
         if lacking:
             missing.append(f"{rtype} lacks {'/'.join(lacking)}" if rtype in resources else f"{rtype} absent")
     if missing:
         raise Failed("; ".join(missing))
-    return f"{len(KAP_TYPES)} types with {', '.join(NEEDED_INTERACTIONS)}"
+    return (
+        "; ".join(f"{t}: {', '.join(i)}" for t, i in needs.items())
+        if ctx.needs
+        else (f"{len(KAP_TYPES)} types with {', '.join(NEEDED_INTERACTIONS)}")
+    )
 
 
 def _cap_conditional(ctx: Context) -> str:
     resources = _resources(ctx)
-    lacking = [t for t in KAP_TYPES if not (resources.get(t) or {}).get("conditionalCreate")]
+    types = ctx.conditional_types or KAP_TYPES
+    lacking = [t for t in types if not (resources.get(t) or {}).get("conditionalCreate")]
     if lacking:
         raise Failed(f"conditionalCreate not declared for {', '.join(lacking)}")
-    return "conditionalCreate declared for every KAP type"
+    return f"conditionalCreate declared for {', '.join(types) if ctx.conditional_types else 'every KAP type'}"
 
 
 def _cap_transaction(ctx: Context) -> str:
+    if not ctx.needs_transaction:
+        raise Skipped("this role does not use transactions")
     codes = {i.get("code") for i in server_rest(ctx).get("interaction") or []}
     if "transaction" not in codes:
         raise Failed(f"system interactions {sorted(c for c in codes if c) or 'none'} lack 'transaction'")
@@ -114,6 +130,49 @@ def _cap_smart(ctx: Context) -> str:
     caps = doc.get("capabilities") or []
     return f"token_endpoint advertised; capabilities: {', '.join(caps) or 'none listed'}"
 
+
+def claimed(ctx: Context) -> set[tuple[str, str]]:
+    """(type or "" for system, interaction) pairs the CapabilityStatement claims."""
+    out: set[tuple[str, str]] = set()
+    for rtype, res in _resources(ctx).items():
+        out |= {(rtype, str(i.get("code"))) for i in res.get("interaction") or []}
+        if res.get("conditionalCreate"):
+            out.add((rtype, "conditional-create"))
+    out |= {("", str(i.get("code"))) for i in server_rest(ctx).get("interaction") or []}
+    return out
+
+
+def _cap_claims(ctx: Context) -> str:
+    claims = claimed(ctx)
+    broken: dict[tuple[str, str], str] = {}
+    tried = 0
+    for rtype, interaction, status, what in ctx.exercised:
+        key = (rtype, interaction)
+        if key not in claims:
+            continue
+        tried += 1
+        if not 200 <= status < 300 and key not in broken:
+            broken[key] = f"{what} answered {status}"
+    if broken:
+        raise Failed(
+            "; ".join(
+                f"the CapabilityStatement says {t + ' ' if t else ''}{i}, the server does not do it ({w})"
+                for (t, i), w in broken.items()
+            )
+        )
+    if not tried:
+        raise Skipped("no claimed interaction was exercised in this run")
+    return f"{tried} requests for claimed interactions, each answered 2xx"
+
+
+CLAIMS_CHECK = Check(
+    "cap-08",
+    "capability",
+    "what the CapabilityStatement claims, the server does",
+    SPEC_R4 + "capabilitystatement.html (rest.resource.interaction)",
+    True,
+    _cap_claims,
+)
 
 CHECKS = (
     Check(
@@ -136,7 +195,7 @@ CHECKS = (
     Check(
         "cap-04",
         "capability",
-        "KAP resource types support create/read/update/search-type",
+        "the role's resource types declare the interactions it needs",
         SPEC_R4 + "capabilitystatement.html (rest.resource.interaction)",
         True,
         _cap_interactions,

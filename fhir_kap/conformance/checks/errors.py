@@ -31,19 +31,20 @@ def _e_invalid_structure(ctx: Context) -> str:
         "resourceType": "ServiceRequest",
         "identifier": [{"system": ctx.run_system, "value": "err-structure"}],
     }
-    resp, _ = ctx.create(bad)
+    resp, _ = ctx.create(bad, probe=True)
     return _is_4xx_with_outcome(resp, "ServiceRequest without status, intent and subject")
 
 
 def _e_invalid_code(ctx: Context) -> str:
     bad = service_request(ctx, "err-code", "Patient/kap-check-none")
     bad["status"] = "bogus"
-    resp, _ = ctx.create(bad)
+    resp, _ = ctx.create(bad, probe=True)
     return _is_4xx_with_outcome(resp, "ServiceRequest.status 'bogus' (required binding request-status)")
 
 
 def _e_type_mismatch(ctx: Context) -> str:
-    resp = ctx.request("POST", "Patient", body={"resourceType": "Practitioner", "active": True})
+    body = ctx.mark({"resourceType": "Practitioner", "active": True})
+    resp = ctx.request("POST", "Patient", body=body)
     if 200 <= resp.status < 300:
         doc = resp.json()
         if isinstance(doc, dict) and doc.get("id"):

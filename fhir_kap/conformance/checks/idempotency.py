@@ -12,11 +12,13 @@ from ..context import SPEC_R4, Check, Context, Failed, identifier_param, outcome
 
 
 def _patient(ctx: Context, value: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Patient",
-        "identifier": [{"system": ctx.run_system, "value": value}],
-        "active": True,
-    }
+    return ctx.mark(
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": ctx.run_system, "value": value}],
+            "active": True,
+        }
+    )
 
 
 def _idem_conditional(ctx: Context) -> str:
@@ -49,13 +51,15 @@ def _entry(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
 
 
 def service_request(ctx: Context, value: str, subject: str) -> dict[str, Any]:
-    return {
-        "resourceType": "ServiceRequest",
-        "identifier": [{"system": ctx.run_system, "value": value}],
-        "status": "active",
-        "intent": "order",
-        "subject": {"reference": subject},
-    }
+    return ctx.mark(
+        {
+            "resourceType": "ServiceRequest",
+            "identifier": [{"system": ctx.run_system, "value": value}],
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": subject},
+        }
+    )
 
 
 def _remember_bundle(ctx: Context, bundle: Any) -> list[str]:
@@ -78,6 +82,7 @@ def _idem_transaction(ctx: Context) -> str:
         ]
     )
     resp = ctx.request("POST", "", body=bundle)
+    ctx.exercise("", "transaction", resp, "POST [base] (transaction)")
     doc = resp.json()
     if resp.status != 200 or not isinstance(doc, dict) or doc.get("type") != "transaction-response":
         raise Failed(f"transaction answered {resp.status}{outcome_hint(resp)}, not a transaction-response")
@@ -97,10 +102,12 @@ def _idem_transaction(ctx: Context) -> str:
 
 def _idem_atomic(ctx: Context) -> str:
     pid = f"urn:uuid:{uuid.uuid4()}"
-    invalid = {
-        "resourceType": "ServiceRequest",
-        "identifier": [{"system": ctx.run_system, "value": "idem-atomic-bad"}],
-    }  # no status/intent/subject
+    invalid = ctx.mark(
+        {
+            "resourceType": "ServiceRequest",
+            "identifier": [{"system": ctx.run_system, "value": "idem-atomic-bad"}],
+        }
+    )  # no status/intent/subject
     bundle = _bundle(
         [_entry(pid, _patient(ctx, "idem-atomic-patient")), _entry(f"urn:uuid:{uuid.uuid4()}", invalid)]
     )

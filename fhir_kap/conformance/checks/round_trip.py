@@ -33,6 +33,7 @@ def _rt_read(ctx: Context) -> str:
     for key, item in journey.items():
         stored = item["stored"]
         resp = ctx.request("GET", f"{stored['resourceType']}/{stored['id']}")
+        ctx.exercise(stored["resourceType"], "read", resp, f"GET {stored['resourceType']}/{stored['id']}")
         back = resp.json()
         if resp.status != 200 or not isinstance(back, dict):
             raise Failed(f"read {key} answered {resp.status}")
@@ -82,6 +83,7 @@ def _rt_update(ctx: Context) -> str:
         {"url": f"{CANONICAL}/StructureDefinition/kap-goal", "valueString": "check update"}
     )
     resp = ctx.request("PUT", f"{rtype}/{rid}", body=changed, headers={"If-Match": f'W/"{version}"'})
+    ctx.exercise(rtype, "update", resp, f"PUT {rtype}/{rid}")
     if resp.status != 200:
         raise Failed(
             f'update with the current version (If-Match W/"{version}") answered {resp.status}'
@@ -103,6 +105,7 @@ def _rt_delete(ctx: Context) -> str:
         stored = journey[key]["stored"]
         path = f"{stored['resourceType']}/{stored['id']}"
         resp = ctx.request("DELETE", path)
+        ctx.exercise(stored["resourceType"], "delete", resp, f"DELETE {path}")
         if resp.status not in (200, 202, 204):
             raise Failed(f"delete {key} answered {resp.status}{outcome_hint(resp)}")
         after = ctx.request("GET", path)
