@@ -19,7 +19,7 @@ from ..errors import Issue, KapError, operation_outcome
 
 __all__ = ["main", "build_parser"]
 
-COMMAND_MODULES = ("records", "consent", "exchange", "bridge", "check", "demo")
+COMMAND_MODULES = ("records", "consent", "exchange", "bridge", "check", "testserver", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fhir-kap {__version__}")
     parser.add_argument(
         "--config", metavar="FILE", default=None, help="settings file (TOML); default $FHIR_KAP_CONFIG"
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress display on a terminal (it is never shown when stderr is piped)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

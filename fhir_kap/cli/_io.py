@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from ..errors import InputError
 
-__all__ = ["bounded_int", "open_input", "write_json"]
+__all__ = ["bounded_int", "open_input", "progress", "write_json"]
 
 
 def bounded_int(name: str, low: int, high: int) -> Callable[[str], int]:
@@ -54,3 +54,22 @@ def write_json(obj: object, *, pretty: bool = True, stream: IO[bytes] | None = N
     out.write(dumps(obj, pretty=pretty))
     out.write(b"\n")
     out.flush()
+
+
+T = TypeVar("T")
+
+
+def progress(
+    items: Iterable[T], args: argparse.Namespace, *, unit: str, total: int | None = None
+) -> Iterable[T]:
+    """`items`, counted on stderr (tqdm: rate and count, a bar when `total` is known) while a long
+    run goes on, but only on a terminal: silent when stderr is piped or with `--quiet`, so
+    nothing a script reads ever changes. tqdm is imported only when it shows."""
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    bar: Any = tqdm(
+        items, total=total, unit=unit, file=sys.stderr, leave=False, mininterval=0.5, dynamic_ncols=True
+    )
+    return bar  # type: ignore[no-any-return]

@@ -11,13 +11,14 @@ Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputError
-from ._io import bounded_int, write_json
+from ._io import bounded_int, progress, write_json
 from .outbox import open_outbox, outbox_handler
 
 if TYPE_CHECKING:  # heavy imports stay inside the handlers
@@ -462,8 +463,9 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
     if args.once:
         outbox.recover(worker.worker_id)
         total = Stats()
-        while True:
-            stats = worker.run_once()
+        backlog = outbox.counts().get("pending", 0)
+        for _ in progress(itertools.count(), args, unit="batch") if backlog else ():
+            stats = worker.run_once()  # a draining backlog shows its batches and rate on a terminal
             total += stats
             if stats.claimed == 0:
                 break

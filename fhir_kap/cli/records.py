@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ._io import open_input, write_json
+from ._io import open_input, progress, write_json
 
 VERSIONS = ("4.0.1", "5.0.0", "R4", "R5")
 
@@ -128,7 +128,9 @@ def cmd_map(args: argparse.Namespace, settings: Any) -> int:
         out.write(b'{"resourceType":"Bundle","type":"collection","entry":[\n')
     unreadable: KapError | None = None
     try:
-        for outcome in pipeline.map_documents(_documents(args.files), release, kept=True):
+        for outcome in progress(
+            pipeline.map_documents(_documents(args.files), release, kept=True), args, unit="record"
+        ):
             if not outcome.ok:
                 failed.append(outcome)
                 continue
@@ -175,7 +177,7 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     imports = pipeline.import_documents(
         _documents(args.files), release, default=settings.fhir_version, context=context
     )
-    for outcome in imports:
+    for outcome in progress(imports, args, unit="record"):
         issues += labelled(outcome.label, outcome.error.issues if outcome.error else outcome.issues)
         if not outcome.ok:
             failed = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,16 @@ def test_import_and_validate__agree_on_the_release_when_the_shape_does_not_tell(
     main(["import", patient])
     capsys.readouterr()
     assert loaded[:1] == [Release.R5] and set(loaded) == {Release.R5}
+
+
+def test_progress_shows_on_a_terminal_only_and_never_with_quiet(capsys, monkeypatch):
+    records = str(ROOT / "profiles" / "examples" / "records" / "journey.ndjson")
+    assert main(["map", "--ndjson", records]) == 0
+    piped = capsys.readouterr()
+    assert piped.err == ""  # piped: nothing but what a script reads
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["map", "--ndjson", records]) == 0
+    shown = capsys.readouterr()
+    assert "record" in shown.err and shown.out == piped.out  # the progress is on stderr only
+    assert main(["--quiet", "map", "--ndjson", records]) == 0
+    assert capsys.readouterr().err == ""
