@@ -286,6 +286,32 @@ def _partners_webhooks(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def _banner(args: argparse.Namespace, settings: Any) -> str:
+    """What `serve` says on start: where it listens, the FHIR version, the database (never its
+    credentials), the serving model and the version."""
+    from urllib.parse import urlsplit
+
+    from .. import __version__
+
+    url = urlsplit(settings.db_url)
+    if url.scheme.startswith("sqlite"):
+        database = f"sqlite {url.path or settings.db_url}"
+    else:  # host, port and database name only: no user, no password, no query (may hold secrets)
+        database = f"{url.scheme.split('+')[0]} {url.hostname or 'localhost'}{f':{url.port}' if url.port else ''}{url.path}"
+    if args.dev:
+        model = "Flask development server (one process; not for production)"
+    elif args.sync:
+        model = f"{args.workers} sync worker(s){f' x {args.threads} threads' if (args.threads or 1) > 1 else ''} (behind a buffering front only)"
+    else:
+        threads = 4 if args.threads is None else args.threads
+        model = f"{args.workers} worker(s) x {threads} threads, requests read whole (read timeout {args.read_timeout:g} s)"
+    public = f"\n  public base: {args.base_url}" if args.base_url else ""
+    return (
+        f"fhir-kap {__version__} bridge on http://{args.host}:{args.port}/fhir (FHIR {settings.fhir_version.value})"
+        f"\n  database: {database}\n  serving: {model}{public}"
+    )
+
+
 def _serve(args: argparse.Namespace, settings: Any) -> int:
     from ..bridge import BridgeOptions, create_app
     from ..bridge.app import JsonLines
@@ -296,6 +322,7 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
         level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler]
     )
     options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
+    print(_banner(args, settings), flush=True)
     if args.dev:
         create_app(settings, options).run(host=args.host, port=args.port, threaded=True)
         return 0

@@ -33,6 +33,7 @@ MAX_BODY = 100_000
 class Served:
     port: int
     token: str
+    data: Path
 
     @property
     def url(self) -> str:
@@ -70,7 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "2", *extra],
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=open(data / "serve.out", "wb"),
         stderr=open(data / "serve.log", "wb"),
     )
     try:
@@ -84,7 +85,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 pass
             assert time.monotonic() < deadline, "fhir-kap serve did not become ready within 30 s"
             time.sleep(0.2)
-        yield Served(port, token)
+        yield Served(port, token, data)
     finally:
         proc.terminate()
         try:
@@ -211,3 +212,33 @@ def test_post_base__with_or_without_trailing_slash_takes_a_transaction(served: S
     )
     assert resp.status_code == 200, resp.text[:500]
     assert resp.json()["type"] == "transaction-response"
+
+
+def test_serve_says_where_it_listens_and_on_what_never_a_credential(served: Served) -> None:
+    banner = (served.data / "serve.out").read_text()
+    assert f"bridge on http://127.0.0.1:{served.port}/fhir (FHIR 4.0.1)" in banner
+    assert "database: sqlite " in banner and "serving: 2 worker(s)" in banner
+    assert "fhir-kap " in banner.splitlines()[0]
+
+
+def test_the_banner_shows_a_postgresql_database_without_its_credentials() -> None:
+    import argparse
+
+    from fhir_kap.cli.bridge import _banner
+    from fhir_kap.config import load_settings
+
+    settings = load_settings(
+        env={"FHIR_KAP_DATABASE_URL": "postgresql://kap:s3cret@db.internal:5433/kap?sslmode=require"}
+    )
+    args = argparse.Namespace(
+        host="0.0.0.0",
+        port=8443,
+        dev=False,
+        sync=False,
+        workers=3,
+        threads=None,
+        read_timeout=15.0,
+        base_url=None,
+    )
+    text = _banner(args, settings)
+    assert "postgresql db.internal:5433/kap" in text and "s3cret" not in text and "kap:" not in text
