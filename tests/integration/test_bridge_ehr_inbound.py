@@ -111,3 +111,38 @@ def test_a_conditional_reference_outside_a_transaction_is_refused(bridge):
     note["subject"] = {"reference": f"Patient?identifier={MRN}|MRN-3"}
     resp = bridge.post("clinic", "/fhir/Communication", note)
     assert resp.status_code == 400 and is_outcome(resp) and "bridge:conditional-reference" in _rule(resp)
+
+
+def _deep_note(levels: int) -> dict:
+    note = load("Example-Communication-note-1.json")
+    note["identifier"][0]["value"] = "deep-note"
+    ext: dict = {"url": "https://ehr.example.org/x", "valueString": "v"}
+    for _ in range(levels):
+        ext = {"url": "https://ehr.example.org/x", "extension": [ext]}
+    note["extension"] = [ext]
+    return note
+
+
+def test_the_deepest_resource_accepted_still_reads_back_in_every_bundle(bridge):
+    """One depth rule for every write path, with headroom for the Bundles wrapped around a stored
+    resource: whatever is stored, its read, search and _history answer (the 125-level note used to
+    be stored, then break its recipient's searches with a 500 for good)."""
+    from fhir_kap.jsonio import MAX_DEPTH, too_deep
+
+    levels = next(n for n in range(200) if too_deep(_deep_note(n + 1), MAX_DEPTH))  # the deepest accepted
+    note = _deep_note(levels)
+    resp = bridge.post("clinic", "/fhir/Communication", note)
+    assert resp.status_code == 201, _rule(resp)
+    rid = resp.get_json(force=True)["id"]
+    for path in (f"/fhir/Communication/{rid}", f"/fhir/Communication/{rid}/_history", "/fhir/Communication"):
+        assert bridge.get("clinic", path).status_code == 200, path
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": _deep_note(levels), "request": {"method": "POST", "url": "Communication"}}],
+    }
+    assert bridge.post("clinic", "/fhir", bundle).status_code == 200
+    resp = bridge.post("clinic", "/fhir/Communication", _deep_note(levels + 1))
+    assert resp.status_code == 400 and "fhir:nesting" in _rule(resp)
+    resp = bridge.post("clinic", "/fhir/Communication", _deep_note(125))
+    assert resp.status_code == 400 and "fhir:nesting" in _rule(resp)
