@@ -224,7 +224,7 @@ def _junit_cleanup(root: ET.Element, report: Mapping[str, Any]) -> None:
 _CSS = """
 :root{--pass:#1a7f37;--fail:#cf222e;--skip:#9a6700;--opt:#bc4c00;--ink:#1f2328;--mute:#59636e;--line:#d1d9e0}
 *{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);
-margin:0;background:#f6f8fa}main{max-width:1100px;margin:0 auto;padding:24px}
+margin:0;background:#f6f8fa}main{max-width:1300px;margin:0 auto;padding:16px 24px}
 header{background:#fff;border:1px solid var(--line);border-radius:10px;padding:20px 24px;margin-bottom:20px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:0}.meta{color:var(--mute);font-size:13px}
 .verdict{display:inline-block;font-weight:700;padding:2px 10px;border-radius:999px;color:#fff;margin-left:8px;font-size:14px}
@@ -249,7 +249,7 @@ pre{background:#f6f8fa;border:1px solid var(--line);border-radius:6px;padding:10
 white-space:pre-wrap;word-break:break-all;max-height:420px;overflow:auto}
 footer{color:var(--mute);font-size:12px;text-align:center;padding:12px}
 #failures{border-color:var(--fail)}#failures ol{margin:0;padding:8px 18px 8px 40px}
-#failures li{padding:5px 0;border-bottom:1px solid #eef1f4}#failures li:last-child{border-bottom:0}
+#failures li{padding:3px 0;font-size:14px;border-bottom:1px solid #eef1f4}#failures li:last-child{border-bottom:0}
 #failures .reason{color:var(--ink)}.fix{color:#0a3069;font-size:13px;margin-top:2px}
 .fix::before{content:"→ ";color:var(--fail);font-weight:700}
 #cleanup.left{border-color:var(--opt)}#cleanup.left h2{color:var(--opt)}#cleanup.clean h2{font-weight:400}
@@ -274,10 +274,10 @@ def _failures_html(report: Mapping[str, Any]) -> list[str]:
         label = "FAIL" if r["required"] else "FAIL (optional)"
         out.append(
             f'<li class="failure" data-check="{e(r["id"])}"><span class="badge {cls}">{label}</span> '
-            f'<a class="id" href="#check-{e(r["id"])}">{e(r["id"])}</a> <b>{e(r["title"])}</b> '
-            f'<span class="reason">{e(_clip(r["reason"], 220))}</span>'
-            + (f'<div class="fix">What to change: {e(r["fix"])}</div>' if r.get("fix") else "")
-            + f'<div class="rule">{_rule_html(r)}</div></li>'
+            f'<a class="id" href="#check-{e(r["id"])}">{e(r["id"])}</a> <b>{e(r["title"])}</b>: '
+            f'<span class="reason">{e(_clip(r["reason"], 160))}</span>'
+            f'<div class="fix">{"What to change: " + e(r["fix"]) + " · " if r.get("fix") else ""}'
+            f'<span class="rule">{_rule_html(r)}</span></div></li>'
         )
     out.append("</ol></section>")
     return out

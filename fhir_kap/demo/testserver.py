@@ -1,7 +1,9 @@
 """Start and stop a local SEKMET FHIR R4 server (the real server used by tests, demo and bench).
 
 SEKMET (`sekmet-fhir`, pinned in the `test` extra) runs as a child process on 127.0.0.1 with its
-simulator off and a fresh data directory; `start()` polls `/fhir/metadata` until it answers.
+simulator off, its `base_url` set to the address it listens on (without it, paging links name
+another host and `fhir-kap check` fails srch-08) and a fresh data directory; `start()` polls
+`/fhir/metadata` until it answers. `fhir-kap testserver` starts one standalone.
 
 Room: demo/ (layer 3, orchestration): may import layers 0-2.
 """
@@ -52,6 +54,11 @@ class SekmetServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/fhir"
+
+    @property
+    def running(self) -> bool:
+        """True while the SEKMET process is alive."""
+        return self._proc is not None and self._proc.poll() is None
 
     @property
     def root_url(self) -> str:
