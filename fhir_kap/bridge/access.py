@@ -18,7 +18,8 @@ Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +27,26 @@ from ..config import Release
 from ..exchange.inbound import addressed_to
 from ..fhir.identifiers import patient_reference
 from ..storage.partners import Partner
-from ..storage.store import MAX_ALTERNATIVES, Store, StoredResource
+from ..storage.search import page
+from ..storage.store import MAX_ALTERNATIVES, MAX_COUNT, Store, StoredResource
 
-__all__ = ["Access", "SearchVisibility"]
+__all__ = [
+    "MAX_SCAN",
+    "SCAN_FACTOR",
+    "SCAN_FLOOR",
+    "Access",
+    "PartnerPage",
+    "SearchVisibility",
+    "scan_budget",
+    "search_page",
+]
+
+#: A page of a partner's search looks at most at max(SCAN_FLOOR, SCAN_FACTOR x _count) candidates,
+#: and never more than MAX_SCAN: the bound on consent decisions, decoded rows and AuditEvents per
+#: request (docs/operations/search-and-audit.md).
+SCAN_FACTOR = 4
+SCAN_FLOOR = 20
+MAX_SCAN = SCAN_FACTOR * MAX_COUNT
 
 
 class Access:
@@ -132,28 +150,127 @@ class Access:
 
 
 class SearchVisibility:
-    """`where` for one partner's search: decides each row (one gate per client), keeps the
-    AuditEvents of permitted rows until `disclosed` names the page actually returned, and
-    audits denials at once."""
+    """Decides the rows of one partner's search (one consent gate per client for the whole
+    search) and keeps its AuditEvents until `disclosed` names the page actually returned: then the
+    permits of that page and every denial decided are written together, in one commit. Nothing
+    is written per row."""
 
     def __init__(self, access: Access, partner: Partner) -> None:
         self.access = access
         self.partner = partner
+        self.decisions = 0  # consent decisions made (each leaves at most one AuditEvent)
         self._gates: dict[str | None, Any] = {}
         self._permits: dict[tuple[str, str], dict[str, Any]] = {}
+        self._denials: list[dict[str, Any]] = []
 
     def __call__(self, stored: StoredResource) -> bool:
         allowed, event = self.access.check(self.partner, stored, self._gates)
         if event is not None:
+            self.decisions += 1
             if allowed:
                 self._permits[(stored.type, stored.id)] = event
-            elif self.access.audit is not None:
-                self.access.audit.append(event)
+            else:
+                self._denials.append(event)
         return allowed
 
-    def disclosed(self, items: list[StoredResource]) -> None:
-        """Audit the permits of the rows returned (the others were never sent)."""
+    def disclosed(self, items: list[StoredResource]) -> int:
+        """Audit the permits of the rows returned (the others were never sent) and the denials,
+        in one commit; how many AuditEvents were written."""
         if self.access.audit is None:
-            return
+            return 0
         events = [self._permits[key] for key in ((s.type, s.id) for s in items) if key in self._permits]
-        self.access.audit.append_many(events)  # one commit for the page
+        batch = self.access.audit.batch(self.decisions)
+        for event in [*events, *self._denials]:
+            batch.add(event)
+        self._permits.clear()
+        self._denials = []
+        return len(batch.commit())
+
+
+@dataclass(frozen=True)
+class PartnerPage:
+    """One page of a partner's search: the resources returned, the total (None when this page
+    did not decide every candidate, so the count of visible ones is not known), the `_offset`
+    (a candidate position) where the next page starts (None: nothing after), and the work done."""
+
+    items: list[StoredResource]
+    total: int | None
+    next_offset: int | None
+    scanned: int
+    audited: int
+
+
+def scan_budget(count: int) -> int:
+    """The most candidates one page of a partner's search looks at (each may need a consent
+    decision and an AuditEvent): `SCAN_FACTOR` x `_count`, at least `SCAN_FLOOR`, at most
+    `MAX_SCAN`."""
+    return min(MAX_SCAN, max(SCAN_FLOOR, SCAN_FACTOR * max(0, int(count))))
+
+
+def search_page(
+    access: Access,
+    partner: Partner,
+    rtype: str,
+    params: Mapping[str, Sequence[str]],
+    *,
+    count: int,
+    offset: int,
+) -> PartnerPage:
+    """One page of a (non-clinic) partner's search, at bounded cost.
+
+    SQL selects the candidates (what the partner wrote, or what names one of its references as
+    recipient or requester); nothing else is read, decided or audited. From candidate position
+    `offset` at most `scan_budget(count)` candidates are looked at: its own rows are visible
+    as they are, the others go through `check` (addressed? consent?). The page holds the first
+    `count` visible ones (possibly fewer, even none: follow `next`). When every candidate that
+    needs a consent decision lies in this window, all of them are decided and the total is
+    exact; otherwise it is left out (None). All AuditEvents of the request, the permits of the
+    page returned and every denial, are written in one commit, at most `scan_budget(count)`.
+    """
+    count, offset = page(count, offset)
+    store = access.store
+    window = store.scan(
+        rtype,
+        params,
+        audience=(partner.name, access.partner_refs(partner)),
+        offset=offset,
+        limit=scan_budget(count),
+    )
+    rows = window.rows
+    gated_here = sum(1 for r in rows if not r.own)
+    exact = gated_here == window.total - window.own  # every consent decision of the search is here
+    visible = access.searcher(partner)
+    items: list[StoredResource] = []
+    visible_here = 0
+    own_here = 0
+    next_at: int | None = None  # window index where the next page starts
+    for i, row in enumerate(rows):
+        own_here += row.own
+        full = len(items) >= count
+        if full and not exact:
+            next_at = i  # the page is full and the total is not known anyway: stop here
+            break
+        if full and row.own:  # counted for the total, never decoded
+            visible_here += 1
+            next_at = i if next_at is None else next_at
+            continue
+        stored = store.decode(row)
+        if not visible(stored):
+            continue
+        visible_here += 1
+        if not full:
+            items.append(stored)
+        elif next_at is None:
+            next_at = i  # the first visible row past the page
+    scanned = next_at if next_at is not None and not exact else len(rows)
+    if next_at is None and offset + len(rows) < window.total:
+        next_at = len(rows)
+    total = (window.own - own_here) + visible_here if exact else None
+    audited = visible.disclosed(items)
+    return PartnerPage(
+        items,
+        total,
+        offset + next_at if next_at is not None and count > 0 else None,
+        scanned,
+        audited,
+    )

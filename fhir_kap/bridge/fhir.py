@@ -24,6 +24,7 @@ from ..storage.store import (
     StoredResource,
 )
 from ..validation import KAP_PROFILES
+from .access import search_page
 from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date, services
 
 __all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]
@@ -264,19 +265,16 @@ def register(app: Flask) -> None:
         count = _int_param(params.pop("_count", None), "_count", DEFAULT_COUNT, MAX_COUNT)
         offset = _int_param(params.pop("_offset", None), "_offset", 0, 10_000_000)
         svc = services()
+        total: int | None
         if partner.is_clinic:
             result = svc.store.search(rtype, params, count=count, offset=offset)
+            items, total = result.items, result.total
+            following = offset + count if offset + count < result.total and count > 0 else None
         else:
-            visible = svc.access.searcher(partner)
-            result = svc.store.search(
-                rtype,
-                params,
-                count=count,
-                offset=offset,
-                audience=(partner.name, svc.access.partner_refs(partner)),
-                where=visible,
-            )
-            visible.disclosed(result.items)
+            # Bounded: at most scan_budget(_count) candidates decided and audited per page; the
+            # total is left out when this page could not decide every candidate.
+            found = search_page(svc.access, partner, rtype, params, count=count, offset=offset)
+            items, total, following = found.items, found.total, found.next_offset
         base = _base()
 
         def link(relation: str, off: int) -> dict[str, str]:
@@ -287,26 +285,23 @@ def register(app: Flask) -> None:
             return {"relation": relation, "url": f"{base}/{rtype}?{urlencode(query)}"}
 
         links = [link("self", offset)]
-        if offset + count < result.total and count > 0:
-            links.append(link("next", offset + count))
+        if following is not None:
+            links.append(link("next", following))
         if offset > 0:
             links.append(link("previous", max(0, offset - count)))
-        return fhir_response(
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+        if total is not None:
+            bundle["total"] = total
+        bundle["link"] = links
+        bundle["entry"] = [
             {
-                "resourceType": "Bundle",
-                "type": "searchset",
-                "total": result.total,
-                "link": links,
-                "entry": [
-                    {
-                        "fullUrl": f"{base}/{s.type}/{s.id}",
-                        "resource": s.resource,
-                        "search": {"mode": "match"},
-                    }
-                    for s in result.items
-                ],
+                "fullUrl": f"{base}/{s.type}/{s.id}",
+                "resource": s.resource,
+                "search": {"mode": "match"},
             }
-        )
+            for s in items
+        ]
+        return fhir_response(bundle)
 
     @app.route("/fhir/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unsupported(rest: str) -> Response:
@@ -368,7 +363,8 @@ def capability_statement(base: str) -> dict[str, Any]:
                 "mode": "server",
                 "documentation": "Partners authenticate with a bearer token; each reads only what it sent and what "
                 "is addressed to it and permitted by consent. _count (max 200) and _offset page "
-                "searches.",
+                "searches; a partner's page looks at a bounded number of candidates, so it may hold "
+                "fewer than _count entries (follow the next link) and its total may be absent.",
                 "security": {
                     "cors": False,
                     "service": [

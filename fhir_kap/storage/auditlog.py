@@ -7,6 +7,11 @@ recorded, patient, recipient, outcome, consent reference). The database itself r
 change history: SQLite triggers and a PostgreSQL trigger raise on UPDATE and DELETE (and
 TRUNCATE), so a bug or a careless operator cannot rewrite the log through this database
 connection either (storage/sql/schema/auditlog-1*.sql).
+
+Writes: `append` (one record, one commit), `append_many` (several, one commit) and `batch`
+(an `AuditBatch` that collects the records one request decides, up to a stated bound, and
+writes them in one commit): a search that decides many rows costs one disk sync, not one per
+row (docs/operations/search-and-audit.md).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ..errors import InputError, quote
 from .db import Database
 from .sql import migrations
 
-__all__ = ["AUDIT_TYPES", "AuditLog", "AuditRecord", "extract"]
+__all__ = ["AUDIT_TYPES", "AuditBatch", "AuditLog", "AuditRecord", "extract"]
 
 
 AUDIT_TYPES = ("AuditEvent", "Provenance")
@@ -191,6 +196,10 @@ class AuditLog:
 
         return self.db.write(insert) if rows else []
 
+    def batch(self, limit: int) -> AuditBatch:
+        """A batch of at most `limit` records, written in one commit by `AuditBatch.commit`."""
+        return AuditBatch(self, limit)
+
     def query(
         self,
         resource_type: str | None = None,
@@ -237,3 +246,30 @@ class AuditLog:
     def count(self) -> int:
         """How many records the log holds."""
         return int(self.db.query("SELECT COUNT(*) AS n FROM audit_log")[0]["n"])
+
+
+class AuditBatch:
+    """The audit records of one unit of work (a search page), written together in one commit.
+
+    `limit` is the most records the batch takes: the caller states its bound on audit volume,
+    and a record past it raises ValueError (a bug in the caller's bound, never silently
+    dropped). `commit` writes what was added (nothing when empty) and empties the batch.
+    """
+
+    def __init__(self, log: AuditLog, limit: int) -> None:
+        self.log = log
+        self.limit = max(0, int(limit))
+        self._records: list[dict[str, Any]] = []
+
+    def add(self, resource: dict[str, Any]) -> None:
+        if len(self._records) >= self.limit:
+            raise ValueError(f"audit batch bound of {self.limit} records exceeded")
+        self._records.append(resource)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def commit(self) -> list[int]:
+        """Write every record added, in one commit; their sequence numbers."""
+        records, self._records = self._records, []
+        return self.log.append_many(records)

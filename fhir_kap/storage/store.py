@@ -19,6 +19,12 @@ one B-tree, and a resource's rows share one leaf page, so a write dirties one or
 pages instead of one per distinct value (measured: ~36 -> ~10 WAL pages per 3 KB create).
 Searches walk `fhir_current` in `seq` order and probe that key per resource, which is the
 plan SQLite chose with the old value-keyed index too.
+
+Two ways to search: `search` (SQL does everything: the clinic, lookups) and `scan` (a partner's
+search, whose rows the consent gate decides one by one): a window of at most `limit` candidates
+from a position, with the counts of all candidates and of the searcher's own done in SQL, and the
+bodies parsed only when `decode` asks. No search reads every matching row to filter it in
+Python (docs/operations/search-and-audit.md).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ __all__ = [
     "MAX_COUNT",
     "REFERENCE_PARAMS",
     "SEARCH_PARAMS",
+    "ScanRow",
+    "ScanWindow",
     "SearchResult",
     "Store",
     "StoredResource",
@@ -107,6 +115,26 @@ class SearchResult:
     offset: int
     count: int
     items: list[StoredResource]
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    """One candidate of a `Store.scan` window: the row as read (body not yet parsed) and whether
+    the searching source wrote it."""
+
+    raw: Mapping[str, Any]
+    own: bool
+
+
+@dataclass(frozen=True)
+class ScanWindow:
+    """A bounded window of candidates (`Store.scan`): `total` candidates match in all, `own` of
+    them written by the searching source; `rows` from position `offset`."""
+
+    total: int
+    own: int
+    offset: int
+    rows: list[ScanRow]
 
 
 class Store:
@@ -322,31 +350,76 @@ class Store:
         *,
         count: int = DEFAULT_COUNT,
         offset: int = 0,
-        where: Callable[[StoredResource], bool] | None = None,
         audience: tuple[str, Sequence[str]] | None = None,
     ) -> SearchResult:
-        """Current, non-deleted resources matching every parameter (values in one parameter OR'ed).
+        """Current, non-deleted resources matching every parameter (values in one parameter OR'ed),
+        the total counted in SQL.
 
         `audience` (source, references) keeps only resources that source wrote or whose
-        recipient/requester is one of the references; `where` filters further in Python
-        (access rules), and totals then count what it lets through.
+        recipient/requester is one of the references. Rows that need a per-row decision (the
+        consent gate) are read with `scan`, a bounded window, never all at once.
         """
         count, offset = page(count, offset)
+        cond, args = self._condition(rtype, params, audience)
+        with self.db.transaction(immediate=False) as t:
+            total = t.execute(f"SELECT COUNT(*) AS n FROM fhir_current c WHERE {cond}", args)[0]["n"]
+            rows = t.execute(
+                f"{_CURRENT} WHERE {cond} ORDER BY c.seq LIMIT ? OFFSET ?", [*args, count, offset]
+            )
+            return SearchResult(int(total), offset, count, [_row(r) for r in rows])
+
+    def scan(
+        self,
+        rtype: str,
+        params: Mapping[str, Sequence[str]],
+        *,
+        audience: tuple[str, Sequence[str]],
+        offset: int,
+        limit: int,
+    ) -> ScanWindow:
+        """A bounded window of a partner's search: the candidates (what `audience` selects: what its
+        source wrote, or what names one of its references as recipient or requester) matching
+        `params`, in store order, from position `offset`, at most `limit` of them, with their
+        bodies left undecoded (`decode` reads one); and, counted in SQL, how many candidates
+        match in all and how many of those the source wrote. Nothing outside the audience is read.
+        """
+        offset = max(0, int(offset))
+        limit = max(0, int(limit))
+        source = audience[0]
+        cond, args = self._condition(rtype, params, audience)
+        with self.db.transaction(immediate=False) as t:
+            counted = t.execute(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN c.source = ? THEN 1 ELSE 0 END), 0) AS own "
+                f"FROM fhir_current c WHERE {cond}",
+                [source, *args],
+            )[0]
+            rows = (
+                t.execute(f"{_CURRENT} WHERE {cond} ORDER BY c.seq LIMIT ? OFFSET ?", [*args, limit, offset])
+                if limit
+                else []
+            )
+        return ScanWindow(
+            int(counted["n"]),
+            int(counted["own"]),
+            offset,
+            [ScanRow(r, r.get("source") == source) for r in rows],
+        )
+
+    @staticmethod
+    def decode(row: ScanRow) -> StoredResource:
+        """The resource of one row of a `scan` window (its JSON body parsed now)."""
+        return _row(row.raw)
+
+    @staticmethod
+    def _condition(
+        rtype: str, params: Mapping[str, Sequence[str]], audience: tuple[str, Sequence[str]] | None
+    ) -> tuple[str, list[Any]]:
         cond, args = search_sql(rtype, params)
         if audience is not None:
             clause, more = audience_sql(*audience)
             args = [*args, *more]
             cond += f" AND ({clause})"
-        with self.db.transaction(immediate=False) as t:
-            if where is None:
-                total = t.execute(f"SELECT COUNT(*) AS n FROM fhir_current c WHERE {cond}", args)[0]["n"]
-                rows = t.execute(
-                    f"{_CURRENT} WHERE {cond} ORDER BY c.seq LIMIT ? OFFSET ?", [*args, count, offset]
-                )
-                return SearchResult(int(total), offset, count, [_row(r) for r in rows])
-            rows = t.execute(f"{_CURRENT} WHERE {cond} ORDER BY c.seq", args)
-        visible = [s for s in (_row(r) for r in rows) if where(s)]
-        return SearchResult(len(visible), offset, count, visible[offset : offset + count])
+        return cond, args
 
     def search_in(
         self, tx: Tx, rtype: str, params: Mapping[str, Sequence[str]], *, count: int = DEFAULT_COUNT

@@ -1,0 +1,158 @@
+"""Searches cost what they return (issue 14, amplification): a partner's search reads, decides and
+audits a bounded number of candidates per page, in one commit, whatever another partner posted.
+
+Work is measured, never wall time: rows decoded (`storage.store._row`), consent decisions,
+AuditEvents written and durable commits (`Database.write`) per request.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import pytest
+
+from fhir_kap.bridge.access import scan_budget
+from testkit.bridge import load, make_bridge
+
+_SERIAL = itertools.count()
+_NOTE = load("Example-Communication-note-1.json")
+
+
+def _note(recipient: str, category: str) -> dict[str, Any]:
+    note = copy.deepcopy(_NOTE)
+    note["identifier"][0]["value"] = f"bounds-{next(_SERIAL)}"
+    note["recipient"] = [{"reference": recipient}]
+    note["category"][0]["coding"][0]["code"] = category
+    return note
+
+
+def _store_notes(bridge, n: int, *, source: str, recipient: str, category: str = "safety") -> None:
+    """`n` notes written by `source` straight into the store (the set-up; searches go over HTTP).
+    The open-ended consent does not permit `safety` to the referring therapist."""
+    store = bridge.app.extensions["fhir_kap"].store
+    with store.transaction() as tx:
+        for _ in range(n):
+            store.create(_note(recipient, category), source=source, tx=tx)
+
+
+def _permitted_note(bridge) -> str:
+    resp = bridge.post("clinic", "/fhir/Communication", _note("Practitioner/ref-therapist", "session-dates"))
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    return resp.get_json(force=True)["id"]
+
+
+class Work:
+    """Counts what one request costs."""
+
+    def __init__(self, bridge, monkeypatch: pytest.MonkeyPatch) -> None:
+        import fhir_kap.storage.store as store_module
+        from fhir_kap.consent import ConsentGate
+
+        self.svc = bridge.app.extensions["fhir_kap"]
+        self.decoded = self.decisions = self.commits = 0
+        row, decide, write = store_module._row, ConsentGate.decide, self.svc.db.write
+
+        def counting_row(*a: Any, **k: Any) -> Any:
+            self.decoded += 1
+            return row(*a, **k)
+
+        def counting_decide(gate: Any, *a: Any, **k: Any) -> Any:
+            self.decisions += 1
+            return decide(gate, *a, **k)
+
+        def counting_write(*a: Any, **k: Any) -> Any:
+            self.commits += 1
+            return write(*a, **k)
+
+        monkeypatch.setattr(store_module, "_row", counting_row)
+        monkeypatch.setattr(ConsentGate, "decide", counting_decide)
+        monkeypatch.setattr(self.svc.db, "write", counting_write)
+
+    def reset(self) -> int:
+        """Zero the counters; the number of AuditEvents stored so far."""
+        self.decoded = self.decisions = self.commits = 0
+        return self.svc.audit.count()
+
+
+def _get(bridge, who: str, url: str) -> dict[str, Any]:
+    resp = bridge.get(who, url.replace("http://bridge.test", ""))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp.get_json(force=True)
+
+
+def _next(page: dict[str, Any]) -> str | None:
+    return next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+
+
+def test_two_thousand_denied_notes__a_count_1_search_does_bounded_work_in_one_commit(tmp_path, monkeypatch):
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    _store_notes(bridge, 2000, source="practice-b", recipient="Practitioner/ref-therapist")
+    work = Work(bridge, monkeypatch)
+    before = work.reset()
+    page = _get(bridge, "a", "/fhir/Communication?_count=1")
+    written = work.svc.audit.count() - before
+    bound = scan_budget(1)
+    assert page.get("entry", []) == [] and "total" not in page  # not every candidate was decided
+    assert work.decoded <= bound and work.decisions <= bound
+    assert 0 < written <= bound  # the denials decided, all audited ...
+    assert work.commits == 1  # ... in one commit
+    assert _next(page) is not None  # fewer than _count on this page: more may follow
+    # the same search again costs the same, not more
+    before = work.reset()
+    _get(bridge, "a", "/fhir/Communication?_count=1")
+    assert work.decoded <= bound and work.commits == 1 and work.svc.audit.count() - before <= bound
+
+
+def test_notes_never_addressed_to_the_partner_are_not_read_decided_or_audited(tmp_path, monkeypatch):
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    _store_notes(bridge, 500, source="practice-b", recipient="Practitioner/other-therapist")
+    work = Work(bridge, monkeypatch)
+    before = work.reset()
+    page = _get(bridge, "a", "/fhir/Communication?_count=1")
+    assert page["total"] == 0 and not page.get("entry") and _next(page) is None
+    assert (work.decoded, work.decisions, work.commits, work.svc.audit.count() - before) == (0, 0, 0, 0)
+
+
+def test_following_next_links_past_denied_notes_reaches_each_permitted_note_once(tmp_path, monkeypatch):
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    first = _permitted_note(bridge)
+    _store_notes(bridge, 3 * scan_budget(2) + 5, source="practice-b", recipient="Practitioner/ref-therapist")
+    last = _permitted_note(bridge)
+    work = Work(bridge, monkeypatch)
+    seen: list[str] = []
+    url: str | None = "/fhir/Communication?_count=2"
+    pages = 0
+    while url is not None:
+        before = work.reset()
+        page = _get(bridge, "a", url)
+        pages += 1
+        assert work.decoded <= scan_budget(2) and work.commits <= 1
+        assert work.svc.audit.count() - before <= scan_budget(2)
+        seen += [e["resource"]["id"] for e in page.get("entry", [])]
+        url = _next(page)
+        assert pages < 20
+    assert seen == [first, last]
+
+
+def test_totals_are_exact_when_one_page_decides_every_candidate(bridge_with_consent):
+    bridge = bridge_with_consent
+    permitted = [_permitted_note(bridge) for _ in range(2)]
+    _store_notes(bridge, 3, source="practice-b", recipient="Practitioner/ref-therapist")
+    _store_notes(bridge, 1, source="practice-a", recipient="Practitioner/other-therapist")  # its own
+    page = _get(bridge, "a", "/fhir/Communication?_count=1")
+    assert page["total"] == 3 and [e["resource"]["id"] for e in page["entry"]] == permitted[:1]
+    rest = _get(bridge, "a", _next(page) or "")
+    # a later page cannot see the decisions before it: its total, when given, is still exact
+    assert rest.get("total", 3) == 3 and [e["resource"]["id"] for e in rest["entry"]] == permitted[1:]
+    own = _get(bridge, "a", _next(rest) or "")
+    assert own.get("total", 3) == 3 and len(own["entry"]) == 1 and _next(own) is None
+    events = bridge.app.extensions["fhir_kap"].audit.query("AuditEvent", limit=100)
+    permits = [e for e in events if e["outcome"] == "0"]
+    assert len(permits) == 2  # one per note returned, never one per note counted
+
+
+@pytest.fixture
+def bridge_with_consent(tmp_path):
+    return make_bridge(tmp_path, consent="Consent-open-ended.json")
