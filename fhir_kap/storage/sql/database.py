@@ -15,13 +15,22 @@ groupcommit.py), which commits concurrent writes together; a SQLite committer ha
 `WalCheckpointer` (storage/sql/checkpoint.py) copy the WAL back off the request path.
 Schema changes are named migrations applied once (storage/sql/migrations.py, SQL files in
 storage/sql/schema/).
+
+The SQLite files hold patient data and webhook secrets, so they are private to the account that
+runs the adapter: directories it creates for them are 0700, the database file is created 0600
+before SQLite opens it (SQLite gives its `-wal`, `-shm` and `-journal` files the database
+file's mode), and the committer's `<db>.commit-lock` is 0600 too. An existing file that group or
+others can read (a database made by an older version, say) is tightened to its owner's bits at
+open, with a warning naming it (`private_file`); existing directories are left as they are.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,9 +44,13 @@ from .walsync import WalSync, unsure
 if TYPE_CHECKING:
     from .groupcommit import GroupCommitter
 
-__all__ = ["Database", "Tx"]
+__all__ = ["Database", "Tx", "private_dirs", "private_file"]
 
 T = TypeVar("T")
+log = logging.getLogger("fhir_kap.db")
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 _DDL = {
     "sqlite": {
@@ -70,6 +83,47 @@ _SQLITE_TUNING = (
     "PRAGMA wal_autocheckpoint=4000",
 )
 _QMARK = re.compile(r"\?")
+
+
+def private_dirs(path: Path) -> None:
+    """Create `path` and its missing parents 0700; directories that exist are left alone."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(d, DIR_MODE)  # mkdir's mode passes through the umask; this one does not widen it
+
+
+def private_file(path: str | os.PathLike[str], *, create: bool = True) -> None:
+    """Make `path` readable by its owner only: created 0600 when missing (and `create`), or
+    tightened to its owner's bits when group or others may read or write it (logged)."""
+    if create:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            return
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        try:
+            os.chmod(path, mode & 0o700)
+        except OSError as exc:  # not ours to change: say so, and carry on
+            log.warning(
+                "%s is readable by others (mode %o) and could not be tightened (%s)", path, mode, exc.strerror
+            )
+            return
+        log.warning("%s was readable by others (mode %o): tightened to %o", path, mode, mode & 0o700)
 
 
 class Tx:
@@ -109,7 +163,7 @@ class Database:
                 raise ConfigError(
                     "An in-memory SQLite database cannot be shared; give a file path", rule="settings"
                 )
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dirs(self.path.parent)
         elif parts.scheme in ("postgresql", "postgres"):
             self.dialect = "postgresql"
             self.path = None
@@ -123,6 +177,7 @@ class Database:
         self._committer: GroupCommitter | None = None
         self._committer_lock = threading.Lock()
         self._wal_sync = WalSync()  # its path is set by the first connection in WAL mode
+        self._files_checked = False  # the -wal/-shm files' modes, once per Database
 
     def __repr__(self) -> str:  # never show the password
         return f"Database({self.dialect}, {self.path or urlsplit(self.url).hostname})"
@@ -137,8 +192,14 @@ class Database:
 
     def _connect(self) -> Any:
         if self.dialect == "sqlite":
+            private_file(str(self.path))  # before SQLite creates it: its -wal/-shm copy this mode
             conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if not self._files_checked:  # left 0644 by an older version, maybe still open elsewhere
+                main = conn.execute("PRAGMA database_list").fetchone()[2]
+                for suffix in ("-wal", "-shm", "-journal"):
+                    private_file(main + suffix, create=False)
+                self._files_checked = True
             if mode == "wal":
                 # Not FULL: transaction() syncs the WAL itself after each write commit (walsync.py).
                 conn.execute("PRAGMA synchronous=NORMAL")
@@ -267,6 +328,8 @@ class Database:
             with self._committer_lock:
                 c = self._committer
                 if c is None or c.pid != os.getpid():
+                    if self.path is not None:
+                        private_file(f"{self.path}.commit-lock")
                     c = self._committer = GroupCommitter(self)
         return c
 
