@@ -55,6 +55,8 @@ from ..fhir.references import PARTY_TYPES, Resolver, identifiers_of, parse_refer
 from ..records.ingest import Ingest
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
+from .authorship import Authorship, partner_source
+from .consent_scope import ConsentScope, check_consent_identifier
 from .inbound_rules import (
     MAX_DEPTH,
     REFERRAL_FLOW,
@@ -170,6 +172,7 @@ class Inbound:
         self.notifier = notifier
         self.may_read = may_read
         system, _, value = clinic_org_identifier.partition("|")
+        self.clinic_identifier = (system, value) if system and value else None
         self.clinic_owner = {"identifier": {"system": system, "value": value}, "display": "KAP clinic"}
 
     def check(
@@ -234,9 +237,15 @@ class Inbound:
                 rule="bridge:conditional-reference",
                 code="not-supported",
             )
-        record, issues = self.inspect(
-            resource, resolver=Resolver((), StoreLookup(self.store, source)), detail=detail
-        )
+        partner = self._partner(source)
+        author = self._authorship(partner)
+        if author is not None:
+            resource = author.fill(resource)
+        resolver = Resolver((), StoreLookup(self.store, source))
+        record, issues = self.inspect(resource, resolver=resolver, detail=detail)
+        if author is not None:
+            author.check(resource, resolver)
+        self._check_identifiers(partner, [("", resource)])
         trusted = self._trusted(source, authority, [resource])
         cond: Mapping[str, Sequence[str]] | None
         if if_none_exist is not None:
@@ -245,6 +254,7 @@ class Inbound:
             cond, op = _same_identifier(resource), "resend"
         parties = _contained_parties(resource)
         trusted = trusted or bool(parties) and self._trusted(source, authority, parties)
+        scope = self._scope(partner, author, trusted, [resource, *parties], resolver)
 
         def work(tx: Any) -> list[Accepted]:
             out = [self._store_one(tx, resource, source, cond, record, op=op)]
@@ -253,7 +263,7 @@ class Inbound:
             out += [self._store_one(tx, p, source, _same_identifier(p), None, op="resend") for p in parties]
             return out
 
-        return replace(self._commit(work, trusted)[0], issues=issues)
+        return replace(self._commit(work, trusted, scope)[0], issues=issues)
 
     def is_authority(self, source: str | None) -> bool:
         """Whether the partner named `source` is a consent authority (unknown or revoked: no)."""
@@ -262,26 +272,77 @@ class Inbound:
         partner = self.partners.get(source)
         return partner is not None and partner.is_consent_authority
 
+    def _partner(self, source: str | None) -> Partner | None:
+        """The registered partner named `source` (one with no identity when it is unknown); None
+        when there are no partners to answer (a library caller: nothing is checked)."""
+        if self.partners is None or not source:
+            return None
+        found = next((p for p in self.partners.list() if p.name == source), None)  # cached list
+        return found if found is not None else Partner(name=source, scopes=())
+
+    def _authorship(self, partner: Partner | None) -> Authorship | None:
+        """The authorship rule for `partner`'s write (`authorship`: a clinic system's is filled, never checked)."""
+        if partner is None or self.partners is None:
+            return None
+        return Authorship(
+            partner,
+            self.partners.list(),
+            clinic_identifier=self.clinic_identifier,
+            stored=self._stored_resource,
+            clinic_reference={
+                "type": "Organization",
+                **{k: v for k, v in self.clinic_owner.items() if k in ("identifier", "display")},
+            },
+        )
+
+    def _stored_resource(self, rtype: str, rid: str) -> dict[str, Any] | None:
+        got = self.store.get(rtype, rid) if rtype in WRITE_TYPES else None
+        return got.resource if got is not None and not got.deleted else None
+
+    def _check_identifiers(self, partner: Partner | None, resources: Sequence[tuple[str, Any]]) -> None:
+        """A Consent's business identifier belongs to whoever first wrote it (`consent_scope`)."""
+        if partner is None:
+            return
+        ctx = getattr(self.context, "context", self.context)
+        ids = getattr(ctx, "consent_ids", None)
+        check_consent_identifier(partner, resources, self.store, ids)
+
+    def _scope(
+        self,
+        partner: Partner | None,
+        author: Authorship | None,
+        trusted: bool,
+        written: Sequence[Any],
+        resolver: Resolver | None,
+    ) -> ConsentScope | None:
+        """What of a (non-clinic) consent authority's context counts; None: all of it."""
+        if not trusted or partner is None or author is None or partner.is_clinic:
+            return None
+        return ConsentScope(partner, author, self.store, written=written, resolver=resolver)
+
     def _trusted(self, source: str | None, authority: bool | None, resources: Sequence[Any]) -> bool:
         if not any(isinstance(r, dict) and r.get("resourceType") in CONTEXT_TYPES for r in resources):
             return False  # nothing to keep: no partner lookup
         return bool(authority) if authority is not None else self.is_authority(source)
 
-    def _commit(self, work: Callable[[Any], list[Accepted]], trusted: bool) -> list[Accepted]:
-        """Run `work` and keep its context (from a consent authority only) in one transaction, then notify."""
+    def _commit(
+        self, work: Callable[[Any], list[Accepted]], trusted: bool, scope: ConsentScope | None = None
+    ) -> list[Accepted]:
+        """Run `work` and keep its context (from a consent authority only, as far as `scope`
+        admits it) in one transaction, then notify."""
         joined = self._context_joins()
         queued = [0]  # rest-hook jobs this write queued (the unit may run on another request's thread)
 
         def unit(tx: Any) -> list[Accepted]:
             accepted = work(tx)
             if joined and trusted:
-                self._keep_context(accepted)
+                self._keep_context(accepted, scope)
             queued[0] = self._queue_notifications(accepted)
             return accepted
 
         accepted = self.store.write(unit)
         if not joined and trusted:
-            self._keep_context(accepted)
+            self._keep_context(accepted, scope)
         if queued[0] and self.notifier is not None:
             self.notifier.wake()  # only then: an idle sender costs no query per write
         return accepted
@@ -316,6 +377,8 @@ class Inbound:
                 rule="bridge:concurrent-change",
             )
         rtype = resource["resourceType"]
+        if source:
+            resource = _stamped(resource, source)
         if match is not None and op == "update":
             stored, created = self.store.update(
                 rtype, match.id, dict(resource, id=match.id), source=source, tx=tx
@@ -369,13 +432,15 @@ class Inbound:
             )
         return found[0] if found else None
 
-    def _keep_context(self, accepted: Sequence[Accepted]) -> None:
-        """Hand created context resources to the gate's context (the caller checked the sender's authority)."""
+    def _keep_context(self, accepted: Sequence[Accepted], scope: ConsentScope | None = None) -> None:
+        """Hand created context resources to the gate's context (the caller checked the sender's
+        authority; a non-clinic authority's only as far as `scope` admits them)."""
         if self.context is None:
             return
         for acc in accepted:
             if acc.created and acc.stored.type in CONTEXT_TYPES:
-                self.context.put_context(acc.stored.resource)
+                if scope is None or scope.admits(acc.stored.resource):
+                    self.context.put_context(acc.stored.resource)
 
     def _queue_notifications(self, accepted: Sequence[Accepted]) -> int:
         """Queue a rest-hook job for each partner a new Communication addresses and may read
@@ -414,12 +479,20 @@ class Inbound:
         """
         kind, entries = bundle_entries(bundle)
         trusted = self._trusted(source, authority, [e.get("resource") for e in entries])
+        partner = self._partner(source)
+        author = self._authorship(partner)
         if kind == "batch":
-            return self._batch(entries, source, trusted)
-        return self._transaction(kind, entries, source, trusted)
+            return self._batch(entries, source, trusted, partner, author)
+        return self._transaction(kind, entries, source, trusted, partner, author)
 
     def _transaction(
-        self, kind: str, entries: list[dict[str, Any]], source: str | None, trusted: bool
+        self,
+        kind: str,
+        entries: list[dict[str, Any]],
+        source: str | None,
+        trusted: bool,
+        partner: Partner | None = None,
+        author: Authorship | None = None,
     ) -> BundleResult:
         parsed = []
         issues: list[Issue] = []
@@ -445,6 +518,8 @@ class Inbound:
             if kind != "transaction" and rtype not in WRITE_TYPES:
                 skipped[i] = _skipped_response(str(rtype)[:40])
                 continue
+            if author is not None:
+                resource = author.fill(resource)
             full = entry.get("fullUrl")
             if kind != "transaction" and cond is None:
                 cond, op = _same_identifier(resource), "resend"
@@ -492,6 +567,9 @@ class Inbound:
         for i, _, resource, cond, op in prepared:
             try:
                 record, found = self.inspect(resource, pointer=f"/entry/{i}/resource", resolver=resolver)
+                if author is not None:
+                    author.check(resource, resolver, pointer=f"/entry/{i}/resource")
+                self._check_identifiers(partner, [(f"/entry/{i}/resource", resource)])
                 records.append((i, resource, cond, op, record, found))
             except KapError as exc:
                 issues += exc.issues
@@ -509,6 +587,7 @@ class Inbound:
                 for i, resource, cond, op, record, found in records
             ],
             trusted,
+            self._scope(partner, author, trusted, [r for _, r, *_ in records], resolver),
         )
         responses: dict[int, dict[str, Any]] = dict(skipped)
         for (i, *_), acc in zip(records, accepted):
@@ -557,7 +636,14 @@ class Inbound:
             )
         return problems
 
-    def _batch(self, entries: list[dict[str, Any]], source: str | None, trusted: bool) -> BundleResult:
+    def _batch(
+        self,
+        entries: list[dict[str, Any]],
+        source: str | None,
+        trusted: bool,
+        partner: Partner | None = None,
+        author: Authorship | None = None,
+    ) -> BundleResult:
         """Each entry stands alone (its own SAVEPOINT), and all of them share one commit."""
         out: list[dict[str, Any] | None] = [None] * len(entries)
         checked: list[tuple[int, dict[str, Any], Any, str, dict[str, Any] | None, tuple[Issue, ...]]] = []
@@ -565,9 +651,14 @@ class Inbound:
         for i, entry in enumerate(entries):
             try:
                 resource, cond, op = bundle_entry(entry, i, "batch")
+                if author is not None:
+                    resource = author.fill(resource)
                 if cond is None:  # a plain POST: a resend is recognised as for a single create
                     cond, op = _same_identifier(resource), "resend"
                 record, found = self.inspect(resource, resolver=lookup)
+                if author is not None:
+                    author.check(resource, lookup)
+                self._check_identifiers(partner, [("", resource)])
                 checked.append((i, resource, cond, op, record, found))
             except KapError as exc:
                 out[i] = _error_response(exc)
@@ -585,7 +676,8 @@ class Inbound:
                 accepted.append(replace(acc, issues=found))
             return accepted
 
-        accepted = self._commit(work, trusted) if checked else []
+        scope = self._scope(partner, author, trusted, [c[1] for c in checked], lookup)
+        accepted = self._commit(work, trusted, scope) if checked else []
         return BundleResult(_response_bundle("batch-response", [o for o in out if o is not None]), accepted)
 
     def referral_status(
@@ -642,6 +734,14 @@ _REASON = {
     412: "Precondition Failed",
     422: "Unprocessable Entity",
 }
+
+
+def _stamped(resource: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of `resource` whose `meta.source` names the partner that wrote it (`authorship`)."""
+    meta = resource.get("meta")
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta["source"] = partner_source(source)
+    return {**resource, "meta": meta}
 
 
 def _contained_parties(resource: dict[str, Any]) -> list[dict[str, Any]]:

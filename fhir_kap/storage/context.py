@@ -14,12 +14,19 @@ reference) or by a contained Patient. The existing columns index all three (no m
 row keeps its identifiers' tokens in `ident` the same way. `for_patient` returns the consents
 naming the client either way, and every stored Patient carrying an identifier they name, so
 that the gate sees when an identifier is ambiguous (it then denies).
+
+Revocation is monotonic for a given consent (the same id, or the same business identifier about
+the same client): once the context holds a revoking copy (status `inactive`, `rejected`,
+`not-done` or `entered-in-error`), a copy that is not revoking replaces it only when it was
+signed strictly later (R4 `dateTime`, R5 `date`) than the revocation; an older state re-posted
+(the old active copy) is ignored, whoever sends it. A new signature (a later date) reactivates.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote as urlquote
 
@@ -105,6 +112,20 @@ class ConsentContext:
             old = tx.execute("SELECT version FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid))
             if old and _older(version, old[0]["version"]):
                 return False
+            if rtype == "Consent" and not _revoking(resource):
+                # monotonic revocation: an older state never reactivates a revoked consent
+                copies = _earlier_copies(tx, rid, ident, client) if ident and client is not None else []
+                bodies = [
+                    r["body"]
+                    for r in tx.execute(
+                        "SELECT body FROM outbox_context WHERE type = 'Consent' AND id = ?", (rid,)
+                    )
+                ]
+                bodies += [c["body"] for c in copies]
+                for text in bodies:
+                    held = jsonio.loads(text, source="outbox context")
+                    if _revoking(held) and not _signed_later(resource, held):
+                        return False
             if ident and client is not None:
                 # the same client's consent under another server id: this arrival replaces it
                 _replace_earlier_copies(tx, rid, ident, client)
@@ -121,6 +142,15 @@ class ConsentContext:
                     (rtype, rid, version, patient, body, ident, ts),
                 )
         return True
+
+    def consent_ids(self, ident: str) -> list[str]:
+        """The ids of the Consents in the context kept under business identifier `ident` (`consent_key`)."""
+        return [
+            r["id"]
+            for r in self.db.query(
+                "SELECT id FROM outbox_context WHERE type = 'Consent' AND ident = ?", (ident,)
+            )
+        ]
 
     def for_patient(self, patient_ref: str) -> list[dict[str, Any]]:
         """The consent context for one patient: that patient's Consents (and Patient resource)
@@ -202,13 +232,21 @@ def _like(text: str) -> str:
 
 
 def _replace_earlier_copies(tx: Tx, rid: str, ident: str, client: Client) -> None:
-    """Delete the stored copies of the same Consent (same business identifier) about the same
-    client under another id: same literal reference, a shared identifier, or a literal client
-    whose stored Patient carries an identifier the new copy names (and the other way round)."""
+    """Delete the stored copies of the same Consent (`_earlier_copies`)."""
+    for row in _earlier_copies(tx, rid, ident, client):
+        tx.execute("DELETE FROM outbox_context WHERE type = 'Consent' AND id = ?", (row["id"],))
+
+
+def _earlier_copies(tx: Tx, rid: str, ident: str, client: Client) -> list[dict[str, Any]]:
+    """The stored copies (rows with id and body) of the same Consent (same business identifier)
+    about the same client under another id: same literal reference, a shared identifier, or a
+    literal client whose stored Patient carries an identifier the new copy names (and the other
+    way round)."""
     new_tokens = _tokens(client.identifiers)
     new_carried = _patient_tokens(tx, client.reference) if client.reference else set()
+    out = []
     for row in tx.execute(
-        "SELECT id, patient_ref FROM outbox_context WHERE type = 'Consent' AND ident = ? AND id <> ?",
+        "SELECT id, patient_ref, body FROM outbox_context WHERE type = 'Consent' AND ident = ? AND id <> ?",
         (ident, rid),
     ):
         old = row["patient_ref"] or ""
@@ -218,7 +256,35 @@ def _replace_earlier_copies(tx: Tx, rid: str, ident: str, client: Client) -> Non
         else:
             same = old == client.reference or bool(_patient_tokens(tx, old) & new_tokens)
         if same:
-            tx.execute("DELETE FROM outbox_context WHERE type = 'Consent' AND id = ?", (row["id"],))
+            out.append(row)
+    return out
+
+
+#: Consent statuses that revoke (R4 and R5).
+REVOKING = frozenset({"inactive", "rejected", "not-done", "entered-in-error"})
+
+
+def _revoking(consent: Any) -> bool:
+    return isinstance(consent, dict) and consent.get("status") in REVOKING
+
+
+def _signed(consent: dict[str, Any]) -> datetime | None:
+    """When a Consent was signed (R4 `dateTime`, R5 `date`) as an instant (a date: its start, UTC)."""
+    value = consent.get("dateTime", consent.get("date"))
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        got = datetime.fromisoformat(value.replace("Z", "+00:00")) if "T" in value else None
+        got = got or datetime.fromisoformat(value[:10])
+    except ValueError:
+        return None
+    return got if got.tzinfo is not None else got.replace(tzinfo=UTC)
+
+
+def _signed_later(new: dict[str, Any], revoked: dict[str, Any]) -> bool:
+    """Whether `new` was signed strictly after the revoked copy (unknown either way: no)."""
+    a, b = _signed(new), _signed(revoked)
+    return a is not None and b is not None and a > b
 
 
 def _patient_tokens(tx: Tx, reference: str) -> set[str]:

@@ -94,6 +94,7 @@ def test_a_consent_reposted_with_the_client_named_another_way_replaces_the_old_c
     consents = [r for r in context.for_patient("Patient/client-001") if r["resourceType"] == "Consent"]
     assert [(c["id"], c["status"]) for c in consents] == [("srv-2", "inactive")]
     literal = dict(load("r4-consent-main"), id="srv-3", identifier=[{"system": "urn:c", "value": "1"}])
+    literal["dateTime"] = "2099-01-01"  # signed after the revocation: revocation is monotonic
     context.put(literal)
     consents = [r for r in context.for_patient("Patient/client-001") if r["resourceType"] == "Consent"]
     assert [c["id"] for c in consents] == ["srv-3"]

@@ -54,7 +54,11 @@ def make_bridge(
         "clinic": registry.add(
             "clinic-ehr", scopes="system/*.* kap/clinic kap/records.write kap/referrals.write"
         )[1],
-        "a": registry.add("practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"])[1],
+        "a": registry.add(
+            "practice-a",
+            npis=["1234567893"],
+            references=["Practitioner/ref-therapist", "PractitionerRole/ref-therapist-role"],
+        )[1],
         "b": registry.add("practice-b", npis=["1245319599"], references=["Practitioner/other-therapist"])[1],
         "reader": registry.add("reader", scopes="system/Communication.read")[1],
     }

@@ -153,6 +153,7 @@ def test_an_accepted_post_is_exactly_one_commit_with_everything_it_writes(tmp_pa
     bridge = make_bridge(tmp_path)
     svc = bridge.app.extensions["fhir_kap"]
     bridge.get("clinic", "/fhir/Communication")  # the token lookup is cached from here on
+    svc.partners.list()  # and the partner list (authorship reads it), as in a running bridge
     statements: list[str] = []
     svc.db.conn.set_trace_callback(statements.append)
     resp = bridge.post("clinic", f"/fhir/{rtype}", load(name))
