@@ -21,7 +21,8 @@ a party nobody can tell (display only, a reference that resolves to nothing and 
 identifier). An element the table marks `fill` that is absent is filled with the partner's
 own identity (its first reference, else its first NPI, else its organisation identifier).
 Clinic systems write on behalf of others (a referral received by fax, a practice's note
-imported by the clinic's EHR): their author elements are not checked, nor filled.
+imported by the clinic's EHR): their author elements are not checked; an absent one is filled
+with their own identity, else the clinic organisation.
 
 Whoever wrote it, the stored resource says so: `meta.source` is `urn:fhir-kap:partner:<name>`
 (`partner_source`), replacing whatever the sender put there. Partners read it back with the resource.
@@ -157,7 +158,7 @@ class Authorship:
 
     @property
     def checked(self) -> bool:
-        """Clinic systems write on behalf of others: nothing is checked or filled for them."""
+        """Clinic systems write on behalf of others: their author elements are not checked."""
         return not self.partner.is_clinic
 
     def fill(self, resource: dict[str, Any]) -> dict[str, Any]:
