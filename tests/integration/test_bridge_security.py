@@ -19,10 +19,38 @@ from testkit.bridge import FHIR, is_outcome, load, make_bridge
 URN = "urn:uuid:11111111-1111-1111-1111-111111111111"
 
 
-# A referring practice that collects the client's signed releases.
+# A referring practice that collects the client's signed releases: its own therapist is its identity.
 pytestmark = pytest.mark.bridge(
-    partners={"authority": ("referrer-hub", "system/*.read system/*.write kap/consent-authority")}
+    partners={
+        "authority": (
+            "referrer-hub",
+            "system/*.read system/*.write kap/consent-authority",
+            {"references": ["Practitioner/hub-therapist"]},
+        )
+    }
 )
+_OWN = {
+    "a": "Practitioner/ref-therapist",
+    "b": "Practitioner/other-therapist",
+    "authority": "Practitioner/hub-therapist",
+}
+
+
+def _own_consent(name: str, poster: str) -> dict:
+    """A consent fixture under the poster's own business identifier (a Consent's identifier belongs
+    to whoever first wrote it: the clinic's `consent-1` is not theirs to reuse)."""
+    consent = load(name)
+    if poster != "clinic":
+        consent["identifier"][0]["value"] = f"{consent['identifier'][0]['value']}-{poster}"
+    return consent
+
+
+def _refer(bridge, poster: str) -> None:
+    """The poster refers client-1 (a consent authority's Consents count only for clients it referred)."""
+    referral = load("Example-ServiceRequest-referral-1.json")
+    referral["identifier"][0]["value"] = f"referral-{poster}"
+    referral["requester"] = {"reference": _OWN[poster]}
+    assert bridge.post(poster, "/fhir/ServiceRequest", referral).status_code == 201
 
 
 def _note(bridge, recipient: str = "Practitioner/ref-therapist") -> str:
@@ -48,7 +76,9 @@ def test_a_permit_consent_decides_only_when_its_sender_is_a_consent_authority(br
     bridge.post("clinic", "/fhir/Consent", load("Consent-expired.json"))
     rid = _note(bridge)
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404
-    cid = _created(bridge.post(poster, "/fhir/Consent", load("Consent-open-ended.json")))  # 201 either way
+    if poster == "authority":
+        _refer(bridge, poster)
+    cid = _created(bridge.post(poster, "/fhir/Consent", _own_consent("Consent-open-ended.json", poster)))
     assert bridge.get(poster, f"/fhir/Consent/{cid}").status_code == 200  # stored, readable by its sender
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == (200 if readable else 404)
 
@@ -57,24 +87,28 @@ def test_a_permit_consent_decides_only_when_its_sender_is_a_consent_authority(br
 def test_a_consent_in_a_non_authoritys_bundle_is_stored_but_decides_nothing(bridge, kind):
     bridge.post("clinic", "/fhir/Consent", load("Consent-expired.json"))
     rid = _note(bridge)
-    bundle = {
-        "resourceType": "Bundle",
-        "type": kind,
-        "entry": [
-            {
-                "fullUrl": URN,
-                "resource": load("Consent-open-ended.json"),
-                "request": {"method": "POST", "url": "Consent"},
-            }
-        ],
-    }
-    resp = bridge.post("a", "/fhir", bundle)
+
+    def bundle(poster: str) -> dict:
+        return {
+            "resourceType": "Bundle",
+            "type": kind,
+            "entry": [
+                {
+                    "fullUrl": URN,
+                    "resource": _own_consent("Consent-open-ended.json", poster),
+                    "request": {"method": "POST", "url": "Consent"},
+                }
+            ],
+        }
+
+    resp = bridge.post("a", "/fhir", bundle("a"))
     assert (
         resp.status_code == 200
         and resp.get_json(force=True)["entry"][0]["response"]["status"] == "201 Created"
     )
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404
-    assert bridge.post("authority", "/fhir", bundle).status_code == 200
+    _refer(bridge, "authority")
+    assert bridge.post("authority", "/fhir", bundle("authority")).status_code == 200
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 200
 
 
@@ -83,7 +117,9 @@ def test_a_deny_consent_blocks_only_when_its_sender_is_a_consent_authority(bridg
     assert bridge.post("clinic", "/fhir/Consent", load("Consent-open-ended.json")).status_code == 201
     rid = _note(bridge)
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 200
-    _created(bridge.post(poster, "/fhir/Consent", load("Consent-deny-ref-therapist.json")))
+    if poster == "authority":
+        _refer(bridge, poster)
+    _created(bridge.post(poster, "/fhir/Consent", _own_consent("Consent-deny-ref-therapist.json", poster)))
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == (404 if blocked else 200)
 
 
@@ -108,9 +144,11 @@ def test_a_revoked_consent_authority_no_longer_feeds_the_gate(bridge):
     svc = bridge.app.extensions["fhir_kap"]
     bridge.post("clinic", "/fhir/Consent", load("Consent-expired.json"))
     rid = _note(bridge)
+    _refer(bridge, "authority")
     svc.partners.revoke("referrer-hub")
     assert svc.inbound.is_authority("referrer-hub") is False
-    svc.inbound.accept(load("Consent-open-ended.json"), source="referrer-hub")  # authority looked up: none
+    # authority looked up: none (it was one, and it referred the client)
+    svc.inbound.accept(_own_consent("Consent-open-ended.json", "authority"), source="referrer-hub")
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404
 
 

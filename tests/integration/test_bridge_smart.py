@@ -85,11 +85,11 @@ def smart_bridge(tmp_path) -> Iterator[Bridge]:
     keys = {"rsa-1": _rsa(), "ec-1": ec.generate_private_key(ec.SECP384R1()), "stranger": _rsa()}
     settings = load_settings(env={}, data_dir=tmp_path / "data")
     partners = Partners(Database(settings.db_url))
-    partners.add("clinic-ehr", scopes="system/*.* kap/clinic")
+    partners.add("clinic-ehr", scopes="system/*.* kap/clinic", references=["Organization/kap-clinic"])
     partners.add(
         "practice-a",
         npis=["1234567893"],
-        references=["Practitioner/ref-therapist"],
+        references=["Practitioner/ref-therapist", "PractitionerRole/ref-therapist-role"],
         jwks={"keys": [_jwk(keys["rsa-1"], "rsa-1"), _jwk(keys["ec-1"], "ec-1")]},
     )
     server = make_server("127.0.0.1", 0, None, threaded=True)  # the port first: the app names it in aud

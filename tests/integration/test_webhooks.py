@@ -244,9 +244,16 @@ def _bridge(tmp_path: Path, url: str):
     partners = Partners(Database(settings.db_url))
     tokens = {}
     if partners.get("clinic-ehr") is None:
-        tokens["clinic"] = partners.add("clinic-ehr", scopes="system/*.* kap/clinic kap/referrals.write")[1]
+        tokens["clinic"] = partners.add(
+            "clinic-ehr",
+            scopes="system/*.* kap/clinic kap/referrals.write",
+            references=["Organization/kap-clinic"],
+        )[1]
         tokens["a"] = partners.add(
-            "practice-a", npis=["1234567893"], references=["Practitioner/ref-therapist"], webhook_url=url
+            "practice-a",
+            npis=["1234567893"],
+            references=["Practitioner/ref-therapist", "PractitionerRole/ref-therapist-role"],
+            webhook_url=url,
         )[1]
     app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir", webhook_timeout=2))
     return app, tokens
@@ -353,7 +360,9 @@ def test_a_write_that_queues_no_hook_does_not_wake_the_sender(tmp_path, receiver
     from fhir_kap.storage.partners import Partners
 
     settings = load_settings(env={}, data_dir=tmp_path / "data")
-    token = Partners(Database(settings.db_url)).add("clinic-ehr", scopes="system/*.* kap/clinic")[1]
+    token = Partners(Database(settings.db_url)).add(
+        "clinic-ehr", scopes="system/*.* kap/clinic", references=["Organization/kap-clinic"]
+    )[1]
     app = create_app(settings, BridgeOptions(base_url="http://bridge.test/fhir"))
     notifier = app.extensions["fhir_kap"].inbound.notifier
     wakes = []

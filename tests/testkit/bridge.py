@@ -36,13 +36,15 @@ def make_bridge(
     tmp_path: Path,
     *,
     consent: str | dict[str, Any] | None = None,
-    partners: dict[str, tuple[str, str]] | None = None,
+    partners: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] | None = None,
     **settings: Any,
 ) -> Bridge:
     """The bridge app on a fresh data dir with four partners (clinic, practices a and b, a reader).
 
     `consent`: a Consent (fixture name or resource) the clinic posts first; `partners`: more partners,
-    token key -> (partner name, scopes); `settings`: passed to `load_settings`."""
+    token key -> (partner name, scopes) or (name, scopes, more `Partners.add` arguments such as its
+    `references` or `npis`: the identity its author elements must name); `settings`: passed to
+    `load_settings`."""
     from fhir_kap.bridge import BridgeOptions, create_app
     from fhir_kap.config import load_settings
     from fhir_kap.storage.db import Database
@@ -52,7 +54,9 @@ def make_bridge(
     registry = Partners(Database(s.db_url))
     tokens = {
         "clinic": registry.add(
-            "clinic-ehr", scopes="system/*.* kap/clinic kap/records.write kap/referrals.write"
+            "clinic-ehr",
+            scopes="system/*.* kap/clinic kap/records.write kap/referrals.write",
+            references=["Organization/kap-clinic"],  # its notes' sender, filled when missing
         )[1],
         "a": registry.add(
             "practice-a",
@@ -62,8 +66,8 @@ def make_bridge(
         "b": registry.add("practice-b", npis=["1245319599"], references=["Practitioner/other-therapist"])[1],
         "reader": registry.add("reader", scopes="system/Communication.read")[1],
     }
-    for key, (name, scopes) in (partners or {}).items():
-        tokens[key] = registry.add(name, scopes=scopes)[1]
+    for key, (name, scopes, *more) in (partners or {}).items():
+        tokens[key] = registry.add(name, scopes=scopes, **(more[0] if more else {}))[1]
     app = create_app(s, BridgeOptions(base_url="http://bridge.test/fhir", notify=False))
     bridge = Bridge(app, app.test_client(), tokens)
     if consent is not None:

@@ -193,7 +193,9 @@ def test_webhooks_run_after_the_commit_off_the_request_and_stay_id_only_and_sign
     try:
         settings = load_settings(env={}, data_dir=tmp_path / "data")
         partners = Partners(Database(settings.db_url))
-        _, sender = partners.add("clinic-ehr", scopes="system/*.* kap/clinic")
+        _, sender = partners.add(
+            "clinic-ehr", scopes="system/*.* kap/clinic", references=["Organization/kap-clinic"]
+        )
         hooked, _ = partners.add(
             "practice-a",
             npis=["1234567893"],
@@ -243,7 +245,16 @@ def test_kill_9_during_concurrent_posts_loses_no_acknowledged_write(tmp_path):
     }
     env.pop("FHIR_KAP_DATABASE_URL", None)
     added = subprocess.run(
-        [sys.executable, "-m", "fhir_kap.cli", "partners", "add", "practice-a"],
+        [
+            sys.executable,
+            "-m",
+            "fhir_kap.cli",
+            "partners",
+            "add",
+            "practice-a",
+            "--reference",
+            "Practitioner/ref-therapist",  # its notes' sender (authorship), filled when missing
+        ],
         env=env,
         capture_output=True,
         text=True,
