@@ -3,10 +3,15 @@
 `Communication.category` and `meta.tag` on Communication / Procedure / ServiceRequest carry
 codes of the information-category CodeSystem (config.CS.INFO_CATEGORY). Fail closed:
 
-- a coding whose code is `psychotherapy-note` (whatever its system, or none) anywhere in
-  `category`, `meta.tag` or `meta.security`, or a `PSYTHPN` code (any case, any system) in
-  `meta.security` / `meta.tag` / `category`, marks a psychotherapy note — never disclosed.
-  The same marks on a `contained` resource or a Bundle entry mark the whole resource.
+- a Coding whose code is `psychotherapy-note` or `PSYTHPN` (any case, whatever its system, or
+  none) anywhere in the resource — `category`, `meta.tag`, `meta.security`, extensions and
+  modifierExtensions at any level, nested elements, `contained` resources, Bundle entries; an
+  extension's `valueCode` too — marks a psychotherapy note: never disclosed. So does an
+  Attachment titled as psychotherapy, therapy or process notes. A resource nested deeper than
+  `_MAX_DEPTH` cannot be checked and counts as one (fail closed).
+- attachments carry no category of their own: an Attachment is disclosed only as part of its
+  resource, so only when every category of that resource is permitted (and no mark above is
+  on it or anywhere else in the resource).
 - a category-source coding with a missing or unrecognised system is an *unknown* category
   (denied), except the few base systems listed in IGNORED_SYSTEMS (communication-category
   `notification` beside our own code).
@@ -16,6 +21,7 @@ Room: consent/ (layer 1, pure core: no IO, no clock): may import the base rooms 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +62,24 @@ IGNORED_SYSTEMS: dict[str, frozenset[str]] = {
     "category": frozenset({CS.COMM_CATEGORY}),
     "meta.tag": frozenset(),
 }
-_MAX_NESTING = 8
+#: Deepest JSON nesting the psychotherapy-note walk checks; deeper fails closed (the bridge
+#: refuses deeper writes anyway).
+_MAX_DEPTH = 128
+_PSY_CODES = frozenset({PSYCHOTHERAPY_NOTE, PSYTHPN.casefold()})  # as compared: stripped, casefolded
+#: An Attachment's title that names psychotherapy or process notes marks it as one (titles are
+#: short: a linear scan).
+_PSY_TITLE = re.compile(
+    r"(?<![a-z])(psycho[\s_-]*therapy[\s_-]*notes?|therapy[\s_-]*notes?|process[\s_-]*notes?|psythpn)(?![a-z])",
+    re.IGNORECASE,
+)
+#: Elements only an Attachment carries beside `title`: a dict with one of them and a title is read
+#: as an Attachment wherever it sits (one under an `_ATTACHMENT_ELEMENTS` key always is).
+_CODE_KEYS = frozenset({"code", "valueCode"})
+#: Elements of type Attachment in the resources KAP exchanges and in extensions.
+_ATTACHMENT_ELEMENTS = frozenset(
+    {"contentAttachment", "valueAttachment", "attachment", "presentedForm", "photo", "sourceAttachment"}
+)
+_ATTACHMENT_KEYS = frozenset({"contentType", "data", "url", "size", "hash", "creation"})
 
 
 @dataclass(frozen=True)
@@ -95,21 +118,49 @@ def _code(coding: dict[str, Any]) -> str:
     return code.strip().casefold() if isinstance(code, str) else ""
 
 
-def _is_psychotherapy(resource: Any, depth: int = 0) -> bool:
-    """A psychotherapy-note mark on the resource, its contained resources or its Bundle entries."""
-    if not isinstance(resource, dict):
-        return False
-    marks = _meta(resource, "tag") + _meta(resource, "security") + _codings(resource.get("category"))
-    if any(_code(c) in (PSYCHOTHERAPY_NOTE, PSYTHPN.casefold()) for c in marks):
+def _is_psychotherapy(resource: Any) -> bool:
+    """A psychotherapy-note mark anywhere in the resource: any Coding (or `valueCode`) whose code
+    is `psychotherapy-note` or `PSYTHPN`, in any system and any case, at any depth (meta,
+    category, extensions, modifierExtensions, nested elements, contained resources, Bundle
+    entries), or an Attachment titled as psychotherapy or process notes. Deeper than
+    `_MAX_DEPTH` cannot be checked: fail closed."""
+    return isinstance(resource, dict) and _marked(resource, 0, False)
+
+
+def _marked(node: dict[str, Any], depth: int, attachment: bool) -> bool:
+    if depth > _MAX_DEPTH:
+        return True  # too deep to check: fail closed
+    for key, value in node.items():
+        cls = value.__class__
+        if cls is str:
+            if key in _CODE_KEYS:
+                if value in _PSY_CODES or value.strip().casefold() in _PSY_CODES:
+                    return True
+            elif (
+                key == "title"
+                and (attachment or not _ATTACHMENT_KEYS.isdisjoint(node))
+                and _PSY_TITLE.search(value)
+            ):
+                return True
+        elif cls is dict:
+            if _marked(value, depth + 1, key in _ATTACHMENT_ELEMENTS):
+                return True
+        elif cls is list and _marked_list(value, depth + 1, key in _ATTACHMENT_ELEMENTS):
+            return True
+    return False
+
+
+def _marked_list(items: list[Any], depth: int, attachment: bool) -> bool:
+    if depth > _MAX_DEPTH:
         return True
-    if depth >= _MAX_NESTING:
-        return bool(resource.get("contained") or resource.get("entry"))  # too deep to check: fail closed
-    nested: list[Any] = []
-    if isinstance(resource.get("contained"), list):
-        nested += resource["contained"]
-    if resource.get("resourceType") == "Bundle" and isinstance(resource.get("entry"), list):
-        nested += [e.get("resource") for e in resource["entry"] if isinstance(e, dict)]
-    return any(_is_psychotherapy(r, depth + 1) for r in nested)
+    for item in items:
+        cls = item.__class__
+        if cls is dict:
+            if _marked(item, depth + 1, attachment):
+                return True
+        elif cls is list and _marked_list(item, depth + 1, attachment):
+            return True
+    return False
 
 
 def categories_of(resource: dict[str, Any]) -> Categories:
