@@ -45,8 +45,9 @@ def register(subparsers: Any) -> None:
     d.add_argument(
         "--worker-id",
         metavar="ID",
-        help="name of this worker (default host:pid); a restarted worker with the same "
-        "id takes back its unfinished items at once",
+        help="name of this worker (default host:slot-N: the first slot free on this host, kept "
+        "while the worker runs, so a worker restarted after a crash gets its slot back); a "
+        "restarted worker with the same id takes back its unfinished items at once",
     )
     d.add_argument(
         "--poll",
@@ -438,7 +439,7 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
-    from ..exchange.delivery import Backoff, DeliveryWorker, Stats, default_worker_id
+    from ..exchange.delivery import Backoff, DeliveryWorker, Stats, claim_worker_slot
 
     logging.basicConfig(
         level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
@@ -448,6 +449,11 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
     if args.poll <= 0 or args.lease <= 0:
         raise InputError("--poll and --lease must be positive numbers of seconds", rule="cli:argument")
     outbox, audit = open_outbox(settings)
+    # a stable id per slot on this host (kept by a lock for as long as this process runs): a worker
+    # restarted after a crash recovers its own leases at once
+    worker_id, _slot = (
+        (args.worker_id, None) if args.worker_id else claim_worker_slot(settings.data_dir / "workers")
+    )
     worker = DeliveryWorker(
         outbox,
         client_factory(settings, partner_endpoint=partner_endpoints(outbox.db)),
@@ -456,7 +462,7 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
         transaction_size=settings.batch_size,
         max_attempts=settings.max_attempts,
         backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_max),
-        worker_id=args.worker_id or default_worker_id(),
+        worker_id=worker_id,
         use_transactions=args.transactions,
         lease_seconds=args.lease,
     )

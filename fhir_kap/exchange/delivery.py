@@ -41,15 +41,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from itertools import groupby
-from typing import Self
+from pathlib import Path
+from typing import IO, Self
 
 from ..client import FhirClient, WriteResult, entry_results, token_query, transaction_bundle
 from ..client.answers import UnreadableAnswer
-from ..errors import KapError, ServerError
+from ..errors import ConfigError, KapError, ServerError
 from ..fhir.retry import Backoff, retry_later
 from ..storage.outbox import Outbox, OutboxItem
 
-__all__ = ["Backoff", "ConsentCheck", "DeliveryWorker", "Stats", "default_worker_id", "if_none_exist"]
+__all__ = [
+    "Backoff",
+    "ConsentCheck",
+    "DeliveryWorker",
+    "Stats",
+    "claim_worker_slot",
+    "default_worker_id",
+    "if_none_exist",
+]
 
 log = logging.getLogger("fhir_kap.delivery")
 
@@ -81,8 +90,34 @@ class Stats:
 
 
 def default_worker_id() -> str:
-    """`host:pid`, unique among live workers."""
+    """`host:pid`, unique among live workers (but a new one after every restart: prefer
+    `claim_worker_slot`, which `fhir-kap deliver` uses)."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim_worker_slot(directory: Path, *, limit: int = 64) -> tuple[str, IO[bytes]]:
+    """A stable worker id, `host:slot-N`, for the first free slot N under `directory` (an
+    exclusive `flock` on `worker-N.lock`, held by the returned file until this process ends).
+
+    A worker restarted after a crash takes its old slot again, so it recovers its own leased
+    items at once instead of leaving them in `sending` until the lease runs out; workers running
+    at the same time never share an id. The directory is made 0700 (the data dir's rule)."""
+    import fcntl
+
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for n in range(1, limit + 1):
+        fd = os.open(directory / f"worker-{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        handle = os.fdopen(fd, "r+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        return f"{socket.gethostname()}:slot-{n}", handle
+    raise ConfigError(
+        f"all {limit} delivery worker slots under {directory.name}/ are taken; give --worker-id",
+        rule="deliver:worker-slot",
+    )
 
 
 def if_none_exist(key: str) -> str:

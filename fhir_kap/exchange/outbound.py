@@ -145,7 +145,9 @@ class Outbound:
                 ref,
                 reasons=[
                     {
-                        "message": f"endpoint {target.endpoint} is not registered for {unserved[0]}",
+                        "message": f"endpoint {target.endpoint} is not registered for {unserved[0]}: "
+                        f"add it to `recipients` under [endpoints.{target.endpoint}] in the settings "
+                        "(the references and SYSTEM|VALUE identifiers that server receives for)",
                         "rule": "outbound:endpoint-recipient",
                     }
                 ],

@@ -219,3 +219,48 @@ def test_outbox_add_context__bad_input_exits_2_with_operation_outcome(env, capsy
     assert rc == 2 and outcome["resourceType"] == "OperationOutcome"
     assert any(e["valueString"] == rule for e in outcome["issue"][0]["extension"])
     assert "Traceback" not in err
+
+
+def test_worker_slots__a_restarted_worker_gets_its_id_back_and_live_ones_never_share(tmp_path):
+    from fhir_kap.exchange.delivery import claim_worker_slot
+
+    first, lock1 = claim_worker_slot(tmp_path / "workers")
+    second, lock2 = claim_worker_slot(tmp_path / "workers")
+    assert first.endswith(":slot-1") and second.endswith(":slot-2")
+    lock1.close()  # the first worker died (its lock goes with its process)
+    again, lock3 = claim_worker_slot(tmp_path / "workers")
+    assert again == first  # restarted: the same id, so it recovers its own leases at once
+    assert oct((tmp_path / "workers").stat().st_mode & 0o777) == "0o700"
+    lock2.close()
+    lock3.close()
+
+
+def test_deliver_once__recovers_the_items_its_slot_leased_before_a_crash(env, capsys):
+    """A worker that died mid-batch leaves items `sending`; the next `deliver` on the same host
+    (no --worker-id) takes its slot's id and puts them back to work at once."""
+    import socket
+
+    outbox = env("http://127.0.0.1:9/fhir", "t")
+    [item_id] = enqueue(outbox, 1, "http://127.0.0.1:9/fhir")
+    outbox.claim(f"{socket.gethostname()}:slot-1", now=outbox.clock(), lease_seconds=300)
+    assert outbox.get(item_id).state == "sending"
+    rc, out, _ = run(capsys, "deliver", "--once", "--json")
+    assert rc == 0 and json.loads(out)["worker"].endswith(":slot-1")
+    assert outbox.get(item_id).state != "sending"  # recovered at once, not after the 300 s lease
+
+
+def test_the_settings_example_in_the_docs_loads_as_printed_and_names_recipients(tmp_path):
+    """docs/operations/settings.md's TOML is what an operator copies: it must load, and every
+    endpoint in it must say whom it receives for (else every note to it is refused)."""
+    import re
+
+    from fhir_kap.config import load_settings
+
+    text = (DATA.parents[1] / "docs" / "operations" / "settings.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    path = tmp_path / "settings.toml"
+    path.write_text(block.replace('database_url = "postgresql://kap@db.internal/kap"', "#"))
+    settings = load_settings(path, env={})
+    assert set(settings.endpoints) == {"practice-a", "practice-b"}
+    assert all(e.recipients for e in settings.endpoints.values())
+    assert "recipients" in text.split("## Endpoints and secrets")[0]  # the settings table names it
