@@ -156,3 +156,34 @@ def test_totals_are_exact_when_one_page_decides_every_candidate(bridge_with_cons
 @pytest.fixture
 def bridge_with_consent(tmp_path):
     return make_bridge(tmp_path, consent="Consent-open-ended.json")
+
+
+def test_store_scan_reads_a_bounded_window_and_counts_in_sql(db):
+    from fhir_kap.storage.auditlog import AuditLog
+    from fhir_kap.storage.store import Store
+
+    store = Store(db)
+    with store.transaction() as tx:
+        for n in range(30):
+            source = "practice-a" if n % 10 == 0 else "practice-b"
+            recipient = "Practitioner/ref-therapist" if n % 2 == 0 else "Practitioner/other-therapist"
+            store.create(_note(recipient, "safety"), source=source, tx=tx)
+    window = store.scan(
+        "Communication",
+        {},
+        audience=("practice-a", ["Practitioner/ref-therapist"]),
+        offset=2,
+        limit=5,
+    )
+    # practice-a wrote notes 0, 10, 20 (all to ref-therapist); 15 notes name ref-therapist
+    assert (window.total, window.own, window.offset, len(window.rows)) == (15, 3, 2, 5)
+    assert [r.own for r in window.rows] == [False, False, False, True, False]
+    assert store.decode(window.rows[3]).resource["recipient"] == [{"reference": "Practitioner/ref-therapist"}]
+    log = AuditLog(db)
+    batch = log.batch(2)
+    event = {"resourceType": "AuditEvent", "recorded": "2026-12-04T10:00:00Z"}
+    batch.add(event)
+    batch.add(event)
+    with pytest.raises(ValueError):
+        batch.add(event)  # past the stated bound
+    assert len(batch.commit()) == 2 and log.count() == 2 and batch.commit() == []
