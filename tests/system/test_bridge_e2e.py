@@ -45,7 +45,7 @@ def _request(port: int, method: str, path: str, body: bytes | None = None, token
     resp = conn.getresponse()
     data = resp.read()
     conn.close()
-    return resp.status, dict(resp.getheaders()), data
+    return resp.status, resp.headers, data  # header names are case-insensitive (HTTPMessage)
 
 
 @pytest.mark.slow
