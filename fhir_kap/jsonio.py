@@ -63,6 +63,15 @@ def too_deep(node: Any, limit: int = MAX_DEPTH) -> bool:
     >>> too_deep({"a": [{"b": 1}]}, 3), too_deep({"a": [{"b": 1}]}, 2)
     (False, True)
     """
+    if isinstance(node, (dict, list)):
+        # fast path: nesting needs a container per level, and a count of the brackets in the
+        # serialised JSON (strings included, so never too low) is a C-speed upper bound
+        try:
+            raw = orjson.dumps(node)
+        except (TypeError, orjson.JSONEncodeError):  # past orjson's own depth limit, or not JSON
+            raw = None
+        if raw is not None and raw.count(b"{") + raw.count(b"[") <= limit:
+            return False
     stack: list[tuple[Any, int]] = [(node, 1)]
     while stack:
         cur, depth = stack.pop()
