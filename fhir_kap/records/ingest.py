@@ -529,6 +529,17 @@ class Ingest:
                     "import:note-category",
                 )
             )
+        if rt == "Patient" and "name" not in record:
+            work.issues.append(
+                Issue(
+                    "warning",
+                    "incomplete",
+                    "the client has no name the record can carry (Patient.name); it is known by its identifiers",
+                    f"{rt}.name",
+                    "/name",
+                    "import:client-name",
+                )
+            )
         if rt == "ServiceRequest" and "collaboration_model" not in record:
             work.issues.append(
                 Issue(

@@ -221,3 +221,11 @@ def test_what_was_kept_comes_back_only_when_asked_and_never_lands_nowhere(pipeli
     assert apply_kept({"resourceType": "ServiceRequest"}, lost["fhir"]["kept"]) == [
         (0, lost["fhir"]["kept"][0])
     ]
+
+
+def test_a_patient_without_a_name_is_a_client_known_by_identifiers_with_a_warning(pipeline):
+    """Valid FHIR but unusual (an anonymised export, a checker's minimal Patient): kept, said."""
+    patient = {"resourceType": "Patient", "identifier": [{"system": MRN_SYSTEM, "value": "E4000999"}]}
+    (out,) = _ingest(pipeline, patient)
+    assert out.ok and out.result["record"] == "client" and "name" not in out.result
+    assert "import:client-name" in {i.rule for i in out.issues}
