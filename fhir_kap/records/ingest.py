@@ -540,6 +540,18 @@ class Ingest:
                     "import:client-name",
                 )
             )
+        if rt == "ServiceRequest" and "clinic" not in record:
+            work.issues.append(
+                Issue(
+                    "warning",
+                    "incomplete",
+                    "the referral names no performing organisation (ServiceRequest.performer): it is "
+                    "taken as addressed to the clinic that received it",
+                    f"{rt}.performer",
+                    "/performer",
+                    "import:referral-clinic",
+                )
+            )
         if rt == "ServiceRequest" and "collaboration_model" not in record:
             work.issues.append(
                 Issue(

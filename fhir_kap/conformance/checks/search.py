@@ -43,6 +43,14 @@ def _search_set(ctx: Context) -> dict[str, Any]:
         res["status"] = status
         concept = {"coding": [{"system": system, "code": kind}]}
         res["category"] = [concept] if isinstance(res.get("category"), list) else concept
+        if kind != "dosing":  # a dose and its monitoring belong to dosing sessions only (a KAP rule)
+            res["extension"] = [
+                e
+                for e in res.get("extension", [])
+                if not str(e.get("url", "")).endswith(("/kap-dose", "/kap-monitoring"))
+            ]
+            if not res["extension"]:
+                del res["extension"]
         resp, stored = ctx.create(res)
         if resp.status not in (200, 201) or not stored:
             raise Failed(f"creating search Procedure {n} answered {resp.status}{outcome_hint(resp)}")
