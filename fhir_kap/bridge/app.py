@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Any
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotAcceptable, UnsupportedMediaType
 from werkzeug.sansio.utils import get_current_url
 
 from .. import jsonio
@@ -237,6 +237,33 @@ def _still_readable(partners: Partners, store: Store, access: Access) -> Callabl
     return allowed
 
 
+_XML_FORMATS = frozenset({"xml", "text/xml", "application/xml", "application/fhir+xml"})
+_JSON_RANGES = frozenset({"application/fhir+json", "application/json", "application/*", "*/*", "json", ""})
+
+
+def _negotiate(release: Release) -> None:
+    """FHIR content negotiation: JSON only (an XML `_format` or an Accept header without JSON is
+    406), and a media type's `fhirVersion` parameter must name the deployment's release (406 for
+    Accept, 415 for Content-Type)."""
+    fmt = request.args.get("_format", "").strip().lower()
+    if fmt in _XML_FORMATS or fmt.endswith("+xml"):
+        raise NotAcceptable("this server speaks FHIR JSON only (_format=json)")
+    accept = request.headers.get("Accept")
+    if accept and not any(
+        r.split(";", 1)[0].strip().lower() in _JSON_RANGES and "q=0" not in r.replace(" ", "").split(";")[1:]
+        for r in accept.split(",")
+    ):
+        raise NotAcceptable("this server answers application/fhir+json only")
+    major_minor = ".".join(release.value.split(".")[:2])
+    for header, error in (("Accept", NotAcceptable), ("Content-Type", UnsupportedMediaType)):
+        for version in _FHIR_VERSION.findall(request.headers.get(header, "")):
+            if ".".join(version.split(".")[:2]) != major_minor:
+                raise error(f"{header} asks for FHIR {version[:10]}; this server speaks FHIR {release.value}")
+
+
+_FHIR_VERSION = re.compile(r"fhirVersion\s*=\s*\"?([0-9][0-9.]{0,15})", re.I)
+
+
 def _hooks(app: Flask) -> None:
     @app.before_request
     def start() -> None:
@@ -247,6 +274,8 @@ def _hooks(app: Flask) -> None:
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         g.started = time.perf_counter()
         g.partner = None
+        if request.path.startswith("/fhir"):
+            _negotiate(services().release)
 
     @app.after_request
     def finish(resp: Response) -> Response:
@@ -279,7 +308,9 @@ def _hooks(app: Flask) -> None:
         status = exc.code or 500
         text = {
             404: "No such endpoint",
-            405: f"Method {request.method} is not allowed here",
+            405: f"{request.method} is not supported on this path (allowed: {exc.get_response().headers.get('Allow', '-')})",
+            406: str(exc.description) if exc.description else "Not Acceptable",
+            415: str(exc.description) if exc.description else "Unsupported Media Type",
             413: f"Request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
         }.get(status, exc.name)
         resp = outcome_response(

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from .. import jsonio
 from ..errors import Forbidden, Gone, InputError, Issue, NotFound, UnsupportedMediaType
@@ -176,6 +177,8 @@ def register(app: Flask) -> None:
     @app.post("/fhir/<rtype>")
     def create(rtype: str) -> Response:
         partner = current_partner()
+        if rtype in READ_TYPES and rtype not in WRITE_TYPES:  # served, read-only (Task): FHIR says 405
+            raise MethodNotAllowed(valid_methods=_allowed_methods(rtype))
         _check_type(rtype, WRITE_TYPES)
         _scope(partner, rtype, "write")
         body = read_json_body()
@@ -305,11 +308,30 @@ def register(app: Flask) -> None:
 
     @app.route("/fhir/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unsupported(rest: str) -> Response:
+        allowed = _allowed_methods(rest)
+        if allowed:  # a known type or instance: the interaction is what is missing (FHIR: 405)
+            raise MethodNotAllowed(valid_methods=allowed)
         raise NotFound(
             f"{request.method} on this path is not supported by this server",
             rule="fhir:interaction",
             code="not-supported",
         )
+
+
+_TYPE_PATH = re.compile(
+    r"^([A-Z][A-Za-z]{1,63})(/[A-Za-z0-9\-.]{1,64}(/_history(/[A-Za-z0-9\-.]{1,64})?)?)?/?$"
+)
+
+
+def _allowed_methods(rest: str) -> list[str]:
+    """The methods the bridge answers on `/fhir/<rest>` when it names a type it serves (the
+    type: search, and create where partners may write; an instance and its history: read)."""
+    m = _TYPE_PATH.match(rest)
+    if not m or m.group(1) not in READ_TYPES:
+        return []
+    if m.group(2):
+        return ["GET", "HEAD"]
+    return ["GET", "HEAD", "POST"] if m.group(1) in WRITE_TYPES else ["GET", "HEAD"]
 
 
 def _int_param(values: list[str] | None, name: str, default: int, maximum: int) -> int:

@@ -501,3 +501,47 @@ def test_return_operationoutcome_lists_the_issues_fhir_kap_import_reports(bridge
         again.status_code == 200
         and again.get_json(force=True)["id"] == resp.headers["Location"].split("/")[-3]
     )
+
+
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [
+        ("PUT", "/fhir/Communication/x", "GET, HEAD"),
+        ("DELETE", "/fhir/Communication/x", "GET, HEAD"),
+        ("PATCH", "/fhir/ServiceRequest/x", "GET, HEAD"),
+        ("DELETE", "/fhir/Communication", "GET, HEAD, POST"),
+        ("POST", "/fhir/Task", "GET, HEAD"),
+    ],
+)
+def test_an_interaction_the_bridge_lacks_on_a_type_it_serves_is_405_with_allow(bridge, method, path, allow):
+    resp = bridge.client.open(
+        path, method=method, data="{}", headers=bridge.h("clinic", **{"Content-Type": FHIR})
+    )
+    assert resp.status_code == 405 and is_outcome(resp) and resp.headers["Allow"] == allow
+    assert "http:405" in resp.get_data(as_text=True)
+    # an unknown path stays 404
+    assert bridge.client.open("/fhir/Nope/x", method=method, headers=bridge.h("clinic")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "headers, query, status",
+    [
+        ({"Accept": "application/fhir+xml"}, "", 406),
+        ({}, "?_format=xml", 406),
+        ({}, "?_format=application/fhir%2Bxml", 406),
+        ({"Accept": "text/html"}, "", 406),
+        ({"Accept": "application/fhir+json; fhirVersion=5.0"}, "", 406),
+        ({"Accept": "application/fhir+json; fhirVersion=4.0"}, "", 200),
+        ({"Accept": "application/fhir+xml, application/fhir+json;q=0.9"}, "", 200),
+        ({"Accept": "*/*"}, "?_format=json", 200),
+    ],
+)
+def test_content_negotiation_is_json_and_the_deployments_fhir_version(bridge, headers, query, status):
+    resp = bridge.get("a", "/fhir/Communication" + query, **headers)
+    assert resp.status_code == status and (status == 200 or is_outcome(resp))
+
+
+def test_a_body_for_another_fhir_version_is_415(bridge):
+    note = load("Example-Communication-note-1.json")
+    resp = bridge.post("a", "/fhir/Communication", note, **{"Content-Type": FHIR + "; fhirVersion=5.0"})
+    assert resp.status_code == 415 and is_outcome(resp) and "FHIR 4.0.1" in resp.get_data(as_text=True)
