@@ -221,7 +221,8 @@ def test_cli_import__a_resent_referral_gives_the_same_record(capsys):
 # -- the bridge ---------------------------------------------------------------------------------
 
 #: What the bridge answers for payloads it does not take, with the rule it names.
-REFUSED = {"24": (404, "fhir:resource-type"), "25": (400, "bridge:bundle-type")}
+# a Task is read-only here (the bridge makes a referral's Task): POST is 405; a message Bundle is not taken
+REFUSED = {"24": (405, "http:405"), "25": (400, "bridge:bundle-type")}
 #: Payloads the bridge needs something stored first for (a conditional reference to resolve).
 BEFORE = {"06": "05-bundle-transaction-conditional-create"}
 
