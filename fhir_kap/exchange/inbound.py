@@ -51,7 +51,7 @@ from ..errors import (
     PreconditionFailed,
 )
 from ..fhir.identifiers import business_identifier, new_id
-from ..fhir.references import PARTY_TYPES, Resolver, identifiers_of, parse_reference
+from ..fhir.references import PARTY_TYPES, Resolver, identifiers_of, iter_references, parse_reference
 from ..records.ingest import Ingest
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
@@ -603,7 +603,7 @@ class Inbound:
         else the one resource of the sender's, carrying every identifier named (FHIR: none or
         several fail the transaction, 412)."""
         problems: list[Issue] = []
-        for node in _reference_nodes(resource):
+        for _, _, node in iter_references(resource):
             ref = parse_reference(node)
             if ref is None or ref.kind != "conditional":
                 continue
@@ -762,9 +762,8 @@ def _contained_parties(resource: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-#: A conditional reference (`Type?...`) anywhere in a resource's JSON, and one reference string.
+#: A conditional reference (`Type?...`) anywhere in a resource's JSON.
 _CONDITIONAL = re.compile(rb'"reference":"[A-Z][A-Za-z]{1,63}\?')
-_CONDITIONAL_REF = re.compile(r"^[A-Z][A-Za-z]{1,63}\?")
 
 
 def _content(resource: dict[str, Any], masked: frozenset[str] = frozenset()) -> Any:
@@ -787,19 +786,15 @@ def _masked(body: Any, masked: frozenset[str], at: str = "") -> Any:
 def _internal_paths(resource: dict[str, Any], internal: set[str]) -> frozenset[str]:
     """JSON pointers of the references in `resource` that name another entry of its Bundle (or
     select one by a condition): rewritten to ids that may differ between two sends."""
-    out: set[str] = set()
-    stack: list[tuple[Any, str]] = [(resource, "")]
-    while stack:
-        cur, at = stack.pop()
-        if isinstance(cur, dict):
-            ref = cur.get("reference")
-            if isinstance(ref, str) and (
-                ref in internal or ref.split("/_history/", 1)[0] in internal or _CONDITIONAL_REF.match(ref)
-            ):
-                out.add(at)
-            stack.extend((v, f"{at}/{k}") for k, v in cur.items() if isinstance(v, (dict, list)))
-        elif isinstance(cur, list):
-            stack.extend((v, f"{at}/{i}") for i, v in enumerate(cur) if isinstance(v, (dict, list)))
+    out = set()
+    for at, _, node in iter_references(resource):
+        ref = node.get("reference")
+        if isinstance(ref, str) and (
+            ref in internal
+            or ref.split("/_history/", 1)[0] in internal
+            or getattr(parse_reference(ref), "kind", None) == "conditional"
+        ):
+            out.add(at)
     return frozenset(out)
 
 
@@ -823,20 +818,6 @@ def _entry_keys(full: Any, resource: dict[str, Any]) -> list[str]:
     if isinstance(rid, str) and rid and f"{resource.get('resourceType')}/{rid}" not in keys:
         keys.append(f"{resource.get('resourceType')}/{rid}")
     return keys
-
-
-def _reference_nodes(node: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if isinstance(cur, dict):
-            if isinstance(cur.get("reference"), str):
-                out.append(cur)
-            stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
-        elif isinstance(cur, list):
-            stack.extend(v for v in cur if isinstance(v, (dict, list)))
-    return out
 
 
 def _skipped_response(rtype: str) -> dict[str, Any]:

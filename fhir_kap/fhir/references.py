@@ -23,7 +23,7 @@ Pure: no IO. The context is anything with `get(type, id)` and `by_identifier(typ
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs
@@ -36,6 +36,7 @@ __all__ = [
     "ResourceIndex",
     "ResourceLookup",
     "identifiers_of",
+    "iter_references",
     "parse_reference",
 ]
 
@@ -156,6 +157,41 @@ def parse_reference(value: Any) -> Ref | None:
     if ident is not None:
         return Ref("logical", None, rtype, identifier=ident)
     return None
+
+
+def iter_references(
+    node: Any, *, contained: bool = True, _at: str = "", _key: str = ""
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(JSON pointer, element name, Reference) of every Reference in a resource, in document
+    order: a dict with a `reference` string, or a logical one (an `identifier` object and nothing
+    a Reference lacks). `contained=False` leaves the resource's own contained resources out.
+    Callers bound the depth first (`jsonio.too_deep`).
+
+    >>> [(p, k) for p, k, _ in iter_references({"subject": {"reference": "Patient/1"},
+    ...     "performer": [{"identifier": {"system": "s", "value": "v"}}]})]
+    [('/subject', 'subject'), ('/performer/0', 'performer')]
+    """
+    if isinstance(node, dict):
+        if _is_reference(node):
+            yield _at, _key, node
+            return
+        for k, v in node.items():
+            if contained or k != "contained" or _at:
+                yield from iter_references(v, contained=contained, _at=f"{_at}/{k}", _key=k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from iter_references(v, contained=contained, _at=f"{_at}/{i}", _key=_key)
+
+
+def _is_reference(node: dict[str, Any]) -> bool:
+    if "resourceType" in node:
+        return False
+    if isinstance(node.get("reference"), str):
+        return True
+    return isinstance(node.get("identifier"), dict) and set(node) <= _LOGICAL_KEYS
+
+
+_LOGICAL_KEYS = frozenset({"identifier", "type", "display", "id", "extension"})
 
 
 class ResourceLookup(Protocol):

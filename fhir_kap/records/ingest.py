@@ -31,7 +31,7 @@ import orjson
 from .. import jsonio
 from ..config import CANONICAL, CS, Release
 from ..errors import InputError, Issue, KapError, MappingError, ProfileError
-from ..fhir.references import PARTY_TYPES, Resolved, Resolver, ResourceLookup
+from ..fhir.references import PARTY_TYPES, Resolved, Resolver, ResourceLookup, iter_references
 from ..fhir.release import detect_release
 from ..validation import KAP_PROFILES, Validator
 from .carry import kept, not_carried
@@ -378,7 +378,7 @@ class Ingest:
         normal = jsonio.copy(resource) if walk or work.skip else dict(resource)
         normal["id"] = rid
         normal.pop("contained", None)
-        for ptr, key, ref in _references(normal) if walk else ():
+        for ptr, key, ref in iter_references(normal, contained=False) if walk else ():
             if not literals and len(ref) == 1 and _RELATIVE.match(ref.get("reference") or ""):
                 continue  # a plain Type/id nothing here could resolve further: as it is
             if ptr in work.skip or any(ptr.startswith(s + "/") for s in work.skip):
@@ -405,7 +405,7 @@ class Ingest:
         (a contained `#pat` means the referral's contained Patient)."""
         out = jsonio.copy(target)
         scratch = _Work()
-        for ptr, key, ref in _references(out):
+        for ptr, key, ref in iter_references(out, contained=False):
             res = resolver.resolve(ref, referral)
             new = (
                 self._party_reference(res, key, ptr, target["resourceType"], scratch, referral)
@@ -622,21 +622,6 @@ class Ingest:
         return CONTEXT_DEFAULT
 
 
-def _references(node: Any, ptr: str = "", key: str = "") -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(pointer, element name, Reference dict) of every Reference in a resource (not in contained)."""
-    if isinstance(node, dict):
-        if _is_reference(node):
-            yield ptr, key, node
-            return
-        for k, v in node.items():
-            if k == "contained" and not ptr:
-                continue
-            yield from _references(v, f"{ptr}/{k}", k)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _references(v, f"{ptr}/{i}", key)
-
-
 _UNUSUAL_REFERENCE = re.compile(rb'"reference":"(?:#|urn:|[a-z][a-z0-9+.\-]*://|[^"]*\?)')
 
 
@@ -646,20 +631,6 @@ def _worth_a_walk(resource: dict[str, Any]) -> bool:
     Python walk over every element (most resources a partner posts hold plain ones only)."""
     raw = orjson.dumps(resource)
     return b'"identifier":{' in raw or _UNUSUAL_REFERENCE.search(raw) is not None
-
-
-def _is_reference(node: dict[str, Any]) -> bool:
-    if "resourceType" in node:
-        return False
-    if isinstance(node.get("reference"), str):
-        return True
-    return isinstance(node.get("identifier"), dict) and set(node) <= {
-        "identifier",
-        "type",
-        "display",
-        "id",
-        "extension",
-    }
 
 
 def _without(resource: dict[str, Any], pointers: set[str]) -> dict[str, Any]:
