@@ -104,6 +104,7 @@ class Services:
     inputs: Any
     outbox: Any
     audit: Any
+    events: Any = None  # the Subscriptions event sink (bridge/subscriptions.py), when notifying
 
 
 def services() -> Services:
@@ -139,6 +140,11 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
     access = Access(
         store, release=release, purpose=options.read_purpose, audit=audit, context_source=outbox.context_for
     )
+    from .subscriptions import event_sink
+
+    events = event_sink(
+        db=db, store=store, partners=partners, access=access, release=release, notifier=notifier
+    )
     # Rest-hooks only for recipients the consent gate lets read the note (audited like a read).
     inbound = Inbound(
         store,
@@ -149,6 +155,7 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
         notifier=notifier,
         clinic_org_identifier=settings.clinic_org_identifier,
         may_read=access.can_read,
+        events=events,
     )
     if notifier is not None:
         notifier.allowed = _still_readable(partners, store, access)
@@ -170,13 +177,13 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
         inputs,
         outbox,
         audit,
+        events,
     )
     _hooks(app)
-    from . import fhir, kap, smart
+    from . import console, fhir, kap, metrics, smart, subscriptions
 
-    fhir.register(app)
-    kap.register(app)
-    smart.register(app)
+    for module in (fhir, kap, smart, subscriptions, console, metrics):
+        module.register(app)
     _base_with_slash(app)
 
     @app.get("/healthz")

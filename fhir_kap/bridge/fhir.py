@@ -370,7 +370,11 @@ def capability_statement(base: str) -> dict[str, Any]:
             params.append({"name": name, "type": "reference" if name in REFERENCE_PARAMS else "token"})
         entry["searchParam"] = params
         resources.append(entry)
-    return {
+    from .subscriptions import capability
+
+    extra_resources, extensions = capability(release)
+    resources.extend(extra_resources)
+    statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2025-01-01",
@@ -408,3 +412,6 @@ def capability_statement(base: str) -> dict[str, Any]:
             }
         ],
     }
+    if extensions:
+        statement["extension"] = extensions
+    return statement

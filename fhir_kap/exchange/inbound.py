@@ -102,6 +102,14 @@ class ContextSink(Protocol):
     def put_context(self, resource: dict[str, Any]) -> Any: ...
 
 
+class EventSink(Protocol):
+    """Who hears of committed writes (topic-based Subscriptions): `record(tx, accepted)` runs
+    inside the write's transaction, so what it queues is committed exactly when the write is;
+    it returns how many notifications it queued (the notifier is woken after the commit)."""
+
+    def record(self, tx: Any, accepted: Sequence[Accepted]) -> int: ...
+
+
 @dataclass(frozen=True)
 class Accepted:
     """One resource accepted: what was stored, whether it is new, its KAP record, the Task made,
@@ -161,9 +169,11 @@ class Inbound:
         notifier: Notifier | None = None,
         clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic",
         may_read: Callable[[Partner, StoredResource], bool] | None = None,
+        events: EventSink | None = None,
     ) -> None:
         """`may_read(partner, stored)`: whether a recipient may read a new Communication (consent
-        gate, audited); rest-hooks go only where it says yes (none without it)."""
+        gate, audited); rest-hooks go only where it says yes (none without it). `events`: told of
+        every committed write, inside its transaction (Subscriptions)."""
         self.store = store
         self.ingest = ingest
         self.release = release
@@ -171,6 +181,7 @@ class Inbound:
         self.partners = partners
         self.notifier = notifier
         self.may_read = may_read
+        self.events = events
         system, _, value = clinic_org_identifier.partition("|")
         self.clinic_identifier = (system, value) if system and value else None
         self.clinic_owner = {"identifier": {"system": system, "value": value}, "display": "KAP clinic"}
@@ -338,6 +349,8 @@ class Inbound:
             if joined and trusted:
                 self._keep_context(accepted, scope)
             queued[0] = self._queue_notifications(accepted)
+            if self.events is not None:
+                queued[0] += self.events.record(tx, accepted)
             return accepted
 
         accepted = self.store.write(unit)
@@ -698,6 +711,8 @@ class Inbound:
         def unit(tx: Any) -> StoredResource:
             task = self._move(tx, referral_id, business_status, reason)
             queued[0] = self._queue_task_event(task)
+            if self.events is not None:
+                queued[0] = bool(self.events.record(tx, [Accepted(task, False)])) or queued[0]
             return task
 
         updated = self.store.write(unit)
