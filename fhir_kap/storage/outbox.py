@@ -403,25 +403,53 @@ class Outbox:
         return OutboxItem.from_row(rows[0]) if rows else None
 
     def list(
-        self, state: str | None = None, *, endpoint: str | None = None, limit: int = 100
+        self,
+        state: str | None = None,
+        *,
+        endpoint: str | None = None,
+        limit: int = 100,
+        after: int | None = None,
+        before: int | None = None,
     ) -> list[OutboxItem]:
-        """Items in id order, optionally of one state and/or endpoint."""
+        """Items in id order, optionally of one state and/or endpoint; `after`/`before` an id:
+        only items with a greater/smaller id (keyset paging; with `before` the page nearest it,
+        still in id order)."""
         if state is not None and state not in STATES:
             raise InputError(
                 f"Unknown outbox state '{state}': use one of {', '.join(STATES)}",
                 rule="outbox:state",
                 code="value",
             )
-        where, params = [], []
+        where: builtins.list[str] = []
+        params: builtins.list[Any] = []
         if state:
             where.append("state = ?")
             params.append(state)
         if endpoint:
             where.append("endpoint = ?")
             params.append(endpoint)
+        if after is not None:
+            where.append("id > ?")
+            params.append(int(after))
+        if before is not None:
+            where.append("id < ?")
+            params.append(int(before))
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = self.db.query(f"SELECT * FROM outbox_items {clause}ORDER BY id LIMIT ?", (*params, int(limit)))
-        return [OutboxItem.from_row(r) for r in rows]
+        order = "DESC" if before is not None and after is None else "ASC"
+        rows = self.db.query(
+            f"SELECT * FROM outbox_items {clause}ORDER BY id {order} LIMIT ?", (*params, int(limit))
+        )
+        items = [OutboxItem.from_row(r) for r in rows]
+        return items[::-1] if order == "DESC" else items
+
+    def counts_by_endpoint(self) -> dict[str, dict[str, int]]:
+        """How many items each endpoint has in each state (every state present, zero included)."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self.db.query(
+            "SELECT endpoint, state, COUNT(*) AS n FROM outbox_items GROUP BY endpoint, state ORDER BY endpoint"
+        ):
+            out.setdefault(row["endpoint"], dict.fromkeys(STATES, 0))[row["state"]] = int(row["n"])
+        return out
 
     def counts(self) -> dict[str, int]:
         """How many items are in each state (every state present, zero included)."""

@@ -8,6 +8,7 @@ import pytest
 from fhir_kap.errors import ConfigError
 from fhir_kap.exchange.webhooks import Notifier
 from fhir_kap.storage.auditlog import AuditLog
+from fhir_kap.storage.operators import Operators
 from fhir_kap.storage.outbox import Outbox
 from fhir_kap.storage.partners import Partners
 from fhir_kap.storage.sql import migrations
@@ -38,6 +39,7 @@ def test_a_fresh_database_ends_with_every_migration_recorded_once(db):
     AuditLog(db)
     Partners(db)
     Notifier(db=db)
+    Operators(db)
     recorded = [r["name"] for r in db.query("SELECT name FROM schema_migrations ORDER BY name")]
     assert recorded == sorted(m.name for m in migrations.MIGRATIONS)
     assert all(migrations.ensure(db, owner) == [] for owner in {m.owner for m in migrations.MIGRATIONS})

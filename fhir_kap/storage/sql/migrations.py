@@ -90,14 +90,17 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("outbox-1"),
     Migration("outbox-2"),
     Migration("outbox-3", after=_rekey_consents),
+    Migration("outbox-4"),
     Migration("store-1"),
     Migration("store-2", after=_reindex),
     Migration("store-3", after=_check_store_3),
     Migration("store-4"),
     Migration("auditlog-1"),
+    Migration("auditlog-2"),
     Migration("partners-1"),
     Migration("partners-2"),
     Migration("webhooks-1"),
+    Migration("operators-1"),
 )
 _BY_NAME = {m.name: m for m in MIGRATIONS}
 
