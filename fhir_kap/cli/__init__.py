@@ -19,7 +19,7 @@ from ..errors import Issue, KapError, operation_outcome
 
 __all__ = ["main", "build_parser"]
 
-COMMAND_MODULES = ("records", "consent", "exchange", "bridge", "check", "testserver", "demo")
+COMMAND_MODULES = ("records", "consent", "exchange", "bridge", "check", "testserver", "demo", "operators")
 
 
 def build_parser() -> argparse.ArgumentParser:
