@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import Release
 from ..exchange.inbound import addressed_to
+from ..exchange.telemetry import consent_decision
 from ..fhir.identifiers import patient_reference
 from ..storage.partners import Partner
 from ..storage.search import page
@@ -134,6 +135,7 @@ class Access:
             if gates is not None:
                 gates[patient] = gate
         decision = gate.decide(resource, recipient, self.purpose, on=now.date())
+        consent_decision("read", decision.permit, decision.codes)
         return bool(decision.permit), audit_event(
             decision,
             resource,

@@ -164,6 +164,9 @@ def _environ(scope: dict[str, Any], body: bytes, length: int) -> dict[str, Any]:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.input_terminated": True,
+        # the port of the socket that accepted the request (never the Host header's): the bridge
+        # answers /metrics only on the operator's metrics listener (bridge/metrics.py)
+        "fhir_kap.local_port": server[1],
     }
     for raw_name, raw_value in scope["headers"]:
         name = raw_name.decode("latin-1").upper().replace("-", "_")

@@ -94,6 +94,21 @@ def register(subparsers: Any) -> None:
         help="public base URL of /fhir, e.g. https://bridge.example/fhir (default: from each "
         "request's Host header; SMART backend services need it set)",
     )
+    # /metrics lives on a listener of its own, never on the partner-facing port (bridge/metrics.py)
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (a listener of its own; "
+        "the partner port never answers /metrics); default: no metrics listener",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics listener (default 127.0.0.1: only this host's Prometheus "
+        "or an agent on it can scrape)",
+    )
     serve.add_argument("--bench-echo", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
 
@@ -306,13 +321,48 @@ def _banner(args: argparse.Namespace, settings: Any) -> str:
         threads = 4 if args.threads is None else args.threads
         model = f"{args.workers} worker(s) x {threads} threads, requests read whole (read timeout {args.read_timeout:g} s)"
     public = f"\n  public base: {args.base_url}" if args.base_url else ""
+    metrics = (
+        f"\n  metrics: http://{_address(args.metrics_host, args.metrics_port)}/metrics"
+        if args.metrics_port is not None
+        else ""
+    )
     return (
         f"fhir-kap {__version__} bridge on http://{args.host}:{args.port}/fhir (FHIR {settings.fhir_version.value})"
-        f"\n  database: {database}\n  serving: {model}{public}"
+        f"\n  database: {database}\n  serving: {model}{public}{metrics}"
     )
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tag_local_port(wsgi: Any) -> Any:
+    """The WSGI app, with the local port of the accepting socket in the environ (gunicorn's sync
+    workers; the default workers set it in bridge/serving.py): /metrics is answered on the metrics
+    listener only, told by the socket, never by the Host header."""
+    from ..bridge.metrics import LOCAL_PORT
+
+    def tagged(environ: dict[str, Any], start_response: Any) -> Any:
+        sock = environ.get("gunicorn.socket")
+        if LOCAL_PORT not in environ and sock is not None:
+            try:
+                environ[LOCAL_PORT] = sock.getsockname()[1]
+            except (OSError, IndexError, TypeError):
+                pass
+        return wsgi(environ, start_response)
+
+    return tagged
+
+
 def _serve(args: argparse.Namespace, settings: Any) -> int:
+    from ..errors import InputError
+
+    if args.metrics_port is not None and not args.dev:
+        # before prometheus_client is first imported (by the bridge's modules): every worker
+        # then writes its counts to this directory, and /metrics adds up all of them
+        from ..exchange import telemetry
+
+        telemetry.configure(settings.data_dir / "metrics")
     from ..bridge import BridgeOptions, create_app
     from ..bridge.app import JsonLines
 
@@ -322,6 +372,16 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
         level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler]
     )
     options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
+    if args.metrics_port is not None and args.dev:
+        raise InputError(
+            "--metrics-port needs the worker serving model (not --dev: one listener only)",
+            rule="cli:argument",
+        )
+    if args.metrics_port is not None and args.metrics_port == args.port:
+        raise InputError(
+            "--metrics-port must differ from --port (metrics stay off the partner port)",
+            rule="cli:argument",
+        )
     print(_banner(args, settings), flush=True)
     if args.dev:
         create_app(settings, options).run(host=args.host, port=args.port, threaded=True)
@@ -344,8 +404,11 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
                 kind: Any = "gthread" if threads > 1 else "sync"
             else:
                 kind = worker_class(limits)
+            binds = [_address(args.host, args.port)]
+            if args.metrics_port is not None:
+                binds.append(_address(args.metrics_host, args.metrics_port))
             cfg = {
-                "bind": f"{args.host}:{args.port}",
+                "bind": binds,
                 "workers": max(1, args.workers),
                 "worker_class": kind,
                 "threads": threads if args.sync else 1,
@@ -355,12 +418,26 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
                 "timeout": 60,
                 "keepalive": max(1, int(args.keepalive)),
                 "reuse_port": bool(args.reuse_port),
+                "child_exit": _child_exit,
             }
             for key, value in cfg.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return create_app(settings, options)
+            app = create_app(settings, options)
+            if args.metrics_port is not None:
+                from ..bridge.metrics import METRICS_PORT
+
+                app.config[METRICS_PORT] = args.metrics_port
+                app.wsgi_app = _tag_local_port(app.wsgi_app)  # type: ignore[method-assign]
+            return app
 
     _Gunicorn().run()
     return 0
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """gunicorn's hook when a worker ends: its live gauges leave the metrics (its counts stay)."""
+    from ..exchange import telemetry
+
+    telemetry.process_ended(worker.pid)

@@ -49,6 +49,7 @@ from ..client.answers import UnreadableAnswer
 from ..errors import ConfigError, KapError, ServerError
 from ..fhir.retry import Backoff, retry_later
 from ..storage.outbox import Outbox, OutboxItem
+from .telemetry import DeliveryObserver, delivery_observer
 
 __all__ = [
     "Backoff",
@@ -170,6 +171,11 @@ class DeliveryWorker:
     transaction_size: int = 100
     lease_seconds: float = 300.0
     rand: Callable[[], float] = random.random
+    # metrics: each attempt's outcome and HTTP time, each send-time consent decision
+    # (exchange/telemetry.py); `timer` measures the HTTP exchanges
+    observer: DeliveryObserver = field(default_factory=delivery_observer)
+    timer: Callable[[], float] = time.perf_counter
+    _sent_at: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def run_once(self) -> Stats:
         """Claim up to `batch_size` due items and deliver them; returns what happened."""
@@ -239,6 +245,7 @@ class DeliveryWorker:
             ok, reason = self.consent_check(item)
         except Exception as exc:  # noqa: BLE001 - fail closed: an unreadable consent never lets data out
             ok, reason = False, f"consent re-check failed ({_summary(exc)})"
+            self.observer.consent(False, ("check-failed",))
         if ok:
             return True
         if self.outbox.hold(
@@ -252,6 +259,7 @@ class DeliveryWorker:
 
     def _send_single(self, client: FhirClient, item: OutboxItem, stats: Stats) -> None:
         condition = if_none_exist(item.idempotency_key)
+        self._sent_at[item.id] = self.timer()
         try:
             result = client.create(item.resource, if_none_exist=condition)
         except UnreadableAnswer as exc:
@@ -343,6 +351,8 @@ class DeliveryWorker:
             for entry, item in zip(bundle["entry"], items):
                 entry["request"]["ifNoneExist"] = if_none_exist(item.idempotency_key)
             stats.transactions += 1
+            started = self.timer()
+            self._sent_at.update((item.id, started) for item in items)
             response = client.transaction(bundle)
             results = entry_results(response)
             if len(results) != len(items):
@@ -396,12 +406,17 @@ class DeliveryWorker:
         if not ok:
             stats.lost_lease += 1
             log.warning("item %d: delivered but its lease had passed to another worker", item.id)
+            outcome = "lost-lease"
         elif note is not None:
             stats.reconciled += 1
+            outcome = "reconciled"
         elif result.created:
             stats.delivered += 1
+            outcome = "created"
         else:
             stats.existing += 1
+            outcome = "existing"
+        self._observe(item, outcome)
 
     def _failed(
         self,
@@ -441,3 +456,15 @@ class DeliveryWorker:
                 )
         if not done:
             stats.lost_lease += 1
+        outcome = (
+            "lost-lease"
+            if not done
+            else "retry"
+            if retryable and item.attempts < self.max_attempts
+            else "dead"
+        )
+        self._observe(item, outcome)
+
+    def _observe(self, item: OutboxItem, outcome: str) -> None:
+        started = self._sent_at.pop(item.id, None)
+        self.observer.attempt(item.endpoint, outcome, None if started is None else self.timer() - started)

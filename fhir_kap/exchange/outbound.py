@@ -24,6 +24,7 @@ from ..errors import Issue, KapError
 from ..fhir.identifiers import patient_reference
 from ..records.pipeline import Pipeline
 from ..storage.outbox import Outbox, OutboxItem
+from .telemetry import consent_decision
 
 __all__ = ["CONTEXT_TYPES", "Outbound", "SendResult", "Target", "send_time_check"]
 
@@ -180,6 +181,7 @@ class Outbound:
         decision = ConsentGate(self.outbox.context_for(patient) if patient else []).decide(
             resource, recipient, self.purpose, now
         )
+        consent_decision("enqueue", decision.permit, decision.codes)
         event = audit_event(
             decision, resource, recipient, self.purpose, release=self.release, recorded=now, actor=self.actor
         )
@@ -232,14 +234,17 @@ def send_time_check(
 
     def check(item: OutboxItem) -> tuple[bool, str]:
         if not item.recipient_ref or not item.purpose:
+            consent_decision("send", False, ("item-no-recipient",))
             return False, "the item records no recipient or purpose to check consent against"
         if not item.patient_ref:
+            consent_decision("send", False, ("item-no-patient",))
             return False, "the item records no patient to find consents for"
         now = clock()
         recipient = Recipient.parse(item.recipient_ref)
         decision = ConsentGate(outbox.context_for(item.patient_ref)).decide(
             item.resource, recipient, item.purpose, now
         )
+        consent_decision("send", decision.permit, decision.codes)
         audit.append(
             audit_event(decision, item.resource, recipient, item.purpose, release=release, recorded=now)
         )
