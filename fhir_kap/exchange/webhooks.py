@@ -25,6 +25,15 @@ Each job gets a fresh lease right before it is posted, so a slow batch never let
 worker take a job that is still being sent.
 A crash loses nothing: a job whose sender died is claimed again once its lease runs out, so
 delivery is at-least-once and a receiver may see the same (event, resource) twice.
+
+Two kinds of job share this queue, this sender and every rule above. The legacy ones (events
+`communication-available`, `referral-status-changed`) are posted as described here. A job
+whose event starts with a registered `Channel`'s prefix (topic-based Subscriptions:
+`subscription-handshake`, `-heartbeat`, `-event`; exchange/subscriptions.py) is posted as
+that channel `prepare`s it at send time (its URL, body, headers and deadline, or a reason to
+drop it), and the channel hears each outcome (`delivered`, `pending` for a retry, `dead`);
+each round the channel's `tick` also queues scheduled jobs (heartbeats), and the sender wakes
+when the next of those is due.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from .. import jsonio
@@ -47,7 +57,16 @@ from ..fhir.retry import Backoff, retry_after_seconds, retry_later
 from ..storage.db import Database
 from ..storage.webhooks import WebhookJob, WebhookJobs
 
-__all__ = ["EVENT_COMMUNICATION", "EVENT_TASK", "Notifier", "NotifyResult", "WebhookJob", "sign"]
+__all__ = [
+    "EVENT_COMMUNICATION",
+    "EVENT_TASK",
+    "Channel",
+    "Notifier",
+    "NotifyResult",
+    "Prepared",
+    "WebhookJob",
+    "sign",
+]
 
 EVENT_COMMUNICATION = "communication-available"
 EVENT_TASK = "referral-status-changed"
@@ -60,6 +79,35 @@ class NotifyResult:
     status: int | None = None
     error: str | None = None
     retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A channel's request for one job, built at send time: POST `body` to `url` with `headers`,
+    the whole exchange within `timeout` seconds."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    timeout: float
+
+
+class Channel(Protocol):
+    """Jobs whose event starts with `prefix` are prepared and followed up by their channel."""
+
+    prefix: str
+
+    def prepare(self, job: WebhookJob, default_timeout: float) -> Prepared | str:
+        """The request to post now, or why the job is dropped (it goes `dead` with that reason)."""
+        ...
+
+    def outcome(self, job: WebhookJob, state: str, status: int | None) -> None:
+        """What an attempt came to: `delivered`, `pending` (tried again later) or `dead`."""
+        ...
+
+    def tick(self, now: float) -> float | None:
+        """Queue the scheduled jobs due at `now`; when the next falls due (None: none)."""
+        ...
 
 
 #: What a partner name resolves to at send time: (webhook URL, secret), or None when it has none.
@@ -113,6 +161,11 @@ class Notifier:
         self._thread: threading.Thread | None = None
         self._worker_id = ""
         self.webhook_jobs = WebhookJobs(db) if db is not None else None
+        self.channels: list[Channel] = []
+
+    def add_channel(self, channel: Channel) -> None:
+        """Have `channel` prepare and follow up the jobs whose event starts with its prefix."""
+        self.channels.append(channel)
 
     # ---- the job table (storage/webhooks.py)
 
@@ -191,7 +244,14 @@ class Notifier:
     def _new_worker_id(self) -> str:
         return f"{os.getpid()}-{uuid.uuid4().hex}"
 
+    def _channel(self, job: WebhookJob) -> Channel | None:
+        return next((c for c in self.channels if job.event.startswith(c.prefix)), None)
+
     def _send(self, job: WebhookJob, worker: str) -> None:
+        channel = self._channel(job)
+        if channel is not None:
+            self._send_channel(channel, job, worker)
+            return
         target = self.resolve(job.partner) if self.resolve is not None else None
         if target is None:
             self._finish(job, worker, "dead", None, "partner has no webhook (revoked or removed)")
@@ -212,22 +272,54 @@ class Notifier:
         else:
             self._finish(job, worker, "dead", result.status, result.error)
 
+    def _send_channel(self, channel: Channel, job: WebhookJob, worker: str) -> None:
+        prepared = channel.prepare(job, self.timeout)
+        if isinstance(prepared, str):
+            self._finish(job, worker, "dead", None, prepared)
+            return
+        result = self.post(prepared)
+        if result.delivered:
+            state = "delivered"
+            self._finish(job, worker, state, result.status, None)
+        elif result.status is None or retry_later(result.status):
+            state = self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
+        elif 300 <= result.status < 400:
+            state = "dead"
+            self._finish(
+                job, worker, state, result.status, f"HTTP {result.status}: redirects are not followed"
+            )
+        else:
+            state = "dead"
+            self._finish(job, worker, state, result.status, result.error)
+        channel.outcome(job, state, result.status)
+
+    def post(self, prepared: Prepared) -> NotifyResult:
+        """POST a channel's request; never raises (as `notify`)."""
+        try:
+            status, retry_after = self._post(prepared.url, prepared.body, prepared.headers, prepared.timeout)
+        except Exception as exc:  # noqa: BLE001 - OSError, http.client.HTTPException, ssl errors...: never raised
+            log.warning("subscription notification failed", extra={"error": type(exc).__name__})
+            return NotifyResult(False, None, type(exc).__name__)
+        ok = 200 <= status < 300
+        return NotifyResult(ok, status, None if ok else f"HTTP {status}", None if ok else retry_after)
+
     def _retry_or_give_up(
         self, job: WebhookJob, worker: str, status: int | None, error: str | None, retry_after: float | None
-    ) -> None:
+    ) -> str:
         """A failed attempt that may succeed later: again after the back-off, or dead once
-        `max_attempts` are spent (whatever failed: the receiver, or this side)."""
+        `max_attempts` are spent (whatever failed: the receiver, or this side). The state it went to."""
         if job.attempts >= self.max_attempts:
             self._finish(job, worker, "dead", status, f"{error}; gave up after {job.attempts} attempts")
-        else:
-            self._finish(
-                job,
-                worker,
-                "pending",
-                status,
-                error,
-                next_at=self.clock() + self.backoff.wait(job.attempts, retry_after),
-            )
+            return "dead"
+        self._finish(
+            job,
+            worker,
+            "pending",
+            status,
+            error,
+            next_at=self.clock() + self.backoff.wait(job.attempts, retry_after),
+        )
+        return "pending"
 
     def _finish(
         self,
@@ -268,15 +360,27 @@ class Notifier:
                 self._thread = threading.Thread(target=self._run, name="fhir-kap-webhooks", daemon=True)
                 self._thread.start()
 
+    def tick(self) -> float:
+        """Have each channel queue its scheduled jobs; how long the sender may sleep after."""
+        wait = self.poll_seconds
+        now = self.clock()
+        for channel in self.channels:
+            due = channel.tick(now)
+            if due is not None:
+                wait = min(wait, max(0.05, due - now))
+        return wait
+
     def _run(self) -> None:
         while not self._stopping:
+            wait = self.poll_seconds
             try:
+                wait = self.tick()
                 busy = self.run_due()
             except Exception as exc:  # noqa: BLE001 - the database may be briefly unavailable: try again
                 log.warning("webhook round failed", extra={"error": type(exc).__name__})
                 busy = 0
             if not busy:
-                self._wake.wait(self.poll_seconds)
+                self._wake.wait(wait)
                 self._wake.clear()
 
     @staticmethod
@@ -308,12 +412,15 @@ class Notifier:
             log.warning("webhook refused", extra={"event": event, "resource": resource_ref, "status": status})
         return NotifyResult(ok, status, None if ok else f"HTTP {status}", None if ok else retry_after)
 
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, float | None]:
+    def _post(
+        self, url: str, body: bytes, headers: dict[str, str], timeout: float | None = None
+    ) -> tuple[int, float | None]:
+        timeout = self.timeout if timeout is None else timeout
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("a webhook URL is http(s)://host/...")
         conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = conn_type(parts.hostname, parts.port, timeout=self.timeout)
+        conn = conn_type(parts.hostname, parts.port, timeout=timeout)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
         def cut_off() -> None:  # the deadline: unblock whatever read or write is waiting
@@ -324,7 +431,7 @@ class Notifier:
                 except OSError:
                     pass
 
-        deadline = threading.Timer(self.timeout, cut_off)
+        deadline = threading.Timer(timeout, cut_off)
         deadline.daemon = True
         deadline.start()
         try:

@@ -1,0 +1,442 @@
+"""Topic-based Subscriptions over the bridge app (R4 backport and R5): CRUD of a partner's own,
+isolation (by id, search, guessing), validation errors naming the field, endpoint rules, events
+numbered in the write's transaction and replayed by $events with the consent gate asked again."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testkit.bridge import FHIR, is_outcome, load, make_bridge
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "subscriptions"
+NOTE_TOPIC = "http://fhir-kap.example/SubscriptionTopic/continuity-note-available"
+REFERRAL_TOPIC = "http://fhir-kap.example/SubscriptionTopic/referral-status-changed"
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+
+
+def fixture(name: str, release: str) -> dict[str, Any]:
+    """A bridge fixture in the deployment's release (R5 through its KAP record, as test_bridge_r5 does)."""
+    from fhir_kap.config import Release
+    from fhir_kap.records.mapping import Mapper
+
+    if release == "R4":
+        return load(name)
+    mapper = Mapper.load()
+    return mapper.to_fhir(mapper.from_fhir(load(name), Release.R4), Release.R5)
+
+
+def sub(release: str, name: str) -> dict[str, Any]:
+    return json.loads((DATA / f"Subscription-{release.lower()}-{name}.json").read_text())
+
+
+@pytest.fixture(params=["R4", "R5"])
+def release(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def b(tmp_path, release):
+    return make_bridge(tmp_path, fhir_version=release)
+
+
+def _create(bridge, who: str, body: dict[str, Any]) -> dict[str, Any]:
+    resp = bridge.post(who, "/fhir/Subscription", body)
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    return resp.get_json()
+
+
+def _events(bridge, who: str, sid: str, query: str = "") -> dict[str, Any]:
+    resp = bridge.get(who, f"/fhir/Subscription/{sid}/$events{query}")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp.get_json()
+
+
+def _status_of(bundle: dict[str, Any], release: str) -> dict[str, Any]:
+    """The first entry's status, as a flat dict (R4 Parameters or R5 SubscriptionStatus)."""
+    res = bundle["entry"][0]["resource"]
+    if release == "R5":
+        return {
+            "type": res["type"],
+            "status": res["status"],
+            "since": res["eventsSinceSubscriptionStart"],
+            "events": [
+                (e["eventNumber"], e.get("focus", {}).get("reference"))
+                for e in res.get("notificationEvent", [])
+            ],
+        }
+    params = res["parameter"]
+    one = {
+        p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in params if "part" not in p
+    }
+    events = []
+    for p in params:
+        if p["name"] == "notification-event":
+            parts = {q["name"]: q for q in p["part"]}
+            events.append(
+                (
+                    parts["event-number"]["valueString"],
+                    parts.get("focus", {}).get("valueReference", {}).get("reference"),
+                )
+            )
+    return {
+        "type": one["type"],
+        "status": one["status"],
+        "since": one["events-since-subscription-start"],
+        "events": events,
+    }
+
+
+# ---- CRUD and isolation
+
+
+def test_a_partner_creates_reads_searches_and_deletes_its_own_subscription(b, release):
+    created = _create(b, "a", sub(release, "note"))
+    sid = created["id"]
+    assert created["status"] == "requested"  # no handshake sent: this app does not notify
+    assert (created.get("criteria") or created.get("topic")) == NOTE_TOPIC
+    read = b.get("a", f"/fhir/Subscription/{sid}")
+    assert read.status_code == 200 and read.get_json() == created and read.headers["ETag"] == 'W/"1"'
+    found = b.get("a", "/fhir/Subscription").get_json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [sid] and found["type"] == "searchset"
+    assert b.get("a", "/fhir/Subscription?status=active").get_json()["entry"] == []
+    assert b.client.delete(f"/fhir/Subscription/{sid}", headers=b.h("a")).status_code == 204
+    assert b.get("a", f"/fhir/Subscription/{sid}").status_code == 404
+
+
+def test_update_replaces_the_subscription_and_asks_for_a_new_handshake(b, release):
+    created = _create(b, "a", sub(release, "note"))
+    changed = dict(sub(release, "note"), id=created["id"], reason="changed")
+    resp = b.client.put(
+        f"/fhir/Subscription/{created['id']}",
+        data=json.dumps(changed),
+        headers=b.h("a", **{"Content-Type": FHIR, "If-Match": 'W/"1"'}),
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json()["reason"] == "changed" and resp.get_json()["meta"]["versionId"] == "2"
+    stale = b.client.put(
+        f"/fhir/Subscription/{created['id']}",
+        data=json.dumps(changed),
+        headers=b.h("a", **{"Content-Type": FHIR, "If-Match": 'W/"1"'}),
+    )
+    assert stale.status_code == 412 and is_outcome(stale)
+
+
+def test_another_partners_subscription_is_answered_like_one_that_does_not_exist(b, release):
+    sid = _create(b, "a", sub(release, "note"))["id"]
+    missing = b.get("b", "/fhir/Subscription/no-such-subscription")
+    for method, path in [
+        ("GET", f"/fhir/Subscription/{sid}"),
+        ("DELETE", f"/fhir/Subscription/{sid}"),
+        ("GET", f"/fhir/Subscription/{sid}/$status"),
+        ("GET", f"/fhir/Subscription/{sid}/$events"),
+        ("POST", f"/fhir/Subscription/{sid}/$events"),
+    ]:
+        resp = b.client.open(path, method=method, headers=b.h("b"))
+        assert resp.status_code == 404, (method, path)
+        assert resp.get_json()["issue"][0]["details"]["text"].replace(sid, "X") == missing.get_json()[
+            "issue"
+        ][0]["details"]["text"].replace("no-such-subscription", "X")
+    put = b.client.put(
+        f"/fhir/Subscription/{sid}",
+        data=json.dumps(dict(sub(release, "note"), id=sid)),
+        headers=b.h("b", **{"Content-Type": FHIR}),
+    )
+    assert put.status_code == 404
+    assert b.get("b", "/fhir/Subscription").get_json()["entry"] == []
+    assert b.get("b", f"/fhir/Subscription?_id={sid}").get_json()["entry"] == []
+    assert b.get("b", f"/fhir/Subscription/$status?id={sid}").get_json()["entry"] == []
+    assert b.get("a", f"/fhir/Subscription/{sid}").status_code == 200  # still there for its owner
+
+
+@pytest.mark.parametrize("guess", ["1", "0001", "subscription-1", "a" * 64, "..", "x" * 65])
+def test_guessing_subscription_ids_finds_nothing(b, release, guess):
+    _create(b, "a", sub(release, "note"))
+    resp = b.get("b", f"/fhir/Subscription/{guess}")
+    assert resp.status_code in (400, 404) and is_outcome(resp)
+
+
+def test_subscription_routes_win_over_the_generic_fhir_routes(b, release):
+    assert b.get("a", "/fhir/Subscription").status_code == 200  # not the catch-all's 404
+    patch = b.client.patch("/fhir/Subscription/x", headers=b.h("a"))
+    assert patch.status_code == 405 and "PUT" in patch.headers["Allow"] and is_outcome(patch)
+
+
+def test_without_a_token_nothing_is_answered(b, release):
+    assert b.client.get("/fhir/Subscription").status_code == 401
+    assert b.client.post("/fhir/Subscription", data=json.dumps(sub(release, "note"))).status_code == 401
+
+
+# ---- validation
+
+
+def _field(resp) -> tuple[int, str, str]:
+    issue = resp.get_json()["issue"][0]
+    rule = next(e["valueString"] for e in issue.get("extension", []) if e["url"].endswith("rule"))
+    return resp.status_code, (issue.get("expression") or [""])[0], rule
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda s, r: s.update(status="active"), (400, "Subscription.status", "subscription:status")),
+        (
+            lambda s, r: s.update(
+                {"criteria" if r == "R4" else "topic": "http://example.org/SubscriptionTopic/x"}
+            ),
+            (400, "Subscription.criteria|Subscription.topic", "subscription:topic"),
+        ),
+        (
+            lambda s, r: (
+                s["channel"].update(endpoint="http://practice-a.example/hook")
+                if r == "R4"
+                else s.update(endpoint="http://practice-a.example/hook")
+            ),
+            (400, "Subscription.channel.endpoint|Subscription.endpoint", "subscription:endpoint-https"),
+        ),
+        (
+            lambda s, r: (
+                s["channel"].update(endpoint="https://user:pw@practice-a.example/hook")
+                if r == "R4"
+                else s.update(endpoint="https://user:pw@practice-a.example/hook")
+            ),
+            (400, "Subscription.channel.endpoint|Subscription.endpoint", "subscription:endpoint"),
+        ),
+        (
+            lambda s, r: (
+                s["_criteria"]["extension"][0].update(valueString="Communication?sender=Practitioner/x")
+                if r == "R4"
+                else s["filterBy"][0].update(filterParameter="sender")
+            ),
+            (
+                400,
+                "Subscription.criteria.extension[0]|Subscription.filterBy[0].filterParameter",
+                "subscription:filter",
+            ),
+        ),
+        (
+            lambda s, r: (
+                s["channel"].update(type="websocket")
+                if r == "R4"
+                else s["channelType"].update(code="websocket")
+            ),
+            (400, "Subscription.channel.type|Subscription.channelType", "subscription:channel-type"),
+        ),
+        (
+            lambda s, r: (
+                s["channel"]["_payload"]["extension"][0].update(valueCode="everything")
+                if r == "R4"
+                else s.update(content="everything")
+            ),
+            (None, None, None),  # R5: the validator's required binding (422); R4: ours (400)
+        ),
+    ],
+)
+def test_an_invalid_subscription_is_a_4xx_operation_outcome_naming_the_field(b, release, change, expected):
+    body = copy.deepcopy(sub(release, "note"))
+    change(body, release)
+    resp = b.post("a", "/fhir/Subscription", body)
+    assert 400 <= resp.status_code < 500 and is_outcome(resp), resp.get_data(as_text=True)
+    status, expression, rule = _field(resp)
+    if expected[0] is not None:
+        assert status == expected[0]
+        assert expression in expected[1].split("|")
+        assert rule == expected[2]
+    else:
+        assert "content" in expression or "payload" in expression
+    assert b.get("a", "/fhir/Subscription").get_json()["entry"] == []  # nothing was stored
+
+
+def test_a_subscription_breaking_base_fhir_is_422_from_the_validator(b, release):
+    body = sub(release, "note")
+    body["heartbeatPeriod" if release == "R5" else "reason"] = {"not": "valid"}
+    resp = b.post("a", "/fhir/Subscription", body)
+    assert resp.status_code == 422 and is_outcome(resp)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/hook", "http://localhost/hook", "http://[::1]:8080/hook"]
+)
+def test_http_is_accepted_only_to_a_loopback_receiver(b, release, url):
+    body = sub(release, "note")
+    if release == "R4":
+        body["channel"]["endpoint"] = url
+    else:
+        body["endpoint"] = url
+    assert b.post("a", "/fhir/Subscription", body).status_code == 201
+
+
+# ---- events, $events, $status
+
+
+def _note(bridge, patient: str = "client-1", release: str = "R4") -> str:
+    note = fixture("Example-Communication-note-1.json", release)
+    note["subject"] = {"reference": f"Patient/{patient}"}
+    note["identifier"][0]["value"] = f"note-{patient}"
+    resp = bridge.post("clinic", "/fhir/Communication", note)
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    return resp.get_json()["id"]
+
+
+@pytest.fixture
+def consented(tmp_path, release):
+    return make_bridge(tmp_path, fhir_version=release, consent=fixture("Consent-open-ended.json", release))
+
+
+def test_a_note_for_the_subscriber_is_numbered_and_replayed_by_events(consented, release):
+    b = consented
+    sid = _create(b, "a", sub(release, "note"))["id"]
+    other = _create(b, "b", sub(release, "note"))["id"]  # practice-b: the note is not addressed to it
+    nid = _note(b, release=release)
+    _note(b, patient="client-2", release=release)  # filtered out: another patient
+    bundle = _events(b, "a", sid)
+    assert bundle["type"] == ("history" if release == "R4" else "subscription-notification")
+    st = _status_of(bundle, release)
+    assert st["type"] == "query-event" and st["since"] == "1"
+    assert st["events"] == [("1", f"http://bridge.test/fhir/Communication/{nid}")]
+    assert [e["fullUrl"] for e in bundle["entry"][1:]] == [f"http://bridge.test/fhir/Communication/{nid}"]
+    assert "resource" not in bundle["entry"][1]  # id-only
+    assert _status_of(_events(b, "b", other), release)["events"] == []
+
+
+def test_a_note_whose_consent_was_revoked_stays_numbered_but_is_never_named(consented, release):
+    b = consented
+    sid = _create(b, "a", sub(release, "note"))["id"]
+    nid = _note(b, release=release)
+    assert _status_of(_events(b, "a", sid), release)["events"] == [
+        ("1", f"http://bridge.test/fhir/Communication/{nid}")
+    ]
+    # The client refuses the therapist from now on (how a clinic revokes: tests/integration/test_webhooks.py).
+    assert (
+        b.post("clinic", "/fhir/Consent", fixture("Consent-deny-ref-therapist.json", release)).status_code
+        == 201
+    )
+    for content in ("", "?content=full-resource", "?content=id-only"):
+        bundle = _events(b, "a", sid, content)
+        assert _status_of(bundle, release)["events"] == [("1", None)]
+        assert len(bundle["entry"]) == 1 and nid not in json.dumps(bundle)
+
+
+def test_full_resource_carries_the_note_only_while_consent_permits(consented, release):
+    b = consented
+    body = sub(release, "note")
+    if release == "R4":
+        body["channel"]["_payload"]["extension"][0]["valueCode"] = "full-resource"
+    else:
+        body["content"] = "full-resource"
+    sid = _create(b, "a", body)["id"]
+    nid = _note(b, release=release)
+    bundle = _events(b, "a", sid)
+    assert bundle["entry"][1]["resource"]["id"] == nid
+    assert _status_of(_events(b, "a", sid, "?content=empty"), release)["events"] == [("1", None)]
+
+
+def test_events_since_and_until_select_a_range(consented, release):
+    b = consented
+    sid = _create(b, "a", sub(release, "note"))["id"]
+    for i in range(3):
+        note = fixture("Example-Communication-note-1.json", release)
+        note["identifier"][0]["value"] = f"range-{i}"
+        assert b.post("clinic", "/fhir/Communication", note).status_code == 201
+    numbers = lambda q: [n for n, _ in _status_of(_events(b, "a", sid, q), release)["events"]]  # noqa: E731
+    assert numbers("") == ["1", "2", "3"]
+    assert numbers("?eventsSinceNumber=2") == ["2", "3"]
+    assert numbers("?eventsSinceNumber=2&eventsUntilNumber=2") == ["2"]
+    assert numbers("?eventsSinceNumber=9") == []
+    bad = b.get("a", f"/fhir/Subscription/{sid}/$events?eventsSinceNumber=-1")
+    assert bad.status_code == 400 and _field(bad)[1] == "eventsSinceNumber"
+    posted = b.post(
+        "a",
+        f"/fhir/Subscription/{sid}/$events",
+        {"resourceType": "Parameters", "parameter": [{"name": "eventsSinceNumber", "valueString": "3"}]},
+    )
+    assert [n for n, _ in _status_of(posted.get_json(), release)["events"]] == ["3"]
+
+
+def test_status_reports_each_own_subscription(consented, release):
+    b = consented
+    one = _create(b, "a", sub(release, "note"))["id"]
+    two = _create(b, "a", sub(release, "referral"))["id"]
+    _note(b, release=release)
+    inst = b.get("a", f"/fhir/Subscription/{one}/$status").get_json()
+    assert inst["type"] == "searchset" and len(inst["entry"]) == 1
+    st = _status_of(inst, release)
+    assert (st["type"], st["status"], st["since"]) == ("query-status", "requested", "1")
+    both = b.get("a", "/fhir/Subscription/$status").get_json()
+    assert len(both["entry"]) == 2
+    only = b.get("a", f"/fhir/Subscription/$status?id={two}").get_json()
+    assert len(only["entry"]) == 1
+
+
+def test_a_referral_task_is_an_event_for_the_practice_that_sent_it_only(consented, release):
+    b = consented
+    mine = _create(b, "a", sub(release, "referral"))["id"]
+    theirs = _create(b, "b", sub(release, "referral"))["id"]
+    ref = b.post("a", "/fhir/ServiceRequest", fixture("Example-ServiceRequest-referral-1.json", release))
+    assert ref.status_code == 201, ref.get_data(as_text=True)
+    moved = b.client.post(
+        f"/kap/referrals/{ref.get_json()['id']}/status", json={"status": "accepted"}, headers=b.h("clinic")
+    )
+    assert moved.status_code == 200, moved.get_data(as_text=True)
+    bundle = _events(b, "a", mine)
+    events = _status_of(bundle, release)["events"]
+    assert [n for n, _ in events] == ["1", "2"] and len({f for _, f in events}) == 1
+    assert "/Task/" in events[0][1]
+    tasks = [e["resource"] for e in bundle["entry"][1:]]
+    assert [t["resourceType"] for t in tasks] == ["Task", "Task"]
+    assert _status_of(_events(b, "b", theirs), release)["events"] == []
+
+
+def test_a_task_status_filter_keeps_only_those_moves(consented, release):
+    b = consented
+    body = sub(release, "referral")
+    if release == "R4":
+        body["_criteria"] = {
+            "extension": [
+                {"url": BACKPORT + "backport-filter-criteria", "valueString": "Task?business-status=accepted"}
+            ]
+        }
+    else:
+        body["filterBy"] = [{"filterParameter": "business-status", "value": "accepted"}]
+    sid = _create(b, "a", body)["id"]
+    ref = b.post(
+        "a", "/fhir/ServiceRequest", fixture("Example-ServiceRequest-referral-1.json", release)
+    ).get_json()
+    for status in ("accepted", "scheduled"):
+        assert (
+            b.client.post(
+                f"/kap/referrals/{ref['id']}/status", json={"status": status}, headers=b.h("clinic")
+            ).status_code
+            == 200
+        )
+    assert [n for n, _ in _status_of(_events(b, "a", sid), release)["events"]] == ["1"]
+
+
+# ---- topics and the CapabilityStatement
+
+
+def test_the_capability_statement_advertises_the_topics(b, release):
+    cs = b.client.get("/fhir/metadata").get_json()
+    entry = next(r for r in cs["rest"][0]["resource"] if r["type"] == "Subscription")
+    assert {o["name"] for o in entry["operation"]} == {"status", "events"}
+    if release == "R4":
+        canon = {
+            e["valueCanonical"]
+            for e in entry["extension"]
+            if e["url"].endswith("subscriptiontopic-canonical")
+        }
+        assert canon == {NOTE_TOPIC, REFERRAL_TOPIC}
+        assert b.get("a", "/fhir/SubscriptionTopic").status_code == 404
+    else:
+        assert any(r["type"] == "SubscriptionTopic" for r in cs["rest"][0]["resource"])
+        found = b.get("a", "/fhir/SubscriptionTopic").get_json()
+        assert {e["resource"]["url"] for e in found["entry"]} == {NOTE_TOPIC, REFERRAL_TOPIC}
+        one = b.get("a", "/fhir/SubscriptionTopic/continuity-note-available")
+        assert one.status_code == 200 and one.get_json()["url"] == NOTE_TOPIC
+        assert b.get("a", f"/fhir/SubscriptionTopic?url={REFERRAL_TOPIC}").get_json()["entry"][0]["resource"][
+            "id"
+        ] == ("referral-status-changed")
