@@ -12,7 +12,6 @@ directory; every scrape, parsed with prometheus_client's own parser, agrees with
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,19 +26,12 @@ from fhir_kap.client import BearerAuth, FhirClient
 from fhir_kap.storage.db import Database
 from fhir_kap.storage.outbox import Outbox
 from testkit.delivery import ROOT, enqueue_notes, server_copies, start_worker, worker_env
+from testkit.serve import free_port, start_serve, stop
 
 pytestmark = [pytest.mark.sekmet, pytest.mark.slow]
 
 N = 60
 DELIVERED = ("created", "existing", "reconciled")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -60,49 +52,6 @@ def total(samples, name: str, **match: str) -> float:
     )
 
 
-def start_serve(env: dict[str, str], port: int, metrics_port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fhir_kap.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--metrics-port",
-            str(metrics_port),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=open(log.with_suffix(".out"), "wb"),
-        stderr=open(log, "wb"),
-    )
-    deadline = time.monotonic() + 40
-    while True:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "fhir-kap serve did not become ready"
-        time.sleep(0.2)
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_metrics_during_a_two_worker_delivery_run_agree_with_the_outbox(sekmet_auth, tmp_path):
     data = tmp_path / "data"
     db_url = f"sqlite:///{data / 'fhir-kap.sqlite3'}"
@@ -118,7 +67,11 @@ def test_metrics_during_a_two_worker_delivery_run_agree_with_the_outbox(sekmet_a
     procs: list[subprocess.Popen] = []
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
     try:
-        procs.append(start_serve(env, port, metrics_port, tmp_path / "serve.log"))
+        procs.append(
+            start_serve(
+                env, port, tmp_path / "serve.log", "--workers", "2", "--metrics-port", str(metrics_port)
+            )
+        )
         procs += [start_worker(deliver_env, f"metrics-{n}", log, "--json") for n, log in zip((1, 2), logs)]
         assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 404
         before = scrape(metrics_url)
