@@ -1,4 +1,10 @@
-"""The FHIR facade under /fhir: metadata, create, transaction/batch, read, vread, history, search.
+"""The FHIR facade under /fhir: metadata, create, update, transaction/batch, read, vread, history,
+search and $validate.
+
+Updates (`PUT Type/id` with `If-Match`, conditional `PUT Type?identifier=...`) are for a partner's
+own ServiceRequests and Consents (`UPDATE_TYPES`); any other interaction on a served type is 405
+with Allow, DELETE included (the bridge keeps what partners wrote; a referral is withdrawn and a
+consent revoked by an update of its status).
 
 Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
@@ -13,8 +19,17 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from .. import jsonio
-from ..errors import Forbidden, Gone, InputError, Issue, NotFound, UnsupportedMediaType
-from ..exchange.inbound import WRITE_TYPES, parse_query
+from ..errors import (
+    Forbidden,
+    Gone,
+    InputError,
+    Issue,
+    NotFound,
+    PreconditionFailed,
+    UnsupportedMediaType,
+)
+from ..exchange.inbound import UPDATE_TYPES, WRITE_TYPES, parse_query
+from ..exchange.validate import validate_operation
 from ..storage.partners import Partner
 from ..storage.store import (
     DEFAULT_COUNT,
@@ -23,8 +38,9 @@ from ..storage.store import (
     REFERENCE_PARAMS,
     SEARCH_PARAMS,
     StoredResource,
+    check_condition,
 )
-from ..validation import KAP_PROFILES
+from ..validation import KAP_PROFILES, resource_types
 from .access import search_page
 from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date, services
 
@@ -35,6 +51,9 @@ KAP_PROFILE = {rtype: url for url, rtype in KAP_PROFILES.items()}  # resource ty
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
 _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+_ETAG = re.compile(r'^\s*(?:W/)?"([1-9][0-9]{0,8})"\s*$')
+#: Query parameters of a conditional update that are not part of its condition.
+_NOT_CONDITION = ("_format", "_pretty")
 
 
 def read_json_body(accepted: tuple[str, ...] = _ACCEPTED_TYPES) -> Any:
@@ -118,10 +137,12 @@ def _prefer() -> str:
     return "representation"
 
 
-def _created(s: StoredResource, created: bool, issues: tuple[Issue, ...] = ()) -> Response:
-    """The answer to a create: the resource, nothing (return=minimal), or an OperationOutcome
-    with every issue the inbound path found (return=OperationOutcome; the same issues
-    `fhir-kap import` reports for that resource)."""
+def _created(
+    s: StoredResource, created: bool, issues: tuple[Issue, ...] = (), *, updated: bool = False
+) -> Response:
+    """The answer to a create or update: the resource, nothing (return=minimal), or an
+    OperationOutcome with every issue the inbound path found (return=OperationOutcome; the same
+    issues `fhir-kap import` reports for that resource)."""
     prefer = _prefer()
     status = 201 if created else 200
     if prefer == "minimal":
@@ -134,7 +155,14 @@ def _created(s: StoredResource, created: bool, issues: tuple[Issue, ...] = ()) -
                     "severity": "information",
                     "code": "informational",
                     "details": {
-                        "text": f"{s.type}/{s.id} {'created' if created else 'already exists (same identifier)'}"
+                        "text": f"{s.type}/{s.id} "
+                        + (
+                            "created"
+                            if created
+                            else f"updated to version {s.version}"
+                            if updated
+                            else "already exists (same identifier)"
+                        )
                     },
                 },
                 *(i.to_fhir() for i in issues),
@@ -145,11 +173,11 @@ def _created(s: StoredResource, created: bool, issues: tuple[Issue, ...] = ()) -
 
 
 def register(app: Flask) -> None:
-    @app.get("/fhir/metadata")
+    @app.get("/fhir/metadata", endpoint="fhir_metadata")
     def metadata() -> Response:
         return fhir_response(capability_statement(_base()))
 
-    @app.post("/fhir")
+    @app.post("/fhir", endpoint="fhir_bundle")
     def bundle() -> Response:
         partner = current_partner()
         body = read_json_body()
@@ -174,29 +202,14 @@ def register(app: Flask) -> None:
                 entry["fullUrl"] = f"{_base()}/{entry['fullUrl']}"
         return fhir_response(result.bundle, 200)
 
-    @app.post("/fhir/<rtype>")
+    @app.post("/fhir/<rtype>", endpoint="fhir_create")
     def create(rtype: str) -> Response:
         partner = current_partner()
         if rtype in READ_TYPES and rtype not in WRITE_TYPES:  # served, read-only (Task): FHIR says 405
             raise MethodNotAllowed(valid_methods=_allowed_methods(rtype))
         _check_type(rtype, WRITE_TYPES)
         _scope(partner, rtype, "write")
-        body = read_json_body()
-        if not isinstance(body, dict):
-            raise InputError(
-                "The body must be a FHIR resource (a JSON object)", pointer="", rule="fhir:resource"
-            )
-        if body.get("resourceType") != rtype:
-            given = body.get("resourceType")
-            shown = (
-                f"'{given}'" if isinstance(given, str) and _TYPE_NAME.match(given) else "missing or invalid"
-            )
-            raise InputError(
-                f"resourceType {shown} does not match the URL ({rtype})",
-                pointer="/resourceType",
-                expression="resourceType",
-                rule="http:type-mismatch",
-            )
+        body = _resource_body(rtype)
         cond_header = request.headers.get("If-None-Exist")
         cond = parse_query(cond_header) if cond_header else None
         # Only a consent authority's Consents, people and organisations feed the consent gate.
@@ -209,14 +222,81 @@ def register(app: Flask) -> None:
         )
         return _created(acc.stored, acc.created, acc.issues)
 
-    @app.get("/fhir/<rtype>/<rid>")
+    @app.put("/fhir/<rtype>/<rid>", endpoint="fhir_update")
+    def update(rtype: str, rid: str) -> Response:
+        partner = _updater(rtype, f"{rtype}/{rid}")
+        _check_id(rtype, rid)
+        body = _resource_body(rtype)
+        if body.get("id") != rid:
+            raise InputError(
+                f"the resource's id must be the id in the URL ({rid})",
+                pointer="/id",
+                expression=f"{rtype}.id",
+                rule="http:id-mismatch",
+            )
+        if_match = _if_match()
+        if if_match is None:
+            raise PreconditionFailed(
+                f'an update needs If-Match: W/"n" with the version last read (the ETag of GET {rtype}/{rid}); '
+                f"or update by identifier: PUT {rtype}?identifier=SYSTEM|VALUE",
+                rule="http:if-match-required",
+                code="required",
+            )
+        svc = services()
+        if partner.is_clinic:  # it reads every resource: a plain 404 would contradict its read
+            cur = svc.store.get(rtype, rid)
+            if cur is not None and not cur.deleted and cur.source != partner.name:
+                raise Forbidden(
+                    f"only the partner that wrote {rtype}/{rid} may update it", rule="bridge:update-owner"
+                )
+        acc = svc.inbound.update(
+            body,
+            source=partner.name,
+            rid=rid,
+            if_match=if_match,
+            authority=partner.is_consent_authority,
+            detail=_prefer() == "OperationOutcome",
+        )
+        return _created(acc.stored, acc.created, acc.issues, updated=acc.updated)
+
+    @app.put("/fhir/<rtype>", endpoint="fhir_conditional_update")
+    def conditional_update(rtype: str) -> Response:
+        partner = _updater(rtype, rtype)
+        condition = {k: v for k, v in request.args.to_dict(flat=False).items() if k not in _NOT_CONDITION}
+        if not condition:
+            raise InputError(
+                f"PUT {rtype} needs a condition: PUT {rtype}?identifier=SYSTEM|VALUE (or PUT {rtype}/[id])",
+                rule="http:conditional-update",
+            )
+        check_condition(condition)
+        body = _resource_body(rtype)
+        acc = services().inbound.update(
+            body,
+            source=partner.name,
+            condition=condition,
+            if_match=_if_match(),
+            authority=partner.is_consent_authority,
+            detail=_prefer() == "OperationOutcome",
+        )
+        return _created(acc.stored, acc.created, acc.issues, updated=acc.updated)
+
+    @app.post("/fhir/<rtype>/$validate", endpoint="fhir_validate_type")
+    def validate_type(rtype: str) -> Response:
+        return _validate(rtype, None)
+
+    @app.post("/fhir/<rtype>/<rid>/$validate", endpoint="fhir_validate_instance")
+    def validate_instance(rtype: str, rid: str) -> Response:
+        _check_id(rtype, rid)
+        return _validate(rtype, rid)
+
+    @app.get("/fhir/<rtype>/<rid>", endpoint="fhir_read")
     def read(rtype: str, rid: str) -> Response:
         _, _, stored = _visible(rtype, rid)
         if stored.deleted:
             raise Gone(f"{rtype}/{rid} was deleted", rule="fhir:deleted")
         return fhir_response(stored.resource, 200, _headers(stored))
 
-    @app.get("/fhir/<rtype>/<rid>/_history/<vid>")
+    @app.get("/fhir/<rtype>/<rid>/_history/<vid>", endpoint="fhir_vread")
     def vread(rtype: str, rid: str, vid: str) -> Response:
         partner, svc, _ = _visible(rtype, rid)
         if not _VERSION.match(vid):
@@ -228,7 +308,7 @@ def register(app: Flask) -> None:
             raise NotFound(f"{rtype}/{rid} has no version {vid}", rule="fhir:not-found")
         return fhir_response(stored.resource, 200, _headers(stored))
 
-    @app.get("/fhir/<rtype>/<rid>/_history")
+    @app.get("/fhir/<rtype>/<rid>/_history", endpoint="fhir_history")
     def history(rtype: str, rid: str) -> Response:
         partner, svc, _ = _visible(rtype, rid)
         base = _base()
@@ -259,7 +339,7 @@ def register(app: Flask) -> None:
             }
         )
 
-    @app.get("/fhir/<rtype>")
+    @app.get("/fhir/<rtype>", endpoint="fhir_search")
     def search(rtype: str) -> Response:
         partner = current_partner()
         _check_type(rtype)
@@ -306,7 +386,9 @@ def register(app: Flask) -> None:
         ]
         return fhir_response(bundle)
 
-    @app.route("/fhir/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @app.route(
+        "/fhir/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], endpoint="fhir_unsupported"
+    )
     def unsupported(rest: str) -> Response:
         allowed = _allowed_methods(rest)
         if allowed:  # a known type or instance: the interaction is what is missing (FHIR: 405)
@@ -325,13 +407,87 @@ _TYPE_PATH = re.compile(
 
 def _allowed_methods(rest: str) -> list[str]:
     """The methods the bridge answers on `/fhir/<rest>` when it names a type it serves (the
-    type: search, and create where partners may write; an instance and its history: read)."""
+    type: search, create where partners may write, conditional update where they may update; an
+    instance: read, and update where they may; its history: read)."""
     m = _TYPE_PATH.match(rest)
     if not m or m.group(1) not in READ_TYPES:
         return []
-    if m.group(2):
+    updatable = m.group(1) in UPDATE_TYPES
+    if m.group(3):
         return ["GET", "HEAD"]
-    return ["GET", "HEAD", "POST"] if m.group(1) in WRITE_TYPES else ["GET", "HEAD"]
+    if m.group(2):
+        return ["GET", "HEAD", "PUT"] if updatable else ["GET", "HEAD"]
+    methods = ["GET", "HEAD"] + (["POST"] if m.group(1) in WRITE_TYPES else [])
+    return methods + (["PUT"] if updatable else [])
+
+
+def _updater(rtype: str, path: str) -> Partner:
+    """The caller of an update of `rtype`, when partners may update that type and its scopes allow
+    writing it (405 with Allow on another served type, 404 on a type not served)."""
+    partner = current_partner()
+    if rtype not in UPDATE_TYPES:
+        allowed = _allowed_methods(path)
+        if allowed:
+            raise MethodNotAllowed(valid_methods=allowed)
+        _check_type(rtype, UPDATE_TYPES)
+    _scope(partner, rtype, "write")
+    return partner
+
+
+def _resource_body(rtype: str) -> dict[str, Any]:
+    """The request body: a resource of type `rtype` (400 otherwise)."""
+    body = read_json_body()
+    if not isinstance(body, dict):
+        raise InputError("The body must be a FHIR resource (a JSON object)", pointer="", rule="fhir:resource")
+    if body.get("resourceType") != rtype:
+        given = body.get("resourceType")
+        shown = f"'{given}'" if isinstance(given, str) and _TYPE_NAME.match(given) else "missing or invalid"
+        raise InputError(
+            f"resourceType {shown} does not match the URL ({rtype})",
+            pointer="/resourceType",
+            expression="resourceType",
+            rule="http:type-mismatch",
+        )
+    return body
+
+
+def _if_match() -> int | None:
+    """The version an `If-Match: W/"n"` header names (None without one; 400 when unreadable)."""
+    given = request.headers.get("If-Match")
+    if given is None:
+        return None
+    m = _ETAG.match(given)
+    if not m:
+        raise InputError(
+            'If-Match must be a version ETag such as W/"3" (the ETag of the last read)',
+            expression="If-Match",
+            rule="http:if-match",
+            code="value",
+        )
+    return int(m.group(1))
+
+
+def _validate(rtype: str, rid: str | None) -> Response:
+    """$validate: any authenticated partner (no write scope: it stores nothing), any resource type
+    of the deployment's release."""
+    partner = current_partner()
+    svc = services()
+    if rtype not in resource_types(svc.release):
+        shown = f"'{rtype}'" if _TYPE_NAME.match(rtype) else "given"
+        raise NotFound(
+            f"Resource type {shown} is not a FHIR {svc.release.value} resource type",
+            rule="fhir:resource-type",
+            code="not-supported",
+        )
+    outcome = validate_operation(
+        read_json_body(),
+        rtype,
+        rid,
+        query=request.args.to_dict(flat=False),
+        inbound=svc.inbound,
+        source=partner.name,
+    )
+    return fhir_response(outcome, 200)
 
 
 def _int_param(values: list[str] | None, name: str, default: int, maximum: int) -> int:
@@ -345,6 +501,16 @@ def _int_param(values: list[str] | None, name: str, default: int, maximum: int) 
     return int(value)
 
 
+#: $validate, type and instance level, on every type the bridge serves (and any other FHIR type).
+VALIDATE_OPERATION = {
+    "name": "validate",
+    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    "documentation": "POST [type]/$validate or [type]/[id]/$validate with the resource or a Parameters "
+    "(resource, mode create|update|delete, profile: the base or a KAP profile); answers 200 with "
+    "an OperationOutcome, stores nothing, needs no write scope.",
+}
+
+
 def capability_statement(base: str) -> dict[str, Any]:
     """What this server does, exactly: the types, interactions and search parameters it supports."""
     from .. import __version__
@@ -353,22 +519,34 @@ def capability_statement(base: str) -> dict[str, Any]:
     resources = []
     for rtype in READ_TYPES:
         interactions = ["read", "vread", "history-instance", "search-type"]
+        if rtype in UPDATE_TYPES:
+            interactions.insert(1, "update")
         if rtype in WRITE_TYPES:
             interactions.insert(0, "create")
         entry: dict[str, Any] = {"type": rtype}
         if rtype in KAP_PROFILE:
             entry["supportedProfile"] = [KAP_PROFILE[rtype]]
+        if rtype in UPDATE_TYPES:
+            entry["documentation"] = (
+                "A partner updates only what it wrote: PUT [type]/[id] needs If-Match (412 without "
+                "it or on a stale version); PUT [type]?identifier=SYSTEM|VALUE updates the one match "
+                "among the partner's own, creates when none matches, 412 for several. A Consent's "
+                "update (status inactive/rejected revokes) applies to every read and delivery at once; "
+                "a ServiceRequest updated to revoked or entered-in-error cancels its Task."
+            )
         entry["interaction"] = [{"code": c} for c in interactions]
-        entry["versioning"] = "versioned"
+        # versioned-update: an update by id must name the version it replaces (If-Match)
+        entry["versioning"] = "versioned-update" if rtype in UPDATE_TYPES else "versioned"
         entry["readHistory"] = True
         entry["updateCreate"] = False
         entry["conditionalCreate"] = rtype in WRITE_TYPES
-        entry["conditionalUpdate"] = False
+        entry["conditionalUpdate"] = rtype in UPDATE_TYPES
         entry["conditionalDelete"] = "not-supported"
         params = [{"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"}]
         for name in SEARCH_PARAMS.get(rtype, {}):
             params.append({"name": name, "type": "reference" if name in REFERENCE_PARAMS else "token"})
         entry["searchParam"] = params
+        entry["operation"] = [VALIDATE_OPERATION]
         resources.append(entry)
     from .subscriptions import capability
 

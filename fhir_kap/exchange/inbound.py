@@ -64,6 +64,8 @@ from .inbound_rules import (
     REFERRAL_REASONS,
     REFERRAL_STATUS_SYSTEM,
     TASK_STATUS,
+    UPDATE_TYPES,
+    WITHDRAWN_REFERRAL,
     WRITE_TYPES,
     addressed_to,
     bundle_entries,
@@ -86,6 +88,8 @@ __all__ = [
     "REFERRAL_REASON_SYSTEM",
     "REFERRAL_STATUS_SYSTEM",
     "TASK_STATUS",
+    "UPDATE_TYPES",
+    "WITHDRAWN_REFERRAL",
     "WRITE_TYPES",
     "Accepted",
     "BundleResult",
@@ -120,6 +124,7 @@ class Accepted:
     record: dict[str, Any] | None = None
     task: StoredResource | None = None
     issues: tuple[Issue, ...] = ()
+    updated: bool = False  # a new version of an existing resource (an update), not a create or a match
 
 
 class StoreLookup:
@@ -276,6 +281,126 @@ class Inbound:
 
         return replace(self._commit(work, trusted, scope)[0], issues=issues)
 
+    def update(
+        self,
+        resource: dict[str, Any],
+        *,
+        source: str,
+        rid: str | None = None,
+        condition: Mapping[str, Sequence[str]] | None = None,
+        if_match: int | None = None,
+        authority: bool | None = None,
+        detail: bool = True,
+    ) -> Accepted:
+        """Update the sender's own `resource` (a type of `UPDATE_TYPES`): by id (`rid`), or the one
+        of its resources `condition` selects (a conditional update), as a new version in one commit.
+
+        The same checks as a create (profile, KAP record, authorship, identifier ownership). Only
+        the sender's own resources are looked at (inside the write's transaction): another's, a
+        deleted one or none is NotFound for an update by id; a condition matching none creates (as
+        FHIR says), several is PreconditionFailed. `if_match`: the version the sender last saw
+        (412 when the resource has moved on). A Consent's new version (a revocation included)
+        reaches the consent context in the same commit (from a consent authority); a referral
+        updated into a `WITHDRAWN_REFERRAL` status cancels its Task (`_withdrawn`).
+        """
+        rtype = resource.get("resourceType")
+        if rtype not in UPDATE_TYPES:
+            raise InputError(
+                f"resourceType '{str(rtype)[:40]}' cannot be updated here; updatable: {', '.join(UPDATE_TYPES)}",
+                pointer="/resourceType",
+                rule="bridge:update-type",
+                code="not-supported",
+            )
+        if _CONDITIONAL.search(orjson.dumps(resource)):
+            raise InputError(
+                "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
+                "Bundle (POST /fhir); name the resource by its id or by identifier",
+                rule="bridge:conditional-reference",
+                code="not-supported",
+            )
+        partner = self._partner(source)
+        author = self._authorship(partner)
+        if author is not None:
+            resource = author.fill(resource)
+        resolver = Resolver((), StoreLookup(self.store, source))
+        record, issues = self.inspect(resource, resolver=resolver, detail=detail)
+        if author is not None:
+            author.check(resource, resolver)
+        self._check_identifiers(partner, [("", resource)])
+        trusted = self._trusted(source, authority, [resource])
+        scope = self._scope(partner, author, trusted, [resource], resolver)
+        cond = condition if condition is not None else {"_id": [str(rid)]}
+
+        def work(tx: Any) -> list[Accepted]:
+            found = self.store.matching(str(rtype), cond, source=source, limit=2, tx=tx)
+            if len(found) > 1:
+                raise PreconditionFailed(
+                    f"the conditional update matched several {rtype} resources; it must match at most one",
+                    rule="http:conditional-update",
+                    code="duplicate",
+                )
+            if not found and condition is None:
+                # the same answer whether it never existed, was deleted or is another partner's
+                raise NotFound(f"{rtype}/{rid} is not known", expression=str(rtype), rule="fhir:not-found")
+            if not found:
+                if if_match is not None:
+                    raise PreconditionFailed(
+                        "If-Match names a version, but the condition matched no resource",
+                        rule="http:if-match",
+                    )
+                new = {k: v for k, v in resource.items() if k != "id"}
+                return [self._store_one(tx, new, source, None, record, op="create")]
+            cur = found[0]
+            if resource.get("id") is not None and resource.get("id") != cur.id:
+                raise InputError(
+                    f"the resource's id does not match the {rtype} the condition selected",
+                    pointer="/id",
+                    expression=f"{rtype}.id",
+                    rule="http:id-mismatch",
+                )
+            body = dict(_stamped(resource, source), id=cur.id)
+            stored, _ = self.store.update(str(rtype), cur.id, body, if_match=if_match, source=source, tx=tx)
+            task = self._withdrawn(tx, cur, stored)
+            out = [Accepted(stored, False, record, task, updated=True)]
+            return out + ([Accepted(task, False)] if task is not None else [])  # subscribers hear of both
+
+        return replace(self._commit(work, trusted, scope)[0], issues=issues)
+
+    def _withdrawn(self, tx: Any, before: StoredResource, after: StoredResource) -> StoredResource | None:
+        """The referral's Task moved to `cancelled` when an update withdraws the referral (its
+        status becomes one of `WITHDRAWN_REFERRAL`) and the flow still allows it; else None."""
+        if after.type != "ServiceRequest" or after.resource.get("status") not in WITHDRAWN_REFERRAL:
+            return None
+        if before.resource.get("status") in WITHDRAWN_REFERRAL:
+            return None
+        found = self.store.search_in(tx, "Task", {"focus": [f"ServiceRequest/{after.id}"]}, count=1)
+        if not found:
+            return None
+        try:
+            task = moved_task(found[0].resource, "cancelled", None, self.release)
+        except Conflict:  # already final (declined, completed, cancelled): it stays as it is
+            return None
+        moved, _ = self.store.update("Task", found[0].id, task, if_match=found[0].version, tx=tx)
+        return moved
+
+    def preview(self, resource: dict[str, Any], *, source: str | None) -> list[Issue]:
+        """The issues a create of `resource` by `source` meets on the inbound path (profile, KAP
+        record, authorship, identifier ownership), its errors being what it would be refused
+        for; nothing is stored (`$validate` in mode create / update)."""
+        partner = self._partner(source)
+        author = self._authorship(partner)
+        resolver = Resolver((), StoreLookup(self.store, source))
+        try:
+            if author is not None:
+                resource = author.fill(resource)
+            _, issues = self.inspect(resource, resolver=resolver)
+            if author is not None:
+                author.check(resource, resolver)
+            self._check_identifiers(partner, [("", resource)])
+        except KapError as exc:
+            return list(exc.issues)
+        return list(issues)
+
     def is_authority(self, source: str | None) -> bool:
         """Whether the partner named `source` is a consent authority (unknown or revoked: no)."""
         if self.partners is None or not source:
@@ -393,10 +518,9 @@ class Inbound:
         if source:
             resource = _stamped(resource, source)
         if match is not None and op == "update":
-            stored, created = self.store.update(
-                rtype, match.id, dict(resource, id=match.id), source=source, tx=tx
-            )
-        elif match is not None:
+            stored, _ = self.store.update(rtype, match.id, dict(resource, id=match.id), source=source, tx=tx)
+            return Accepted(stored, False, record, self._withdrawn(tx, match, stored), updated=True)
+        if match is not None:
             stored, created = match, False
         else:
             stored, created = self.store.create(resource, source=source, keep_id=planned is not False, tx=tx)
@@ -451,7 +575,7 @@ class Inbound:
         if self.context is None:
             return
         for acc in accepted:
-            if acc.created and acc.stored.type in CONTEXT_TYPES:
+            if (acc.created or acc.updated) and acc.stored.type in CONTEXT_TYPES:
                 if scope is None or scope.admits(acc.stored.resource):
                     self.context.put_context(acc.stored.resource)
 

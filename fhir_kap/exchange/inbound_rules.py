@@ -37,7 +37,9 @@ __all__ = [
     "REFERRAL_REASON_SYSTEM",
     "REFERRAL_STATUS_SYSTEM",
     "TASK_STATUS",
+    "UPDATE_TYPES",
     "URN_UUID",
+    "WITHDRAWN_REFERRAL",
     "WRITE_TYPES",
     "addressed_to",
     "bundle_entries",
@@ -62,6 +64,13 @@ WRITE_TYPES = (
     "Organization",
     *CLINICAL_CONTEXT_TYPES,
 )
+#: Resource types a partner may update (its own only: `PUT Type/id`, `PUT Type?identifier=`):
+#: a referral it amends or withdraws, a consent it changes or revokes. Notes, sessions and the
+#: parties are kept as sent (a new version is a new create with the same identifier).
+UPDATE_TYPES = ("ServiceRequest", "Consent")
+#: ServiceRequest statuses that withdraw a referral: an update into one cancels its Task
+#: (when the flow still allows `cancelled`; a final Task stays as it is).
+WITHDRAWN_REFERRAL = frozenset({"revoked", "entered-in-error"})
 #: The code system of a referral Task's businessStatus.
 REFERRAL_STATUS_SYSTEM = f"{CANONICAL}/CodeSystem/kap-referral-status"
 #: businessStatus -> the business statuses it may move to.

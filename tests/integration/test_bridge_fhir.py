@@ -508,7 +508,7 @@ def test_return_operationoutcome_lists_the_issues_fhir_kap_import_reports(bridge
     [
         ("PUT", "/fhir/Communication/x", "GET, HEAD"),
         ("DELETE", "/fhir/Communication/x", "GET, HEAD"),
-        ("PATCH", "/fhir/ServiceRequest/x", "GET, HEAD"),
+        ("PATCH", "/fhir/ServiceRequest/x", "GET, HEAD, PUT"),  # PUT: a partner updates its own
         ("DELETE", "/fhir/Communication", "GET, HEAD, POST"),
         ("POST", "/fhir/Task", "GET, HEAD"),
     ],
