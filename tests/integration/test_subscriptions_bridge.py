@@ -6,32 +6,16 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from testkit.bridge import FHIR, is_outcome, load, make_bridge
+from testkit.bridge import FHIR, is_outcome, make_bridge
+from testkit.subscriptions import fixture, status_of, sub
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "subscriptions"
 NOTE_TOPIC = "http://fhir-kap.example/SubscriptionTopic/continuity-note-available"
 REFERRAL_TOPIC = "http://fhir-kap.example/SubscriptionTopic/referral-status-changed"
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
-
-
-def fixture(name: str, release: str) -> dict[str, Any]:
-    """A bridge fixture in the deployment's release (R5 through its KAP record, as test_bridge_r5 does)."""
-    from fhir_kap.config import Release
-    from fhir_kap.records.mapping import Mapper
-
-    if release == "R4":
-        return load(name)
-    mapper = Mapper.load()
-    return mapper.to_fhir(mapper.from_fhir(load(name), Release.R4), Release.R5)
-
-
-def sub(release: str, name: str) -> dict[str, Any]:
-    return json.loads((DATA / f"Subscription-{release.lower()}-{name}.json").read_text())
 
 
 @pytest.fixture(params=["R4", "R5"])
@@ -54,41 +38,6 @@ def _events(bridge, who: str, sid: str, query: str = "") -> dict[str, Any]:
     resp = bridge.get(who, f"/fhir/Subscription/{sid}/$events{query}")
     assert resp.status_code == 200, resp.get_data(as_text=True)
     return resp.get_json()
-
-
-def _status_of(bundle: dict[str, Any], release: str) -> dict[str, Any]:
-    """The first entry's status, as a flat dict (R4 Parameters or R5 SubscriptionStatus)."""
-    res = bundle["entry"][0]["resource"]
-    if release == "R5":
-        return {
-            "type": res["type"],
-            "status": res["status"],
-            "since": res["eventsSinceSubscriptionStart"],
-            "events": [
-                (e["eventNumber"], e.get("focus", {}).get("reference"))
-                for e in res.get("notificationEvent", [])
-            ],
-        }
-    params = res["parameter"]
-    one = {
-        p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in params if "part" not in p
-    }
-    events = []
-    for p in params:
-        if p["name"] == "notification-event":
-            parts = {q["name"]: q for q in p["part"]}
-            events.append(
-                (
-                    parts["event-number"]["valueString"],
-                    parts.get("focus", {}).get("valueReference", {}).get("reference"),
-                )
-            )
-    return {
-        "type": one["type"],
-        "status": one["status"],
-        "since": one["events-since-subscription-start"],
-        "events": events,
-    }
 
 
 # ---- CRUD and isolation
@@ -295,19 +244,19 @@ def test_a_note_for_the_subscriber_is_numbered_and_replayed_by_events(consented,
     _note(b, patient="client-2", release=release)  # filtered out: another patient
     bundle = _events(b, "a", sid)
     assert bundle["type"] == ("history" if release == "R4" else "subscription-notification")
-    st = _status_of(bundle, release)
+    st = status_of(bundle, release)
     assert st["type"] == "query-event" and st["since"] == "1"
     assert st["events"] == [("1", f"http://bridge.test/fhir/Communication/{nid}")]
     assert [e["fullUrl"] for e in bundle["entry"][1:]] == [f"http://bridge.test/fhir/Communication/{nid}"]
     assert "resource" not in bundle["entry"][1]  # id-only
-    assert _status_of(_events(b, "b", other), release)["events"] == []
+    assert status_of(_events(b, "b", other), release)["events"] == []
 
 
 def test_a_note_whose_consent_was_revoked_stays_numbered_but_is_never_named(consented, release):
     b = consented
     sid = _create(b, "a", sub(release, "note"))["id"]
     nid = _note(b, release=release)
-    assert _status_of(_events(b, "a", sid), release)["events"] == [
+    assert status_of(_events(b, "a", sid), release)["events"] == [
         ("1", f"http://bridge.test/fhir/Communication/{nid}")
     ]
     # The client refuses the therapist from now on (how a clinic revokes: tests/integration/test_webhooks.py).
@@ -317,7 +266,7 @@ def test_a_note_whose_consent_was_revoked_stays_numbered_but_is_never_named(cons
     )
     for content in ("", "?content=full-resource", "?content=id-only"):
         bundle = _events(b, "a", sid, content)
-        assert _status_of(bundle, release)["events"] == [("1", None)]
+        assert status_of(bundle, release)["events"] == [("1", None)]
         assert len(bundle["entry"]) == 1 and nid not in json.dumps(bundle)
 
 
@@ -332,7 +281,7 @@ def test_full_resource_carries_the_note_only_while_consent_permits(consented, re
     nid = _note(b, release=release)
     bundle = _events(b, "a", sid)
     assert bundle["entry"][1]["resource"]["id"] == nid
-    assert _status_of(_events(b, "a", sid, "?content=empty"), release)["events"] == [("1", None)]
+    assert status_of(_events(b, "a", sid, "?content=empty"), release)["events"] == [("1", None)]
 
 
 def test_events_since_and_until_select_a_range(consented, release):
@@ -342,7 +291,7 @@ def test_events_since_and_until_select_a_range(consented, release):
         note = fixture("Example-Communication-note-1.json", release)
         note["identifier"][0]["value"] = f"range-{i}"
         assert b.post("clinic", "/fhir/Communication", note).status_code == 201
-    numbers = lambda q: [n for n, _ in _status_of(_events(b, "a", sid, q), release)["events"]]  # noqa: E731
+    numbers = lambda q: [n for n, _ in status_of(_events(b, "a", sid, q), release)["events"]]  # noqa: E731
     assert numbers("") == ["1", "2", "3"]
     assert numbers("?eventsSinceNumber=2") == ["2", "3"]
     assert numbers("?eventsSinceNumber=2&eventsUntilNumber=2") == ["2"]
@@ -354,7 +303,7 @@ def test_events_since_and_until_select_a_range(consented, release):
         f"/fhir/Subscription/{sid}/$events",
         {"resourceType": "Parameters", "parameter": [{"name": "eventsSinceNumber", "valueString": "3"}]},
     )
-    assert [n for n, _ in _status_of(posted.get_json(), release)["events"]] == ["3"]
+    assert [n for n, _ in status_of(posted.get_json(), release)["events"]] == ["3"]
 
 
 def test_status_reports_each_own_subscription(consented, release):
@@ -364,7 +313,7 @@ def test_status_reports_each_own_subscription(consented, release):
     _note(b, release=release)
     inst = b.get("a", f"/fhir/Subscription/{one}/$status").get_json()
     assert inst["type"] == "searchset" and len(inst["entry"]) == 1
-    st = _status_of(inst, release)
+    st = status_of(inst, release)
     assert (st["type"], st["status"], st["since"]) == ("query-status", "requested", "1")
     both = b.get("a", "/fhir/Subscription/$status").get_json()
     assert len(both["entry"]) == 2
@@ -383,12 +332,12 @@ def test_a_referral_task_is_an_event_for_the_practice_that_sent_it_only(consente
     )
     assert moved.status_code == 200, moved.get_data(as_text=True)
     bundle = _events(b, "a", mine)
-    events = _status_of(bundle, release)["events"]
+    events = status_of(bundle, release)["events"]
     assert [n for n, _ in events] == ["1", "2"] and len({f for _, f in events}) == 1
     assert "/Task/" in events[0][1]
     tasks = [e["resource"] for e in bundle["entry"][1:]]
     assert [t["resourceType"] for t in tasks] == ["Task", "Task"]
-    assert _status_of(_events(b, "b", theirs), release)["events"] == []
+    assert status_of(_events(b, "b", theirs), release)["events"] == []
 
 
 def test_a_task_status_filter_keeps_only_those_moves(consented, release):
@@ -413,7 +362,7 @@ def test_a_task_status_filter_keeps_only_those_moves(consented, release):
             ).status_code
             == 200
         )
-    assert [n for n, _ in _status_of(_events(b, "a", sid), release)["events"]] == ["1"]
+    assert [n for n, _ in status_of(_events(b, "a", sid), release)["events"]] == ["1"]
 
 
 # ---- topics and the CapabilityStatement
