@@ -10,7 +10,7 @@
   ::1, localhost): to any other host the cookie stays Secure, so a console served over plain
   http elsewhere cannot log in.
 - Every POST carries the session's CSRF token (a hidden field, compared in constant time), and a
-  POST whose Origin header names another origin is refused: both answer the 403 page. The login
+  POST whose Origin or Sec-Fetch-Site header names another origin is refused: both answer the 403 page. The login
   form has its own token (a double-submit cookie), so a page elsewhere cannot log a browser in.
 - Every console answer has a strict Content-Security-Policy (no script at all, styles from the
   console's own stylesheet only, forms posting back to the console only, never framed) and
@@ -51,7 +51,7 @@ _HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # not no-referrer: a browser then sends `Origin: null` with forms
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
@@ -142,7 +142,12 @@ class ConsoleGate:
 
 
 def same_origin() -> bool:
-    """No Origin header (not a browser, or an old one), or the console's own origin."""
+    """Whether a POST comes from the console's own pages, as far as the browser says: its
+    `Sec-Fetch-Site` (when sent) is same-origin, and its `Origin` (when sent) is this origin.
+    A client that sends neither (not a browser) still needs the CSRF token."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site != "same-origin":
+        return False
     origin = request.headers.get("Origin")
     if origin is None:
         return True
