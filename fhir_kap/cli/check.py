@@ -141,23 +141,35 @@ def _auth(args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 class _Progress:
-    """A rewritten status line on a TTY; plain lines otherwise (CI logs)."""
+    """The run's progress on stderr, on a terminal only (tqdm: a bar over the checks, the one now
+    running and the counts so far); silent when stderr is piped or with `fhir-kap --quiet`, so
+    nothing a script or CI log reads changes. tqdm is imported only when it shows."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, *, quiet: bool = False) -> None:
         self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.show = not quiet and bool(getattr(stream, "isatty", lambda: False)())
+        self.bar: Any = None
+        self.counts = {"pass": 0, "fail": 0, "skip": 0}
 
     def __call__(self, done: int, total: int, result: Any, check: Any) -> None:
-        from ..conformance.reports import progress_line
+        if not self.show:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
 
-        if self.tty:
-            if result is None:
-                self.stream.write("\r\x1b[2K" + progress_line(done + 1, total, check.id, check.title))
-            elif done == total:
-                self.stream.write("\r\x1b[2K")
-        elif result is not None:
-            self.stream.write(f"{check.id} {result.outcome.upper()}\n")
-        self.stream.flush()
+            self.bar = tqdm(
+                total=total, unit="check", file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.2
+            )
+        if result is None:
+            self.bar.set_description_str(f"{check.id} {check.title[:40]}", refresh=False)
+        else:
+            self.counts[result.outcome] = self.counts.get(result.outcome, 0) + 1
+            self.bar.set_postfix(self.counts, refresh=False)
+            self.bar.n = done
+            self.bar.refresh()
+        if result is not None and done >= total:
+            self.bar.close()
+            self.bar = None
 
 
 def _write(path: str, text: str) -> None:
@@ -187,7 +199,8 @@ def handler(args: argparse.Namespace, settings: Any) -> int:
         role=args.role,
         read_only=args.read_only,
     )
-    report = run_checks(config, progress=_Progress(sys.stderr)).to_dict()
+    progress = _Progress(sys.stderr, quiet=bool(getattr(args, "quiet", False)))
+    report = run_checks(config, progress=progress).to_dict()
     sys.stdout.write(console_table(report))
     sys.stdout.flush()
     if args.json:

@@ -21,7 +21,7 @@ from typing import Any
 from ..config import data_path
 from ..errors import ConfigError
 from .checks import capability, errors, idempotency, partner, round_trip, search, security, validation
-from .checks.capability import CLAIMS_CHECK, KAP_TYPES, NEEDED_INTERACTIONS
+from .checks.capability import CLAIMS_CHECK, CLINIC_INTERACTIONS, KAP_TYPES, NEEDED_INTERACTIONS
 from .context import Check
 from .examples import load_invalid_examples
 
@@ -86,7 +86,7 @@ ROLES: dict[str, Role] = {
         "the KAP clinic's server: referrals, consents, sessions, notes, transactions and search",
         "the KAP example journey twice (round-trip and search data), 4 more Procedures, 3 Patients, 2 ServiceRequests",
         ("capability", "round-trip", "idempotency", "search", "errors", "validation", "security"),
-        dict.fromkeys(KAP_TYPES, NEEDED_INTERACTIONS),
+        CLINIC_INTERACTIONS,  # update only where partners amend (referral, consent); never delete
         KAP_TYPES,
         True,
     ),
@@ -102,7 +102,9 @@ ROLES: dict[str, Role] = {
 }
 
 # Checks that write nothing: only GET and $validate (which stores nothing). `--read-only`.
-READ_ONLY = frozenset({"cap-01", "cap-02", "cap-03", "cap-04", "cap-05", "cap-06", "cap-07", "cap-08"}) | {
+READ_ONLY = frozenset(
+    {"cap-01", "cap-02", "cap-03", "cap-04", "cap-05", "cap-06", "cap-07", "cap-08", "cap-09"}
+) | {
     "validation",
     "security",
 }
@@ -121,6 +123,9 @@ FIXES: dict[str, str] = {
     "--auth bearer",
     "cap-08": "make the server do what its CapabilityStatement declares, or remove the claim from "
     "the CapabilityStatement",
+    "cap-09": "publish the KAP SubscriptionTopics (continuity-note-available, referral-status-changed): R4 "
+    "with the backport IG's capabilitystatement-subscriptiontopic-canonical extension on the Subscription "
+    "entry, R5 as SubscriptionTopic resources searchable by url",
     "rcv-01": "accept POST [base]/Communication of the KAP Communication (see the OperationOutcome in the "
     "exchange); if it insists on resolving references, allow references to resources it does not hold",
     "rcv-02": "honour If-None-Exist on Communication: when the identifier matches, answer 200 with the "
@@ -134,7 +139,10 @@ FIXES: dict[str, str] = {
     "rt-03": "index the identifier search parameter (system|value) for the KAP types",
     "rt-04": 'support versioned update: PUT with If-Match W/"n" → 200 with a new meta.versionId, a stale '
     "version → 412",
-    "rt-05": "allow DELETE of the KAP types (answer 200/204) and answer 404 or 410 to a read afterwards",
+    "rt-05": "make DELETE of the types the CapabilityStatement claims it for answer 200/204 and a read "
+    "afterwards 404 or 410 (or stop claiming delete)",
+    "rt-06": "support PUT [type]?identifier=SYSTEM|VALUE: update the one match (200), or stop claiming "
+    "conditionalUpdate",
     "idem-01": "honour If-None-Exist: a match answers 200 with the existing resource, no second copy",
     "idem-02": "in a transaction, replace urn:uuid fullUrls in references with the new resource ids",
     "idem-03": "process a transaction all-or-nothing: roll back every entry when one fails",
@@ -180,6 +188,8 @@ def rule_url(rule: str, fhir_version: str | None = None) -> str | None:
         )
     if rule.startswith("SMART App Launch"):
         return "https://hl7.org/fhir/smart-app-launch/conformance.html"
+    if rule.startswith("Subscriptions R5 Backport IG"):
+        return "https://hl7.org/fhir/uv/subscriptions-backport/components.html"
     return None
 
 

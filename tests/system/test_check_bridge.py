@@ -1,6 +1,8 @@
-"""`fhir-kap check` against the fhir-kap bridge itself (R4 and R5 deployments): the
-practice-receiver role passes its required checks, and what the run leaves behind (the bridge
-answers DELETE with 404) is reported, not counted as deleted."""
+"""`fhir-kap check` against the fhir-kap bridge itself (R4 and R5 deployments, served by
+`fhir-kap serve`): the practice-receiver, referral-sender and clinic roles pass every required
+check; `full` fails exactly cap-04 (it needs update of every KAP type; the bridge updates only
+referrals and consents, by design); the bridge claims no delete, so rt-05 is skipped and what the
+run leaves behind is reported, never counted as deleted."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +29,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("version", ["4.0.1", "5.0.0"])
-def test_the_practice_receiver_role_passes_against_the_bridge(tmp_path, monkeypatch, capsys, version):
+@pytest.fixture(scope="module", params=["4.0.1", "5.0.0"])
+def served(request, tmp_path_factory) -> Iterator[tuple[str, str, str]]:
+    """(base URL, clinic token, FHIR version) of a bridge served by `fhir-kap serve`."""
+    version = request.param
+    data = tmp_path_factory.mktemp(f"bridge-{version}")
     env = {
         **os.environ,
-        "FHIR_KAP_DATA_DIR": str(tmp_path / "data"),
+        "FHIR_KAP_DATA_DIR": str(data / "data"),
         "FHIR_KAP_FHIR_VERSION": version,
         "PYTHONPATH": str(ROOT),
         "FHIR_KAP_LOG_LEVEL": "WARNING",
@@ -54,7 +60,6 @@ def test_the_practice_receiver_role_passes_against_the_bridge(tmp_path, monkeypa
         timeout=60,
         check=True,
     )
-    monkeypatch.setenv("KAP_CHECK_BRIDGE_TOKEN", json.loads(added.stdout)["token"])
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "1"],
@@ -73,28 +78,53 @@ def test_the_practice_receiver_role_passes_against_the_bridge(tmp_path, monkeypa
                 pass
             assert time.monotonic() < deadline, "fhir-kap serve did not become ready"
             time.sleep(0.2)
-        report = tmp_path / "report.json"
-        code = main(
-            [
-                "check",
-                "--server",
-                f"http://127.0.0.1:{port}/fhir",
-                "--auth",
-                "bearer",
-                "--token-env",
-                "KAP_CHECK_BRIDGE_TOKEN",
-                "--role",
-                "practice-receiver",
-                "--json",
-                str(report),
-            ]
-        )
-        out = capsys.readouterr().out
-        assert code == 0, out[-3000:]
-        data = json.loads(report.read_text())
-        assert data["fhir_version"] == version
-        # the bridge keeps what partners wrote (DELETE is 404): reported as left, never as deleted
-        assert data["cleanup"]["remaining"] and "LEFT ON THE SERVER" in out
+        yield f"http://127.0.0.1:{port}/fhir", json.loads(added.stdout)["token"], version
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def _check(served, role: str, tmp_path, monkeypatch, capsys) -> tuple[int, dict, str]:
+    url, token, version = served
+    monkeypatch.setenv("KAP_CHECK_BRIDGE_TOKEN", token)
+    report = tmp_path / "report.json"
+    code = main(
+        ["check", "--server", url, "--auth", "bearer", "--token-env", "KAP_CHECK_BRIDGE_TOKEN"]
+        + ["--role", role, "--json", str(report)]
+    )
+    out = capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["fhir_version"] == version
+    return code, data, out
+
+
+def _outcomes(data: dict) -> dict[str, str]:
+    return {r["id"]: r["outcome"] for r in data["results"]}
+
+
+@pytest.mark.parametrize("role", ["practice-receiver", "referral-sender", "clinic"])
+def test_each_partner_role_passes_every_required_check_against_the_bridge(
+    served, role, tmp_path, monkeypatch, capsys
+):
+    code, data, out = _check(served, role, tmp_path, monkeypatch, capsys)
+    assert code == 0, out[-3000:]
+    # the bridge keeps what partners wrote (no delete claimed): reported as left, never as deleted
+    assert data["cleanup"]["remaining"] and "LEFT ON THE SERVER" in out
+    if role == "clinic":
+        outcomes = _outcomes(data)
+        # claimed and done: update with If-Match, conditional update, $validate, the transaction
+        assert {outcomes[c] for c in ("rt-04", "rt-06", "idem-02", "val-01", "val-02", "cap-08")} == {"pass"}
+        assert outcomes["rt-05"] == "skip"  # no delete claimed
+        cs = requests.get(served[0] + "/metadata", headers={"Authorization": f"Bearer {served[1]}"}).json()
+        subscriptions = any(r["type"] == "Subscription" for r in cs["rest"][0]["resource"])
+        assert outcomes["cap-09"] == ("pass" if subscriptions else "skip")
+
+
+def test_the_full_role_fails_only_for_the_updates_the_bridge_does_not_offer(
+    served, tmp_path, monkeypatch, capsys
+):
+    code, data, out = _check(served, "full", tmp_path, monkeypatch, capsys)
+    failed = {r["id"] for r in data["results"] if r["outcome"] == "fail"}
+    assert code == 1 and failed == {"cap-04"}, out[-3000:]
+    cap04 = next(r for r in data["results"] if r["id"] == "cap-04")
+    assert "ServiceRequest" not in cap04["reason"] and "Consent lacks" not in cap04["reason"]

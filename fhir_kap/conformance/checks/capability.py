@@ -4,7 +4,9 @@ whether the server does what it declares
 
 cap-01 reads /metadata once and keeps it on the context; the other capability checks, and the
 validation checks looking for $validate (`server_rest`), read it from there, so the runner always
-runs cap-01 first. cap-04 … cap-06 check what the run's role needs (`Context.needs`,
+runs cap-01 first. cap-09 looks for the KAP SubscriptionTopics where Subscription is claimed (R4:
+the backport IG's topic-canonical extension, R5: SubscriptionTopic resources; skipped otherwise).
+cap-04 … cap-06 check what the run's role needs (`Context.needs`,
 `conditional_types`, `needs_transaction`, from registry.ROLES). cap-08 (`CLAIMS_CHECK`) runs
 after every other check and the clean-up: each interaction the CapabilityStatement claims that a
 check or the clean-up then tried and saw fail is one finding ("claims X, does not do X").
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...config import Release
+from ...config import CANONICAL, Release
 from ..context import FHIR_JSON, SPEC_R4, Check, Context, Failed, Skipped
 
 KAP_TYPES = (
@@ -28,6 +30,14 @@ KAP_TYPES = (
     "Organization",
 )
 NEEDED_INTERACTIONS = ("create", "read", "update", "search-type")
+#: What the KAP clinic's side needs of each KAP type: create, read and search; update where a
+#: partner amends what it sent (a referral, a consent it revokes). Delete is never needed.
+CLINIC_INTERACTIONS: dict[str, tuple[str, ...]] = {
+    t: ("create", "read", "update", "search-type")
+    if t in ("ServiceRequest", "Consent")
+    else ("create", "read", "search-type")
+    for t in KAP_TYPES
+}
 
 
 def _cap_metadata(ctx: Context) -> str:
@@ -131,6 +141,56 @@ def _cap_smart(ctx: Context) -> str:
     return f"token_endpoint advertised; capabilities: {', '.join(caps) or 'none listed'}"
 
 
+#: The topics a KAP clinic's server publishes for the practices (topic-based Subscriptions).
+KAP_TOPICS = (
+    f"{CANONICAL}/SubscriptionTopic/continuity-note-available",
+    f"{CANONICAL}/SubscriptionTopic/referral-status-changed",
+)
+#: The Subscriptions R5 Backport IG's CapabilityStatement extension naming a supported topic (R4).
+TOPIC_CANONICAL_EXT = (
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+    "capabilitystatement-subscriptiontopic-canonical"
+)
+
+
+def _topic_urls(node: Any) -> set[str]:
+    """The topic canonicals named by backport extensions on `node` (a CapabilityStatement element)."""
+    out = set()
+    for ext in (node.get("extension") or []) if isinstance(node, dict) else []:
+        if isinstance(ext, dict) and ext.get("url") == TOPIC_CANONICAL_EXT:
+            value = ext.get("valueCanonical") or ext.get("valueUri")
+            if isinstance(value, str):
+                out.add(value.split("|", 1)[0])
+    return out
+
+
+def _cap_topics(ctx: Context) -> str:
+    resources = _resources(ctx)
+    if "Subscription" not in resources:
+        raise Skipped("the CapabilityStatement claims no Subscription support")
+    rest = server_rest(ctx)
+    found = _topic_urls(ctx.metadata) | _topic_urls(rest) | _topic_urls(resources["Subscription"])
+    how = "backport extension"
+    if "SubscriptionTopic" in resources:  # R5: the topics are resources of their own
+        for url in KAP_TOPICS:
+            if url in found:
+                continue
+            resp = ctx.request("GET", "SubscriptionTopic", params={"url": url})
+            doc = resp.json()
+            entries = (doc.get("entry") or []) if resp.status == 200 and isinstance(doc, dict) else []
+            if any((e.get("resource") or {}).get("url") == url for e in entries if isinstance(e, dict)):
+                found.add(url)
+                how = "SubscriptionTopic resources"
+    missing = [u for u in KAP_TOPICS if u not in found]
+    if missing:
+        raise Failed(
+            "the server claims Subscription but does not publish "
+            + ", ".join(missing)
+            + (f" (it names {', '.join(sorted(found))})" if found else " (no topic found)")
+        )
+    return f"both KAP topics published ({how})"
+
+
 def claimed(ctx: Context) -> set[tuple[str, str]]:
     """(type or "" for system, interaction) pairs the CapabilityStatement claims."""
     out: set[tuple[str, str]] = set()
@@ -138,6 +198,8 @@ def claimed(ctx: Context) -> set[tuple[str, str]]:
         out |= {(rtype, str(i.get("code"))) for i in res.get("interaction") or []}
         if res.get("conditionalCreate"):
             out.add((rtype, "conditional-create"))
+        if res.get("conditionalUpdate"):
+            out.add((rtype, "conditional-update"))
     out |= {("", str(i.get("code"))) for i in server_rest(ctx).get("interaction") or []}
     return out
 
@@ -223,5 +285,13 @@ CHECKS = (
         "SMART App Launch 2.0 conformance.html (.well-known/smart-configuration)",
         True,
         _cap_smart,
+    ),
+    Check(
+        "cap-09",
+        "capability",
+        "the KAP Subscription topics are published (where Subscription is claimed)",
+        "Subscriptions R5 Backport IG components.html (SubscriptionTopic canonicals)",
+        False,
+        _cap_topics,
     ),
 )

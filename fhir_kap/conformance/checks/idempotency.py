@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from ...config import Release
 from ..context import SPEC_R4, Check, Context, Failed, identifier_param, outcome_hint
 
 
@@ -51,6 +52,9 @@ def _entry(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
 
 
 def service_request(ctx: Context, value: str, subject: str) -> dict[str, Any]:
+    """A small referral that still carries what a KAP referral needs beyond base FHIR (when it was
+    written and why), so that a KAP-aware server (the fhir-kap bridge) accepts it too."""
+    reason = {"text": "Treatment-resistant depression"}
     return ctx.mark(
         {
             "resourceType": "ServiceRequest",
@@ -58,6 +62,8 @@ def service_request(ctx: Context, value: str, subject: str) -> dict[str, Any]:
             "status": "active",
             "intent": "order",
             "subject": {"reference": subject},
+            "authoredOn": "2025-01-09T15:30:00+02:00",
+            **({"reason": [{"concept": reason}]} if ctx.release is Release.R5 else {"reasonCode": [reason]}),
         }
     )
 

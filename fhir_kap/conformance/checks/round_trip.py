@@ -1,5 +1,7 @@
 """Round-trip checks (rt-01 … rt-05): the KAP examples are created, read back without loss, found
-by identifier, updated with If-Match and deleted
+by identifier, updated with If-Match (and by a conditional update where the CapabilityStatement
+claims it) and deleted where it claims delete (a server that keeps what partners wrote, as the
+fhir-kap bridge does, skips rt-05: its clean-up then reports what the run left)
 (conformance/checks/, layer 3: orchestration; imports base and the conformance context only).
 """
 
@@ -10,8 +12,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...config import CANONICAL
-from ..context import SPEC_R4, Check, Context, Failed, Response, Skipped, identifier_param, outcome_hint
+from ..context import (
+    SPEC_R4,
+    Check,
+    Context,
+    Failed,
+    Response,
+    Skipped,
+    identifier_param,
+    outcome_hint,
+)
 from ..masking import compare_resources
+from .capability import claimed
 
 
 def _rt_create(ctx: Context) -> str:
@@ -98,11 +110,51 @@ def _rt_update(ctx: Context) -> str:
     return f"If-Match current → 200 (version {version} → {new_version}); stale → 412"
 
 
+def _rt_conditional_update(ctx: Context) -> str:
+    journey = _need_rt(ctx)
+    key = next((k for k in journey if k.startswith("ServiceRequest/")), None)
+    if key is None:
+        raise Skipped("no ServiceRequest among the examples")
+    if ("ServiceRequest", "conditional-update") not in claimed(ctx):
+        raise Skipped("the CapabilityStatement does not claim conditionalUpdate for ServiceRequest")
+    item = journey[key]
+    rid = item["stored"]["id"]
+    value = item["sent"]["identifier"][-1]["value"]
+    got = ctx.request("GET", f"ServiceRequest/{rid}")
+    current = got.json() if got.status == 200 and isinstance(got.json(), dict) else item["stored"]
+    changed = {k: v for k, v in copy.deepcopy(current).items() if k not in ("id", "meta")}
+    changed["meta"] = {
+        k: v for k, v in (current.get("meta") or {}).items() if k in ("tag", "profile", "security")
+    }
+    changed.setdefault("note", []).append({"text": "check conditional update"})
+    resp = ctx.request("PUT", "ServiceRequest", body=changed, params=identifier_param(ctx.run_system, value))
+    ctx.exercise("ServiceRequest", "conditional-update", resp, "PUT ServiceRequest?identifier=…")
+    if resp.status != 200:
+        raise Failed(f"conditional update of the one match answered {resp.status}{outcome_hint(resp)}")
+    doc = resp.json()
+    if isinstance(doc, dict) and doc.get("id") not in (None, rid):
+        raise Failed(f"conditional update answered {doc.get('id')}, not the one match {rid}")
+    found, _ = ctx.search_all("ServiceRequest", identifier_param(ctx.run_system, value))
+    if [r.get("id") for r in found] != [rid]:
+        raise Failed(f"after the conditional update, the identifier finds {[r.get('id') for r in found]}")
+    return f"PUT ServiceRequest?identifier=… updated {rid} (version {_version(doc, resp)})"
+
+
 def _rt_delete(ctx: Context) -> str:
     journey = _need_rt(ctx)
+    claims = claimed(ctx)
+    types = list(dict.fromkeys(item["stored"]["resourceType"] for item in journey.values()))
+    unclaimed = [t for t in types if (t, "delete") not in claims]
+    if len(unclaimed) == len(types):
+        raise Skipped(
+            f"the CapabilityStatement claims delete for none of {', '.join(types)}: nothing deleted "
+            "(what the run wrote is listed under clean-up)"
+        )
     done = []
     for key in reversed(list(journey)):
         stored = journey[key]["stored"]
+        if stored["resourceType"] in unclaimed:
+            continue
         path = f"{stored['resourceType']}/{stored['id']}"
         resp = ctx.request("DELETE", path)
         ctx.exercise(stored["resourceType"], "delete", resp, f"DELETE {path}")
@@ -114,7 +166,8 @@ def _rt_delete(ctx: Context) -> str:
         done.append(after.status)
         if (stored["resourceType"], stored["id"]) in ctx.created:
             ctx.created.remove((stored["resourceType"], stored["id"]))
-    return f"{len(done)} deleted; reads then answered {sorted(set(done))}"
+    kept = f" ({', '.join(unclaimed)}: no delete claimed, left)" if unclaimed else ""
+    return f"{len(done)} deleted; reads then answered {sorted(set(done))}{kept}"
 
 
 CHECKS = (
@@ -139,6 +192,19 @@ CHECKS = (
         _rt_update,
     ),
     Check(
-        "rt-05", "round-trip", "delete, then read → 404/410", SPEC_R4 + "http.html#delete", True, _rt_delete
+        "rt-05",
+        "round-trip",
+        "delete (where claimed), then read → 404/410",
+        SPEC_R4 + "http.html#delete",
+        True,
+        _rt_delete,
+    ),
+    Check(
+        "rt-06",
+        "round-trip",
+        "conditional update by identifier (where claimed)",
+        SPEC_R4 + "http.html#cond-update",
+        False,
+        _rt_conditional_update,
     ),
 )
