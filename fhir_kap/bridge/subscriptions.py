@@ -165,7 +165,7 @@ def _own(partner: Partner, sid: str) -> SubscriptionRow:
 def _headers(row: SubscriptionRow, *, location: bool = False) -> dict[str, str]:
     out = {"ETag": f'W/"{row.version}"'}
     if location:
-        out["Location"] = f"{_base()}/Subscription/{row.id}/_history/{row.version}"
+        out["Location"] = f"{_base()}/Subscription/{row.id}"  # no vread of Subscriptions: no _history
     return out
 
 

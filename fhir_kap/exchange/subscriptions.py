@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -620,7 +620,7 @@ def _row_filters(row: SubscriptionRow) -> tuple[tuple[str, tuple[str, ...]], ...
     return _spec_of(row).filters
 
 
-@cache
+@lru_cache(maxsize=1024)
 def _spec_cache(release_value: str, body: str) -> Spec:
     return parse_subscription(jsonio.loads(body, source="subscription"), Release(release_value))
 

@@ -307,3 +307,12 @@ def test_the_legacy_hook_still_works_beside_subscriptions(tmp_path, receiver, re
     ]
     notifier.stop()
     assert load  # the fixtures module is the bridge's
+
+
+def test_a_subscription_past_its_end_is_turned_off(app, receiver, release):
+    sid = app.subscribe(receiver.url, end="2020-01-01T00:00:00Z")
+    app.notifier.tick()  # each sender round turns off what has ended
+    assert app.status(sid) == "off"
+    assert app.post("clinic", "/fhir/Consent", fixture("Consent-open-ended.json", release)).status_code == 201
+    app.note()
+    assert app.subs.get(sid).events == 0  # an `off` Subscription counts no events
