@@ -47,7 +47,8 @@ def register(app: Flask) -> None:
 
     @app.after_request
     def count(resp: Response) -> Response:
-        if not _on_metrics_listener():
+        # counted only when a metrics listener will show it (no cost otherwise), never its own scrapes
+        if current_app.config.get(METRICS_PORT) is not None and not _on_metrics_listener():
             started = g.get("started")
             telemetry.request_done(
                 request.method,

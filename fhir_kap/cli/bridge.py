@@ -310,7 +310,10 @@ def _banner(args: argparse.Namespace, settings: Any) -> str:
 
     url = urlsplit(settings.db_url)
     if url.scheme.startswith("sqlite"):
-        database = f"sqlite {url.path or settings.db_url}"
+        # sqlite:///relative/path, sqlite:////absolute/path: the file is what follows "///"
+        database = (
+            f"sqlite {settings.db_url.split(':///', 1)[-1] if ':///' in settings.db_url else settings.db_url}"
+        )
     else:  # host, port and database name only: no user, no password, no query (may hold secrets)
         database = f"{url.scheme.split('+')[0]} {url.hostname or 'localhost'}{f':{url.port}' if url.port else ''}{url.path}"
     if args.dev:
@@ -321,9 +324,10 @@ def _banner(args: argparse.Namespace, settings: Any) -> str:
         threads = 4 if args.threads is None else args.threads
         model = f"{args.workers} worker(s) x {threads} threads, requests read whole (read timeout {args.read_timeout:g} s)"
     public = f"\n  public base: {args.base_url}" if args.base_url else ""
+    metrics_port = getattr(args, "metrics_port", None)
     metrics = (
-        f"\n  metrics: http://{_address(args.metrics_host, args.metrics_port)}/metrics"
-        if args.metrics_port is not None
+        f"\n  metrics: http://{_address(args.metrics_host, metrics_port)}/metrics"
+        if metrics_port is not None
         else ""
     )
     return (
