@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-SUITES = ["mapping", "validation", "consent", "bridge", "client", "delivery", "bulk", "cli"]
+SUITES = ["mapping", "validation", "consent", "bridge", "client", "delivery", "bulk", "cli", "console"]
 
 
 def _fmt(v: float | None) -> str:

@@ -442,6 +442,16 @@ class Outbox:
         items = [OutboxItem.from_row(r) for r in rows]
         return items[::-1] if order == "DESC" else items
 
+    def endpoints(self) -> builtins.list[str]:
+        """The endpoint names items are queued for, in order: one index probe per name (a loose
+        index scan), not a scan of the table."""
+        rows = self.db.query(
+            "WITH RECURSIVE e(name) AS (SELECT MIN(endpoint) FROM outbox_items UNION ALL "
+            "SELECT (SELECT MIN(endpoint) FROM outbox_items WHERE endpoint > e.name) FROM e "
+            "WHERE e.name IS NOT NULL) SELECT name FROM e WHERE name IS NOT NULL"
+        )
+        return [r["name"] for r in rows]
+
     def counts_by_endpoint(self) -> dict[str, dict[str, int]]:
         """How many items each endpoint has in each state (every state present, zero included)."""
         out: dict[str, dict[str, int]] = {}

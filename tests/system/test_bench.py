@@ -36,6 +36,7 @@ def test_bench_quick__every_suite_reports_figures_beside_a_baseline(tmp_path):
         "delivery",
         "bulk",
         "cli",
+        "console",
     }
     broken = [r["name"] for r in rows if r.get("value") is None]
     assert not broken, broken

@@ -211,7 +211,7 @@ def outbox() -> str:
         state=state,
         endpoint=endpoint,
         states=STATES,
-        endpoints=sorted(sv.outbox.counts_by_endpoint()),
+        endpoints=sv.outbox.endpoints(),
         next_link=older,
         prev_link=newer,
         msg=_message(),
