@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs
 
@@ -93,7 +94,7 @@ class Ref:
 
 
 def _identifier(value: Any) -> tuple[str, str] | None:
-    if isinstance(value, Mapping):
+    if value is not None and (type(value) is dict or isinstance(value, Mapping)):
         system, val = value.get("system"), value.get("value")
         if isinstance(system, str) and system and isinstance(val, str) and val:
             return system, val
@@ -122,12 +123,30 @@ def parse_reference(value: Any) -> Ref | None:
     (('identifier', 'urn:oid:1.2|E1'),)
     """
     if isinstance(value, str):
-        value = {"reference": value}
-    if not isinstance(value, Mapping):
+        return _parse_text(value, None, None) if len(value) <= _CACHED_TEXT else _parse(value, None, None)
+    if type(value) is not dict and not isinstance(value, Mapping):
         return None
     text = value.get("reference")
-    rtype = value.get("type") if isinstance(value.get("type"), str) else None
+    raw_type = value.get("type")
+    rtype = raw_type if isinstance(raw_type, str) else None
     ident = _identifier(value.get("identifier"))
+    if isinstance(text, str) and len(text) <= _CACHED_TEXT:
+        return _parse_text(text, rtype, ident)
+    return _parse(text, rtype, ident)
+
+
+#: Reference strings up to this long are read once per process and remembered (`_parse_text`):
+#: a `Ref` is immutable, and the same few references (a client, a therapist, a referral) recur
+#: on every resource a partner sends; longer ones (rare) are read each time.
+_CACHED_TEXT = 256
+
+
+@lru_cache(maxsize=4096)
+def _parse_text(text: str, rtype: str | None, ident: tuple[str, str] | None) -> Ref | None:
+    return _parse(text, rtype, ident)
+
+
+def _parse(text: Any, rtype: str | None, ident: tuple[str, str] | None) -> Ref | None:
     if isinstance(text, str) and text and len(text) <= 4096:
         text = text.strip()
         if text == "#":

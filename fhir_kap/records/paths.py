@@ -189,7 +189,10 @@ def get_all(node: Any, segs: tuple[Seg, ...]) -> list[Any]:
                 items = items[seg.index : seg.index + 1]
             elif seg.start is not None:
                 items = items[seg.start :]
-            nxt.extend(e for e in items if seg.matches(e))
+            if seg.eq or seg.ne:
+                nxt.extend(e for e in items if seg.matches(e))
+            else:  # no filter: every element matches (`Seg.matches`)
+                nxt.extend(items)
         current = nxt
     return current
 
@@ -202,6 +205,8 @@ def get_first(node: Any, segs: tuple[Seg, ...]) -> Any:
     if last.is_list:
         vals = get_all(node, segs)
         return vals[0] if vals else None
+    if len(segs) == 1:  # the common case: a plain element of `node` itself
+        return node.get(last.name) if isinstance(node, dict) else None
     for parent in get_all(node, segs[:-1]):
         if isinstance(parent, dict) and last.name in parent:
             return parent[last.name]

@@ -9,7 +9,6 @@ matching a choice stem (`performed`) to its variants (`performedPeriod`); `_code
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 
@@ -30,28 +29,38 @@ def _codes(cc: Any) -> list[tuple[Any, Any]]:
     return [(c.get("system"), c.get("code")) for c in cc.get("coding") or [] if isinstance(c, dict)]
 
 
-def _at(node: Any, parts: list[str], path: tuple[Any, ...]) -> Iterator[tuple[Any, tuple[Any, ...]]]:
-    """Values at an element path (lists flattened), with their JSON paths. A stem matches choices."""
-    if not parts:
-        yield node, path
+def _at(node: Any, parts: list[str], path: tuple[Any, ...]) -> list[tuple[Any, tuple[Any, ...]]]:
+    """Values at an element path (lists flattened), with their JSON paths, in document order.
+    A stem matches choices (`performed`: `performedPeriod`). A list, built without generators:
+    it runs for every profile rule of every resource checked."""
+    out: list[tuple[Any, tuple[Any, ...]]] = []
+    _collect(node, parts, 0, path, out)
+    return out
+
+
+def _collect(node: Any, parts: list[str], i: int, path: tuple[Any, ...], out: list[Any]) -> None:
+    if i == len(parts):
+        out.append((node, path))
         return
     if isinstance(node, list):
-        for i, item in enumerate(node):
-            yield from _at(item, parts, path + (i,))
+        for j, item in enumerate(node):
+            _collect(item, parts, i, path + (j,), out)
         return
     if not isinstance(node, dict):
         return
-    head = parts[0]
-    keys = (
-        [head] if head in node else [k for k in node if k.startswith(head) and k[len(head) :][:1].isupper()]
-    )
+    head = parts[i]
+    if head in node:
+        keys: Any = (head,)
+    else:
+        n = len(head)
+        keys = [k for k in node if k.startswith(head) and k[n:][:1].isupper()]
     for k in keys:
         v = node[k]
         if isinstance(v, list):
-            for i, item in enumerate(v):
-                yield from _at(item, parts[1:], path + (k, i))
+            for j, item in enumerate(v):
+                _collect(item, parts, i + 1, path + (k, j), out)
         else:
-            yield from _at(v, parts[1:], path + (k,))
+            _collect(v, parts, i + 1, path + (k,), out)
 
 
 def _count(node: Any, name: str) -> int:

@@ -207,13 +207,17 @@ _VALUE_KINDS = frozenset({"fixed", "pattern", "binding", "target"})
 
 
 @cache
-def _rule_paths(pr: ProfileRules, release: Release) -> tuple[tuple[_Rule, str, list[str]], ...]:
-    """Each rule with its path in `release` split once (rules with no twin in the release dropped)."""
+def _rule_paths(
+    pr: ProfileRules, release: Release
+) -> tuple[tuple[_Rule, str, list[str], list[str], float], ...]:
+    """Each rule with its path in `release` split once (rules with no twin in the release
+    dropped): (rule, path, its parts, the parent's parts, the upper bound as a number)."""
     out = []
     for rule in pr.rules:
         rpath = _r5_path(rule.path, release)
         if rpath is not None:
-            out.append((rule, rpath, rpath.split(".")[1:]))
+            parts = rpath.split(".")[1:]
+            out.append((rule, rpath, parts, parts[:-1], float("inf") if rule.max == "*" else int(rule.max)))
     return tuple(out)
 
 
@@ -222,15 +226,15 @@ def _profile_issues(
 ) -> list[Issue]:
     out: list[Issue] = []
     name = pr.url.rsplit("/", 1)[1]
-    for rule, rpath, parts in _rule_paths(pr, release):
+    for rule, rpath, parts, parent_parts, most in _rule_paths(pr, release):
         last = parts[-1]
         kind = rule.kind
         if kind == "card" or kind == "slice":
-            parents = list(_at(resource, parts[:-1], ()))
+            parents = _at(resource, parent_parts, ()) if parent_parts else [(resource, ())]
         if kind == "card":
             for parent, ppath in parents:
                 n = _count(parent, last)
-                if n < rule.min or (rule.max != "*" and n > int(rule.max)):
+                if n < rule.min or n > most:
                     code = "required" if n < rule.min else "structure"
                     out.append(
                         Issue(
@@ -243,7 +247,7 @@ def _profile_issues(
                         )
                     )
             continue
-        values = list(_at(resource, parts, ())) if kind in _VALUE_KINDS else []
+        values = _at(resource, parts, ()) if kind in _VALUE_KINDS else []
         if rule.kind == "fixed":
             for v, p in values:
                 if v != rule.value:
