@@ -27,6 +27,7 @@ EXPECTED_FAILURES = {
     "open_access": {"sec-01", "sec-02"},
     "ignore_count": {"srch-08"},
     "delete_404": {"rt-05", "cap-08"},
+    "subscription_no_topics": {"cap-09"},  # optional: reported, the run still passes
 }
 
 
@@ -60,7 +61,7 @@ def test_defect__reported_by_the_right_checks_only(defect):
     assert _failed(report) == EXPECTED_FAILURES[defect]
     failing = [r for r in report.results if r.outcome == "fail"]
     assert all(r.exchanges for r in failing), "a failure keeps the exchange that proved it"
-    assert not report.passed
+    assert report.passed is all(not r.required for r in failing)
 
 
 def test_failure_evidence__masks_the_token_and_patient_data():

@@ -11,6 +11,7 @@ defect breaks one behaviour the way real servers do:
   ignore_count           search returns everything in one page whatever `_count` says
   delete_404             DELETE answers 404 with an OperationOutcome and keeps the resource
                          (as the fhir-kap bridge does), while the CapabilityStatement claims delete
+  subscription_no_topics the CapabilityStatement claims Subscription but names no SubscriptionTopic
 
 Run it in a thread: `with BrokenServer(defects={"ignore_count"}, token="t") as s: s.base_url`.
 
@@ -47,6 +48,7 @@ DEFECTS = frozenset(
         "open_access",
         "ignore_count",
         "delete_404",
+        "subscription_no_topics",
     }
 )
 TYPES = (
@@ -285,6 +287,10 @@ class BrokenServer:
                 }
                 for t in TYPES
             ]
+            if self._has("subscription_no_topics"):
+                resources.append(
+                    {"type": "Subscription", "interaction": [{"code": "create"}, {"code": "read"}]}
+                )
             rest: dict[str, Any] = {
                 "mode": "server",
                 "resource": resources,
