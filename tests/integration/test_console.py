@@ -320,6 +320,7 @@ def test_webhooks__dead_job_listed_and_sent_again_logged(console, op):
     assert "Communication/n-1" in html
     resp = post(op, "/console/webhooks/retry", {"job": job.id}, "/console/webhooks")
     assert resp.status_code == 303
+    assert "1 item(s) sent again" in page(op, resp.headers["Location"])
     assert jobs.jobs("pending")[0].id == job.id
     assert log_entries(console, "webhook-retry")[0].target == f"webhook/{job.id}"
 

@@ -322,12 +322,10 @@ def _back(msg: str) -> Response:
 
 def _message() -> str | None:
     """The outcome of the last action, rebuilt from its counts (nothing of the URL is echoed)."""
-    m = re.fullmatch(r"(retry|hold|release|rotate-hook):(\d{1,6}):(\d{1,6})", request.args.get("msg", ""))
+    m = re.fullmatch(r"(retry|hold|release|resend):(\d{1,6}):(\d{1,6})", request.args.get("msg", ""))
     if m is None:
         return None
-    verb = {"retry": "retried", "hold": "held", "release": "released", "rotate-hook": "sent again"}[
-        m.group(1)
-    ]
+    verb = {"retry": "retried", "hold": "held", "release": "released", "resend": "sent again"}[m.group(1)]
     text = f"{int(m.group(2))} item(s) {verb}"
     return text + (f", {int(m.group(3))} skipped (not in a state that allows it)" if int(m.group(3)) else "")
 
@@ -527,7 +525,7 @@ def webhooks_retry() -> Response:
         "ok",
         f"moved {len(moved)}",
     )
-    return redirect(url_for("console.webhooks", msg=f"rotate-hook:{len(moved)}:0"), 303)
+    return redirect(url_for("console.webhooks", msg=f"resend:{len(moved)}:0"), 303)
 
 
 # ---- the operator log
