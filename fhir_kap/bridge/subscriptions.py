@@ -240,7 +240,7 @@ def _bundle_of(entries: list[dict[str, Any]], self_url: str) -> dict[str, Any]:
 
 def register(app: Flask) -> None:
     @app.post("/fhir/Subscription")
-    def create() -> Response:
+    def subscription_create() -> Response:
         partner = _partner("write")
         svc, sink, subs = _svc()
         kept, spec = _checked_body(svc.release)
@@ -251,7 +251,7 @@ def register(app: Flask) -> None:
         return fhir_response(shown(row), 201, _headers(row, location=True))
 
     @app.get("/fhir/Subscription")
-    def search() -> Response:
+    def subscription_search() -> Response:
         partner = _partner("search")
         unknown = sorted(set(request.args) - _SEARCH)
         if unknown:
@@ -272,12 +272,12 @@ def register(app: Flask) -> None:
         return fhir_response(_bundle_of(entries, f"{base}/Subscription"))
 
     @app.get("/fhir/Subscription/<sid>")
-    def read(sid: str) -> Response:
+    def subscription_read(sid: str) -> Response:
         row = _own(_partner("read"), sid)
         return fhir_response(shown(row), 200, _headers(row))
 
     @app.put("/fhir/Subscription/<sid>")
-    def update(sid: str) -> Response:
+    def subscription_update(sid: str) -> Response:
         partner = _partner("write")
         row = _own(partner, sid)
         svc, _, subs = _svc()
@@ -304,18 +304,18 @@ def register(app: Flask) -> None:
         return fhir_response(shown(updated), 200, _headers(updated, location=True))
 
     @app.delete("/fhir/Subscription/<sid>")
-    def delete(sid: str) -> Response:
+    def subscription_delete(sid: str) -> Response:
         partner = _partner("write")
         _own(partner, sid)
         _svc()[2].delete(sid, partner.name)
         return fhir_response(None, 204)
 
     @app.route("/fhir/Subscription/<sid>", methods=["POST", "PATCH"])
-    def not_allowed(sid: str) -> Response:
+    def subscription_not_allowed(sid: str) -> Response:
         raise MethodNotAllowed(valid_methods=["GET", "HEAD", "PUT", "DELETE"])
 
     @app.route("/fhir/Subscription/$status", methods=["GET", "POST"])
-    def status_type() -> Response:
+    def subscription_status_type() -> Response:
         partner = _partner("read")
         ids = {i for v in request.args.getlist("id") for i in v.split(",") if i}
         states = {s for v in request.args.getlist("status") for s in v.split(",") if s}
@@ -327,12 +327,12 @@ def register(app: Flask) -> None:
         return _status_bundle(rows, f"{_base()}/Subscription/$status")
 
     @app.route("/fhir/Subscription/<sid>/$status", methods=["GET", "POST"])
-    def status_instance(sid: str) -> Response:
+    def subscription_status_instance(sid: str) -> Response:
         row = _own(_partner("read"), sid)
         return _status_bundle([row], f"{_base()}/Subscription/{sid}/$status")
 
     @app.route("/fhir/Subscription/<sid>/$events", methods=["GET", "POST"])
-    def events(sid: str) -> Response:
+    def subscription_events(sid: str) -> Response:
         partner = _partner("read")
         row = _own(partner, sid)
         svc, sink, subs = _svc()
@@ -353,7 +353,7 @@ def register(app: Flask) -> None:
         return fhir_response(notification_bundle(svc.release, row.base, row, "query-event", items))
 
     @app.get("/fhir/SubscriptionTopic")
-    def topic_search() -> Response:
+    def subscription_topic_search() -> Response:
         _topics_served()
         current_partner()
         url = request.args.get("url")
@@ -371,7 +371,7 @@ def register(app: Flask) -> None:
         return fhir_response(_bundle_of(entries, f"{base}/SubscriptionTopic"))
 
     @app.get("/fhir/SubscriptionTopic/<tid>")
-    def topic_read(tid: str) -> Response:
+    def subscription_topic_read(tid: str) -> Response:
         _topics_served()
         current_partner()
         for t in topics().values():
