@@ -38,7 +38,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from itertools import groupby
 from pathlib import Path
@@ -175,7 +176,7 @@ class DeliveryWorker:
     # (exchange/telemetry.py); `timer` measures the HTTP exchanges
     observer: DeliveryObserver = field(default_factory=delivery_observer)
     timer: Callable[[], float] = time.perf_counter
-    _sent_at: dict[int, float] = field(default_factory=dict, init=False, repr=False)
+    _took: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def run_once(self) -> Stats:
         """Claim up to `batch_size` due items and deliver them; returns what happened."""
@@ -259,9 +260,9 @@ class DeliveryWorker:
 
     def _send_single(self, client: FhirClient, item: OutboxItem, stats: Stats) -> None:
         condition = if_none_exist(item.idempotency_key)
-        self._sent_at[item.id] = self.timer()
         try:
-            result = client.create(item.resource, if_none_exist=condition)
+            with self._timed([item]):
+                result = client.create(item.resource, if_none_exist=condition)
         except UnreadableAnswer as exc:
             if exc.status is not None and 200 <= exc.status < 300:
                 self._reconcile(client, item, condition, exc, stats)
@@ -351,9 +352,8 @@ class DeliveryWorker:
             for entry, item in zip(bundle["entry"], items):
                 entry["request"]["ifNoneExist"] = if_none_exist(item.idempotency_key)
             stats.transactions += 1
-            started = self.timer()
-            self._sent_at.update((item.id, started) for item in items)
-            response = client.transaction(bundle)
+            with self._timed(items):
+                response = client.transaction(bundle)
             results = entry_results(response)
             if len(results) != len(items):
                 raise ServerError(
@@ -465,6 +465,15 @@ class DeliveryWorker:
         )
         self._observe(item, outcome)
 
+    @contextmanager
+    def _timed(self, items: Sequence[OutboxItem]) -> Iterator[None]:
+        """Time one HTTP exchange (answered or failed) for each item it carried."""
+        started = self.timer()
+        try:
+            yield
+        finally:
+            took = self.timer() - started
+            self._took.update((item.id, took) for item in items)
+
     def _observe(self, item: OutboxItem, outcome: str) -> None:
-        started = self._sent_at.pop(item.id, None)
-        self.observer.attempt(item.endpoint, outcome, None if started is None else self.timer() - started)
+        self.observer.attempt(item.endpoint, outcome, self._took.pop(item.id, None))
