@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 import requests
 
 from fhir_kap.storage.operators import Operators
+from fhir_kap.storage.webhooks import WebhookJobs
 from testkit.console import PASSWORD, SECRET_TEXT, dead_letter, decision
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +85,20 @@ def served(tmp_path) -> Iterator[Any]:
     from fhir_kap.bridge.app import services
     from testkit.bridge import make_bridge
 
-    bridge = make_bridge(tmp_path)
+    bridge = make_bridge(
+        tmp_path,
+        partners={
+            "ehr": (
+                "clinic-ehr-hooks",
+                "system/Communication.read system/Task.rs",
+                {
+                    "endpoint_url": "https://ehr.example.org/fhir",
+                    "endpoint_auth": "bearer:EHR_TOKEN",
+                    "webhook_url": "https://ehr.example.org/kap-hook",
+                },
+            )
+        },
+    )
     bridge.app.config["FHIR_KAP_CONSOLE_SECURE_COOKIE"] = False  # plain http to 127.0.0.1 only
     with bridge.app.app_context():
         bridge.services = services()
@@ -142,6 +157,13 @@ def test_console__operator_retries_a_dead_letter_to_delivery_finds_a_denial_rota
     outbox.hold(held.id, "consent: outside-period")
     decision(audit, permit=True, reason="permitted", patient="Patient/client-1", resource_id="n-permitted")
     decision(audit, permit=False, reason="outside-period", patient="Patient/client-7", resource_id="n-denied")
+    jobs = WebhookJobs(served.services.db)
+    now = time.time()
+    for n, state in enumerate(("dead", "delivered", "pending")):
+        jobs.enqueue("clinic-ehr-hooks", "create", f"Communication/n-{n}", "1", now=now)
+        if state != "pending":
+            job = jobs.claim("w-seed", 1, now, 30)[0]
+            jobs.finish(job, "w-seed", state, 503 if state == "dead" else 200, None, next_at=now, now=now)
     url = served.url
 
     # no session: the console sends the browser to its login page
@@ -199,6 +221,7 @@ def test_console__operator_retries_a_dead_letter_to_delivery_finds_a_denial_rota
     old = served.tokens["a"]
     browser.find_element(By.ID, "nav-partners").click()
     _shot(browser, "partners")
+    assert "1 pending, 1 dead, 1 delivered" in browser.find_element(By.ID, "partner-clinic-ehr-hooks").text
     browser.find_element(By.ID, "rotate-practice-a").click()
     new = browser.find_element(By.ID, "new-token").text
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", new) and new != old
@@ -215,6 +238,8 @@ def test_console__operator_retries_a_dead_letter_to_delivery_finds_a_denial_rota
         ).status_code
         == 200
     )
+    browser.get(f"{url}/console/webhooks")
+    _shot(browser, "notifications")
     browser.get(f"{url}/console/log")
     log_text = browser.find_element(By.TAG_NAME, "table").text
     for action in ("login", "outbox-retry", "partner-rotate"):
