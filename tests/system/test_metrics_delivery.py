@@ -52,9 +52,24 @@ def total(samples, name: str, **match: str) -> float:
     )
 
 
-def test_metrics_during_a_two_worker_delivery_run_agree_with_the_outbox(sekmet_auth, tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """One host's SQLite file in the data dir, or a PostgreSQL schema of its own (several
+    instances' set-up), shared by the bridge and both workers."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'fhir-kap.sqlite3'}"
+        return
+    pg_url = request.getfixturevalue("pg_url")
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = Database(pg_url)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    yield pg_url + ("&" if "?" in pg_url else "?") + f"options=-csearch_path%3D{schema}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+def test_metrics_during_a_two_worker_delivery_run_agree_with_the_outbox(sekmet_auth, tmp_path, db_url):
     data = tmp_path / "data"
-    db_url = f"sqlite:///{data / 'fhir-kap.sqlite3'}"
     data.mkdir(mode=0o700)
     outbox = Outbox(Database(db_url))
     env = worker_env(tmp_path, db_url, sekmet_auth.base_url, sekmet_auth.token)
