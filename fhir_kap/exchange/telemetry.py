@@ -27,11 +27,12 @@ configured name (or, for an ad hoc URL, its scheme and host), a consent reason i
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from functools import cache
+from functools import cache, wraps
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -60,6 +61,7 @@ ATTEMPT_OUTCOMES = ("created", "existing", "reconciled", "retry", "dead", "lost-
 CONSENT_STAGES = ("read", "enqueue", "send")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CODE = re.compile(r"[a-z][a-z0-9-]{0,47}\Z")
+log = logging.getLogger("fhir_kap.telemetry")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -131,9 +133,35 @@ class _Metrics:
 @cache
 def metrics() -> _Metrics:
     """This process's metrics, made on first use (after `configure`, when it is called)."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     return _Metrics()
 
 
+def _never_fails(record: Callable[..., None]) -> Callable[..., None]:
+    """Counting must never stop a delivery, a request or a consent decision: a failure to
+    record (an unwritable metrics directory, a full disk) is logged once per kind and dropped."""
+    failed = False
+
+    @wraps(record)
+    def safe(*args: Any, **kwargs: Any) -> None:
+        nonlocal failed
+        try:
+            record(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - metrics are never worth a failed delivery
+            if not failed:
+                failed = True
+                log.warning(
+                    "metrics: %s not recorded (%s); later failures not logged",
+                    record.__name__,
+                    type(exc).__name__,
+                )
+
+    return safe
+
+
+@_never_fails
 def request_done(method: str, route: str, status: int, seconds: float) -> None:
     """Count one bridge request; `route` is the matched URL rule (or "(unmatched)")."""
     m = metrics()
@@ -142,6 +170,7 @@ def request_done(method: str, route: str, status: int, seconds: float) -> None:
     m.request_seconds.labels(method, route).observe(max(0.0, seconds))
 
 
+@_never_fails
 def consent_decision(stage: str, permit: bool, codes: Iterable[str] = ()) -> None:
     """Count one consent decision: its stage, outcome and first reason code (a code the gate
     does not know of, or anything not shaped like one, is counted as `other`)."""
@@ -176,6 +205,7 @@ class DeliveryObserver(Protocol):
 class PrometheusDelivery:
     """A `DeliveryObserver` recording into this process's Prometheus metrics."""
 
+    @_never_fails
     def attempt(self, endpoint: str, outcome: str, seconds: float | None) -> None:
         m = metrics()
         label = endpoint_label(endpoint)

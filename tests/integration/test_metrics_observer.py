@@ -241,3 +241,19 @@ def test_the_queue_collector_says_the_database_is_down_and_still_answers():
 )
 def test_endpoint_labels_name_no_path_query_or_credentials(endpoint, label):
     assert telemetry.endpoint_label(endpoint) == label
+
+
+def test_a_failure_to_record_never_stops_a_delivery(outbox, rsps, monkeypatch):
+    def unwritable():
+        raise PermissionError("metrics directory not writable")
+
+    monkeypatch.setattr(telemetry, "metrics", unwritable)
+    answer(rsps, 201)
+    [item_id] = queue(outbox, 1)
+    w = DeliveryWorker(
+        outbox, lambda name: client(), lambda item: (True, "ok"), clock=lambda: T0, worker_id="w-safe"
+    )
+    assert w.run_once().delivered == 1
+    assert outbox.get(item_id).state == "delivered"
+    telemetry.request_done("GET", "/healthz", 200, 0.001)  # nor a request
+    telemetry.consent_decision("read", True, ("permit",))  # nor a consent decision
