@@ -74,7 +74,9 @@ def test_without_a_metrics_listener_no_port_answers_metrics(bridge):
     assert resp.status_code == 404
 
 
-@pytest.mark.parametrize("path", ["/fhir/metadata", "/fhir/Communication", "/kap/records"])
+@pytest.mark.parametrize(
+    "path", ["/fhir/metadata", "/fhir/Communication", "/kap/records", "/console", "/console/login"]
+)
 def test_the_metrics_listener_answers_nothing_but_metrics_and_health(metered, path):
     resp = metered.client.get(path, headers=metered.h("clinic"), environ_overrides={LOCAL_PORT: PORT})
     assert resp.status_code == 404
@@ -93,9 +95,9 @@ def test_requests_are_counted_by_url_rule_and_status_and_no_id_reaches_a_label(m
 
     route = "/fhir/<rtype>/<rid>"
     for status, n in (("200", 1), ("404", 2)):
-        delta = value(after, "fhir_kap_http_requests_total", method="GET", route=route, status=status) - value(
-            before, "fhir_kap_http_requests_total", method="GET", route=route, status=status
-        )
+        delta = value(
+            after, "fhir_kap_http_requests_total", method="GET", route=route, status=status
+        ) - value(before, "fhir_kap_http_requests_total", method="GET", route=route, status=status)
         assert delta == n, (status, delta)
     unmatched = {"method": "GET", "route": "(unmatched)", "status": "404"}
     assert value(after, "fhir_kap_http_requests_total", **unmatched) == (
