@@ -36,7 +36,7 @@ from ..storage.store import Store, StoredResource
 from ..storage.subscriptions import SubscriptionEvent, SubscriptionRow, Subscriptions
 from ..storage.webhooks import WebhookJob, WebhookJobs
 from .inbound_rules import addressed_to
-from .webhooks import Prepared
+from .webhooks import Deferred, Prepared
 
 __all__ = [
     "BACKPORT",
@@ -662,8 +662,10 @@ class SubscriptionChannel:
         self.user_agent = user_agent
         self.clock = clock
 
-    def prepare(self, job: WebhookJob, default_timeout: float) -> Prepared | str:
-        """The POST for `job`, or why it is not sent (the job is dead-lettered with that reason)."""
+    def prepare(self, job: WebhookJob, default_timeout: float) -> Prepared | Deferred | str:
+        """The POST for `job`; a second later for an event of a Subscription whose handshake has
+        not succeeded yet (`requested`: events are sent once it is active, or in error); or why it
+        is not sent (the job is dead-lettered with that reason)."""
         sid = job.resource.removeprefix("Subscription/")
         row = self.subs.get(sid, partner=job.partner)
         if row is None:
@@ -675,6 +677,8 @@ class SubscriptionChannel:
             return "partner revoked or removed"
         spec = _spec_of(row)
         kind = job.event.removeprefix(EVENT_PREFIX)
+        if kind != "handshake" and row.status == "requested":
+            return Deferred(1.0)
         if kind == "handshake":
             bundle = notification_bundle(self.release, row.base, row, "handshake", [], status="requested")
         elif kind == "heartbeat":

@@ -30,8 +30,8 @@ Two kinds of job share this queue, this sender and every rule above. The legacy 
 `communication-available`, `referral-status-changed`) are posted as described here. A job
 whose event starts with a registered `Channel`'s prefix (topic-based Subscriptions:
 `subscription-handshake`, `-heartbeat`, `-event`; exchange/subscriptions.py) is posted as
-that channel `prepare`s it at send time (its URL, body, headers and deadline, or a reason to
-drop it), and the channel hears each outcome (`delivered`, `pending` for a retry, `dead`);
+that channel `prepare`s it at send time (its URL, body, headers and deadline; a later time,
+the attempt not counted; or a reason to drop it), and the channel hears each outcome (`delivered`, `pending` for a retry, `dead`);
 each round the channel's `tick` also queues scheduled jobs (heartbeats), and the sender wakes
 when the next of those is due.
 """
@@ -61,6 +61,7 @@ __all__ = [
     "EVENT_COMMUNICATION",
     "EVENT_TASK",
     "Channel",
+    "Deferred",
     "Notifier",
     "NotifyResult",
     "Prepared",
@@ -92,13 +93,22 @@ class Prepared:
     timeout: float
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A channel's answer for a job it is not ready to send yet: due again in `seconds`, the
+    attempt not counted."""
+
+    seconds: float
+
+
 class Channel(Protocol):
     """Jobs whose event starts with `prefix` are prepared and followed up by their channel."""
 
     prefix: str
 
-    def prepare(self, job: WebhookJob, default_timeout: float) -> Prepared | str:
-        """The request to post now, or why the job is dropped (it goes `dead` with that reason)."""
+    def prepare(self, job: WebhookJob, default_timeout: float) -> Prepared | Deferred | str:
+        """The request to post now, a later time to try (Deferred), or why the job is dropped
+        (it goes `dead` with that reason)."""
         ...
 
     def outcome(self, job: WebhookJob, state: str, status: int | None) -> None:
@@ -276,6 +286,10 @@ class Notifier:
         prepared = channel.prepare(job, self.timeout)
         if isinstance(prepared, str):
             self._finish(job, worker, "dead", None, prepared)
+            return
+        if isinstance(prepared, Deferred):
+            now = self.clock()
+            self._need_jobs().defer(job, worker, next_at=now + prepared.seconds, now=now)
             return
         result = self.post(prepared)
         if result.delivered:

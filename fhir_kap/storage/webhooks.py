@@ -116,6 +116,17 @@ class WebhookJobs:
         """Extend `worker`'s lease on `job` to `until`; False when another worker has it now."""
         return self.queue.renew(job.id, worker, until)
 
+    def defer(self, job: WebhookJob, worker: str, *, next_at: float, now: float) -> bool:
+        """Put a claimed job back, due at `next_at`, its attempt not counted (it was never
+        posted: its channel was not ready for it), only while `worker` holds the lease."""
+        return self.queue.finish(
+            job.id,
+            worker,
+            "state = 'pending', lease_owner = NULL, lease_until = NULL, attempts = attempts - 1, "
+            "next_attempt_at = ?, updated_at = ?",
+            (next_at, now),
+        )
+
     def finish(
         self,
         job: WebhookJob,

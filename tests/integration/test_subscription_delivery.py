@@ -316,3 +316,59 @@ def test_a_subscription_past_its_end_is_turned_off(app, receiver, release):
     assert app.post("clinic", "/fhir/Consent", fixture("Consent-open-ended.json", release)).status_code == 201
     app.note()
     assert app.subs.get(sid).events == 0  # an `off` Subscription counts no events
+
+
+def test_an_event_waits_for_the_handshake_without_spending_attempts(tmp_path, receiver):
+    """A channel that is not ready defers its job: due again later, the attempt not counted."""
+    from fhir_kap.exchange.webhooks import Deferred, Notifier, Prepared
+    from fhir_kap.storage.db import Database
+
+    answers: list[Any] = [Deferred(0.0), Deferred(0.0), Prepared(receiver.url, b"{}", {}, 2.0)]
+    outcomes: list[str] = []
+
+    class Channel:
+        prefix = "subscription-"
+
+        def prepare(self, job, default_timeout):
+            return answers.pop(0)
+
+        def outcome(self, job, state, status):
+            outcomes.append(state)
+
+        def tick(self, now):
+            return None
+
+    notifier = Notifier(timeout=2, db=Database(f"sqlite:///{tmp_path / 'q.db'}"), max_attempts=1)
+    notifier.add_channel(Channel())
+    notifier.enqueue("practice-a", "subscription-event", "Subscription/s1", "1")
+    for _ in range(3):
+        notifier.run_due()
+    (job,) = notifier.jobs()
+    assert (job.state, job.attempts, outcomes) == ("delivered", 1, ["delivered"])  # one real attempt
+    assert len(receiver.bundles()) == 1
+
+
+def test_events_of_a_requested_subscription_are_held_until_it_is_active(tmp_path, release):
+    from fhir_kap.exchange.webhooks import Deferred, Prepared
+    from fhir_kap.storage.webhooks import WebhookJob
+    from testkit.bridge import make_bridge
+
+    b = make_bridge(tmp_path, fhir_version=release, consent=fixture("Consent-open-ended.json", release))
+    body = sub(release, "note")
+    sid = b.post("a", "/fhir/Subscription", body).get_json()["id"]
+    note = fixture("Example-Communication-note-1.json", release)
+    assert b.post("clinic", "/fhir/Communication", note).status_code == 201
+    sink = b.app.extensions["fhir_kap"].events
+    job = WebhookJob(
+        1, "practice-a", "subscription-event", f"Subscription/{sid}", "1", "sending", 1, 0.0, None, None
+    )
+    assert isinstance(sink.channel.prepare(job, 5.0), Deferred)  # still `requested`: no handshake yet
+    sink.subs.set_status(sid, "active", now=time.time())
+    prepared = sink.channel.prepare(job, 5.0)
+    assert (
+        isinstance(prepared, Prepared)
+        and prepared.headers["Authorization"] == "Bearer practice-a-receiver-secret"
+    )
+    assert prepared.timeout == 5.0 and prepared.url == "https://practice-a.example/fhir/notify"
+    sink.subs.set_status(sid, "off", now=time.time())
+    assert sink.channel.prepare(job, 5.0) == "the subscription is off"
