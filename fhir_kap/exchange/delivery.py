@@ -25,7 +25,9 @@ the transaction stored.
 
 Delivery is at-least-once on the wire (a worker killed after the POST and before the outbox
 commit sends again) and exactly-once in effect (the repeated conditional create finds the
-first copy). Logs name item ids, endpoints and statuses, never resource content.
+first copy). Logs name item ids, endpoints and statuses, never resource content. Each attempt's
+outcome and the time of the HTTP exchange that carried it go to the worker's `observer` (the
+process's Prometheus metrics by default: exchange/telemetry.py).
 
 Room: exchange/ (layer 3, orchestration): may import layers 0-2.
 """
@@ -436,6 +438,7 @@ class DeliveryWorker:
             # A server's Retry-After beats our schedule.
             wait = self.backoff.wait(item.attempts, getattr(exc, "retry_after", None), self.rand)
             done = self.outbox.mark_retry(item, summary, now + wait, worker_id=self.worker_id, now=now)
+            outcome = "retry"
             if done:
                 stats.retried += 1
                 log.info(
@@ -449,6 +452,7 @@ class DeliveryWorker:
         else:
             why = summary if not retryable else f"gave up after {item.attempts} attempts: {summary}"
             done = self.outbox.mark_dead(item, why, worker_id=self.worker_id, now=now)
+            outcome = "dead"
             if done:
                 stats.dead += 1
                 log.warning(
@@ -456,14 +460,7 @@ class DeliveryWorker:
                 )
         if not done:
             stats.lost_lease += 1
-        outcome = (
-            "lost-lease"
-            if not done
-            else "retry"
-            if retryable and item.attempts < self.max_attempts
-            else "dead"
-        )
-        self._observe(item, outcome)
+        self._observe(item, "lost-lease" if not done else outcome)
 
     @contextmanager
     def _timed(self, items: Sequence[OutboxItem]) -> Iterator[None]:
