@@ -45,6 +45,7 @@ __all__ = ["capability", "event_sink", "register"]
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
 _SEARCH = {"_id", "status", "_count", "_format"}
+MAX_PER_PARTNER = 50  # Subscriptions a partner may hold at once (each costs a query per matching write)
 _OPERATIONS = {
     Release.R4: (
         (
@@ -244,6 +245,13 @@ def register(app: Flask) -> None:
         partner = _partner("write")
         svc, sink, subs = _svc()
         kept, spec = _checked_body(svc.release)
+        if len(subs.of_partner(partner.name, limit=MAX_PER_PARTNER)) >= MAX_PER_PARTNER:
+            raise InputError(
+                f"A partner holds at most {MAX_PER_PARTNER} Subscriptions; delete one first",
+                expression="Subscription",
+                rule="subscription:limit",
+                code="too-costly",
+            )
         with subs.db.transaction():  # the Subscription and its handshake job commit together
             row = _created(subs, partner, spec, kept)
         if sink.wake is not None and row.status == "requested":

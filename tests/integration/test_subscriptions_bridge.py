@@ -389,3 +389,14 @@ def test_the_capability_statement_advertises_the_topics(b, release):
         assert b.get("a", f"/fhir/SubscriptionTopic?url={REFERRAL_TOPIC}").get_json()["entry"][0]["resource"][
             "id"
         ] == ("referral-status-changed")
+
+
+def test_a_partner_holds_a_bounded_number_of_subscriptions(b, release, monkeypatch):
+    from fhir_kap.bridge import subscriptions
+
+    monkeypatch.setattr(subscriptions, "MAX_PER_PARTNER", 2)
+    for _ in range(2):
+        _create(b, "a", sub(release, "note"))
+    resp = b.post("a", "/fhir/Subscription", sub(release, "note"))
+    assert resp.status_code == 400 and _field(resp)[2] == "subscription:limit"
+    _create(b, "b", sub(release, "note"))  # another partner's count is its own
