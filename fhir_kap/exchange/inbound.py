@@ -361,8 +361,7 @@ class Inbound:
             body = dict(_stamped(resource, source), id=cur.id)
             stored, _ = self.store.update(str(rtype), cur.id, body, if_match=if_match, source=source, tx=tx)
             task = self._withdrawn(tx, cur, stored)
-            out = [Accepted(stored, False, record, task, updated=True)]
-            return out + ([Accepted(task, False)] if task is not None else [])  # subscribers hear of both
+            return _with_moved_tasks([Accepted(stored, False, record, task, updated=True)])
 
         return replace(self._commit(work, trusted, scope)[0], issues=issues)
 
@@ -714,15 +713,17 @@ class Inbound:
         if issues:
             raise worst(issues)
         accepted = self._commit(
-            lambda tx: [
-                replace(
-                    self._store_one(
-                        tx, resource, source, cond, record, op=op, masked=masks[i], planned=planned[i]
-                    ),
-                    issues=found,
-                )
-                for i, resource, cond, op, record, found in records
-            ],
+            lambda tx: _with_moved_tasks(
+                [
+                    replace(
+                        self._store_one(
+                            tx, resource, source, cond, record, op=op, masked=masks[i], planned=planned[i]
+                        ),
+                        issues=found,
+                    )
+                    for i, resource, cond, op, record, found in records
+                ]
+            ),
             trusted,
             self._scope(partner, author, trusted, [r for _, r, *_ in records], resolver),
         )
@@ -811,7 +812,7 @@ class Inbound:
                     continue
                 out[i] = _entry_response(acc)
                 accepted.append(replace(acc, issues=found))
-            return accepted
+            return _with_moved_tasks(accepted)
 
         scope = self._scope(partner, author, trusted, [c[1] for c in checked], lookup)
         accepted = self._commit(work, trusted, scope) if checked else []
@@ -873,6 +874,13 @@ _REASON = {
     412: "Precondition Failed",
     422: "Unprocessable Entity",
 }
+
+
+def _with_moved_tasks(accepted: list[Accepted]) -> list[Accepted]:
+    """`accepted`, followed by the referral Tasks its updates moved (a withdrawn referral's Task,
+    `Accepted.task` of an update) as writes of their own, so that subscribers (`events`) hear of
+    them as of a status move by the clinic. Callers pair answers with the first entries only."""
+    return accepted + [Accepted(a.task, False) for a in accepted if a.updated and a.task is not None]
 
 
 def _stamped(resource: dict[str, Any], source: str) -> dict[str, Any]:

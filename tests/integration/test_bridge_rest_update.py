@@ -292,3 +292,33 @@ def test_a_consent_changed_inside_a_transaction_reaches_the_gate_too(bridge):
     resp = bridge.post("clinic", "/fhir", bundle)
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404
+
+
+class _Recorder:
+    """An EventSink that keeps what it is told (the Subscriptions sink's seat)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, bool]] = []
+
+    def record(self, tx, accepted) -> int:
+        self.seen += [(a.stored.type, a.stored.resource.get("status"), a.updated) for a in accepted]
+        return 0
+
+
+@pytest.mark.parametrize("how", ["put", "transaction"])
+def test_subscribers_hear_of_the_update_and_of_the_task_it_cancelled(bridge, monkeypatch, how):
+    sr = _referral(bridge)
+    recorder = _Recorder()
+    monkeypatch.setattr(bridge.app.extensions["fhir_kap"].inbound, "events", recorder)
+    withdrawn = {k: v for k, v in sr.items() if k != "meta"} | {"status": "revoked"}
+    if how == "put":
+        resp = _put(bridge, "a", f"/fhir/ServiceRequest/{sr['id']}", withdrawn, **{"If-Match": 'W/"1"'})
+    else:
+        entry = {
+            "resource": withdrawn,
+            "request": {"method": "PUT", "url": f"ServiceRequest?identifier={REFERRAL_ID}"},
+        }
+        resp = bridge.post("a", "/fhir", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+        assert len(resp.get_json(force=True)["entry"]) == 1  # the Task is not an entry of the answer
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert recorder.seen == [("ServiceRequest", "revoked", True), ("Task", "cancelled", False)]
