@@ -1,4 +1,4 @@
-"""`fhir-kap serve` (the bridge under gunicorn workers that read requests whole, or Flask's server with --dev) and `fhir-kap partners`.
+"""`fhir-kap serve` (the bridge under gunicorn workers that read requests whole, or Flask's server with --dev), `fhir-kap metrics` and `fhir-kap partners`.
 
 Room: cli/ (layer 4, entry point): may import any room (heavy imports inside the handlers); nothing imports it.
 """
@@ -111,6 +111,15 @@ def register(subparsers: Any) -> None:
     )
     serve.add_argument("--bench-echo", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(handler=_serve)
+
+    metrics = subparsers.add_parser(
+        "metrics",
+        help="serve the Prometheus metrics of this host's fhir-kap processes (for a host that runs "
+        "delivery workers without a bridge; `serve --metrics-port` does this beside a bridge)",
+    )
+    metrics.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    metrics.add_argument("--port", type=int, default=9464, help="port (default 9464)")
+    metrics.set_defaults(handler=_metrics)
 
     partners = subparsers.add_parser("partners", help="manage bridge partners and their tokens")
     psub = partners.add_subparsers(dest="partners_command", metavar="ACTION", required=True)
@@ -437,6 +446,33 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             return app
 
     _Gunicorn().run()
+    return 0
+
+
+def _metrics(args: argparse.Namespace, settings: Any) -> int:
+    """`fhir-kap metrics`: a small HTTP server answering every path with the metrics of the
+    processes writing this host's metrics directory (PROMETHEUS_MULTIPROC_DIR, else
+    <data_dir>/metrics) and the queue depths of the database. Stops on SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from ..exchange import telemetry
+
+    directory = telemetry.configure(settings.data_dir / "metrics")  # before prometheus_client loads
+    from prometheus_client import start_http_server
+
+    from ..storage.db import Database
+
+    server, thread = start_http_server(args.port, args.host, telemetry.registry(Database(settings.db_url)))
+    print(
+        f"fhir-kap metrics on http://{_address(args.host, args.port)}/metrics (from {directory})", flush=True
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+    thread.join(timeout=5)
     return 0
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "metrics",
     "multiprocess_dir",
     "process_ended",
+    "registry",
     "request_done",
 ]
 
@@ -307,21 +308,28 @@ class _ThisProcess:
         yield from REGISTRY.collect()
 
 
-def exposition(db: Any) -> tuple[bytes, str]:
-    """The Prometheus text exposition and its content type: the event metrics of every process
+def registry(db: Any) -> Any:
+    """A prometheus_client registry whose every scrape reads the event metrics of all processes
     writing the metrics directory (or of this process alone, outside multiprocess mode) and the
-    queue depths read from `db` now."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    queue depths from `db`."""
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    registry = CollectorRegistry(auto_describe=False)
+    out = CollectorRegistry(auto_describe=False)
     directory = multiprocess_dir()
     if directory is not None:
-        MultiProcessCollector(registry, path=str(directory))
+        MultiProcessCollector(out, path=str(directory))
     else:
-        registry.register(_ThisProcess())  # type: ignore[arg-type]
-    registry.register(QueueCollector(db))  # type: ignore[arg-type]
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+        out.register(_ThisProcess())  # type: ignore[arg-type]
+    out.register(QueueCollector(db))  # type: ignore[arg-type]
+    return out
+
+
+def exposition(db: Any) -> tuple[bytes, str]:
+    """The Prometheus text exposition of `registry(db)` now, and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(registry(db)), CONTENT_TYPE_LATEST
 
 
 def process_ended(pid: int) -> None:

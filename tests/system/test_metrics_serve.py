@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -64,3 +65,44 @@ def test_metrics_port_refused_with_dev_or_on_the_partner_port(tmp_path):
         )
         assert out.returncode != 0
         assert "cli:argument" in out.stderr and "--metrics-port" in out.stderr
+
+
+def test_a_host_without_a_bridge_exports_its_workers_counts_with_fhir_kap_metrics(sekmet_auth, tmp_path):
+    import uuid
+
+    from fhir_kap.storage.db import Database
+    from fhir_kap.storage.outbox import Outbox
+    from testkit.delivery import enqueue_notes, start_worker, worker_env
+
+    db_url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    outbox = Outbox(Database(db_url))
+    env = worker_env(tmp_path, db_url, sekmet_auth.base_url, sekmet_auth.token)
+    metrics_dir = tmp_path / "data" / "metrics"  # the default under FHIR_KAP_DATA_DIR
+    port = free_port()
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "fhir_kap.cli", "metrics", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp_path / "metrics.out", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    worker = start_worker({**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, "lone-1", tmp_path / "w.log")
+    try:
+        enqueue_notes(outbox, sekmet_auth.base_url, 5, f"LONE-{uuid.uuid4().hex[:8]}")
+        deadline = time.monotonic() + 60
+        while outbox.counts()["delivered"] < 5:
+            assert worker.poll() is None and exporter.poll() is None, (tmp_path / "w.log").read_text()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    finally:
+        codes = stop([worker, exporter])
+    samples = {
+        (s.name, s.labels.get("outcome"), s.labels.get("state")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("fhir_kap_delivery_attempts_total", "created", None)] == 5
+    assert samples[("fhir_kap_outbox_items", None, "delivered")] == 5
+    assert codes == [0, 0]
+    assert f"http://127.0.0.1:{port}/metrics" in (tmp_path / "metrics.out").read_text()
