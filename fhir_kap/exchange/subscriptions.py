@@ -597,12 +597,14 @@ class EventSink:
         by_name = {p.name: p for p in self.partners.list()}
         at = stored.last_updated or _now_instant()
         n = 0
+        decided: dict[str, bool] = {}  # one (audited) decision per partner, however many Subscriptions
         for row in listening:
             partner = by_name.get(row.partner)
-            spec_filters = _row_filters(row)
-            if partner is None or partner.revoked or not matches(spec_filters, stored.resource):
+            if partner is None or partner.revoked or not matches(_row_filters(row), stored.resource):
                 continue
-            if not hears(partner, stored):
+            if partner.name not in decided:
+                decided[partner.name] = hears(partner, stored)
+            if not decided[partner.name]:
                 continue
             number = self.subs.add_event(tx, row.id, at, f"{stored.type}/{stored.id}", str(stored.version))
             if self.jobs is not None:
