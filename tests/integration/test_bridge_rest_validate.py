@@ -166,3 +166,14 @@ def test_the_capability_statement_says_what_the_bridge_does(bridge):
             assert (
                 r["operation"][0]["definition"] == "http://hl7.org/fhir/OperationDefinition/Resource-validate"
             )
+
+
+@pytest.mark.parametrize("release", ["R4", "R5"])
+def test_the_capability_statement_is_valid_fhir(tmp_path, release):
+    from fhir_kap.config import Release
+    from fhir_kap.validation import Validator
+    from testkit.bridge import make_bridge
+
+    bridge = make_bridge(tmp_path, fhir_version=release)
+    cs = bridge.get("a", "/fhir/metadata").get_json(force=True)
+    assert Validator.load(Release.parse(release)).validate(cs) == []
