@@ -415,7 +415,7 @@ def _match_one(name: str, value: str, resource: Mapping[str, Any]) -> bool:
 
 def shown(row: SubscriptionRow) -> dict[str, Any]:
     """The Subscription as the partner reads it: its body with id, meta and the current status
-    (and the reason of an error)."""
+    (and in R4 the last error: codes and statuses only, never a response body)."""
     out: dict[str, Any] = {"resourceType": "Subscription", "id": row.id}
     meta = dict(row.body.get("meta") or {})
     meta["versionId"] = str(row.version)
@@ -424,6 +424,8 @@ def shown(row: SubscriptionRow) -> dict[str, Any]:
         if key not in ("resourceType", "id", "meta", "status"):
             out[key] = value
     out["status"] = row.status
+    if row.error and row.status in ("error", "off") and "criteria" in row.body:
+        out["error"] = row.error  # R4 Subscription.error; R5 has no such element
     return out
 
 

@@ -205,6 +205,9 @@ def test_a_redirect_is_never_followed_and_the_subscription_goes_off(app, receive
     app.wait(lambda: app.status(sid) == "off")
     (job,) = app.notifier.jobs()
     assert job.state == "dead" and "redirects are not followed" in job.last_error
+    if release == "R4":  # R4 has Subscription.error
+        shown = app.get("a", f"/fhir/Subscription/{sid}").get_json()
+        assert shown["error"] == "delivery given up (307)"
     assert len(receiver.bundles()) == 1
 
 
