@@ -439,6 +439,14 @@ def deliver_handler(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
+    from ..exchange import telemetry
+
+    # Counts go to the data dir's metrics directory (unless PROMETHEUS_MULTIPROC_DIR names one),
+    # which the bridge's --metrics-port listener and `fhir-kap metrics` read: before the worker,
+    # whose observer loads prometheus_client.
+    # (Called in-process after prometheus_client was loaded, as tests do, counts stay in memory.)
+    if "prometheus_client" not in sys.modules or telemetry.multiprocess_dir() is not None:
+        telemetry.configure(settings.data_dir / "metrics")
     from ..exchange.delivery import Backoff, DeliveryWorker, Stats, claim_worker_slot
 
     logging.basicConfig(
