@@ -383,3 +383,16 @@ def test_operators_cli__password_from_stdin_never_argv(tmp_path, monkeypatch, ca
     assert ops.verify("bob", PASSWORD) == (True, "ok")
     row = ops.db.query("SELECT password_hash FROM operators WHERE name = 'bob'")[0]
     assert row["password_hash"].startswith("$argon2id$") and PASSWORD not in row["password_hash"]
+
+
+def test_overview__counts_by_state_and_endpoint_and_latest_denial(console, op):
+    ob = sv(console).outbox
+    dead_letter(ob, "N-ov-1")
+    dead_letter(ob, "N-ov-2", endpoint="practice-b")
+    enqueue(ob, "N-ov-3")
+    decision(sv(console).audit, permit=False, reason="outside-period", patient="Patient/client-3")
+    html = page(op, "/console/")
+    assert re.search(r'id="count-dead"[^>]*><b>2</b>', html) and re.search(
+        r'id="count-pending"[^>]*><b>1</b>', html
+    )
+    assert "?state=dead&amp;endpoint=practice-b" in html and "outside-period" in html

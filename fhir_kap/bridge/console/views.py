@@ -165,8 +165,8 @@ def logout() -> Response:
 @blueprint.get("/")
 def overview() -> str:
     sv = services()
-    counts = sv.outbox.counts()
     by_endpoint = sv.outbox.counts_by_endpoint()
+    counts = {s: sum(c[s] for c in by_endpoint.values()) for s in STATES}  # one scan, not two
     jobs = _webhook_jobs()
     dead_hooks = len(jobs.jobs("dead", limit=1000))
     denials = [_audit_row(r) for r in sv.audit.page("AuditEvent", outcome="4", limit=5)]
