@@ -248,13 +248,18 @@ def test_item_detail__ids_codes_states_never_the_resource(console, op):
         assert text in html
     assert "contentString" not in html and SECRET_TEXT not in html
     assert op.get("/console/outbox/999999").status_code == 404
+    assert op.get("/console/outbox/99999999999999999999999").status_code == 404
 
 
 def test_bad_filters__400_page_not_500(op):
     for path in (
         "/console/outbox?state=bogus",
+        "/console/outbox?endpoint=%3Cscript%3E",
         "/console/audit?since=yesterday",
+        "/console/audit?until=2026-13-45",
         "/console/audit?outcome=maybe",
+        "/console/audit?patient=Patient/a%20b",
+        "/console/webhooks?state=gone",
     ):
         resp = op.get(path)
         assert resp.status_code == 400 and "text/html" in resp.content_type

@@ -232,7 +232,7 @@ def _item_row(item: OutboxItem) -> dict[str, Any]:
 
 @blueprint.get("/outbox/<int:item_id>")
 def item(item_id: int) -> str:
-    found = services().outbox.get(item_id)
+    found = services().outbox.get(item_id) if item_id < 2**62 else None
     if found is None:
         abort(404, f"outbox item {item_id} does not exist")
     return render_template("console/item.html", item=_item_row(found), msg=_message())
@@ -376,8 +376,16 @@ def _audit_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _date(name: str) -> str | None:
+    from datetime import date
+
     value = request.args.get(name) or None
-    if value is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+    if value is None:
+        return None
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            raise ValueError(value)
+        date.fromisoformat(value)
+    except ValueError:
         abort(400, f"{name} is a date YYYY-MM-DD")
     return value
 
