@@ -401,3 +401,22 @@ def test_overview__counts_by_state_and_endpoint_and_latest_denial(console, op):
         r'id="count-pending"[^>]*><b>1</b>', html
     )
     assert "?state=dead&amp;endpoint=practice-b" in html and "outside-period" in html
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "status"),
+    [
+        ("/console/outbox/action", {"id": "abc", "action": "retry"}, 400),
+        ("/console/outbox/action", {"action": "retry"}, 400),
+        ("/console/outbox/action", {"id": "1", "action": "delete"}, 400),
+        ("/console/outbox/action", {"id": "1", "action": "hold", "reason": "<b>bold</b>"}, 400),
+        ("/console/outbox/action", {"id": [str(i) for i in range(1, 502)], "action": "retry"}, 400),
+        ("/console/outbox/retry-all", {"state": "delivered"}, 400),
+        ("/console/partners/no-such-partner/rotate", {"grace": "0"}, 404),
+        ("/console/partners/practice-a/rotate", {"grace": "999"}, 400),
+        ("/console/webhooks/retry", {"job": "x1"}, 400),
+    ],
+)
+def test_bad_posts__4xx_page_never_500(console, op, path, data, status):
+    resp = post(op, path, data)
+    assert resp.status_code == status and "text/html" in resp.content_type
