@@ -18,6 +18,7 @@ import binascii
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 __all__ = [
@@ -154,10 +155,19 @@ def _split_reference(value: Any) -> tuple[str | None, str]:
     ref = value.get("reference") if isinstance(value, dict) else None
     if not isinstance(ref, str):
         return None, ""
-    m = _REF.search(ref)
-    if not m:
+    got = _split_text(ref) if len(ref) <= 256 else _split_uncached(ref)
+    if got is None:
         raise TransformError("Reference is not a literal reference of the form Type/id")
-    return m.group(1), m.group(2)
+    return got
+
+
+def _split_uncached(ref: str) -> tuple[str, str] | None:
+    m = _REF.search(ref)
+    return (m.group(1), m.group(2)) if m else None
+
+
+#: The same few references (a client, a therapist, a referral) recur on every resource read.
+_split_text = lru_cache(maxsize=4096)(_split_uncached)
 
 
 reference = Transform("reference", _ref_forward, _ref_inverse, ("type",))
