@@ -65,9 +65,22 @@ WRITE_TYPES = (
     *CLINICAL_CONTEXT_TYPES,
 )
 #: Resource types a partner may update (its own only: `PUT Type/id`, `PUT Type?identifier=`):
-#: a referral it amends or withdraws, a consent it changes or revokes. Notes, sessions and the
-#: parties are kept as sent (a new version is a new create with the same identifier).
-UPDATE_TYPES = ("ServiceRequest", "Consent")
+#: the four KAP types (a referral it amends or withdraws, a session record it corrects, a consent
+#: it changes or revokes, a note it corrects or marks entered-in-error) and the parties it wrote
+#: (a client's new address, a therapist's new role). Each update is a new version (`_history`)
+#: and passes every check a create does; readers see the current version, consent-checked as
+#: ever, and a consent authority's updated Consent or party reaches the gate in the same commit
+#: (as far as its scope admits it). The referral's context (Condition, ...) is kept as sent.
+UPDATE_TYPES = (
+    "ServiceRequest",
+    "Procedure",
+    "Consent",
+    "Communication",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+)
 #: ServiceRequest statuses that withdraw a referral: an update into one cancels its Task
 #: (when the flow still allows `cancelled`; a final Task stays as it is).
 WITHDRAWN_REFERRAL = frozenset({"revoked", "entered-in-error"})

@@ -510,10 +510,10 @@ def test_return_operationoutcome_lists_the_issues_fhir_kap_import_reports(bridge
 @pytest.mark.parametrize(
     "method, path, allow",
     [
-        ("PUT", "/fhir/Communication/x", "GET, HEAD"),
-        ("DELETE", "/fhir/Communication/x", "GET, HEAD"),
+        ("PUT", "/fhir/Condition/x", "GET, HEAD"),
+        ("DELETE", "/fhir/Communication/x", "GET, HEAD, PUT"),
         ("PATCH", "/fhir/ServiceRequest/x", "GET, HEAD, PUT"),  # PUT: a partner updates its own
-        ("DELETE", "/fhir/Communication", "GET, HEAD, POST"),
+        ("DELETE", "/fhir/Communication", "GET, HEAD, POST, PUT"),
         ("POST", "/fhir/Task", "GET, HEAD"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Issue 15, REST: a partner updates its own ServiceRequests and Consents over HTTP (`PUT Type/id`
+"""Issue 15, REST: a partner updates its own resources (the KAP types and parties) over HTTP (`PUT Type/id`
 with If-Match, conditional `PUT Type?identifier=`), a Consent's update (a revocation included)
 takes effect for reads and the outbox at once, a withdrawn referral cancels its Task, and every
 other update or delete is 405 with Allow."""
@@ -158,12 +158,12 @@ def test_conditional_update_without_a_condition_is_400(bridge):
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("PUT", "/fhir/Communication/x", "GET, HEAD"),
-        ("PUT", "/fhir/Procedure", "GET, HEAD, POST"),
+        ("PUT", "/fhir/Condition/x", "GET, HEAD"),
+        ("PUT", "/fhir/Condition", "GET, HEAD, POST"),
         ("PUT", "/fhir/Task/x", "GET, HEAD"),
         ("DELETE", "/fhir/ServiceRequest/x", "GET, HEAD, PUT"),
         ("DELETE", "/fhir/Consent/x", "GET, HEAD, PUT"),
-        ("DELETE", "/fhir/Communication/x", "GET, HEAD"),
+        ("DELETE", "/fhir/Communication/x", "GET, HEAD, PUT"),
         ("PATCH", "/fhir/ServiceRequest/x", "GET, HEAD, PUT"),
     ],
 )
@@ -322,3 +322,40 @@ def test_subscribers_hear_of_the_update_and_of_the_task_it_cancelled(bridge, mon
         assert len(resp.get_json(force=True)["entry"]) == 1  # the Task is not an entry of the answer
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert recorder.seen == [("ServiceRequest", "revoked", True), ("Task", "cancelled", False)]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "change"),
+    [
+        ("Example-Communication-note-1.json", {"status": "entered-in-error"}),
+        ("Procedure-ses-004.json", {"note": [{"text": "Corrected time"}]}),
+        ("Example-Patient-client-1.json", {"telecom": [{"system": "phone", "value": "555-0100"}]}),
+    ],
+)
+def test_the_writer_corrects_its_own_note_session_or_party_and_nobody_else_can(bridge, fixture, change):
+    from pathlib import Path
+
+    rtype = fixture.split("-")[1] if fixture.startswith("Example-") else fixture.split("-")[0]
+    body = (
+        load(fixture)
+        if fixture.startswith("Example-")
+        else json.loads((Path(__file__).parents[1] / "data/fhir/valid/r4" / fixture).read_text())
+    )
+    posted = bridge.post("clinic", f"/fhir/{rtype}", body)
+    assert posted.status_code == 201, posted.get_data(as_text=True)
+    current = posted.get_json(force=True)
+    path = f"/fhir/{rtype}/{current['id']}"
+    for other in ("a", "b"):  # the note's recipient too: it reads the note, it does not own it
+        refused = _put(bridge, other, path, dict(current, **change), **{"If-Match": 'W/"1"'})
+        # 403 where its author elements name the clinic (authorship), else the same 404 as a
+        # resource that does not exist
+        assert refused.status_code in (403, 404) and is_outcome(refused)
+        assert bridge.get("clinic", path).headers["ETag"] == 'W/"1"'
+
+    resp = _put(bridge, "clinic", path, dict(current, **change), **{"If-Match": 'W/"1"'})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.headers["ETag"] == 'W/"2"'
+    stored = bridge.get("clinic", path).get_json(force=True)
+    assert all(stored[k] == v for k, v in change.items())
+    history = bridge.get("clinic", f"{path}/_history").get_json(force=True)
+    assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "POST"]

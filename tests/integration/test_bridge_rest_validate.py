@@ -97,9 +97,9 @@ def test_mode_update_and_delete_at_instance_level(bridge):
     as_b = dict(sr, requester={"reference": "Practitioner/other-therapist"})
     assert "fhir:not-found" in _errors(bridge.post("b", path, _params(as_b, mode="update")))
     assert "http:id-mismatch" in _errors(bridge.post("a", path, _params(dict(sr, id="other"), mode="update")))
-    comm = load("Example-Communication-note-1.json")
+    condition = {"resourceType": "Condition", "id": "x", "subject": {"reference": "Patient/client-1"}}
     assert "validate:update-type" in _errors(
-        bridge.post("a", "/fhir/Communication/x/$validate", _params(dict(comm, id="x"), mode="update"))
+        bridge.post("a", "/fhir/Condition/x/$validate", _params(condition, mode="update"))
     )
     assert "validate:delete" in _errors(bridge.post("a", path, _params(mode="delete")))
 
@@ -152,12 +152,12 @@ def test_validate_needs_a_token(bridge):
 def test_the_capability_statement_says_what_the_bridge_does(bridge):
     cs = bridge.get("a", "/fhir/metadata").get_json(force=True)
     resources = {r["type"]: r for r in cs["rest"][0]["resource"]}
-    for rtype in ("ServiceRequest", "Consent"):
+    for rtype in ("ServiceRequest", "Procedure", "Consent", "Communication"):
         r = resources[rtype]
         assert {"create", "update", "read"} <= {i["code"] for i in r["interaction"]}
         assert r["conditionalUpdate"] is True and r["updateCreate"] is False
         assert r["versioning"] == "versioned-update"
-    for rtype in ("Communication", "Procedure", "Patient", "Task"):
+    for rtype in ("Condition", "Task"):
         r = resources[rtype]
         assert "update" not in {i["code"] for i in r["interaction"]} and r["conditionalUpdate"] is False
     for r in resources.values():

@@ -1,7 +1,6 @@
 """`fhir-kap check` against the fhir-kap bridge itself (R4 and R5 deployments, served by
 `fhir-kap serve`): the practice-receiver, referral-sender and clinic roles pass every required
-check; `full` fails exactly cap-04 (it needs update of every KAP type; the bridge updates only
-referrals and consents, by design); the bridge claims no delete, so rt-05 is skipped and what the
+check, and so does `full` (the default: update of every KAP type); the bridge claims no delete, so rt-05 is skipped and what the
 run leaves behind is reported, never counted as deleted."""
 
 from __future__ import annotations
@@ -120,11 +119,9 @@ def test_each_partner_role_passes_every_required_check_against_the_bridge(
         assert outcomes["cap-09"] == ("pass" if subscriptions else "skip")
 
 
-def test_the_full_role_fails_only_for_the_updates_the_bridge_does_not_offer(
-    served, tmp_path, monkeypatch, capsys
-):
+def test_the_full_role__the_default__passes_every_required_check(served, tmp_path, monkeypatch, capsys):
     code, data, out = _check(served, "full", tmp_path, monkeypatch, capsys)
     failed = {r["id"] for r in data["results"] if r["outcome"] == "fail"}
-    assert code == 1 and failed == {"cap-04"}, out[-3000:]
-    cap04 = next(r for r in data["results"] if r["id"] == "cap-04")
-    assert "ServiceRequest" not in cap04["reason"] and "Consent lacks" not in cap04["reason"]
+    assert code == 0 and failed == set(), out[-3000:]
+    outcomes = {r["id"]: r["outcome"] for r in data["results"]}
+    assert outcomes["cap-04"] == "pass" and outcomes["rt-05"] == "skip"
