@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,13 +156,15 @@ def served(args: argparse.Namespace) -> None:
                 bench_bridge._load(port, path, body, headers, args.warmup, 4, 120)
             got: dict[str, list[float]] = {"floor": [], "bridge": []}
             rates: dict[str, list[float]] = {"floor": [], "bridge": []}
+            client: dict[str, list[float]] = {"floor": [], "bridge": []}  # the load generator's CPU
             order = [("floor", "/bench/echo"), ("bridge", "/fhir/Communication")]
             for k in range(args.rounds):
                 for name, path in order if k % 2 == 0 else order[::-1]:
-                    before = _tree_cpu(server.pid)
+                    before, mine = _tree_cpu(server.pid), time.process_time()
                     r = bench_bridge._load(port, path, body, headers, args.n, 4, 300)
                     got[name].append((_tree_cpu(server.pid) - before) / r["n"] * 1e6)
                     rates[name].append(r["rps"])
+                    client[name].append((time.process_time() - mine) / r["n"] * 1e6)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -169,7 +172,8 @@ def served(args: argparse.Namespace) -> None:
     for name, values in got.items():
         print(
             f"served {name:7s} µs server CPU/request: median {statistics.median(values):7.1f}  rounds "
-            f"{[round(v) for v in values]}  (wall req/s on a shared machine: {statistics.median(rates[name]):.0f})"
+            f"{[round(v) for v in values]}  (load generator {statistics.median(client[name]):.0f} µs/request; "
+            f"wall req/s on a shared machine: {statistics.median(rates[name]):.0f})"
         )
     print(f"bridge - floor: {bridge - floor:.1f} µs; floor/bridge CPU ratio {floor / bridge:.3f}")
 
