@@ -152,6 +152,14 @@ def register(subparsers: Any) -> None:
     add.add_argument("--endpoint-auth", default=None, metavar="none|bearer:ENVVAR|smart:CLIENT_ID")
     add.add_argument("--webhook", metavar="URL", default=None)
     add.add_argument(
+        "--subscription-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="http(s)://host[:port] where this partner's Subscriptions may have their endpoint, "
+        "besides its --webhook URL's origin (repeat for more); the bridge posts nowhere else",
+    )
+    add.add_argument(
         "--jwks",
         metavar="FILE",
         default=None,
@@ -187,6 +195,20 @@ def register(subparsers: Any) -> None:
     keys.add_argument("name")
     keys.add_argument("file", metavar="FILE", help="a JWKS JSON file of public keys")
     keys.set_defaults(handler=_partners_jwks)
+    origins = psub.add_parser(
+        "subscription-origins",
+        help="set the origins (http(s)://host[:port]) where a partner's Subscriptions may have their "
+        "endpoint, besides its webhook's: replaces the list (none given: only the webhook's); "
+        "notifications to an origin no longer listed are not sent and their Subscription turns off",
+    )
+    origins.add_argument("name")
+    origins.add_argument(
+        "origins",
+        nargs="*",
+        metavar="ORIGIN",
+        help="http(s)://host[:port] (the default port may be left out); none: only the webhook's origin",
+    )
+    origins.set_defaults(handler=_partners_origins)
     hooks = psub.add_parser("webhooks", help="the rest-hook queue: list jobs, or put a dead one back")
     hooks.add_argument("--state", choices=["pending", "sending", "delivered", "dead"], default=None)
     hooks.add_argument("--limit", type=bounded_int("the limit", 1, 100_000), default=100)
@@ -232,6 +254,7 @@ def _partners_add(args: argparse.Namespace, settings: Any) -> int:
         endpoint_auth=args.endpoint_auth,
         webhook_url=args.webhook,
         jwks=None if args.jwks is None else _read_jwks(args.jwks),
+        subscription_origins=args.subscription_origin,
     )
     out: dict[str, Any] = {"partner": partner.public()}
     if not args.keys_only:
@@ -257,6 +280,13 @@ def _partners_jwks(args: argparse.Namespace, settings: Any) -> int:
     from ._io import write_json
 
     write_json(_partners(settings).set_jwks(args.name, _read_jwks(args.file)).public())
+    return 0
+
+
+def _partners_origins(args: argparse.Namespace, settings: Any) -> int:
+    from ._io import write_json
+
+    write_json(_partners(settings).set_subscription_origins(args.name, args.origins).public())
     return 0
 
 

@@ -16,6 +16,13 @@ other partner posts is stored for it but never decides a disclosure.
 Endpoint secrets are never stored: `endpoint_auth` names an environment variable
 (`bearer:ENVVAR`) or a SMART client id (`smart:CLIENT_ID`).
 
+Where the bridge may post for a partner is the operator's choice, never the partner's: its
+webhook URL, and for its topic-based Subscriptions an endpoint at an origin (scheme, host,
+port) the operator registered: the webhook's origin and `subscription_origins`
+(`partners add --subscription-origin`, `partners subscription-origins`; column partners-3).
+Otherwise a partner could have the bridge reach any host it can name (server-side request
+forgery) and learn from a Subscription's status whether it answers.
+
 SMART Backend Services: a partner registered with a JWKS (its public keys) may instead get
 short-lived access tokens from the bridge's token endpoint with a signed assertion
 (`private_key_jwt`). `grant` records the assertion's `jti` (a replayed assertion is refused) and
@@ -60,6 +67,8 @@ __all__ = [
     "Partner",
     "Partners",
     "check_jwks",
+    "check_origin",
+    "origin_of",
     "scope_interactions",
 ]
 
@@ -119,6 +128,7 @@ class Partner:
     revoked: bool = False
     created: str = ""
     jwks: dict[str, Any] | None = field(default=None, repr=False)  # public keys for SMART backend services
+    subscription_origins: tuple[str, ...] = ()  # registered by the operator, besides the webhook's origin
 
     @property
     def is_clinic(self) -> bool:
@@ -167,6 +177,18 @@ class Partner:
                     out.append(scope)
         return tuple(dict.fromkeys(out))
 
+    @property
+    def endpoint_origins(self) -> tuple[str, ...]:
+        """The origins its Subscriptions' endpoints may be at: its webhook URL's, then the
+        registered `subscription_origins` (canonical `scheme://host[:port]`)."""
+        found = origin_of(self.webhook_url) if self.webhook_url else None
+        return tuple(dict.fromkeys(([found] if found else []) + list(self.subscription_origins)))
+
+    def may_post_to(self, url: str) -> bool:
+        """Whether `url` is at one of `endpoint_origins` (same scheme, host and port)."""
+        found = origin_of(url)
+        return found is not None and found in self.endpoint_origins
+
     def key(self, kid: str) -> dict[str, Any] | None:
         """The registered public JWK with this key id."""
         for jwk in (self.jwks or {}).get("keys", []):
@@ -185,6 +207,7 @@ class Partner:
             "endpoint": self.endpoint_url,
             "endpoint_auth": self.endpoint_auth,
             "webhook": self.webhook_url,
+            "subscription_origins": list(self.endpoint_origins),
             "revoked": self.revoked,
             "created": self.created,
             "smart_key_ids": [k["kid"] for k in (self.jwks or {}).get("keys", [])],
@@ -212,6 +235,51 @@ def _check_url(label: str, url: str) -> None:
         )
     if parts.fragment:
         raise InputError(f"{label} must not have a #fragment", rule="partner:url")
+
+
+def origin_of(url: str) -> str | None:
+    """The origin of an http(s) URL as `scheme://host[:port]`: scheme and host lower-case, an
+    IPv6 host in brackets, the scheme's default port (80, 443) left out; None for anything else.
+
+    >>> origin_of("HTTPS://Hooks.Example:443/a?b"), origin_of("http://[::1]:8080/x"), origin_of("ftp://h")
+    ('https://hooks.example', 'http://[::1]:8080', None)
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + ("" if port is None or port == default else f":{port}")
+
+
+def check_origin(text: str) -> str:
+    """An origin the operator registers for a partner's Subscriptions, canonical
+    (`origin_of`): `http(s)://host[:port]`, nothing else (no path but `/`, no query, fragment
+    or credentials), printable ASCII only."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(text, str) or not re.fullmatch(r"[\x21-\x7e]{1,300}", text):
+        raise InputError("a subscription origin is http(s)://host[:port]", rule="partner:origin")
+    _check_url("subscription origin", text)
+    found = origin_of(text)
+    if found is None or urlsplit(text).path not in ("", "/") or "?" in text or "#" in text:
+        raise InputError(
+            f"a subscription origin is http(s)://host[:port] (no path or query): '{text[:80]}'",
+            rule="partner:origin",
+        )
+    return found
+
+
+def _origins(given: Sequence[str]) -> tuple[str, ...]:
+    if len(given) > 20:
+        raise InputError("at most 20 subscription origins per partner", rule="partner:origin")
+    return tuple(dict.fromkeys(check_origin(o) for o in given))
 
 
 def _hash(token: str) -> str:
@@ -250,8 +318,12 @@ class Partners:
         endpoint_auth: str | None = None,
         webhook_url: str | None = None,
         jwks: Any = None,
+        subscription_origins: Sequence[str] = (),
     ) -> tuple[Partner, str]:
-        """Register a partner. Returns (partner, token); the token is not stored and cannot be shown again."""
+        """Register a partner. Returns (partner, token); the token is not stored and cannot be shown again.
+
+        `subscription_origins`: origins besides the webhook URL's at which its Subscriptions may
+        have their endpoint (`check_origin`)."""
         if not _NAME.match(name or ""):
             raise InputError(
                 "partner name must be 1-64 letters, digits, '.', '_' or '-'", rule="partner:name"
@@ -292,6 +364,7 @@ class Partners:
                 rule="partner:endpoint-auth",
             )
         keys = None if jwks is None else check_jwks(jwks)
+        origins = _origins(subscription_origins)
         token = secrets.token_urlsafe(32)
         identity = {"org_identifier": org_identifier, "npis": list(npis), "references": list(references)}
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -306,6 +379,7 @@ class Partners:
             webhook_secret,
             created,
             None if keys is None else jsonio.dumps(keys).decode(),
+            jsonio.dumps(list(origins)).decode() if origins else None,
         )
         with self.db.transaction() as tx:
             found = tx.execute("SELECT revoked FROM partners WHERE name = ?", (name,))
@@ -317,15 +391,15 @@ class Partners:
                 tx.execute(
                     "UPDATE partners SET token_sha256 = ?, scopes = ?, identity = ?, endpoint_url = ?, "
                     "endpoint_auth = ?, webhook_url = ?, webhook_secret = ?, revoked = 0, created = ?, "
-                    "jwks = ? WHERE name = ?",
+                    "jwks = ?, subscription_origins = ? WHERE name = ?",
                     (*values, name),
                 )
                 tx.execute("DELETE FROM partner_access_tokens WHERE partner = ?", (name,))
             else:
                 tx.execute(
                     "INSERT INTO partners (name, token_sha256, scopes, identity, endpoint_url, endpoint_auth, "
-                    "webhook_url, webhook_secret, revoked, created, jwks) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                    "webhook_url, webhook_secret, revoked, created, jwks, subscription_origins) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
                     (name, *values),
                 )
         self.forget()
@@ -407,6 +481,23 @@ class Partners:
             if not tx.execute(
                 "UPDATE partners SET jwks = ? WHERE name = ? RETURNING name",
                 (jsonio.dumps(keys).decode(), name),
+            ):
+                raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
+        self.forget()
+        partner = self.get(name)
+        assert partner is not None
+        return partner
+
+    def set_subscription_origins(self, name: str, origins: Sequence[str]) -> Partner:
+        """Replace the origins registered for a partner's Subscriptions besides its webhook's
+        (none: only the webhook's). The sender checks every notification against them when it
+        posts: one whose endpoint is no longer registered is not sent and its Subscription is
+        turned off."""
+        checked = _origins(origins)
+        with self.db.transaction() as tx:
+            if not tx.execute(
+                "UPDATE partners SET subscription_origins = ? WHERE name = ? RETURNING name",
+                (jsonio.dumps(list(checked)).decode() if checked else None, name),
             ):
                 raise NotFound(f"no partner named '{name[:64]}'", rule="partner:unknown")
         self.forget()
@@ -499,6 +590,9 @@ def _partner(row: dict[str, Any]) -> Partner:
         revoked=bool(row["revoked"]),
         created=row["created"],
         jwks=jsonio.loads(row["jwks"]) if row.get("jwks") else None,
+        subscription_origins=tuple(
+            jsonio.loads(row["subscription_origins"]) if row.get("subscription_origins") else ()
+        ),
     )
 
 

@@ -316,3 +316,107 @@ def test_cli_rotate_and_re_add(tmp_path, monkeypatch, capsys):
     assert main(["partners", "add", "practice-a"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["partner"]["revoked"] is False and again["token"] not in (old, out["token"])
+
+
+# --- where a partner's Subscriptions may post: origins the operator registers -------------------
+
+
+def test_subscription_origins__the_webhooks_and_those_registered(db):
+    partners = Partners(db)
+    partner, _ = partners.add(
+        "practice-a",
+        webhook_url="https://hooks.practice-a.example/kap?x=1",
+        subscription_origins=["https://EHR.practice-a.example:443/", "https://ehr.practice-a.example:8443"],
+    )
+    assert partner.subscription_origins == (
+        "https://ehr.practice-a.example",
+        "https://ehr.practice-a.example:8443",
+    )
+    assert partner.endpoint_origins == ("https://hooks.practice-a.example", *partner.subscription_origins)
+    assert partner.public()["subscription_origins"] == list(partner.endpoint_origins)
+    assert partner.may_post_to("https://ehr.practice-a.example/fhir/notify")
+    assert partner.may_post_to("https://hooks.practice-a.example:443/other")
+    assert not partner.may_post_to("https://ehr.practice-a.example:9443/fhir/notify")  # another port
+    assert not partner.may_post_to("http://ehr.practice-a.example/fhir/notify")  # another scheme
+    assert not partner.may_post_to("https://practice-a.example/")  # another host
+    assert partners.get("practice-a") == partner
+
+
+def test_subscription_origins__replaced_cleared_and_reset_when_a_revoked_name_is_added(db):
+    partners = Partners(db)
+    partners.add("practice-a", subscription_origins=["https://a.example"])
+    changed = partners.set_subscription_origins("practice-a", ["http://[::1]:8080", "https://b.example"])
+    assert changed.subscription_origins == ("http://[::1]:8080", "https://b.example")
+    assert partners.set_subscription_origins("practice-a", []).endpoint_origins == ()
+    partners.set_subscription_origins("practice-a", ["https://c.example"])
+    partners.revoke("practice-a")
+    again, _ = partners.add("practice-a")  # registered anew: the settings given now
+    assert again.subscription_origins == ()
+    with pytest.raises(NotFound):
+        partners.set_subscription_origins("ghost", ["https://a.example"])
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://a.example/path",  # an origin has no path
+        "https://a.example/?q",
+        "https://a.example#f",
+        "https://user:pw@a.example",
+        "ftp://a.example",
+        "a.example",
+        "https://a.example:99999",
+        "https://ä.example",
+        "",
+    ],
+)
+def test_subscription_origins__anything_but_scheme_host_port_is_refused(partners, origin):
+    with pytest.raises(InputError) as err:
+        partners.add("practice-a", subscription_origins=[origin])
+    assert err.value.issues[0].rule in ("partner:origin", "partner:url")
+    assert partners.get("practice-a") is None  # nothing written
+
+
+def test_cli_subscription_origins(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fhir_kap.cli import main
+
+    monkeypatch.setenv("FHIR_KAP_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("FHIR_KAP_DATABASE_URL", raising=False)
+    assert (
+        main(
+            [
+                "partners",
+                "add",
+                "practice-a",
+                "--webhook",
+                "https://hooks.practice-a.example/kap",
+                "--subscription-origin",
+                "https://ehr.practice-a.example",
+                "--subscription-origin",
+                "https://ehr.practice-a.example:8443",
+            ]
+        )
+        == 0
+    )
+    added = json.loads(capsys.readouterr().out)["partner"]
+    assert added["subscription_origins"] == [
+        "https://hooks.practice-a.example",
+        "https://ehr.practice-a.example",
+        "https://ehr.practice-a.example:8443",
+    ]
+    assert main(["partners", "subscription-origins", "practice-a", "https://new.practice-a.example:443"]) == 0
+    changed = json.loads(capsys.readouterr().out)
+    assert changed["subscription_origins"] == [
+        "https://hooks.practice-a.example",
+        "https://new.practice-a.example",
+    ]
+    assert main(["partners", "subscription-origins", "practice-a"]) == 0  # none: only the webhook's
+    assert json.loads(capsys.readouterr().out)["subscription_origins"] == ["https://hooks.practice-a.example"]
+    assert main(["partners", "list"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["subscription_origins"] == [
+        "https://hooks.practice-a.example"
+    ]
+    assert main(["partners", "subscription-origins", "practice-a", "https://x.example/path"]) != 0
+    assert main(["partners", "subscription-origins", "ghost", "https://x.example"]) != 0
