@@ -4,7 +4,9 @@ delete and search, `$status`, `$events`, and the SubscriptionTopics (R5) (issue 
 exchange/subscriptions.py; this module is their HTTP face.
 
 A partner sees only its own Subscriptions: another partner's is answered exactly like one that
-does not exist (404), and a search never lists it.
+does not exist (404), and a search never lists it. Its endpoint must be at an origin the
+operator registered for the partner (422 `subscription:endpoint-not-registered` otherwise),
+read afresh on each create and update.
 
 Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; nothing imports it but cli/.
 """
@@ -28,6 +30,7 @@ from ..exchange.subscriptions import (
     EventSink,
     Spec,
     SubscriptionChannel,
+    check_registered,
     notification_bundle,
     parse_subscription,
     shown,
@@ -170,9 +173,10 @@ def _headers(row: SubscriptionRow, *, location: bool = False) -> dict[str, str]:
     return out
 
 
-def _checked_body(release: Release, sid: str | None = None) -> tuple[dict[str, Any], Spec]:
-    """(what is kept of the Subscription sent, its Spec); 4xx naming the field otherwise. On an
-    update (`sid`) the body's id must be the URL's."""
+def _checked_body(release: Release, partner: Partner, sid: str | None = None) -> tuple[dict[str, Any], Spec]:
+    """(what is kept of the Subscription sent, its Spec); 4xx naming the field otherwise (an
+    endpoint at an origin not registered for `partner`: 422). On an update (`sid`) the body's
+    id must be the URL's."""
     from .fhir import read_json_body
 
     body = read_json_body()
@@ -194,6 +198,9 @@ def _checked_body(release: Release, sid: str | None = None) -> tuple[dict[str, A
     if errors:
         raise ProfileError(errors)
     spec = parse_subscription(body, release)
+    # The registration as it is now (not the 5 s authentication cache): a removal counts at once.
+    registered = services().partners.get(partner.name) or partner
+    check_registered(spec, registered, release)
     kept = {k: v for k, v in body.items() if k not in ("id", "status", "meta", "text")}
     profile = (body.get("meta") or {}).get("profile") if isinstance(body.get("meta"), dict) else None
     if profile:
@@ -244,7 +251,7 @@ def register(app: Flask) -> None:
     def subscription_create() -> Response:
         partner = _partner("write")
         svc, sink, subs = _svc()
-        kept, spec = _checked_body(svc.release)
+        kept, spec = _checked_body(svc.release, partner)
         if len(subs.of_partner(partner.name, limit=MAX_PER_PARTNER)) >= MAX_PER_PARTNER:
             raise InputError(
                 f"A partner holds at most {MAX_PER_PARTNER} Subscriptions; delete one first",
@@ -289,7 +296,7 @@ def register(app: Flask) -> None:
         partner = _partner("write")
         row = _own(partner, sid)
         svc, _, subs = _svc()
-        kept, spec = _checked_body(svc.release, sid)
+        kept, spec = _checked_body(svc.release, partner, sid)
         match = request.headers.get("If-Match")
         if match and match.strip() not in (f'W/"{row.version}"', f'"{row.version}"'):
             raise PreconditionFailed(

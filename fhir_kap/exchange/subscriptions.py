@@ -8,6 +8,14 @@ orchestration; imports base, storage/ and `webhooks`, `inbound_rules` of its own
       ─▶ Notifier (leased queue, back-off, no redirects) ─▶ SubscriptionChannel.prepare: the
          Bundle, built at send time with the consent gate asked again ─▶ POST
 
+Where notifications go is the operator's choice (the trust boundary): a Subscription's
+endpoint must be at an origin registered for its partner (`Partner.endpoint_origins`: its
+webhook URL's and `partners subscription-origins`), checked when it is created or changed
+(`check_registered`, 422) and again before every notification is posted (`prepare`: one no
+longer registered, or of a revoked partner, is not sent and turns the Subscription off).
+Otherwise any partner could have the bridge POST to any host it names (an internal service,
+the bridge's own loopback) and read from the Subscription's status whether it answered.
+
 Topics are data (`mappings/subscription-topics/`). What a subscriber is told of a focus is
 decided when a notification is sent or `$events` replays it, never earlier: a note the consent
 gate no longer lets the partner read (a revocation between the event and its delivery
@@ -30,7 +38,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .. import jsonio
 from ..config import CANONICAL, Release, data_path
-from ..errors import InputError
+from ..errors import InputError, ProfileError
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
 from ..storage.subscriptions import SubscriptionEvent, SubscriptionRow, Subscriptions
@@ -48,6 +56,8 @@ __all__ = [
     "SubscriptionChannel",
     "Topic",
     "check_endpoint",
+    "check_registered",
+    "endpoint_expression",
     "matches",
     "notification_bundle",
     "parse_subscription",
@@ -64,6 +74,7 @@ CHANNEL_TYPES = "http://terminology.hl7.org/CodeSystem/subscription-channel-type
 EVENT_PREFIX = "subscription-"
 MAX_HEADERS = 10
 MAX_EVENTS = 100  # per $events answer
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
 _HEADER = re.compile(r"^([A-Za-z0-9-]{1,64}):[ \t]*([\x20-\x7e]{0,2048})$")
 _EXT_FILTER = BACKPORT + "backport-filter-criteria"
 _EXT_CONTENT = BACKPORT + "backport-payload-content"
@@ -125,6 +136,10 @@ def check_endpoint(url: Any, expression: str) -> str:
     bridge's own machine); no credentials, no fragment."""
     if not isinstance(url, str) or not url:
         raise _bad("A rest-hook Subscription needs an endpoint", expression, "endpoint", "required")
+    if not _PRINTABLE.fullmatch(url):
+        # What is checked against the registration, shown and posted to is the URL as written:
+        # no whitespace or control characters (urlsplit drops some silently), no non-ASCII.
+        raise _bad("The endpoint must be printable ASCII (percent-encode the rest)", expression, "endpoint")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
@@ -145,6 +160,25 @@ def check_endpoint(url: Any, expression: str) -> str:
             "endpoint-https",
         )
     return url
+
+
+def endpoint_expression(release: Release) -> str:
+    """Where a Subscription's endpoint is: R4 `Subscription.channel.endpoint`, R5 `Subscription.endpoint`."""
+    return "Subscription.channel.endpoint" if release is Release.R4 else "Subscription.endpoint"
+
+
+def check_registered(spec: Spec, partner: Partner, release: Release) -> None:
+    """422 `subscription:endpoint-not-registered` unless the endpoint is at an origin (scheme,
+    host, port) the operator registered for `partner` (`Partner.endpoint_origins`): a partner
+    never chooses where the bridge posts on its own."""
+    if not partner.may_post_to(spec.endpoint):
+        raise ProfileError(
+            "The endpoint is not at an origin (scheme, host, port) registered for this partner: the "
+            "clinic's operator must register it (fhir-kap partners subscription-origins)",
+            expression=endpoint_expression(release),
+            rule="subscription:endpoint-not-registered",
+            code="business-rule",
+        )
 
 
 def _loopback(host: str) -> bool:
@@ -676,10 +710,12 @@ class SubscriptionChannel:
             return "the subscription was deleted"
         if row.status == "off":
             return "the subscription is off"
-        partner = self.partners.get(row.partner)
-        if partner is None or partner.revoked:
-            return "partner revoked or removed"
+        partner = self.partners.get(row.partner)  # read now: a registration changed meanwhile counts
         spec = _spec_of(row)
+        if partner is None or partner.revoked:
+            return self._stop(sid, "subscription:partner-revoked")
+        if not partner.may_post_to(spec.endpoint):
+            return self._stop(sid, "subscription:endpoint-not-registered")
         kind = job.event.removeprefix(EVENT_PREFIX)
         if kind != "handshake" and row.status == "requested":
             return Deferred(1.0)
@@ -698,6 +734,19 @@ class SubscriptionChannel:
             headers[name] = value
         timeout = float(min(spec.timeout, default_timeout)) if spec.timeout else default_timeout
         return Prepared(spec.endpoint, jsonio.dumps(bundle), headers, timeout)
+
+    def _stop(self, sid: str, code: str) -> str:
+        """A Subscription the bridge may no longer post for (its endpoint's origin is not
+        registered any more, its partner was revoked): turned off, as when a notification is
+        given up; the job goes dead with `code` as its reason."""
+        self.subs.set_status(
+            sid,
+            "off",
+            error=f"delivery stopped ({code})",
+            only_from=("requested", "active", "error"),
+            now=self.clock(),
+        )
+        return code
 
     def item(self, partner: Partner, content: str, event: SubscriptionEvent) -> Item:
         """An event as `partner` may see it now: the focus only for id-only and full-resource,

@@ -31,7 +31,9 @@ Two kinds of job share this queue, this sender and every rule above. The legacy 
 whose event starts with a registered `Channel`'s prefix (topic-based Subscriptions:
 `subscription-handshake`, `-heartbeat`, `-event`; exchange/subscriptions.py) is posted as
 that channel `prepare`s it at send time (its URL, body, headers and deadline; a later time,
-the attempt not counted; or a reason to drop it), and the channel hears each outcome (`delivered`, `pending` for a retry, `dead`);
+the attempt not counted; or a reason to drop it: the job goes `dead` unsent, e.g. when the
+Subscription's endpoint is at an origin the operator no longer registers for the partner),
+and the channel hears each outcome (`delivered`, `pending` for a retry, `dead`);
 each round the channel's `tick` also queues scheduled jobs (heartbeats), and the sender wakes
 when the next of those is due.
 """

@@ -1,6 +1,7 @@
 """Subscription notifications through the durable rest-hook queue: handshake (requested -> active,
 or error/off), events in order, a failing endpoint retried, a redirect refused, consent asked
-again at send time, heartbeats, and the legacy hook untouched beside them."""
+again at send time, heartbeats, an endpoint whose origin the operator no longer registers (or of
+a revoked partner) posted nothing more, and the legacy hook untouched beside them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from fhir_kap.fhir.retry import Backoff
 from testkit.bridge import FHIR, load
-from testkit.subscriptions import fixture, sub
+from testkit.subscriptions import FIXTURE_ORIGIN, fixture, register_origin, sub
 
 
 class Receiver:
@@ -131,6 +132,7 @@ class App:
             body["endpoint"] = url
             body.pop("parameter", None)
         body.update(changes)
+        register_origin(self.app, "practice-a", url)  # the operator registered the receiver first
         resp = self.post("a", "/fhir/Subscription", body)
         assert resp.status_code == 201, resp.get_data(as_text=True)
         return resp.get_json()["id"]
@@ -357,6 +359,7 @@ def test_events_of_a_requested_subscription_are_held_until_it_is_active(tmp_path
     from testkit.bridge import make_bridge
 
     b = make_bridge(tmp_path, fhir_version=release, consent=fixture("Consent-open-ended.json", release))
+    register_origin(b.app, "practice-a", FIXTURE_ORIGIN)
     body = sub(release, "note")
     sid = b.post("a", "/fhir/Subscription", body).get_json()["id"]
     note = fixture("Example-Communication-note-1.json", release)
@@ -375,3 +378,62 @@ def test_events_of_a_requested_subscription_are_held_until_it_is_active(tmp_path
     assert prepared.timeout == 5.0 and prepared.url == "https://practice-a.example/fhir/notify"
     sink.subs.set_status(sid, "off", now=time.time())
     assert sink.channel.prepare(job, 5.0) == "the subscription is off"
+
+
+def test_a_registration_removed_stops_the_next_notification_and_turns_the_subscription_off(
+    app, receiver, release
+):
+    """The sender checks the endpoint's origin again before each post: the operator removed it
+    (`fhir-kap partners subscription-origins practice-a`, another process) after the handshake."""
+    from fhir_kap.storage.db import Database
+    from fhir_kap.storage.partners import Partners
+
+    sid = app.subscribe(receiver.url)
+    app.wait(lambda: app.status(sid) == "active")
+    Partners(Database(app.notifier.db.url)).set_subscription_origins("practice-a", [])
+    assert app.post("clinic", "/fhir/Consent", fixture("Consent-open-ended.json", release)).status_code == 201
+    app.note()
+    app.wait(lambda: any(j.state == "dead" for j in app.notifier.jobs()))
+    assert receiver.kinds(release) == ["handshake"]  # the event was never posted
+    dead = [j for j in app.notifier.jobs() if j.state == "dead"]
+    assert [(j.event, j.last_error) for j in dead] == [
+        ("subscription-event", "subscription:endpoint-not-registered")
+    ]
+    assert app.status(sid) == "off"
+    shown = app.get("a", f"/fhir/Subscription/{sid}").get_json()
+    if release == "R4":  # R4 has Subscription.error
+        assert shown["error"] == "delivery stopped (subscription:endpoint-not-registered)"
+    status = app.get("a", f"/fhir/Subscription/{sid}/$status").get_json()["entry"][0]["resource"]
+    assert (
+        status.get("status") or next(p["valueCode"] for p in status["parameter"] if p["name"] == "status")
+    ) == "off"
+    # Registered again, the partner asks for a new handshake and is active again.
+    shown["status"] = "requested"
+    shown.pop("error", None)
+    register_origin(app.app, "practice-a", receiver.url)
+    resp = app.client.put(
+        f"/fhir/Subscription/{sid}",
+        data=json.dumps(shown),
+        headers={"Authorization": f"Bearer {app.tokens['a']}", "Content-Type": FHIR},
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    app.wait(lambda: app.status(sid) == "active")
+    assert receiver.kinds(release) == ["handshake", "handshake"]
+
+
+def test_a_revoked_partners_subscription_gets_nothing_more_and_is_off(app, receiver, release):
+    sid = app.subscribe(receiver.url)
+    app.wait(lambda: app.status(sid) == "active")
+    app.notifier.backoff = Backoff(base=3600.0, cap=3600.0)
+    receiver.script = [(503, {})]  # the event's first try fails: it waits for a retry
+    assert app.post("clinic", "/fhir/Consent", fixture("Consent-open-ended.json", release)).status_code == 201
+    app.note()
+    app.wait(lambda: len(receiver.bundles()) == 2 and app.status(sid) == "error")
+    app.app.extensions["fhir_kap"].partners.revoke("practice-a")
+    app.notifier.db.execute("UPDATE webhook_jobs SET next_attempt_at = 0")
+    app.wait(lambda: any(j.state == "dead" for j in app.notifier.jobs()))
+    assert receiver.kinds(release) == ["handshake", "event-notification"]  # nothing after the revocation
+    assert [j.last_error for j in app.notifier.jobs() if j.state == "dead"] == [
+        "subscription:partner-revoked"
+    ]
+    assert app.subs.get(sid).status == "off"

@@ -1,6 +1,7 @@
 """Topic-based Subscriptions over the bridge app (R4 backport and R5): CRUD of a partner's own,
-isolation (by id, search, guessing), validation errors naming the field, endpoint rules, events
-numbered in the write's transaction and replayed by $events with the consent gate asked again."""
+isolation (by id, search, guessing), validation errors naming the field, endpoint rules (only at
+an origin the operator registered for the partner), events numbered in the write's transaction
+and replayed by $events with the consent gate asked again."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from testkit.bridge import FHIR, is_outcome, make_bridge
-from testkit.subscriptions import fixture, status_of, sub
+from testkit.subscriptions import FIXTURE_ORIGIN, fixture, register_origin, status_of, sub
 
 NOTE_TOPIC = "http://fhir-kap.example/SubscriptionTopic/continuity-note-available"
 REFERRAL_TOPIC = "http://fhir-kap.example/SubscriptionTopic/referral-status-changed"
@@ -23,9 +24,16 @@ def release(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def _registered(bridge):
+    """The operator registered the fixtures' receiver for both practices."""
+    for name in ("practice-a", "practice-b"):
+        register_origin(bridge.app, name, FIXTURE_ORIGIN)
+    return bridge
+
+
 @pytest.fixture
 def b(tmp_path, release):
-    return make_bridge(tmp_path, fhir_version=release)
+    return _registered(make_bridge(tmp_path, fhir_version=release))
 
 
 def _create(bridge, who: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +224,135 @@ def test_http_is_accepted_only_to_a_loopback_receiver(b, release, url):
         body["channel"]["endpoint"] = url
     else:
         body["endpoint"] = url
+    register_origin(b.app, "practice-a", url)
     assert b.post("a", "/fhir/Subscription", body).status_code == 201
+
+
+# ---- endpoints only where the operator registered them (the trust boundary)
+
+
+def _with_endpoint(release: str, url: str) -> dict[str, Any]:
+    body = sub(release, "note")
+    if release == "R4":
+        body["channel"]["endpoint"] = url
+    else:
+        body["endpoint"] = url
+    return body
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://elsewhere.example/fhir/notify",  # another host
+        "https://practice-a.example:8443/fhir/notify",  # the same host, another port
+        "https://hooks.practice-a.example/fhir/notify",  # a subdomain is another host
+        "https://practice-a.example.attacker.example/fhir/notify",
+        "https://10.0.0.7/admin",  # an internal address
+        "http://127.0.0.1:6379/",  # the bridge's own loopback: https-or-loopback passes, not this
+        "http://localhost/hook",
+    ],
+)
+def test_an_endpoint_at_an_origin_not_registered_for_the_partner_is_refused(b, release, url):
+    resp = b.post("a", "/fhir/Subscription", _with_endpoint(release, url))
+    assert resp.status_code == 422 and is_outcome(resp), resp.get_data(as_text=True)
+    status, expression, rule = _field(resp)
+    assert expression == ("Subscription.channel.endpoint" if release == "R4" else "Subscription.endpoint")
+    assert rule == "subscription:endpoint-not-registered"
+    assert "operator must register" in resp.get_json()["issue"][0]["details"]["text"]
+    assert b.get("a", "/fhir/Subscription").get_json()["entry"] == []  # nothing was stored
+    assert b.app.extensions["fhir_kap"].events.subs.of_partner("practice-a") == []
+
+
+def test_the_same_host_at_another_port_is_another_origin(b, release):
+    register_origin(b.app, "practice-a", "https://hooks.example:8443")
+    ok = b.post("a", "/fhir/Subscription", _with_endpoint(release, "https://hooks.example:8443/n"))
+    assert ok.status_code == 201, ok.get_data(as_text=True)
+    for other in ("https://hooks.example/n", "https://hooks.example:9443/n"):
+        resp = b.post("a", "/fhir/Subscription", _with_endpoint(release, other))
+        assert resp.status_code == 422 and _field(resp)[2] == "subscription:endpoint-not-registered", other
+
+
+def test_a_registered_origin_matches_whatever_the_case_and_the_default_port(b, release):
+    for url in ("https://PRACTICE-A.example/x", "https://practice-a.example:443/y?z=1"):
+        assert b.post("a", "/fhir/Subscription", _with_endpoint(release, url)).status_code == 201, url
+
+
+def test_another_partners_registration_is_not_this_ones(b, release):
+    register_origin(b.app, "practice-b", "https://practice-b.example")
+    resp = b.post("a", "/fhir/Subscription", _with_endpoint(release, "https://practice-b.example/n"))
+    assert resp.status_code == 422 and _field(resp)[2] == "subscription:endpoint-not-registered"
+    assert (
+        b.post("b", "/fhir/Subscription", _with_endpoint(release, "https://practice-b.example/n")).status_code
+        == 201
+    )
+
+
+def test_the_partners_webhook_origin_is_registered(tmp_path, release):
+    b = make_bridge(
+        tmp_path,
+        fhir_version=release,
+        partners={
+            "c": (
+                "practice-c",
+                "system/*.*",
+                {
+                    "references": ["Organization/practice-c"],
+                    "webhook_url": "https://hooks.practice-c.example/kap",
+                },
+            )
+        },
+    )
+    ok = b.post("c", "/fhir/Subscription", _with_endpoint(release, "https://hooks.practice-c.example/fhir"))
+    assert ok.status_code == 201, ok.get_data(as_text=True)
+    resp = b.post(
+        "c", "/fhir/Subscription", _with_endpoint(release, "https://hooks.practice-c.example:444/x")
+    )
+    assert resp.status_code == 422 and _field(resp)[2] == "subscription:endpoint-not-registered"
+
+
+def test_https_or_loopback_still_holds_for_a_registered_origin(b, release):
+    register_origin(b.app, "practice-a", "http://practice-a.example")
+    resp = b.post("a", "/fhir/Subscription", _with_endpoint(release, "http://practice-a.example/hook"))
+    assert resp.status_code == 400 and _field(resp)[2] == "subscription:endpoint-https"
+
+
+def test_an_endpoint_must_be_printable_ascii(b, release):
+    """What the origin check reads is what the sender connects to: no characters URL parsers
+    drop or keep differently (whitespace is already refused by base FHIR's url type: 422)."""
+    for url, expected in (
+        ("https://practice-a.example/é", (400, "subscription:endpoint")),
+        ("https://practice-a.example/a b", (422, None)),
+        ("https://practice-a.ex\tample/x", (422, None)),
+    ):
+        resp = b.post("a", "/fhir/Subscription", _with_endpoint(release, url))
+        assert resp.status_code == expected[0] and is_outcome(resp), url
+        if expected[1]:
+            assert _field(resp)[2] == expected[1]
+    assert b.get("a", "/fhir/Subscription").get_json()["entry"] == []
+
+
+def test_an_update_to_an_unregistered_endpoint_is_refused_and_changes_nothing(b, release):
+    created = _create(b, "a", sub(release, "note"))
+    body = _with_endpoint(release, "https://elsewhere.example/n")
+    body["id"] = created["id"]
+    resp = b.client.put(
+        f"/fhir/Subscription/{created['id']}",
+        data=json.dumps(body),
+        headers=b.h("a", **{"Content-Type": FHIR}),
+    )
+    assert resp.status_code == 422 and _field(resp)[2] == "subscription:endpoint-not-registered"
+    assert b.get("a", f"/fhir/Subscription/{created['id']}").get_json() == created
+
+
+def test_a_removed_registration_refuses_the_next_create_at_once(b, release):
+    """Read afresh on each create: the bridge's 5 s authentication cache does not delay it."""
+    from fhir_kap.storage.partners import Partners
+
+    _create(b, "a", sub(release, "note"))
+    elsewhere = Partners(b.app.extensions["fhir_kap"].partners.db)  # as `fhir-kap partners` would
+    elsewhere.set_subscription_origins("practice-a", [])
+    resp = b.post("a", "/fhir/Subscription", sub(release, "note"))
+    assert resp.status_code == 422 and _field(resp)[2] == "subscription:endpoint-not-registered"
 
 
 # ---- events, $events, $status
@@ -233,7 +369,9 @@ def _note(bridge, patient: str = "client-1", release: str = "R4") -> str:
 
 @pytest.fixture
 def consented(tmp_path, release):
-    return make_bridge(tmp_path, fhir_version=release, consent=fixture("Consent-open-ended.json", release))
+    return _registered(
+        make_bridge(tmp_path, fhir_version=release, consent=fixture("Consent-open-ended.json", release))
+    )
 
 
 def test_a_note_for_the_subscriber_is_numbered_and_replayed_by_events(consented, release):

@@ -5,7 +5,9 @@ only (an http.server and urllib, none of fhir-kap's client code): it takes the h
 heartbeats and event notifications, checks every Bundle with the base validator, notices the
 events it missed while it was down (events-since-subscription-start ahead of what it saw) and
 fetches them with `$events`, and never gets a note that the client's consent does not permit
-that day, a revocation between the event and its delivery included.
+that day, a revocation between the event and its delivery included. The operator registers the
+subscriber's origin with `fhir-kap partners subscription-origins` while the bridge runs; once
+it removes it, nothing more is posted there and the Subscription is off.
 """
 
 from __future__ import annotations
@@ -117,16 +119,19 @@ def served(
     }
     env.pop("FHIR_KAP_DATABASE_URL", None)
 
-    def add(*args: str) -> str:
+    def partners(*args: str) -> Any:
         done = subprocess.run(
-            [sys.executable, "-m", "fhir_kap.cli", "partners", "add", *args],
+            [sys.executable, "-m", "fhir_kap.cli", "partners", *args],
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
             check=True,
         )
-        return json.loads(done.stdout)["token"]
+        return json.loads(done.stdout)
+
+    def add(*args: str) -> str:
+        return str(partners("add", *args)["token"])
 
     tokens = {
         "clinic": add(
@@ -171,6 +176,7 @@ def served(
             "base": f"http://127.0.0.1:{port}/fhir",
             "tokens": tokens,
             "log": data / "serve.log",
+            "partners": partners,
         }
     finally:
         proc.terminate()
@@ -225,7 +231,11 @@ def _scenario(served: dict[str, Any], release: str, subscriber: Subscriber, vali
         assert status == 201, created
         return f"{served['base']}/Communication/{created['id']}"
 
-    # Subscribe: id-only, this client's notes, a heartbeat every 2 s.
+    # The operator registers the subscriber's origin (while the bridge runs), then it subscribes:
+    # id-only, this client's notes, a heartbeat every 2 s.
+    origin = subscriber.url.rsplit("/", 1)[0]
+    listed = served["partners"]("subscription-origins", "practice-a", origin)
+    assert listed["subscription_origins"] == [origin]
     body = sub(release, "note")
     if release == "R4":
         body["channel"]["endpoint"] = subscriber.url
@@ -311,3 +321,17 @@ def _scenario(served: dict[str, Any], release: str, subscriber: Subscriber, vali
     for denied in (fourth, fifth):
         assert not any(denied.rsplit("/", 1)[1].encode() in r for r in raw)
         assert denied.rsplit("/", 1)[1] not in json.dumps(replay)
+
+    # The operator removes the registration: the next notification (a heartbeat) is not sent,
+    # the Subscription is off, and it cannot be pointed there again.
+    served["partners"]("subscription-origins", "practice-a")
+    _wait(lambda: _call(served, "a", "GET", f"/Subscription/{sid}")[1]["status"] == "off", "off", timeout=15)
+    count = len(subscriber.received())
+    time.sleep(2 * HEARTBEAT)
+    status, shown = _call(served, "a", "GET", f"/Subscription/{sid}")
+    assert status == 200 and shown["status"] == "off" and len(subscriber.received()) == count
+    if release == "R4":
+        assert shown["error"] == "delivery stopped (subscription:endpoint-not-registered)"
+    shown.update(status="requested")
+    status, refused = _call(served, "a", "PUT", f"/Subscription/{sid}", shown)
+    assert status == 422 and "subscription:endpoint-not-registered" in json.dumps(refused)

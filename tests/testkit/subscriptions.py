@@ -1,5 +1,7 @@
-"""Helpers of the Subscription tests: fixtures in a deployment's release, and reading a
-notification's status (R4 backport Parameters or R5 SubscriptionStatus) as plain values."""
+"""Helpers of the Subscription tests: fixtures in a deployment's release, registering a
+receiver's origin for a partner (what the operator does before a partner may subscribe to it),
+and reading a notification's status (R4 backport Parameters or R5 SubscriptionStatus) as plain
+values."""
 
 from __future__ import annotations
 
@@ -10,6 +12,21 @@ from typing import Any
 from .bridge import load
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "subscriptions"
+#: Where the fixtures' endpoints are (tests/data/subscriptions/*.json).
+FIXTURE_ORIGIN = "https://practice-a.example"
+
+
+def register_origin(app: Any, partner: str, *urls: str) -> None:
+    """Register the origins of `urls` for `partner`'s Subscriptions on the bridge `app` (Flask),
+    beside those it has: `fhir-kap partners subscription-origins` in a test."""
+    from fhir_kap.storage.partners import origin_of
+
+    partners = app.extensions["fhir_kap"].partners
+    known = partners.get(partner)
+    assert known is not None, partner
+    found = [origin_of(u) for u in urls]
+    assert all(found), urls
+    partners.set_subscription_origins(partner, [*known.subscription_origins, *(o for o in found if o)])
 
 
 def fixture(name: str, release: str) -> dict[str, Any]:
