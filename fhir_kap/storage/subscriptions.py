@@ -6,14 +6,12 @@ An event is `(subscription, number, at, focus, focus_version)`: numbers start at
 one per event of that Subscription (`events-since-subscription-start`), taken inside the
 transaction of the write that caused the event, so a number exists exactly when its write is
 committed. Only ids are kept (never a body): what a subscriber may see of a focus is decided
-again whenever it is sent or replayed. Table: storage/subscriptions.sql (subscriptions-1).
+again whenever it is sent or replayed. Tables: storage/sql/schema/subscriptions-1.sql.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .. import jsonio
@@ -22,7 +20,6 @@ from .sql import migrations
 
 __all__ = ["SubscriptionEvent", "SubscriptionRow", "Subscriptions"]
 
-_SQL = Path(__file__).with_name("subscriptions.sql")
 _COLUMNS = "id, partner, topic, status, base, body, version, events, heartbeat_period, next_heartbeat_at, end_at, error"
 #: The states a Subscription is in (R5 SubscriptionStatusCodes, the backport's too).
 STATES = ("requested", "active", "error", "off")
@@ -57,21 +54,12 @@ class SubscriptionEvent:
     focus_version: str | None
 
 
-@functools.cache
-def _statements() -> tuple[str, ...]:
-    """The statements of subscriptions.sql (comment lines dropped; each ends with `;` at a line end)."""
-    text = "\n".join(
-        line for line in _SQL.read_text(encoding="utf-8").splitlines() if not line.startswith("--")
-    )
-    return tuple(s.strip() for s in text.split(";\n") if s.strip().rstrip(";"))
-
-
 class Subscriptions:
     """The `subscriptions` and `subscription_events` tables on a shared `Database`."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        migrations.run(db, "subscriptions-1", [s.rstrip(";") for s in _statements()])
+        migrations.ensure(db, "subscriptions")
 
     def create(
         self,

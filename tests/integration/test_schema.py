@@ -13,6 +13,7 @@ from fhir_kap.storage.outbox import Outbox
 from fhir_kap.storage.partners import Partners
 from fhir_kap.storage.sql import migrations
 from fhir_kap.storage.store import Store
+from fhir_kap.storage.subscriptions import Subscriptions
 
 
 def test_the_registry_names_exactly_the_migrations_that_have_sql_files():
@@ -40,6 +41,7 @@ def test_a_fresh_database_ends_with_every_migration_recorded_once(db):
     Partners(db)
     Notifier(db=db)
     Operators(db)
+    Subscriptions(db)
     recorded = [r["name"] for r in db.query("SELECT name FROM schema_migrations ORDER BY name")]
     assert recorded == sorted(m.name for m in migrations.MIGRATIONS)
     assert all(migrations.ensure(db, owner) == [] for owner in {m.owner for m in migrations.MIGRATIONS})

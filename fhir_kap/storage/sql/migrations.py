@@ -101,6 +101,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("partners-2"),
     Migration("webhooks-1"),
     Migration("operators-1"),
+    Migration("partners-3"),
+    Migration("subscriptions-1"),
 )
 _BY_NAME = {m.name: m for m in MIGRATIONS}
 
