@@ -315,6 +315,13 @@ def test_partners_page__scopes_endpoint_and_webhook_health(console, op):
     assert "practice-a" in html and "system/Communication.read" in html and 'id="rotate-reader"' in html
 
 
+def test_partners_page__the_subscription_origins_in_effect(console, op):
+    sv(console).partners.set_subscription_origins("practice-a", ["https://ehr.practice-a.example:8443"])
+    html = page(op, "/console/partners")
+    row = html[html.index('id="partner-practice-a"') :]
+    assert "https://ehr.practice-a.example:8443" in row[: row.index("</tr>")]
+
+
 def test_webhooks__dead_job_listed_and_sent_again_logged(console, op):
     jobs = WebhookJobs(sv(console).db)
     now = time.time()
