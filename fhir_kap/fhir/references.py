@@ -130,14 +130,20 @@ def parse_reference(value: Any) -> Ref | None:
     raw_type = value.get("type")
     rtype = raw_type if isinstance(raw_type, str) else None
     ident = _identifier(value.get("identifier"))
-    if isinstance(text, str) and len(text) <= _CACHED_TEXT:
+    if (
+        isinstance(text, str)
+        and len(text) <= _CACHED_TEXT
+        and (rtype is None or len(rtype) <= _CACHED_TEXT)
+        and (ident is None or len(ident[0]) + len(ident[1]) <= _CACHED_TEXT)
+    ):
         return _parse_text(text, rtype, ident)
     return _parse(text, rtype, ident)
 
 
-#: Reference strings up to this long are read once per process and remembered (`_parse_text`):
-#: a `Ref` is immutable, and the same few references (a client, a therapist, a referral) recur
-#: on every resource a partner sends; longer ones (rare) are read each time.
+#: References whose strings (reference, type, identifier) are each up to this long are read once
+#: per process and remembered (`_parse_text`): a `Ref` is immutable, and the same few references
+#: (a client, a therapist, a referral) recur on every resource a partner sends. Longer ones
+#: (rare) are read each time, so the cache holds at most 4,096 small entries whatever is sent.
 _CACHED_TEXT = 256
 
 
