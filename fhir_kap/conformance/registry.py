@@ -123,7 +123,7 @@ FIXES: dict[str, str] = {
     "--auth bearer",
     "cap-08": "make the server do what its CapabilityStatement declares, or remove the claim from "
     "the CapabilityStatement",
-    "cap-09": "publish the KAP SubscriptionTopics (continuity-note-available, referral-status-changed): R4 "
+    "cap-09": "name the SubscriptionTopics of the Subscriptions you claim; a KAP clinic's server publishes the KAP SubscriptionTopics (continuity-note-available, referral-status-changed): R4 "
     "with the backport IG's capabilitystatement-subscriptiontopic-canonical extension on the Subscription "
     "entry, R5 as SubscriptionTopic resources searchable by url",
     "rcv-01": "accept POST [base]/Communication of the KAP Communication (see the OperationOutcome in the "

@@ -27,6 +27,7 @@ SEKMET_KNOWN_FAILURES = {
     "err-06": "answers 500 to a body that is not UTF-8",
     "val-03": "$validate accepts a dateTime written as a JSON number",
     "val-04": "$validate does not check code values",
+    "rt-06": "claims conditionalUpdate, but a conditional PUT matching one resource creates another (201)",
 }
 
 
