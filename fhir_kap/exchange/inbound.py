@@ -54,7 +54,7 @@ from ..fhir.identifiers import business_identifier, new_id
 from ..fhir.references import PARTY_TYPES, Resolver, identifiers_of, iter_references, parse_reference
 from ..records.ingest import Ingest
 from ..storage.partners import Partner, Partners
-from ..storage.store import Store, StoredResource
+from ..storage.store import MAX_COUNT, Store, StoredResource
 from .authorship import Authorship, partner_source
 from .consent_scope import ConsentScope, check_consent_identifier
 from .inbound_rules import (
@@ -279,6 +279,7 @@ class Inbound:
             out += [self._store_one(tx, p, source, _same_identifier(p), None, op="resend") for p in parties]
             return out
 
+        issues += self._consent_counts(partner, trusted, scope, resource)
         return replace(self._commit(work, trusted, scope)[0], issues=issues)
 
     def update(
@@ -363,7 +364,41 @@ class Inbound:
             task = self._withdrawn(tx, cur, stored)
             return _with_moved_tasks([Accepted(stored, False, record, task, updated=True)])
 
+        issues += self._consent_counts(partner, trusted, scope, resource)
         return replace(self._commit(work, trusted, scope)[0], issues=issues)
+
+    def _consent_counts(
+        self, partner: Partner | None, trusted: bool, scope: ConsentScope | None, resource: dict[str, Any]
+    ) -> tuple[Issue, ...]:
+        """Whether a partner's Consent will decide disclosures, said in the answer's issues (shown
+        with `Prefer: return=OperationOutcome`): never silently stored without effect."""
+        if resource.get("resourceType") != "Consent" or partner is None or partner.is_clinic:
+            return ()
+        if not trusted:
+            return (
+                Issue(
+                    "information",
+                    "informational",
+                    "This Consent is stored and readable by its sender, but it does not decide "
+                    "disclosures: only the clinic's systems and consent authorities (scope "
+                    "kap/consent-authority) feed the consent gate",
+                    expression="Consent",
+                    rule="consent:not-authority",
+                ),
+            )
+        if scope is not None and not scope.admits(resource):
+            return (
+                Issue(
+                    "warning",
+                    "business-rule",
+                    "This Consent does not decide disclosures yet: a consent authority's Consent "
+                    "counts only for a client it referred. Send the referral for this client; the "
+                    "Consent counts from then on",
+                    expression="Consent.patient" if self.release.value.startswith("4") else "Consent.subject",
+                    rule="consent:not-in-scope",
+                ),
+            )
+        return ()
 
     def _withdrawn(self, tx: Any, before: StoredResource, after: StoredResource) -> StoredResource | None:
         """The referral's Task moved to `cancelled` when an update withdraws the referral (its
@@ -456,8 +491,12 @@ class Inbound:
         return ConsentScope(partner, author, self.store, written=written, resolver=resolver)
 
     def _trusted(self, source: str | None, authority: bool | None, resources: Sequence[Any]) -> bool:
-        if not any(isinstance(r, dict) and r.get("resourceType") in CONTEXT_TYPES for r in resources):
-            return False  # nothing to keep: no partner lookup
+        if not any(
+            isinstance(r, dict)
+            and (r.get("resourceType") in CONTEXT_TYPES or r.get("resourceType") == "ServiceRequest")
+            for r in resources
+        ):
+            return False  # nothing to keep (a referral may admit the sender's Consents): no partner lookup
         return bool(authority) if authority is not None else self.is_authority(source)
 
     def _commit(
@@ -577,6 +616,26 @@ class Inbound:
             if (acc.created or acc.updated) and acc.stored.type in CONTEXT_TYPES:
                 if scope is None or scope.admits(acc.stored.resource):
                     self.context.put_context(acc.stored.resource)
+            elif acc.created and acc.stored.type == "ServiceRequest" and scope is not None:
+                self._admit_earlier_consents(acc.stored, scope)
+
+    def _admit_earlier_consents(self, referral: StoredResource, scope: ConsentScope) -> None:
+        """A consent authority's Consents for a client, stored before it referred that client,
+        count from the referral on (the scope now admits them): the current version of each of
+        the sender's Consents naming the referral's subject by the same literal reference.
+        Revocation stays monotonic (`put_context`): an older state never reactivates."""
+        subject = referral.resource.get("subject")
+        ref = subject.get("reference") if isinstance(subject, dict) else None
+        if self.context is None or not isinstance(ref, str) or "/" not in ref:
+            return
+        found = self.store.search("Consent", {"patient": [ref]}, count=MAX_COUNT)
+        for consent in found.items:
+            if (
+                consent.source == scope.partner.name
+                and not consent.deleted
+                and scope.admits(consent.resource)
+            ):
+                self.context.put_context(consent.resource)
 
     def _queue_notifications(self, accepted: Sequence[Accepted]) -> int:
         """Queue a rest-hook job for each partner a new Communication addresses and may read

@@ -435,3 +435,55 @@ def test_a_rest_hook_fires_only_when_the_consent_gate_lets_the_recipient_read_th
         assert all((e["outcome"] == "0") is hooked for e in events)
     finally:
         server.shutdown()
+
+
+# --- a Consent posted before its client was referred -----------------------------------------------
+
+
+def _outcome_rules(resp) -> set[str]:
+    body = resp.get_json(force=True)
+    return {
+        e.get("valueString")
+        for i in body.get("issue", [])
+        for e in i.get("extension", [])
+        if e.get("url", "").endswith("/rule")
+    }
+
+
+def test_an_authoritys_consent_sent_before_the_referral_says_so_and_counts_once_the_client_is_referred(
+    bridge,
+):
+    bridge.post("clinic", "/fhir/Consent", load("Consent-expired.json"))
+    rid = _note(bridge)
+    early = bridge.post(
+        "authority",
+        "/fhir/Consent",
+        _own_consent("Consent-open-ended.json", "authority"),
+        **{"Prefer": "return=OperationOutcome"},
+    )
+    assert early.status_code == 201 and "consent:not-in-scope" in _outcome_rules(early)
+    assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404  # it decides nothing yet
+    _refer(bridge, "authority")  # the referral admits the Consent already sent
+    assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 200
+
+
+def test_a_consent_from_a_partner_that_is_no_consent_authority_says_it_decides_nothing(bridge):
+    resp = bridge.post(
+        "a",
+        "/fhir/Consent",
+        _own_consent("Consent-open-ended.json", "a"),
+        **{"Prefer": "return=OperationOutcome"},
+    )
+    assert resp.status_code == 201 and "consent:not-authority" in _outcome_rules(resp)
+
+
+def test_an_authoritys_consent_after_its_referral_carries_no_such_warning(bridge):
+    _refer(bridge, "authority")
+    resp = bridge.post(
+        "authority",
+        "/fhir/Consent",
+        _own_consent("Consent-open-ended.json", "authority"),
+        **{"Prefer": "return=OperationOutcome"},
+    )
+    assert resp.status_code == 201
+    assert not {"consent:not-in-scope", "consent:not-authority"} & _outcome_rules(resp)
