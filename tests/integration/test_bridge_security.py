@@ -459,7 +459,7 @@ def test_an_authoritys_consent_sent_before_the_referral_says_so_and_counts_once_
         "authority",
         "/fhir/Consent",
         _own_consent("Consent-open-ended.json", "authority"),
-        **{"Prefer": "return=OperationOutcome"},
+        Prefer="return=OperationOutcome",
     )
     assert early.status_code == 201 and "consent:not-in-scope" in _outcome_rules(early)
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404  # it decides nothing yet
@@ -472,7 +472,7 @@ def test_a_consent_from_a_partner_that_is_no_consent_authority_says_it_decides_n
         "a",
         "/fhir/Consent",
         _own_consent("Consent-open-ended.json", "a"),
-        **{"Prefer": "return=OperationOutcome"},
+        Prefer="return=OperationOutcome",
     )
     assert resp.status_code == 201 and "consent:not-authority" in _outcome_rules(resp)
 
@@ -483,7 +483,7 @@ def test_an_authoritys_consent_after_its_referral_carries_no_such_warning(bridge
         "authority",
         "/fhir/Consent",
         _own_consent("Consent-open-ended.json", "authority"),
-        **{"Prefer": "return=OperationOutcome"},
+        Prefer="return=OperationOutcome",
     )
     assert resp.status_code == 201
     assert not {"consent:not-in-scope", "consent:not-authority"} & _outcome_rules(resp)
