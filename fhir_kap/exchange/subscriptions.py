@@ -750,29 +750,30 @@ class SubscriptionChannel:
 
     def item(self, partner: Partner, content: str, event: SubscriptionEvent) -> Item:
         """An event as `partner` may see it now: the focus only for id-only and full-resource,
-        and only while the partner may still read it (consent-gated and audited, like a read);
-        otherwise the event's number and time alone."""
+        and only while the partner may read the resource's CURRENT version (consent-gated and
+        audited, like a read: the same answer a GET gives now); otherwise the event's number and
+        time alone. A full-resource payload is that current version, never the one the event was
+        raised on: a note corrected since (another client, another recipient, entered-in-error)
+        is never handed out as it was."""
         bare = Item(event.number, event.at)
         if content == "empty" or not event.focus:
             return bare
         rtype, _, rid = event.focus.partition("/")
         current = self.store.get(rtype, rid)
-        version = int(event.focus_version) if event.focus_version and event.focus_version.isdigit() else None
-        stored = self.store.vread(rtype, rid, version) if version else current
-        if current is None or stored is None or current.deleted or stored.deleted:
+        if current is None or current.deleted:
             return bare
         if rtype == "Task":
-            allowed = stored.source == partner.name
+            allowed = current.source == partner.name
         else:
-            allowed = self.may_read(partner, stored)
+            allowed = self.may_read(partner, current)
         if not allowed:
             return bare
         return Item(
             event.number,
             event.at,
             event.focus,
-            stored.resource if content == "full-resource" else None,
-            created=stored.version == 1,
+            current.resource if content == "full-resource" else None,
+            created=current.version == 1,
         )
 
     def outcome(self, job: WebhookJob, state: str, status: int | None) -> None:

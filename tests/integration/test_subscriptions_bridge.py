@@ -538,3 +538,37 @@ def test_a_partner_holds_a_bounded_number_of_subscriptions(b, release, monkeypat
     resp = b.post("a", "/fhir/Subscription", sub(release, "note"))
     assert resp.status_code == 400 and _field(resp)[2] == "subscription:limit"
     _create(b, "b", sub(release, "note"))  # another partner's count is its own
+
+
+def test_a_note_corrected_away_from_the_subscriber_is_never_named_nor_handed_out_as_it_was(
+    consented, release
+):
+    """The clinic re-files a note (another client, another recipient): the subscriber's GET says
+    404, and so does $events: the event keeps its number, loses its focus, and the old version's
+    content is never sent (full-resource sends only what the partner may read now)."""
+    b = consented
+    body = sub(release, "note")
+    if release == "R4":
+        body["channel"]["_payload"]["extension"][0]["valueCode"] = "full-resource"
+    else:
+        body["content"] = "full-resource"
+    sid = _create(b, "a", body)["id"]
+    nid = _note(b, release=release)
+    first = _events(b, "a", sid)
+    assert first["entry"][1]["resource"]["id"] == nid  # full-resource while it is readable
+    note = b.get("clinic", f"/fhir/Communication/{nid}").get_json()
+    moved = dict(
+        note,
+        subject={"reference": "Patient/client-2"},
+        recipient=[{"reference": "Practitioner/other-therapist"}],
+    )
+    resp = b.client.put(
+        f"/fhir/Communication/{nid}",
+        data=json.dumps(moved),
+        headers=b.h("clinic", **{"Content-Type": FHIR, "If-Match": 'W/"1"'}),
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert b.get("a", f"/fhir/Communication/{nid}").status_code == 404
+    after = _events(b, "a", sid)
+    assert status_of(after, release)["events"] == [("1", None)]
+    assert len(after["entry"]) == 1  # the status alone: no resource, old or new
