@@ -7,7 +7,8 @@ holding `kap/consent-authority` (a referring practice that collects its clients'
 releases) is scoped to its own clients and its own organisation:
 
 - **Consents**: one counts only for a client the authority referred: it sent a referral
-  (ServiceRequest) whose subject names the Consent's client (the same literal reference, or a
+  (ServiceRequest, not withdrawn: `revoked` and `entered-in-error` do not count) whose subject
+  names the Consent's client (the same literal reference, or a
   subject, contained, logical or one of its stored Patients, carrying an identifier the Consent
   names the client by). Any other is stored and readable by its sender, and decides nothing.
 - **Patients**: likewise, only a client it referred (a Patient in the context can make an
@@ -36,6 +37,7 @@ from ..fhir.references import Resolver, identifiers_of, parse_reference
 from ..storage.partners import Partner
 from ..storage.store import Store
 from .authorship import Authorship
+from .inbound_rules import WITHDRAWN_REFERRAL
 
 __all__ = ["ConsentScope", "check_consent_identifier"]
 
@@ -111,6 +113,10 @@ class ConsentScope:
         literal: set[str] = set()
         carried: set[tuple[str, str]] = set()
         for sr in referrals:
+            if (
+                sr.get("status") in WITHDRAWN_REFERRAL
+            ):  # withdrawn (revoked, entered-in-error): no client of its
+                continue
             subject = sr.get("subject")
             ref = parse_reference(subject)
             if ref is None:

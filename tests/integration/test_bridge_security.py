@@ -487,3 +487,26 @@ def test_an_authoritys_consent_after_its_referral_carries_no_such_warning(bridge
     )
     assert resp.status_code == 201
     assert not {"consent:not-in-scope", "consent:not-authority"} & _outcome_rules(resp)
+
+
+def test_a_withdrawn_referral_no_longer_makes_its_client_the_authoritys(bridge):
+    bridge.post("clinic", "/fhir/Consent", load("Consent-expired.json"))
+    rid = _note(bridge)
+    referral = load("Example-ServiceRequest-referral-1.json")
+    referral["identifier"][0]["value"] = "referral-authority"
+    referral["requester"] = {"reference": _OWN["authority"]}
+    sr = bridge.post("authority", "/fhir/ServiceRequest", referral).get_json(force=True)
+    withdrawn = bridge.client.put(
+        f"/fhir/ServiceRequest/{sr['id']}",
+        data=json.dumps(dict(sr, status="entered-in-error")),
+        headers=bridge.h("authority", **{"Content-Type": FHIR, "If-Match": 'W/"1"'}),
+    )
+    assert withdrawn.status_code == 200, withdrawn.get_data(as_text=True)
+    resp = bridge.post(
+        "authority",
+        "/fhir/Consent",
+        _own_consent("Consent-open-ended.json", "authority"),
+        Prefer="return=OperationOutcome",
+    )
+    assert resp.status_code == 201 and "consent:not-in-scope" in _outcome_rules(resp)
+    assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404
