@@ -44,7 +44,7 @@ from ..validation import KAP_PROFILES, resource_types
 from .access import search_page
 from .app import FHIR_JSON, current_partner, fhir_response, host_base, http_date, services
 
-__all__ = ["READ_TYPES", "capability_statement", "read_json_body", "register"]
+__all__ = ["READ_TYPES", "capability_statement", "if_match_version", "read_json_body", "register"]
 
 READ_TYPES = WRITE_TYPES + ("Task",)
 KAP_PROFILE = {rtype: url for url, rtype in KAP_PROFILES.items()}  # resource type -> its KAP profile
@@ -234,7 +234,7 @@ def register(app: Flask) -> None:
                 expression=f"{rtype}.id",
                 rule="http:id-mismatch",
             )
-        if_match = _if_match()
+        if_match = if_match_version()
         if if_match is None:
             raise PreconditionFailed(
                 f'an update needs If-Match: W/"n" with the version last read (the ETag of GET {rtype}/{rid}); '
@@ -274,7 +274,7 @@ def register(app: Flask) -> None:
             body,
             source=partner.name,
             condition=condition,
-            if_match=_if_match(),
+            if_match=if_match_version(),
             authority=partner.is_consent_authority,
             detail=_prefer() == "OperationOutcome",
         )
@@ -451,7 +451,7 @@ def _resource_body(rtype: str) -> dict[str, Any]:
     return body
 
 
-def _if_match() -> int | None:
+def if_match_version() -> int | None:
     """The version an `If-Match: W/"n"` header names (None without one; 400 when unreadable)."""
     given = request.headers.get("If-Match")
     if given is None:

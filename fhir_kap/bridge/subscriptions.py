@@ -297,8 +297,12 @@ def register(app: Flask) -> None:
         row = _own(partner, sid)
         svc, _, subs = _svc()
         kept, spec = _checked_body(svc.release, partner, sid)
-        match = request.headers.get("If-Match")
-        if match and match.strip() not in (f'W/"{row.version}"', f'"{row.version}"'):
+        from .fhir import if_match_version
+
+        wanted = (
+            if_match_version()
+        )  # optional here (version-aware when given); unreadable: 400 as for resources
+        if wanted is not None and wanted != row.version:
             raise PreconditionFailed(
                 f"Subscription/{sid} is at version {row.version}", rule="http:if-match", code="conflict"
             )
@@ -436,7 +440,15 @@ def _operation_args() -> dict[str, str]:
             raise InputError(
                 "An operation's body is a Parameters resource", expression="Parameters", rule="fhir:operation"
             )
-        for p in body.get("parameter") or []:
+        given = body.get("parameter", [])
+        if not isinstance(given, list):
+            raise InputError(
+                "Parameters.parameter is a list of parameters",
+                pointer="/parameter",
+                expression="Parameters.parameter",
+                rule="fhir:operation",
+            )
+        for p in given:
             if isinstance(p, dict) and isinstance(p.get("name"), str):
                 for key in ("valueString", "valueCode", "valueInteger", "valueInteger64", "valueUnsignedInt"):
                     if key in p:

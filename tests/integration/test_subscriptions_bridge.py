@@ -572,3 +572,24 @@ def test_a_note_corrected_away_from_the_subscriber_is_never_named_nor_handed_out
     after = _events(b, "a", sid)
     assert status_of(after, release)["events"] == [("1", None)]
     assert len(after["entry"]) == 1  # the status alone: no resource, old or new
+
+
+@pytest.mark.parametrize("parameter", [5, True, 1.5, "x", {"name": "eventsSinceNumber"}])
+def test_events_with_parameters_that_are_no_list_is_400_naming_it(b, release, parameter):
+    sid = _create(b, "a", sub(release, "note"))["id"]
+    resp = b.post(
+        "a", f"/fhir/Subscription/{sid}/$events", {"resourceType": "Parameters", "parameter": parameter}
+    )
+    assert resp.status_code == 400 and is_outcome(resp)
+    assert "Parameters.parameter" in resp.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("if_match", "status"), [("yesterday", 400), ('W/"9"', 412)])
+def test_a_subscription_update_with_an_unreadable_or_stale_if_match_is_refused(b, release, if_match, status):
+    created = _create(b, "a", sub(release, "note"))
+    resp = b.client.put(
+        f"/fhir/Subscription/{created['id']}",
+        data=json.dumps(created),
+        headers=b.h("a", **{"Content-Type": FHIR, "If-Match": if_match}),
+    )
+    assert resp.status_code == status and is_outcome(resp)
