@@ -486,6 +486,7 @@ def _validate(rtype: str, rid: str | None) -> Response:
         query=request.args.to_dict(flat=False),
         inbound=svc.inbound,
         source=partner.name,
+        may_write=partner.allows(rtype, "write") and rtype in WRITE_TYPES,
     )
     return fhir_response(outcome, 200)
 

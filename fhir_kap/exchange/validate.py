@@ -41,10 +41,13 @@ def validate_operation(
     query: Mapping[str, Sequence[str]],
     inbound: Inbound,
     source: str,
+    may_write: bool = True,
 ) -> dict[str, Any]:
     """The OperationOutcome of `$validate` on `rtype` (an instance when `rid` is given) for the
     request `body` and its `query` parameters, asked by partner `source` (InputError when the
-    request itself cannot be read)."""
+    request itself cannot be read). `may_write`: whether `source` may write `rtype`; the bridge's
+    own create/update rules (authorship, identifier ownership, its own resources) are checked
+    only then, so a partner that cannot write learns nothing from them about others' data."""
     resource, mode, profile = _read_request(body, query)
     if mode in ("update", "delete") and rid is None:
         raise InputError(
@@ -85,10 +88,20 @@ def validate_operation(
     if profile is not None:
         issues += _profile(checked, rtype, profile)
     issues += Validator.load(inbound.release).validate(checked)
-    if mode in ("create", "update"):
+    if mode in ("create", "update") and not may_write:
+        issues.append(
+            Issue(
+                "information",
+                "informational",
+                f"this partner may not write {rtype}: only the FHIR and profile rules were checked, "
+                f"not the bridge's own {mode} rules",
+                rule="validate:no-write-scope",
+            )
+        )
+    elif mode in ("create", "update"):
         issues += _not_yet_said(issues, _inbound_issues(checked, rtype, rid, mode, inbound, source))
-    if not issues:
-        issues = [Issue("information", "informational", "No issues found", rule="validate:ok")]
+    if not any(i.severity != "information" for i in issues):
+        issues = [Issue("information", "informational", "No issues found", rule="validate:ok"), *issues]
     return operation_outcome(issues)
 
 

@@ -177,3 +177,22 @@ def test_the_capability_statement_is_valid_fhir(tmp_path, release):
     bridge = make_bridge(tmp_path, fhir_version=release)
     cs = bridge.get("a", "/fhir/metadata").get_json(force=True)
     assert Validator.load(Release.parse(release)).validate(cs) == []
+
+
+def test_a_partner_that_cannot_write_the_type_learns_nothing_from_the_bridges_own_rules(bridge):
+    """`reader` may not write Consents: $validate mode=create checks the FHIR and profile rules
+    only, so it cannot probe whether another partner's Consent identifier exists."""
+    bridge.post("clinic", "/fhir/Consent", load("Example-Consent-consent-1.json"))
+    taken = load("Example-Consent-consent-1.json")  # the clinic's identifier
+    free = dict(taken, identifier=[{**taken["identifier"][0], "value": "no-such-consent"}])
+    answers = [
+        _issues(bridge.post("reader", "/fhir/Consent/$validate", _params(c, mode="create")))
+        for c in (taken, free)
+    ]
+    assert answers[0] == answers[1]
+    assert ("information", "validate:no-write-scope") in answers[0]
+    assert not any(rule == "bridge:identifier-owner" for _, rule in answers[0])
+    # a partner that may write Consents is told (its own create would be refused)
+    assert "bridge:identifier-owner" in _errors(
+        bridge.post("a", "/fhir/Consent/$validate", _params(taken, mode="create"))
+    )
