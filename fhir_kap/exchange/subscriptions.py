@@ -223,6 +223,11 @@ def _instant(value: Any, expression: str) -> float | None:
     return moment.timestamp()
 
 
+#: The most values one filter parameter of a Subscription may list (alternatives, comma-separated
+#: or repeated): each is matched against every note or Task written.
+MAX_FILTER_VALUES = 50
+
+
 def _filters(topic: Topic, given: Sequence[tuple[str, str, str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(parameter, values) pairs; `given` is (parameter, value, expression) as written."""
     out: dict[str, list[str]] = {}
@@ -235,9 +240,17 @@ def _filters(topic: Topic, given: Sequence[tuple[str, str, str]]) -> tuple[tuple
                 "not-supported",
             )
         values = [v.strip() for v in value.split(",") if v.strip()]
-        if not values or any(len(v) > 256 for v in values):
-            raise _bad("A filter needs a value (at most 256 characters)", expression, "filter")
+        if not values or any(len(v) > 256 or not v.isprintable() for v in values):
+            raise _bad(
+                "A filter needs a value (printable characters, at most 256 of them)", expression, "filter"
+            )
         out.setdefault(name, []).extend(values)
+        if len(out[name]) > MAX_FILTER_VALUES:  # each is matched against every note written
+            raise _bad(
+                f"At most {MAX_FILTER_VALUES} values per filter parameter ('{name[:40]}')",
+                expression,
+                "filter",
+            )
     return tuple((k, tuple(v)) for k, v in sorted(out.items()))
 
 
