@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import CANONICAL, CS, Release
 from ..errors import Issue, ProfileError
 from ..fhir.textscan import looks_like_transcript
-from .paths import _at, _codes, _expr, _in_vs, _pointer
+from .paths import _at, _codes, _expr, _in_vs, _items, _pointer, _text
 
 if TYPE_CHECKING:
     from .rules import _Terminology
@@ -263,7 +263,7 @@ def _core_invariants(resource: dict[str, Any], rt: str, release: Release) -> lis
 
 
 def _note_texts(resource: dict[str, Any]) -> Iterator[tuple[str, tuple[Any, ...]]]:
-    for i, p in enumerate(resource.get("payload") or []):
+    for i, p in enumerate(_items(resource.get("payload"))):
         if not isinstance(p, dict):
             continue
         if isinstance(p.get("contentString"), str):
@@ -295,7 +295,11 @@ def _constraint_holds(
     """Evaluate a kap-* constraint; returns (message suffix, json path) for each violation."""
     raw_meta = resource.get("meta")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-    security = {(s.get("system"), s.get("code")) for s in meta.get("security") or [] if isinstance(s, dict)}
+    security = {
+        (_text(s.get("system")), _text(s.get("code")))
+        for s in _items(meta.get("security"))
+        if isinstance(s, dict)
+    }
     if key == "kap-sec-1":
         need = {(CS.V3_CONFIDENTIALITY, "R"), (CS.V3_ACTCODE, "PSY")}
         return [] if need <= security else [("", ("meta", "security"))]
@@ -303,11 +307,15 @@ def _constraint_holds(
         system = _SYSTEM_IN_EXPR.search(expression).group(1)  # type: ignore[union-attr]
         ok = any(
             isinstance(i, dict) and i.get("system") == system and i.get("value")
-            for i in resource.get("identifier") or []
+            for i in _items(resource.get("identifier"))
         )
         return [] if ok else [(f" (system {system})", ("identifier",))]
     if key == "kap-referral-1":
-        tags = {(t.get("system"), t.get("code")) for t in meta.get("tag") or [] if isinstance(t, dict)}
+        tags = {
+            (_text(t.get("system")), _text(t.get("code")))
+            for t in _items(meta.get("tag"))
+            if isinstance(t, dict)
+        }
         return [] if (CS.INFO_CATEGORY, "care-coordination") in tags else [("", ("meta", "tag"))]
     if key == "kap-session-1":
         cats = resource.get("category")
@@ -315,7 +323,7 @@ def _constraint_holds(
         dosing = any((CS.SESSION_KIND, "dosing") in _codes(c) for c in cats)
         n = sum(
             1
-            for e in resource.get("extension") or []
+            for e in _items(resource.get("extension"))
             if isinstance(e, dict) and e.get("url") == f"{CANONICAL}/StructureDefinition/kap-dose"
         )
         return [("", ("extension",))] if dosing and n != 1 else []

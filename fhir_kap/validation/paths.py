@@ -5,6 +5,10 @@ An issue names where it is twice: as a JSON pointer (`/provision/0/actor`) and a
 expression (`Consent.provision[0].actor`). `_at` and `_count` find the values at an element path,
 matching a choice stem (`performed`) to its variants (`performedPeriod`); `_codes`, `_in_vs` and
 `_matches_pattern` read codings.
+
+Every helper here takes any JSON: the profile rules and invariants also run on resources that
+failed the structure check, so a value of the wrong JSON type (a number for a list, a list for a
+code) reads as absent, never raises.
 """
 
 from __future__ import annotations
@@ -23,10 +27,26 @@ def _expr(root: str, parts: tuple[Any, ...]) -> str:
     return out
 
 
-def _codes(cc: Any) -> list[tuple[Any, Any]]:
+def _items(value: Any) -> list[Any]:
+    """The entries of a repeating element: a list as it is, anything else (wrong type) none."""
+    return value if isinstance(value, list) else []
+
+
+def _text(value: Any) -> str | None:
+    """A string value, or None where the value has another JSON type."""
+    return value if isinstance(value, str) else None
+
+
+def _codes(cc: Any) -> list[tuple[str | None, str | None]]:
+    """(system, code) of each coding of a CodeableConcept (or Coding-shaped dict); values of the
+    wrong JSON type read as None."""
     if not isinstance(cc, dict):
         return []
-    return [(c.get("system"), c.get("code")) for c in cc.get("coding") or [] if isinstance(c, dict)]
+    return [
+        (_text(c.get("system")), _text(c.get("code")))
+        for c in _items(cc.get("coding"))
+        if isinstance(c, dict)
+    ]
 
 
 def _at(node: Any, parts: list[str], path: tuple[Any, ...]) -> list[tuple[Any, tuple[Any, ...]]]:
@@ -86,5 +106,5 @@ def _in_vs(value: Any, vs: tuple[str, frozenset[str]]) -> bool:
     if isinstance(value, str):
         return value in codes
     if isinstance(value, dict) and "code" in value and "coding" not in value:
-        return value.get("system") == system and value.get("code") in codes
+        return value.get("system") == system and _text(value.get("code")) in codes
     return any(s == system and c in codes for s, c in _codes(value))

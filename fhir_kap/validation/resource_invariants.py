@@ -63,7 +63,8 @@ def resource_invariants(resource: dict[str, Any], rt: str, release: Release) -> 
     elif rt == "Questionnaire":
         _questionnaire_items(resource.get("item"), ("item",), out)
     elif rt == "RiskAssessment":
-        for i, p in enumerate(resource.get("prediction") or []):
+        prediction = resource.get("prediction")
+        for i, p in enumerate(prediction if isinstance(prediction, list) else []):
             v = p.get("probabilityDecimal") if isinstance(p, dict) else None
             if isinstance(v, (int, float)) and v > 100:
                 out.append(_issue("ras-2", "Probability must be <= 100", rt, ("prediction", i)))
@@ -208,7 +209,8 @@ def _bundle(b: dict[str, Any], release: Release, out: list[Issue]) -> None:
                         )
                     )
             meta = res.get("meta") if isinstance(res, dict) else None
-            key = (full, meta.get("versionId") if isinstance(meta, dict) else None)
+            vid = meta.get("versionId") if isinstance(meta, dict) else None
+            key = (full, vid if isinstance(vid, str) else None)  # a versionId of another type: none
             if kind != "history" and key in seen:
                 out.append(
                     _issue(

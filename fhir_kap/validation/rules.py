@@ -21,7 +21,7 @@ from ..config import Release, data_path
 from ..errors import Issue, quote
 from ..fhir.references import parse_reference
 from .invariants import _constraint_holds
-from .paths import _at, _count, _expr, _in_vs, _matches_pattern, _pointer
+from .paths import _at, _count, _expr, _in_vs, _items, _matches_pattern, _pointer
 
 # R4 profile paths (the StructureDefinitions are written for 4.0.1) as they are named in R5; None: no R5 twin.
 _R5_PATHS: dict[str, str | None] = {
@@ -177,7 +177,7 @@ def _check_extension(
                 )
             )
         return out
-    subs = [s for s in ext.get("extension") or [] if isinstance(s, dict)]
+    subs = [s for s in _items(ext.get("extension")) if isinstance(s, dict)]
     for name, sub in spec["subs"].items():
         found = [(i, s) for i, s in enumerate(subs) if s.get("url") == name]
         if len(found) < sub["min"] or (sub["max"] != "*" and len(found) > int(sub["max"])):
@@ -294,7 +294,7 @@ def _profile_issues(
         elif rule.kind == "extension":
             exts = [
                 (i, e)
-                for i, e in enumerate(resource.get("extension") or [])
+                for i, e in enumerate(_items(resource.get("extension")))
                 if isinstance(e, dict) and e.get("url") == rule.value
             ]
             n = len(exts)

@@ -7,7 +7,10 @@ resource is checked in this order: the generated structure validator (structure.
 resources, Bundle entries and Parameters resources are validated by recursing with their own
 type's validator), choice types and periods, core invariants (invariants.py: ele-1, ext-1,
 dom-2..5, bdl-*, ...), then the KAP profiles it claims in meta.profile (rules.py) and, on request,
-the fhir.resources models.
+the fhir.resources models. A resource that breaks the structure still gets the later checks, which
+read a value of the wrong JSON type as absent (so a profile rule can still say what is missing);
+should one trip all the same, the structure errors stand beside a `validation:checks-skipped`
+warning, and the validator never raises for bad input.
 
 Messages never quote free text from the resource (codes are quoted, truncated).
 """
@@ -120,18 +123,26 @@ class Validator:
             st.fast(resource, _FORMATS)
         except Exception:  # noqa: BLE001 - any fastjsonschema failure means: collect the details
             issues = _schema_issues(st, resource, rt, self.release)
-        if _walk_finds_something(resource, self._choices):
-            _walk_checks(resource, rt, (), self._choices, issues)
-        issues += _core_invariants(resource, rt, self.release)
-        issues += resource_invariants(resource, rt, self.release)
-        for parts, nested in _nested_resources(resource, rt):
-            issues += [_nest(x, rt, parts) for x in self._validate(nested, profile=profile, models=False)]
-        if profile:
-            meta = resource.get("meta")
-            for url in (meta.get("profile") or []) if isinstance(meta, dict) else []:
-                pr = self.profiles.get(str(url).split("|")[0])
-                if pr is not None and pr.type == rt:
-                    issues += _profile_issues(resource, rt, pr, self.release, self.term)
+        malformed = bool(issues)
+        try:
+            issues += self._rules(resource, rt, profile=profile)
+        except Exception:  # a last resort, see below
+            # The checks after the structure check read any JSON (a value of the wrong type reads as
+            # absent; tests/unit/test_validator_robustness.py type-swaps every element of the KAP
+            # examples). Should one still trip over a malformed resource, its structure errors
+            # stand and the skipped checks are named; on a well-formed resource it is a bug: raise.
+            if not malformed:
+                raise
+            issues.append(
+                Issue(
+                    "warning",
+                    "incomplete",
+                    f"Invariant and profile checks of this {rt} were skipped: it breaks the FHIR structure",
+                    rt,
+                    "",
+                    "validation:checks-skipped",
+                )
+            )
         if models:
             # fhir.resources is a second opinion with known false rejections (R5 `_id`, no 4.0.1
             # models, ...): where the FHIR rules above found no error, its objections are warnings.
@@ -140,6 +151,26 @@ class Validator:
                 i if own_error else dataclasses.replace(i, severity="warning")
                 for i in _model_issues(resource, rt, self.release)
             ]
+        return issues
+
+    def _rules(self, resource: dict[str, Any], rt: str, *, profile: bool) -> list[Issue]:
+        """The checks after the structure check: choice types and values, core and resource
+        invariants, the nested resources, and the KAP profiles named in meta.profile (a list of
+        canonical strings; entries of another type name no profile)."""
+        issues: list[Issue] = []
+        if _walk_finds_something(resource, self._choices):
+            _walk_checks(resource, rt, (), self._choices, issues)
+        issues += _core_invariants(resource, rt, self.release)
+        issues += resource_invariants(resource, rt, self.release)
+        for parts, nested in _nested_resources(resource, rt):
+            issues += [_nest(x, rt, parts) for x in self._validate(nested, profile=profile, models=False)]
+        if profile:
+            meta = resource.get("meta")
+            claimed = meta.get("profile") if isinstance(meta, dict) else None
+            for url in claimed if isinstance(claimed, list) else []:
+                pr = self.profiles.get(url.split("|")[0]) if isinstance(url, str) else None
+                if pr is not None and pr.type == rt:
+                    issues += _profile_issues(resource, rt, pr, self.release, self.term)
         return issues
 
     def check(self, resource: dict[str, Any], *, profile: bool = True) -> None:
