@@ -427,3 +427,38 @@ def test_overview__counts_by_state_and_endpoint_and_latest_denial(console, op):
 def test_bad_posts__4xx_page_never_500(console, op, path, data, status):
     resp = post(op, path, data)
     assert resp.status_code == status and "text/html" in resp.content_type
+
+
+# ---- refused logins: bounded per client address, only account names logged
+
+
+def test_refused_logins__throttled_per_address_and_logged_boundedly(console):
+    from fhir_kap.bridge.console.security import LOGIN_REFUSALS
+
+    client = console.app.test_client()
+    before = len(log_entries(console, "login"))
+    for i in range(LOGIN_REFUSALS + 5):
+        resp = login(client, name=f"mallory{i}", password="wrong")
+        if i < LOGIN_REFUSALS:
+            assert resp.status_code == 303
+        else:
+            assert resp.status_code == 429  # tried no more, logged no more
+    entries = log_entries(console, "login")[: len(log_entries(console, "login")) - before]
+    assert len(entries) == LOGIN_REFUSALS + 1  # each refused try, and "throttled" once
+    assert sum(e.detail == "throttled" for e in entries) == 1
+    # another address still logs in
+    other = console.app.test_client()
+    page_ = other.get("/console/login", environ_base={"REMOTE_ADDR": "10.0.0.9"})
+    resp = other.post(
+        "/console/login",
+        environ_base={"REMOTE_ADDR": "10.0.0.9"},
+        data={"csrf": csrf_of(page_.get_data(as_text=True)), "name": "alice", "password": PASSWORD},
+    )
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("/console/")
+
+
+def test_a_refused_login_logs_the_name_only_when_it_could_be_an_account(console):
+    client = console.app.test_client()
+    login(client, name="x\u202e<b>evil</b>", password="wrong")
+    entry = log_entries(console, "login")[0]
+    assert entry.operator is None and entry.target is None and entry.outcome == "refused"

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 
 from flask import Flask, g, request
 from werkzeug.wrappers import Response
@@ -67,12 +69,57 @@ def secure_headers(resp: Response) -> Response:
     return resp
 
 
+#: Refused logins from one client address this process answers within LOGIN_WINDOW seconds before
+#: it answers 429 (and logs that once per window) instead of trying, or logging, any more.
+LOGIN_REFUSALS = 10
+LOGIN_WINDOW = 300.0
+
+
+@dataclass
+class LoginThrottle:
+    """Refused logins per client address, per process (bounded): an anonymous client cannot
+    flood the operator log or try passwords at speed. Several workers each keep their own count."""
+
+    limit: int = LOGIN_REFUSALS
+    window: float = LOGIN_WINDOW
+    max_addresses: int = 10_000
+
+    def __post_init__(self) -> None:
+        self._seen: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> list[float]:
+        kept = [t for t in self._seen.get(address, ()) if now - t < self.window]
+        if kept:
+            self._seen[address] = kept
+        else:
+            self._seen.pop(address, None)
+        return kept
+
+    def blocked(self, address: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return len(self._recent(address, now)) >= self.limit
+
+    def refused(self, address: str, now: float | None = None) -> bool:
+        """Count a refusal; True when this one reaches the limit (log it once, then stop)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if address not in self._seen and len(self._seen) >= self.max_addresses:
+                self._seen.pop(next(iter(self._seen)))  # the oldest address: memory stays bounded
+            recent = self._recent(address, now)
+            recent.append(now)
+            self._seen[address] = recent
+            return len(recent) == self.limit
+
+
 @dataclass
 class ConsoleGate:
     """Sessions and cookies of the console, on the app's database."""
 
     operators: Operators
     secure_cookie: bool = True
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     @classmethod
     def for_app(cls, app: Flask, operators: Operators) -> ConsoleGate:

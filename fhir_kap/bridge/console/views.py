@@ -54,6 +54,8 @@ _CODE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 _REASON = re.compile(r"^[A-Za-z0-9 .:_\-]{1,100}$")
 _REF = re.compile(r"^[A-Za-z0-9|:/._\-]{1,200}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+#: What an operator account name may be (storage/operators.py): only such a name is logged.
+_OPERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 _WEBHOOK_STATES = ("pending", "sending", "delivered", "dead")
 
 blueprint = Blueprint(
@@ -137,11 +139,18 @@ def login_form() -> Response:
 @blueprint.post("/login")
 def login() -> Response:
     gate = _gate()
-    name = (request.form.get("name") or "")[:64]
+    given = (request.form.get("name") or "")[:64]
+    name = given if _OPERATOR_NAME.match(given) else ""  # only a possible account name is logged
+    address = request.remote_addr or "-"
+    if gate.throttle.blocked(address):
+        abort(429, "Too many refused logins from this address: wait a few minutes.")
     if not gate.login_token_ok():
-        gate.operators.log(name or None, "login", name or None, "refused", "csrf")
+        if gate.throttle.refused(address):
+            gate.operators.log(None, "login", None, "refused", "throttled")
         return _refused("The login form's security token is missing or wrong: reload the page.")
-    ok, why = gate.operators.verify(name, request.form.get("password") or "")
+    ok, why = gate.operators.verify(given, request.form.get("password") or "")  # one hash whatever the name
+    if not ok and gate.throttle.refused(address):
+        gate.operators.log(None, "login", None, "refused", "throttled")
     gate.operators.log(name or None, "login", name or None, "ok" if ok else "refused", why)
     if not ok:
         return redirect(url_for("console.login_form", failed="locked" if why == "locked" else "1"), 303)
