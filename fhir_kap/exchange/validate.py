@@ -181,7 +181,8 @@ def _profile(resource: dict[str, Any], rtype: str, profile: str) -> list[Issue]:
         ]
     meta = resource.get("meta")
     meta = dict(meta) if isinstance(meta, dict) else {}
-    claimed = [p for p in meta.get("profile") or [] if isinstance(p, str)]
+    given = meta.get("profile")
+    claimed = [p for p in (given if isinstance(given, list) else []) if isinstance(p, str)]
     meta["profile"] = claimed if url in claimed else [*claimed, url]
     resource["meta"] = meta
     return []

@@ -92,3 +92,13 @@ def test_validate_answers_the_errors_of_a_wrongly_typed_element(bridge, path, bo
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert is_outcome(resp)
     assert expression in _expressions(resp), resp.get_data(as_text=True)
+
+
+def test_validate_against_a_kap_profile_with_a_wrongly_typed_meta_profile_is_no_500(bridge):
+    resp = bridge.post(
+        "reader",
+        "/fhir/ServiceRequest/$validate?profile=http://fhir-kap.example/StructureDefinition/kap-referral",
+        {"resourceType": "ServiceRequest", "meta": {"profile": 5}},
+    )
+    assert resp.status_code == 200 and is_outcome(resp), resp.get_data(as_text=True)
+    assert _expressions(resp)  # the referral's errors, named
