@@ -223,6 +223,14 @@ def check_condition(params: Mapping[str, Sequence[str]]) -> None:
             expression="If-None-Exist",
             rule="http:if-none-exist",
         )
+    empty = sorted(name for name, values in params.items() if not any(v.strip() for v in values))
+    if empty:
+        raise InputError(
+            f"The condition's parameter '{empty[0][:40]}' has no value: it would select nothing, and "
+            "the resource would be created again; give one such as identifier=SYSTEM|VALUE",
+            expression="If-None-Exist",
+            rule="http:if-none-exist",
+        )
 
 
 def instant_now() -> str:

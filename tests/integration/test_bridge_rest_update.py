@@ -359,3 +359,14 @@ def test_the_writer_corrects_its_own_note_session_or_party_and_nobody_else_can(b
     assert all(stored[k] == v for k, v in change.items())
     history = bridge.get("clinic", f"{path}/_history").get_json(force=True)
     assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "POST"]
+
+
+@pytest.mark.parametrize("query", ["identifier=", "identifier=%20", "identifier=&status=active"])
+def test_a_condition_with_an_empty_value_is_400_and_creates_nothing(bridge, query):
+    before = bridge.get("a", "/fhir/ServiceRequest?_count=0").get_json(force=True)["total"]
+    body = load("Example-ServiceRequest-referral-1.json")
+    resp = _put(bridge, "a", f"/fhir/ServiceRequest?{query}", body)
+    assert resp.status_code == 400 and is_outcome(resp) and "has no value" in _rule(resp)
+    posted = bridge.post("a", "/fhir/ServiceRequest", body, **{"If-None-Exist": query})
+    assert posted.status_code == 400 and is_outcome(posted)
+    assert bridge.get("a", "/fhir/ServiceRequest?_count=0").get_json(force=True)["total"] == before
