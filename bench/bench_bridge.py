@@ -9,7 +9,10 @@ both in four interleaved rounds (ABBA) and reports req/s and p50/p99 for each. T
 (FastAPI + SQLite), takes the same POST in the same rounds as a peer when it is installed:
 the bridge should keep >= 2.5x its throughput with a p99 no higher than its p99.
 Other worker models for comparison: `BENCH_BRIDGE_WORKERS=N`, `BENCH_BRIDGE_THREADS=N` (N > 1:
-gthread workers with keep-alive) and `BENCH_BRIDGE_SERVE_ARGS="--reuse-port"`.
+gthread workers with keep-alive) and `BENCH_BRIDGE_SERVE_ARGS="--reuse-port"`;
+`BENCH_BRIDGE_CONNECTIONS=N` (default 4, the target's baseline) sets the load generator's
+keep-alive connections: with 4 connections on 3 workers their placement decides how many workers
+get work (docs/measurements/2026-12-04-post-cpu.md).
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def _sekmet() -> Any:
 
 def run(quick: bool = False) -> list[dict]:
     n = 600 if quick else 4000
-    threads = 4
+    threads = int(os.environ.get("BENCH_BRIDGE_CONNECTIONS", "4"))
     cap = 20.0 if quick else 60.0
     with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
         env = {
