@@ -130,10 +130,12 @@ def register(subparsers: Any) -> None:
     )
     add.add_argument("name")
     add.add_argument("--org-identifier", metavar="SYSTEM|VALUE", default=None)
-    add.add_argument("--npi", nargs="+", default=[], metavar="NPI")
+    # action="extend": `--npi A B` and `--npi A --npi B` both keep every value
+    add.add_argument("--npi", nargs="+", action="extend", default=[], metavar="NPI")
     add.add_argument(
         "--reference",
         nargs="+",
+        action="extend",
         default=[],
         metavar="TYPE/ID",
         help="literal references naming the partner, e.g. Organization/practice-a",

@@ -420,3 +420,26 @@ def test_cli_subscription_origins(tmp_path, monkeypatch, capsys):
     ]
     assert main(["partners", "subscription-origins", "practice-a", "https://x.example/path"]) != 0
     assert main(["partners", "subscription-origins", "ghost", "https://x.example"]) != 0
+
+
+def test_cli_add__repeated_reference_and_npi_options_keep_every_value(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fhir_kap.cli import main
+
+    monkeypatch.setenv("FHIR_KAP_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("FHIR_KAP_DATABASE_URL", raising=False)
+    args = ["partners", "add", "practice-a", "--reference", "Practitioner/t-1"]
+    args += [
+        "--reference",
+        "PractitionerRole/r-1",
+        "Organization/o-1",
+        "--npi",
+        "1234567893",
+        "--npi",
+        "1245319599",
+    ]
+    assert main(args) == 0
+    added = json.loads(capsys.readouterr().out)["partner"]
+    assert added["references"] == ["Practitioner/t-1", "PractitionerRole/r-1", "Organization/o-1"]
+    assert added["npis"] == ["1234567893", "1245319599"]
