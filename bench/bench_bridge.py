@@ -146,41 +146,47 @@ def _sekmet() -> Any:
         return None
 
 
+def served_env(data_dir: str) -> tuple[dict[str, str], str]:
+    """The environment `fhir-kap serve` runs in for a benchmark (a fresh data dir, warnings only)
+    and the bearer token of its `bench` partner, registered there."""
+    env = {
+        **os.environ,
+        "FHIR_KAP_DATA_DIR": data_dir,
+        "PYTHONPATH": str(ROOT),
+        "FHIR_KAP_LOG_LEVEL": "WARNING",
+    }
+    env.pop("FHIR_KAP_DATABASE_URL", None)
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fhir_kap.cli",
+            "partners",
+            "add",
+            "bench",
+            # the note is the clinic's (sender Organization/kap-clinic): the bridge takes it
+            # only from a clinic system that the sender names (authorship, issue 14)
+            "--reference",
+            "Organization/kap-clinic",
+            "--scopes",
+            "system/*.read",
+            "system/*.write",
+            "kap/clinic",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return env, json.loads(added.stdout)["token"]
+
+
 def run(quick: bool = False) -> list[dict]:
     n = 600 if quick else 4000
     threads = int(os.environ.get("BENCH_BRIDGE_CONNECTIONS", "4"))
     cap = 20.0 if quick else 60.0
     with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
-        env = {
-            **os.environ,
-            "FHIR_KAP_DATA_DIR": tmp,
-            "PYTHONPATH": str(ROOT),
-            "FHIR_KAP_LOG_LEVEL": "WARNING",
-        }
-        env.pop("FHIR_KAP_DATABASE_URL", None)
-        added = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fhir_kap.cli",
-                "partners",
-                "add",
-                "bench",
-                # the note is the clinic's (sender Organization/kap-clinic): the bridge takes it
-                # only from a clinic system that the sender names (authorship, issue 14)
-                "--reference",
-                "Organization/kap-clinic",
-                "--scopes",
-                "system/*.read",
-                "system/*.write",
-                "kap/clinic",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        token = json.loads(added.stdout)["token"]
+        env, token = served_env(tmp)
         port = _free_port()
         workers = os.environ.get("BENCH_BRIDGE_WORKERS")
         server = subprocess.Popen(

@@ -98,36 +98,7 @@ def served(args: argparse.Namespace) -> None:
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="profile-served-") as tmp:
-        env = {
-            **os.environ,
-            "FHIR_KAP_DATA_DIR": tmp,
-            "PYTHONPATH": str(ROOT),
-            "FHIR_KAP_LOG_LEVEL": "WARNING",
-        }
-        env.pop("FHIR_KAP_DATABASE_URL", None)
-        added = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fhir_kap.cli",
-                "partners",
-                "add",
-                "bench",
-                "--reference",
-                "Organization/kap-clinic",
-                "--scopes",
-                "system/*.read",
-                "system/*.write",
-                "kap/clinic",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        import json
-
-        token = json.loads(added.stdout)["token"]
+        env, token = bench_bridge.served_env(tmp)
         port = bench_bridge._free_port()
         server = subprocess.Popen(
             [

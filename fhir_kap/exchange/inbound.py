@@ -127,6 +127,19 @@ class Accepted:
     updated: bool = False  # a new version of an existing resource (an update), not a create or a match
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A partner's resource past the pre-commit checks (`Inbound._checked`): as filled by its
+    authorship rule, with what the checks used and found."""
+
+    resource: dict[str, Any]
+    partner: Partner | None
+    author: Authorship | None
+    resolver: Resolver
+    record: dict[str, Any] | None
+    issues: tuple[Issue, ...]
+
+
 class StoreLookup:
     """The bridge's context for resolving references: the sender's own stored resources (a
     partner's references never resolve to, or reveal, another partner's resources)."""
@@ -246,22 +259,9 @@ class Inbound:
         the record would keep of the resource (issue `import:kept`; the bridge stores the resource
         as sent, so it is only worth its cost when the issues are shown).
         """
-        if _CONDITIONAL.search(orjson.dumps(resource)):
-            raise InputError(
-                "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
-                "Bundle (POST /fhir); name the resource by its id or by identifier",
-                rule="bridge:conditional-reference",
-                code="not-supported",
-            )
-        partner = self._partner(source)
-        author = self._authorship(partner)
-        if author is not None:
-            resource = author.fill(resource)
-        resolver = Resolver((), StoreLookup(self.store, source))
-        record, issues = self.inspect(resource, resolver=resolver, detail=detail)
-        if author is not None:
-            author.check(resource, resolver)
-        self._check_identifiers(partner, [("", resource)])
+        c = self._checked(resource, source, detail=detail)
+        resource, partner, author, resolver, record = c.resource, c.partner, c.author, c.resolver, c.record
+        issues = c.issues
         trusted = self._trusted(source, authority, [resource])
         cond: Mapping[str, Sequence[str]] | None
         if if_none_exist is not None:
@@ -312,22 +312,9 @@ class Inbound:
                 rule="bridge:update-type",
                 code="not-supported",
             )
-        if _CONDITIONAL.search(orjson.dumps(resource)):
-            raise InputError(
-                "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
-                "Bundle (POST /fhir); name the resource by its id or by identifier",
-                rule="bridge:conditional-reference",
-                code="not-supported",
-            )
-        partner = self._partner(source)
-        author = self._authorship(partner)
-        if author is not None:
-            resource = author.fill(resource)
-        resolver = Resolver((), StoreLookup(self.store, source))
-        record, issues = self.inspect(resource, resolver=resolver, detail=detail)
-        if author is not None:
-            author.check(resource, resolver)
-        self._check_identifiers(partner, [("", resource)])
+        c = self._checked(resource, source, detail=detail)
+        resource, partner, author, resolver, record = c.resource, c.partner, c.author, c.resolver, c.record
+        issues = c.issues
         trusted = self._trusted(source, authority, [resource])
         scope = self._scope(partner, author, trusted, [resource], resolver)
         cond = condition if condition is not None else {"_id": [str(rid)]}
@@ -421,19 +408,32 @@ class Inbound:
         """The issues a create of `resource` by `source` meets on the inbound path (profile, KAP
         record, authorship, identifier ownership), its errors being what it would be refused
         for; nothing is stored (`$validate` in mode create / update)."""
-        partner = self._partner(source)
-        author = self._authorship(partner)
-        resolver = Resolver((), StoreLookup(self.store, source))
         try:
-            if author is not None:
-                resource = author.fill(resource)
-            _, issues = self.inspect(resource, resolver=resolver)
-            if author is not None:
-                author.check(resource, resolver)
-            self._check_identifiers(partner, [("", resource)])
+            return list(self._checked(resource, source).issues)
         except KapError as exc:
             return list(exc.issues)
-        return list(issues)
+
+    def _checked(self, resource: dict[str, Any], source: str | None, *, detail: bool = True) -> _Checked:
+        """The checks every partner write meets before its transaction (create, update, and
+        `preview`): no conditional reference outside a transaction, authorship filled and checked,
+        profile and KAP record (`inspect`), identifier ownership. Raises the first refusal."""
+        if _CONDITIONAL.search(orjson.dumps(resource)):
+            raise InputError(
+                "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
+                "Bundle (POST /fhir); name the resource by its id or by identifier",
+                rule="bridge:conditional-reference",
+                code="not-supported",
+            )
+        partner = self._partner(source)
+        author = self._authorship(partner)
+        if author is not None:
+            resource = author.fill(resource)
+        resolver = Resolver((), StoreLookup(self.store, source))
+        record, issues = self.inspect(resource, resolver=resolver, detail=detail)
+        if author is not None:
+            author.check(resource, resolver)
+        self._check_identifiers(partner, [("", resource)])
+        return _Checked(resource, partner, author, resolver, record, issues)
 
     def is_authority(self, source: str | None) -> bool:
         """Whether the partner named `source` is a consent authority (unknown or revoked: no)."""

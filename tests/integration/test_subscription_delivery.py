@@ -6,50 +6,23 @@ a revoked partner) posted nothing more, and the legacy hook untouched beside the
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from fhir_kap.fhir.retry import Backoff
 from testkit.bridge import FHIR, load
+from testkit.receiver import ScriptedReceiver
 from testkit.subscriptions import FIXTURE_ORIGIN, fixture, register_origin, sub
 
 
-class Receiver:
+class Receiver(ScriptedReceiver):
     """A subscriber's endpoint answering from a script of statuses (then 200)."""
 
-    def __init__(self) -> None:
-        self.script: list[tuple[int, dict[str, str]]] = []
-        self.received: list[tuple[Any, dict[str, Any]]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.received.append((self.headers, body))
-                    status, headers = outer.script.pop(0) if outer.script else (200, {})
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/notify"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
     def bundles(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [b for _, b in self.received]
+        return self.bodies()
 
     def kinds(self, release: str) -> list[str]:
         return [_kind(b, release) for b in self.bundles()]

@@ -7,9 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,39 +15,14 @@ from fhir_kap.exchange.webhooks import EVENT_COMMUNICATION, EVENT_TASK, Notifier
 from fhir_kap.fhir.retry import Backoff
 from fhir_kap.storage.db import Database
 from testkit.bridge import FHIR, load
+from testkit.receiver import ScriptedReceiver
 
 
-class Receiver:
+class Receiver(ScriptedReceiver):
     """A partner's webhook endpoint that answers from a script: [(status, headers), ...], then 204."""
 
     def __init__(self) -> None:
-        self.script: list[tuple[int, dict[str, str]]] = []
-        self.received: list[tuple[Any, bytes]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with outer.lock:
-                    outer.received.append((self.headers, body))  # case-insensitive names
-                    status, headers = outer.script.pop(0) if outer.script else (204, {})
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def bodies(self) -> list[dict]:
-        with self.lock:
-            return [json.loads(b) for _, b in self.received]
+        super().__init__(204, "/hook")
 
 
 @pytest.fixture
