@@ -8,8 +8,10 @@ both in four interleaved rounds (ABBA) and reports req/s and p50/p99 for each. T
 (the load generator shares the 2 cores), p99 <= 4x the floor's p99. SEKMET, the test FHIR server
 (FastAPI + SQLite), takes the same POST in the same rounds as a peer when it is installed:
 the bridge should keep >= 2.5x its throughput with a p99 no higher than its p99.
-Other worker models for comparison: `BENCH_BRIDGE_WORKERS=N`, `BENCH_BRIDGE_THREADS=N` (N > 1:
-gthread workers with keep-alive) and `BENCH_BRIDGE_SERVE_ARGS="--reuse-port"`;
+Other worker models for comparison: `BENCH_BRIDGE_WORKERS=N`, `BENCH_BRIDGE_THREADS=N`,
+`BENCH_BRIDGE_SERVE_ARGS="--inline-max-bytes -1"` (every request handed to a thread, which
+`fhir-kap serve` itself chooses on a disk slower than 0.3 ms per sync, or PostgreSQL),
+`--sync` and `--reuse-port`;
 `BENCH_BRIDGE_CONNECTIONS=N` (default 4, the target's baseline) sets the load generator's
 keep-alive connections: with 4 connections on 3 workers their placement decides how many workers
 get work (docs/measurements/2026-12-04-post-cpu.md).
@@ -207,12 +209,19 @@ def run(quick: bool = False) -> list[dict]:
                 *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split(),
             ],
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=open(Path(tmp) / "serve.out", "wb"),
             stderr=subprocess.DEVNULL,
         )
         peer = _sekmet()
         try:
             _wait(port, server)
+            # the serving model fhir-kap serve chose (and why), from its banner
+            serving = [
+                line.strip()
+                for line in (Path(tmp) / "serve.out").read_text().splitlines()
+                if line.strip().startswith("serving:")
+            ]
+            print(f"  bridge {serving[0] if serving else 'serving: (no banner)'}", file=sys.stderr)
             body = _body()
             headers = {
                 "Content-Type": "application/fhir+json",

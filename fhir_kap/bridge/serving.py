@@ -1,4 +1,4 @@
-"""How `fhir-kap serve` serves the bridge: an event loop reads whole requests, threads run Flask.
+"""How `fhir-kap serve` serves the bridge: an event loop reads whole requests, then runs Flask.
 
 Room: bridge/ (layer 4, entry point): may import any room; only cli/ imports it (uvicorn and
 gunicorn are imported here, never at package import).
@@ -6,10 +6,27 @@ gunicorn are imported here, never at package import).
 Why: a sync worker (the earlier default) waits on its socket while a client sends its headers
 one line every few seconds, so a handful of such connections made `/readyz` and every partner
 time out. Here each gunicorn worker process runs an asyncio loop (uvicorn's HTTP protocol, on
-httptools) that reads requests as their bytes arrive; a request reaches the Flask app, on one of
-the worker's few threads, only once its head and its whole body are in memory. A slow client
-then costs a socket and a few kilobytes, never a thread, and the app's answer (the durable
-commit included) is what the client receives, as before.
+httptools) that reads requests as their bytes arrive; a request reaches the Flask app only once
+its head and its whole body are in memory. A slow client then costs a socket and a few
+kilobytes, never a thread, and the app's answer (the durable commit included) is what the
+client receives, as before.
+
+Where the app runs: a request whose body is at most `inline_max_bytes` (single resources,
+searches, reads, the console) runs on the loop's own thread, which pauses reading meanwhile, as
+a sync worker would, but only ever for a request already whole. Handing it to a thread instead
+costs ~70-110 µs of CPU per request (the hand-off and the GIL passing between the two threads):
+10-25 % of the bridge's throughput on 2 cores. But a request on the loop also holds the loop
+while its commit waits for the disk, and commits on the loop are never shared: on a disk whose
+sync takes ~0.5 ms or more, the threads (where a worker's concurrent writes share one commit)
+win instead. So `fhir-kap serve` chooses by measuring (`default_inline_max_bytes`): 64 KB on the
+loop when the data disk's durable append takes at most `FAST_SYNC_SECONDS` on an idle disk,
+every request on the threads (`-1`) on a slower disk or PostgreSQL (every statement there is a
+network round trip). Measurements: docs/measurements/2026-12-04-serving-inline.md. A larger
+request (a transaction Bundle, a bulk import) always runs on one of the worker's `threads`, so
+the loop goes on reading and answering the worker's other connections meanwhile. A request on
+the loop also pauses the worker's heartbeat: like a sync worker's, it must end within the
+arbiter's worker timeout (60 s), far above anything a small request does (a write waits at most
+30 s for SQLite's lock before it is refused).
 
 The limits, each with its default in `ServeLimits`:
 - `read_timeout`: a request must arrive whole (head and body) within this many seconds of its
@@ -33,7 +50,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BufferedWsgi", "ServeLimits", "worker_class"]
+__all__ = [
+    "FAST_SYNC_SECONDS",
+    "INLINE_MAX_BYTES",
+    "BufferedWsgi",
+    "ServeLimits",
+    "default_inline_max_bytes",
+    "worker_class",
+]
 
 
 @dataclass(frozen=True)
@@ -46,16 +70,41 @@ class ServeLimits:
     drain_bytes: int = 16_000_000
     max_connections: int = 1000
     threads: int = 4
+    inline_max_bytes: int = -1
+
+    def runs_inline(self, body_bytes: int) -> bool:
+        """Whether a request with this many body bytes runs on the event loop's thread."""
+        return 0 <= self.inline_max_bytes and body_bytes <= self.inline_max_bytes
+
+
+#: Idle-disk latency of a durable append (`Database.sync_latency`) up to which requests run on
+#: the loop by default. Measured on 2 cores (bench_bridge.py, a delay added to every WAL sync):
+#: the loop wins by 10-25 % at the disk's own ~0.15 ms, breaks even at ~0.35 ms, loses 14-35 %
+#: at 0.65-2.15 ms.
+FAST_SYNC_SECONDS = 0.0003
+#: The body size up to which a request runs on the loop when it does (above: a Bundle, an import).
+INLINE_MAX_BYTES = 65_536
+
+
+def default_inline_max_bytes(sync_seconds: float | None) -> int:
+    """`inline_max_bytes` when the operator did not choose: INLINE_MAX_BYTES where a commit's
+    wait for the disk is short (`sync_seconds` <= FAST_SYNC_SECONDS), else -1 (every request on
+    the threads, where concurrent writes share commits): a slower disk, one that could not be
+    measured, or PostgreSQL (None)."""
+    if sync_seconds is not None and sync_seconds <= FAST_SYNC_SECONDS:
+        return INLINE_MAX_BYTES
+    return -1
 
 
 _TOO_LARGE = b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"too-long","diagnostics":"http:413","details":{"text":"Request body too large"}}]}'
 
 
 class BufferedWsgi:
-    """An ASGI app that reads each request whole, then runs a WSGI app on a thread pool.
+    """An ASGI app that reads each request whole, then runs a WSGI app on it.
 
     The WSGI app sees an ordinary environ with `wsgi.input` over the bytes read and
-    `CONTENT_LENGTH` their number. A body over `limits.max_body_bytes` is drained (up to
+    `CONTENT_LENGTH` their number. It runs on the loop's thread or on the pool, as
+    `limits.runs_inline` says. A body over `limits.max_body_bytes` is drained (up to
     `limits.drain_bytes`) and the app gets an empty input and the declared (or counted) length,
     so Flask's `MAX_CONTENT_LENGTH` answers 413 as it would in-process.
     """
@@ -122,8 +171,13 @@ class BufferedWsgi:
         body = b"" if over else b"".join(chunks)
         length = max(size, declared or 0) if over else len(body)
         environ = _environ(scope, body, length)
-        loop = asyncio.get_running_loop()
-        status, out_headers, payload = await loop.run_in_executor(self._executor(), _run, self.wsgi, environ)
+        if self.limits.runs_inline(len(body)):
+            status, out_headers, payload = _run(self.wsgi, environ)
+        else:
+            loop = asyncio.get_running_loop()
+            status, out_headers, payload = await loop.run_in_executor(
+                self._executor(), _run, self.wsgi, environ
+            )
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": payload})
 

@@ -42,10 +42,11 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="settings file (TOML)")
     # The serving model (fhir_kap/bridge/serving.py): gunicorn's arbiter runs worker processes,
-    # each an asyncio loop (uvicorn, httptools) that reads every request whole before one of the
-    # worker's few threads runs Flask on it, so clients that send slowly hold a socket, never a
-    # worker (sync workers were starved by a handful of them: issue 14). Measurements
-    # (bench/bench_bridge.py, 2 cores, load generator beside it) are in docs/performance.md.
+    # each an asyncio loop (uvicorn, httptools) that reads every request whole before Flask runs
+    # it (on the loop's thread, or on one of the worker's few threads for a large body or a
+    # slow disk), so clients that send slowly hold a socket, never a worker (sync workers were
+    # starved by a handful of them: issue 14). Measurements (bench/bench_bridge.py, 2 cores,
+    # load generator beside it) are in docs/performance.md.
     # --sync keeps the earlier gunicorn sync workers, for a front that buffers whole requests
     # and enforces header and body timeouts itself (nginx with proxy_request_buffering on).
     serve.add_argument(
@@ -58,8 +59,19 @@ def register(subparsers: Any) -> None:
         "--threads",
         type=int,
         default=None,
-        help="threads per worker running the app (default 4; concurrent writes of a worker share "
-        "one commit); with --sync and N > 1, gunicorn gthread workers",
+        help="threads per worker running requests larger than --inline-max-bytes (default 4; "
+        "concurrent writes of a worker share one commit); with --sync and N > 1, gunicorn "
+        "gthread workers",
+    )
+    serve.add_argument(
+        "--inline-max-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run a request whose body is at most N bytes on the worker's event-loop thread "
+        "(no thread hand-off); larger ones run on the worker's threads while the loop goes on "
+        "reading; -1: every request on the threads. Default: 65536 when the SQLite data disk "
+        "syncs within 0.3 ms (measured at start), else -1 (also for PostgreSQL)",
     )
     serve.add_argument(
         "--read-timeout",
@@ -363,7 +375,15 @@ def _banner(args: argparse.Namespace, settings: Any) -> str:
         model = f"{args.workers} sync worker(s){f' x {args.threads} threads' if (args.threads or 1) > 1 else ''} (behind a buffering front only)"
     else:
         threads = 4 if args.threads is None else args.threads
-        model = f"{args.workers} worker(s) x {threads} threads, requests read whole (read timeout {args.read_timeout:g} s)"
+        why = getattr(args, "inline_reason", "")
+        inline = (
+            f"bodies up to {args.inline_max_bytes:,} bytes on the loop{why}, larger on {threads} threads"
+            if args.inline_max_bytes is not None and args.inline_max_bytes >= 0
+            else f"every request on {threads} threads{why}"
+        )
+        model = (
+            f"{args.workers} worker(s), requests read whole (read timeout {args.read_timeout:g} s), {inline}"
+        )
     public = f"\n  public base: {args.base_url}" if args.base_url else ""
     metrics_port = getattr(args, "metrics_port", None)
     metrics = (
@@ -399,6 +419,24 @@ def _tag_local_port(wsgi: Any) -> Any:
     return tagged
 
 
+def _inline_choice(settings: Any) -> tuple[int, str]:
+    """The default `--inline-max-bytes`, chosen by measuring the data disk once (see
+    bridge/serving.py), and the reason the banner gives for it."""
+    from ..bridge.serving import default_inline_max_bytes
+    from ..storage.db import Database
+
+    try:
+        seconds = Database(settings.db_url).sync_latency()
+    except OSError as exc:
+        return default_inline_max_bytes(None), f" (the data disk could not be measured: {exc.strerror})"
+    if seconds is None:
+        return default_inline_max_bytes(None), " (PostgreSQL: concurrent writes share commits)"
+    chosen = default_inline_max_bytes(seconds)
+    if chosen >= 0:
+        return chosen, f" (the data disk syncs in {seconds * 1000:.2f} ms)"
+    return chosen, f" (the data disk syncs in {seconds * 1000:.2f} ms: concurrent writes share commits)"
+
+
 def _serve(args: argparse.Namespace, settings: Any) -> int:
     from ..errors import InputError
 
@@ -427,6 +465,8 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             "--metrics-port must differ from --port (metrics stay off the partner port)",
             rule="cli:argument",
         )
+    if not args.dev and not args.sync and args.inline_max_bytes is None:
+        args.inline_max_bytes, args.inline_reason = _inline_choice(settings)
     print(_banner(args, settings), flush=True)
     if args.dev:
         create_app(settings, options).run(host=args.host, port=args.port, threaded=True)
@@ -440,6 +480,7 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
         read_timeout=args.read_timeout,
         keepalive=args.keepalive,
         threads=max(1, 4 if args.threads is None else args.threads),
+        inline_max_bytes=max(-1, -1 if args.inline_max_bytes is None else args.inline_max_bytes),
     )
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]

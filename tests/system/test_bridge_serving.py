@@ -224,7 +224,7 @@ def test_serve_says_where_it_listens_and_on_what_never_a_credential(served: Serv
 def test_the_banner_shows_a_postgresql_database_without_its_credentials() -> None:
     import argparse
 
-    from fhir_kap.cli.bridge import _banner
+    from fhir_kap.cli.bridge import _banner, _inline_choice
     from fhir_kap.config import load_settings
 
     settings = load_settings(
@@ -237,8 +237,48 @@ def test_the_banner_shows_a_postgresql_database_without_its_credentials() -> Non
         sync=False,
         workers=3,
         threads=None,
+        inline_max_bytes=65_536,
         read_timeout=15.0,
         base_url=None,
     )
     text = _banner(args, settings)
     assert "postgresql db.internal:5433/kap" in text and "s3cret" not in text and "kap:" not in text
+    assert "bodies up to 65,536 bytes on the loop, larger on 4 threads" in text
+    args.inline_max_bytes, args.inline_reason = _inline_choice(settings)  # what serve does unasked
+    assert args.inline_max_bytes == -1
+    assert (
+        "requests read whole (read timeout 15 s), every request on 4 threads "
+        "(PostgreSQL: concurrent writes share commits)"
+    ) in _banner(args, settings)
+
+
+def test_serve_chooses_where_requests_run_by_measuring_the_data_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fhir_kap.cli.bridge import _inline_choice
+    from fhir_kap.config import load_settings
+    from fhir_kap.storage.db import Database
+
+    settings = load_settings(env={}, data_dir=tmp_path / "data")
+    assert Database(settings.db_url).sync_latency() is not None  # this disk, really measured
+    monkeypatch.setattr(Database, "sync_latency", lambda self: 0.00012)
+    assert _inline_choice(settings) == (65_536, " (the data disk syncs in 0.12 ms)")
+    monkeypatch.setattr(Database, "sync_latency", lambda self: 0.0021)
+    assert _inline_choice(settings) == (
+        -1,
+        " (the data disk syncs in 2.10 ms: concurrent writes share commits)",
+    )
+
+    def unmeasurable(self: Database) -> float:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Database, "sync_latency", unmeasurable)
+    assert _inline_choice(settings) == (-1, " (the data disk could not be measured: Permission denied)")
+
+
+def test_the_served_banner_says_where_requests_run(served: Served) -> None:
+    text = (served.data / "serve.out").read_text()
+    assert "requests read whole (read timeout 15 s), " in text
+    assert ("bodies up to 65,536 bytes on the loop (the data disk syncs in " in text) or (
+        "every request on 4 threads (the data disk syncs in " in text
+    )

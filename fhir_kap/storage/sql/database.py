@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from ...errors import CommitUnavailable, ConfigError
-from .walsync import WalSync, unsure
+from .walsync import WalSync, sync_latency, unsure
 
 if TYPE_CHECKING:
     from .groupcommit import GroupCommitter
@@ -287,6 +287,13 @@ class Database:
         writes (`WalSync.sync` in storage/sql/walsync.py says why).
         """
         self._wal_sync.sync()
+
+    def sync_latency(self) -> float | None:
+        """Seconds a durable append takes on the SQLite database's disk (median of a short
+        probe, see walsync.sync_latency); None for PostgreSQL, whose commits wait on the server."""
+        if self.path is None:
+            return None
+        return sync_latency(self.path.parent)
 
     @property
     def writable(self) -> bool:
