@@ -207,12 +207,14 @@ def run(quick: bool = False) -> list[dict]:
                 *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split(),
             ],
         )
-        # the same JSON-only endpoint under gunicorn sync workers: the floor the 0.4x target was
-        # set on (2026-11-24), shown beside the same-server floor for information
-        sync_server, sync_port = _start(tmp, env, "serve-sync.out", ["--sync"])
+        sync_server: subprocess.Popen | None = None
         peer = _sekmet()
         try:
             _wait(port, server)
+            # the same JSON-only endpoint under gunicorn sync workers: the floor the 0.4x target
+            # was set on (2026-11-24), shown beside the same-server floor for information;
+            # started once the first server has measured its disk (so as not to disturb that)
+            sync_server, sync_port = _start(tmp, env, "serve-sync.out", ["--sync"])
             _wait(sync_port, sync_server)
             # the serving model fhir-kap serve chose (and why), from its banner
             serving = [
@@ -240,8 +242,9 @@ def run(quick: bool = False) -> list[dict]:
             got = _rounds(targets, body, n, threads, 2 * cap)
         finally:
             for proc in (server, sync_server):
-                proc.terminate()
-                proc.wait(timeout=30)
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
             if peer is not None:
                 peer.stop()
     floor, fhir = got["floor"], got["bridge"]

@@ -16,17 +16,19 @@ searches, reads, the console) runs on the loop's own thread, which pauses readin
 a sync worker would, but only ever for a request already whole. Handing it to a thread instead
 costs ~70-110 µs of CPU per request (the hand-off and the GIL passing between the two threads):
 10-25 % of the bridge's throughput on 2 cores. But a request on the loop also holds the loop
-while its commit waits for the disk, and commits on the loop are never shared: on a disk whose
-sync takes ~0.5 ms or more, the threads (where a worker's concurrent writes share one commit)
-win instead. So `fhir-kap serve` chooses by measuring (`default_inline_max_bytes`): 64 KB on the
+(and so the worker's other connections, `/readyz` included) while its commit waits for the
+disk or for another writer's lock, and the loop has one request at a time to share a commit
+with: on a disk whose sync takes ~0.5 ms or more, the threads (where a worker's concurrent
+writes share one commit while the loop goes on) win instead. So `fhir-kap serve` chooses by measuring (`default_inline_max_bytes`): 64 KB on the
 loop when the data disk's durable append takes at most `FAST_SYNC_SECONDS` on an idle disk,
 every request on the threads (`-1`) on a slower disk or PostgreSQL (every statement there is a
 network round trip). Measurements: docs/measurements/2026-12-04-serving-inline.md. A larger
-request (a transaction Bundle, a bulk import) always runs on one of the worker's `threads`, so
-the loop goes on reading and answering the worker's other connections meanwhile. A request on
-the loop also pauses the worker's heartbeat: like a sync worker's, it must end within the
-arbiter's worker timeout (60 s), far above anything a small request does (a write waits at most
-30 s for SQLite's lock before it is refused).
+request, a POST to the FHIR base (a transaction or batch Bundle) and the console (a login
+hashes a password) always run on one of the worker's `threads`, so the loop goes on reading
+and answering the worker's other connections meanwhile. The loop cannot tell the arbiter it is
+alive while it runs a request, so a `kap-heartbeat` thread does, for up to `inline_budget`
+(150 s: a write may wait 120 s for the commit before it is answered 503); a request on the
+loop longer than that lets the arbiter restart the worker, as it would a hung one.
 
 The limits, each with its default in `ServeLimits`:
 - `read_timeout`: a request must arrive whole (head and body) within this many seconds of its
@@ -45,6 +47,8 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,10 +75,22 @@ class ServeLimits:
     max_connections: int = 1000
     threads: int = 4
     inline_max_bytes: int = -1
+    #: paths whose requests always run on the threads, whatever their size: the console (a
+    #: login hashes a password, ~0.1 s) ...
+    pool_prefixes: tuple[str, ...] = ("/console",)
+    #: ... and POSTs to these paths (the FHIR base: transaction and batch Bundles)
+    pool_posts: tuple[str, ...] = ("/fhir",)
+    #: how long a request on the loop keeps the worker's heartbeat going (the loop cannot beat
+    #: while it runs the app); past it the arbiter restarts the worker, as it would a hung one
+    inline_budget: float = 150.0
 
-    def runs_inline(self, body_bytes: int) -> bool:
-        """Whether a request with this many body bytes runs on the event loop's thread."""
-        return 0 <= self.inline_max_bytes and body_bytes <= self.inline_max_bytes
+    def runs_inline(self, body_bytes: int, method: str = "GET", path: str = "/") -> bool:
+        """Whether a request with this many body bytes, method and path runs on the loop's thread."""
+        if not 0 <= body_bytes <= self.inline_max_bytes:
+            return False
+        if path.startswith(self.pool_prefixes):
+            return False
+        return not (method == "POST" and path.rstrip("/") in self.pool_posts)
 
 
 #: Idle-disk latency of a durable append (`Database.sync_latency`) up to which requests run on
@@ -113,6 +129,8 @@ class BufferedWsgi:
         self.wsgi = wsgi
         self.limits = limits
         self._pool: ThreadPoolExecutor | None = None
+        #: when the request now running on the loop's thread started (monotonic), else None
+        self.inline_since: float | None = None
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:  # made in the worker process, after gunicorn forks
@@ -171,8 +189,12 @@ class BufferedWsgi:
         body = b"" if over else b"".join(chunks)
         length = max(size, declared or 0) if over else len(body)
         environ = _environ(scope, body, length)
-        if self.limits.runs_inline(len(body)):
-            status, out_headers, payload = _run(self.wsgi, environ)
+        if self.limits.runs_inline(len(body), scope["method"], scope["path"]):
+            self.inline_since = time.monotonic()
+            try:
+                status, out_headers, payload = _run(self.wsgi, environ)
+            finally:
+                self.inline_since = None
         else:
             loop = asyncio.get_running_loop()
             status, out_headers, payload = await loop.run_in_executor(
@@ -337,8 +359,13 @@ def worker_class(limits: ServeLimits) -> type:
             signal.siginterrupt(signal.SIGUSR1, False)
 
         async def _serve(self) -> None:
+            adapter = BufferedWsgi(self.wsgi, limits)
+            stop = threading.Event()
+            threading.Thread(
+                target=self._heartbeat, args=(adapter, stop), name="kap-heartbeat", daemon=True
+            ).start()
             config = Config(
-                app=BufferedWsgi(self.wsgi, limits),
+                app=adapter,
                 http=protocol,
                 loop="auto",
                 lifespan="off",
@@ -356,12 +383,24 @@ def worker_class(limits: ServeLimits) -> type:
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGQUIT, server.handle_exit, signal.SIGQUIT, None
             )
-            await server.serve(sockets=self.sockets)
+            try:
+                await server.serve(sockets=self.sockets)
+            finally:
+                stop.set()
             if not server.started:
                 sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
         async def _notify(self) -> None:
             self.notify()
+
+        def _heartbeat(self, adapter: BufferedWsgi, stop: threading.Event) -> None:
+            # The loop tells the arbiter it is alive between requests; while it runs one itself
+            # (a write waiting for a lock can take up to the 120 s commit wait), this thread does,
+            # for at most `inline_budget` seconds of one request.
+            while not stop.wait(1.0):
+                since = adapter.inline_since
+                if since is not None and time.monotonic() - since < limits.inline_budget:
+                    self.notify()
 
         def run(self) -> None:
             try:

@@ -59,9 +59,9 @@ def register(subparsers: Any) -> None:
         "--threads",
         type=int,
         default=None,
-        help="threads per worker running requests larger than --inline-max-bytes (default 4; "
-        "concurrent writes of a worker share one commit); with --sync and N > 1, gunicorn "
-        "gthread workers",
+        help="threads per worker running the requests that do not run on its event loop (all "
+        "of them when --inline-max-bytes is -1; default 4; concurrent writes of a worker share "
+        "one commit); with --sync and N > 1, gunicorn gthread workers",
     )
     serve.add_argument(
         "--inline-max-bytes",
@@ -70,8 +70,9 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="run a request whose body is at most N bytes on the worker's event-loop thread "
         "(no thread hand-off); larger ones run on the worker's threads while the loop goes on "
-        "reading; -1: every request on the threads. Default: 65536 when the SQLite data disk "
-        "syncs within 0.3 ms (measured at start), else -1 (also for PostgreSQL)",
+        "reading; -1: every request on the threads. The console and POSTs to the FHIR base "
+        "(Bundles) always run on the threads. Default: 65536 when the SQLite data disk syncs "
+        "within 0.3 ms (measured at start), else -1 (also for PostgreSQL)",
     )
     serve.add_argument(
         "--read-timeout",
@@ -437,6 +438,20 @@ def _inline_choice(settings: Any) -> tuple[int, str]:
     return chosen, f" (the data disk syncs in {seconds * 1000:.2f} ms: concurrent writes share commits)"
 
 
+def _limits(args: argparse.Namespace, settings: Any) -> Any:
+    """The default workers' ServeLimits from `serve`'s arguments (`inline_max_bytes` as given,
+    or as `_inline_choice` chose: None means every request on the threads)."""
+    from ..bridge.serving import ServeLimits
+
+    return ServeLimits(
+        max_body_bytes=settings.max_body_bytes,
+        read_timeout=args.read_timeout,
+        keepalive=args.keepalive,
+        threads=max(1, 4 if args.threads is None else args.threads),
+        inline_max_bytes=max(-1, -1 if args.inline_max_bytes is None else args.inline_max_bytes),
+    )
+
+
 def _serve(args: argparse.Namespace, settings: Any) -> int:
     from ..errors import InputError
 
@@ -465,6 +480,12 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             "--metrics-port must differ from --port (metrics stay off the partner port)",
             rule="cli:argument",
         )
+    if (args.dev or args.sync) and args.inline_max_bytes is not None:
+        raise InputError(
+            "--inline-max-bytes is for the default workers (not --sync or --dev, which run "
+            "every request on their own threads)",
+            rule="cli:argument",
+        )
     if not args.dev and not args.sync and args.inline_max_bytes is None:
         args.inline_max_bytes, args.inline_reason = _inline_choice(settings)
     print(_banner(args, settings), flush=True)
@@ -473,15 +494,9 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
         return 0
     from gunicorn.app.base import BaseApplication
 
-    from ..bridge.serving import ServeLimits, worker_class
+    from ..bridge.serving import worker_class
 
-    limits = ServeLimits(
-        max_body_bytes=settings.max_body_bytes,
-        read_timeout=args.read_timeout,
-        keepalive=args.keepalive,
-        threads=max(1, 4 if args.threads is None else args.threads),
-        inline_max_bytes=max(-1, -1 if args.inline_max_bytes is None else args.inline_max_bytes),
-    )
+    limits = _limits(args, settings)
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

@@ -112,9 +112,51 @@ def _post(port: int, size: int, timeout: float = 5.0) -> dict[str, Any]:
 def test_runs_inline__by_body_size_and_never_when_minus_one() -> None:
     limits = ServeLimits(inline_max_bytes=65_536)
     assert limits.runs_inline(0) and limits.runs_inline(65_536)
+    assert limits.runs_inline(3_000, "POST", "/fhir/Communication")
     assert not limits.runs_inline(65_537)
     off = ServeLimits()  # unless told otherwise: every request on the threads
     assert off.inline_max_bytes == -1 and not off.runs_inline(0) and not off.runs_inline(10)
+
+
+def test_runs_inline__never_the_console_nor_a_bundle_posted_to_the_base() -> None:
+    limits = ServeLimits(inline_max_bytes=65_536)
+    assert not limits.runs_inline(40, "POST", "/console/login")  # a login hashes a password
+    assert not limits.runs_inline(0, "GET", "/console/outbox")
+    assert not limits.runs_inline(500, "POST", "/fhir")  # a transaction or batch Bundle
+    assert not limits.runs_inline(500, "POST", "/fhir/")
+    assert limits.runs_inline(0, "GET", "/fhir")  # not a Bundle
+    assert limits.runs_inline(500, "POST", "/fhir/Bundle")  # a Bundle resource, stored as one
+
+
+def test_heartbeat__beats_while_a_request_runs_on_the_loop_within_its_budget() -> None:
+    """The loop cannot tell gunicorn's arbiter it is alive while it runs a request itself (a
+    write may wait for another writer's lock); the worker's heartbeat thread does, within the
+    budget, and never when the loop is free (the loop beats then)."""
+    from fhir_kap.bridge.serving import worker_class
+
+    limits = ServeLimits(inline_max_bytes=INLINE_MAX, inline_budget=30.0)
+    worker = object.__new__(worker_class(limits))  # the thread's own logic, without a process
+    beats: list[float] = []
+    worker.notify = lambda: beats.append(time.monotonic())
+    adapter = BufferedWsgi(_App(), limits)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker._heartbeat, args=(adapter, stop), daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.3)
+        assert beats == []  # no request on the loop
+        adapter.inline_since = time.monotonic()  # a request on the loop, just started
+        time.sleep(2.2)
+        assert len(beats) >= 1
+        adapter.inline_since = time.monotonic() - 31.0  # one past its budget: a hung worker
+        time.sleep(0.1)
+        seen = len(beats)
+        time.sleep(1.3)
+        assert len(beats) == seen
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
 
 
 def test_default__on_the_loop_only_for_a_disk_that_syncs_fast() -> None:

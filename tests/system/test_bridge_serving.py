@@ -276,6 +276,37 @@ def test_serve_chooses_where_requests_run_by_measuring_the_data_disk(
     assert _inline_choice(settings) == (-1, " (the data disk could not be measured: Permission denied)")
 
 
+def test_the_choice_reaches_the_workers_limits(tmp_path: Path) -> None:
+    import argparse
+
+    from fhir_kap.cli.bridge import _limits
+    from fhir_kap.config import load_settings
+
+    settings = load_settings(env={}, data_dir=tmp_path / "data")
+    args = argparse.Namespace(read_timeout=15.0, keepalive=5.0, threads=None, inline_max_bytes=65_536)
+    assert _limits(args, settings).inline_max_bytes == 65_536
+    assert _limits(args, settings).threads == 4
+    args.inline_max_bytes = -1
+    assert _limits(args, settings).inline_max_bytes == -1
+    args.inline_max_bytes = None  # not chosen: every request on the threads
+    assert _limits(args, settings).inline_max_bytes == -1
+
+
+@pytest.mark.parametrize("model", ["--sync", "--dev"])
+def test_inline_max_bytes_is_refused_with_a_model_that_has_no_loop(tmp_path: Path, model: str) -> None:
+    env = {**os.environ, "FHIR_KAP_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("FHIR_KAP_DATABASE_URL", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "fhir_kap.cli", "serve", model, "--inline-max-bytes", "1000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "--inline-max-bytes is for the default workers" in out.stdout + out.stderr
+
+
 def test_the_served_banner_says_where_requests_run(served: Served) -> None:
     text = (served.data / "serve.out").read_text()
     assert "requests read whole (read timeout 15 s), " in text

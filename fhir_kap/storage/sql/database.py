@@ -289,11 +289,12 @@ class Database:
         self._wal_sync.sync()
 
     def sync_latency(self) -> float | None:
-        """Seconds a durable append takes on the SQLite database's disk (median of a short
-        probe, see walsync.sync_latency); None for PostgreSQL, whose commits wait on the server."""
+        """Seconds a durable append takes on the SQLite database's disk (a short probe in the
+        directory the database file really lives in, symlinks resolved; see
+        walsync.sync_latency); None for PostgreSQL, whose commits wait on the server."""
         if self.path is None:
             return None
-        return sync_latency(self.path.parent)
+        return sync_latency(self.path.resolve().parent)
 
     @property
     def writable(self) -> bool:
