@@ -12,23 +12,26 @@ kilobytes, never a thread, and the app's answer (the durable commit included) is
 client receives, as before.
 
 Where the app runs: a request whose body is at most `inline_max_bytes` (single resources,
-searches, reads, the console) runs on the loop's own thread, which pauses reading meanwhile, as
+searches, reads) runs on the loop's own thread, which pauses reading meanwhile, as
 a sync worker would, but only ever for a request already whole. Handing it to a thread instead
 costs ~70-110 µs of CPU per request (the hand-off and the GIL passing between the two threads):
 10-25 % of the bridge's throughput on 2 cores. But a request on the loop also holds the loop
 (and so the worker's other connections, `/readyz` included) while its commit waits for the
 disk or for another writer's lock, and the loop has one request at a time to share a commit
 with: on a disk whose sync takes ~0.5 ms or more, the threads (where a worker's concurrent
-writes share one commit while the loop goes on) win instead. So `fhir-kap serve` chooses by measuring (`default_inline_max_bytes`): 64 KB on the
-loop when the data disk's durable append takes at most `FAST_SYNC_SECONDS` on an idle disk,
-every request on the threads (`-1`) on a slower disk or PostgreSQL (every statement there is a
-network round trip). Measurements: docs/measurements/2026-12-04-serving-inline.md. A larger
-request, a POST to the FHIR base (a transaction or batch Bundle) and the console (a login
-hashes a password) always run on one of the worker's `threads`, so the loop goes on reading
+writes share one commit while the loop goes on) win instead. So `fhir-kap serve` chooses by
+measuring (`default_inline_max_bytes`): 64 KB on the loop when the data disk's durable append
+takes at most `FAST_SYNC_SECONDS`, every request on the threads (`-1`) on a slower disk or
+PostgreSQL (every statement there is a network round trip). Measurements: docs/measurements/2026-12-04-serving-inline.md. A larger
+request, a POST to the FHIR base (a transaction or batch Bundle) or to `/kap/records` (NDJSON,
+many records) and the console (a login hashes a password) always run on one of the worker's
+`threads`, so the loop goes on reading
 and answering the worker's other connections meanwhile. The loop cannot tell the arbiter it is
 alive while it runs a request, so a `kap-heartbeat` thread does, for up to `inline_budget`
-(150 s: a write may wait 120 s for the commit before it is answered 503); a request on the
-loop longer than that lets the arbiter restart the worker, as it would a hung one.
+(150 s: a write waiting behind another writer is answered 503 well before, unless it leads its
+worker's commit and waits on the cross-process commit lock, which has no deadline); a request
+on the loop longer than that gets the worker restarted by the arbiter (its timeout, 60 s,
+later), as a hung one would.
 
 The limits, each with its default in `ServeLimits`:
 - `read_timeout`: a request must arrive whole (head and body) within this many seconds of its
@@ -78,8 +81,9 @@ class ServeLimits:
     #: paths whose requests always run on the threads, whatever their size: the console (a
     #: login hashes a password, ~0.1 s) ...
     pool_prefixes: tuple[str, ...] = ("/console",)
-    #: ... and POSTs to these paths (the FHIR base: transaction and batch Bundles)
-    pool_posts: tuple[str, ...] = ("/fhir",)
+    #: ... and POSTs to these paths (the FHIR base: transaction and batch Bundles; KAP records
+    #: as NDJSON, each mapped, validated and consent-checked)
+    pool_posts: tuple[str, ...] = ("/fhir", "/kap/records")
     #: how long a request on the loop keeps the worker's heartbeat going (the loop cannot beat
     #: while it runs the app); past it the arbiter restarts the worker, as it would a hung one
     inline_budget: float = 150.0
@@ -361,9 +365,10 @@ def worker_class(limits: ServeLimits) -> type:
         async def _serve(self) -> None:
             adapter = BufferedWsgi(self.wsgi, limits)
             stop = threading.Event()
-            threading.Thread(
-                target=self._heartbeat, args=(adapter, stop), name="kap-heartbeat", daemon=True
-            ).start()
+            if limits.inline_max_bytes >= 0:  # else the loop never runs a request itself
+                threading.Thread(
+                    target=self._heartbeat, args=(adapter, stop), name="kap-heartbeat", daemon=True
+                ).start()
             config = Config(
                 app=adapter,
                 http=protocol,
@@ -400,7 +405,10 @@ def worker_class(limits: ServeLimits) -> type:
             while not stop.wait(1.0):
                 since = adapter.inline_since
                 if since is not None and time.monotonic() - since < limits.inline_budget:
-                    self.notify()
+                    try:
+                        self.notify()
+                    except OSError:  # the worker's file is gone: the worker is exiting
+                        return
 
         def run(self) -> None:
             try:

@@ -126,6 +126,7 @@ def test_runs_inline__never_the_console_nor_a_bundle_posted_to_the_base() -> Non
     assert not limits.runs_inline(500, "POST", "/fhir/")
     assert limits.runs_inline(0, "GET", "/fhir")  # not a Bundle
     assert limits.runs_inline(500, "POST", "/fhir/Bundle")  # a Bundle resource, stored as one
+    assert not limits.runs_inline(500, "POST", "/kap/records")  # NDJSON: many records
 
 
 def test_heartbeat__beats_while_a_request_runs_on_the_loop_within_its_budget() -> None:
@@ -171,6 +172,16 @@ def test_sync_latency__measures_appends_and_leaves_nothing_behind(tmp_path: Any)
     seconds = sync_latency(tmp_path, samples=4)
     assert 0 < seconds < 5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sync_latency__never_writes_through_a_planted_link(tmp_path: Any) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ".fhir-kap-sync-probe").symlink_to(victim)
+    with pytest.raises(OSError):
+        sync_latency(tmp_path / "data", samples=1)
+    assert victim.read_bytes() == b"keep me"
 
 
 def test_sync_latency__a_directory_that_cannot_take_the_file_raises_oserror(tmp_path: Any) -> None:

@@ -123,7 +123,8 @@ def sync_latency(directory: str | Path, *, samples: int = 16, block: int = 8192)
     where requests run (bridge/serving.py). Raises OSError when the directory cannot take the
     file."""
     path = Path(directory) / ".fhir-kap-sync-probe"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o600)  # never through a planted link
     try:
         data = b"\0" * block
         times: list[float] = []
