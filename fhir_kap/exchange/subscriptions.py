@@ -619,7 +619,10 @@ class EventSink:
     def record(self, tx: Any, accepted: Sequence[Any]) -> int:
         queued = 0
         for acc in accepted:
-            for stored, created in ((acc.stored, acc.created), (getattr(acc, "task", None), True)):
+            # the Task a create made is new with it; the one an update moved (a withdrawn
+            # referral's) follows as an entry of its own (`inbound._with_moved_tasks`)
+            task = None if acc.updated else acc.task
+            for stored, created in ((acc.stored, acc.created), (task, True)):
                 if stored is None:
                     continue
                 if stored.type == "Communication" and created:

@@ -497,6 +497,24 @@ def test_a_referral_task_is_an_event_for_the_practice_that_sent_it_only(consente
     assert status_of(_events(b, "b", theirs), release)["events"] == []
 
 
+def test_a_withdrawn_referral_is_one_event_for_its_cancelled_task(consented, release):
+    b = consented
+    sid = _create(b, "a", sub(release, "referral"))["id"]
+    sr = b.post("a", "/fhir/ServiceRequest", fixture("Example-ServiceRequest-referral-1.json", release))
+    assert sr.status_code == 201, sr.get_data(as_text=True)
+    body = sr.get_json()
+    withdrawn = {k: v for k, v in body.items() if k != "meta"} | {"status": "revoked"}
+    resp = b.client.put(
+        f"/fhir/ServiceRequest/{body['id']}",
+        data=json.dumps(withdrawn),
+        headers={**b.h("a"), "Content-Type": FHIR, "If-Match": 'W/"1"'},
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    bundle = _events(b, "a", sid)
+    assert [n for n, _ in status_of(bundle, release)["events"]] == ["1", "2"]  # created, cancelled
+    assert [e["resource"]["resourceType"] for e in bundle["entry"][1:]] == ["Task", "Task"]
+
+
 def test_a_task_status_filter_keeps_only_those_moves(consented, release):
     b = consented
     body = sub(release, "referral")
