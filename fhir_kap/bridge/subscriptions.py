@@ -34,6 +34,7 @@ from ..exchange.subscriptions import (
     notification_bundle,
     parse_subscription,
     shown,
+    spec_of,
     status_resource,
     topics,
 )
@@ -415,9 +416,7 @@ def _topics_served() -> None:
 
 
 def _spec_content(row: SubscriptionRow) -> str:
-    from ..exchange.subscriptions import _spec_of
-
-    return _spec_of(row).content
+    return spec_of(row).content
 
 
 def _status_bundle(rows: list[SubscriptionRow], self_url: str) -> Response:

@@ -26,6 +26,7 @@ included) keeps its event number but is sent without its focus or resource, exac
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import time
 import uuid
@@ -38,13 +39,15 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .. import jsonio
 from ..config import CANONICAL, Release, data_path
-from ..errors import InputError, ProfileError
+from ..errors import InputError, KapError, ProfileError
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
 from ..storage.subscriptions import SubscriptionEvent, SubscriptionRow, Subscriptions
 from ..storage.webhooks import WebhookJob, WebhookJobs
 from .inbound_rules import addressed_to
 from .webhooks import Deferred, Prepared
+
+log = logging.getLogger("fhir_kap.subscriptions")
 
 __all__ = [
     "BACKPORT",
@@ -58,6 +61,7 @@ __all__ = [
     "check_endpoint",
     "check_registered",
     "endpoint_expression",
+    "spec_of",
     "matches",
     "notification_bundle",
     "parse_subscription",
@@ -652,7 +656,14 @@ class EventSink:
         decided: dict[str, bool] = {}  # one (audited) decision per partner, however many Subscriptions
         for row in listening:
             partner = by_name.get(row.partner)
-            if partner is None or partner.revoked or not matches(_row_filters(row), stored.resource):
+            if partner is None or partner.revoked:
+                continue
+            try:
+                filters = spec_of(row).filters
+            except KapError:  # no longer parses: it hears nothing, and the write goes on
+                log.warning("subscription %s no longer parses: no event for it", row.id)
+                continue
+            if not matches(filters, stored.resource):
                 continue
             if partner.name not in decided:
                 decided[partner.name] = hears(partner, stored)
@@ -670,19 +681,34 @@ class EventSink:
         return n
 
 
-def _row_filters(row: SubscriptionRow) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    return _spec_of(row).filters
+class _ByVersion:
+    """A stored Subscription as a cache key: its id and version (its body changes only with a
+    new version), so a write that fans out neither copies nor serialises any body."""
+
+    __slots__ = ("key", "row")
+
+    def __init__(self, row: SubscriptionRow) -> None:
+        self.key = (row.id, row.version)
+        self.row = row
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByVersion) and other.key == self.key
 
 
 @lru_cache(maxsize=1024)
-def _spec_cache(release_value: str, body: str) -> Spec:
-    return parse_subscription(jsonio.loads(body, source="subscription"), Release(release_value))
-
-
-def _spec_of(row: SubscriptionRow) -> Spec:
+def _parsed(keyed: _ByVersion) -> Spec:
+    row = keyed.row
     release = Release.R4 if "criteria" in row.body else Release.R5
-    body = dict(row.body, status="requested")
-    return _spec_cache(release.value, jsonio.dumps(body).decode())
+    return parse_subscription(dict(row.body, status="requested"), release)
+
+
+def spec_of(row: SubscriptionRow) -> Spec:
+    """What a stored Subscription asks for (parsed once per id and version). Raises InputError
+    when the body no longer parses (a topic or a limit changed since it was accepted)."""
+    return _parsed(_ByVersion(row))
 
 
 # ---- the channel the Notifier posts through
@@ -727,7 +753,10 @@ class SubscriptionChannel:
         if row.status == "off":
             return "the subscription is off"
         partner = self.partners.get(row.partner)  # read now: a registration changed meanwhile counts
-        spec = _spec_of(row)
+        try:
+            spec = spec_of(row)
+        except KapError:
+            return self._stop(sid, "subscription:unreadable")
         if partner is None or partner.revoked:
             return self._stop(sid, "subscription:partner-revoked")
         if not partner.may_post_to(spec.endpoint):

@@ -409,6 +409,20 @@ def test_a_note_for_the_subscriber_is_numbered_and_replayed_by_events(consented,
     assert status_of(_events(b, "b", other), release)["events"] == []
 
 
+def test_a_stored_subscription_that_no_longer_parses_fails_no_write_and_hears_nothing(consented, release):
+    b = consented
+    broken = _create(b, "a", sub(release, "note"))["id"]
+    fine = _create(b, "a", sub(release, "note"))["id"]
+    with b.app.extensions["fhir_kap"].db.transaction() as tx:  # e.g. a limit lowered since
+        tx.execute(
+            "UPDATE subscriptions SET body = ?, version = version + 1 WHERE id = ?",
+            (json.dumps({"resourceType": "Subscription", "channelType": 5}), broken),
+        )
+    _note(b, release=release)  # 201: the clinic's write does not fail for a practice's subscription
+    assert status_of(_events(b, "a", fine), release)["events"] != []
+    assert b.get("a", f"/fhir/Subscription/{broken}/$events").status_code < 500
+
+
 def test_a_note_whose_consent_was_revoked_stays_numbered_but_is_never_named(consented, release):
     b = consented
     sid = _create(b, "a", sub(release, "note"))["id"]
