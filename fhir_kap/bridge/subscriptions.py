@@ -42,11 +42,11 @@ from ..fhir.identifiers import new_id
 from ..storage.partners import Partner
 from ..storage.subscriptions import SubscriptionRow, Subscriptions
 from ..storage.webhooks import WebhookJobs
-from .app import current_partner, fhir_response, host_base, services
+from .app import current_partner, fhir_response, services
+from .fhir import _base, _check_id, _not_found, _resource_body, _scope, if_match_version
 
 __all__ = ["capability", "event_sink", "register"]
 
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
 _SEARCH = {"_id", "status", "_count", "_format"}
 MAX_PER_PARTNER = 50  # Subscriptions a partner may hold at once (each costs a query per matching write)
@@ -132,38 +132,17 @@ def _svc() -> tuple[Any, EventSink, Subscriptions]:
     return svc, sink, sink.subs
 
 
-def _base() -> str:
-    given = services().options.base_url
-    return given.rstrip("/") if given else host_base(request.scheme, request.host) + "/fhir"
-
-
 def _partner(interaction: str) -> Partner:
-    from ..errors import Forbidden
-
     partner = current_partner()
-    if not partner.allows("Subscription", interaction):
-        raise Forbidden(
-            f"This partner's scopes do not allow {interaction} on Subscription", rule="auth:scope"
-        )
+    _scope(partner, "Subscription", interaction)
     return partner
 
 
-def _not_found(sid: str) -> NotFound:
-    # The same answer whether it does not exist, was deleted, or is another partner's.
-    return NotFound(f"Subscription/{sid} is not known", expression="Subscription", rule="fhir:not-found")
-
-
 def _own(partner: Partner, sid: str) -> SubscriptionRow:
-    if not _ID.match(sid):
-        raise InputError(
-            "A resource id is 1-64 characters of A-Z, a-z, 0-9, '-' and '.'",
-            expression="Subscription.id",
-            rule="fhir:id",
-            code="value",
-        )
+    _check_id("Subscription", sid)
     row = _svc()[2].get(sid, partner=partner.name)
-    if row is None:
-        raise _not_found(sid)
+    if row is None:  # the same answer whether it does not exist, was deleted, or is another's
+        raise _not_found("Subscription", sid)
     return row
 
 
@@ -178,16 +157,7 @@ def _checked_body(release: Release, partner: Partner, sid: str | None = None) ->
     """(what is kept of the Subscription sent, its Spec); 4xx naming the field otherwise (an
     endpoint at an origin not registered for `partner`: 422). On an update (`sid`) the body's
     id must be the URL's."""
-    from .fhir import read_json_body
-
-    body = read_json_body()
-    if not isinstance(body, dict) or body.get("resourceType") != "Subscription":
-        raise InputError(
-            "The body must be a Subscription",
-            pointer="/resourceType",
-            expression="resourceType",
-            rule="http:type-mismatch",
-        )
+    body = _resource_body("Subscription")
     if sid is not None and body.get("id") != sid:
         raise InputError(
             "The body's id must be the id in the URL",
@@ -221,20 +191,19 @@ def _created(subs: Subscriptions, partner: Partner, spec: Spec, kept: dict[str, 
         end_at=spec.end_at,
         now=time.time(),
     )
-    _queue_handshake(row, wake=False)
+    _queue_handshake(row)
     return row
 
 
-def _queue_handshake(row: SubscriptionRow, *, wake: bool = True) -> None:
-    """Queue the handshake of a `requested` Subscription (in the caller's transaction, if any)."""
+def _queue_handshake(row: SubscriptionRow) -> None:
+    """Queue the handshake of a `requested` Subscription, in the caller's transaction (the
+    caller wakes the sender once that has committed)."""
     sink = _svc()[1]
     if sink.wake is None or sink.jobs is None or row.status != "requested":
         return
     sink.jobs.enqueue(
         row.partner, EVENT_PREFIX + "handshake", f"Subscription/{row.id}", str(row.version), now=time.time()
     )
-    if wake:
-        sink.wake()
 
 
 def _bundle_of(entries: list[dict[str, Any]], self_url: str) -> dict[str, Any]:
@@ -296,31 +265,30 @@ def register(app: Flask) -> None:
     def subscription_update(sid: str) -> Response:
         partner = _partner("write")
         row = _own(partner, sid)
-        svc, _, subs = _svc()
+        svc, sink, subs = _svc()
         kept, spec = _checked_body(svc.release, partner, sid)
-        from .fhir import if_match_version
-
-        wanted = (
-            if_match_version()
-        )  # optional here (version-aware when given); unreadable: 400 as for resources
+        wanted = if_match_version()  # optional here (version-aware when given); unreadable: 400
         if wanted is not None and wanted != row.version:
             raise PreconditionFailed(
                 f"Subscription/{sid} is at version {row.version}", rule="http:if-match", code="conflict"
             )
-        updated = subs.replace(
-            row,
-            spec.topic,
-            spec.status,
-            kept,
-            heartbeat_period=spec.heartbeat_period,
-            end_at=spec.end_at,
-            now=time.time(),
-        )
-        if updated is None:
-            raise PreconditionFailed(
-                f"Subscription/{sid} changed meanwhile; read it again", rule="http:if-match"
+        with subs.db.transaction():  # the new version and its handshake job commit together
+            updated = subs.replace(
+                row,
+                spec.topic,
+                spec.status,
+                kept,
+                heartbeat_period=spec.heartbeat_period,
+                end_at=spec.end_at,
+                now=time.time(),
             )
-        _queue_handshake(updated)
+            if updated is None:
+                raise PreconditionFailed(
+                    f"Subscription/{sid} changed meanwhile; read it again", rule="http:if-match"
+                )
+            _queue_handshake(updated)
+        if sink.wake is not None and updated.status == "requested":
+            sink.wake()
         return fhir_response(shown(updated), 200, _headers(updated, location=True))
 
     @app.delete("/fhir/Subscription/<sid>")

@@ -849,7 +849,9 @@ class SubscriptionChannel:
     def tick(self, now: float) -> float | None:
         """Turn off Subscriptions past their end and queue the heartbeats due; when the next is due."""
         self.subs.expire(now)
-        with self.subs.db.transaction():
+        if not self.subs.heartbeat_due(now):  # most rounds: no write transaction at all
+            return self.subs.next_heartbeat()
+        with self.subs.db.transaction():  # claimed and queued together
             for row, seq in self.subs.due_heartbeats(now):
                 self.jobs.enqueue(
                     row.partner, EVENT_PREFIX + "heartbeat", f"Subscription/{row.id}", str(seq), now=now

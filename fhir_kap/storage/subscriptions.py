@@ -228,9 +228,7 @@ class Subscriptions:
         """Claim the heartbeats due at `now` (active Subscriptions whose period passed with
         nothing sent): each row with the heartbeat's sequence number, its clock moved a period on
         in the same transaction, so two processes never claim the same heartbeat."""
-        if not self.db.query(
-            "SELECT id FROM subscriptions WHERE status = 'active' AND next_heartbeat_at <= ? LIMIT 1", (now,)
-        ):
+        if not self.heartbeat_due(now):
             return []
         with self.db.transaction() as tx:
             rows = tx.execute(
@@ -240,13 +238,28 @@ class Subscriptions:
             )
         return [(_row(r), int(now * 1000)) for r in rows]
 
+    def heartbeat_due(self, now: float) -> bool:
+        """Whether an active Subscription's heartbeat is due at `now` (a read: no write lock)."""
+        return bool(
+            self.db.query(
+                "SELECT id FROM subscriptions WHERE status = 'active' AND next_heartbeat_at <= ? LIMIT 1",
+                (now,),
+            )
+        )
+
     def next_heartbeat(self) -> float | None:
         """When the earliest active Subscription's heartbeat falls due (None: none has one)."""
         rows = self.db.query("SELECT MIN(next_heartbeat_at) AS t FROM subscriptions WHERE status = 'active'")
         return None if not rows or rows[0]["t"] is None else float(rows[0]["t"])
 
     def expire(self, now: float) -> list[str]:
-        """Turn `off` every Subscription whose `end` has passed; their ids."""
+        """Turn `off` every Subscription whose `end` has passed; their ids. A read first: the
+        sender asks every round, and most rounds nothing has ended (no write lock taken then)."""
+        if not self.db.query(
+            "SELECT id FROM subscriptions WHERE end_at IS NOT NULL AND end_at <= ? AND status <> 'off' LIMIT 1",
+            (now,),
+        ):
+            return []
         with self.db.transaction() as tx:
             rows = tx.execute(
                 "UPDATE subscriptions SET status = 'off', error = 'ended', updated_at = ? "
