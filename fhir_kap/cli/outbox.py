@@ -141,22 +141,10 @@ def _add_context(args: argparse.Namespace, outbox: Outbox) -> int:
 
 
 def _retry_all(args: argparse.Namespace, outbox: Outbox) -> int:
-    """Every item in `args.state` (of `args.endpoint`) back to pending, in id order; an item another
-    operator or worker moved meanwhile is skipped (reported), never an error for the rest."""
-    retried: list[int] = []
+    """Every item in `args.state` (of `args.endpoint`) back to pending, in one transaction
+    (`Outbox.retry_all`); nothing is skipped (the key stays for scripts that read it)."""
+    retried = outbox.retry_all(args.state, endpoint=args.endpoint)
     skipped: list[int] = []
-    seen: set[int] = set()
-    while True:
-        batch = [i for i in outbox.list(args.state, endpoint=args.endpoint, limit=500) if i.id not in seen]
-        if not batch:
-            break
-        for item in batch:
-            seen.add(item.id)
-            try:
-                outbox.retry(item.id)
-                retried.append(item.id)
-            except Conflict:
-                skipped.append(item.id)
     where = f" of endpoint {args.endpoint}" if args.endpoint else ""
     if args.json:
         write_json({"state": args.state, "endpoint": args.endpoint, "retried": retried, "skipped": skipped})

@@ -356,6 +356,22 @@ class Outbox:
         """A dead or held item goes back to pending, due now, with attempts reset to 0."""
         return self._operator_move(item_id, ("dead", "held"), "attempts = 0, hold_reason = NULL", now)
 
+    def retry_all(self, state: str, *, endpoint: str | None = None, now: float | None = None) -> list[int]:
+        """Every `state` (dead or held) item, of `endpoint` if given, back to pending at once
+        (one UPDATE, so an item a worker moves meanwhile is either in it or not); their ids."""
+        if state not in ("dead", "held"):
+            raise Conflict(f"Only dead or held items can be retried, not {state}", rule="outbox:state")
+        ts = self._now(now)
+        where = "state = ?" + (" AND endpoint = ?" if endpoint is not None else "")
+        params: tuple[Any, ...] = (ts, ts, state) + ((endpoint,) if endpoint is not None else ())
+        with self.db.transaction() as tx:
+            rows = tx.execute(
+                "UPDATE outbox_items SET state = 'pending', next_attempt_at = ?, updated_at = ?, "
+                f"attempts = 0, hold_reason = NULL WHERE {where} RETURNING id",
+                params,
+            )
+        return sorted(int(r["id"]) for r in rows)
+
     def _operator_move(
         self, item_id: int, from_states: tuple[str, ...], extra: str, now: float | None
     ) -> OutboxItem:

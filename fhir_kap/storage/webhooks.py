@@ -73,6 +73,16 @@ class WebhookJobs:
         )
         return [_job(r) for r in rows]
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """How many jobs each partner has in each state (one grouped query; states without jobs
+        are absent)."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.db.query(
+            "SELECT partner, state, COUNT(*) AS n FROM webhook_jobs GROUP BY partner, state"
+        ):
+            out.setdefault(r["partner"], {})[r["state"]] = int(r["n"])
+        return out
+
     def retry(self, job_id: int | None = None, *, partner: str | None = None, now: float) -> list[WebhookJob]:
         """Put dead jobs back in the queue, due `now`, attempts from zero, last status and error
         cleared: one by id, or every dead one (of `partner`, if given). The jobs moved."""

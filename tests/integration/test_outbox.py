@@ -189,6 +189,25 @@ def test_mark_dead__keeps_item_until_operator_retry_resets_attempts(outbox):
     assert (back.state, back.attempts, back.next_attempt_at) == ("pending", 0, T0 + 50)
 
 
+def test_retry_all__moves_every_item_of_that_state_and_endpoint_at_once(outbox):
+    dead_a = [enqueue(outbox, n) for n in (1, 2)]
+    dead_b = enqueue(outbox, 3, endpoint="practice-b")
+    held = enqueue(outbox, 4)
+    for item in outbox.claim("w1", now=T0, limit=10):
+        if item.id != held:
+            assert outbox.mark_dead(item, "POST Communication: 400 Bad Request", now=T0)
+    outbox.recover("w1", now=T0)
+    assert outbox.hold(held, "operator: check recipient")
+    assert outbox.retry_all("dead", endpoint="practice-a", now=T0 + 5) == dead_a
+    assert outbox.get(dead_b).state == "dead" and outbox.get(held).state == "held"
+    assert [(outbox.get(i).state, outbox.get(i).attempts) for i in dead_a] == [("pending", 0)] * 2
+    assert outbox.retry_all("dead", now=T0 + 6) == [dead_b]
+    assert outbox.retry_all("held", now=T0 + 7) == [held] and outbox.get(held).hold_reason is None
+    assert outbox.retry_all("dead", now=T0 + 8) == []
+    with pytest.raises(Conflict):
+        outbox.retry_all("delivered")
+
+
 def test_hold_and_release__held_items_are_not_claimed_until_released(outbox):
     item_id = enqueue(outbox, 1)
     assert outbox.hold(item_id, "operator: check recipient")

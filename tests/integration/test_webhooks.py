@@ -168,6 +168,16 @@ def test_the_same_event_is_queued_once_per_version(db):
     assert [j.version for j in n.jobs()] == ["2", "3"]
 
 
+def test_counts_are_per_partner_and_state_uncapped(db):
+    from fhir_kap.storage.webhooks import WebhookJobs
+
+    jobs = WebhookJobs(db)
+    for v in range(1_005):
+        jobs.enqueue("practice-a", EVENT_TASK, "Task/t1", str(v), now=0.0)
+    jobs.enqueue("practice-b", EVENT_TASK, "Task/t2", "1", now=0.0)
+    assert jobs.counts() == {"practice-a": {"pending": 1_005}, "practice-b": {"pending": 1}}
+
+
 def test_a_job_whose_sender_died_mid_post_is_sent_again_after_its_lease(db, receiver):
     clock = Clock()
     n = _notifier(db, receiver.url, clock)

@@ -176,8 +176,7 @@ def overview() -> str:
     sv = services()
     by_endpoint = sv.outbox.counts_by_endpoint()
     counts = {s: sum(c[s] for c in by_endpoint.values()) for s in STATES}  # one scan, not two
-    jobs = _webhook_jobs()
-    dead_hooks = len(jobs.jobs("dead", limit=1000))
+    dead_hooks = sum(c.get("dead", 0) for c in _webhook_jobs().counts().values())
     denials = [_audit_row(r) for r in sv.audit.page("AuditEvent", outcome="4", limit=5)]
     return render_template(
         "console/overview.html",
@@ -268,23 +267,24 @@ def outbox_action() -> Response:
         abort(400, "a hold reason has 1-100 letters, digits, spaces and . : _ -")
     done: list[int] = []
     skipped: list[int] = []
-    for item_id in _ids():
-        try:
-            if action == "hold":
-                ok = sv.outbox.hold(item_id, reason)
-            else:
-                getattr(sv.outbox, action)(item_id)
-                ok = True
-        except KapError:
-            ok = False
-        (done if ok else skipped).append(item_id)
-        _gate().operators.log(
-            operator,
-            f"outbox-{action}",
-            f"outbox/{item_id}",
-            "ok" if ok else "skipped",
-            reason if action == "hold" else None,
-        )
+    with sv.db.transaction():  # one commit for every move and its log line (each a savepoint)
+        for item_id in _ids():
+            try:
+                if action == "hold":
+                    ok = sv.outbox.hold(item_id, reason)
+                else:
+                    getattr(sv.outbox, action)(item_id)
+                    ok = True
+            except KapError:
+                ok = False
+            (done if ok else skipped).append(item_id)
+            _gate().operators.log(
+                operator,
+                f"outbox-{action}",
+                f"outbox/{item_id}",
+                "ok" if ok else "skipped",
+                reason if action == "hold" else None,
+            )
     return _back(f"{action}:{len(done)}:{len(skipped)}")
 
 
@@ -296,19 +296,7 @@ def outbox_retry_all() -> Response:
     endpoint = request.form.get("endpoint") or None
     if state not in ("dead", "held") or (endpoint is not None and not _REF.match(endpoint)):
         abort(400, "bulk retry takes state dead or held and an optional endpoint")
-    done = skipped = 0
-    after = None
-    while True:
-        batch = sv.outbox.list(state, endpoint=endpoint, limit=500, after=after)
-        if not batch:
-            break
-        after = batch[-1].id
-        for it in batch:
-            try:
-                sv.outbox.retry(it.id)
-                done += 1
-            except KapError:
-                skipped += 1
+    done, skipped = len(sv.outbox.retry_all(state, endpoint=endpoint)), 0  # one transaction
     _gate().operators.log(
         g.console_session.operator,
         "outbox-retry-all",
@@ -476,14 +464,13 @@ def _webhook_jobs() -> WebhookJobs:
 @blueprint.get("/partners")
 def partners() -> str:
     sv = services()
-    jobs = _webhook_jobs()
+    counts = _webhook_jobs().counts()  # one grouped query for every partner, nothing capped
     rows = []
     for p in sv.partners.list():
         health = None
         if p.webhook_url:
-            health = {s: len(jobs.jobs(s, limit=1000, partner=p.name)) for s in ("pending", "dead")}
-            last = jobs.jobs("delivered", limit=1000, partner=p.name)
-            health["delivered"] = len(last)
+            mine = counts.get(p.name, {})
+            health = {s: mine.get(s, 0) for s in ("pending", "dead", "delivered")}
         rows.append({"p": p, "health": health})
     return render_template("console/partners.html", rows=rows, graces=list(GRACES))
 
