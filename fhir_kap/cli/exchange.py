@@ -297,17 +297,17 @@ def partner_endpoints(db: Any) -> Callable[[str], Any]:
 
 # ---------------------------------------------------------------- audit
 
-_OUTCOME_CODES = {"permit": "0", "deny": "4", "malformed": "8"}
-
 
 def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
+    from ..storage.auditlog import OUTCOME_NAMES, disclosed, extract, reason_codes
+
     _, audit = open_outbox(settings)
     if args.limit < 1:
         raise InputError("--limit must be at least 1", rule="cli:argument")
     rows = audit.query(
         args.resource_type,
         args.patient,
-        _OUTCOME_CODES.get(args.outcome) if args.outcome else None,
+        {name: code for code, name in OUTCOME_NAMES.items()}.get(args.outcome) if args.outcome else None,
         args.since,
         recipient=args.recipient,
         consent=args.consent,
@@ -323,49 +323,19 @@ def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
             }
         )
         return 0
-    from ..storage.auditlog import extract
-
     print(
         f"{'RECORDED':<26} {'TYPE':<11} {'OUTCOME':<8} {'RESOURCE':<34} {'PATIENT':<22} "
         f"{'RECIPIENT':<28} {'CONSENT':<24} REASON"
     )
-    names = {v: k for k, v in _OUTCOME_CODES.items()}
     for r in rows:
         rec = extract(r)
         print(
             f"{rec.recorded[:26]:<26} {rec.resource_type:<11} "
-            f"{names.get(rec.outcome or '', rec.outcome or '-'):<8} {_disclosed(r) or '-':<34} "
+            f"{OUTCOME_NAMES.get(rec.outcome or '', rec.outcome or '-'):<8} {disclosed(r) or '-':<34} "
             f"{rec.patient or '-':<22} {rec.recipient or '-':<28} {rec.consent_ref or '-':<24} "
-            f"{_reason(r) or '-'}"
+            f"{','.join(reason_codes(r)) or '-'}"
         )
     return 0
-
-
-def _disclosed(event: dict[str, Any]) -> str | None:
-    """The resource an audit record is about: its first entity or target that is neither the
-    patient nor a Consent (an AuditEvent's disclosed resource, a Provenance's target)."""
-    for node in [
-        *(e.get("what") for e in event.get("entity") or [] if isinstance(e, dict)),
-        *(event.get("target") or []),
-    ]:
-        ref = node.get("reference") if isinstance(node, dict) else None
-        if isinstance(ref, str) and not ref.startswith(("Patient/", "Consent/")):
-            return ref
-    return None
-
-
-def _reason(event: dict[str, Any]) -> str | None:
-    """Why: the reason codes the gate gave (R4 `outcomeDesc`, R5 `outcome.detail`), e.g.
-    `outside-period`; never free text from the resource (the gate writes codes only)."""
-    text = event.get("outcomeDesc")
-    outcome = event.get("outcome")
-    if not isinstance(text, str) and isinstance(outcome, dict):
-        detail = outcome.get("detail")
-        first = detail[0] if isinstance(detail, list) and detail else None
-        text = first.get("text") if isinstance(first, dict) else None
-    if not isinstance(text, str):
-        return None
-    return text.split(": ", 1)[1] if ": " in text else text
 
 
 # ---------------------------------------------------------------- send

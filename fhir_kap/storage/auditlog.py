@@ -16,6 +16,7 @@ row (docs/operations/search-and-audit.md).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -26,11 +27,23 @@ from ..errors import InputError, quote
 from .db import Database
 from .sql import migrations
 
-__all__ = ["AUDIT_TYPES", "AuditBatch", "AuditLog", "AuditRecord", "extract"]
+__all__ = [
+    "AUDIT_TYPES",
+    "OUTCOME_NAMES",
+    "AuditBatch",
+    "AuditLog",
+    "AuditRecord",
+    "disclosed",
+    "extract",
+    "reason_codes",
+]
 
 
 AUDIT_TYPES = ("AuditEvent", "Provenance")
 RECIPIENT_ROLES = frozenset({"IRCP", "PRCP", "RCV", "recipient"})
+#: An audit record's outcome code (`AuditRecord.outcome`) by the name operators use.
+OUTCOME_NAMES = {"0": "permit", "4": "deny", "8": "malformed", "12": "failure"}
+_REASON_CODE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,34 @@ def _epoch(value: str | date | datetime, where: str) -> float:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+def reason_codes(event: dict[str, Any]) -> list[str]:
+    """Why: the reason codes the consent gate gave (R4 `outcomeDesc`, R5 `outcome.detail`), e.g.
+    `outside-period`; only code-shaped words, never free text."""
+    text = event.get("outcomeDesc")
+    outcome = event.get("outcome")
+    if not isinstance(text, str) and isinstance(outcome, dict):
+        detail = outcome.get("detail")
+        first = detail[0] if isinstance(detail, list) and detail else None
+        text = first.get("text") if isinstance(first, dict) else None
+    if not isinstance(text, str):
+        return []
+    codes = text.split(": ", 1)[1] if ": " in text else text
+    return [c for c in (x.strip() for x in codes.split(",")) if _REASON_CODE.match(c)]
+
+
+def disclosed(event: dict[str, Any]) -> str | None:
+    """The resource an audit record is about: its first entity or target that is neither the
+    patient nor a Consent (an AuditEvent's disclosed resource, a Provenance's target)."""
+    for node in [
+        *(e.get("what") for e in event.get("entity") or [] if isinstance(e, dict)),
+        *(event.get("target") or []),
+    ]:
+        ref = node.get("reference") if isinstance(node, dict) else None
+        if isinstance(ref, str) and not ref.startswith(("Patient/", "Consent/")):
+            return ref
+    return None
 
 
 def extract(resource: dict[str, Any]) -> AuditRecord:

@@ -143,3 +143,17 @@ def test_database_refuses_to_change_or_delete_audit_records(log, statement):
     assert "append-only" in str(err.value)
     assert log.count() == 4
     assert [r["outcome"] for r in log.query(resource_type="AuditEvent", patient="Patient/client-2")] == ["4"]
+
+
+def test_reason_codes_and_disclosed__what_the_console_and_the_cli_show():
+    from fhir_kap.storage.auditlog import disclosed, reason_codes
+
+    r4 = {
+        "outcomeDesc": "denied: outside-period, Recipient Not Named",
+        "entity": [{"what": {"reference": "Patient/p1"}}, {"what": {"reference": "Communication/n1"}}],
+    }
+    assert reason_codes(r4) == ["outside-period"]  # code-shaped words only, never free text
+    assert disclosed(r4) == "Communication/n1"
+    r5 = {"outcome": {"detail": [{"text": "permitted"}]}, "target": [{"reference": "Consent/c1"}]}
+    assert reason_codes(r5) == ["permitted"] and disclosed(r5) is None
+    assert reason_codes({}) == [] and reason_codes({"outcome": {"detail": "x"}}) == []

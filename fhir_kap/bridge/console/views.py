@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -38,6 +37,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from ...errors import KapError
+from ...storage.auditlog import OUTCOME_NAMES, disclosed, extract, reason_codes
 from ...storage.outbox import STATES, OutboxItem, iso
 from ...storage.webhooks import WebhookJobs
 from ..app import services
@@ -47,10 +47,8 @@ __all__ = ["blueprint", "install"]
 
 PAGE = 50
 MAX_IDS = 500
-OUTCOMES = {"0": "permit", "4": "deny", "8": "malformed", "12": "failure"}
-OUTCOME_CODES = {v: k for k, v in OUTCOMES.items()}
+OUTCOME_CODES = {v: k for k, v in OUTCOME_NAMES.items()}
 GRACES = {"0": 0.0, "3600": 3600.0, "86400": 86400.0, "604800": 7 * 86400.0}
-_CODE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 _REASON = re.compile(r"^[A-Za-z0-9 .:_\-]{1,100}$")
 _REF = re.compile(r"^[A-Za-z0-9|:/._\-]{1,200}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -330,42 +328,16 @@ def _message() -> str | None:
 # ---- consent decisions and the audit trail
 
 
-def _reason_codes(event: dict[str, Any]) -> list[str]:
-    """The gate's reason codes (R4 `outcomeDesc`, R5 `outcome.detail`): codes only, e.g. outside-period."""
-    text = event.get("outcomeDesc")
-    outcome = event.get("outcome")
-    if not isinstance(text, str) and isinstance(outcome, dict):
-        detail = outcome.get("detail")
-        first = detail[0] if isinstance(detail, list) and detail else None
-        text = first.get("text") if isinstance(first, dict) else None
-    if not isinstance(text, str):
-        return []
-    codes = text.split(": ", 1)[1] if ": " in text else text
-    return [c for c in (x.strip() for x in codes.split(",")) if _CODE.match(c)]
-
-
-def _refs(event: dict[str, Any]) -> Iterable[str]:
-    for node in [
-        *(e.get("what") for e in event.get("entity") or [] if isinstance(e, dict)),
-        *(event.get("target") or []),
-    ]:
-        ref = node.get("reference") if isinstance(node, dict) else None
-        if isinstance(ref, str):
-            yield ref
-
-
 def _audit_row(row: dict[str, Any]) -> dict[str, Any]:
-    from ...storage.auditlog import extract
-
     res = row["resource"]
     rec = extract(res)
     return {
         "seq": row["seq"],
         "recorded": rec.recorded,
         "type": rec.resource_type,
-        "outcome": OUTCOMES.get(rec.outcome or "", rec.outcome or "-"),
-        "reasons": _reason_codes(res),
-        "resource": next((r for r in _refs(res) if not r.startswith(("Patient/", "Consent/"))), None),
+        "outcome": OUTCOME_NAMES.get(rec.outcome or "", rec.outcome or "-"),
+        "reasons": reason_codes(res),
+        "resource": disclosed(res),
         "patient": rec.patient,
         "recipient": rec.recipient,
         "consent": rec.consent_ref,
