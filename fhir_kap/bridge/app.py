@@ -313,21 +313,25 @@ def _hooks(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        text = {
-            404: "No such endpoint",
-            405: f"{request.method} is not supported on this path (allowed: {exc.get_response().headers.get('Allow', '-')})",
-            406: str(exc.description) if exc.description else "Not Acceptable",
-            415: str(exc.description) if exc.description else "Unsupported Media Type",
-            413: f"Request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes",
-        }.get(status, exc.name)
+        allow = ", ".join(getattr(exc, "valid_methods", None) or ())  # a 405's Allow
+        if status == 404:
+            text = "No such endpoint"
+        elif status == 405:
+            text = f"{request.method} is not supported on this path (allowed: {allow or '-'})"
+        elif status in (406, 415):
+            text = str(exc.description) if exc.description else str(exc.name)
+        elif status == 413:
+            text = f"Request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes"
+        else:
+            text = exc.name
         resp = outcome_response(
             operation_outcome(
                 [Issue("error", _HTTP_CODES.get(status, "exception"), text, rule=f"http:{status}")]
             ),
             status,
         )
-        if status == 405 and exc.get_response().headers.get("Allow"):
-            resp.headers["Allow"] = exc.get_response().headers["Allow"]
+        if status == 405 and allow:
+            resp.headers["Allow"] = allow
         return resp
 
     @app.errorhandler(Exception)

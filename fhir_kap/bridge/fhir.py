@@ -2,7 +2,7 @@
 search and $validate.
 
 Updates (`PUT Type/id` with `If-Match`, conditional `PUT Type?identifier=...`) are for a partner's
-own ServiceRequests and Consents (`UPDATE_TYPES`); any other interaction on a served type is 405
+own resources of the four KAP types and the parties (`UPDATE_TYPES`); any other interaction on a served type is 405
 with Allow, DELETE included (the bridge keeps what partners wrote; a referral is withdrawn and a
 consent revoked by an update of its status).
 

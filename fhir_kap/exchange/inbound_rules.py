@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import CANONICAL, CS, Release
 from ..errors import Conflict, InputError, KapError, NotFound
+from ..fhir.references import PARTY_TYPES
 from ..jsonio import MAX_DEPTH, too_deep
 from ..records.ingest import CLINICAL_CONTEXT_TYPES
 from ..storage.partners import Partner
@@ -71,16 +72,7 @@ WRITE_TYPES = (
 #: and passes every check a create does; readers see the current version, consent-checked as
 #: ever, and a consent authority's updated Consent or party reaches the gate in the same commit
 #: (as far as its scope admits it). The referral's context (Condition, ...) is kept as sent.
-UPDATE_TYPES = (
-    "ServiceRequest",
-    "Procedure",
-    "Consent",
-    "Communication",
-    "Patient",
-    "Practitioner",
-    "PractitionerRole",
-    "Organization",
-)
+UPDATE_TYPES = ("ServiceRequest", "Procedure", "Consent", "Communication", *PARTY_TYPES)
 #: ServiceRequest statuses that withdraw a referral: an update into one cancels its Task
 #: (when the flow still allows `cancelled`; a final Task stays as it is).
 WITHDRAWN_REFERRAL = frozenset({"revoked", "entered-in-error"})

@@ -451,7 +451,9 @@ def partners() -> str:
 def rotate(name: str) -> Response:
     operator = g.console_session.operator
     grace = GRACES.get(request.form.get("grace", "0"))
-    if not _NAME.match(name) or grace is None:
+    if not _NAME.match(name):
+        abort(400, "a partner name has 1-64 letters, digits and _ . -")
+    if grace is None:
         abort(400, f"grace is one of {', '.join(GRACES)} seconds")
     try:
         partner, token = services().partners.rotate(name, grace_seconds=grace)
@@ -468,8 +470,10 @@ def rotate(name: str) -> Response:
 def webhooks() -> str:
     state = request.args.get("state") or None
     partner = request.args.get("partner") or None
-    if state not in (None, *_WEBHOOK_STATES) or (partner is not None and not _NAME.match(partner)):
+    if state not in (None, *_WEBHOOK_STATES):
         abort(400, f"state is one of {', '.join(_WEBHOOK_STATES)}")
+    if partner is not None and not _NAME.match(partner):
+        abort(400, "a partner name has 1-64 letters, digits and _ . -")
     jobs = _webhook_jobs().jobs(state, limit=200, partner=partner)
     return render_template(
         "console/webhooks.html",
