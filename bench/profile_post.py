@@ -95,25 +95,10 @@ def served(args: argparse.Namespace) -> None:
     """The same comparison against `fhir-kap serve` (its defaults, as bench_bridge.py starts it):
     the CPU the server's processes use per request, read from /proc (the load generator's own
     CPU is not counted)."""
-    import subprocess
-
     with tempfile.TemporaryDirectory(prefix="profile-served-") as tmp:
         env, token = bench_bridge.served_env(tmp)
-        port = bench_bridge._free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fhir_kap.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--bench-echo",
-                *os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split(),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        server, port = bench_bridge._start(
+            tmp, env, "serve.out", os.environ.get("BENCH_BRIDGE_SERVE_ARGS", "").split()
         )
         try:
             bench_bridge._wait(port, server)

@@ -455,21 +455,6 @@ def _limits(args: argparse.Namespace, settings: Any) -> Any:
 def _serve(args: argparse.Namespace, settings: Any) -> int:
     from ..errors import InputError
 
-    if args.metrics_port is not None and not args.dev:
-        # before prometheus_client is first imported (by the bridge's modules): every worker
-        # then writes its counts to this directory, and /metrics adds up all of them
-        from ..exchange import telemetry
-
-        telemetry.configure(settings.data_dir / "metrics")
-    from ..bridge import BridgeOptions, create_app
-    from ..bridge.app import JsonLines
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
-    logging.basicConfig(
-        level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler]
-    )
-    options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
     if args.metrics_port is not None and args.dev:
         raise InputError(
             "--metrics-port needs the worker serving model (not --dev: one listener only)",
@@ -486,6 +471,21 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             "every request on their own threads)",
             rule="cli:argument",
         )
+    if args.metrics_port is not None and not args.dev:
+        # before prometheus_client is first imported (by the bridge's modules): every worker
+        # then writes its counts to this directory, and /metrics adds up all of them
+        from ..exchange import telemetry
+
+        telemetry.configure(settings.data_dir / "metrics")
+    from ..bridge import BridgeOptions, create_app
+    from ..bridge.app import JsonLines
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    logging.basicConfig(
+        level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler]
+    )
+    options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
     if not args.dev and not args.sync and args.inline_max_bytes is None:
         args.inline_max_bytes, args.inline_reason = _inline_choice(settings)
     print(_banner(args, settings), flush=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from testkit.serve import free_port, start_serve, stop
+
 ROOT = Path(__file__).resolve().parents[2]
 MAX_BODY = 100_000
 
@@ -38,12 +40,6 @@ class Served:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -66,33 +62,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         check=True,
     )
     token = json.loads(added.stdout)["token"]
-    port = _free_port()
+    port = free_port()
     extra = os.environ.get("FHIR_KAP_TEST_SERVE_ARGS", "").split()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "2", *extra],
-        env=env,
-        stdout=open(data / "serve.out", "wb"),
-        stderr=open(data / "serve.log", "wb"),
-    )
+    proc = start_serve(env, port, data / "serve.log", "--workers", "2", *extra)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (data / "serve.log").read_text()[-2000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "fhir-kap serve did not become ready within 30 s"
-            time.sleep(0.2)
         yield Served(port, token, data)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop([proc])
 
 
 def _slowloris(port: int, stop: threading.Event, opened: list[socket.socket]) -> None:

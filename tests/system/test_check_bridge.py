@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +16,9 @@ import pytest
 import requests
 
 from fhir_kap.cli import main
+from testkit.serve import free_port, start_serve, stop
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module", params=["4.0.1", "5.0.0"])
@@ -59,28 +52,12 @@ def served(request, tmp_path_factory) -> Iterator[tuple[str, str, str]]:
         timeout=60,
         check=True,
     )
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "1"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
+    server = start_serve(env, port, data / "serve.log", "--workers", "1")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, "fhir-kap serve exited"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "fhir-kap serve did not become ready"
-            time.sleep(0.2)
         yield f"http://127.0.0.1:{port}/fhir", json.loads(added.stdout)["token"], version
     finally:
-        server.terminate()
-        server.wait(timeout=20)
+        stop([server])
 
 
 def _check(served, role: str, tmp_path, monkeypatch, capsys) -> tuple[int, dict, str]:

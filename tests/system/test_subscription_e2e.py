@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,16 +28,11 @@ import pytest
 
 from fhir_kap.config import Release
 from fhir_kap.validation import Validator
+from testkit.serve import free_port, start_serve, stop
 from testkit.subscriptions import fixture, sub
 
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Subscriber:
@@ -152,25 +146,9 @@ def served(
             "PractitionerRole/ref-therapist-role",
         ),
     }
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fhir_kap.cli", "serve", "--port", str(port), "--workers", "2"],
-        env=env,
-        stdout=open(data / "serve.out", "wb"),
-        stderr=open(data / "serve.log", "wb"),
-    )
+    port = free_port()
+    proc = start_serve(env, port, data / "serve.log", "--workers", "2")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (data / "serve.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "fhir-kap serve did not become ready within 30 s"
-            time.sleep(0.2)
         yield {
             "release": release,
             "base": f"http://127.0.0.1:{port}/fhir",
@@ -179,12 +157,7 @@ def served(
             "partners": partners,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop([proc])
 
 
 def _call(served: dict[str, Any], who: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:

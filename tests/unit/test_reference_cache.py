@@ -30,6 +30,16 @@ def test_remembered_references_read_as_before() -> None:
     assert parse_reference("Patient/p1") == parse_reference({"reference": "Patient/p1"})
 
 
+def test_the_cache_keys_on_everything_that_changes_the_answer() -> None:
+    as_patient = parse_reference({"reference": "#x", "type": "Patient"})
+    as_practitioner = parse_reference({"reference": "#x", "type": "Practitioner"})
+    assert as_patient is not None and as_practitioner is not None
+    assert (as_patient.type, as_practitioner.type) == ("Patient", "Practitioner")
+    hits = references._parse_text.cache_info().hits
+    parse_reference({"reference": "#x", "type": "Patient"})
+    assert references._parse_text.cache_info().hits == hits + 1  # this read came from the cache
+
+
 def test_large_references_are_read_but_not_kept() -> None:
     big = "x" * 10_000
     before = references._parse_text.cache_info().currsize
