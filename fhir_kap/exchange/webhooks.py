@@ -272,17 +272,23 @@ class Notifier:
             self._finish(job, worker, "dead", None, "the partner may no longer read it (consent)")
             return
         url, secret = target
-        result = self.notify(url, job.event, job.resource, secret=secret)
+        self._settle(job, worker, self.notify(url, job.event, job.resource, secret=secret))
+
+    def _settle(self, job: WebhookJob, worker: str, result: NotifyResult) -> str:
+        """What an attempt's answer does to its job: delivered, tried again later (no answer, or
+        "not now"), or dead (a redirect, never followed; any other refusal). The state it went to."""
         if result.delivered:
             self._finish(job, worker, "delivered", result.status, None)
-        elif result.status is None or retry_later(result.status):  # no answer, or "not now"
-            self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
-        elif 300 <= result.status < 400:
-            self._finish(
-                job, worker, "dead", result.status, f"HTTP {result.status}: redirects are not followed"
-            )
-        else:
-            self._finish(job, worker, "dead", result.status, result.error)
+            return "delivered"
+        if result.status is None or retry_later(result.status):
+            return self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
+        error = (
+            f"HTTP {result.status}: redirects are not followed"
+            if 300 <= result.status < 400
+            else result.error
+        )
+        self._finish(job, worker, "dead", result.status, error)
+        return "dead"
 
     def _send_channel(self, channel: Channel, job: WebhookJob, worker: str) -> None:
         prepared = channel.prepare(job, self.timeout)
@@ -294,20 +300,7 @@ class Notifier:
             self._need_jobs().defer(job, worker, next_at=now + prepared.seconds, now=now)
             return
         result = self.post(prepared)
-        if result.delivered:
-            state = "delivered"
-            self._finish(job, worker, state, result.status, None)
-        elif result.status is None or retry_later(result.status):
-            state = self._retry_or_give_up(job, worker, result.status, result.error, result.retry_after)
-        elif 300 <= result.status < 400:
-            state = "dead"
-            self._finish(
-                job, worker, state, result.status, f"HTTP {result.status}: redirects are not followed"
-            )
-        else:
-            state = "dead"
-            self._finish(job, worker, state, result.status, result.error)
-        channel.outcome(job, state, result.status)
+        channel.outcome(job, self._settle(job, worker, result), result.status)
 
     def post(self, prepared: Prepared) -> NotifyResult:
         """POST a channel's request; never raises (as `notify`)."""
