@@ -15,7 +15,16 @@ import orjson
 
 from .errors import InputError
 
-__all__ = ["loads", "dumps", "copy", "iter_documents", "too_deep", "MAX_DEPTH", "MAX_DOCUMENT_BYTES"]
+__all__ = [
+    "loads",
+    "dumps",
+    "copy",
+    "iter_documents",
+    "too_deep",
+    "check_depth",
+    "MAX_DEPTH",
+    "MAX_DOCUMENT_BYTES",
+]
 
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 #: Deepest JSON nesting accepted in a resource, on every way in (FHIR resources need far less;
@@ -82,6 +91,19 @@ def too_deep(node: Any, limit: int = MAX_DEPTH) -> bool:
         elif isinstance(cur, list):
             stack.extend((v, depth + 1) for v in cur if isinstance(v, (dict, list)))
     return False
+
+
+def check_depth(resource: Any) -> None:
+    """400 (`fhir:nesting`) when a resource nests deeper than `MAX_DEPTH` levels: the one rule of
+    every path that stores a resource, which leaves the Bundles wrapped around a stored resource
+    (search, `_history`, notifications) far inside the encoder's own limit."""
+    if too_deep(resource):
+        raise InputError(
+            f"the resource nests deeper than {MAX_DEPTH} levels",
+            pointer="",
+            rule="fhir:nesting",
+            code="too-costly",
+        )
 
 
 def _short(exc: Exception) -> str:

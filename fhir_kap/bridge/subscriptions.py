@@ -20,6 +20,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
+from .. import jsonio
 from ..config import Release
 from ..errors import InputError, NotFound, PreconditionFailed, ProfileError
 from ..exchange.subscriptions import (
@@ -158,6 +159,7 @@ def _checked_body(release: Release, partner: Partner, sid: str | None = None) ->
     endpoint at an origin not registered for `partner`: 422). On an update (`sid`) the body's
     id must be the URL's."""
     body = _resource_body("Subscription")
+    jsonio.check_depth(body)  # stored, then wrapped in searchset and notification Bundles
     if sid is not None and body.get("id") != sid:
         raise InputError(
             "The body's id must be the id in the URL",

@@ -296,13 +296,7 @@ class Ingest:
                 expression="resourceType",
                 rule="fhir:resourceType",
             )
-        if jsonio.too_deep(resource):
-            raise InputError(
-                f"the resource nests deeper than {jsonio.MAX_DEPTH} levels",
-                pointer="",
-                rule="fhir:nesting",
-                code="too-costly",
-            )
+        jsonio.check_depth(resource)
         rt = resource["resourceType"]
         rel = release or detect_release(resource) or default
         validation = Validator.load(rel).validate(resource)

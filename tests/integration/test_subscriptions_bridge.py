@@ -644,3 +644,30 @@ def test_a_subscription_update_with_an_unreadable_or_stale_if_match_is_refused(b
         headers=b.h("a", **{"Content-Type": FHIR, "If-Match": if_match}),
     )
     assert resp.status_code == status and is_outcome(resp)
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """An extension nesting `levels` extensions inside each other."""
+    ext: dict[str, Any] = {"url": "http://example.org/deep", "valueString": "x"}
+    for _ in range(levels):
+        ext = {"url": "http://example.org/deep", "extension": [ext]}
+    return ext
+
+
+def test_a_subscription_nested_too_deep_is_refused_and_searches_still_answer(b, release):
+    """One depth rule for every write path: a Subscription nesting 125 levels used to be stored
+    (201), then break its owner's `GET /fhir/Subscription` with a 500 until it was deleted."""
+    deep = dict(sub(release, "note"), extension=[_nested(125)])
+    resp = b.post("a", "/fhir/Subscription", deep)
+    assert is_outcome(resp) and _field(resp)[0::2] == (400, "fhir:nesting")
+    created = _create(b, "a", sub(release, "note"))
+    resp = b.client.put(
+        f"/fhir/Subscription/{created['id']}",
+        data=json.dumps(dict(deep, id=created["id"])),
+        headers=b.h("a", **{"Content-Type": FHIR, "If-Match": 'W/"1"'}),
+    )
+    assert _field(resp)[0::2] == (400, "fhir:nesting")
+    found = b.get("a", "/fhir/Subscription")
+    assert found.status_code == 200 and [e["resource"]["id"] for e in found.get_json()["entry"]] == [
+        created["id"]
+    ]
