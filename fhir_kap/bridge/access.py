@@ -162,7 +162,7 @@ class SearchVisibility:
         self.partner = partner
         self.decisions = 0  # consent decisions made (each leaves at most one AuditEvent)
         self._gates: dict[str | None, Any] = {}
-        self._permits: dict[tuple[str, str], dict[str, Any]] = {}
+        self._permits: dict[tuple[str, str, int], dict[str, Any]] = {}  # by version (_history)
         self._denials: list[dict[str, Any]] = []
 
     def __call__(self, stored: StoredResource) -> bool:
@@ -170,7 +170,7 @@ class SearchVisibility:
         if event is not None:
             self.decisions += 1
             if allowed:
-                self._permits[(stored.type, stored.id)] = event
+                self._permits[(stored.type, stored.id, stored.version)] = event
             else:
                 self._denials.append(event)
         return allowed
@@ -180,7 +180,8 @@ class SearchVisibility:
         in one commit; how many AuditEvents were written."""
         if self.access.audit is None:
             return 0
-        events = [self._permits[key] for key in ((s.type, s.id) for s in items) if key in self._permits]
+        keys = ((s.type, s.id, s.version) for s in items)
+        events = [self._permits[key] for key in keys if key in self._permits]
         batch = self.access.audit.batch(self.decisions)
         for event in [*events, *self._denials]:
             batch.add(event)

@@ -310,12 +310,26 @@ def register(app: Flask) -> None:
 
     @app.get("/fhir/<rtype>/<rid>/_history", endpoint="fhir_history")
     def history(rtype: str, rid: str) -> Response:
+        """A page of versions, newest first (`_count`, `_offset`): at most `_count` versions read,
+        decided and audited per request, the AuditEvents in one commit (as a search's)."""
         partner, svc, _ = _visible(rtype, rid)
+        args = request.args.to_dict(flat=False)
+        count = _int_param(args.get("_count"), "_count", DEFAULT_COUNT, MAX_COUNT)
+        offset = _int_param(args.get("_offset"), "_offset", 0, 10_000_000)
+        versions = svc.store.history(rtype, rid, count=count + 1, offset=offset)
+        more = len(versions) > count
+        versions = versions[:count]
+        seen = None if partner.is_clinic else svc.access.searcher(partner)
+        shown = [
+            s
+            for s in versions
+            if (s.deleted and partner.is_clinic) or (not s.deleted and (seen is None or seen(s)))
+        ]
+        if seen is not None:
+            seen.disclosed(shown)
         base = _base()
         entries = []
-        for s in svc.store.history(rtype, rid):
-            if s.deleted and not partner.is_clinic or not s.deleted and not svc.access.can_read(partner, s):
-                continue
+        for s in shown:
             entry: dict[str, Any] = {"fullUrl": f"{base}/{rtype}/{rid}"}
             if not s.deleted:
                 entry["resource"] = s.resource
@@ -329,15 +343,22 @@ def register(app: Flask) -> None:
                 "lastModified": s.last_updated,
             }
             entries.append(entry)
-        return fhir_response(
-            {
-                "resourceType": "Bundle",
-                "type": "history",
-                "total": len(entries),
-                "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
-                "entry": entries,
-            }
-        )
+
+        def link(relation: str, off: int) -> dict[str, str]:
+            query = urlencode([("_count", str(count)), ("_offset", str(off))])
+            return {"relation": relation, "url": f"{base}/{rtype}/{rid}/_history?{query}"}
+
+        links = [link("self", offset)]
+        if more and count > 0:
+            links.append(link("next", offset + count))
+        if offset > 0:
+            links.append(link("previous", max(0, offset - count)))
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history"}
+        if offset == 0 and not more:  # the whole history is this page
+            bundle["total"] = len(entries)
+        bundle["link"] = links
+        bundle["entry"] = entries
+        return fhir_response(bundle)
 
     @app.get("/fhir/<rtype>", endpoint="fhir_search")
     def search(rtype: str) -> Response:

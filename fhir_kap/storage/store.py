@@ -334,14 +334,19 @@ class Store:
         )
         return _row(rows[0]) if rows else None
 
-    def history(self, rtype: str, rid: str) -> list[StoredResource]:
-        """All versions, newest first."""
-        rows = self._read(
+    def history(
+        self, rtype: str, rid: str, *, count: int | None = None, offset: int = 0
+    ) -> list[StoredResource]:
+        """Versions, newest first: every one, or at most `count` from position `offset`."""
+        sql = (
             "SELECT type, id, version, last_updated, deleted, source, body "
-            "FROM fhir_history WHERE type = ? AND id = ? ORDER BY version DESC",
-            (rtype, rid),
+            "FROM fhir_history WHERE type = ? AND id = ? ORDER BY version DESC"
         )
-        return [_row(r) for r in rows]
+        args: tuple[Any, ...] = (rtype, rid)
+        if count is not None:
+            sql += " LIMIT ? OFFSET ?"
+            args = (*args, max(0, count), max(0, offset))
+        return [_row(r) for r in self._read(sql, args)]
 
     def search(
         self,

@@ -187,3 +187,40 @@ def test_store_scan_reads_a_bounded_window_and_counts_in_sql(db):
     with pytest.raises(ValueError):
         batch.add(event)  # past the stated bound
     assert len(batch.commit()) == 2 and log.count() == 2 and batch.commit() == []
+
+
+def test_history_pages_decide_and_audit_a_bounded_number_of_versions_in_one_commit(tmp_path, monkeypatch):
+    """`_history` used to read every version and write one AuditEvent per version, each its own
+    commit: a partner updating its note to another practice 300 times made each of that
+    practice's `_history` reads write 302 AuditEvents. Now a page reads at most `_count` + 1
+    versions, decides at most `_count`, and writes their AuditEvents in one commit (plus the one
+    decision on the current version every read makes)."""
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    store = bridge.app.extensions["fhir_kap"].store
+    note = _note("Practitioner/ref-therapist", "session-dates")
+    first, _ = store.create(note, source="practice-b")
+    with store.transaction() as tx:
+        for n in range(2, 61):  # versions 2..60: even ones permitted (session-dates), odd ones not
+            version = _note("Practitioner/ref-therapist", "session-dates" if n % 2 == 0 else "safety")
+            version["identifier"] = note["identifier"]
+            store.update("Communication", first.id, dict(version, id=first.id), source="practice-b", tx=tx)
+    work = Work(bridge, monkeypatch)
+    url, seen, pages = f"/fhir/Communication/{first.id}/_history?_count=10", [], 0
+    while url:
+        before = work.reset()
+        page = _get(bridge, "a", url)
+        written = work.svc.audit.count() - before
+        pages += 1
+        assert page["type"] == "history"
+        assert work.decoded <= 10 + 1 + 1  # the page (and one more, to know of a next) and the current
+        assert work.decisions <= 10 + 1 and written <= 10 + 1
+        assert work.commits <= 2  # the current version's decision, then the page's AuditEvents
+        assert all(
+            e["resource"]["category"][0]["coding"][0]["code"] == "session-dates" for e in page["entry"]
+        )
+        seen += [int(e["response"]["etag"].split('"')[1]) for e in page["entry"]]
+        url = _next(page)
+    assert pages == 6 and seen == [*range(60, 0, -2), 1]  # every permitted version once, newest first
+    whole = _get(bridge, "clinic", f"/fhir/Communication/{first.id}/_history?_count=200")
+    assert whole["total"] == 60 and len(whole["entry"]) == 60
+    assert bridge.get("a", f"/fhir/Communication/{first.id}/_history?_count=201").status_code == 400
