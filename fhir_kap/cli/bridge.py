@@ -471,6 +471,9 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
             "every request on their own threads)",
             rule="cli:argument",
         )
+    # Every file the bridge's processes create is its owner's only (the metrics files hold
+    # counts by partner; the database, its WAL and lock files are made 0600 by storage anyway).
+    os.umask(0o077)
     if args.metrics_port is not None and not args.dev:
         # before prometheus_client is first imported (by the bridge's modules): every worker
         # then writes its counts to this directory, and /metrics adds up all of them

@@ -46,6 +46,10 @@ def test_metrics_only_on_the_metrics_listener(tmp_path, model):
         assert {"fhir_kap_http_requests", "fhir_kap_database_up", "fhir_kap_outbox_items"} <= names
         assert (tmp_path / "data" / "metrics").is_dir()  # the default multiprocess directory
         assert oct((tmp_path / "data" / "metrics").stat().st_mode & 0o777) == "0o700"
+        # the counts files the workers write (prometheus_client opens them with the umask): 0600
+        files = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and p.name != "serve.log"]
+        assert any(p.parent.name == "metrics" for p in files)
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o077} == {}
     finally:
         stop([proc])
     banner = (tmp_path / "serve.out").read_text()
