@@ -78,7 +78,12 @@ class BridgeOptions:
     webhook_timeout: seconds per rest-hook call (on the notifier's background thread);
     auth_cache_seconds: how long a process keeps a token lookup and the partner list, which
     bounds how late a revocation made elsewhere (`fhir-kap partners revoke`) takes effect;
-    bench_echo: add `/bench/echo` (parses JSON only).
+    bench_echo: add `/bench/echo` (parses JSON only);
+    proxy_hops: how many fronts (TLS proxies) stand before the bridge, each appending to
+    `X-Forwarded-For` and setting `X-Forwarded-Proto`: that many hops of those headers are
+    believed (werkzeug's ProxyFix), so the console sees the client's address (its login throttle
+    counts per address) and https (its same-origin check, Secure cookies). 0 (the default):
+    the headers are ignored, since a client could write them itself.
     """
 
     base_url: str | None = None
@@ -87,6 +92,7 @@ class BridgeOptions:
     auth_cache_seconds: float = 5.0
     bench_echo: bool = False
     notify: bool = True
+    proxy_hops: int = 0
 
 
 @dataclass
@@ -162,6 +168,11 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
 
     app = Flask("fhir_kap.bridge")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    if options.proxy_hops > 0:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = options.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["fhir_kap"] = Services(
         settings,

@@ -107,6 +107,16 @@ def register(subparsers: Any) -> None:
         help="public base URL of /fhir, e.g. https://bridge.example/fhir (default: from each "
         "request's Host header; SMART backend services need it set)",
     )
+    serve.add_argument(
+        "--proxy-hops",
+        type=int,
+        default=0,
+        choices=range(6),
+        metavar="N",
+        help="fronts (TLS proxies) before the bridge that set X-Forwarded-For and "
+        "X-Forwarded-Proto: believe N hops of them (the console's login throttle then counts the "
+        "client's address, and its same-origin check sees https); default 0: ignore them",
+    )
     # /metrics lives on a listener of its own, never on the partner-facing port (bridge/metrics.py)
     serve.add_argument(
         "--metrics-port",
@@ -488,7 +498,7 @@ def _serve(args: argparse.Namespace, settings: Any) -> int:
     logging.basicConfig(
         level=getattr(logging, str(settings.log_level).upper(), logging.INFO), handlers=[handler]
     )
-    options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo)
+    options = BridgeOptions(base_url=args.base_url, bench_echo=args.bench_echo, proxy_hops=args.proxy_hops)
     if not args.dev and not args.sync and args.inline_max_bytes is None:
         args.inline_max_bytes, args.inline_reason = _inline_choice(settings)
     print(_banner(args, settings), flush=True)

@@ -457,6 +457,45 @@ def test_refused_logins__throttled_per_address_and_logged_boundedly(console):
     assert resp.status_code == 303 and resp.headers["Location"].endswith("/console/")
 
 
+def _login_through_front(client, address: str, password: str = PASSWORD):
+    """A browser's login through a TLS front at https://bridge.example (the front, on loopback,
+    sets X-Forwarded-For and X-Forwarded-Proto; the browser sends its Origin)."""
+    front = {"X-Forwarded-For": address, "X-Forwarded-Proto": "https", "Host": "bridge.example"}
+    form = client.get("/console/login", headers=front)
+    return client.post(
+        "/console/login",
+        headers={**front, "Origin": "https://bridge.example", "Sec-Fetch-Site": "same-origin"},
+        data={"csrf": csrf_of(form.get_data(as_text=True)), "name": "alice", "password": password},
+    )
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+def test_behind_a_tls_front__logins_work_and_are_throttled_per_client_only_with_proxy_hops(tmp_path, hops):
+    """Behind the documented front every request comes from 127.0.0.1 over http: without
+    `--proxy-hops` the browser's https Origin never matched (every console login refused), and
+    ten refused logins from anyone locked every operator out. With `--proxy-hops 1` the console
+    sees https and the client's address; without it the forwarded headers are ignored (a client
+    could write them), so they cannot dodge the throttle either."""
+    from fhir_kap.bridge.console.security import LOGIN_REFUSALS
+    from testkit.bridge import make_bridge
+
+    bridge = make_bridge(tmp_path, options={"proxy_hops": hops})
+    with bridge.app.app_context():
+        Operators(services().db).add("alice", PASSWORD)
+    ok = _login_through_front(bridge.app.test_client(), "198.51.100.7")
+    if hops:
+        assert ok.status_code == 303 and ok.headers["Location"].endswith("/console/")
+    else:  # refused: the page's https Origin is not the http the bridge sees
+        assert ok.status_code == 403
+    mallory = bridge.app.test_client()
+    for _ in range(LOGIN_REFUSALS):
+        _login_through_front(mallory, "203.0.113.5", password="wrong")
+    assert _login_through_front(mallory, "203.0.113.5", password="wrong").status_code == 429
+    # another client behind the same front: blocked with it only when the front is not believed
+    other = _login_through_front(bridge.app.test_client(), "198.51.100.8")
+    assert other.status_code == (303 if hops else 429)
+
+
 def test_a_refused_login_logs_the_name_only_when_it_could_be_an_account(console):
     client = console.app.test_client()
     login(client, name="x\u202e<b>evil</b>", password="wrong")

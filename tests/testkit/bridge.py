@@ -37,14 +37,15 @@ def make_bridge(
     *,
     consent: str | dict[str, Any] | None = None,
     partners: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] | None = None,
+    options: dict[str, Any] | None = None,
     **settings: Any,
 ) -> Bridge:
     """The bridge app on a fresh data dir with four partners (clinic, practices a and b, a reader).
 
     `consent`: a Consent (fixture name or resource) the clinic posts first; `partners`: more partners,
     token key -> (partner name, scopes) or (name, scopes, more `Partners.add` arguments such as its
-    `references` or `npis`: the identity its author elements must name); `settings`: passed to
-    `load_settings`."""
+    `references` or `npis`: the identity its author elements must name); `options`: more
+    `BridgeOptions`; `settings`: passed to `load_settings`."""
     from fhir_kap.bridge import BridgeOptions, create_app
     from fhir_kap.config import load_settings
     from fhir_kap.storage.db import Database
@@ -68,7 +69,9 @@ def make_bridge(
     }
     for key, (name, scopes, *more) in (partners or {}).items():
         tokens[key] = registry.add(name, scopes=scopes, **(more[0] if more else {}))[1]
-    app = create_app(s, BridgeOptions(base_url="http://bridge.test/fhir", notify=False))
+    app = create_app(
+        s, BridgeOptions(**{"base_url": "http://bridge.test/fhir", "notify": False, **(options or {})})
+    )
     bridge = Bridge(app, app.test_client(), tokens)
     if consent is not None:
         resp = bridge.post("clinic", "/fhir/Consent", load(consent) if isinstance(consent, str) else consent)
