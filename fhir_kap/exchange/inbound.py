@@ -628,14 +628,23 @@ class Inbound:
         ref = subject.get("reference") if isinstance(subject, dict) else None
         if self.context is None or not isinstance(ref, str) or "/" not in ref:
             return
-        found = self.store.search("Consent", {"patient": [ref]}, count=MAX_COUNT)
-        for consent in found.items:
-            if (
-                consent.source == scope.partner.name
-                and not consent.deleted
-                and scope.admits(consent.resource)
-            ):
-                self.context.put_context(consent.resource)
+        # Only the authority's own Consents are read, in SQL (`audience` with no references: what
+        # it wrote), page after page: however many Consents other senders stored for this client,
+        # none crowds the authority's out, and the work is bounded by what the authority wrote.
+        own = (scope.partner.name, ())
+        offset, total = 0, 1
+        while offset < total:
+            found = self.store.search(
+                "Consent", {"patient": [ref]}, count=MAX_COUNT, offset=offset, audience=own
+            )
+            for consent in found.items:
+                if (
+                    consent.source == scope.partner.name
+                    and not consent.deleted
+                    and scope.admits(consent.resource)
+                ):
+                    self.context.put_context(consent.resource)
+            offset, total = offset + MAX_COUNT, found.total
 
     def _queue_notifications(self, accepted: Sequence[Accepted]) -> int:
         """Queue a rest-hook job for each partner a new Communication addresses and may read
