@@ -27,12 +27,13 @@ from ..config import Release
 from ..exchange.inbound import addressed_to
 from ..exchange.telemetry import consent_decision
 from ..fhir.identifiers import patient_reference
-from ..storage.partners import Partner
+from ..storage.partners import Partner, Partners
 from ..storage.search import page
-from ..storage.store import MAX_ALTERNATIVES, MAX_COUNT, Store, StoredResource
+from ..storage.store import MAX_ALTERNATIVES, MAX_COUNT, ScanRow, Store, StoredResource
 
 __all__ = [
     "MAX_SCAN",
+    "OTHER_SOURCE_PARTIES",
     "SCAN_FACTOR",
     "SCAN_FLOOR",
     "Access",
@@ -48,6 +49,11 @@ __all__ = [
 SCAN_FACTOR = 4
 SCAN_FLOOR = 20
 MAX_SCAN = SCAN_FACTOR * MAX_COUNT
+#: At most this many Practitioners, Organizations and PractitionerRoles per type that a partner
+#: other than the searching one, the clinic's systems and consent authorities wrote name the
+#: searching partner in `Access.partner_refs` (one partner's posts never crowd out or inflate
+#: another's searches).
+OTHER_SOURCE_PARTIES = 20
 
 
 class Access:
@@ -61,36 +67,65 @@ class Access:
         purpose: str,
         audit: Any | None,
         context_source: Callable[[str], list[dict[str, Any]]],
+        partners: Partners | None = None,
     ) -> None:
         """`context_source(patient_ref)`: a client's consent context (the outbox's, which only the
-        clinic and consent authorities fill)."""
+        clinic and consent authorities fill); `partners`: the registry (whose writes count how
+        much in `partner_refs`), by default read from the store's database."""
         self.store = store
         self.release = release
         self.purpose = purpose
         self.audit = audit
         self.context_source = context_source
+        self.partners = partners if partners is not None else Partners(store.db)
 
     def partner_refs(self, partner: Partner) -> list[str]:
-        """Literal references that name `partner` (its own, and stored resources carrying its identifiers)."""
+        """Literal references that name `partner`: its own `references`, the Practitioners and
+        Organizations carrying its identifiers, and the active PractitionerRoles naming those.
+
+        Looked up source by source (`party_sources`), so one source's parties never crowd out
+        another's: what the partner itself, the clinic's systems and consent authorities wrote
+        counts up to `MAX_COUNT` per source and type, what any other partner wrote up to
+        `OTHER_SOURCE_PARTIES`, oldest first (a partner posting more only hides its own
+        addressing). Practitioners and Organizations are found by the identifier index with their
+        bodies left undecoded; a PractitionerRole is decoded (is it `active`?) only within
+        those bounds."""
         refs = set(partner.references)
+        sources = self.party_sources(partner)
         for key in partner.recipient_keys:
             if "|" not in key:
                 continue
             for rtype in ("Practitioner", "Organization"):
-                for s in self.store.search(rtype, {"identifier": [key]}, count=200).items:
-                    refs.add(f"{rtype}/{s.id}")
+                for source, limit in sources:
+                    for row in self._rows(rtype, {"identifier": [key]}, source, limit):
+                        refs.add(f"{rtype}/{row.raw['id']}")
         if refs:
             for param in ("practitioner", "organization"):
                 prefix = "Practitioner/" if param == "practitioner" else "Organization/"
                 wanted = sorted(r for r in refs if r.startswith(prefix))
                 for start in range(0, len(wanted), MAX_ALTERNATIVES):  # a search takes 100 values at most
                     chunk = wanted[start : start + MAX_ALTERNATIVES]
-                    for s in self.store.search(
-                        "PractitionerRole", {param: [",".join(chunk)]}, count=200
-                    ).items:
-                        if s.resource.get("active", True):
-                            refs.add(f"PractitionerRole/{s.id}")
+                    for source, limit in sources:
+                        for row in self._rows("PractitionerRole", {param: [",".join(chunk)]}, source, limit):
+                            if self.store.decode(row).resource.get("active", True):
+                                refs.add(f"PractitionerRole/{row.raw['id']}")
         return sorted(refs)
+
+    def party_sources(self, partner: Partner) -> list[tuple[str, int]]:
+        """(source, how many parties of one type it may contribute) for `partner_refs`: the
+        partner itself, the clinic's systems and consent authorities `MAX_COUNT`; every other
+        registered partner `OTHER_SOURCE_PARTIES`."""
+        out = {partner.name: MAX_COUNT}
+        for other in self.partners.list():
+            if other.name not in out:
+                out[other.name] = MAX_COUNT if other.is_consent_authority else OTHER_SOURCE_PARTIES
+        return list(out.items())
+
+    def _rows(
+        self, rtype: str, params: Mapping[str, Sequence[str]], source: str, limit: int
+    ) -> list[ScanRow]:
+        """The first `limit` current `rtype` rows `source` wrote matching `params`, undecoded."""
+        return self.store.scan(rtype, params, audience=(source, ()), offset=0, limit=limit).rows
 
     def can_read(self, partner: Partner, stored: StoredResource) -> bool:
         """Whether `partner` may see this version; consent-checked and audited when addressed to it."""

@@ -1,0 +1,104 @@
+"""Red-team findings on cost and visibility another partner can inflate (2026-12-05: F3, F5, F11 a,
+F1, F4): what one partner posts never hides another's data nor makes its requests or writes cost
+more. Work is counted (rows decoded, bodies parsed), never timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import pytest
+
+from fhir_kap.bridge.access import OTHER_SOURCE_PARTIES
+from testkit.bridge import load, make_bridge
+
+_SERIAL = itertools.count()
+_NOTE = load("Example-Communication-note-1.json")
+A_NPI = "http://hl7.org/fhir/sid/us-npi|1234567893"
+
+
+def _note(recipient: str, category: str = "session-dates") -> dict[str, Any]:
+    note = copy.deepcopy(_NOTE)
+    note["identifier"][0]["value"] = f"costs-{next(_SERIAL)}"
+    note["recipient"] = [{"reference": recipient}]
+    note["category"][0]["coding"][0]["code"] = category
+    return note
+
+
+def _dense(n: int = 40) -> list[dict[str, Any]]:
+    """Padding that makes a body costly to decode."""
+    return [{"use": "official", "text": f"name {i} " * 20} for i in range(n)]
+
+
+class Decodes:
+    """Counts the store rows decoded (`storage.store._row`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import fhir_kap.storage.store as store_module
+
+        self.n = 0
+        row = store_module._row
+
+        def counting(*a: Any, **k: Any) -> Any:
+            self.n += 1
+            return row(*a, **k)
+
+        monkeypatch.setattr(store_module, "_row", counting)
+
+
+# F3 ---------------------------------------------------------------------------------------------
+
+
+def test_another_partners_parties_neither_crowd_out_nor_inflate_a_partners_search(tmp_path, monkeypatch):
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    store = bridge.app.extensions["fhir_kap"].store
+    system, value = A_NPI.split("|")
+    with store.transaction() as tx:  # practice B: 205 roles naming A's therapist, 205 "A"s
+        for i in range(205):
+            store.create(
+                {
+                    "resourceType": "PractitionerRole",
+                    "active": True,
+                    "practitioner": {"reference": "Practitioner/ref-therapist"},
+                    "code": [{"text": f"role {i} " * 50}],
+                },
+                source="practice-b",
+                tx=tx,
+            )
+            store.create(
+                {
+                    "resourceType": "Practitioner",
+                    "identifier": [{"system": system, "value": value}],
+                    "name": _dense(),
+                },
+                source="practice-b",
+                tx=tx,
+            )
+    role = bridge.post(
+        "clinic",
+        "/fhir/PractitionerRole",
+        {
+            "resourceType": "PractitionerRole",
+            "active": True,
+            "practitioner": {"reference": "Practitioner/ref-therapist"},
+            "organization": {"reference": "Organization/kap-clinic"},
+        },
+    )
+    assert role.status_code == 201, role.get_data(as_text=True)
+    role_id = role.get_json(force=True)["id"]
+    sent = bridge.post("clinic", "/fhir/Communication", _note(f"PractitionerRole/{role_id}"))
+    assert sent.status_code == 201, sent.get_data(as_text=True)
+    note_id = sent.get_json(force=True)["id"]
+
+    decodes = Decodes(monkeypatch)
+    resp = bridge.get("a", "/fhir/Communication?_count=10")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    found = [e["resource"]["id"] for e in resp.get_json(force=True).get("entry", [])]
+    assert note_id in found  # the clinic's later role is not crowded out by B's 205
+    # B's roles decoded: at most OTHER_SOURCE_PARTIES (is it active?), whatever B posted; plus the
+    # clinic's role, the note, and the gate's own reads
+    assert decodes.n <= OTHER_SOURCE_PARTIES + 10
+    resp = bridge.get("a", f"/fhir/PractitionerRole?_id={role_id}")
+    assert resp.status_code == 200
