@@ -1,4 +1,4 @@
-"""FHIR search on the store (storage/, layer 2: IO adapter; imports base only): the search
+r"""FHIR search on the store (storage/, layer 2: IO adapter; imports base only): the search
 parameters, how a resource's index rows are drawn from it, and how a query becomes SQL.
 
 Search values are normalised on write into (code, system) pairs, so a search is a few
@@ -10,6 +10,15 @@ equality lookups:
   compare one or both columns;
 - `_lastUpdated` and `_id` are columns (instants, compared as text: `instant` writes them
   so that they sort).
+
+A value is read as FHIR R4 search escapes it (search.html, "Escaping Search Parameters"): `,`
+separates alternatives (OR), `|` a token's system from its code, and a `\` before one of
+`\ , $ |` makes that character literal: `identifier=s|a\,b` is the one value `a,b`, never `a\`
+or `b`. `split_value` cuts at the separators no `\` escapes, `unescape` then reads a part's
+literal text; `escape_value` writes a literal for a query built from data. A `\` before any other
+character (which the spec calls illegal) is kept as a literal `\`, so a value that carries one
+means what it says. Conditional create and update (storage/store.py `_one_identifier`) read
+their conditions with the same functions, so a condition selects what the same search finds.
 
 The SQL conditions here are on `fhir_current c` and probe `fhir_index i` (see storage/store.py
 for the tables); paging is `_count` (at most MAX_COUNT) and `_offset`.
@@ -35,12 +44,16 @@ __all__ = [
     "SEARCH_PARAMS",
     "audience_sql",
     "check_condition",
+    "escape_value",
     "index_values",
     "instant",
     "instant_now",
     "page",
     "ref_key",
     "search_sql",
+    "split_token",
+    "split_value",
+    "unescape",
     "write_index",
 ]
 
@@ -288,7 +301,7 @@ def search_sql(rtype: str, params: Mapping[str, Sequence[str]]) -> tuple[str, li
             continue
         per_param = 0
         for value in values:
-            alternatives = value.split(",") if value else [""]
+            alternatives = split_value(value)
             per_param += len(alternatives)
             total += len(alternatives)
             if per_param > MAX_ALTERNATIVES or total > MAX_ALTERNATIVES:
@@ -302,7 +315,7 @@ def search_sql(rtype: str, params: Mapping[str, Sequence[str]]) -> tuple[str, li
                 )
             if name == "_id":
                 clauses.append(f"c.id IN ({', '.join('?' * len(alternatives))})")
-                args += alternatives
+                args += [unescape(alt) for alt in alternatives]
             elif name == "_lastUpdated":
                 sql, more = _date_clause("c.last_updated", value)
                 clauses.append(sql)
@@ -328,8 +341,10 @@ def search_sql(rtype: str, params: Mapping[str, Sequence[str]]) -> tuple[str, li
 
 
 def _match_sql(name: str, value: str) -> tuple[str, list[str]]:
-    """SQL (on index alias `i`) and arguments matching one search value of parameter `name`."""
+    """SQL (on index alias `i`) and arguments matching one search value (one alternative, its
+    escapes still in it) of parameter `name`."""
     if name in REFERENCE_PARAMS:
+        value = unescape(value)
         default_type = REFERENCE_PARAMS[name]
         if "/" not in value:
             if default_type is None:
@@ -337,12 +352,84 @@ def _match_sql(name: str, value: str) -> tuple[str, list[str]]:
             value = f"{default_type}/{value}"
         code, system = ref_key(value)
         return "(i.code = ? AND i.system = ?)", [code, system]
-    system, bar, code = value.partition("|")
-    if not bar:
-        return "i.code = ?", [value]
-    if not code:
-        return "i.system = ?", [system]
-    return "(i.code = ? AND i.system = ?)", [code, system]
+    token_system, token_code = split_token(value)
+    if token_system is None:
+        return "i.code = ?", [token_code]
+    if not token_code:
+        return "i.system = ?", [token_system]
+    return "(i.code = ? AND i.system = ?)", [token_code, token_system]
+
+
+#: One escape (a `\` and the character after it) or a separator: what `_cut` looks for.
+_ESCAPE_OR = {
+    ",": re.compile(r"\\.|,", re.DOTALL),
+    "|": re.compile(r"\\.|\|", re.DOTALL),
+}
+#: An escaped special character: `\` before `\`, `,`, `$` or `|`.
+_ESCAPED = re.compile(r"\\([\\,$|])")
+#: A character a literal value must escape.
+_SPECIAL = re.compile(r"([\\,$|])")
+
+
+def _cut(value: str, separator: str, most: int | None = None) -> list[str]:
+    """`value` cut at the `separator`s no backslash escapes (at most `most` cuts), escapes kept."""
+    if "\\" not in value:
+        return value.split(separator, -1 if most is None else most)
+    parts: list[str] = []
+    start = 0
+    for m in _ESCAPE_OR[separator].finditer(value):
+        if m.group() == separator:
+            parts.append(value[start : m.start()])
+            start = m.end()
+            if most is not None and len(parts) == most:
+                break
+    parts.append(value[start:])
+    return parts
+
+
+def split_value(value: str) -> list[str]:
+    r"""A search value's alternatives (OR'ed): cut at every `,` no `\` escapes, each part with
+    its escapes kept (`unescape` or `split_token` reads it). An empty value is one empty
+    alternative.
+
+    >>> split_value(r"s|a\,b,s|c")
+    ['s|a\\,b', 's|c']
+    """
+    return _cut(value, ",")
+
+
+def split_token(part: str) -> tuple[str | None, str]:
+    r"""One token alternative as (system, code), both unescaped: `system|code`, `system|` (code
+    ''), `|code` (system '') or a bare `code` (system None); the first `|` no `\` escapes
+    separates them.
+
+    >>> split_token(r"http://x|a\|b\,c")
+    ('http://x', 'a|b,c')
+    """
+    cut = _cut(part, "|", 1)
+    if len(cut) == 1:
+        return None, unescape(cut[0])
+    return unescape(cut[0]), unescape(cut[1])
+
+
+def unescape(part: str) -> str:
+    r"""The literal text of one part of a search value: the `\` before a `\`, `,`, `$` or `|` is
+    dropped; any other `\` (the spec calls it illegal) is kept as it is.
+
+    >>> unescape(r"a\\\,b\x")
+    'a\\,b\\x'
+    """
+    return _ESCAPED.sub(r"\1", part) if "\\" in part else part
+
+
+def escape_value(text: str) -> str:
+    r"""`text` as one literal search value (each `\`, `,`, `$` and `|` after a `\`): what a query
+    built from data (an identifier's system or value) must use.
+
+    >>> escape_value("a,b|c")
+    'a\\,b\\|c'
+    """
+    return _SPECIAL.sub(r"\\\1", text)
 
 
 _DATE = re.compile(

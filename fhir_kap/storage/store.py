@@ -47,10 +47,13 @@ from .search import (
     SEARCH_PARAMS,
     audience_sql,
     check_condition,
+    escape_value,
     index_values,
     instant_now,
     page,
     search_sql,
+    split_token,
+    split_value,
     write_index,
 )
 from .sql import migrations
@@ -69,6 +72,7 @@ __all__ = [
     "Store",
     "StoredResource",
     "check_condition",
+    "escape_value",
     "index_values",
     "instant_now",
 ]
@@ -512,11 +516,17 @@ class Store:
 
 
 def _one_identifier(params: Mapping[str, Sequence[str]]) -> tuple[str, str] | None:
-    """(system, value) when a condition is exactly `identifier=SYSTEM|VALUE` (no alternatives)."""
+    r"""(system, value), unescaped, when a condition is exactly one `identifier=SYSTEM|VALUE` (no
+    alternatives): read with the search's own `split_value` and `split_token`, so `s|a\,b` is the
+    value `a,b` here exactly as in a search. None for any other condition, which the caller then
+    runs as that search (`search_sql`), never as a guess at one identifier."""
     if list(params) != ["identifier"] or len(params["identifier"]) != 1:
         return None
-    system, bar, value = params["identifier"][0].partition("|")
-    if not bar or not system or not value or "," in params["identifier"][0] or "\\" in value:
+    alternatives = split_value(params["identifier"][0])
+    if len(alternatives) != 1:
+        return None
+    system, value = split_token(alternatives[0])
+    if not system or not value:
         return None
     return system, value
 
