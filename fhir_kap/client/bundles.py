@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 
 from ..errors import InputError
 from ..fhir.identifiers import business_identifier
+from ..fhir.searchvalues import escape_value
 from ..jsonio import dumps, loads
 
 __all__ = ["WriteResult", "entry_results", "identifier_query", "token_query", "transaction_bundle"]
@@ -126,22 +127,13 @@ def _bundle_idempotent(bundle: Mapping[str, Any]) -> bool:
     return True
 
 
-def _search_escape(text: str) -> str:
-    # FHIR search escaping: \ | , $ are special inside a token value
-    for ch in ("\\", "|", ",", "$"):
-        text = text.replace(ch, "\\" + ch)
-    return text
-
-
 def token_query(system: str, value: str, param: str = "identifier") -> str:
     """`identifier=SYSTEM|VALUE` with FHIR token escaping, URL-encoded (If-None-Exist or a query).
 
     >>> token_query("http://x/sid", "N 1")
     'identifier=http://x/sid|N%201'
     """
-    return (
-        f"{param}=" + quote(_search_escape(system), safe=":/@") + "|" + quote(_search_escape(value), safe="")
-    )
+    return f"{param}=" + quote(escape_value(system), safe=":/@") + "|" + quote(escape_value(value), safe="")
 
 
 def identifier_query(resource: Mapping[str, Any]) -> str | None:

@@ -1,6 +1,7 @@
 """FHIR basics every room uses (layer 0, base): which release a resource is written in
 (`release`), business identifiers and references (`identifiers`), the transcript rule
-(`textscan`) and the one retry rule for HTTP answers (`retry`).
+(`textscan`), the one retry rule for HTTP answers (`retry`) and FHIR's escaping of search values
+(`searchvalues`).
 
 Imports nothing of ours but the other base modules (`errors`, `config`, `jsonio`).
 """

@@ -29,6 +29,8 @@ from functools import lru_cache
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs
 
+from .searchvalues import split_token, split_value
+
 __all__ = [
     "PARTY_TYPES",
     "Ref",
@@ -80,9 +82,10 @@ class Ref:
         if self.kind != "conditional":
             return None
         out = []
-        for name, val in self.query:
-            system, bar, value = val.partition("|")  # parse_qs has already decoded it once
-            if name != "identifier" or not bar or not system or not value:
+        for name, val in self.query:  # parse_qs has already decoded it once
+            alternatives = split_value(val)  # FHIR search escapes, as the store reads them
+            system, value = split_token(alternatives[0])
+            if name != "identifier" or len(alternatives) != 1 or not system or not value:
                 return None
             out.append((system, value))
         return tuple(out) or None

@@ -305,3 +305,19 @@ def test_resource_index__skips_non_resources_and_checks_the_type_on_get():
     assert index.get("Practitioner", "p1") is None
     assert [r["id"] for r in index.by_identifier(None, MRN, "E1")] == ["p1"]
     assert index.by_identifier("Organization", MRN, "E1") == []
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("Patient?identifier=s|a", (("s", "a"),)),
+        ("Patient?identifier=s|a%5C%2Cb", (("s", "a,b"),)),  # an escaped comma is part of the value
+        ("Patient?identifier=s|a%5C%7Cb", (("s", "a|b"),)),  # so is an escaped bar
+        ("Patient?identifier=s|a,s|b", None),  # alternatives select no one party
+        ("Patient?identifier=a", None),  # no system
+    ],
+)
+def test_a_conditional_reference_reads_identifiers_with_the_search_escapes(reference, expected):
+    """The same reading as the store's search and conditional writes (fhir/searchvalues.py): a
+    reference `Patient?identifier=s|a\\,b` names the one value `a,b`, as a search for it finds."""
+    assert parse_reference(reference).query_identifiers == expected
