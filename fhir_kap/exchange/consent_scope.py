@@ -19,10 +19,12 @@ releases) is scoped to its own clients and its own organisation:
   authority, and its practitioner names no other partner nor the clinic. So an authority cannot
   affiliate its practitioner with an Organization a clinic consent grants.
 
-Two more rules hold for every partner but the clinic's systems, whether or not its context counts
-(`check_consent_identifier`): a Consent's business identifier belongs to whoever first wrote it
-(another partner reusing it is refused, 403 `bridge:identifier-owner`). Revocation is monotonic
-for every writer, the clinic included; that rule lives with the context (`storage.context`).
+Two more rules: a Consent's business identifier belongs to the first writer whose Consents count
+(the clinic's systems, a consent authority: `check_consent_identifier`); another consent authority
+reusing it is refused (403 `bridge:identifier-owner`, at write time only: `$validate` does not
+tell), the clinic's systems may write any, and a partner whose Consents count for nothing neither
+claims an identifier nor is refused one. Revocation is monotonic for every writer, the clinic
+included; that rule lives with the context (`storage.context`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ..storage.store import Store
 from .authorship import Authorship
 from .inbound_rules import WITHDRAWN_REFERRAL
 
-__all__ = ["ConsentScope", "check_consent_identifier"]
+__all__ = ["ConsentScope", "check_consent_identifier", "claims_identifiers", "identifier_held_elsewhere"]
 
 
 class ConsentScope:
@@ -146,35 +148,58 @@ class ConsentScope:
         return got.resource if got is not None and not got.deleted else None
 
 
+def claims_identifiers(partner: Partner) -> bool:
+    """Whether `partner`'s Consents claim their business identifiers: those of the writers whose
+    Consents count (the clinic's systems and consent authorities; by scope, so a revoked
+    authority's identifiers stay its own). Anyone else's Consents decide nothing, so they neither
+    claim an identifier nor are refused one."""
+    return partner.is_clinic or "kap/consent-authority" in partner.scopes
+
+
+def identifier_held_elsewhere(
+    partner: Partner,
+    resource: Any,
+    store: Store,
+    context_ids: Callable[[str], list[str]] | None,
+    claimants: Iterable[Partner],
+) -> bool:
+    """Whether the business identifier of the Consent `resource` is held by a writer other than
+    `partner` whose Consents claim identifiers (`claims_identifiers`): a stored Consent of one of
+    `claimants` or without a sender (one index lookup each, so no other partner's Consents can
+    crowd the answer), or a Consent in the consent context (the clinic's, fed by `/kap/records`)
+    under an id that is not one of `partner`'s stored Consents."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
+        return False
+    ident = business_identifier(resource)
+    if ident is None:
+        return False
+    others: list[str | None] = [None]
+    others += sorted({p.name for p in claimants if p.name != partner.name and claims_identifiers(p)})
+    if any(store.with_identifier("Consent", *ident, source=o, limit=1) for o in others):
+        return True
+    for cid in context_ids("|".join(ident)) if context_ids is not None else ():
+        got = store.get("Consent", cid)
+        if got is None or got.source != partner.name:
+            return True
+    return False
+
+
 def check_consent_identifier(
     partner: Partner,
     resources: Sequence[tuple[str, Any]],
     store: Store,
     context_ids: Callable[[str], list[str]] | None,
+    claimants: Iterable[Partner] = (),
 ) -> None:
-    """Refuse (403, `bridge:identifier-owner`) a Consent whose business identifier another
-    partner wrote first: in the store under another sender, or in the consent context under an
-    id that is not one of this partner's stored Consents (the clinic's, fed by `/kap/records`).
-    `resources`: (JSON pointer, resource) of the write. Clinic systems may write any."""
-    if partner.is_clinic:
+    """Refuse (403, `bridge:identifier-owner`) a consent authority's Consent whose business
+    identifier another writer whose Consents count holds (`identifier_held_elsewhere`; `claimants`:
+    the registered partners). `resources`: (JSON pointer, resource) of the write. Clinic systems
+    may write any; a partner whose Consents do not count is not checked (nor does it claim)."""
+    if partner.is_clinic or not claims_identifiers(partner):
         return
+    claimants = list(claimants)
     for pointer, resource in resources:
-        if not isinstance(resource, dict) or resource.get("resourceType") != "Consent":
-            continue
-        ident = business_identifier(resource)
-        if ident is None:
-            continue
-        key = "|".join(ident)
-        owners = {s.source for s in store.search("Consent", {"identifier": [key]}, count=200).items} - {
-            partner.name
-        }
-        if not owners and context_ids is not None:
-            for cid in context_ids(key):
-                got = store.get("Consent", cid)
-                if got is None or got.source != partner.name:
-                    owners.add(None)
-                    break
-        if owners:
+        if identifier_held_elsewhere(partner, resource, store, context_ids, claimants):
             raise Forbidden(
                 "this Consent's business identifier was first written by another partner (or the "
                 "clinic): a consent belongs to whoever first wrote it; use an identifier of your own",

@@ -56,7 +56,7 @@ from ..records.ingest import Ingest
 from ..storage.partners import Partner, Partners
 from ..storage.store import MAX_COUNT, Store, StoredResource
 from .authorship import Authorship, partner_source
-from .consent_scope import ConsentScope, check_consent_identifier
+from .consent_scope import ConsentScope, check_consent_identifier, identifier_held_elsewhere
 from .inbound_rules import (
     MAX_DEPTH,
     REFERRAL_FLOW,
@@ -406,17 +406,21 @@ class Inbound:
 
     def preview(self, resource: dict[str, Any], *, source: str | None) -> list[Issue]:
         """The issues a create of `resource` by `source` meets on the inbound path (profile, KAP
-        record, authorship, identifier ownership), its errors being what it would be refused
-        for; nothing is stored (`$validate` in mode create / update)."""
+        record, authorship), its errors being what it would be refused for; nothing is stored
+        (`$validate` in mode create / update). Identifier ownership is left to the write itself:
+        answering it here would tell anyone whether another writer holds a Consent identifier."""
         try:
-            return list(self._checked(resource, source).issues)
+            return list(self._checked(resource, source, owner=False).issues)
         except KapError as exc:
             return list(exc.issues)
 
-    def _checked(self, resource: dict[str, Any], source: str | None, *, detail: bool = True) -> _Checked:
+    def _checked(
+        self, resource: dict[str, Any], source: str | None, *, detail: bool = True, owner: bool = True
+    ) -> _Checked:
         """The checks every partner write meets before its transaction (create, update, and
         `preview`): no conditional reference outside a transaction, authorship filled and checked,
-        profile and KAP record (`inspect`), identifier ownership. Raises the first refusal."""
+        profile and KAP record (`inspect`), identifier ownership (`owner`: not for `preview`).
+        Raises the first refusal."""
         if _CONDITIONAL.search(orjson.dumps(resource)):
             raise InputError(
                 "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
@@ -432,7 +436,8 @@ class Inbound:
         record, issues = self.inspect(resource, resolver=resolver, detail=detail)
         if author is not None:
             author.check(resource, resolver)
-        self._check_identifiers(partner, [("", resource)])
+        if owner:
+            self._check_identifiers(partner, [("", resource)])
         return _Checked(resource, partner, author, resolver, record, issues)
 
     def is_authority(self, source: str | None) -> bool:
@@ -470,12 +475,17 @@ class Inbound:
         return got.resource if got is not None and not got.deleted else None
 
     def _check_identifiers(self, partner: Partner | None, resources: Sequence[tuple[str, Any]]) -> None:
-        """A Consent's business identifier belongs to whoever first wrote it (`consent_scope`)."""
+        """A Consent's business identifier belongs to the first writer whose Consents count (`consent_scope`)."""
         if partner is None:
             return
+        check_consent_identifier(partner, resources, self.store, self._context_ids(), self._claimants())
+
+    def _context_ids(self) -> Callable[[str], list[str]] | None:
         ctx = getattr(self.context, "context", self.context)
-        ids = getattr(ctx, "consent_ids", None)
-        check_consent_identifier(partner, resources, self.store, ids)
+        return getattr(ctx, "consent_ids", None)
+
+    def _claimants(self) -> list[Partner]:
+        return self.partners.list() if self.partners is not None else []  # cached list
 
     def _scope(
         self,
@@ -642,6 +652,10 @@ class Inbound:
                     consent.source == scope.partner.name
                     and not consent.deleted
                     and scope.admits(consent.resource)
+                    # one stored before the partner's Consents counted may carry another's identifier
+                    and not identifier_held_elsewhere(
+                        scope.partner, consent.resource, self.store, self._context_ids(), self._claimants()
+                    )
                 ):
                     self.context.put_context(consent.resource)
             offset, total = offset + MAX_COUNT, found.total

@@ -11,7 +11,9 @@ read (no resource, a Parameters naming an unknown mode, a resource of another ty
 URL) is an InputError (400). `profile`: the base StructureDefinition of the type or one of the
 KAP profiles (`KAP_PROFILES`); any other is an error issue `validate:profile`, never a guess.
 `mode`: absent (FHIR rules and the profiles the resource claims), `create` (also the bridge's
-inbound rules: the KAP record, authorship, identifier ownership, as a POST would apply them),
+inbound rules: the KAP record and authorship, as a POST would apply them; not a Consent
+identifier's ownership, checked by the write alone: `$validate` answers the same whether another
+writer holds the identifier or nobody does, so it cannot be asked who holds which),
 `update` (the same, for the caller's own resource of an updatable type), `delete` (the bridge
 deletes nothing: one error issue).
 """
@@ -46,7 +48,7 @@ def validate_operation(
     """The OperationOutcome of `$validate` on `rtype` (an instance when `rid` is given) for the
     request `body` and its `query` parameters, asked by partner `source` (InputError when the
     request itself cannot be read). `may_write`: whether `source` may write `rtype`; the bridge's
-    own create/update rules (authorship, identifier ownership, its own resources) are checked
+    own create/update rules (authorship, its own resources) are checked
     only then, so a partner that cannot write learns nothing from them about others' data."""
     resource, mode, profile = _read_request(body, query)
     if mode in ("update", "delete") and rid is None:

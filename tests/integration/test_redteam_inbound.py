@@ -71,3 +71,117 @@ def test_an_authoritys_earlier_deny_counts_from_its_referral_whatever_others_sto
     resp = bridge.post(hub, "/fhir/ServiceRequest", sr)
     assert resp.status_code == 201, _text(resp)
     assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404
+
+
+# --- F6: a Consent's identifier is claimed only by writers whose Consents count -------------------
+
+
+def _rules(resp) -> set[str]:
+    out = set()
+    for i in resp.get_json(force=True).get("issue", []):
+        out |= {e["valueString"] for e in i.get("extension", []) if e["url"].endswith("/rule")}
+    return out
+
+
+def _deny(patient: str, value: str) -> dict[str, Any]:
+    deny = _consent(patient, value)
+    deny["performer"] = [{"type": "Practitioner", "identifier": HUB_NPI}]
+    deny["provision"]["provision"] = [{"type": "deny", "actor": deny["provision"]["actor"]}]
+    return deny
+
+
+def _referral(bridge, who: str, patient: str, value: str) -> None:
+    sr = load("Example-ServiceRequest-referral-1.json")
+    sr.pop("id", None)
+    sr["subject"] = {"reference": patient}
+    sr["identifier"][0]["value"] = value
+    sr["requester"] = {"type": "Practitioner", "identifier": HUB_NPI}
+    resp = bridge.post(who, "/fhir/ServiceRequest", sr)
+    assert resp.status_code == 201, _text(resp)
+
+
+def _clinic_note(bridge, patient: str) -> str:
+    note = load("Example-Communication-note-1.json")
+    note.pop("id", None)
+    note["subject"] = {"reference": patient}
+    resp = bridge.post("clinic", "/fhir/Communication", note)
+    assert resp.status_code == 201, _text(resp)
+    return resp.get_json(force=True)["id"]
+
+
+def test_a_partner_whose_consents_do_not_count_cannot_squat_an_authoritys_identifier(bridge):
+    """B (no authority) posts Consents with the identifier the hub will use (205 of them): the
+    hub's own Consent later is stored and counts; B still reads its own."""
+    pat = "Patient/client-squat"
+    hub = _hub(bridge)
+    resp = bridge.post(  # over HTTP: stored, answered as deciding nothing
+        "b", "/fhir/Consent", _consent(pat, "hub-consent-0001"), Prefer="return=OperationOutcome"
+    )
+    assert resp.status_code == 201 and "consent:not-authority" in _rules(resp), _text(resp)
+    store = bridge.app.extensions["fhir_kap"].store
+    with store.transaction() as tx:
+        for i in range(205):
+            store.create(
+                _consent(pat, "hub-consent-0001") | {"dateTime": f"2024-01-{1 + i % 28:02d}"},
+                source="practice-b",
+                tx=tx,
+            )
+    assert bridge.post("clinic", "/fhir/Consent", _consent(pat, "clinic-grant")).status_code == 201
+    rid = _clinic_note(bridge, pat)
+    _referral(bridge, hub, pat, "hub-squat-referral")
+    assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 200
+    resp = bridge.post(hub, "/fhir/Consent", _deny(pat, "hub-consent-0001"))
+    assert resp.status_code == 201, _text(resp)
+    assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 404  # the hub's deny counts
+    mine = bridge.get("b", "/fhir/Consent?identifier=http://fhir-kap.example/sid/consent|hub-consent-0001")
+    assert mine.get_json(force=True)["total"] >= 1
+    # and another authority still cannot take the hub's identifier, however many B's there are
+    other = _hub(bridge, "second-hub")
+    resp = bridge.post(other, "/fhir/Consent", _deny(pat, "hub-consent-0001"))
+    assert resp.status_code == 403 and "bridge:identifier-owner" in _rules(resp)
+
+
+def test_a_consent_stored_before_its_writer_counted_does_not_take_anothers_identifier(bridge):
+    """B, without authority, stores a revocation carrying the clinic's identifier (allowed: it
+    decides nothing); made an authority later, its referral admits its earlier Consents, but not
+    that one: the clinic's grant holds."""
+    pat = "Patient/client-later"
+    grant = _consent(pat, "clinic-consent-7")
+    assert bridge.post("clinic", "/fhir/Consent", grant).status_code == 201
+    rid = _clinic_note(bridge, pat)
+    revoke = dict(grant, status="inactive", dateTime="2025-06-01")
+    assert bridge.post("b", "/fhir/Consent", revoke).status_code == 201
+    partners = bridge.app.extensions["fhir_kap"].partners
+    partners.revoke("practice-b")
+    bridge.tokens["b"] = partners.add("practice-b", scopes=SCOPES, npis=[HUB_NPI["value"]])[1]
+    _referral(bridge, "b", pat, "b-referral")
+    assert bridge.get("a", f"/fhir/Communication/{rid}").status_code == 200
+
+
+@pytest.mark.parametrize("who", ["b", "hub"])
+def test_validate_does_not_tell_whether_another_writer_holds_a_consent_identifier(bridge, who):
+    """$validate answers the same for the clinic's identifier and a free one, to an authority and
+    to a partner whose Consents do not count (the owner check is made at write time only)."""
+    if who == "hub":
+        who = _hub(bridge)
+    assert (
+        bridge.post("clinic", "/fhir/Consent", _consent("Patient/client-1", "consent-held")).status_code
+        == 201
+    )
+    answers = []
+    for value in ("consent-held", "consent-free"):
+        params = {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "resource", "resource": _consent("Patient/client-1", value)},
+                {"name": "mode", "valueCode": "create"},
+            ],
+        }
+        resp = bridge.post(who, "/fhir/Consent/$validate", params)
+        assert resp.status_code == 200, _text(resp)
+        answers.append(resp.get_json(force=True)["issue"])
+    assert answers[0] == answers[1]
+    assert "bridge:identifier-owner" not in _text(resp)
+    if who != "b":  # the authority's write is refused, as before
+        resp = bridge.post(who, "/fhir/Consent", _consent("Patient/client-1", "consent-held"))
+        assert resp.status_code == 403 and "bridge:identifier-owner" in _rules(resp)
