@@ -28,8 +28,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,7 +44,7 @@ from ..config import CANONICAL, Release, data_path
 from ..errors import InputError, KapError, ProfileError
 from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
-from ..storage.subscriptions import SubscriptionEvent, SubscriptionRow, Subscriptions
+from ..storage.subscriptions import Listener, SubscriptionEvent, SubscriptionRow, Subscriptions
 from ..storage.webhooks import WebhookJob, WebhookJobs
 from .inbound_rules import addressed_to
 from .webhooks import Deferred, Prepared
@@ -78,6 +80,8 @@ CHANNEL_TYPES = "http://terminology.hl7.org/CodeSystem/subscription-channel-type
 EVENT_PREFIX = "subscription-"
 MAX_HEADERS = 10
 MAX_EVENTS = 100  # per $events answer
+#: How many Subscription versions' parsed filters a write's fan-out keeps (`EventSink`).
+SPEC_CACHE = 4096
 _PRINTABLE = re.compile(r"[\x21-\x7e]+")
 _HEADER = re.compile(r"^([A-Za-z0-9-]{1,64}):[ \t]*([\x20-\x7e]{0,2048})$")
 _EXT_FILTER = BACKPORT + "backport-filter-criteria"
@@ -619,6 +623,8 @@ class EventSink:
         self.may_read = may_read
         self.jobs = jobs
         self.clock = clock
+        self._specs: OrderedDict[tuple[str, int], Any] = OrderedDict()  # (id, version) -> filters
+        self._specs_lock = threading.Lock()
 
     def record(self, tx: Any, accepted: Sequence[Any]) -> int:
         queued = 0
@@ -647,21 +653,23 @@ class EventSink:
     def _fan_out(
         self, tx: Any, topic: str, stored: StoredResource, hears: Callable[[Partner, StoredResource], bool]
     ) -> int:
-        listening = self.subs.listening(tx, topic)
+        listening = self.subs.listeners(tx, topic)  # ids, owners and versions: no body
         if not listening:
             return 0
         by_name = {p.name: p for p in self.partners.list()}
+        listening = [
+            sub
+            for sub in listening
+            if (p := by_name.get(sub.partner)) is not None and not p.revoked  # before any body is read
+        ]
+        filters_of = self._filters(tx, listening)
         at = stored.last_updated or _now_instant()
         n = 0
         decided: dict[str, bool] = {}  # one (audited) decision per partner, however many Subscriptions
-        for row in listening:
-            partner = by_name.get(row.partner)
-            if partner is None or partner.revoked:
-                continue
-            try:
-                filters = spec_of(row).filters
-            except KapError:  # no longer parses: it hears nothing, and the write goes on
-                log.warning("subscription %s no longer parses: no event for it", row.id)
+        for sub in listening:
+            partner = by_name[sub.partner]
+            filters = filters_of.get((sub.id, sub.version))
+            if filters is None:  # no longer parses: it hears nothing, and the write goes on
                 continue
             if not matches(filters, stored.resource):
                 continue
@@ -669,16 +677,40 @@ class EventSink:
                 decided[partner.name] = hears(partner, stored)
             if not decided[partner.name]:
                 continue
-            number = self.subs.add_event(tx, row.id, at, f"{stored.type}/{stored.id}", str(stored.version))
+            number = self.subs.add_event(tx, sub.id, at, f"{stored.type}/{stored.id}", str(stored.version))
             if self.jobs is not None:
                 n += self.jobs.enqueue(
-                    row.partner,
+                    sub.partner,
                     EVENT_PREFIX + "event",
-                    f"Subscription/{row.id}",
+                    f"Subscription/{sub.id}",
                     str(number),
                     now=self.clock(),
                 )
         return n
+
+    def _filters(self, tx: Any, listening: Sequence[Listener]) -> dict[tuple[str, int], Any]:
+        """The parsed filters of each listening Subscription by (id, version), None when its body
+        no longer parses. A body is read and parsed only for a version this sink has not seen
+        (kept for the last `SPEC_CACHE` versions): a write decodes no Subscription body it
+        decoded before, however many listen."""
+        keys = [(sub.id, sub.version) for sub in listening]
+        with self._specs_lock:
+            out = {key: self._specs[key] for key in keys if key in self._specs}
+        missing = [sub.id for sub in listening if (sub.id, sub.version) not in out]
+        if not missing:
+            return out
+        for row in self.subs.rows_in(tx, missing):
+            try:
+                filters: Any = spec_of(row).filters
+            except KapError:
+                log.warning("subscription %s no longer parses: no event for it", row.id)
+                filters = None
+            out[(row.id, row.version)] = filters
+            with self._specs_lock:
+                self._specs[(row.id, row.version)] = filters
+                while len(self._specs) > SPEC_CACHE:
+                    self._specs.popitem(last=False)
+        return out
 
 
 class _ByVersion:

@@ -18,7 +18,7 @@ from .. import jsonio
 from .db import Database
 from .sql import migrations
 
-__all__ = ["SubscriptionEvent", "SubscriptionRow", "Subscriptions"]
+__all__ = ["Listener", "SubscriptionEvent", "SubscriptionRow", "Subscriptions"]
 
 _COLUMNS = "id, partner, topic, status, base, body, version, events, heartbeat_period, next_heartbeat_at, end_at, error"
 #: The states a Subscription is in (R5 SubscriptionStatusCodes, the backport's too).
@@ -52,6 +52,15 @@ class SubscriptionEvent:
     at: str
     focus: str | None
     focus_version: str | None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A Subscription that takes events, as a write's fan-out first reads it: no body."""
+
+    id: str
+    partner: str
+    version: int
 
 
 class Subscriptions:
@@ -174,6 +183,29 @@ class Subscriptions:
             (topic,),
         )
         return [_row(r) for r in rows]
+
+    def listeners(self, tx: Any, topic: str) -> list[Listener]:
+        """Inside a write's transaction: the Subscriptions `listening` returns, without their
+        bodies (what a fan-out reads on every write; it decodes a body only for a version it
+        has not parsed yet, `rows_in`)."""
+        rows = tx.execute(
+            "SELECT id, partner, version FROM subscriptions "
+            "WHERE topic = ? AND status IN ('requested', 'active', 'error') ORDER BY id",
+            (topic,),
+        )
+        return [Listener(r["id"], r["partner"], int(r["version"])) for r in rows]
+
+    def rows_in(self, tx: Any, ids: list[str]) -> list[SubscriptionRow]:
+        """Inside a transaction: the Subscriptions with these ids (bodies decoded)."""
+        out: list[SubscriptionRow] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            out += [
+                _row(r)
+                for r in tx.execute(f"SELECT {_COLUMNS} FROM subscriptions WHERE id IN ({marks})", chunk)
+            ]
+        return out
 
     def add_event(self, tx: Any, sid: str, at: str, focus: str | None, focus_version: str | None) -> int:
         """Inside a write's transaction: the next event number of `sid`, recorded with its focus."""

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from typing import Any
 
 import pytest
 
 from fhir_kap.bridge.access import OTHER_SOURCE_PARTIES
-from testkit.bridge import load, make_bridge
+from testkit.bridge import FHIR, load, make_bridge
 
 _SERIAL = itertools.count()
 _NOTE = load("Example-Communication-note-1.json")
@@ -102,3 +103,47 @@ def test_another_partners_parties_neither_crowd_out_nor_inflate_a_partners_searc
     assert decodes.n <= OTHER_SOURCE_PARTIES + 10
     resp = bridge.get("a", f"/fhir/PractitionerRole?_id={role_id}")
     assert resp.status_code == 200
+
+
+# F5 ---------------------------------------------------------------------------------------------
+
+
+def test_a_note_write_decodes_no_subscription_body_it_decoded_before(tmp_path, monkeypatch):
+    import fhir_kap.storage.subscriptions as subs_module
+    from testkit.subscriptions import FIXTURE_ORIGIN, register_origin, sub
+
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    register_origin(bridge.app, "practice-b", FIXTURE_ORIGIN)
+    for i in range(50):  # B's Subscriptions, as dense as a body may be
+        body = sub("R4", "note")
+        body["reason"] = f"padding {i} " * 400
+        resp = bridge.post("b", "/fhir/Subscription", body)
+        assert resp.status_code == 201, resp.get_data(as_text=True)
+    decoded = []
+    row = subs_module._row
+
+    def counting(r: Any) -> Any:
+        decoded.append(r["id"])
+        return row(r)
+
+    monkeypatch.setattr(subs_module, "_row", counting)
+    per_write = []
+    for _ in range(3):
+        decoded.clear()
+        resp = bridge.post("clinic", "/fhir/Communication", _note("Practitioner/ref-therapist"))
+        assert resp.status_code == 201, resp.get_data(as_text=True)
+        per_write.append(len(decoded))
+    assert per_write[0] <= 50  # the first write parses each listening version once ...
+    assert per_write[1:] == [0, 0]  # ... later writes none
+    # a changed Subscription is read again (its new version), and only it
+    sid = bridge.get("b", "/fhir/Subscription?_count=1").get_json(force=True)["entry"][0]["resource"]["id"]
+    body = dict(sub("R4", "note"), id=sid, reason="changed")
+    resp = bridge.client.put(
+        f"/fhir/Subscription/{sid}", data=json.dumps(body), headers=bridge.h("b", **{"Content-Type": FHIR})
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    decoded.clear()
+    assert (
+        bridge.post("clinic", "/fhir/Communication", _note("Practitioner/ref-therapist")).status_code == 201
+    )
+    assert decoded == [sid]
