@@ -769,13 +769,15 @@ class Inbound:
         if issues:
             raise InputError(issues)
         prepared = []
+        conditions = _Conditions(parsed, StoreLookup(self.store, source))  # one index, one cache per Bundle
         for i, new, resource, cond, op in parsed:
             resource = rewrite_references(resource, refs)
-            issues += self._conditional_references(resource, parsed, refs, source, i)
+            issues += _conditional_references(resource, conditions, i)
             resource["id"] = new
             prepared.append((i, new, resource, cond, op))
         if issues:
-            raise PreconditionFailed(issues)
+            # too many to look up is the request's fault (400), none or several a precondition (412)
+            raise (InputError if any(x.code == "too-costly" for x in issues) else PreconditionFailed)(issues)
         resolver = Resolver(
             ((f"{r['resourceType']}/{new}", r) for _, new, r, _, _ in prepared),
             StoreLookup(self.store, source),
@@ -815,46 +817,6 @@ class Inbound:
         return BundleResult(
             _response_bundle("transaction-response", [responses[i] for i in sorted(responses)]), accepted
         )
-
-    def _conditional_references(
-        self, resource: dict[str, Any], parsed: list[Any], refs: dict[str, str], source: str | None, i: int
-    ) -> list[Issue]:
-        """Rewrite `Type?identifier=...` references in place: to the one entry of the Bundle, or
-        else the one resource of the sender's, carrying every identifier named (FHIR: none or
-        several fail the transaction, 412)."""
-        problems: list[Issue] = []
-        for _, _, node in iter_references(resource):
-            ref = parse_reference(node)
-            if ref is None or ref.kind != "conditional":
-                continue
-            wanted = ref.query_identifiers or ()
-            hits: list[str] = []
-            if wanted:
-                for _, new, other, _, _ in parsed:
-                    if other.get("resourceType") == ref.type and all(
-                        w in identifiers_of(other) for w in wanted
-                    ):
-                        hits.append(f"{ref.type}/{new}")
-                if not hits:
-                    first = StoreLookup(self.store, source).by_identifier(ref.type, *wanted[0])
-                    hits = [
-                        f"{ref.type}/{r['id']}" for r in first if all(w in identifiers_of(r) for w in wanted)
-                    ]
-            if len(hits) == 1:
-                node["reference"] = hits[0]
-                continue
-            problems.append(
-                Issue(
-                    "error",
-                    "not-found" if not hits else "multiple-matches",
-                    f"conditional reference to {ref.type} matched {len(hits)} resources "
-                    "(identifier=SYSTEM|VALUE only; it must match exactly one)",
-                    f"Bundle.entry[{i}].resource",
-                    f"/entry/{i}/resource",
-                    "bridge:conditional-reference",
-                )
-            )
-        return problems
 
     def _batch(
         self,
@@ -956,6 +918,92 @@ _REASON = {
     412: "Precondition Failed",
     422: "Unprocessable Entity",
 }
+
+
+#: How many distinct conditional references one Bundle may resolve against the sender's stored
+#: resources (one index lookup each): one per entry at most; beyond, the Bundle is refused.
+MAX_STORED_CONDITIONS = 500
+
+
+class _Conditions:
+    """What the conditional references (`Type?identifier=...`) of one Bundle select: its entries,
+    indexed once by type and identifier, else the sender's own stored resources (`lookup`). Each
+    distinct condition is answered once (cached), so resolving costs O(entries + references),
+    with at most `MAX_STORED_CONDITIONS` store lookups."""
+
+    def __init__(
+        self, parsed: Sequence[tuple[int, str, dict[str, Any], Any, str]], lookup: StoreLookup
+    ) -> None:
+        self.lookup = lookup
+        self.lookups = 0
+        self._idents: list[frozenset[tuple[str, str]]] = []
+        self._ids: list[str] = []
+        self._index: dict[tuple[Any, str, str], list[int]] = {}
+        for _, new, resource, _, _ in parsed:
+            n, rtype, idents = len(self._ids), resource.get("resourceType"), identifiers_of(resource)
+            self._idents.append(idents)
+            self._ids.append(f"{rtype}/{new}")
+            for system, value in idents:
+                self._index.setdefault((rtype, system, value), []).append(n)
+        self._cache: dict[tuple[str, frozenset[tuple[str, str]]], list[str] | None] = {}
+
+    def hits(self, rtype: str, wanted: Sequence[tuple[str, str]]) -> list[str] | None:
+        """The references (`Type/id`) the condition selects, at most two (enough to tell one from
+        several): the Bundle's entries carrying every identifier wanted, else the sender's stored
+        resources; None when the Bundle names more conditions than may be looked up."""
+        key = (rtype, frozenset(wanted))
+        if key not in self._cache:
+            self._cache[key] = self._select(rtype, key[1])
+        return self._cache[key]
+
+    def _select(self, rtype: str, wanted: frozenset[tuple[str, str]]) -> list[str] | None:
+        if not wanted:
+            return []
+        postings = [self._index.get((rtype, *w), []) for w in wanted]
+        hits: list[str] = []
+        for n in min(postings, key=len):  # the rarest identifier's entries, in Bundle order
+            if wanted <= self._idents[n]:
+                hits.append(self._ids[n])
+                if len(hits) == 2:
+                    break
+        if hits:
+            return hits
+        if self.lookups >= MAX_STORED_CONDITIONS:
+            return None
+        self.lookups += 1
+        first = self.lookup.by_identifier(rtype, *next(iter(sorted(wanted))))
+        return [f"{rtype}/{r['id']}" for r in first if wanted <= identifiers_of(r)][:2]
+
+
+def _conditional_references(resource: dict[str, Any], conditions: _Conditions, i: int) -> list[Issue]:
+    """Rewrite the `Type?identifier=...` references of entry `i` in place: to the one entry of the
+    Bundle, or else the one resource of the sender's, carrying every identifier named (FHIR: none
+    or several fail the transaction, 412)."""
+    problems: list[Issue] = []
+    for _, _, node in iter_references(resource):
+        ref = parse_reference(node)
+        if ref is None or ref.kind != "conditional":
+            continue
+        wanted = ref.query_identifiers or ()
+        hits = conditions.hits(str(ref.type), wanted)
+        if hits is not None and len(hits) == 1:
+            node["reference"] = hits[0]
+            continue
+        problems.append(
+            Issue(
+                "error",
+                "too-costly" if hits is None else "not-found" if not hits else "multiple-matches",
+                f"this Bundle names more than {MAX_STORED_CONDITIONS} distinct conditional references "
+                "to stored resources; send it in parts"
+                if hits is None
+                else f"conditional reference to {ref.type} matched {'no' if not hits else 'several'} "
+                "resources (identifier=SYSTEM|VALUE only; it must match exactly one)",
+                f"Bundle.entry[{i}].resource",
+                f"/entry/{i}/resource",
+                "bridge:conditional-reference",
+            )
+        )
+    return problems
 
 
 def _with_moved_tasks(accepted: list[Accepted]) -> list[Accepted]:

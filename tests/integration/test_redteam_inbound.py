@@ -6,6 +6,7 @@ Work is counted (calls, rows), never timed.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -185,3 +186,133 @@ def test_validate_does_not_tell_whether_another_writer_holds_a_consent_identifie
     if who != "b":  # the authority's write is refused, as before
         resp = bridge.post(who, "/fhir/Consent", _consent("Patient/client-1", "consent-held"))
         assert resp.status_code == 403 and "bridge:identifier-owner" in _rules(resp)
+
+
+# --- F8: conditional references in a transaction cost O(entries + references) ---------------------
+
+
+class _Counted:
+    """Counts calls of `identifiers_of` in the inbound path and of the store's identifier lookup."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import fhir_kap.exchange.inbound as inbound
+        from fhir_kap.storage.store import Store
+
+        self.identifiers = self.lookups = 0
+        idents, lookup = inbound.identifiers_of, Store.with_identifier
+
+        def counting_identifiers(*a: Any, **k: Any) -> Any:
+            self.identifiers += 1
+            return idents(*a, **k)
+
+        def counting_lookup(*a: Any, **k: Any) -> Any:
+            self.lookups += 1
+            return lookup(*a, **k)
+
+        monkeypatch.setattr(inbound, "identifiers_of", counting_identifiers)
+        monkeypatch.setattr(Store, "with_identifier", counting_lookup)
+
+
+def _patients_naming(conditions) -> dict[str, Any]:
+    """A transaction of len(conditions) Patients, entry i carrying the conditional references
+    `conditions[i]` (none of which matches anything)."""
+    entries = [
+        {
+            "fullUrl": f"urn:uuid:00000000-0000-0000-0000-{i:012d}",
+            "resource": {
+                "resourceType": "Patient",
+                "identifier": [{"system": "s", "value": f"v{i}"}],
+                "extension": [
+                    {
+                        "url": "u",
+                        "valueReference": {"reference": f"Patient?identifier={c}"},
+                    }
+                    for c in refs
+                ],
+            },
+            "request": {"method": "POST", "url": "Patient"},
+        }
+        for i, refs in enumerate(conditions)
+    ]
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _compact(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+def test_a_transactions_conditional_references_are_resolved_once_each(bridge, monkeypatch):
+    """500 entries x 20 unresolvable references (20 distinct conditions): each entry's identifiers
+    are read once, each distinct condition looked up in the store once; 412, nothing stored."""
+    work = _Counted(monkeypatch)
+    bundle = _patients_naming([[f"s|x{j}" for j in range(20)]] * 500)
+    resp = bridge.post("b", "/fhir", _compact(bundle))
+    assert resp.status_code == 412 and "bridge:conditional-reference" in _text(resp)
+    assert work.identifiers <= 500 + 20
+    assert work.lookups <= 20
+    assert bridge.get("b", "/fhir/Patient?_count=0").get_json(force=True)["total"] == 0
+
+
+def test_a_transaction_naming_too_many_stored_conditions_is_refused_within_a_bounded_work(
+    bridge, monkeypatch
+):
+    """500 x 20 distinct unresolvable conditions: at most one store lookup per entry, then 400."""
+    from fhir_kap.exchange.inbound import MAX_STORED_CONDITIONS
+
+    work = _Counted(monkeypatch)
+    bundle = _patients_naming([[f"s|x{i}-{j}" for j in range(20)] for i in range(500)])
+    resp = bridge.post("b", "/fhir", _compact(bundle))
+    assert resp.status_code == 400 and "too-costly" in _text(resp)
+    assert work.lookups <= MAX_STORED_CONDITIONS
+    assert work.identifiers <= 500 + MAX_STORED_CONDITIONS
+
+
+MRN = "urn:oid:1.2.3.4.5"
+
+
+def _mrn_patient(value: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": MRN, "value": value}],
+        "name": [{"family": "Rivera"}],
+    }
+
+
+def _note_about(value: str, n: int) -> dict[str, Any]:
+    note = load("Example-Communication-note-1.json")
+    note.pop("id", None)
+    note["identifier"][0]["value"] = f"cond-note-{n}"
+    note["subject"] = {"reference": f"Patient?identifier={MRN}|{value}"}
+    return {"resource": note, "request": {"method": "POST", "url": "Communication"}}
+
+
+def test_conditional_references_still_select_one_entry_or_one_stored_resource(bridge):
+    """The index answers as the scan did: an entry of the Bundle, else the sender's own resource
+    (not another partner's); two entries carrying the identifier are several (412)."""
+    assert bridge.post("a", "/fhir/Patient", _mrn_patient("MRN-S")).status_code == 201  # A's, not B's
+    stored = bridge.post("b", "/fhir/Patient", _mrn_patient("MRN-S"))
+    assert stored.status_code == 201, _text(stored)
+    entries = [
+        {"resource": _mrn_patient("MRN-E"), "request": {"method": "POST", "url": "Patient"}},
+        _note_about("MRN-E", 1),
+        _note_about("MRN-S", 2),
+        _note_about("MRN-E", 3),  # the same condition again: answered from the cache
+    ]
+    resp = bridge.post("b", "/fhir", {"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    assert resp.status_code == 200, _text(resp)
+    ids = [e["response"]["location"].split("/")[1] for e in resp.get_json(force=True)["entry"]]
+    subjects = [
+        bridge.get("b", f"/fhir/Communication/{rid}").get_json(force=True)["subject"] for rid in ids[1:]
+    ]
+    assert [s["reference"] for s in subjects] == [
+        f"Patient/{ids[0]}",
+        f"Patient/{stored.get_json(force=True)['id']}",
+        f"Patient/{ids[0]}",
+    ]
+    twice = [
+        {"resource": _mrn_patient("MRN-T"), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": _mrn_patient("MRN-T"), "request": {"method": "POST", "url": "Patient"}},
+        _note_about("MRN-T", 4),
+    ]
+    resp = bridge.post("b", "/fhir", {"resourceType": "Bundle", "type": "transaction", "entry": twice})
+    assert resp.status_code == 412 and "matched several" in _text(resp), _text(resp)
