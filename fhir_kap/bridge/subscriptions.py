@@ -192,7 +192,15 @@ def _created(subs: Subscriptions, partner: Partner, spec: Spec, kept: dict[str, 
         heartbeat_period=spec.heartbeat_period,
         end_at=spec.end_at,
         now=time.time(),
+        at_most=MAX_PER_PARTNER,
     )
+    if row is None:
+        raise InputError(
+            f"A partner holds at most {MAX_PER_PARTNER} Subscriptions; delete one first",
+            expression="Subscription",
+            rule="subscription:limit",
+            code="too-costly",
+        )
     _queue_handshake(row)
     return row
 
@@ -224,14 +232,9 @@ def register(app: Flask) -> None:
         partner = _partner("write")
         svc, sink, subs = _svc()
         kept, spec = _checked_body(svc.release, partner)
-        if len(subs.of_partner(partner.name, limit=MAX_PER_PARTNER)) >= MAX_PER_PARTNER:
-            raise InputError(
-                f"A partner holds at most {MAX_PER_PARTNER} Subscriptions; delete one first",
-                expression="Subscription",
-                rule="subscription:limit",
-                code="too-costly",
-            )
-        with subs.db.transaction():  # the Subscription and its handshake job commit together
+        # The Subscription and its handshake job commit together; the limit is counted inside
+        # that write transaction (`at_most`), so a burst of creates cannot pass it.
+        with subs.db.transaction():
             row = _created(subs, partner, spec, kept)
         if sink.wake is not None and row.status == "requested":
             sink.wake()

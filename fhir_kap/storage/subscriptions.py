@@ -23,6 +23,8 @@ __all__ = ["Listener", "SubscriptionEvent", "SubscriptionRow", "Subscriptions"]
 _COLUMNS = "id, partner, topic, status, base, body, version, events, heartbeat_period, next_heartbeat_at, end_at, error"
 #: The states a Subscription is in (R5 SubscriptionStatusCodes, the backport's too).
 STATES = ("requested", "active", "error", "off")
+#: PostgreSQL advisory lock key serialising Subscription creates (`Subscriptions.create(at_most=)`).
+_CREATE_LOCK = 4244
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,20 @@ class Subscriptions:
         heartbeat_period: float | None,
         end_at: float | None,
         now: float,
-    ) -> SubscriptionRow:
+        at_most: int | None = None,
+    ) -> SubscriptionRow | None:
         """Store a new Subscription (its heartbeat clock starts now). `base`: the FHIR base its
-        notifications name resources by (the one it was created through)."""
+        notifications name resources by (the one it was created through). With `at_most`: None,
+        and nothing stored, when `partner` already holds that many; counted under the write lock
+        of the inserting transaction, so concurrent creates never pass the limit together."""
         next_hb = now + heartbeat_period if heartbeat_period else None
         with self.db.transaction() as tx:
+            if at_most is not None:
+                if self.db.dialect == "postgresql":  # serialise creates: the count stays true
+                    tx.execute("SELECT pg_advisory_xact_lock(?)", (_CREATE_LOCK,))
+                held = tx.execute("SELECT COUNT(*) AS n FROM subscriptions WHERE partner = ?", (partner,))
+                if int(held[0]["n"]) >= at_most:
+                    return None
             tx.execute(
                 "INSERT INTO subscriptions (id, partner, topic, status, base, body, version, events, "
                 "heartbeat_period, next_heartbeat_at, end_at, error, created_at, updated_at) "

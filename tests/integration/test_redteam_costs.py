@@ -147,3 +147,55 @@ def test_a_note_write_decodes_no_subscription_body_it_decoded_before(tmp_path, m
         bridge.post("clinic", "/fhir/Communication", _note("Practitioner/ref-therapist")).status_code == 201
     )
     assert decoded == [sid]
+
+
+# F11 a ------------------------------------------------------------------------------------------
+
+
+def test_concurrent_subscription_creates_never_pass_the_per_partner_limit(tmp_path, monkeypatch):
+    import threading
+
+    from fhir_kap.bridge.subscriptions import MAX_PER_PARTNER
+    from fhir_kap.storage.subscriptions import Subscriptions
+    from testkit.subscriptions import FIXTURE_ORIGIN, register_origin, sub
+
+    bridge = make_bridge(tmp_path)
+    register_origin(bridge.app, "practice-b", FIXTURE_ORIGIN)
+    for _ in range(MAX_PER_PARTNER - 2):
+        assert bridge.post("b", "/fhir/Subscription", sub("R4", "note")).status_code == 201
+    burst = 8
+    # Every request of the burst reads what it already holds at the same moment (a barrier after
+    # any read of the partner's Subscriptions; harmless where nothing reads there).
+    gate = threading.Barrier(burst, timeout=2)
+    of_partner = Subscriptions.of_partner
+
+    def in_step(self: Any, *a: Any, **k: Any) -> Any:
+        got = of_partner(self, *a, **k)
+        try:
+            gate.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return got
+
+    monkeypatch.setattr(Subscriptions, "of_partner", in_step)
+    codes: list[int] = []
+
+    def create() -> None:
+        client = bridge.app.test_client()
+        resp = client.post(
+            "/fhir/Subscription",
+            data=json.dumps(sub("R4", "note")),
+            headers=bridge.h("b", **{"Content-Type": FHIR}),
+        )
+        codes.append(resp.status_code)
+
+    threads = [threading.Thread(target=create) for _ in range(burst)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    held = bridge.app.extensions["fhir_kap"].events.subs.of_partner("practice-b", limit=1000)
+    assert len(held) == MAX_PER_PARTNER
+    assert len(codes) == burst and codes.count(201) == 2  # the others refused (subscription:limit)
+    assert all(400 <= c < 500 for c in codes if c != 201)
