@@ -421,13 +421,7 @@ class Inbound:
         `preview`): no conditional reference outside a transaction, authorship filled and checked,
         profile and KAP record (`inspect`), identifier ownership (`owner`: not for `preview`).
         Raises the first refusal."""
-        if _CONDITIONAL.search(orjson.dumps(resource)):
-            raise InputError(
-                "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
-                "Bundle (POST /fhir); name the resource by its id or by identifier",
-                rule="bridge:conditional-reference",
-                code="not-supported",
-            )
+        _no_conditional_reference(resource)
         partner = self._partner(source)
         author = self._authorship(partner)
         if author is not None:
@@ -833,6 +827,7 @@ class Inbound:
         for i, entry in enumerate(entries):
             try:
                 resource, cond, op = bundle_entry(entry, i, "batch")
+                _no_conditional_reference(resource)  # each entry stands alone, as a single create
                 if author is not None:
                     resource = author.fill(resource)
                 if cond is None:  # a plain POST: a resend is recognised as for a single create
@@ -1041,6 +1036,18 @@ def _contained_parties(resource: dict[str, Any]) -> list[dict[str, Any]]:
 
 #: A conditional reference (`Type?...`) anywhere in a resource's JSON.
 _CONDITIONAL = re.compile(rb'"reference":"[A-Z][A-Za-z]{1,63}\?')
+
+
+def _no_conditional_reference(resource: dict[str, Any]) -> None:
+    """Refuse a conditional reference outside a transaction (a single create or update, a batch
+    entry): only a transaction resolves one (`_Conditions`)."""
+    if _CONDITIONAL.search(orjson.dumps(resource)):
+        raise InputError(
+            "a conditional reference (Type?identifier=...) is resolved only inside a transaction "
+            "Bundle (POST /fhir); name the resource by its id or by identifier",
+            rule="bridge:conditional-reference",
+            code="not-supported",
+        )
 
 
 def _content(resource: dict[str, Any], masked: frozenset[str] = frozenset()) -> Any:

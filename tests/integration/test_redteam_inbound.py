@@ -316,3 +316,34 @@ def test_conditional_references_still_select_one_entry_or_one_stored_resource(br
     ]
     resp = bridge.post("b", "/fhir", {"resourceType": "Bundle", "type": "transaction", "entry": twice})
     assert resp.status_code == 412 and "matched several" in _text(resp), _text(resp)
+
+
+# --- F11 b: a batch entry with a conditional reference is refused as a single create is ---------
+
+
+def test_a_batch_entry_with_a_conditional_reference_is_refused_like_a_single_create(bridge):
+    bad = load("Example-Communication-note-1.json")
+    bad.pop("id", None)
+    bad["identifier"][0]["value"] = "batch-conditional"
+    bad["basedOn"] = [{"reference": "ServiceRequest?identifier=http://x.example|y"}]
+    good = load("Example-Communication-note-1.json")
+    good.pop("id", None)
+    good["identifier"][0]["value"] = "batch-plain"
+    single = bridge.post("b", "/fhir/Communication", bad)
+    assert single.status_code == 400
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": bad, "request": {"method": "POST", "url": "Communication"}},
+            {"resource": good, "request": {"method": "POST", "url": "Communication"}},
+        ],
+    }
+    resp = bridge.post("b", "/fhir", batch)
+    assert resp.status_code == 200, _text(resp)
+    refused, stored = (e["response"] for e in resp.get_json(force=True)["entry"])
+    assert refused["status"].startswith("400") and stored["status"].startswith("201")
+    assert refused["outcome"]["issue"] == single.get_json(force=True)["issue"]  # the same rule and message
+    for value, total in (("batch-conditional", 0), ("batch-plain", 1)):
+        found = bridge.get("b", f"/fhir/Communication?identifier={good['identifier'][0]['system']}|{value}")
+        assert found.get_json(force=True)["total"] == total, value
