@@ -20,10 +20,18 @@ the same client): once the context holds a revoking copy (status `inactive`, `re
 `not-done` or `entered-in-error`), a copy that is not revoking replaces it only when it was
 signed strictly later (R4 `dateTime`, R5 `date`) than the revocation; an older state re-posted
 (the old active copy) is ignored, whoever sends it. A new signature (a later date) reactivates.
+
+Every gate reads all the parties (PractitionerRoles, Organizations, Practitioners: `patient_ref`
+NULL); each is decoded once per change and kept per process by (type, id) with its `version` and
+`updated_at`, which `put` moves strictly forward on every change (never equal to the copy it
+replaces, whatever the clock says), so a gate never decides on a stale party: an affiliation
+revoked counts at the next decision, in every process.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -48,6 +56,12 @@ class ConsentContext:
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
+        # The parties (patient_ref NULL: Practitioners, Organizations, PractitionerRoles) as
+        # decoded here, by (type, id): (version, updated_at, body). `put` moves a row's
+        # updated_at strictly forward on every change, so an entry is used only while the row
+        # is exactly what was decoded, whichever process wrote it.
+        self._parties: dict[tuple[str, str], tuple[Any, float, dict[str, Any]]] = {}
+        self._parties_lock = threading.Lock()
 
     def put(self, resource: dict[str, Any], *, now: float | None = None) -> bool:
         """Keep the latest version of a Consent / PractitionerRole / Organization /
@@ -109,9 +123,13 @@ class ConsentContext:
         ts = float(self.clock() if now is None else now)
         body = jsonio.dumps(resource).decode()
         with self.db.transaction() as tx:
-            old = tx.execute("SELECT version FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid))
+            old = tx.execute(
+                "SELECT version, updated_at FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid)
+            )
             if old and _older(version, old[0]["version"]):
                 return False
+            if old:  # strictly later than the copy replaced: what `for_patient`'s cache keys on
+                ts = max(ts, math.nextafter(float(old[0]["updated_at"]), math.inf))
             if rtype == "Consent" and not _revoking(resource):
                 # monotonic revocation: an older state never reactivates a revoked consent
                 copies = _earlier_copies(tx, rid, ident, client) if ident and client is not None else []
@@ -154,7 +172,9 @@ class ConsentContext:
 
     def for_patient(self, patient_ref: str) -> list[dict[str, Any]]:
         """The consent context for one patient: that patient's Consents (and Patient resource)
-        plus every stored PractitionerRole, Organization and Practitioner.
+        plus every stored PractitionerRole, Organization and Practitioner (each decoded once per
+        change and kept in this process, `_all_parties`: a gate reads their versions, and the
+        bodies of only those that changed).
 
         "That patient's Consents" are those naming `patient_ref`, and those naming by identifier
         (logical or contained Patient) a client whose stored Patient carries that identifier;
@@ -163,11 +183,11 @@ class ConsentContext:
         refs = tuple(dict.fromkeys(r for r in (patient_ref, normalise_reference(patient_ref)) if r))
         marks = ", ".join("?" for _ in refs)
         rows = self.db.query(
-            "SELECT type, id, body FROM outbox_context "
-            f"WHERE patient_ref IN ({marks}) OR patient_ref IS NULL ORDER BY type, id",
-            refs,
+            f"SELECT type, id, body FROM outbox_context WHERE patient_ref IN ({marks})", refs
         )
         found = {(r["type"], r["id"]): jsonio.loads(r["body"], source="outbox context") for r in rows}
+        found.update(self._all_parties())
+        base_keys = sorted(found)
         patient = next((b for (t, _), b in found.items() if t == "Patient"), None)
         carried = _tokens(identifiers_of(patient)) if patient is not None else set()
         named: set[str] = set()
@@ -184,8 +204,44 @@ class ConsentContext:
                 body = jsonio.loads(row["body"], source="outbox context")
                 if _tokens(identifiers_of(body)) & named:
                     found.setdefault((row["type"], row["id"]), body)
-        base = [(r["type"], r["id"]) for r in rows]
-        return [found[k] for k in base] + [found[k] for k in sorted(set(found) - set(base))]
+        return [found[k] for k in base_keys] + [found[k] for k in sorted(set(found) - set(base_keys))]
+
+    def _all_parties(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every party row (patient_ref NULL) by (type, id), decoded only when it changed since
+        this process last decoded it: its (version, updated_at) are read for all, bodies only
+        for the changed ones."""
+        current = self.db.query(
+            "SELECT type, id, version, updated_at FROM outbox_context WHERE patient_ref IS NULL"
+        )
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        stale: list[tuple[str, str]] = []
+        with self._parties_lock:
+            for r in current:
+                key = (r["type"], r["id"])
+                held = self._parties.get(key)
+                if held is not None and held[0] == r["version"] and held[1] == float(r["updated_at"]):
+                    out[key] = held[2]
+                else:
+                    stale.append(key)
+            if len(self._parties) > len(current):  # rows gone (never, today): forget them
+                live = {(r["type"], r["id"]) for r in current}
+                for key in [k for k in self._parties if k not in live]:
+                    del self._parties[key]
+        for rtype in sorted({t for t, _ in stale}):
+            ids = [i for t, i in stale if t == rtype]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                for r in self.db.query(
+                    "SELECT type, id, version, updated_at, body FROM outbox_context "
+                    f"WHERE patient_ref IS NULL AND type = ? AND id IN ({marks})",
+                    (rtype, *chunk),
+                ):
+                    body = jsonio.loads(r["body"], source="outbox context")
+                    out[(r["type"], r["id"])] = body
+                    with self._parties_lock:
+                        self._parties[(r["type"], r["id"])] = (r["version"], float(r["updated_at"]), body)
+        return out
 
     def _rows_with_tokens(
         self, column: str, tokens: Iterable[str], prefix: str, rtype: str | None = None

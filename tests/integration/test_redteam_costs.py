@@ -199,3 +199,67 @@ def test_concurrent_subscription_creates_never_pass_the_per_partner_limit(tmp_pa
     assert len(held) == MAX_PER_PARTNER
     assert len(codes) == burst and codes.count(201) == 2  # the others refused (subscription:limit)
     assert all(400 <= c < 500 for c in codes if c != 201)
+
+
+# F1 ---------------------------------------------------------------------------------------------
+
+
+class ContextDecodes:
+    """Counts the consent-context bodies decoded (`jsonio.loads(..., source="outbox context")`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from fhir_kap import jsonio
+
+        self.n = 0
+        loads = jsonio.loads
+
+        def counting(text: Any, *a: Any, **k: Any) -> Any:
+            if k.get("source") == "outbox context":
+                self.n += 1
+            return loads(text, *a, **k)
+
+        monkeypatch.setattr(jsonio, "loads", counting)
+
+
+def test_a_read_does_not_decode_the_context_parties_again_when_none_changed(tmp_path, monkeypatch):
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    outbox = bridge.app.extensions["fhir_kap"].outbox
+    for i in range(60):  # an authority's dense Practitioners, all in the consent context
+        outbox.put_context({"resourceType": "Practitioner", "id": f"dense-{i}", "name": _dense()})
+    sent = bridge.post("clinic", "/fhir/Communication", _note("Practitioner/ref-therapist"))
+    assert sent.status_code == 201, sent.get_data(as_text=True)
+    note_id = sent.get_json(force=True)["id"]
+    decodes = ContextDecodes(monkeypatch)
+    assert bridge.get("a", f"/fhir/Communication/{note_id}").status_code == 200
+    assert bridge.get("a", f"/fhir/Communication/{note_id}").status_code == 200
+    decodes.n = 0
+    assert bridge.get("a", f"/fhir/Communication/{note_id}").status_code == 200
+    assert decodes.n <= 2  # the client's Consent (and Patient): none of the 60 parties
+    outbox.put_context({"resourceType": "Practitioner", "id": "dense-7", "name": _dense(2)})
+    decodes.n = 0
+    assert bridge.get("a", f"/fhir/Communication/{note_id}").status_code == 200
+    assert decodes.n <= 3  # ... and the one that changed
+
+
+@pytest.mark.parametrize("same_process", [True, False])
+def test_a_changed_party_counts_at_the_next_decision_even_at_the_same_clock(db, same_process):
+    from fhir_kap.storage.context import ConsentContext
+    from fhir_kap.storage.outbox import Outbox
+
+    Outbox(db, clock=lambda: 0.0)  # the outbox migrations create outbox_context
+    reader = ConsentContext(db, clock=lambda: 5.0)
+    writer = reader if same_process else ConsentContext(db, clock=lambda: 5.0)
+    role = {
+        "resourceType": "PractitionerRole",
+        "id": "r1",
+        "active": True,
+        "practitioner": {"reference": "Practitioner/p1"},
+        "organization": {"reference": "Organization/o1"},
+    }
+    writer.put(role)
+    assert [r.get("active") for r in reader.for_patient("Patient/x")] == [True]
+    writer.put(dict(role, active=False))  # no versionId, the same clock reading
+    assert [r.get("active") for r in reader.for_patient("Patient/x")] == [False]
+    writer.put(dict(role, active=True, organization={"reference": "Organization/o2"}))
+    got = reader.for_patient("Patient/x")
+    assert [(r.get("active"), r["organization"]["reference"]) for r in got] == [(True, "Organization/o2")]
