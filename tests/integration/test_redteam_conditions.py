@@ -126,3 +126,15 @@ def test_the_projects_own_client_condition_finds_what_it_wrote(bridge, value):
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.get_json(force=True)["id"] == made["id"]
     assert _found(bridge, token_query(SYSTEM, value)) == [value]
+
+
+def test_a_create_whose_identifier_has_a_comma_is_never_taken_for_a_resend_of_another(bridge):
+    """A create looks the sender's resource with the same business identifier up, to answer a
+    resend with what was stored. The lookup reads the identifier itself (exactly), and the
+    implicit condition built from it is escaped (`SYSTEM|a\\,b`), so whatever reads that
+    condition agrees: the Patient `a,b` is never taken for the Patient `b`."""
+    first = _post(bridge, "b", "Bee")
+    created = _post(bridge, "a,b", "Ayebee")  # 201: a new Patient, not the b one
+    assert created["id"] != first["id"] and created["identifier"][0]["value"] == "a,b"
+    again = bridge.post("a", "/fhir/Patient", _patient("a,b", "Ayebee"))
+    assert again.status_code == 200 and again.get_json(force=True)["id"] == created["id"]  # the resend
