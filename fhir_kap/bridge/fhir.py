@@ -513,12 +513,19 @@ def _validate(rtype: str, rid: str | None) -> Response:
 
 
 def _int_param(values: list[str] | None, name: str, default: int, maximum: int) -> int:
+    """The last value of `name`: ASCII digits only, 0 to `maximum`; anything else a 400 naming it.
+
+    Not `str.isdigit()`: it also takes `²` or `①`, which `int()` refuses (a 500), while `int()` reads
+    other scripts' digits (`٣`) and cannot read more than 4300 digits at all."""
     if not values:
         return default
     value = values[-1]
-    if not value.isdigit() or int(value) > maximum:
+    if not re.fullmatch("[0-9]{1,18}", value) or int(value) > maximum:
         raise InputError(
-            f"{name} must be an integer from 0 to {maximum}", rule=f"search:{name}", code="value"
+            f"{name} must be an integer from 0 to {maximum} (ASCII digits)",
+            expression=name,
+            rule=f"search:{name}",
+            code="value",
         )
     return int(value)
 

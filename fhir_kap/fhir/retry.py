@@ -69,13 +69,18 @@ def retry_later(status: int) -> bool:
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if unreadable.
 
+    Delta-seconds are ASCII digits (RFC 9110 DIGIT): not `str.isdigit()`, which also takes `²`
+    (a Latin-1 header byte, that float() refuses) or other scripts' digits (float() reads `٣` as 3).
+
     >>> retry_after_seconds("120"), retry_after_seconds("inf"), retry_after_seconds(None)
     (120.0, None, None)
+    >>> retry_after_seconds("\u00b2"), retry_after_seconds("\u0663")
+    (None, None)
     """
     if not value:
         return None
     v = value.strip()
-    if v.isdigit():
+    if v.isascii() and v.isdigit():
         return float(v)
     try:
         when = email.utils.parsedate_to_datetime(v)

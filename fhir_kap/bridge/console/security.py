@@ -1,8 +1,10 @@
 """The console's gate: operator sessions, CSRF tokens, security headers (issue 16).
 
 - Operators log in with a name and password (storage/operators.py: argon2id, one hash per try
-  whatever the name, an account locked for 5 minutes after 5 wrong passwords). A partner's
-  bearer token means nothing here: the console reads its own cookie only.
+  whatever the name, an account locked for 5 minutes after 5 wrong passwords). Every refusal
+  gets the same answer (views.login), so the lock does not tell which names are operators'; the
+  operator log keeps why. A partner's bearer token means nothing here: the console reads its own
+  cookie only.
 - The session cookie is `__Host-kap-console` (Secure, HttpOnly, SameSite=Strict, Path=/, no
   Domain): it holds a random token whose SHA-256 names a server-side session (logout ends it).
   `FHIR_KAP_CONSOLE_SECURE_COOKIE=0` drops `Secure` (and the `__Host-` prefix, which needs it)

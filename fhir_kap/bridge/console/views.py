@@ -55,6 +55,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 #: What an operator account name may be (storage/operators.py): only such a name is logged.
 _OPERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 _WEBHOOK_STATES = ("pending", "sending", "delivered", "dead")
+#: An id or page key from a query or form: ASCII digits only (str.isdigit() also takes `²`, which
+#: int() refuses, and int() takes other scripts' digits), at most 18 (below SQLite's 2**63).
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 blueprint = Blueprint(
     "console", __name__, url_prefix="/console", template_folder="templates", static_folder="static"
@@ -151,7 +154,9 @@ def login() -> Response:
         gate.operators.log(None, "login", None, "refused", "throttled")
     gate.operators.log(name or None, "login", name or None, "ok" if ok else "refused", why)
     if not ok:
-        return redirect(url_for("console.login_form", failed="locked" if why == "locked" else "1"), 303)
+        # One answer for every refusal (unknown name, wrong password, locked, disabled): a locked
+        # account must not tell anyone that the name is an operator's. The log keeps `why`.
+        return redirect(url_for("console.login_form", failed="1"), 303)
     resp = redirect(url_for("console.overview"), 303)
     gate.start(resp, name)
     return resp
@@ -187,8 +192,13 @@ def overview() -> str:
 
 
 def _int_arg(name: str) -> int | None:
+    """A page key from the query: absent or empty is None; anything but 1-18 ASCII digits a 400."""
     value = request.args.get(name, "")
-    return int(value) if value.isdigit() and len(value) < 19 else None
+    if not value:
+        return None
+    if not _DIGITS.fullmatch(value):
+        abort(400, f"{name} is a whole number (1-18 digits 0-9)")
+    return int(value)
 
 
 @blueprint.get("/outbox")
@@ -246,7 +256,7 @@ def item(item_id: int) -> str:
 
 def _ids() -> list[int]:
     raw = request.form.getlist("id")
-    if not raw or len(raw) > MAX_IDS or not all(x.isdigit() and len(x) < 19 for x in raw):
+    if not raw or len(raw) > MAX_IDS or not all(_DIGITS.fullmatch(x) for x in raw):
         abort(400, f"choose 1-{MAX_IDS} items")
     return sorted({int(x) for x in raw})
 
@@ -317,7 +327,7 @@ def _back(msg: str) -> Response:
 
 def _message() -> str | None:
     """The outcome of the last action, rebuilt from its counts (nothing of the URL is echoed)."""
-    m = re.fullmatch(r"(retry|hold|release|resend):(\d{1,6}):(\d{1,6})", request.args.get("msg", ""))
+    m = re.fullmatch(r"(retry|hold|release|resend):([0-9]{1,6}):([0-9]{1,6})", request.args.get("msg", ""))
     if m is None:
         return None
     verb = {"retry": "retried", "hold": "held", "release": "released", "resend": "sent again"}[m.group(1)]
@@ -351,7 +361,7 @@ def _date(name: str) -> str | None:
     if value is None:
         return None
     try:
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
             raise ValueError(value)
         date.fromisoformat(value)
     except ValueError:
@@ -381,7 +391,10 @@ def audit() -> str:
 
         until_bound = (date.fromisoformat(until) + timedelta(days=1)).isoformat()  # the whole day
     before = None
-    m = re.fullmatch(r"(\d{1,12}(?:\.\d{1,9})?)_(\d{1,18})", args.get("before", ""))
+    given = args.get("before", "")
+    m = re.fullmatch(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)_([0-9]{1,18})", given)
+    if given and m is None:
+        abort(400, "before is the key of the next page's link (SECONDS_SEQUENCE, digits 0-9)")
     if m:
         before = (float(m.group(1)), int(m.group(2)))
     rows = sv.audit.page(
@@ -490,7 +503,7 @@ def webhooks_retry() -> Response:
     operator = g.console_session.operator
     raw = request.form.get("job") or ""
     partner = request.form.get("partner") or None
-    if (raw and not (raw.isdigit() and len(raw) < 19)) or (partner is not None and not _NAME.match(partner)):
+    if (raw and not _DIGITS.fullmatch(raw)) or (partner is not None and not _NAME.match(partner)):
         abort(400, "a job id, or a partner name")
     notifier = services().inbound.notifier
     job_id = int(raw) if raw else None
