@@ -415,6 +415,13 @@ class Inbound:
         except KapError as exc:
             return list(exc.issues)
 
+    def filled(self, resource: dict[str, Any], *, source: str | None) -> dict[str, Any]:
+        """`resource` as a write by `source` would store it: its author elements filled from the
+        partner's identity where missing (`Authorship.fill`), so `$validate` checks what a create
+        checks (a note without `sender` is no cardinality error: the create fills it)."""
+        author = self._authorship(self._partner(source))
+        return author.fill(resource) if author is not None else resource
+
     def _checked(
         self, resource: dict[str, Any], source: str | None, *, detail: bool = True, owner: bool = True
     ) -> _Checked:

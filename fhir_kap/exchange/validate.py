@@ -87,6 +87,8 @@ def validate_operation(
     assert resource is not None
     issues: list[Issue] = []
     checked = copy.deepcopy(resource)
+    if mode in ("create", "update") and may_write:
+        checked = inbound.filled(checked, source=source)  # as the write would fill it
     if profile is not None:
         issues += _profile(checked, rtype, profile)
     issues += Validator.load(inbound.release).validate(checked)

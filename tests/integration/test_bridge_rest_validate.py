@@ -196,3 +196,16 @@ def test_a_partner_that_cannot_write_the_type_learns_nothing_from_the_bridges_ow
     assert "bridge:identifier-owner" not in _errors(
         bridge.post("a", "/fhir/Consent/$validate", _params(taken, mode="create"))
     )
+
+
+def test_validate_mode_create_checks_the_note_as_the_create_fills_it(bridge):
+    """A practice's note without `sender` is filled with the practice on create (201); `$validate`
+    in mode create said `profile:cardinality` at /sender for it, an error the create never makes."""
+    note = load("Example-Communication-note-1.json")
+    note.pop("sender", None)
+    note["identifier"][0]["value"] = "validate-fill-1"
+    answer = _issues(bridge.post("a", "/fhir/Communication/$validate", _params(note, mode="create")))
+    assert not {rule for severity, rule in answer if severity in ("error", "fatal")}, answer
+    assert bridge.post("a", "/fhir/Communication", note).status_code == 201
+    # without a mode only the FHIR rules and the profiles see it: the missing sender is said
+    assert "profile:cardinality" in _errors(bridge.post("a", "/fhir/Communication/$validate", _params(note)))
