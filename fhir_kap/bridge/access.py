@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import Release
 from ..exchange.inbound import addressed_to
+from ..exchange.inbound_rules import remembering
 from ..exchange.telemetry import consent_decision
 from ..fhir.identifiers import patient_reference
 from ..storage.partners import Partner, Partners
@@ -127,9 +128,15 @@ class Access:
         """The first `limit` current `rtype` rows `source` wrote matching `params`, undecoded."""
         return self.store.scan(rtype, params, audience=(source, ()), offset=0, limit=limit).rows
 
-    def can_read(self, partner: Partner, stored: StoredResource) -> bool:
-        """Whether `partner` may see this version; consent-checked and audited when addressed to it."""
-        allowed, event = self.check(partner, stored)
+    def can_read(
+        self,
+        partner: Partner,
+        stored: StoredResource,
+        resolve: Callable[[str, str], StoredResource | None] | None = None,
+    ) -> bool:
+        """Whether `partner` may see this version; consent-checked and audited when addressed to
+        it (`resolve`: as in `check`)."""
+        allowed, event = self.check(partner, stored, resolve=resolve)
         if event is not None and self.audit is not None:
             self.audit.append(event)
         return allowed
@@ -140,17 +147,23 @@ class Access:
         return SearchVisibility(self, partner)
 
     def check(
-        self, partner: Partner, stored: StoredResource, gates: dict[str | None, Any] | None = None
+        self,
+        partner: Partner,
+        stored: StoredResource,
+        gates: dict[str | None, Any] | None = None,
+        resolve: Callable[[str, str], StoredResource | None] | None = None,
     ) -> tuple[bool, dict[str, Any] | None]:
         """(visible, the AuditEvent of the gate's decision or None when no consent decision was
-        needed), without writing anything. `gates` caches one gate per client across calls."""
+        needed), without writing anything. `gates` caches one gate per client across calls;
+        `resolve` reads the parties a recipient references (default `store.get`; a search passes
+        one that reads each party once, `inbound_rules.remembering`)."""
         if partner.is_clinic:
             return True, None
         if stored.deleted:
             return False, None
         if stored.source is not None and stored.source == partner.name:
             return True, None
-        key = addressed_to(stored.resource, partner, self.store.get)
+        key = addressed_to(stored.resource, partner, resolve or self.store.get)
         if key is None:
             return False, None
         return self._gate(partner, stored, key, gates)
@@ -197,11 +210,12 @@ class SearchVisibility:
         self.partner = partner
         self.decisions = 0  # consent decisions made (each leaves at most one AuditEvent)
         self._gates: dict[str | None, Any] = {}
+        self._resolve = remembering(access.store.get)  # each recipient party read once per search
         self._permits: dict[tuple[str, str, int], dict[str, Any]] = {}  # by version (_history)
         self._denials: list[dict[str, Any]] = []
 
     def __call__(self, stored: StoredResource) -> bool:
-        allowed, event = self.access.check(self.partner, stored, self._gates)
+        allowed, event = self.access.check(self.partner, stored, self._gates, self._resolve)
         if event is not None:
             self.decisions += 1
             if allowed:

@@ -94,6 +94,7 @@ def event_sink(**deps: Any) -> EventSink:
         jobs if notifier is not None else None,
         channel=channel,
         wake=notifier.wake if notifier is not None else None,
+        read_resolving=access.can_read,
     )
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "REFERRAL_REASONS",
     "REFERRAL_REASON_SYSTEM",
     "REFERRAL_STATUS_SYSTEM",
+    "Resolve",
     "TASK_STATUS",
     "UPDATE_TYPES",
     "URN_UUID",
@@ -49,6 +50,7 @@ __all__ = [
     "moved_task",
     "parse_query",
     "referral_task",
+    "remembering",
     "rewrite_references",
 ]
 
@@ -360,6 +362,27 @@ def addressed_to(
         if hit:
             return hit
     return None
+
+
+#: How `addressed_to` reads a party a recipient references: (type, id) -> the current version.
+Resolve = Callable[[str, str], StoredResource | None]
+
+
+def remembering(
+    resolve: Resolve, seen: dict[tuple[str, str], StoredResource | None] | None = None
+) -> Resolve:
+    """`resolve` reading each (type, id) once, the answers kept in `seen`: for the decisions of
+    one request or one write (a search over 100 notes naming the same 20 parties reads each party
+    once), never longer (a party changed since then would not be seen)."""
+    memo: dict[tuple[str, str], StoredResource | None] = {} if seen is None else seen
+
+    def get(rtype: str, rid: str) -> StoredResource | None:
+        key = (rtype, rid)
+        if key not in memo:
+            memo[key] = resolve(rtype, rid)
+        return memo[key]
+
+    return get
 
 
 def _recipients(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:

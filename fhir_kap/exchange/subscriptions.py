@@ -46,7 +46,7 @@ from ..storage.partners import Partner, Partners
 from ..storage.store import Store, StoredResource
 from ..storage.subscriptions import Listener, SubscriptionEvent, SubscriptionRow, Subscriptions
 from ..storage.webhooks import WebhookJob, WebhookJobs
-from .inbound_rules import addressed_to
+from .inbound_rules import Resolve, addressed_to, remembering
 from .webhooks import Deferred, Prepared
 
 log = logging.getLogger("fhir_kap.subscriptions")
@@ -614,8 +614,12 @@ class EventSink:
         *,
         channel: SubscriptionChannel | None = None,
         wake: Callable[[], None] | None = None,
+        read_resolving: Callable[[Partner, StoredResource, Resolve], bool] | None = None,
     ) -> None:
+        """`read_resolving(partner, note, resolve)`: `may_read` reading the note's recipient
+        parties through `resolve` (the write's, each party read once); `may_read` otherwise."""
         self.subs = subs
+        self.read_resolving = read_resolving
         self.channel = channel  # what $events builds its items with
         self.wake = wake  # the sender's wake-up (None: this process does not notify)
         self.store = store
@@ -628,6 +632,11 @@ class EventSink:
 
     def record(self, tx: Any, accepted: Sequence[Any]) -> int:
         queued = 0
+        resolve = remembering(self.store.get)  # each recipient party read once per write
+
+        def note_reader(partner: Partner, stored: StoredResource) -> bool:
+            return self._note_reader(partner, stored, resolve)
+
         for acc in accepted:
             # the Task a create made is new with it; the one an update moved (a withdrawn
             # referral's) follows as an entry of its own (`inbound._with_moved_tasks`)
@@ -636,15 +645,19 @@ class EventSink:
                 if stored is None:
                     continue
                 if stored.type == "Communication" and created:
-                    queued += self._fan_out(tx, NOTE_TOPIC, stored, self._note_reader)
+                    queued += self._fan_out(tx, NOTE_TOPIC, stored, note_reader)
                 elif stored.type == "Task" and (created or stored is acc.stored):
                     queued += self._fan_out(tx, REFERRAL_TOPIC, stored, self._referrer)
         return queued
 
-    def _note_reader(self, partner: Partner, stored: StoredResource) -> bool:
-        if stored.source == partner.name or addressed_to(stored.resource, partner, self.store.get) is None:
+    def _note_reader(
+        self, partner: Partner, stored: StoredResource, resolve: Callable[[str, str], StoredResource | None]
+    ) -> bool:
+        if stored.source == partner.name or addressed_to(stored.resource, partner, resolve) is None:
             return False
-        return self.may_read(partner, stored)  # consent-gated, audited like a read
+        if self.read_resolving is not None:  # consent-gated, audited like a read
+            return self.read_resolving(partner, stored, resolve)
+        return self.may_read(partner, stored)
 
     @staticmethod
     def _referrer(partner: Partner, stored: StoredResource) -> bool:

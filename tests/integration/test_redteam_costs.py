@@ -263,3 +263,64 @@ def test_a_changed_party_counts_at_the_next_decision_even_at_the_same_clock(db, 
     writer.put(dict(role, active=True, organization={"reference": "Organization/o2"}))
     got = reader.for_patient("Patient/x")
     assert [(r.get("active"), r["organization"]["reference"]) for r in got] == [(True, "Organization/o2")]
+
+
+# F4 ---------------------------------------------------------------------------------------------
+
+
+def test_a_search_reads_each_recipient_party_once_however_many_notes_name_it(tmp_path, monkeypatch):
+    import fhir_kap.storage.store as store_module
+
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    store = bridge.app.extensions["fhir_kap"].store
+    with store.transaction() as tx:
+        parties = [
+            store.create({"resourceType": "Practitioner", "name": _dense()}, source="practice-b", tx=tx)[0].id
+            for _ in range(19)
+        ]
+        for _ in range(100):  # 19 of B's dense Practitioners, then A's therapist
+            note = _note("Practitioner/ref-therapist")
+            note["recipient"] = [{"reference": f"Practitioner/{p}"} for p in parties] + note["recipient"]
+            store.create(note, source="practice-b", tx=tx)
+    read: list[str] = []
+    row = store_module._row
+
+    def counting(r: Any) -> Any:
+        read.append(r["type"])
+        return row(r)
+
+    monkeypatch.setattr(store_module, "_row", counting)
+    resp = bridge.get("a", "/fhir/Communication?_count=100")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json(force=True)["total"] == 100
+    assert read.count("Communication") == 100
+    assert read.count("Practitioner") == 19  # each party once, not once per note
+
+
+def test_a_note_write_reads_each_recipient_party_once_for_every_subscribed_partner(tmp_path, monkeypatch):
+    import fhir_kap.storage.store as store_module
+    from testkit.subscriptions import FIXTURE_ORIGIN, register_origin, sub
+
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json", partners={"c": ("practice-c", "system/*.*")})
+    store = bridge.app.extensions["fhir_kap"].store
+    for who, name in (("a", "practice-a"), ("c", "practice-c")):
+        register_origin(bridge.app, name, FIXTURE_ORIGIN)
+        assert bridge.post(who, "/fhir/Subscription", sub("R4", "note")).status_code == 201
+    with store.transaction() as tx:
+        parties = [
+            store.create({"resourceType": "Practitioner", "name": _dense()}, source="practice-b", tx=tx)[0].id
+            for _ in range(19)
+        ]
+    note = _note("Practitioner/ref-therapist")
+    note["recipient"] = [{"reference": f"Practitioner/{p}"} for p in parties] + note["recipient"]
+    read: list[str] = []
+    row = store_module._row
+
+    def counting(r: Any) -> Any:
+        read.append(r["type"])
+        return row(r)
+
+    monkeypatch.setattr(store_module, "_row", counting)
+    resp = bridge.post("b", "/fhir/Communication", note)
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    assert read.count("Practitioner") == 19  # A (addressed, then the gate) and C share one read each
