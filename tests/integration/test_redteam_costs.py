@@ -301,7 +301,9 @@ def test_a_note_write_reads_each_recipient_party_once_for_every_subscribed_partn
     import fhir_kap.storage.store as store_module
     from testkit.subscriptions import FIXTURE_ORIGIN, register_origin, sub
 
-    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json", partners={"c": ("practice-c", "system/*.*")})
+    bridge = make_bridge(
+        tmp_path, consent="Consent-open-ended.json", partners={"c": ("practice-c", "system/*.*")}
+    )
     store = bridge.app.extensions["fhir_kap"].store
     for who, name in (("a", "practice-a"), ("c", "practice-c")):
         register_origin(bridge.app, name, FIXTURE_ORIGIN)
