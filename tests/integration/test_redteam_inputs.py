@@ -117,6 +117,18 @@ def test_console__an_id_not_ascii_digits_is_the_400_page(console, op, path, fiel
     assert services_of(console).outbox.get(item.id).state == "dead"  # nothing moved
 
 
+def test_console__an_item_path_not_ascii_digits_is_404(console, op):
+    """/console/outbox/١ (Arabic-Indic one) is no item: werkzeug's <int:> read it as item 1."""
+    item = dead_letter(services_of(console).outbox, "N-redteam-path")
+    assert op.get(f"/console/outbox/{item.id}").status_code == 200  # the control
+    arabic = str(item.id).translate(
+        str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
+    )
+    for path in (arabic, "\u00b2", "9" * 19, "9" * 5000):
+        resp = op.get(f"/console/outbox/{path}")
+        assert resp.status_code == 404 and "text/html" in resp.content_type, path[:20]
+
+
 def test_console__ascii_page_numbers_still_work(console, op):
     """The control: an ASCII `after`/`before` is a page; none at all is the first page."""
     for path in (

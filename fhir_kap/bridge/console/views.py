@@ -246,11 +246,12 @@ def _item_row(item: OutboxItem) -> dict[str, Any]:
     return row
 
 
-@blueprint.get("/outbox/<int:item_id>")
-def item(item_id: int) -> str:
-    found = services().outbox.get(item_id) if item_id < 2**62 else None
+@blueprint.get("/outbox/<item_id>")
+def item(item_id: str) -> str:
+    # Not werkzeug's <int:...>: its \d+ takes other scripts' digits (/outbox/٣ was item 3).
+    found = services().outbox.get(int(item_id)) if _DIGITS.fullmatch(item_id) else None
     if found is None:
-        abort(404, f"outbox item {item_id} does not exist")
+        abort(404, "no such outbox item (an id is 1-18 digits 0-9)")
     return render_template("console/item.html", item=_item_row(found), msg=_message())
 
 
