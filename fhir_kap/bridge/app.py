@@ -144,7 +144,12 @@ def create_app(settings: Settings, options: BridgeOptions | None = None) -> Flas
         else None
     )
     access = Access(
-        store, release=release, purpose=options.read_purpose, audit=audit, context_source=outbox.context_for
+        store,
+        release=release,
+        purpose=options.read_purpose,
+        audit=audit,
+        context_source=outbox.context_for,
+        partners=partners,  # the registry with its cached list (partner_refs reads it per search)
     )
     from .subscriptions import event_sink
 

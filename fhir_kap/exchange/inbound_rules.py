@@ -224,6 +224,14 @@ def bundle_entry(
                 rule="bridge:bundle-url",
                 code="not-supported",
             )
+        if rtype not in UPDATE_TYPES:  # as a plain PUT: the referral's context is kept as sent
+            raise InputError(
+                f"resourceType '{str(rtype)[:40]}' cannot be updated here; updatable: {', '.join(UPDATE_TYPES)}",
+                pointer=f"{ptr}/request/method",
+                expression=f"Bundle.entry[{i}].request.method",
+                rule="bridge:update-type",
+                code="not-supported",
+            )
         try:
             return resource, parse_query(url), "update"
         except KapError as exc:

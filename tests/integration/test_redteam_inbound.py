@@ -7,12 +7,14 @@ Work is counted (calls, rows), never timed.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from testkit.bridge import load
 
+DATA = Path(__file__).resolve().parents[1] / "data" / "ehr"
 SCOPES = "system/*.read system/*.write kap/consent-authority"
 HUB_NPI = {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1003000126"}
 
@@ -347,3 +349,28 @@ def test_a_batch_entry_with_a_conditional_reference_is_refused_like_a_single_cre
     for value, total in (("batch-conditional", 0), ("batch-plain", 1)):
         found = bridge.get("b", f"/fhir/Communication?identifier={good['identifier'][0]['system']}|{value}")
         assert found.get_json(force=True)["total"] == total, value
+
+
+# --- a transaction's conditional PUT on a type no partner updates ---------------------------------
+
+
+def test_a_transactions_conditional_put_of_a_clinical_context_type_is_refused_like_a_plain_put(bridge):
+    """`PUT Condition?identifier=` is 400 `bridge:update-type` alone (the referral's context is
+    kept as sent); inside a transaction it used to be accepted, storing a new Condition each time."""
+    ehr = json.loads((DATA / "08-bundle-collection-absolute-fullurls.json").read_text())
+    cond = next(e["resource"] for e in ehr["entry"] if e["resource"]["resourceType"] == "Condition")
+    cond = {k: v for k, v in cond.items() if k not in ("id", "recorder", "asserter")}
+    cond["identifier"] = [{"system": "http://b.example/cond", "value": "c-1"}]
+    cond["subject"] = {"reference": "Patient/client-1"}
+    url = "Condition?identifier=http://b.example/cond|c-1"
+    plain = bridge.client.put(f"/fhir/{url}", json=cond, headers=bridge.h("b"))
+    assert plain.status_code in (400, 405)
+    tx = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": cond, "request": {"method": "PUT", "url": url}}],
+    }
+    before = bridge.get("clinic", "/fhir/Condition?_count=0").get_json(force=True)["total"]
+    resp = bridge.post("b", "/fhir", tx)
+    assert resp.status_code == 400 and "bridge:update-type" in _text(resp), _text(resp)
+    assert bridge.get("clinic", "/fhir/Condition?_count=0").get_json(force=True)["total"] == before
