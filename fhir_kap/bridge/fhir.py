@@ -49,9 +49,9 @@ __all__ = ["READ_TYPES", "capability_statement", "if_match_version", "read_json_
 READ_TYPES = WRITE_TYPES + ("Task",)
 KAP_PROFILE = {rtype: url for url, rtype in KAP_PROFILES.items()}  # resource type -> its KAP profile
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+_VERSION = re.compile(r"^[1-9][0-9]{0,8}\Z")
 _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
-_ETAG = re.compile(r'^\s*(?:W/)?"([1-9][0-9]{0,8})"\s*$')
+_ETAG = re.compile(r'^\s*(?:W/)?"([1-9][0-9]{0,8})"\s*\Z')
 #: Query parameters of a conditional update that are not part of its condition.
 _NOT_CONDITION = ("_format", "_pretty")
 

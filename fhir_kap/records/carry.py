@@ -141,7 +141,7 @@ def _walk(node: Any, parts: list[str]) -> Any:
     """The object at `parts`, creating missing objects on the way (never missing list items)."""
     for i, p in enumerate(parts):
         if isinstance(node, list):
-            if not p.isdigit() or int(p) >= len(node):
+            if not (p.isascii() and p.isdigit() and len(p) <= 9) or int(p) >= len(node):
                 return None
             node = node[int(p)]
         elif isinstance(node, dict):

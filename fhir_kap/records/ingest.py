@@ -98,7 +98,12 @@ def _id_from(rtype: str, idents: list[tuple[str, str]]) -> str | None:
         if system in own and _ID.match(value):
             return value
     for system, value in idents:
-        if system == CS.NPI and rtype in ("Practitioner", "Organization") and value.isdigit():
+        if (
+            system == CS.NPI
+            and rtype in ("Practitioner", "Organization")
+            and value.isascii()
+            and value.isdigit()
+        ):
             return f"npi-{value}"
     if idents:
         return _derived(*idents[0])

@@ -379,8 +379,8 @@ def _vm_inverse(value: Any, args: Mapping[str, Any], tables: CodeTables) -> Any:
 
 value_map = Transform("value-map", _vm_forward, _vm_inverse, ("map",))
 
-_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2}))?$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2}))?$", re.ASCII)
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
 
 
 def _datetime_check(value: Any, args: Mapping[str, Any], tables: CodeTables) -> Any:

@@ -104,7 +104,7 @@ def scope_interactions(action: str) -> frozenset[str]:
     return frozenset(_LETTERS[c] for c in action)
 
 
-_NPI = re.compile(r"^\d{10}$")
+_NPI = re.compile(r"^\d{10}$", re.ASCII)
 _REF = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
 
 _JWK_ALGS = {"RSA": "RS384", "EC": "ES384"}

@@ -363,7 +363,8 @@ def _match_sql(name: str, value: str) -> tuple[str, list[str]]:
 
 _DATE = re.compile(
     r"^(eq|ne|gt|ge|lt|le|sa|eb)?(\d{4})(?:-(\d{2})(?:-(\d{2})"
-    r"(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$",
+    re.ASCII,  # ASCII digits only: int() would read other scripts' digits (`٢٠٢٤` as 2024)
 )
 
 

@@ -28,7 +28,7 @@ from .paths import _at, _codes, _expr, _in_vs, _items, _pointer, _text
 if TYPE_CHECKING:
     from .rules import _Terminology
 
-_DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?")
+_DATE_RE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?", re.ASCII)
 
 
 def _period_out_of_order(start: str, end: str) -> bool:

@@ -48,6 +48,29 @@ def _note_id(bridge, value: str = "redteam-inputs-1") -> str:
 # ---- F9 on /fhir
 
 
+@pytest.mark.parametrize(
+    "value", ["ge\u0662\u0660\u0662\u0664", "\u0662\u0660\u0662\u0664-01-01", "2024-\u0660\u0661"]
+)
+def test_search__a_date_in_other_scripts_digits_is_400_not_read_as_ascii(bridge, value):
+    """`_lastUpdated=ge٢٠٢٤` was answered 200 as the year 2024 (`\\d` matches any script's
+    digits and int() reads them): a date is ASCII digits, as FHIR's date type says."""
+    _note_id(bridge)
+    resp = bridge.get("clinic", "/fhir/Communication?_lastUpdated=" + value)
+    assert resp.status_code == 400 and is_outcome(resp), resp.get_data(as_text=True)[:300]
+    assert bridge.get("clinic", "/fhir/Communication?_lastUpdated=ge2024").status_code == 200
+
+
+def test_update__an_if_match_version_in_other_scripts_digits_is_400(bridge):
+    rid = _note_id(bridge, "redteam-inputs-ifmatch")
+    note = bridge.get("clinic", f"/fhir/Communication/{rid}").get_json(force=True)
+    resp = bridge.client.put(
+        f"/fhir/Communication/{rid}",
+        json=note,
+        headers=bridge.h("clinic", **{"Content-Type": "application/fhir+json", "If-Match": 'W/"\u0661"'}),
+    )
+    assert resp.status_code == 400 and is_outcome(resp), resp.get_data(as_text=True)[:300]
+
+
 @pytest.mark.parametrize("value", NOT_ASCII)
 @pytest.mark.parametrize("name", ["_count", "_offset"])
 def test_search__non_ascii_digits_in_count_or_offset_are_400_naming_the_parameter(bridge, name, value):
