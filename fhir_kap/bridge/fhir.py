@@ -314,9 +314,18 @@ def register(app: Flask) -> None:
         decided and audited per request, the AuditEvents in one commit (as a search's)."""
         partner, svc, _ = _visible(rtype, rid)
         args = request.args.to_dict(flat=False)
+        unknown = sorted(set(args) - {"_count", "_offset", "_since", *_NOT_CONDITION})
+        if unknown:  # as a search: a parameter not understood is said, never ignored
+            raise InputError(
+                f"_history parameter '{unknown[0][:40]}' is not supported; supported: _count, _offset, _since",
+                expression=unknown[0][:40],
+                rule="search:unknown-parameter",
+                code="not-supported",
+            )
         count = _int_param(args.get("_count"), "_count", DEFAULT_COUNT, MAX_COUNT)
         offset = _int_param(args.get("_offset"), "_offset", 0, 10_000_000)
-        versions = svc.store.history(rtype, rid, count=count + 1, offset=offset)
+        since = args["_since"][-1] if args.get("_since") else None
+        versions = svc.store.history(rtype, rid, count=count + 1, offset=offset, since=since)
         more = len(versions) > count
         versions = versions[:count]
         seen = None if partner.is_clinic else svc.access.searcher(partner)
@@ -345,7 +354,8 @@ def register(app: Flask) -> None:
             entries.append(entry)
 
         def link(relation: str, off: int) -> dict[str, str]:
-            query = urlencode([("_count", str(count)), ("_offset", str(off))])
+            kept = [("_since", since)] if since is not None else []
+            query = urlencode([*kept, ("_count", str(count)), ("_offset", str(off))])
             return {"relation": relation, "url": f"{base}/{rtype}/{rid}/_history?{query}"}
 
         links = [link("self", offset)]

@@ -53,6 +53,7 @@ __all__ = [
     "ref_key",
     "search_sql",
     "split_token",
+    "since_clause",
     "split_value",
     "unescape",
     "write_index",
@@ -341,6 +342,16 @@ def search_sql(rtype: str, params: Mapping[str, Sequence[str]]) -> tuple[str, li
     return " AND ".join(clauses), args
 
 
+def since_clause(column: str, since: str) -> tuple[str, list[str]]:
+    """SQL keeping rows whose instant `column` is at or after `since` (`_history?_since=`, a
+    FHIR instant or a date at any precision: its start); a 400 naming `_since` otherwise."""
+    if since[:2] in ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb"):
+        raise InputError(
+            "_since is an instant (no prefix)", expression="_since", rule="search:date", code="value"
+        )
+    return _date_clause(column, "ge" + since, "_since")
+
+
 def _match_sql(name: str, value: str) -> tuple[str, list[str]]:
     """SQL (on index alias `i`) and arguments matching one search value (one alternative, its
     escapes still in it) of parameter `name`."""
@@ -368,14 +379,15 @@ _DATE = re.compile(
 )
 
 
-def _date_clause(column: str, value: str) -> tuple[str, list[str]]:
-    """SQL for a FHIR date search on an instant column: the value is a range at its precision."""
+def _date_clause(column: str, value: str, name: str = "_lastUpdated") -> tuple[str, list[str]]:
+    """SQL for a FHIR date search on an instant column: the value is a range at its precision
+    (`name`: the parameter errors name)."""
     m = _DATE.match(value)
     if not m:
         raise InputError(
-            f"_lastUpdated value '{value[:40]}' is not a FHIR date/dateTime with an optional "
+            f"{name} value '{value[:40]}' is not a FHIR date/dateTime with an optional "
             "prefix (eq, gt, ge, lt, le)",
-            expression="_lastUpdated",
+            expression=name,
             rule="search:date",
             code="value",
         )
@@ -384,8 +396,8 @@ def _date_clause(column: str, value: str) -> tuple[str, list[str]]:
         lo, hi = _range(y, mo, d, hh, mi, ss, frac, tz)
     except (ValueError, OverflowError):  # no such date, or its range leaves years 1-9999
         raise InputError(
-            f"_lastUpdated value '{value[:40]}' is not a valid date, or its range leaves the years 0001-9999",
-            expression="_lastUpdated",
+            f"{name} value '{value[:40]}' is not a valid date, or its range leaves the years 0001-9999",
+            expression=name,
             rule="search:date",
             code="value",
         ) from None

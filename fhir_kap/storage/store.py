@@ -52,6 +52,7 @@ from .search import (
     instant_now,
     page,
     search_sql,
+    since_clause,
     split_token,
     split_value,
     write_index,
@@ -339,18 +340,23 @@ class Store:
         return _row(rows[0]) if rows else None
 
     def history(
-        self, rtype: str, rid: str, *, count: int | None = None, offset: int = 0
+        self, rtype: str, rid: str, *, count: int | None = None, offset: int = 0, since: str | None = None
     ) -> list[StoredResource]:
-        """Versions, newest first: every one, or at most `count` from position `offset`."""
+        """Versions, newest first: every one, or at most `count` from position `offset`; with
+        `since` (a FHIR instant or date: `_history?_since=`) only those written at or after it."""
+        where = "type = ? AND id = ?"
+        args: list[Any] = [rtype, rid]
+        if since is not None:
+            clause, more = since_clause("last_updated", since)
+            where, args = f"{where} AND {clause}", [*args, *more]
         sql = (
             "SELECT type, id, version, last_updated, deleted, source, body "
-            "FROM fhir_history WHERE type = ? AND id = ? ORDER BY version DESC"
+            f"FROM fhir_history WHERE {where} ORDER BY version DESC"
         )
-        args: tuple[Any, ...] = (rtype, rid)
         if count is not None:
             sql += " LIMIT ? OFFSET ?"
-            args = (*args, max(0, count), max(0, offset))
-        return [_row(r) for r in self._read(sql, args)]
+            args = [*args, max(0, count), max(0, offset)]
+        return [_row(r) for r in self._read(sql, tuple(args))]
 
     def search(
         self,

@@ -224,3 +224,28 @@ def test_history_pages_decide_and_audit_a_bounded_number_of_versions_in_one_comm
     whole = _get(bridge, "clinic", f"/fhir/Communication/{first.id}/_history?_count=200")
     assert whole["total"] == 60 and len(whole["entry"]) == 60
     assert bridge.get("a", f"/fhir/Communication/{first.id}/_history?_count=201").status_code == 400
+
+
+def test_history_since_keeps_the_later_versions_and_unknown_parameters_are_said(tmp_path):
+    """`_history?_since=` (an instant or a date) keeps the versions written at or after it, and the
+    paging links keep it; a parameter `_history` does not know is a 400, as in a search (it used
+    to be ignored: `_since` answered every version)."""
+    bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
+    store = bridge.app.extensions["fhir_kap"].store
+    note = _note("Practitioner/ref-therapist", "session-dates")
+    first, _ = store.create(note, source="clinic-ehr")
+    for _ in range(3):
+        store.update("Communication", first.id, dict(note, id=first.id), source="clinic-ehr")
+    versions = store.history("Communication", first.id)
+    cut = versions[1].last_updated  # versions 3 and 4 are at or after it
+    page = _get(bridge, "clinic", f"/fhir/Communication/{first.id}/_history?_since={cut}&_count=1")
+    seen = [page["entry"][0]["response"]["etag"]]
+    while (url := _next(page)) is not None:
+        assert "_since=" in url
+        page = _get(bridge, "clinic", url)
+        seen += [e["response"]["etag"] for e in page["entry"]]
+    assert seen == ['W/"4"', 'W/"3"']
+    assert len(_get(bridge, "clinic", f"/fhir/Communication/{first.id}/_history?_since=1900")["entry"]) == 4
+    for query in ("_since=ge2020", "_since=yesterday", "_at=2020", "foo=1"):
+        resp = bridge.get("clinic", f"/fhir/Communication/{first.id}/_history?{query}")
+        assert resp.status_code == 400, query
