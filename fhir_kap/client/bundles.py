@@ -88,11 +88,12 @@ def entry_results(response_bundle: Mapping[str, Any]) -> list[WriteResult]:
     """
     out = []
     for entry in response_bundle.get("entry") or []:
-        resp = entry.get("response") or {}
-        try:
-            status = int(str(resp.get("status", "0")).split()[0])
-        except ValueError:
-            status = 0
+        entry = entry if isinstance(entry, dict) else {}  # a garbled answer: a status-0 result
+        given = entry.get("response")
+        resp: dict[str, Any] = given if isinstance(given, dict) else {}
+        code = str(resp.get("status", "0")).split()[:1]
+        # ASCII digits only: int() refuses `²00` and reads other scripts' digits
+        status = int(code[0]) if code and code[0].isascii() and code[0].isdigit() and len(code[0]) == 3 else 0
         body = entry.get("resource")
         res = _write_result(status, body, resp.get("location"), resp.get("etag"))
         if resp.get("outcome") and res.outcome is None:

@@ -135,3 +135,22 @@ def test_entry_results__reads_statuses_ids_versions_and_outcomes():
         (422, None, None, False),
     ]
     assert got[2].outcome["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"response": {"status": ""}},
+        {"response": {"status": "   "}},
+        {"response": {"status": "\u00b200 OK"}},
+        {"response": {"status": "\u0662\u0660\u0661 Created"}},
+        {"response": "201 Created"},
+        "not an entry",
+        None,
+    ],
+)
+def test_entry_results__a_garbled_entry_is_a_status_0_result_never_an_exception(entry):
+    """A server's transaction-response is outside input: an empty or non-ASCII status, or an entry
+    that is not an object, reads as status 0 (not written; the caller retries or reconciles)."""
+    got = entry_results({"resourceType": "Bundle", "type": "transaction-response", "entry": [entry]})
+    assert [r.status for r in got] == [0]
