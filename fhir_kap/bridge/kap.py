@@ -25,6 +25,7 @@ from .. import jsonio
 from ..consent import apply_security_labels
 from ..errors import InputError, KapError, UnsupportedMediaType
 from ..exchange.inbound import addressed_to
+from ..exchange.inbound_rules import remembering
 from ..exchange.outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
 from ..fhir.identifiers import business_identifier
 from ..records.pipeline import Pipeline
@@ -170,11 +171,12 @@ def _deliver(
     svc = services()
     shown = ref.get("reference") if isinstance(ref.get("reference"), str) else "(identifier)"
     single = dict(resource, recipient=[ref])
+    get = remembering(svc.store.get)  # the recipient's party read once, not once per partner
     partner = next(
         (
             p
             for p in svc.partners.list()
-            if not p.revoked and not p.is_clinic and addressed_to(single, p, svc.store.get) is not None
+            if not p.revoked and not p.is_clinic and addressed_to(single, p, get) is not None
         ),
         None,
     )
@@ -184,7 +186,7 @@ def _deliver(
             "outcome": "held",
             "reasons": ["no registered partner answers to this recipient"],
         }
-    key = addressed_to(single, partner, svc.store.get) or ""
+    key = addressed_to(single, partner, get) or ""
     if partner.endpoint_url:
         target = Target(partner.name, partner.endpoint_url)
         return {**outbound.disclose(resource, key, target, shown=shown), "partner": partner.name}

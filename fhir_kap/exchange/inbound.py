@@ -75,6 +75,7 @@ from .inbound_rules import (
     moved_task,
     parse_query,
     referral_task,
+    remembering,
     rewrite_references,
 )
 from .webhooks import EVENT_COMMUNICATION, EVENT_TASK, Notifier
@@ -187,7 +188,8 @@ class Inbound:
         partners: Partners | None = None,
         notifier: Notifier | None = None,
         clinic_org_identifier: str = f"{CANONICAL}/sid/org|kap-clinic",
-        may_read: Callable[[Partner, StoredResource], bool] | None = None,
+        may_read: Callable[[Partner, StoredResource, Callable[[str, str], StoredResource | None]], bool]
+        | None = None,
         events: EventSink | None = None,
     ) -> None:
         """`may_read(partner, stored)`: whether a recipient may read a new Communication (consent
@@ -671,18 +673,16 @@ class Inbound:
         if not hooked:
             return 0
         n = 0
+        get = remembering(self.store.get)  # each party a note names read once for this write
         for acc in accepted:
             stored = acc.stored
             if not acc.created or stored.type != "Communication":
                 continue
             for partner in hooked:
-                if (
-                    partner.name == stored.source
-                    or addressed_to(stored.resource, partner, self.store.get) is None
-                ):
+                if partner.name == stored.source or addressed_to(stored.resource, partner, get) is None:
                     continue
                 # Only a recipient allowed to read it hears of it (consent-gated, audited like a read).
-                if self.may_read is None or self.may_read(partner, stored):
+                if self.may_read is None or self.may_read(partner, stored, get):
                     n += self.notifier.enqueue(
                         partner.name, EVENT_COMMUNICATION, f"Communication/{stored.id}", str(stored.version)
                     )

@@ -326,3 +326,46 @@ def test_a_note_write_reads_each_recipient_party_once_for_every_subscribed_partn
     resp = bridge.post("b", "/fhir/Communication", note)
     assert resp.status_code == 201, resp.get_data(as_text=True)
     assert read.count("Practitioner") == 19  # A (addressed, then the gate) and C share one read each
+
+
+def test_a_note_write_reads_each_recipient_party_once_for_the_rest_hook_partners(tmp_path, monkeypatch):
+    """The legacy rest-hook fan-out (a partner registered with a webhook URL) asks, for each
+    hooked partner, whether the note is addressed to it and then the consent gate: each of the
+    note's recipient parties is read once for the whole write, not once per partner and check."""
+    import fhir_kap.storage.store as store_module
+
+    hooked = {
+        k: (name, "system/*.*", {"references": [ref], "webhook_url": "http://127.0.0.1:9/hook"})
+        for k, name, ref in (
+            ("c", "practice-c", "Practitioner/c-therapist"),
+            ("d", "practice-d", "Practitioner/d-therapist"),
+        )
+    }
+    bridge = make_bridge(
+        tmp_path, consent="Consent-open-ended.json", partners=hooked, options={"notify": True}
+    )
+    svc = bridge.app.extensions["fhir_kap"]
+    try:
+        store = svc.store
+        with store.transaction() as tx:
+            parties = [
+                store.create({"resourceType": "Practitioner", "name": _dense()}, source="practice-b", tx=tx)[
+                    0
+                ].id
+                for _ in range(19)
+            ]
+        note = _note("Practitioner/ref-therapist")
+        note["recipient"] = [{"reference": f"Practitioner/{p}"} for p in parties] + note["recipient"]
+        read: list[str] = []
+        row = store_module._row
+
+        def counting(r: Any) -> Any:
+            read.append(r["type"])
+            return row(r)
+
+        monkeypatch.setattr(store_module, "_row", counting)
+        resp = bridge.post("b", "/fhir/Communication", note)
+        assert resp.status_code == 201, resp.get_data(as_text=True)
+        assert read.count("Practitioner") <= 19  # C and D: each party read once for the write
+    finally:
+        svc.inbound.notifier.stop()
