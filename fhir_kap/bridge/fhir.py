@@ -54,6 +54,9 @@ _ACCEPTED_TYPES = ("application/fhir+json", "application/json", "application/jso
 _ETAG = re.compile(r'^\s*(?:W/)?"([1-9][0-9]{0,8})"\s*\Z')
 #: Query parameters of a conditional update that are not part of its condition.
 _NOT_CONDITION = ("_format", "_pretty")
+#: What `_history` reads (`_count`, `_offset`, `_since`) and, as a search does, accepts and
+#: ignores (`_summary`, `_total`: the answer is whole resources, the total when known).
+_HISTORY_PARAMS = frozenset({"_count", "_offset", "_since", "_summary", "_total", *_NOT_CONDITION})
 
 
 def read_json_body(accepted: tuple[str, ...] = _ACCEPTED_TYPES) -> Any:
@@ -314,7 +317,7 @@ def register(app: Flask) -> None:
         decided and audited per request, the AuditEvents in one commit (as a search's)."""
         partner, svc, _ = _visible(rtype, rid)
         args = request.args.to_dict(flat=False)
-        unknown = sorted(set(args) - {"_count", "_offset", "_since", *_NOT_CONDITION})
+        unknown = sorted(set(args) - _HISTORY_PARAMS)
         if unknown:  # as a search: a parameter not understood is said, never ignored
             raise InputError(
                 f"_history parameter '{unknown[0][:40]}' is not supported; supported: _count, _offset, _since",
