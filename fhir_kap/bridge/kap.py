@@ -145,6 +145,23 @@ def _one(label: str, doc: Any, partner: Partner) -> dict[str, Any]:
                     }
                 ],
             }
+        if not partner.is_clinic:
+            # A consent authority's Consents and parties count only as far as its scope admits
+            # them and only under identifiers it owns: checks made on the FHIR path alone. Put
+            # here straight into the context, its record would replace the clinic's copy.
+            return {
+                **out,
+                "outcome": "refused",
+                "status": 403,
+                "reasons": [
+                    {
+                        "message": "a consent authority sends Consents and parties as FHIR (POST /fhir/Consent, "
+                        "POST /fhir/PractitionerRole, ...), where they are scoped to its clients and identifiers; "
+                        "/kap/records takes them from the clinic's systems only",
+                        "rule": "kap:context-from-clinic",
+                    }
+                ],
+            }
         svc.outbox.put_context(resource)
         return {**out, "outcome": "context", "resource": f"{rtype}/{resource.get('id')}"}
     recipients = [r for r in resource.get("recipient") or [] if isinstance(r, dict)]

@@ -259,3 +259,19 @@ def test_a_record_without_a_type_is_refused_without_inventing_one(bridge):
     out = _post_records(bridge, json.dumps({"id": "x-1", "text": "hello"}).encode()).get_json()
     result = out["results"][0]
     assert result["outcome"] == "refused" and result["id"] == "x-1" and "record" not in result
+
+
+def test_kap_records__a_consent_authority_cannot_put_context_past_its_scope(bridge):
+    """A consent authority's Consent posted as a KAP record went straight into the gate's context
+    with the record's id, replacing the clinic's `Consent/consent-0001` there (no identifier-owner
+    or client-scope check on this path): it could remove a deny or widen a grant for any client.
+    Only the clinic's systems feed the context through /kap/records; an authority is pointed to
+    the FHIR path, where both checks are made."""
+    svc = bridge.app.extensions["fhir_kap"]
+    clinic = _post_consent_record(bridge, bridge.tokens["clinic"])
+    assert clinic["outcome"] == "context", clinic
+    before = svc.outbox.context_for("Patient/client-0001")
+    _, token = svc.partners.add("hub", scopes="kap/records.write kap/consent-authority")
+    result = _post_consent_record(bridge, token)
+    assert result["outcome"] == "refused" and result["reasons"][0]["rule"] == "kap:context-from-clinic"
+    assert svc.outbox.context_for("Patient/client-0001") == before  # the clinic's copy, untouched
