@@ -49,6 +49,9 @@ from .db import Database, Tx
 
 __all__ = ["CONTEXT_TYPES", "ConsentContext", "consent_key"]
 
+#: The PostgreSQL advisory lock `put` holds for its transaction (store 4242, Subscriptions 4244).
+_PUT_LOCK = 4245
+
 
 class ConsentContext:
     """The consent context on a shared `Database`; `clock` gives "now" in epoch seconds."""
@@ -123,6 +126,10 @@ class ConsentContext:
         ts = float(self.clock() if now is None else now)
         body = jsonio.dumps(resource).decode()
         with self.db.transaction() as tx:
+            if self.db.dialect == "postgresql":
+                # Serialise context writers (SQLite's BEGIN IMMEDIATE does): two puts reading the
+                # same old row could otherwise store the older version last (a revocation undone).
+                tx.execute("SELECT pg_advisory_xact_lock(?)", (_PUT_LOCK,))
             old = tx.execute(
                 "SELECT version, updated_at FROM outbox_context WHERE type = ? AND id = ?", (rtype, rid)
             )
@@ -210,6 +217,10 @@ class ConsentContext:
         """Every party row (patient_ref NULL) by (type, id), decoded only when it changed since
         this process last decoded it: its (version, updated_at) are read for all, bodies only
         for the changed ones."""
+        # Inside a write transaction (a write's fan-out asks the gate) a row may be this
+        # transaction's own uncommitted change: used, never remembered (a rollback could leave the
+        # cache a body no commit has, under a version and time a later commit may repeat).
+        keep = not self.db.in_transaction
         current = self.db.query(
             "SELECT type, id, version, updated_at FROM outbox_context WHERE patient_ref IS NULL"
         )
@@ -239,8 +250,9 @@ class ConsentContext:
                 ):
                     body = jsonio.loads(r["body"], source="outbox context")
                     out[(r["type"], r["id"])] = body
-                    with self._parties_lock:
-                        self._parties[(r["type"], r["id"])] = (r["version"], float(r["updated_at"]), body)
+                    if keep:
+                        with self._parties_lock:
+                            self._parties[(r["type"], r["id"])] = (r["version"], float(r["updated_at"]), body)
         return out
 
     def _rows_with_tokens(

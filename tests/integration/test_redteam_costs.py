@@ -265,6 +265,87 @@ def test_a_changed_party_counts_at_the_next_decision_even_at_the_same_clock(db, 
     assert [(r.get("active"), r["organization"]["reference"]) for r in got] == [(True, "Organization/o2")]
 
 
+def test_a_party_change_rolled_back_is_never_remembered(db):
+    """The gate also runs inside a write's transaction (the Subscription fan-out): a party change
+    of that same transaction is seen there, but never cached, since a rollback leaves no commit
+    with it and a later commit may carry the same version and time (a clock at or behind the
+    row's). The cache kept it and served the rolled-back body after another writer's commit."""
+    from fhir_kap.storage.context import ConsentContext
+    from fhir_kap.storage.outbox import Outbox
+
+    Outbox(db, clock=lambda: 0.0)
+    reader = ConsentContext(db, clock=lambda: 5.0)
+    other = ConsentContext(db, clock=lambda: 5.0)  # another process
+    role = {
+        "resourceType": "PractitionerRole",
+        "id": "r1",
+        "active": True,
+        "practitioner": {"reference": "Practitioner/p1"},
+        "organization": {"reference": "Organization/o1"},
+    }
+    reader.put(role)
+    assert [r.get("active") for r in reader.for_patient("Patient/x")] == [True]
+    with pytest.raises(RuntimeError), db.transaction():
+        reader.put(dict(role, active=False))
+        assert [r.get("active") for r in reader.for_patient("Patient/x")] == [False]  # its own write
+        raise RuntimeError("rolled back")
+    other.put(dict(role, active=True, organization={"reference": "Organization/o2"}))
+    got = reader.for_patient("Patient/x")
+    assert [(r.get("active"), r["organization"]["reference"]) for r in got] == [(True, "Organization/o2")]
+
+
+def test_two_concurrent_puts_of_one_party_keep_the_newer_version(db, monkeypatch):
+    """Both writers read the stored row before either writes (held there on purpose): on
+    PostgreSQL nothing serialised them, so version 2 could overwrite version 3 (a revocation
+    undone). Each put now holds the context's write lock for its transaction (SQLite: BEGIN
+    IMMEDIATE; PostgreSQL: an advisory lock)."""
+    import threading
+    import time
+
+    from fhir_kap.storage.context import ConsentContext
+    from fhir_kap.storage.outbox import Outbox
+    from fhir_kap.storage.sql import database as dbm
+
+    Outbox(db, clock=lambda: 0.0)
+
+    def role(version: str, org: str) -> dict[str, Any]:
+        return {
+            "resourceType": "PractitionerRole",
+            "id": "r1",
+            "meta": {"versionId": version},
+            "active": True,
+            "practitioner": {"reference": "Practitioner/p1"},
+            "organization": {"reference": f"Organization/{org}"},
+        }
+
+    ConsentContext(db).put(role("1", "o1"))
+    execute = dbm.Tx.execute
+
+    def slow(self: Any, sql: str, params: Any = ()) -> Any:
+        rows = execute(self, sql, params)
+        if sql.startswith("SELECT version, updated_at FROM outbox_context"):
+            time.sleep(0.3)  # the other writer reads the same old row meanwhile, unless serialised
+        return rows
+
+    monkeypatch.setattr(dbm.Tx, "execute", slow)
+
+    def put(version: str, org: str, delay: float) -> None:
+        time.sleep(delay)
+        ConsentContext(db).put(role(version, org))
+
+    writers = [
+        threading.Thread(target=put, args=("3", "newest", 0.0)),
+        threading.Thread(target=put, args=("2", "older", 0.1)),
+    ]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout=30)
+    monkeypatch.setattr(dbm.Tx, "execute", execute)
+    (row,) = db.query("SELECT version FROM outbox_context WHERE type = 'PractitionerRole'")
+    assert str(row["version"]) == "3"
+
+
 # F4 ---------------------------------------------------------------------------------------------
 
 
