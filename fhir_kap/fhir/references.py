@@ -236,6 +236,7 @@ class ResourceIndex:
     def __init__(self, resources: Iterable[Any] = ()) -> None:
         self._by_ref: dict[str, dict[str, Any]] = {}
         self._by_ident: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._filed: set[tuple[int, tuple[str, str]]] = set()  # (id(resource), identifier) filed
         for r in resources:
             self.add(r)
 
@@ -251,9 +252,13 @@ class ResourceIndex:
             if m:
                 self._by_ref.setdefault(f"{m.group('type')}/{m.group('id')}", resource)
         for ident in identifiers_of(resource):
-            bucket = self._by_ident.setdefault(ident, [])
-            if not any(x is resource for x in bucket):
-                bucket.append(resource)
+            # A set, not a scan of the bucket: many resources sharing one identifier (a consent
+            # authority's 3,000 parties) made every index build quadratic (0.4 s at 6,000).
+            # id() is stable while the index holds the resource.
+            key = (id(resource), ident)
+            if key not in self._filed:
+                self._filed.add(key)
+                self._by_ident.setdefault(ident, []).append(resource)
 
     def get(self, rtype: str, rid: str) -> dict[str, Any] | None:
         found = self._by_ref.get(f"{rtype}/{rid}")
