@@ -113,6 +113,28 @@ class Services:
     events: Any = None  # the Subscriptions event sink (bridge/subscriptions.py), when notifying
 
 
+#: Issues an error answer lists at most (then one more saying how many were left out): a
+#: 0.8 MB transaction whose every reference failed was answered with a 5.2 MB OperationOutcome.
+MAX_ERROR_ISSUES = 100
+
+
+def _bounded(exc: KapError) -> dict[str, Any]:
+    """The error's OperationOutcome, its issues cut to the first `MAX_ERROR_ISSUES` (fatal and
+    too-costly issues, which say why the whole request was refused, listed first)."""
+    issues = list(exc.issues)
+    if len(issues) <= MAX_ERROR_ISSUES:
+        return exc.operation_outcome()
+    issues.sort(key=lambda i: 0 if i.severity == "fatal" or i.code == "too-costly" else 1)  # stable
+    left = len(issues) - MAX_ERROR_ISSUES
+    note = Issue(
+        "information",
+        "informational",
+        f"{left} more issue(s) not listed: the first {MAX_ERROR_ISSUES} are; fix those and send again",
+        rule="http:issues-bounded",
+    )
+    return operation_outcome([*issues[:MAX_ERROR_ISSUES], note])
+
+
 def services() -> Services:
     from flask import current_app
 
@@ -321,7 +343,7 @@ def _hooks(app: Flask) -> None:
 
     @app.errorhandler(KapError)
     def kap_error(exc: KapError) -> Response:
-        resp = outcome_response(exc.operation_outcome(), exc.http_status)
+        resp = outcome_response(_bounded(exc), exc.http_status)
         if exc.http_status == 401:
             resp.headers["WWW-Authenticate"] = 'Bearer realm="fhir-kap"'
         return resp

@@ -374,3 +374,21 @@ def test_a_transactions_conditional_put_of_a_clinical_context_type_is_refused_li
     resp = bridge.post("b", "/fhir", tx)
     assert resp.status_code == 400 and "bridge:update-type" in _text(resp), _text(resp)
     assert bridge.get("clinic", "/fhir/Condition?_count=0").get_json(force=True)["total"] == before
+
+
+def test_an_error_answer_lists_at_most_a_bounded_number_of_issues(bridge):
+    """Every entry's unresolvable references were one issue each: a 0.8 MB transaction got a
+    5.2 MB OperationOutcome. An error answer now lists the first MAX_ERROR_ISSUES issues and one
+    more saying how many were left out."""
+    from fhir_kap.bridge.app import MAX_ERROR_ISSUES
+
+    bundle = _patients_naming([[f"s|x{j}" for j in range(3)]] * 200)
+    resp = bridge.post("b", "/fhir", _compact(bundle))
+    assert resp.status_code == 412
+    issues = resp.get_json(force=True)["issue"]
+    assert len(issues) == MAX_ERROR_ISSUES + 1
+    assert (
+        issues[-1]["severity"] == "information"
+        and "more issue(s) not listed" in issues[-1]["details"]["text"]
+    )
+    assert all(i["severity"] == "error" for i in issues[:-1])
