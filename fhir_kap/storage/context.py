@@ -50,6 +50,8 @@ from .db import Database, Tx
 __all__ = ["CONTEXT_TYPES", "ConsentContext", "consent_key"]
 
 #: The PostgreSQL advisory lock `put` holds for its transaction (store 4242, Subscriptions 4244).
+#: The JSON bytes of consent-context parties one process keeps decoded (`_all_parties`).
+PARTY_CACHE_BYTES = 4 * 2**20
 _PUT_LOCK = 4245
 
 
@@ -63,7 +65,9 @@ class ConsentContext:
         # decoded here, by (type, id): (version, updated_at, body). `put` moves a row's
         # updated_at strictly forward on every change, so an entry is used only while the row
         # is exactly what was decoded, whichever process wrote it.
-        self._parties: dict[tuple[str, str], tuple[Any, float, dict[str, Any]]] = {}
+        # (type, id) -> (version, updated_at, body, its JSON size), oldest filed first
+        self._parties: dict[tuple[str, str], tuple[Any, float, dict[str, Any], int]] = {}
+        self._party_bytes = 0  # the JSON size of the bodies held
         self._parties_lock = threading.Lock()
 
     def put(self, resource: dict[str, Any], *, now: float | None = None) -> bool:
@@ -237,7 +241,7 @@ class ConsentContext:
             if len(self._parties) > len(current):  # rows gone (never, today): forget them
                 live = {(r["type"], r["id"]) for r in current}
                 for key in [k for k in self._parties if k not in live]:
-                    del self._parties[key]
+                    self._party_bytes -= self._parties.pop(key)[3]
         for rtype in sorted({t for t, _ in stale}):
             ids = [i for t, i in stale if t == rtype]
             for start in range(0, len(ids), 500):
@@ -251,9 +255,25 @@ class ConsentContext:
                     body = jsonio.loads(r["body"], source="outbox context")
                     out[(r["type"], r["id"])] = body
                     if keep:
-                        with self._parties_lock:
-                            self._parties[(r["type"], r["id"])] = (r["version"], float(r["updated_at"]), body)
+                        self._remember(
+                            (r["type"], r["id"]), (r["version"], float(r["updated_at"]), body), len(r["body"])
+                        )
         return out
+
+    def _remember(self, key: tuple[str, str], held: tuple[Any, float, dict[str, Any]], size: int) -> None:
+        """File a decoded party, dropping the oldest filed while the bodies held pass
+        `PARTY_CACHE_BYTES` of JSON (decoded, a body takes several times its JSON: an authority's
+        60 parties of 900 KB held 700 MB per worker before this bound)."""
+        with self._parties_lock:
+            old = self._parties.pop(key, None)
+            if old is not None:
+                self._party_bytes -= old[3]
+            if size > PARTY_CACHE_BYTES:
+                return  # larger than the whole budget: decoded each time, never held
+            while self._parties and self._party_bytes + size > PARTY_CACHE_BYTES:
+                self._party_bytes -= self._parties.pop(next(iter(self._parties)))[3]
+            self._parties[key] = (*held, size)
+            self._party_bytes += size
 
     def _rows_with_tokens(
         self, column: str, tokens: Iterable[str], prefix: str, rtype: str | None = None

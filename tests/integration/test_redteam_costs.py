@@ -346,6 +346,28 @@ def test_two_concurrent_puts_of_one_party_keep_the_newer_version(db, monkeypatch
     assert str(row["version"]) == "3"
 
 
+def test_the_decoded_parties_a_process_keeps_are_bounded_and_answers_stay_whole(db, monkeypatch):
+    """The party cache had no bound: an authority's 60 parties of 900 KB held ~700 MB in each
+    worker. It keeps at most PARTY_CACHE_BYTES of their JSON now (the oldest filed go first; a
+    party larger than the whole budget is decoded each time, never held); every gate still gets
+    every party."""
+    from fhir_kap.storage import context as context_module
+    from fhir_kap.storage.context import ConsentContext
+    from fhir_kap.storage.outbox import Outbox
+
+    Outbox(db, clock=lambda: 0.0)
+    monkeypatch.setattr(context_module, "PARTY_CACHE_BYTES", 10_000)
+    ctx = ConsentContext(db)
+    for i in range(20):  # ~2 KB each: 40 KB in all, four times the budget
+        ctx.put({"resourceType": "Practitioner", "id": f"p{i}", "name": [{"text": "x" * 2000}]})
+    ctx.put({"resourceType": "Practitioner", "id": "huge", "name": [{"text": "y" * 20_000}]})
+    for _ in range(2):
+        got = {r["id"] for r in ctx.for_patient("Patient/x")}
+        assert got == {f"p{i}" for i in range(20)} | {"huge"}
+        assert ctx._party_bytes <= 10_000 and ("Practitioner", "huge") not in ctx._parties
+        assert ctx._party_bytes == sum(held[3] for held in ctx._parties.values())
+
+
 # F4 ---------------------------------------------------------------------------------------------
 
 
