@@ -774,12 +774,28 @@ class Inbound:
         conditions = _Conditions(parsed, StoreLookup(self.store, source))  # one index, one cache per Bundle
         for i, new, resource, cond, op in parsed:
             resource = rewrite_references(resource, refs)
-            issues += _conditional_references(resource, conditions, i)
+            unresolved = _conditional_references(resource, conditions, i)
+            if not unresolved and _CONDITIONAL.search(orjson.dumps(resource)):
+                # one the reader does not take as a reference (over 4,096 characters): never
+                # stored as it is, as a single create would not store it
+                unresolved = [
+                    Issue(
+                        "error",
+                        "not-supported",
+                        "a conditional reference that cannot be resolved (too long to read) is never stored",
+                        f"Bundle.entry[{i}].resource",
+                        f"/entry/{i}/resource",
+                        "bridge:conditional-reference",
+                    )
+                ]
+            issues += unresolved
             resource["id"] = new
             prepared.append((i, new, resource, cond, op))
         if issues:
-            # too many to look up is the request's fault (400), none or several a precondition (412)
-            raise (InputError if any(x.code == "too-costly" for x in issues) else PreconditionFailed)(issues)
+            # too many to look up or unreadable is the request's fault (400), none or several a
+            # precondition (412)
+            bad = any(x.code in ("too-costly", "not-supported") for x in issues)
+            raise (InputError if bad else PreconditionFailed)(issues)
         resolver = Resolver(
             ((f"{r['resourceType']}/{new}", r) for _, new, r, _, _ in prepared),
             StoreLookup(self.store, source),

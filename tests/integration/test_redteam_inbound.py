@@ -392,3 +392,23 @@ def test_an_error_answer_lists_at_most_a_bounded_number_of_issues(bridge):
         and "more issue(s) not listed" in issues[-1]["details"]["text"]
     )
     assert all(i["severity"] == "error" for i in issues[:-1])
+
+
+def test_a_transaction_never_stores_a_conditional_reference_too_long_to_resolve(bridge):
+    """A reference over 4,096 characters is not read as one, so a transaction stored
+    `Patient?_id=x0,x1,...` (4,901 characters) as it was (200), where a single create or a batch
+    refuses it: now 400 bridge:conditional-reference naming the entry, nothing stored."""
+    long_ref = "Patient?_id=" + ",".join(f"x{j}" for j in range(1000))
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [{"system": "http://b.example/mrn", "value": "long-ref-1"}],
+        "extension": [{"url": "http://b.example/ext", "valueReference": {"reference": long_ref}}],
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": patient, "request": {"method": "POST", "url": "Patient"}}],
+    }
+    resp = bridge.post("b", "/fhir", bundle)
+    assert resp.status_code == 400 and "bridge:conditional-reference" in _text(resp), _text(resp)[:300]
+    assert bridge.get("b", "/fhir/Patient?_count=0").get_json(force=True)["total"] == 0
