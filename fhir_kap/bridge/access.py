@@ -28,6 +28,7 @@ from ..exchange.inbound import addressed_to
 from ..exchange.inbound_rules import remembering
 from ..exchange.telemetry import consent_decision
 from ..fhir.identifiers import patient_reference
+from ..fhir.searchvalues import escape_value
 from ..storage.partners import Partner, Partners
 from ..storage.search import page
 from ..storage.store import MAX_ALTERNATIVES, MAX_COUNT, ScanRow, Store, StoredResource
@@ -96,9 +97,11 @@ class Access:
         for key in partner.recipient_keys:
             if "|" not in key:
                 continue
+            system, _, value = key.partition("|")
+            query = {"identifier": [f"{escape_value(system)}|{escape_value(value)}"]}  # a literal
             for rtype in ("Practitioner", "Organization"):
                 for source, limit in sources:
-                    for row in self._rows(rtype, {"identifier": [key]}, source, limit):
+                    for row in self._rows(rtype, query, source, limit):
                         refs.add(f"{rtype}/{row.raw['id']}")
         if refs:
             for param in ("practitioner", "organization"):

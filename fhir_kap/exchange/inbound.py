@@ -940,8 +940,9 @@ _REASON = {
 
 
 #: How many distinct conditional references one Bundle may resolve against the sender's stored
-#: resources (one index lookup each): one per entry at most; beyond, the Bundle is refused.
-MAX_STORED_CONDITIONS = 500
+#: resources (one index lookup each, ~12 µs): four per entry of the largest Bundle (a note naming
+#: its client, sender, recipient and referral by identifier); beyond, the Bundle is refused.
+MAX_STORED_CONDITIONS = 2000
 
 
 class _Conditions:

@@ -258,7 +258,8 @@ def test_a_transactions_conditional_references_are_resolved_once_each(bridge, mo
 def test_a_transaction_naming_too_many_stored_conditions_is_refused_within_a_bounded_work(
     bridge, monkeypatch
 ):
-    """500 x 20 distinct unresolvable conditions: at most one store lookup per entry, then 400."""
+    """500 x 20 distinct unresolvable conditions: at most MAX_STORED_CONDITIONS store lookups, then
+    400; a Bundle of 500 entries naming one or two distinct conditions each is looked up whole."""
     from fhir_kap.exchange.inbound import MAX_STORED_CONDITIONS
 
     work = _Counted(monkeypatch)
@@ -267,6 +268,10 @@ def test_a_transaction_naming_too_many_stored_conditions_is_refused_within_a_bou
     assert resp.status_code == 400 and "too-costly" in _text(resp)
     assert work.lookups <= MAX_STORED_CONDITIONS
     assert work.identifiers <= 500 + MAX_STORED_CONDITIONS
+    # a legitimate shape: each note its own client, all one sender (501 distinct conditions)
+    ordinary = _patients_naming([[f"s|client-{i}", "s|the-sender"] for i in range(500)])
+    resp = bridge.post("b", "/fhir", _compact(ordinary))
+    assert resp.status_code == 412 and "too-costly" not in _text(resp)  # each looked up (none stored)
 
 
 MRN = "urn:oid:1.2.3.4.5"

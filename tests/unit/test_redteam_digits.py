@@ -68,3 +68,15 @@ def test_consent_versions__non_ascii_digits_are_unordered_and_fail_closed(value)
     assert out["decision"] == "deny", out
     # and an active `²` copy beside an active `1`: still no error, ordered as a non-number (1 wins)
     assert _decide(_copies(("1", "active"), (value, "active")))["decision"] == "permit"
+
+
+@pytest.mark.parametrize(
+    "value", ["\u0662\u0660\u0662\u0664-01-01T00:00:00Z", "\u0662\u0660\u0662\u0664-01-01"]
+)
+def test_consent_periods__dates_in_other_scripts_digits_are_refused(value):
+    """`\\d` matches any script's digits and int() reads them: `٢٠٢٤-01-01` was the year 2024."""
+    from fhir_kap.consent.periods import PeriodError, parse_bound
+
+    with pytest.raises(PeriodError):
+        parse_bound(value, end=False)
+    assert parse_bound(value.translate(str.maketrans("\u0660\u0661\u0662\u0664", "0124")), end=False)
