@@ -391,23 +391,30 @@ class Store:
         audience: tuple[str, Sequence[str]],
         offset: int,
         limit: int,
+        count: bool = True,
     ) -> ScanWindow:
         """A bounded window of a partner's search: the candidates (what `audience` selects: what its
         source wrote, or what names one of its references as recipient or requester) matching
         `params`, in store order, from position `offset`, at most `limit` of them, with their
         bodies left undecoded (`decode` reads one); and, counted in SQL, how many candidates
-        match in all and how many of those the source wrote. Nothing outside the audience is read.
+        match in all and how many of those the source wrote (`count=False`: not counted, both 0,
+        for a caller that needs the window only: a count costs every matching row). Nothing
+        outside the audience is read.
         """
         offset = max(0, int(offset))
         limit = max(0, int(limit))
         source = audience[0]
         cond, args = self._condition(rtype, params, audience)
         with self.db.transaction(immediate=False) as t:
-            counted = t.execute(
-                "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN c.source = ? THEN 1 ELSE 0 END), 0) AS own "
-                f"FROM fhir_current c WHERE {cond}",
-                [source, *args],
-            )[0]
+            counted = (
+                t.execute(
+                    "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN c.source = ? THEN 1 ELSE 0 END), 0) AS own "
+                    f"FROM fhir_current c WHERE {cond}",
+                    [source, *args],
+                )[0]
+                if count
+                else {"n": 0, "own": 0}
+            )
             rows = (
                 t.execute(f"{_CURRENT} WHERE {cond} ORDER BY c.seq LIMIT ? OFFSET ?", [*args, limit, offset])
                 if limit

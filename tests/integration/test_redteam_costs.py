@@ -368,6 +368,38 @@ def test_the_decoded_parties_a_process_keeps_are_bounded_and_answers_stay_whole(
         assert ctx._party_bytes == sum(held[3] for held in ctx._parties.values())
 
 
+def test_finding_a_partners_parties_counts_no_other_writers_rows(tmp_path, monkeypatch):
+    """`partner_refs` reads a bounded window per writer; it used to COUNT every matching row of each
+    writer too (B's 100,000 Practitioners carrying A's NPI counted on every A search)."""
+    from fhir_kap.storage.sql import database as dbm
+
+    bridge = make_bridge(tmp_path)
+    svc = bridge.app.extensions["fhir_kap"]
+    store = svc.store
+    with store.transaction() as tx:
+        for _ in range(30):
+            store.create(
+                {
+                    "resourceType": "Practitioner",
+                    "identifier": [dict(zip(("system", "value"), A_NPI.split("|"), strict=True))],
+                },
+                source="practice-b",
+                tx=tx,
+            )
+    counted: list[str] = []
+    execute = dbm.Tx.execute
+
+    def spy(self: Any, sql: str, params: Any = ()) -> Any:
+        if "COUNT(" in sql:
+            counted.append(sql)
+        return execute(self, sql, params)
+
+    monkeypatch.setattr(dbm.Tx, "execute", spy)
+    refs = svc.access.partner_refs(svc.partners.get("practice-a"))
+    assert counted == []
+    assert sum(r.startswith("Practitioner/") for r in refs) >= 20  # B's, within its bound
+
+
 # F4 ---------------------------------------------------------------------------------------------
 
 
