@@ -30,6 +30,7 @@ from ..errors import (
 )
 from ..exchange.inbound import UPDATE_TYPES, WRITE_TYPES, parse_query
 from ..exchange.validate import validate_operation
+from ..fhir.digits import ascii_digits
 from ..storage.partners import Partner
 from ..storage.store import (
     DEFAULT_COUNT,
@@ -533,7 +534,7 @@ def _int_param(values: list[str] | None, name: str, default: int, maximum: int) 
     if not values:
         return default
     value = values[-1]
-    if not re.fullmatch("[0-9]{1,18}", value) or int(value) > maximum:
+    if not ascii_digits(value) or int(value) > maximum:
         raise InputError(
             f"{name} must be an integer from 0 to {maximum} (ASCII digits)",
             expression=name,

@@ -13,7 +13,6 @@ Room: bridge/ (layer 4, entry point; the only Flask user): may import any room; 
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -39,6 +38,7 @@ from ..exchange.subscriptions import (
     status_resource,
     topics,
 )
+from ..fhir.digits import ascii_digits
 from ..fhir.identifiers import new_id
 from ..storage.partners import Partner
 from ..storage.subscriptions import SubscriptionRow, Subscriptions
@@ -48,7 +48,6 @@ from .fhir import _base, _check_id, _not_found, _resource_body, _scope, if_match
 
 __all__ = ["capability", "event_sink", "register"]
 
-_NUMBER = re.compile(r"^[0-9]{1,18}$")
 _SEARCH = {"_id", "status", "_count", "_format"}
 MAX_PER_PARTNER = 50  # Subscriptions a partner may hold at once (each costs a query per matching write)
 _OPERATIONS = {
@@ -432,7 +431,7 @@ def _operation_args() -> dict[str, str]:
 def _number(value: str | None, name: str) -> int | None:
     if value is None or value == "":
         return None
-    if not _NUMBER.match(value):
+    if not ascii_digits(value):
         raise InputError(
             f"{name} is an event number (a non-negative integer)",
             expression=name,

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from ..errors import InputError
+from ..fhir.digits import ascii_digits
 from ..fhir.identifiers import business_identifier
 from ..fhir.searchvalues import escape_value
 from ..jsonio import dumps, loads
@@ -93,7 +94,7 @@ def entry_results(response_bundle: Mapping[str, Any]) -> list[WriteResult]:
         resp: dict[str, Any] = given if isinstance(given, dict) else {}
         code = str(resp.get("status", "0")).split()[:1]
         # ASCII digits only: int() refuses `²00` and reads other scripts' digits
-        status = int(code[0]) if code and code[0].isascii() and code[0].isdigit() and len(code[0]) == 3 else 0
+        status = int(code[0]) if code and ascii_digits(code[0], most=3) else 0
         body = entry.get("resource")
         res = _write_result(status, body, resp.get("location"), resp.get("etag"))
         if resp.get("outcome") and res.outcome is None:

@@ -17,6 +17,7 @@ from datetime import date, datetime
 from typing import Any
 
 from ..errors import InputError
+from ..fhir.digits import ascii_digits
 from .categories import categories_of
 from .parties import Client, Parties
 from .policy import ACTIVE, DISCLOSE, DISCLOSE_KEY, Policy, Rule, compile_consent, normalise_purpose
@@ -72,12 +73,6 @@ class Decision:
     @property
     def codes(self) -> tuple[str, ...]:
         return tuple(r.code for r in self.reasons)
-
-
-def _numeric(version: str) -> bool:
-    """A meta.versionId that orders as a number: 1-18 ASCII digits. Not `str.isdigit()`, which
-    takes `²` (int() refuses it) or `٣`; longer ones int() may not read: unordered, fail closed."""
-    return 0 < len(version) <= 18 and version.isascii() and version.isdigit()
 
 
 def _deny(*reasons: Reason, consent: str | None = None) -> Decision:
@@ -169,9 +164,9 @@ class ConsentGate:
 
             def key(p: Policy) -> tuple[int, int, str]:
                 v = p.version or ""
-                return (1, int(v), "") if _numeric(v) else (0, 0, v)
+                return (1, int(v), "") if ascii_digits(v) else (0, 0, v)
 
-            unordered = len(versions) > 1 and any(not _numeric(p.version or "") for p in versions)
+            unordered = len(versions) > 1 and any(not ascii_digits(p.version or "") for p in versions)
             if unordered and any(p.status in _REVOKED for p in versions):
                 first = versions[0]
                 yield Policy(

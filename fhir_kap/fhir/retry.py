@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .digits import ascii_digits
+
 __all__ = ["Backoff", "RETRY_STATUSES", "RETRY_STATUSES_UNSAFE", "retry_after_seconds", "retry_later"]
 
 # Retried statuses: the server (or a proxy in front of it) says "not now", not "never".
@@ -80,7 +82,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     if not value:
         return None
     v = value.strip()
-    if v.isascii() and v.isdigit():
+    if ascii_digits(v, most=12):
         return float(v)
     try:
         when = email.utils.parsedate_to_datetime(v)

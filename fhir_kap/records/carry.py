@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import jsonio
+from ..fhir.digits import ascii_digits
 
 __all__ = ["apply_kept", "kept", "not_carried"]
 
@@ -141,12 +142,12 @@ def _walk(node: Any, parts: list[str]) -> Any:
     """The object at `parts`, creating missing objects on the way (never missing list items)."""
     for i, p in enumerate(parts):
         if isinstance(node, list):
-            if not (p.isascii() and p.isdigit() and len(p) <= 9) or int(p) >= len(node):
+            if not ascii_digits(p, most=9) or int(p) >= len(node):
                 return None
             node = node[int(p)]
         elif isinstance(node, dict):
             if p not in node:
-                if any(q.isdigit() for q in parts[i:]):
+                if any(ascii_digits(q) for q in parts[i:]):
                     return None  # a list item the mapped resource lacks: no place for it (nothing made)
                 node[p] = {}
             node = node[p]
@@ -164,6 +165,6 @@ def not_carried(resource_type: str, ops: Iterable[Mapping[str, Any]]) -> list[st
     """
     out = set()
     for op in ops:
-        parts = [_unesc(p) for p in str(op.get("at", "")).split("/")[1:] if not p.isdigit()]
+        parts = [_unesc(p) for p in str(op.get("at", "")).split("/")[1:] if not ascii_digits(p)]
         out.add(".".join([resource_type, *parts]))
     return sorted(out)

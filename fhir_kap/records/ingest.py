@@ -31,6 +31,7 @@ import orjson
 from .. import jsonio
 from ..config import CANONICAL, CS, Release
 from ..errors import InputError, Issue, KapError, MappingError, ProfileError
+from ..fhir.digits import ascii_digits
 from ..fhir.references import PARTY_TYPES, Resolved, Resolver, ResourceLookup, iter_references
 from ..fhir.release import detect_release
 from ..validation import KAP_PROFILES, Validator
@@ -98,12 +99,7 @@ def _id_from(rtype: str, idents: list[tuple[str, str]]) -> str | None:
         if system in own and _ID.match(value):
             return value
     for system, value in idents:
-        if (
-            system == CS.NPI
-            and rtype in ("Practitioner", "Organization")
-            and value.isascii()
-            and value.isdigit()
-        ):
+        if system == CS.NPI and rtype in ("Practitioner", "Organization") and ascii_digits(value):
             return f"npi-{value}"
     if idents:
         return _derived(*idents[0])

@@ -37,6 +37,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from ...errors import KapError
+from ...fhir.digits import ascii_digits
 from ...storage.auditlog import OUTCOME_NAMES, disclosed, extract, reason_codes
 from ...storage.outbox import STATES, OutboxItem, iso
 from ...storage.webhooks import WebhookJobs
@@ -55,9 +56,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 #: What an operator account name may be (storage/operators.py): only such a name is logged.
 _OPERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 _WEBHOOK_STATES = ("pending", "sending", "delivered", "dead")
-#: An id or page key from a query or form: ASCII digits only (str.isdigit() also takes `²`, which
-#: int() refuses, and int() takes other scripts' digits), at most 18 (below SQLite's 2**63).
-_DIGITS = re.compile(r"[0-9]{1,18}")
 
 blueprint = Blueprint(
     "console", __name__, url_prefix="/console", template_folder="templates", static_folder="static"
@@ -196,7 +194,7 @@ def _int_arg(name: str) -> int | None:
     value = request.args.get(name, "")
     if not value:
         return None
-    if not _DIGITS.fullmatch(value):
+    if not ascii_digits(value):
         abort(400, f"{name} is a whole number (1-18 digits 0-9)")
     return int(value)
 
@@ -249,7 +247,7 @@ def _item_row(item: OutboxItem) -> dict[str, Any]:
 @blueprint.get("/outbox/<item_id>")
 def item(item_id: str) -> str:
     # Not werkzeug's <int:...>: its \d+ takes other scripts' digits (/outbox/٣ was item 3).
-    found = services().outbox.get(int(item_id)) if _DIGITS.fullmatch(item_id) else None
+    found = services().outbox.get(int(item_id)) if ascii_digits(item_id) else None
     if found is None:
         abort(404, "no such outbox item (an id is 1-18 digits 0-9)")
     return render_template("console/item.html", item=_item_row(found), msg=_message())
@@ -257,7 +255,7 @@ def item(item_id: str) -> str:
 
 def _ids() -> list[int]:
     raw = request.form.getlist("id")
-    if not raw or len(raw) > MAX_IDS or not all(_DIGITS.fullmatch(x) for x in raw):
+    if not raw or len(raw) > MAX_IDS or not all(ascii_digits(x) for x in raw):
         abort(400, f"choose 1-{MAX_IDS} items")
     return sorted({int(x) for x in raw})
 
@@ -504,7 +502,7 @@ def webhooks_retry() -> Response:
     operator = g.console_session.operator
     raw = request.form.get("job") or ""
     partner = request.form.get("partner") or None
-    if (raw and not _DIGITS.fullmatch(raw)) or (partner is not None and not _NAME.match(partner)):
+    if (raw and not ascii_digits(raw)) or (partner is not None and not _NAME.match(partner)):
         abort(400, "a job id, or a partner name")
     notifier = services().inbound.notifier
     job_id = int(raw) if raw else None
