@@ -15,23 +15,6 @@ from fhir_kap.storage.webhooks import WebhookJobs
 from testkit.console import PASSWORD, SECRET_TEXT, csrf_of, dead_letter, decision, enqueue, login
 
 
-@pytest.fixture
-def console(bridge):
-    """The bridge with operator alice and the console's cookie usable over the test client's http."""
-    bridge.app.config["FHIR_KAP_CONSOLE_SECURE_COOKIE"] = False  # http://localhost only (loopback)
-    with bridge.app.app_context():
-        Operators(services().db).add("alice", PASSWORD)
-    return bridge
-
-
-@pytest.fixture
-def op(console):
-    """A client logged in as alice."""
-    client = console.app.test_client()
-    assert login(client).status_code == 303
-    return client
-
-
 def sv(bridge):
     with bridge.app.app_context():
         return services()

@@ -34,19 +34,32 @@ def _dense(n: int = 40) -> list[dict[str, Any]]:
 
 
 class Decodes:
-    """Counts the store rows decoded (`storage.store._row`)."""
+    """Counts the store rows decoded (`storage.store._row`), and their types."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import fhir_kap.storage.store as store_module
 
         self.n = 0
+        self.types: list[str] = []
         row = store_module._row
 
-        def counting(*a: Any, **k: Any) -> Any:
+        def counting(r: Any) -> Any:
             self.n += 1
-            return row(*a, **k)
+            self.types.append(r["type"])
+            return row(r)
 
         monkeypatch.setattr(store_module, "_row", counting)
+
+
+def _naming_dense_parties(store: Any, tx: Any = None) -> dict[str, Any]:
+    """A note to A's therapist whose recipients first name 19 large Practitioners B stored."""
+    parties = [
+        store.create({"resourceType": "Practitioner", "name": _dense()}, source="practice-b", tx=tx)[0].id
+        for _ in range(19)
+    ]
+    note = _note("Practitioner/ref-therapist")
+    note["recipient"] = [{"reference": f"Practitioner/{p}"} for p in parties] + note["recipient"]
+    return note
 
 
 # F3 ---------------------------------------------------------------------------------------------
@@ -404,27 +417,14 @@ def test_finding_a_partners_parties_counts_no_other_writers_rows(tmp_path, monke
 
 
 def test_a_search_reads_each_recipient_party_once_however_many_notes_name_it(tmp_path, monkeypatch):
-    import fhir_kap.storage.store as store_module
-
     bridge = make_bridge(tmp_path, consent="Consent-open-ended.json")
     store = bridge.app.extensions["fhir_kap"].store
     with store.transaction() as tx:
-        parties = [
-            store.create({"resourceType": "Practitioner", "name": _dense()}, source="practice-b", tx=tx)[0].id
-            for _ in range(19)
-        ]
-        for _ in range(100):  # 19 of B's dense Practitioners, then A's therapist
-            note = _note("Practitioner/ref-therapist")
-            note["recipient"] = [{"reference": f"Practitioner/{p}"} for p in parties] + note["recipient"]
-            store.create(note, source="practice-b", tx=tx)
-    read: list[str] = []
-    row = store_module._row
-
-    def counting(r: Any) -> Any:
-        read.append(r["type"])
-        return row(r)
-
-    monkeypatch.setattr(store_module, "_row", counting)
+        note = _naming_dense_parties(store, tx)
+        for i in range(100):  # 19 of B's dense Practitioners, then A's therapist
+            copy_ = dict(note, identifier=[dict(note["identifier"][0], value=f"dense-{i}")])
+            store.create(copy_, source="practice-b", tx=tx)
+    read = Decodes(monkeypatch).types
     resp = bridge.get("a", "/fhir/Communication?_count=100")
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.get_json(force=True)["total"] == 100
@@ -433,7 +433,6 @@ def test_a_search_reads_each_recipient_party_once_however_many_notes_name_it(tmp
 
 
 def test_a_note_write_reads_each_recipient_party_once_for_every_subscribed_partner(tmp_path, monkeypatch):
-    import fhir_kap.storage.store as store_module
     from testkit.subscriptions import FIXTURE_ORIGIN, register_origin, sub
 
     bridge = make_bridge(
@@ -443,21 +442,8 @@ def test_a_note_write_reads_each_recipient_party_once_for_every_subscribed_partn
     for who, name in (("a", "practice-a"), ("c", "practice-c")):
         register_origin(bridge.app, name, FIXTURE_ORIGIN)
         assert bridge.post(who, "/fhir/Subscription", sub("R4", "note")).status_code == 201
-    with store.transaction() as tx:
-        parties = [
-            store.create({"resourceType": "Practitioner", "name": _dense()}, source="practice-b", tx=tx)[0].id
-            for _ in range(19)
-        ]
-    note = _note("Practitioner/ref-therapist")
-    note["recipient"] = [{"reference": f"Practitioner/{p}"} for p in parties] + note["recipient"]
-    read: list[str] = []
-    row = store_module._row
-
-    def counting(r: Any) -> Any:
-        read.append(r["type"])
-        return row(r)
-
-    monkeypatch.setattr(store_module, "_row", counting)
+    note = _naming_dense_parties(store)
+    read = Decodes(monkeypatch).types
     resp = bridge.post("b", "/fhir/Communication", note)
     assert resp.status_code == 201, resp.get_data(as_text=True)
     assert read.count("Practitioner") == 19  # A (addressed, then the gate) and C share one read each
@@ -467,7 +453,6 @@ def test_a_note_write_reads_each_recipient_party_once_for_the_rest_hook_partners
     """The legacy rest-hook fan-out (a partner registered with a webhook URL) asks, for each
     hooked partner, whether the note is addressed to it and then the consent gate: each of the
     note's recipient parties is read once for the whole write, not once per partner and check."""
-    import fhir_kap.storage.store as store_module
 
     hooked = {
         k: (name, "system/*.*", {"references": [ref], "webhook_url": "http://127.0.0.1:9/hook"})
@@ -481,24 +466,8 @@ def test_a_note_write_reads_each_recipient_party_once_for_the_rest_hook_partners
     )
     svc = bridge.app.extensions["fhir_kap"]
     try:
-        store = svc.store
-        with store.transaction() as tx:
-            parties = [
-                store.create({"resourceType": "Practitioner", "name": _dense()}, source="practice-b", tx=tx)[
-                    0
-                ].id
-                for _ in range(19)
-            ]
-        note = _note("Practitioner/ref-therapist")
-        note["recipient"] = [{"reference": f"Practitioner/{p}"} for p in parties] + note["recipient"]
-        read: list[str] = []
-        row = store_module._row
-
-        def counting(r: Any) -> Any:
-            read.append(r["type"])
-            return row(r)
-
-        monkeypatch.setattr(store_module, "_row", counting)
+        note = _naming_dense_parties(svc.store)
+        read = Decodes(monkeypatch).types
         resp = bridge.post("b", "/fhir/Communication", note)
         assert resp.status_code == 201, resp.get_data(as_text=True)
         assert read.count("Practitioner") <= 19  # C and D: each party read once for the write

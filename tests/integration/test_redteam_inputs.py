@@ -21,7 +21,6 @@ from fhir_kap.bridge.app import services
 from fhir_kap.storage.operators import MAX_FAILURES, Operators
 from testkit.bridge import is_outcome, load
 from testkit.console import PASSWORD, csrf_of, dead_letter
-from testkit.console import login as console_login
 
 #: Not ASCII digits: superscript two and circled one (isdigit() but not int()), Arabic-Indic three
 #: (int() reads it as 3), fullwidth seven, and a number too long for int() to read at all.
@@ -95,21 +94,6 @@ def test_search__ascii_digits_still_page(bridge):
 
 
 # ---- F9 on /console
-
-
-@pytest.fixture
-def console(bridge):
-    bridge.app.config["FHIR_KAP_CONSOLE_SECURE_COOKIE"] = False  # http://localhost only (loopback)
-    with bridge.app.app_context():
-        Operators(services().db).add("alice", PASSWORD)
-    return bridge
-
-
-@pytest.fixture
-def op(console):
-    client = console.app.test_client()
-    assert console_login(client).status_code == 303
-    return client
 
 
 @pytest.mark.parametrize("value", [*NOT_ASCII, "abc", "-1", "1.5", " 1", "9" * 19])
