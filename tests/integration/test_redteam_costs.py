@@ -51,6 +51,16 @@ class Decodes:
         monkeypatch.setattr(store_module, "_row", counting)
 
 
+#: A clinic-side affiliation the context-cache tests change and roll back.
+_ROLE: dict[str, Any] = {
+    "resourceType": "PractitionerRole",
+    "id": "r1",
+    "active": True,
+    "practitioner": {"reference": "Practitioner/p1"},
+    "organization": {"reference": "Organization/o1"},
+}
+
+
 def _naming_dense_parties(store: Any, tx: Any = None) -> dict[str, Any]:
     """A note to A's therapist whose recipients first name 19 large Practitioners B stored."""
     parties = [
@@ -262,13 +272,7 @@ def test_a_changed_party_counts_at_the_next_decision_even_at_the_same_clock(db, 
     Outbox(db, clock=lambda: 0.0)  # the outbox migrations create outbox_context
     reader = ConsentContext(db, clock=lambda: 5.0)
     writer = reader if same_process else ConsentContext(db, clock=lambda: 5.0)
-    role = {
-        "resourceType": "PractitionerRole",
-        "id": "r1",
-        "active": True,
-        "practitioner": {"reference": "Practitioner/p1"},
-        "organization": {"reference": "Organization/o1"},
-    }
+    role = dict(_ROLE)
     writer.put(role)
     assert [r.get("active") for r in reader.for_patient("Patient/x")] == [True]
     writer.put(dict(role, active=False))  # no versionId, the same clock reading
@@ -289,13 +293,7 @@ def test_a_party_change_rolled_back_is_never_remembered(db):
     Outbox(db, clock=lambda: 0.0)
     reader = ConsentContext(db, clock=lambda: 5.0)
     other = ConsentContext(db, clock=lambda: 5.0)  # another process
-    role = {
-        "resourceType": "PractitionerRole",
-        "id": "r1",
-        "active": True,
-        "practitioner": {"reference": "Practitioner/p1"},
-        "organization": {"reference": "Organization/o1"},
-    }
+    role = dict(_ROLE)
     reader.put(role)
     assert [r.get("active") for r in reader.for_patient("Patient/x")] == [True]
     with pytest.raises(RuntimeError), db.transaction():
