@@ -72,6 +72,7 @@ from .inbound_rules import (
     bundle_entries,
     bundle_entry,
     check_status_move,
+    check_update_type,
     moved_task,
     parse_query,
     referral_task,
@@ -308,13 +309,7 @@ class Inbound:
         updated into a `WITHDRAWN_REFERRAL` status cancels its Task (`_withdrawn`).
         """
         rtype = resource.get("resourceType")
-        if rtype not in UPDATE_TYPES:
-            raise InputError(
-                f"resourceType '{str(rtype)[:40]}' cannot be updated here; updatable: {', '.join(UPDATE_TYPES)}",
-                pointer="/resourceType",
-                rule="bridge:update-type",
-                code="not-supported",
-            )
+        check_update_type(rtype)
         c = self._checked(resource, source, detail=detail)
         resource, partner, author, resolver, record = c.resource, c.partner, c.author, c.resolver, c.record
         issues = c.issues

@@ -47,6 +47,7 @@ __all__ = [
     "bundle_entries",
     "bundle_entry",
     "check_status_move",
+    "check_update_type",
     "moved_task",
     "parse_query",
     "referral_task",
@@ -224,14 +225,9 @@ def bundle_entry(
                 rule="bridge:bundle-url",
                 code="not-supported",
             )
-        if rtype not in UPDATE_TYPES:  # as a plain PUT: the referral's context is kept as sent
-            raise InputError(
-                f"resourceType '{str(rtype)[:40]}' cannot be updated here; updatable: {', '.join(UPDATE_TYPES)}",
-                pointer=f"{ptr}/request/method",
-                expression=f"Bundle.entry[{i}].request.method",
-                rule="bridge:update-type",
-                code="not-supported",
-            )
+        check_update_type(
+            rtype, pointer=f"{ptr}/request/method", expression=f"Bundle.entry[{i}].request.method"
+        )
         try:
             return resource, parse_query(url), "update"
         except KapError as exc:
@@ -258,6 +254,19 @@ def bundle_entry(
         raise type(exc)(
             [x.prefixed(pointer_prefix=f"{ptr}/request/ifNoneExist") for x in exc.issues]
         ) from None
+
+
+def check_update_type(rtype: Any, *, pointer: str = "/resourceType", expression: str | None = None) -> None:
+    """400 `bridge:update-type` unless partners may update `rtype` (a plain PUT, a conditional
+    PUT, a transaction's PUT entry alike: the referral's context is kept as sent)."""
+    if rtype not in UPDATE_TYPES:
+        raise InputError(
+            f"resourceType '{str(rtype)[:40]}' cannot be updated here; updatable: {', '.join(UPDATE_TYPES)}",
+            pointer=pointer,
+            expression=expression,
+            rule="bridge:update-type",
+            code="not-supported",
+        )
 
 
 def check_status_move(referral_id: str, business_status: str, reason: str | None) -> None:
