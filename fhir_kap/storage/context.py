@@ -49,9 +49,9 @@ from .db import Database, Tx
 
 __all__ = ["CONTEXT_TYPES", "ConsentContext", "consent_key"]
 
-#: The PostgreSQL advisory lock `put` holds for its transaction (store 4242, Subscriptions 4244).
 #: The JSON bytes of consent-context parties one process keeps decoded (`_all_parties`).
 PARTY_CACHE_BYTES = 4 * 2**20
+#: The PostgreSQL advisory lock `put` holds for its transaction (store 4242, Subscriptions 4244).
 _PUT_LOCK = 4245
 
 
@@ -69,6 +69,9 @@ class ConsentContext:
         self._parties: dict[tuple[str, str], tuple[Any, float, dict[str, Any], int]] = {}
         self._party_bytes = 0  # the JSON size of the bodies held
         self._parties_lock = threading.Lock()
+        # Parties this thread's open transaction wrote (`put`): read there, never remembered,
+        # since a rollback may undo them. Cleared once the thread is outside a transaction.
+        self._uncommitted = threading.local()
 
     def put(self, resource: dict[str, Any], *, now: float | None = None) -> bool:
         """Keep the latest version of a Consent / PractitionerRole / Organization /
@@ -129,6 +132,7 @@ class ConsentContext:
         )
         ts = float(self.clock() if now is None else now)
         body = jsonio.dumps(resource).decode()
+        self._written((rtype, rid))
         with self.db.transaction() as tx:
             if self.db.dialect == "postgresql":
                 # Serialise context writers (SQLite's BEGIN IMMEDIATE does): two puts reading the
@@ -221,10 +225,10 @@ class ConsentContext:
         """Every party row (patient_ref NULL) by (type, id), decoded only when it changed since
         this process last decoded it: its (version, updated_at) are read for all, bodies only
         for the changed ones."""
-        # Inside a write transaction (a write's fan-out asks the gate) a row may be this
-        # transaction's own uncommitted change: used, never remembered (a rollback could leave the
-        # cache a body no commit has, under a version and time a later commit may repeat).
-        keep = not self.db.in_transaction
+        # Inside a write transaction (a write's fan-out asks the gate) a row this transaction
+        # wrote is used, never remembered (a rollback could leave the cache a body no commit has,
+        # under a version and time a later commit may repeat); committed rows are remembered.
+        unsure = self._written()
         current = self.db.query(
             "SELECT type, id, version, updated_at FROM outbox_context WHERE patient_ref IS NULL"
         )
@@ -254,24 +258,34 @@ class ConsentContext:
                 ):
                     body = jsonio.loads(r["body"], source="outbox context")
                     out[(r["type"], r["id"])] = body
-                    if keep:
+                    if (r["type"], r["id"]) not in unsure:
                         self._remember(
                             (r["type"], r["id"]), (r["version"], float(r["updated_at"]), body), len(r["body"])
                         )
         return out
 
+    def _written(self, key: tuple[str, str] | None = None) -> set[tuple[str, str]]:
+        """The parties this thread's open transaction has written (with `key` added, if given);
+        outside a transaction, none (what was written is committed or rolled back by then)."""
+        written: set[tuple[str, str]] = getattr(self._uncommitted, "keys", set())
+        if not self.db.in_transaction:
+            written = set()
+        if key is not None and self.db.in_transaction:
+            written.add(key)
+        self._uncommitted.keys = written
+        return written
+
     def _remember(self, key: tuple[str, str], held: tuple[Any, float, dict[str, Any]], size: int) -> None:
-        """File a decoded party, dropping the oldest filed while the bodies held pass
-        `PARTY_CACHE_BYTES` of JSON (decoded, a body takes several times its JSON: an authority's
-        60 parties of 900 KB held 700 MB per worker before this bound)."""
+        """File a decoded party while the bodies held stay within `PARTY_CACHE_BYTES` of JSON
+        (decoded, a body takes several times its JSON: an authority's 60 parties of 900 KB held
+        700 MB per worker before this bound). A full cache admits no more rather than evicting:
+        every gate reads every party, and evicting the oldest would miss on all of them."""
         with self._parties_lock:
             old = self._parties.pop(key, None)
             if old is not None:
                 self._party_bytes -= old[3]
-            if size > PARTY_CACHE_BYTES:
-                return  # larger than the whole budget: decoded each time, never held
-            while self._parties and self._party_bytes + size > PARTY_CACHE_BYTES:
-                self._party_bytes -= self._parties.pop(next(iter(self._parties)))[3]
+            if self._party_bytes + size > PARTY_CACHE_BYTES:
+                return  # the budget is full: this one is decoded each time, the ones held stay
             self._parties[key] = (*held, size)
             self._party_bytes += size
 

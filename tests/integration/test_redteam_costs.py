@@ -305,6 +305,41 @@ def test_a_party_change_rolled_back_is_never_remembered(db):
     assert [(r.get("active"), r["organization"]["reference"]) for r in got] == [(True, "Organization/o2")]
 
 
+def test_parties_read_inside_a_write_are_remembered_unless_that_write_changed_them(db, monkeypatch):
+    """A note write decides its fan-out inside its own transaction: the parties it did not
+    change are committed and are remembered there too (before, nothing read in a transaction was,
+    so the benchmarked POST decoded every party on every decision)."""
+    from fhir_kap.storage import context as context_module
+    from fhir_kap.storage.context import ConsentContext
+    from fhir_kap.storage.outbox import Outbox
+
+    Outbox(db, clock=lambda: 0.0)
+    ctx = ConsentContext(db)
+    for i in range(5):
+        ctx.put({"resourceType": "Practitioner", "id": f"p{i}"})
+    decoded: list[str] = []
+    loads = context_module.jsonio.loads
+
+    def counting(text: Any, *a: Any, **k: Any) -> Any:
+        decoded.append("x")
+        return loads(text, *a, **k)
+
+    monkeypatch.setattr(context_module.jsonio, "loads", counting)
+    with db.transaction():
+        ctx.put(dict(_ROLE))  # this write's own party
+        ctx.for_patient("Patient/x")
+        assert len(decoded) == 6
+        decoded.clear()
+        ctx.for_patient("Patient/x")
+        assert len(decoded) == 1  # only the uncommitted role again
+    decoded.clear()
+    ctx.for_patient("Patient/x")
+    assert len(decoded) == 1  # the role, now committed, once; then remembered
+    decoded.clear()
+    ctx.for_patient("Patient/x")
+    assert decoded == []
+
+
 def test_two_concurrent_puts_of_one_party_keep_the_newer_version(db, monkeypatch):
     """Both writers read the stored row before either writes (held there on purpose): on
     PostgreSQL nothing serialised them, so version 2 could overwrite version 3 (a revocation
