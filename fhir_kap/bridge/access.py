@@ -28,7 +28,7 @@ from ..exchange.inbound import addressed_to
 from ..exchange.inbound_rules import remembering
 from ..exchange.telemetry import consent_decision
 from ..fhir.identifiers import patient_reference
-from ..fhir.searchvalues import escape_value
+from ..fhir.searchvalues import token_value
 from ..storage.partners import Partner, Partners
 from ..storage.search import page
 from ..storage.store import MAX_ALTERNATIVES, MAX_COUNT, ScanRow, Store, StoredResource
@@ -98,7 +98,7 @@ class Access:
             if "|" not in key:
                 continue
             system, _, value = key.partition("|")
-            query = {"identifier": [f"{escape_value(system)}|{escape_value(value)}"]}  # a literal
+            query = {"identifier": [token_value(system, value)]}  # a literal
             for rtype in ("Practitioner", "Organization"):
                 for source, limit in sources:
                     for row in self._rows(rtype, query, source, limit):

@@ -28,7 +28,7 @@ from ..exchange.inbound import addressed_to
 from ..exchange.inbound_rules import remembering
 from ..exchange.outbound import CONTEXT_TYPES, Outbound, Target, issue_reason
 from ..fhir.identifiers import business_identifier
-from ..fhir.searchvalues import escape_value
+from ..fhir.searchvalues import token_value
 from ..records.pipeline import Pipeline
 from ..storage.partners import Partner
 from .app import current_partner, json_response, services
@@ -218,4 +218,4 @@ def _deliver(
 
 def _identifier_condition(resource: dict[str, Any]) -> dict[str, list[str]] | None:
     found = business_identifier(resource)
-    return {"identifier": [f"{escape_value(found[0])}|{escape_value(found[1])}"]} if found else None
+    return {"identifier": [token_value(*found)]} if found else None

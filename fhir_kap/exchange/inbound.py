@@ -52,7 +52,7 @@ from ..errors import (
 )
 from ..fhir.identifiers import business_identifier, new_id
 from ..fhir.references import PARTY_TYPES, Resolver, identifiers_of, iter_references, parse_reference
-from ..fhir.searchvalues import escape_value
+from ..fhir.searchvalues import token_value
 from ..records.ingest import Ingest
 from ..storage.partners import Partner, Partners
 from ..storage.store import MAX_COUNT, Store, StoredResource
@@ -1106,7 +1106,7 @@ def _same_identifier(resource: Any) -> dict[str, list[str]] | None:
     """The implicit condition of a create: the sender's resource with the same business
     identifier is the same resource (an EHR re-sending a referral gets the one it sent)."""
     ident = business_identifier(resource)
-    return {"identifier": [f"{escape_value(ident[0])}|{escape_value(ident[1])}"]} if ident else None
+    return {"identifier": [token_value(*ident)]} if ident else None
 
 
 def _entry_keys(full: Any, resource: dict[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["escape_value", "split_token", "split_value", "unescape"]
+__all__ = ["escape_value", "split_token", "split_value", "token_value", "unescape"]
 
 #: One escape (a `\` and the character after it) or a separator: what `_cut` looks for.
 _ESCAPE_OR = {
@@ -85,3 +85,13 @@ def escape_value(text: str) -> str:
     'a\\,b\\|c'
     """
     return _SPECIAL.sub(r"\\\1", text)
+
+
+def token_value(system: str, code: str) -> str:
+    r"""The search value selecting exactly the token `system|code` (both escaped): the condition a
+    query built from data (an identifier) must use.
+
+    >>> token_value("http://x", "a,b")
+    'http://x|a\\,b'
+    """
+    return f"{escape_value(system)}|{escape_value(code)}"

@@ -647,7 +647,7 @@ def _remove(node: dict[str, Any], ptr: str) -> None:
         if parent is None:
             return
     last = parts[-1]
-    if isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
+    if isinstance(parent, list) and ascii_digits(last, most=9) and int(last) < len(parent):
         parent[int(last)] = None
     elif isinstance(parent, dict):
         parent.pop(last, None)
@@ -678,7 +678,7 @@ def _claims_kap(resource: dict[str, Any]) -> bool:
 
 
 def _expression(rt: str, ptr: str) -> str:
-    return ".".join([rt] + [p for p in ptr.strip("/").split("/") if p and not p.isdigit()])
+    return ".".join([rt] + [p for p in ptr.strip("/").split("/") if p and not ascii_digits(p)])
 
 
 def _unresolved(rt: str, ptr: str, res: Resolved) -> Issue:

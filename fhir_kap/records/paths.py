@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..fhir.digits import ascii_digits
+
 __all__ = [
     "Seg",
     "append_at",
@@ -83,9 +85,9 @@ def parse_path(path: str) -> tuple[Seg, ...]:
         eq: list[tuple[str, str]] = []
         ne: list[tuple[str, str]] = []
         for sel in _BRACKET.findall(m.group(2)):
-            if sel.isdigit():
+            if ascii_digits(sel, most=9):
                 index = int(sel)
-            elif sel.endswith(":") and sel[:-1].isdigit():
+            elif sel.endswith(":") and ascii_digits(sel[:-1], most=9):
                 start = int(sel[:-1])
             elif "!=" in sel:
                 k, v = sel.split("!=", 1)
