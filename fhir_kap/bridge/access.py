@@ -69,17 +69,17 @@ class Access:
         purpose: str,
         audit: Any | None,
         context_source: Callable[[str], list[dict[str, Any]]],
-        partners: Partners | None = None,
+        partners: Partners,
     ) -> None:
         """`context_source(patient_ref)`: a client's consent context (the outbox's, which only the
-        clinic and consent authorities fill); `partners`: the registry (whose writes count how
-        much in `partner_refs`), by default read from the store's database."""
+        clinic and consent authorities fill); `partners`: the registry with its cached list
+        (whose writes count how much in `partner_refs`)."""
         self.store = store
         self.release = release
         self.purpose = purpose
         self.audit = audit
         self.context_source = context_source
-        self.partners = partners if partners is not None else Partners(store.db)
+        self.partners = partners
 
     def partner_refs(self, partner: Partner) -> list[str]:
         """Literal references that name `partner`: its own `references`, the Practitioners and

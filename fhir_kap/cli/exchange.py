@@ -299,7 +299,7 @@ def partner_endpoints(db: Any) -> Callable[[str], Any]:
 
 
 def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
-    from ..storage.auditlog import OUTCOME_NAMES, disclosed, extract, reason_codes
+    from ..storage.auditlog import OUTCOME_CODES, OUTCOME_NAMES, disclosed, extract, reason_codes
 
     _, audit = open_outbox(settings)
     if args.limit < 1:
@@ -307,7 +307,7 @@ def audit_handler(args: argparse.Namespace, settings: Settings) -> int:
     rows = audit.query(
         args.resource_type,
         args.patient,
-        {name: code for code, name in OUTCOME_NAMES.items()}.get(args.outcome) if args.outcome else None,
+        OUTCOME_CODES.get(args.outcome) if args.outcome else None,
         args.since,
         recipient=args.recipient,
         consent=args.consent,

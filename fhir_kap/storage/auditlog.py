@@ -29,6 +29,7 @@ from .sql import migrations
 
 __all__ = [
     "AUDIT_TYPES",
+    "OUTCOME_CODES",
     "OUTCOME_NAMES",
     "AuditBatch",
     "AuditLog",
@@ -43,6 +44,8 @@ AUDIT_TYPES = ("AuditEvent", "Provenance")
 RECIPIENT_ROLES = frozenset({"IRCP", "PRCP", "RCV", "recipient"})
 #: An audit record's outcome code (`AuditRecord.outcome`) by the name operators use.
 OUTCOME_NAMES = {"0": "permit", "4": "deny", "8": "malformed", "12": "failure"}
+#: The AuditEvent outcome code of each name (`--outcome deny`, the console's filter).
+OUTCOME_CODES = {name: code for code, name in OUTCOME_NAMES.items()}
 _REASON_CODE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 
 

@@ -38,7 +38,7 @@ from werkzeug.wrappers import Response
 
 from ...errors import KapError
 from ...fhir.digits import ascii_digits
-from ...storage.auditlog import OUTCOME_NAMES, disclosed, extract, reason_codes
+from ...storage.auditlog import OUTCOME_CODES, OUTCOME_NAMES, disclosed, extract, reason_codes
 from ...storage.outbox import STATES, OutboxItem, iso
 from ...storage.webhooks import WebhookJobs
 from ..app import services
@@ -48,7 +48,6 @@ __all__ = ["blueprint", "install"]
 
 PAGE = 50
 MAX_IDS = 500
-OUTCOME_CODES = {v: k for k, v in OUTCOME_NAMES.items()}
 GRACES = {"0": 0.0, "3600": 3600.0, "86400": 86400.0, "604800": 7 * 86400.0}
 _REASON = re.compile(r"^[A-Za-z0-9 .:_\-]{1,100}$")
 _REF = re.compile(r"^[A-Za-z0-9|:/._\-]{1,200}$")
@@ -303,15 +302,11 @@ def outbox_retry_all() -> Response:
     endpoint = request.form.get("endpoint") or None
     if state not in ("dead", "held") or (endpoint is not None and not _REF.match(endpoint)):
         abort(400, "bulk retry takes state dead or held and an optional endpoint")
-    done, skipped = len(sv.outbox.retry_all(state, endpoint=endpoint)), 0  # one transaction
+    done = len(sv.outbox.retry_all(state, endpoint=endpoint))  # one transaction: nothing skipped
     _gate().operators.log(
-        g.console_session.operator,
-        "outbox-retry-all",
-        f"{state}:{endpoint or '*'}",
-        "ok",
-        f"retried {done}, skipped {skipped}",
+        g.console_session.operator, "outbox-retry-all", f"{state}:{endpoint or '*'}", "ok", f"retried {done}"
     )
-    return _back(f"retry:{done}:{skipped}")
+    return _back(f"retry:{done}:0")
 
 
 def _back(msg: str) -> Response:
